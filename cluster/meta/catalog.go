@@ -1,0 +1,213 @@
+package meta
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/ukai-storage/ukai/placement"
+)
+
+// Catalog errors.
+var (
+	ErrImageExists   = errors.New("image already exists")
+	ErrImageNotFound = errors.New("image not found")
+)
+
+// MalformedError reports a value under the prefix that cannot be read. It
+// names the key; the value is left as it is.
+type MalformedError struct {
+	Key string
+	Err error
+}
+
+func (e *MalformedError) Error() string {
+	return fmt.Sprintf("malformed metadata at %s: %v", e.Key, e.Err)
+}
+func (e *MalformedError) Unwrap() error { return e.Err }
+
+// Catalog stores image records and block maps in a KV under a prefix:
+//
+//	<prefix>images/<name>                      JSON Image record
+//	<prefix>blockmaps/<image id>/<node>/<chunk> block map chunk (placement.EncodeChunk)
+//
+// Block maps are keyed by image id, so a recreated image never sees the
+// maps of a deleted one.
+type Catalog struct {
+	kv     KV
+	prefix string
+}
+
+// NewCatalog returns a catalog over kv; prefix is "" or ends with '/'.
+func NewCatalog(kv KV, prefix string) *Catalog {
+	if prefix != "" && !strings.HasSuffix(prefix, "/") {
+		prefix += "/"
+	}
+	return &Catalog{kv: kv, prefix: prefix}
+}
+
+// KV returns the underlying store.
+func (c *Catalog) KV() KV { return c.kv }
+
+// ImagesPrefix is the key prefix of image records, for watches.
+func (c *Catalog) ImagesPrefix() string { return c.prefix + "images/" }
+
+func (c *Catalog) imageKey(name string) string { return c.prefix + "images/" + name }
+func (c *Catalog) mapPrefix(id, node string) string {
+	return c.prefix + "blockmaps/" + id + "/" + node + "/"
+}
+func (c *Catalog) chunkKey(id, node string, chunk int) string {
+	return fmt.Sprintf("%s%06d", c.mapPrefix(id, node), chunk)
+}
+
+// NewImageID returns a fresh random image id.
+func NewImageID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// CreateImage stores a new image whose locations all start with the given
+// state. It writes the block maps first and the record last, so a reader
+// never sees an image without its maps; a crash in between leaves only
+// unreferenced maps under a fresh id.
+func (c *Catalog) CreateImage(ctx context.Context, img Image, initial placement.SyncState) (Image, error) {
+	img.Version = RecordVersion
+	if img.ID == "" {
+		img.ID = NewImageID()
+	}
+	if img.Created.IsZero() {
+		img.Created = time.Now().UTC().Truncate(time.Second)
+	}
+	if img.MinCopies == 0 {
+		img.MinCopies = 1
+	}
+	if err := img.Validate(); err != nil {
+		return Image{}, err
+	}
+	if _, err := c.kv.Get(ctx, c.imageKey(img.Name)); err == nil {
+		return Image{}, fmt.Errorf("%q: %w", img.Name, ErrImageExists)
+	} else if !errors.Is(err, ErrNotFound) {
+		return Image{}, fmt.Errorf("create image %q: %w", img.Name, err)
+	}
+	bm := placement.NewBlockMap(img.Blocks(), initial)
+	for _, node := range img.Locations {
+		for ch := range placement.NumChunks(bm.Len()) {
+			if err := c.kv.CAS(ctx, c.chunkKey(img.ID, node, ch), bm.EncodeChunk(ch), 0); err != nil {
+				return Image{}, fmt.Errorf("create image %q: block map of %s: %w", img.Name, node, err)
+			}
+		}
+	}
+	data, err := json.Marshal(img)
+	if err != nil {
+		return Image{}, err
+	}
+	if err := c.kv.CAS(ctx, c.imageKey(img.Name), data, 0); err != nil {
+		_ = c.kv.DeleteTree(ctx, c.prefix+"blockmaps/"+img.ID+"/")
+		if errors.Is(err, ErrConflict) {
+			return Image{}, fmt.Errorf("%q: %w", img.Name, ErrImageExists)
+		}
+		return Image{}, fmt.Errorf("create image %q: %w", img.Name, err)
+	}
+	return img, nil
+}
+
+// GetImage returns the record of name and its ModifyIndex.
+func (c *Catalog) GetImage(ctx context.Context, name string) (Image, uint64, error) {
+	e, err := c.kv.Get(ctx, c.imageKey(name))
+	if errors.Is(err, ErrNotFound) {
+		return Image{}, 0, fmt.Errorf("%q: %w", name, ErrImageNotFound)
+	}
+	if err != nil {
+		return Image{}, 0, fmt.Errorf("read image %q: %w", name, err)
+	}
+	img, err := decodeImage(e.Value)
+	if err != nil {
+		return Image{}, 0, &MalformedError{Key: e.Key, Err: err}
+	}
+	if img.Name != name {
+		return Image{}, 0, &MalformedError{Key: e.Key, Err: fmt.Errorf("record names image %q", img.Name)}
+	}
+	return img, e.ModifyIndex, nil
+}
+
+// ListImages returns every readable image record in name order, the store
+// index of the read, and one MalformedError per record that cannot be read.
+func (c *Catalog) ListImages(ctx context.Context) ([]Image, uint64, []error, error) {
+	entries, idx, err := c.kv.List(ctx, c.ImagesPrefix())
+	if err != nil {
+		return nil, 0, nil, fmt.Errorf("list images: %w", err)
+	}
+	var imgs []Image
+	var bad []error
+	for _, e := range entries {
+		img, err := decodeImage(e.Value)
+		if err == nil && c.imageKey(img.Name) != e.Key {
+			err = fmt.Errorf("record names image %q", img.Name)
+		}
+		if err != nil {
+			bad = append(bad, &MalformedError{Key: e.Key, Err: err})
+			continue
+		}
+		imgs = append(imgs, img)
+	}
+	return imgs, idx, bad, nil
+}
+
+// DeleteImage removes the record (checked against index when non-zero),
+// then the block maps.
+func (c *Catalog) DeleteImage(ctx context.Context, img Image, index uint64) error {
+	if index == 0 {
+		e, err := c.kv.Get(ctx, c.imageKey(img.Name))
+		if errors.Is(err, ErrNotFound) {
+			return fmt.Errorf("%q: %w", img.Name, ErrImageNotFound)
+		}
+		if err != nil {
+			return fmt.Errorf("delete image %q: %w", img.Name, err)
+		}
+		index = e.ModifyIndex
+	}
+	if err := c.kv.DeleteCAS(ctx, c.imageKey(img.Name), index); err != nil {
+		if errors.Is(err, ErrNotFound) {
+			return fmt.Errorf("%q: %w", img.Name, ErrImageNotFound)
+		}
+		return fmt.Errorf("delete image %q: %w", img.Name, err)
+	}
+	if err := c.kv.DeleteTree(ctx, c.prefix+"blockmaps/"+img.ID+"/"); err != nil {
+		return fmt.Errorf("delete block maps of %q: %w", img.Name, err)
+	}
+	return nil
+}
+
+// BlockMap reads the block map of node's copy of img.
+func (c *Catalog) BlockMap(ctx context.Context, img Image, node string) (*placement.BlockMap, error) {
+	entries, _, err := c.kv.List(ctx, c.mapPrefix(img.ID, node))
+	if err != nil {
+		return nil, fmt.Errorf("read block map of %q on %s: %w", img.Name, node, err)
+	}
+	bm := placement.NewBlockMap(img.Blocks(), placement.OutOfSync)
+	want := placement.NumChunks(bm.Len())
+	seen := make([]bool, want)
+	for _, e := range entries {
+		var ch int
+		if _, err := fmt.Sscanf(strings.TrimPrefix(e.Key, c.mapPrefix(img.ID, node)), "%06d", &ch); err != nil || ch < 0 || ch >= want {
+			return nil, &MalformedError{Key: e.Key, Err: errors.New("unexpected block map chunk key")}
+		}
+		if err := bm.DecodeChunk(ch, e.Value); err != nil {
+			return nil, &MalformedError{Key: e.Key, Err: err}
+		}
+		seen[ch] = true
+	}
+	for ch, ok := range seen {
+		if !ok {
+			// A missing chunk is never taken as in sync.
+			return nil, &MalformedError{Key: c.chunkKey(img.ID, node, ch), Err: errors.New("block map chunk missing")}
+		}
+	}
+	return bm, nil
+}

@@ -1,0 +1,102 @@
+package meta
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"regexp"
+	"time"
+)
+
+// RecordVersion is the version of the image record format this code writes
+// and understands. A record with another version is reported, never
+// rewritten.
+const RecordVersion = 1
+
+// Limits on image geometry.
+const (
+	MinBlockSize     = 64 << 10
+	MaxBlockSize     = 64 << 20
+	DefaultBlockSize = 4 << 20
+	// SectorSize is the logical block size the LUN exposes; image sizes
+	// are multiples of it.
+	SectorSize = 512
+)
+
+// Image is the record of one disk image.
+type Image struct {
+	Version int `json:"version"`
+	// ID is random and new for every creation: a deleted and recreated
+	// image of the same name never shares data files or block maps.
+	ID        string    `json:"id"`
+	Name      string    `json:"name"`
+	Size      int64     `json:"size"`
+	BlockSize int64     `json:"block_size"`
+	Created   time.Time `json:"created"`
+	// Locations are the nodes holding a copy, in the order they were
+	// added. Each has a block map under blockmaps/<id>/<node>/.
+	Locations []string `json:"locations"`
+	// MinCopies is how many copies a write must reach to be acknowledged.
+	MinCopies int `json:"min_copies"`
+}
+
+// Blocks is the number of blocks of the image (the last may be partial).
+func (img *Image) Blocks() int64 { return (img.Size + img.BlockSize - 1) / img.BlockSize }
+
+var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9.-]{0,62}[a-z0-9])?$`)
+
+// ValidateName checks that name can be the last part of an iSCSI IQN.
+func ValidateName(name string) error {
+	if !nameRE.MatchString(name) {
+		return fmt.Errorf("invalid image name %q: use 1-64 lowercase letters, digits, '.' or '-', starting and ending with a letter or digit (it becomes the end of an iSCSI IQN)", name)
+	}
+	return nil
+}
+
+// ValidateGeometry checks size and block size.
+func ValidateGeometry(size, blockSize int64) error {
+	if blockSize < MinBlockSize || blockSize > MaxBlockSize || blockSize&(blockSize-1) != 0 {
+		return fmt.Errorf("invalid block size %d: must be a power of two from 64 KiB to 64 MiB", blockSize)
+	}
+	if size <= 0 {
+		return fmt.Errorf("invalid size %d: must be greater than zero", size)
+	}
+	if size%SectorSize != 0 {
+		return fmt.Errorf("invalid size %d: must be a multiple of %d bytes", size, SectorSize)
+	}
+	return nil
+}
+
+// Validate checks a whole record.
+func (img *Image) Validate() error {
+	if img.Version != RecordVersion {
+		return fmt.Errorf("unknown record version %d (this ukai understands %d)", img.Version, RecordVersion)
+	}
+	if err := ValidateName(img.Name); err != nil {
+		return err
+	}
+	if err := ValidateGeometry(img.Size, img.BlockSize); err != nil {
+		return err
+	}
+	if len(img.ID) != 32 {
+		return errors.New("missing or malformed id")
+	}
+	if len(img.Locations) == 0 {
+		return errors.New("no locations")
+	}
+	if img.MinCopies < 1 || img.MinCopies > len(img.Locations) {
+		return fmt.Errorf("min_copies %d outside 1..%d", img.MinCopies, len(img.Locations))
+	}
+	return nil
+}
+
+func decodeImage(data []byte) (Image, error) {
+	var img Image
+	if err := json.Unmarshal(data, &img); err != nil {
+		return Image{}, fmt.Errorf("not a valid image record: %w", err)
+	}
+	if err := img.Validate(); err != nil {
+		return Image{}, err
+	}
+	return img, nil
+}

@@ -1,0 +1,57 @@
+// Package meta is ukai's metadata store: a versioned key-value seam (KV)
+// with an embedded implementation (bbolt, single node) and, in a sibling
+// package, a Consul one; and the image catalog built on top of it.
+package meta
+
+import (
+	"context"
+	"errors"
+)
+
+// Errors a KV returns; callers test them with errors.Is.
+var (
+	ErrNotFound = errors.New("key not found")
+	// ErrConflict is a failed check-and-set: the key changed since the
+	// index the caller read, or already exists on a create.
+	ErrConflict = errors.New("check-and-set conflict: the key changed since it was read")
+	// ErrUnavailable means the store cannot be reached now; the operation
+	// may be retried later.
+	ErrUnavailable = errors.New("metadata store unavailable")
+)
+
+// Entry is one key with its value and the index of its last change.
+type Entry struct {
+	Key         string
+	Value       []byte
+	ModifyIndex uint64
+}
+
+// KV is a versioned key-value store. Keys are '/'-separated paths. Every
+// change of a key gives it a ModifyIndex larger than any index the store
+// handed out before, so indexes order changes.
+//
+// Implementations must be safe for concurrent use. Every method honours ctx.
+type KV interface {
+	// Get returns the entry at key, or ErrNotFound.
+	Get(ctx context.Context, key string) (Entry, error)
+	// List returns every entry whose key starts with prefix, in key
+	// order, and the store's index at the time of the read (usable with
+	// Watch).
+	List(ctx context.Context, prefix string) ([]Entry, uint64, error)
+	// CAS writes value at key only if the key's ModifyIndex is still
+	// index; index 0 means "only if the key does not exist". On a
+	// mismatch it returns ErrConflict and changes nothing.
+	CAS(ctx context.Context, key string, value []byte, index uint64) error
+	// DeleteCAS deletes key only if its ModifyIndex is still index
+	// (ErrConflict otherwise; ErrNotFound if it is gone).
+	DeleteCAS(ctx context.Context, key string, index uint64) error
+	// DeleteTree deletes every key under prefix.
+	DeleteTree(ctx context.Context, prefix string) error
+	// Watch blocks until a key under prefix changed after index, then
+	// returns the new store index. It may return earlier (spuriously)
+	// with an index >= the given one; callers re-read and compare. It
+	// returns ctx.Err() when ctx ends.
+	Watch(ctx context.Context, prefix string, index uint64) (uint64, error)
+	// Close releases the store.
+	Close() error
+}

@@ -1,0 +1,143 @@
+// Package lun is the LUN backend: it splits an image's I/O into its blocks
+// and sends each piece to the copies that hold the block. Today a volume has
+// one copy, the node's local file; the seam (Copy) is where peer copies plug
+// in.
+package lun
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// Copy is one copy of an image: byte-addressed, thread-safe storage.
+// Methods honour ctx where the medium can block.
+type Copy interface {
+	ReadAt(ctx context.Context, p []byte, off int64) error
+	// WriteAt writes p at off; with durable it is on stable storage when
+	// WriteAt returns.
+	WriteAt(ctx context.Context, p []byte, off int64, durable bool) error
+	// Sync makes every completed write durable.
+	Sync(ctx context.Context) error
+	// Unmap deallocates [off, off+n): reads return zeros, space is freed.
+	Unmap(ctx context.Context, off, n int64) error
+	Close() error
+}
+
+// FileCopy is a copy kept in a sparse file on the node's file system.
+type FileCopy struct {
+	f    *os.File
+	size int64
+}
+
+// CreateFile creates a sparse file of size bytes at path; it fails if the
+// file exists.
+func CreateFile(path string, size int64) (*FileCopy, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("create image file: %w", err)
+	}
+	if err := f.Truncate(size); err != nil {
+		f.Close()
+		os.Remove(path)
+		return nil, fmt.Errorf("size image file %s: %w", path, err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		os.Remove(path)
+		return nil, fmt.Errorf("sync image file %s: %w", path, err)
+	}
+	return &FileCopy{f: f, size: size}, nil
+}
+
+// OpenFile opens an existing image file and checks its size.
+func OpenFile(path string, size int64) (*FileCopy, error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open image file: %w", err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("stat image file: %w", err)
+	}
+	if st.Size() != size {
+		f.Close()
+		return nil, fmt.Errorf("image file %s is %d bytes, the image record says %d", path, st.Size(), size)
+	}
+	return &FileCopy{f: f, size: size}, nil
+}
+
+// ReadAt implements Copy. Holes read as zeros.
+func (c *FileCopy) ReadAt(_ context.Context, p []byte, off int64) error {
+	n, err := c.f.ReadAt(p, off)
+	if err == io.EOF && n == len(p) {
+		err = nil
+	}
+	if err != nil {
+		return fmt.Errorf("read %s at %d: %w", c.f.Name(), off, err)
+	}
+	return nil
+}
+
+// WriteAt implements Copy.
+func (c *FileCopy) WriteAt(ctx context.Context, p []byte, off int64, durable bool) error {
+	if off+int64(len(p)) > c.size {
+		return fmt.Errorf("write %s: %d bytes at %d beyond size %d", c.f.Name(), len(p), off, c.size)
+	}
+	if _, err := c.f.WriteAt(p, off); err != nil {
+		return fmt.Errorf("write %s at %d: %w", c.f.Name(), off, err)
+	}
+	if durable {
+		return c.Sync(ctx)
+	}
+	return nil
+}
+
+// Sync implements Copy with fdatasync.
+func (c *FileCopy) Sync(context.Context) error {
+	if err := unix.Fdatasync(int(c.f.Fd())); err != nil {
+		return fmt.Errorf("fdatasync %s: %w", c.f.Name(), err)
+	}
+	return nil
+}
+
+// Unmap implements Copy by punching a hole.
+func (c *FileCopy) Unmap(_ context.Context, off, n int64) error {
+	err := unix.Fallocate(int(c.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	if errors.Is(err, unix.EOPNOTSUPP) {
+		// No hole punching here: write zeros so reads stay correct.
+		zero := make([]byte, min(n, 1<<20))
+		for done := int64(0); done < n; done += int64(len(zero)) {
+			chunk := zero[:min(int64(len(zero)), n-done)]
+			if _, err := c.f.WriteAt(chunk, off+done); err != nil {
+				return fmt.Errorf("zero %s at %d: %w", c.f.Name(), off+done, err)
+			}
+		}
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("punch hole in %s at %d+%d: %w", c.f.Name(), off, n, err)
+	}
+	return nil
+}
+
+// Allocated returns the bytes the file really occupies on disk.
+func (c *FileCopy) Allocated() (int64, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(c.f.Fd()), &st); err != nil {
+		return 0, fmt.Errorf("stat %s: %w", c.f.Name(), err)
+	}
+	return st.Blocks * 512, nil
+}
+
+// Close syncs and closes the file.
+func (c *FileCopy) Close() error {
+	serr := c.f.Sync()
+	cerr := c.f.Close()
+	return errors.Join(serr, cerr)
+}
