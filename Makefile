@@ -1,0 +1,62 @@
+# ukai — see README.md. Every target runs on a fresh Debian 12 machine with Go;
+# `make deps` installs the Debian packages the tests need (as root).
+SHELL := /bin/bash
+GO ?= go
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X main.version=$(VERSION)
+BIN := bin/ukai
+DEMO_DIR ?= /tmp/ukai-demo
+
+.PHONY: all build test test-short test-integration conformance bench fuzz lint deps demo demo-stop clean
+
+all: build
+
+build:
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/ukai
+
+# Debian packages the integration tests, conformance run and benchmarks use.
+deps:
+	@missing=""; for p in libiscsi-bin qemu-utils qemu-block-extra tgt fio; do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; fi
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi
+	$(GO) vet ./...
+
+# Everything: lint, unit tests, integration tests against real ukai
+# processes and iSCSI clients, and the iscsi-test-cu conformance run
+# (ukai against tgtd, checked against integration/conformance/expected.txt).
+test: deps lint build
+	$(GO) test -count=1 -timeout 25m ./...
+
+# Unit tests only (pure Go, no processes, no network clients).
+test-short: lint
+	$(GO) test -count=1 -short ./...
+
+test-integration: deps build
+	$(GO) test -count=1 -timeout 20m -v ./integration/
+
+conformance: deps build
+	$(GO) test -count=1 -timeout 20m -v -run 'TestConformance' ./integration/
+
+# Speed: ukai vs tgtd vs the raw file, interleaved, one table.
+bench: deps build
+	$(GO) test -count=1 -tags bench -timeout 60m -v -run TestBench ./integration/ -args -bench-report=$(CURDIR)/integration/out/bench.md
+	@cat integration/out/bench.md
+
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzReadPDU -fuzztime 60s ./target/iscsi/
+	$(GO) test -run '^$$' -fuzz FuzzExecute -fuzztime 60s ./target/scsi/
+	$(GO) test -run '^$$' -fuzz FuzzDecodeChunk -fuzztime 30s ./placement/
+
+# A local node serving an image over iSCSI, written and read with qemu-io.
+demo: deps build
+	@bash integration/demo.sh start "$(DEMO_DIR)"
+
+demo-stop:
+	@bash integration/demo.sh stop "$(DEMO_DIR)"
+
+clean:
+	rm -rf bin integration/out

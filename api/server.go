@@ -1,0 +1,174 @@
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/ukai-storage/ukai/cluster/meta"
+)
+
+// Service is what the API serves; the node implements it. Errors wrapping
+// meta.ErrInvalid, meta.ErrImageNotFound, meta.ErrImageExists,
+// meta.ErrConflict and meta.ErrUnavailable map to 400, 404, 409, 409 and
+// 503; anything else is a 500.
+type Service interface {
+	CreateImage(ctx context.Context, req CreateImageRequest) (Image, error)
+	ListImages(ctx context.Context) (ImageList, error)
+	GetImage(ctx context.Context, name string, blocks bool) (Image, error)
+	DeleteImage(ctx context.Context, name string) error
+	NodeInfo(ctx context.Context) (Node, error)
+}
+
+// maxBody bounds request bodies.
+const maxBody = 1 << 20
+
+// NewHandler returns the HTTP handler of the API over svc.
+func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
+	h := &handler{svc: svc, log: log, version: version}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/version", h.getVersion)
+	mux.HandleFunc("GET /v1/node", h.getNode)
+	mux.HandleFunc("GET /v1/images", h.listImages)
+	mux.HandleFunc("POST /v1/images", h.createImage)
+	mux.HandleFunc("GET /v1/images/{name}", h.getImage)
+	mux.HandleFunc("DELETE /v1/images/{name}", h.deleteImage)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, fmt.Errorf("no such API endpoint: %s %s", r.Method, r.URL.Path))
+	})
+	return h.logged(mux)
+}
+
+type handler struct {
+	svc     Service
+	log     *slog.Logger
+	version string
+}
+
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (w *statusWriter) WriteHeader(s int) { w.status = s; w.ResponseWriter.WriteHeader(s) }
+
+func (h *handler) logged(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		sw := &statusWriter{ResponseWriter: w, status: http.StatusOK}
+		next.ServeHTTP(sw, r)
+		lvl := slog.LevelDebug
+		if sw.status >= 500 {
+			lvl = slog.LevelWarn
+		}
+		h.log.Log(r.Context(), lvl, "api request", "method", r.Method, "path", r.URL.Path, "status", sw.status, "duration", time.Since(start))
+	})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}
+
+func writeError(w http.ResponseWriter, status int, err error) {
+	writeJSON(w, status, Error{Error: err.Error()})
+}
+
+// StatusOf maps a service error to its HTTP status.
+func StatusOf(err error) int {
+	switch {
+	case errors.Is(err, meta.ErrInvalid):
+		return http.StatusBadRequest
+	case errors.Is(err, meta.ErrImageNotFound):
+		return http.StatusNotFound
+	case errors.Is(err, meta.ErrImageExists), errors.Is(err, meta.ErrConflict):
+		return http.StatusConflict
+	case errors.Is(err, meta.ErrUnavailable):
+		return http.StatusServiceUnavailable
+	}
+	return http.StatusInternalServerError
+}
+
+func (h *handler) fail(w http.ResponseWriter, r *http.Request, err error) {
+	st := StatusOf(err)
+	if st >= 500 {
+		h.log.Warn("api request failed", "method", r.Method, "path", r.URL.Path, "err", err)
+	}
+	writeError(w, st, err)
+}
+
+func (h *handler) getVersion(w http.ResponseWriter, _ *http.Request) {
+	writeJSON(w, http.StatusOK, Version{Version: h.version, API: "v1"})
+}
+
+func (h *handler) getNode(w http.ResponseWriter, r *http.Request) {
+	n, err := h.svc.NodeInfo(r.Context())
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, n)
+}
+
+func (h *handler) listImages(w http.ResponseWriter, r *http.Request) {
+	l, err := h.svc.ListImages(r.Context())
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	if l.Images == nil {
+		l.Images = []Image{}
+	}
+	writeJSON(w, http.StatusOK, l)
+}
+
+func (h *handler) createImage(w http.ResponseWriter, r *http.Request) {
+	var req CreateImageRequest
+	dec := json.NewDecoder(io.LimitReader(r.Body, maxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		writeError(w, http.StatusBadRequest, fmt.Errorf("bad request body: %w", err))
+		return
+	}
+	img, err := h.svc.CreateImage(r.Context(), req)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, img)
+}
+
+func (h *handler) getImage(w http.ResponseWriter, r *http.Request) {
+	blocks := false
+	if s := r.URL.Query().Get("blocks"); s != "" {
+		b, err := strconv.ParseBool(s)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, fmt.Errorf("blocks=%q: want true or false", s))
+			return
+		}
+		blocks = b
+	}
+	img, err := h.svc.GetImage(r.Context(), r.PathValue("name"), blocks)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, img)
+}
+
+func (h *handler) deleteImage(w http.ResponseWriter, r *http.Request) {
+	if err := h.svc.DeleteImage(r.Context(), r.PathValue("name")); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}

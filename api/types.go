@@ -1,0 +1,85 @@
+// Package api is ukai's control API: HTTP/JSON under versioned paths
+// (/v1/...), the handlers over a Service, and the client the CLI and the
+// OpenStack driver use.
+package api
+
+import "time"
+
+// CreateImageRequest is the body of POST /v1/images.
+type CreateImageRequest struct {
+	Name string `json:"name"`
+	Size int64  `json:"size"`
+	// BlockSize in bytes; 0 means the default (4 MiB).
+	BlockSize int64 `json:"block_size,omitempty"`
+}
+
+// Image is an image as GET /v1/images and /v1/images/{name} show it.
+type Image struct {
+	Name      string     `json:"name"`
+	ID        string     `json:"id"`
+	Size      int64      `json:"size"`
+	BlockSize int64      `json:"block_size"`
+	Blocks    int64      `json:"num_blocks"`
+	Created   time.Time  `json:"created"`
+	IQN       string     `json:"iqn"`
+	MinCopies int        `json:"min_copies"`
+	Locations []Location `json:"locations"`
+	// BlockMap, only with ?blocks=true: one entry per block mapping each
+	// location's node to its state.
+	BlockMap []map[string]BlockState `json:"blocks,omitempty"`
+}
+
+// Location is one copy of an image and how much of it is not in sync.
+type Location struct {
+	Node      string `json:"node"`
+	OutOfSync int64  `json:"out_of_sync"`
+	Syncing   int64  `json:"syncing"`
+}
+
+// BlockState is the state of one block of one location: 0 in sync,
+// 1 syncing, 2 out of sync.
+type BlockState struct {
+	SyncStatus int `json:"sync_status"`
+}
+
+// ImageList is GET /v1/images. Problems lists records that could not be
+// read (malformed metadata), each naming its key.
+type ImageList struct {
+	Images   []Image  `json:"images"`
+	Problems []string `json:"problems,omitempty"`
+}
+
+// Node is GET /v1/node: the node that answers.
+type Node struct {
+	Name      string            `json:"name"`
+	Version   string            `json:"version"`
+	Labels    map[string]string `json:"labels,omitempty"`
+	APIAddr   string            `json:"api_addr"`
+	ISCSIAddr string            `json:"iscsi_addr"`
+	IQNPrefix string            `json:"iqn_prefix"`
+	Metadata  string            `json:"metadata_backend"`
+	Capacity  int64             `json:"capacity_bytes"`
+	Free      int64             `json:"free_bytes"`
+	Images    []string          `json:"images"`
+	Sessions  []Session         `json:"sessions"`
+	StartedAt time.Time         `json:"started_at"`
+}
+
+// Session is one iSCSI session on the node.
+type Session struct {
+	Initiator string `json:"initiator"`
+	ISID      string `json:"isid"`
+	Target    string `json:"target"`
+	Remote    string `json:"remote"`
+}
+
+// Version is GET /v1/version.
+type Version struct {
+	Version string `json:"version"`
+	API     string `json:"api"`
+}
+
+// Error is the body of every non-2xx answer.
+type Error struct {
+	Error string `json:"error"`
+}

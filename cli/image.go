@@ -1,0 +1,197 @@
+package cli
+
+import (
+	"fmt"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"github.com/ukai-storage/ukai/api"
+)
+
+func (a *app) imageCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "image", Short: "Create, list, inspect and delete disk images"}
+	cmd.AddCommand(a.imageCreateCmd(), a.imageListCmd(), a.imageInfoCmd(), a.imageDeleteCmd())
+	return cmd
+}
+
+func (a *app) imageCreateCmd() *cobra.Command {
+	var size, blockSize, output string
+	cmd := &cobra.Command{
+		Use:   "create NAME --size SIZE [--block-size SIZE]",
+		Short: "Create an image (sizes take units: 10G, 512M; block size a power of two from 64K to 64M)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
+			if size == "" {
+				return fmt.Errorf("--size is required")
+			}
+			sz, err := ParseSize(size)
+			if err != nil {
+				return fmt.Errorf("--size: %w", err)
+			}
+			var bs int64
+			if blockSize != "" {
+				if bs, err = ParseSize(blockSize); err != nil {
+					return fmt.Errorf("--block-size: %w", err)
+				}
+				if bs == 0 {
+					return fmt.Errorf("--block-size: must be greater than zero")
+				}
+			}
+			img, err := a.client().CreateImage(cmd.Context(), api.CreateImageRequest{Name: args[0], Size: sz, BlockSize: bs})
+			if err != nil {
+				return fmt.Errorf("create image %s: %w", args[0], err)
+			}
+			if output == "json" {
+				return printJSON(a.out, img)
+			}
+			fmt.Fprintf(a.out, "created image %s: %s in %d blocks of %s, target %s\n", img.Name, FormatSize(img.Size), img.Blocks, FormatSize(img.BlockSize), img.IQN)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&size, "size", "", "image size, e.g. 10G")
+	cmd.Flags().StringVar(&blockSize, "block-size", "", "block size (default 4M)")
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
+	return cmd
+}
+
+func (a *app) imageListCmd() *cobra.Command {
+	var output string
+	cmd := &cobra.Command{
+		Use:   "list",
+		Short: "List images",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
+			l, err := a.client().ListImages(cmd.Context())
+			if err != nil {
+				return fmt.Errorf("list images: %w", err)
+			}
+			if output == "json" {
+				return printJSON(a.out, l)
+			}
+			tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "NAME\tSIZE\tBLOCK SIZE\tLOCATIONS\tOUT OF SYNC\tIQN")
+			for _, img := range l.Images {
+				var locs []string
+				var oos int64
+				for _, loc := range img.Locations {
+					locs = append(locs, loc.Node)
+					oos += loc.OutOfSync
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\n", img.Name, FormatSize(img.Size), FormatSize(img.BlockSize), strings.Join(locs, ","), oos, img.IQN)
+			}
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			for _, p := range l.Problems {
+				fmt.Fprintf(cmd.ErrOrStderr(), "warning: %s\n", p)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
+	return cmd
+}
+
+func (a *app) imageInfoCmd() *cobra.Command {
+	var output string
+	var blocks bool
+	cmd := &cobra.Command{
+		Use:   "info NAME [--blocks]",
+		Short: "Show an image, its locations and (with --blocks) the per-block sync map",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
+			img, err := a.client().GetImage(cmd.Context(), args[0], blocks)
+			if err != nil {
+				return fmt.Errorf("image %s: %w", args[0], err)
+			}
+			if output == "json" {
+				return printJSON(a.out, img)
+			}
+			tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
+			fmt.Fprintf(tw, "name:\t%s\n", img.Name)
+			fmt.Fprintf(tw, "id:\t%s\n", img.ID)
+			fmt.Fprintf(tw, "size:\t%s (%d bytes)\n", FormatSize(img.Size), img.Size)
+			fmt.Fprintf(tw, "block size:\t%s (%d blocks)\n", FormatSize(img.BlockSize), img.Blocks)
+			fmt.Fprintf(tw, "created:\t%s\n", img.Created.Format("2006-01-02 15:04:05 MST"))
+			fmt.Fprintf(tw, "iqn:\t%s (LUN 0)\n", img.IQN)
+			fmt.Fprintf(tw, "min copies:\t%d\n", img.MinCopies)
+			fmt.Fprintln(tw, "locations:")
+			for _, loc := range img.Locations {
+				fmt.Fprintf(tw, "  %s\tin sync %d, syncing %d, out of sync %d\n", loc.Node, img.Blocks-loc.OutOfSync-loc.Syncing, loc.Syncing, loc.OutOfSync)
+			}
+			if blocks {
+				fmt.Fprintln(tw, "blocks (. in sync, s syncing, X out of sync):")
+				for _, loc := range img.Locations {
+					var b strings.Builder
+					for _, m := range img.BlockMap {
+						b.WriteByte(".sX"[min(m[loc.Node].SyncStatus, 2)])
+					}
+					fmt.Fprintf(tw, "  %s\t%s\n", loc.Node, b.String())
+				}
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
+	cmd.Flags().BoolVar(&blocks, "blocks", false, "include the per-block sync map")
+	return cmd
+}
+
+func (a *app) imageDeleteCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "delete NAME",
+		Short: "Delete an image and every copy of its data",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := a.client().DeleteImage(cmd.Context(), args[0]); err != nil {
+				return fmt.Errorf("delete image %s: %w", args[0], err)
+			}
+			fmt.Fprintf(a.out, "deleted image %s\n", args[0])
+			return nil
+		},
+	}
+}
+
+func (a *app) nodeCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "node", Short: "Show nodes"}
+	var output string
+	info := &cobra.Command{
+		Use:   "info",
+		Short: "Show the node --api points at: addresses, capacity, images, iSCSI sessions",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
+			n, err := a.client().Node(cmd.Context())
+			if err != nil {
+				return fmt.Errorf("node info: %w", err)
+			}
+			if output == "json" {
+				return printJSON(a.out, n)
+			}
+			tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
+			fmt.Fprintf(tw, "name:\t%s\nversion:\t%s\napi:\t%s\niscsi:\t%s\niqn prefix:\t%s\nmetadata:\t%s\n", n.Name, n.Version, n.APIAddr, n.ISCSIAddr, n.IQNPrefix, n.Metadata)
+			fmt.Fprintf(tw, "capacity:\t%s (%s free)\n", FormatSize(n.Capacity), FormatSize(n.Free))
+			fmt.Fprintf(tw, "images:\t%s\n", strings.Join(n.Images, ", "))
+			for _, s := range n.Sessions {
+				fmt.Fprintf(tw, "session:\t%s isid %s -> %s from %s\n", s.Initiator, s.ISID, s.Target, s.Remote)
+			}
+			return tw.Flush()
+		},
+	}
+	info.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
+	cmd.AddCommand(info)
+	return cmd
+}

@@ -1,0 +1,163 @@
+//go:build bench
+
+package integration
+
+import (
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+var benchReport = flag.String("bench-report", "", "write the markdown table here")
+var benchRounds = flag.Int("bench-rounds", 3, "interleaved rounds; the table shows medians")
+
+// benchTarget is one system under test with a qemu block URL.
+type benchTarget struct {
+	name string
+	url  string // qemu-img / qemu-nbd filename
+	raw  bool
+}
+
+var qemuBenchRE = regexp.MustCompile(`Run completed in ([0-9.]+) seconds`)
+
+// qemuImgBench runs a sequential qemu-img bench and returns MB/s.
+func qemuImgBench(t *testing.T, tg benchTarget, write bool, size, count, depth int) float64 {
+	args := []string{"bench", "-f", "raw", "-t", "none", "-s", fmt.Sprint(size), "-d", fmt.Sprint(depth), "-c", fmt.Sprint(count)}
+	if write {
+		args = append(args, "-w")
+	}
+	out, err := run(t, 10*time.Minute, "qemu-img", append(args, tg.url)...)
+	m := qemuBenchRE.FindStringSubmatch(out)
+	if err != nil || m == nil {
+		t.Fatalf("qemu-img %v on %s: %v\n%s", args, tg.name, err, out)
+	}
+	secs, _ := strconv.ParseFloat(m[1], 64)
+	return float64(size) * float64(count) / secs / 1e6
+}
+
+// fioNBD exports the target with qemu-nbd (same for all three targets, so
+// the NBD hop costs all of them alike) and runs fio's nbd engine; it
+// returns IOPS.
+func fioNBD(t *testing.T, tg benchTarget, rw string, depth int, verify bool) float64 {
+	sock := filepath.Join(t.TempDir(), "nbd.sock")
+	nbd := exec.Command("qemu-nbd", "-f", "raw", "--cache=none", "--aio=threads", "-k", sock, "--persistent", "--shared=4", tg.url)
+	if err := nbd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { nbd.Process.Kill(); nbd.Wait() }()
+	waitFor(t, 20*time.Second, "qemu-nbd socket", func() bool { _, err := os.Stat(sock); return err == nil })
+	args := []string{"--name=b", "--ioengine=nbd", "--uri=nbd+unix:///?socket=" + sock, "--rw=" + rw, "--bs=4k",
+		fmt.Sprintf("--iodepth=%d", depth), "--size=256m", "--output-format=json"}
+	if verify {
+		args = append(args, "--verify=crc32c", "--do_verify=1", "--verify_fatal=1")
+	} else {
+		args = append(args, "--time_based", "--runtime=8", "--ramp_time=1")
+	}
+	out, err := run(t, 5*time.Minute, "fio", args...)
+	if err != nil {
+		t.Fatalf("fio %s qd%d on %s: %v\n%s", rw, depth, tg.name, err, out)
+	}
+	if verify {
+		return 0
+	}
+	var res struct {
+		Jobs []struct {
+			Read  struct{ IOPS float64 } `json:"read"`
+			Write struct{ IOPS float64 } `json:"write"`
+		} `json:"jobs"`
+	}
+	if i := strings.Index(out, "{"); i >= 0 {
+		out = out[i:]
+	}
+	if err := json.Unmarshal([]byte(out), &res); err != nil || len(res.Jobs) == 0 {
+		t.Fatalf("fio output: %v\n%s", err, out)
+	}
+	return res.Jobs[0].Read.IOPS + res.Jobs[0].Write.IOPS
+}
+
+func median(v []float64) float64 {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	return s[len(s)/2]
+}
+
+// TestBench compares ukai with tgtd and the raw file on the same file
+// system, interleaved, and writes a markdown table (make bench).
+func TestBench(t *testing.T) {
+	const size = 1 << 30
+	n := newNode(t, "n1")
+	n.start()
+	n.mustCLI("image", "create", "bench", "--size", fmt.Sprint(size))
+	rawPath := filepath.Join(n.dir, "data", "raw.img")
+	if err := os.WriteFile(rawPath, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	os.Truncate(rawPath, size)
+	targets := []benchTarget{
+		{name: "raw file", url: rawPath, raw: true},
+		{name: "tgtd", url: startTgtd(t, size)},
+		{name: "ukai", url: n.url("bench")},
+	}
+	// Fill every target once so reads hit allocated data.
+	for _, tg := range targets {
+		qemuImgBench(t, tg, true, 4<<20, size/(4<<20), 8)
+	}
+	// Correctness pass first: random writes verified with crc32c.
+	fioNBD(t, targets[2], "randwrite", 16, true)
+
+	type row struct {
+		name, unit string
+		fn         func(benchTarget) float64
+	}
+	rows := []row{
+		{"seq write 1 MiB QD8", "MB/s", func(tg benchTarget) float64 { return qemuImgBench(t, tg, true, 1<<20, 2048, 8) }},
+		{"seq read 1 MiB QD8", "MB/s", func(tg benchTarget) float64 { return qemuImgBench(t, tg, false, 1<<20, 2048, 8) }},
+		{"rand read 4 KiB QD1", "IOPS", func(tg benchTarget) float64 { return fioNBD(t, tg, "randread", 1, false) }},
+		{"rand write 4 KiB QD1", "IOPS", func(tg benchTarget) float64 { return fioNBD(t, tg, "randwrite", 1, false) }},
+		{"rand read 4 KiB QD16", "IOPS", func(tg benchTarget) float64 { return fioNBD(t, tg, "randread", 16, false) }},
+		{"rand write 4 KiB QD16", "IOPS", func(tg benchTarget) float64 { return fioNBD(t, tg, "randwrite", 16, false) }},
+	}
+	vals := make([][][]float64, len(rows))
+	for i := range vals {
+		vals[i] = make([][]float64, len(targets))
+	}
+	for r := 0; r < *benchRounds; r++ {
+		for i, rw := range rows {
+			for j, tg := range targets {
+				vals[i][j] = append(vals[i][j], rw.fn(tg))
+			}
+		}
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "Benchmark %s, %s, medians of %d interleaved rounds\n\n", time.Now().UTC().Format("2006-01-02"), machine(), *benchRounds)
+	b.WriteString("| pattern | unit | raw file | tgtd | ukai | ukai/raw | ukai/tgtd |\n|---|---|---|---|---|---|---|\n")
+	for i, rw := range rows {
+		raw, tgt, uk := median(vals[i][0]), median(vals[i][1]), median(vals[i][2])
+		fmt.Fprintf(&b, "| %s | %s | %.0f | %.0f | %.0f | %.2f | %.2f |\n", rw.name, rw.unit, raw, tgt, uk, uk/raw, uk/tgt)
+	}
+	t.Log("\n" + b.String())
+	if *benchReport != "" {
+		os.MkdirAll(filepath.Dir(*benchReport), 0o755)
+		if err := os.WriteFile(*benchReport, []byte(b.String()), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func machine() string {
+	out, _ := exec.Command("sh", "-c", "nproc; grep -m1 'model name' /proc/cpuinfo | cut -d: -f2; df -T . | tail -1 | awk '{print $2}'").Output()
+	f := strings.Split(strings.TrimSpace(string(out)), "\n")
+	for i := range f {
+		f[i] = strings.TrimSpace(f[i])
+	}
+	return fmt.Sprintf("%s cores, %s", f[0], strings.Join(f[1:], ", "))
+}

@@ -1,0 +1,222 @@
+// Package node is the ukai daemon: it wires the metadata store, the LUN
+// backends, the iSCSI target and the control API of one storage node.
+package node
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"regexp"
+	"slices"
+	"sort"
+	"strings"
+
+	"github.com/spf13/pflag"
+	"github.com/spf13/viper"
+)
+
+// Config is a node's configuration. Every field has a key in the config
+// file (shown in `mapstructure` tags), an environment variable UKAI_<KEY>
+// with dots as underscores (UKAI_NODE_DATA_DIR), and a flag of `ukai serve`.
+type Config struct {
+	Node     NodeConfig     `mapstructure:"node"`
+	API      APIConfig      `mapstructure:"api"`
+	ISCSI    ISCSIConfig    `mapstructure:"iscsi"`
+	Metadata MetadataConfig `mapstructure:"metadata"`
+	Log      LogConfig      `mapstructure:"log"`
+}
+
+// NodeConfig names the node and its storage.
+type NodeConfig struct {
+	// Name is unique in the cluster: lowercase letters, digits, '-'.
+	Name string `mapstructure:"name"`
+	// DataDir holds the node's image copies and embedded metadata. It must
+	// exist.
+	DataDir string `mapstructure:"data_dir"`
+	// Labels describe the node to placement policies (zone, rack, ...).
+	Labels map[string]string `mapstructure:"labels"`
+}
+
+// APIConfig is the control API (HTTP/JSON).
+type APIConfig struct {
+	Listen string `mapstructure:"listen"` // IP:port, bound exactly
+}
+
+// ISCSIConfig is the iSCSI target.
+type ISCSIConfig struct {
+	Listen string `mapstructure:"listen"` // IP:port of the portal, bound exactly
+	// IQNPrefix: image NAME is exported as target <IQNPrefix>:NAME.
+	IQNPrefix string `mapstructure:"iqn_prefix"`
+}
+
+// MetadataConfig selects the metadata store.
+type MetadataConfig struct {
+	Backend string `mapstructure:"backend"` // "embedded"
+}
+
+// LogConfig sets logging.
+type LogConfig struct {
+	Level string `mapstructure:"level"` // debug, info, warn, error
+}
+
+// defaults lists every known key with its default; a key missing here is
+// unknown and refused.
+var defaults = map[string]any{
+	"node.name":        "",
+	"node.data_dir":    "",
+	"node.labels":      map[string]string{},
+	"api.listen":       "127.0.0.1:7700",
+	"iscsi.listen":     "127.0.0.1:3260",
+	"iscsi.iqn_prefix": "iqn.2026-11.io.ukai",
+	"metadata.backend": "embedded",
+	"log.level":        "info",
+}
+
+// Flags registers the serve flags, one per key, on fs.
+func Flags(fs *pflag.FlagSet) {
+	fs.String("config", "", "configuration file (YAML)")
+	fs.String("node.name", "", "node name, unique in the cluster")
+	fs.String("node.data_dir", "", "directory for image copies and embedded metadata (must exist)")
+	fs.String("api.listen", "", "control API address IP:port (default 127.0.0.1:7700)")
+	fs.String("iscsi.listen", "", "iSCSI portal address IP:port (default 127.0.0.1:3260)")
+	fs.String("iscsi.iqn_prefix", "", "IQN prefix; image NAME is target PREFIX:NAME")
+	fs.String("metadata.backend", "", "metadata store: embedded")
+	fs.String("log.level", "", "log level: debug, info, warn, error")
+}
+
+// LoadConfig reads the configuration: defaults, then the file (when
+// path is not empty), then UKAI_* environment variables, then the flags
+// that were set on fs (fs may be nil). Later sources win. Unknown keys in
+// the file and invalid values are refused with an error naming the key.
+func LoadConfig(path string, fs *pflag.FlagSet) (Config, error) {
+	v := viper.New()
+	for k, d := range defaults {
+		v.SetDefault(k, d)
+	}
+	if path != "" {
+		v.SetConfigFile(path)
+		v.SetConfigType("yaml")
+		if err := v.ReadInConfig(); err != nil {
+			return Config{}, fmt.Errorf("config file %s: %w", path, err)
+		}
+		var unknown []string
+		for _, k := range v.AllKeys() {
+			if _, ok := defaults[k]; !ok && !strings.HasPrefix(k, "node.labels.") {
+				unknown = append(unknown, k)
+			}
+		}
+		if len(unknown) > 0 {
+			sort.Strings(unknown)
+			return Config{}, fmt.Errorf("config file %s: unknown key(s) %s", path, strings.Join(unknown, ", "))
+		}
+	}
+	v.SetEnvPrefix("UKAI")
+	v.SetEnvKeyReplacer(strings.NewReplacer(".", "_"))
+	v.AutomaticEnv()
+	if fs != nil {
+		var bindErr error
+		fs.VisitAll(func(f *pflag.Flag) {
+			if _, ok := defaults[f.Name]; ok && f.Changed {
+				bindErr = errors.Join(bindErr, v.BindPFlag(f.Name, f))
+			}
+		})
+		if bindErr != nil {
+			return Config{}, bindErr
+		}
+	}
+	var c Config
+	if err := v.UnmarshalExact(&c); err != nil {
+		return Config{}, fmt.Errorf("configuration: %w", err)
+	}
+	if err := c.Validate(); err != nil {
+		return Config{}, err
+	}
+	return c, nil
+}
+
+var (
+	nodeNameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+	iqnRE      = regexp.MustCompile(`^iqn\.[0-9]{4}-[0-9]{2}\.[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[a-z0-9.:-]*[a-z0-9])?$`)
+	labelRE    = regexp.MustCompile(`^[a-z0-9]([a-z0-9._-]{0,62})$`)
+)
+
+// Validate checks every value; errors name the key.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(key, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", key, fmt.Sprintf(format, args...)))
+	}
+	if c.Node.Name == "" {
+		bad("node.name", "required")
+	} else if !nodeNameRE.MatchString(c.Node.Name) {
+		bad("node.name", "%q: use lowercase letters, digits and '-'", c.Node.Name)
+	}
+	if c.Node.DataDir == "" {
+		bad("node.data_dir", "required")
+	} else if st, err := os.Stat(c.Node.DataDir); err != nil {
+		bad("node.data_dir", "%v", err)
+	} else if !st.IsDir() {
+		bad("node.data_dir", "%s is not a directory", c.Node.DataDir)
+	}
+	for k, v := range c.Node.Labels {
+		if !labelRE.MatchString(k) || strings.ContainsAny(v, "\n\x00") || len(v) > 128 {
+			bad("node.labels", "invalid label %q=%q", k, v)
+		}
+	}
+	if err := checkAddr(c.API.Listen); err != nil {
+		bad("api.listen", "%v", err)
+	}
+	if err := checkAddr(c.ISCSI.Listen); err != nil {
+		bad("iscsi.listen", "%v", err)
+	}
+	if c.API.Listen == c.ISCSI.Listen && c.API.Listen != "" {
+		bad("iscsi.listen", "same address as api.listen (%s)", c.API.Listen)
+	}
+	if !iqnRE.MatchString(c.ISCSI.IQNPrefix) {
+		bad("iscsi.iqn_prefix", "%q is not an IQN like iqn.2026-11.com.example or iqn.2026-11.com.example:storage", c.ISCSI.IQNPrefix)
+	}
+	switch c.Metadata.Backend {
+	case "embedded":
+	case "consul":
+		bad("metadata.backend", "\"consul\" is not available in this version; use \"embedded\"")
+	default:
+		bad("metadata.backend", "%q: must be \"embedded\"", c.Metadata.Backend)
+	}
+	if _, err := parseLevel(c.Log.Level); err != nil {
+		bad("log.level", "%v", err)
+	}
+	return errors.Join(errs...)
+}
+
+// checkAddr accepts IP:port with a literal IP and a port 1-65535.
+func checkAddr(a string) error {
+	host, port, err := net.SplitHostPort(a)
+	if err != nil {
+		return fmt.Errorf("%q: %v (want IP:port)", a, err)
+	}
+	if net.ParseIP(host) == nil {
+		return fmt.Errorf("%q: %q is not an IP address (ukai binds exactly the address given)", a, host)
+	}
+	var p int
+	if _, err := fmt.Sscanf(port, "%d", &p); err != nil || p < 1 || p > 65535 || fmt.Sprint(p) != port {
+		return fmt.Errorf("%q: port %q must be 1-65535", a, port)
+	}
+	return nil
+}
+
+func parseLevel(s string) (slog.Level, error) {
+	levels := []string{"debug", "info", "warn", "error"}
+	if !slices.Contains(levels, s) {
+		return 0, fmt.Errorf("%q: must be one of %s", s, strings.Join(levels, ", "))
+	}
+	var l slog.Level
+	return l, l.UnmarshalText([]byte(s))
+}
+
+// Logger returns the logger the configuration asks for, writing to stderr.
+func (c *Config) Logger() *slog.Logger {
+	l, _ := parseLevel(c.Log.Level)
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l})).With("node", c.Node.Name)
+}
