@@ -108,4 +108,8 @@ type Result struct {
 	// transport computes residual overflow/underflow from it and the
 	// Expected Data Transfer Length.
 	TransferLen uint32
+	// Aborted reports that the command was abandoned (its context was
+	// cancelled while the Backend worked on it): the transport sends no
+	// status for it. Status, Sense and DataIn are then meaningless.
+	Aborted bool
 }
