@@ -71,6 +71,9 @@ type Session struct {
 	ISID      string `json:"isid"`
 	Target    string `json:"target"`
 	Remote    string `json:"remote"`
+	Commands  uint64 `json:"commands"`
+	BytesIn   uint64 `json:"bytes_in"`
+	BytesOut  uint64 `json:"bytes_out"`
 }
 
 // Version is GET /v1/version.

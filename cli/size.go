@@ -40,23 +40,17 @@ func ParseSize(s string) (int64, error) {
 	return n * mult, nil
 }
 
-// FormatSize prints bytes with the largest binary unit that divides them
-// exactly, else with one decimal.
+// FormatSize prints bytes with the largest binary unit not above them:
+// exact values as integers (10G), others with one decimal (251.9G).
 func FormatSize(n int64) string {
 	units := []string{"", "K", "M", "G", "T", "P"}
 	i := 0
-	v := n
-	for i < len(units)-1 && v >= 1024 && v%1024 == 0 {
-		v /= 1024
+	for i < len(units)-1 && n >= int64(1)<<(10*(i+1)) {
 		i++
 	}
-	if i == 0 && n >= 1024 {
-		f := float64(n)
-		for i < len(units)-1 && f >= 1024 {
-			f /= 1024
-			i++
-		}
-		return fmt.Sprintf("%.1f%s", f, units[i])
+	div := int64(1) << (10 * i)
+	if n%div == 0 {
+		return fmt.Sprintf("%d%s", n/div, units[i])
 	}
-	return fmt.Sprintf("%d%s", v, units[i])
+	return fmt.Sprintf("%.1f%s", float64(n)/float64(div), units[i])
 }

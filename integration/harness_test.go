@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"net"
 	"net/http"
@@ -23,6 +24,7 @@ import (
 var ukaiBin string
 
 func TestMain(m *testing.M) {
+	flag.Parse()
 	if testing.Short() {
 		// Integration tests need processes and clients: `make test-short` is
 		// for unit tests only, so nothing runs here.

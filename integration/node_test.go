@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -338,4 +339,46 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// allocated returns the bytes the node's only image file occupies on disk.
+func allocated(t *testing.T, n *node) int64 {
+	t.Helper()
+	files, _ := filepath.Glob(filepath.Join(n.dir, "data", "images", "*.img"))
+	if len(files) != 1 {
+		t.Fatalf("image files: %v", files)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(files[0], &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Blocks * 512
+}
+
+func TestThinAndUnmapReleasesSpace(t *testing.T) {
+	n := newNode(t, "n1")
+	n.start()
+	n.mustCLI("image", "create", "thin", "--size", "1G")
+	if a := allocated(t, n); a > 1<<20 {
+		t.Fatalf("a new 1 GiB image occupies %d bytes: not thin", a)
+	}
+	url := n.url("thin")
+	qemuIO(t, url, "write -P 0x77 0 32M", "flush")
+	full := allocated(t, n)
+	if full < 32<<20 {
+		t.Fatalf("after writing 32 MiB the file occupies %d bytes", full)
+	}
+	// qemu-io's discard becomes UNMAP (the LUN advertises it in VPD B2).
+	qemuIO(t, url, "discard 0 16M", "flush")
+	after := allocated(t, n)
+	if full-after < 16<<20 {
+		t.Fatalf("UNMAP of 16 MiB released %d bytes (%d -> %d)", full-after, full, after)
+	}
+	qemuIO(t, url, "read -P 0 0 16M", "read -P 0x77 16M 16M")
+	// Write zeroes with unmap (WRITE SAME(16) with UNMAP) also releases.
+	qemuIO(t, url, "write -z -u 16M 8M", "flush")
+	if a := allocated(t, n); after-a < 8<<20 {
+		t.Fatalf("write zeroes with unmap released %d bytes", after-a)
+	}
+	qemuIO(t, url, "read -P 0 0 24M", "read -P 0x77 24M 8M")
 }

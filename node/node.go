@@ -455,7 +455,13 @@ func (n *Node) NodeInfo(context.Context) (api.Node, error) {
 	n.mu.RUnlock()
 	sort.Strings(out.Images)
 	for _, s := range n.target.Sessions() {
-		out.Sessions = append(out.Sessions, api.Session{Initiator: s.InitiatorName, ISID: s.ISID, Target: s.TargetName, Remote: s.RemoteAddr})
+		if s.Discovery {
+			continue
+		}
+		out.Sessions = append(out.Sessions, api.Session{
+			Initiator: s.InitiatorName, ISID: s.ISID, Target: s.Target, Remote: s.RemoteAddr,
+			Commands: s.Commands, BytesIn: s.BytesIn, BytesOut: s.BytesOut,
+		})
 	}
 	return out, nil
 }

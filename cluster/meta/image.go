@@ -13,6 +13,10 @@ import (
 // rewritten.
 const RecordVersion = 1
 
+// ErrInvalid is wrapped by every validation error: the caller's input is
+// wrong, retrying will not help.
+var ErrInvalid = errors.New("invalid argument")
+
 // Limits on image geometry.
 const (
 	MinBlockSize     = 64 << 10
@@ -48,7 +52,7 @@ var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9.-]{0,62}[a-z0-9])?$`)
 // ValidateName checks that name can be the last part of an iSCSI IQN.
 func ValidateName(name string) error {
 	if !nameRE.MatchString(name) {
-		return fmt.Errorf("invalid image name %q: use 1-64 lowercase letters, digits, '.' or '-', starting and ending with a letter or digit (it becomes the end of an iSCSI IQN)", name)
+		return fmt.Errorf("%w: image name %q: use 1-64 lowercase letters, digits, '.' or '-', starting and ending with a letter or digit (it becomes the end of an iSCSI IQN)", ErrInvalid, name)
 	}
 	return nil
 }
@@ -56,13 +60,13 @@ func ValidateName(name string) error {
 // ValidateGeometry checks size and block size.
 func ValidateGeometry(size, blockSize int64) error {
 	if blockSize < MinBlockSize || blockSize > MaxBlockSize || blockSize&(blockSize-1) != 0 {
-		return fmt.Errorf("invalid block size %d: must be a power of two from 64 KiB to 64 MiB", blockSize)
+		return fmt.Errorf("%w: block size %d: must be a power of two from 64 KiB to 64 MiB", ErrInvalid, blockSize)
 	}
 	if size <= 0 {
-		return fmt.Errorf("invalid size %d: must be greater than zero", size)
+		return fmt.Errorf("%w: size %d: must be greater than zero", ErrInvalid, size)
 	}
 	if size%SectorSize != 0 {
-		return fmt.Errorf("invalid size %d: must be a multiple of %d bytes", size, SectorSize)
+		return fmt.Errorf("%w: size %d: must be a multiple of %d bytes", ErrInvalid, size, SectorSize)
 	}
 	return nil
 }
@@ -82,10 +86,10 @@ func (img *Image) Validate() error {
 		return errors.New("missing or malformed id")
 	}
 	if len(img.Locations) == 0 {
-		return errors.New("no locations")
+		return fmt.Errorf("%w: no locations", ErrInvalid)
 	}
 	if img.MinCopies < 1 || img.MinCopies > len(img.Locations) {
-		return fmt.Errorf("min_copies %d outside 1..%d", img.MinCopies, len(img.Locations))
+		return fmt.Errorf("%w: min_copies %d outside 1..%d", ErrInvalid, img.MinCopies, len(img.Locations))
 	}
 	return nil
 }

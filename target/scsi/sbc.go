@@ -394,10 +394,10 @@ func (lu *LU) compareAndWrite(ctx context.Context, cmd *Command) Result {
 	if !lu.inRange(lba, uint64(n)) {
 		return lbaOutOfRange()
 	}
-	if n == 0 {
+	size := int64(n) << lu.shift
+	if n == 0 && len(cmd.DataOut) == 0 {
 		return good()
 	}
-	size := int64(n) << lu.shift
 	if int64(len(cmd.DataOut)) != 2*size {
 		// The data-out must hold exactly the verify and write data.
 		return invalidCDB(13)
