@@ -382,3 +382,26 @@ func TestThinAndUnmapReleasesSpace(t *testing.T) {
 	}
 	qemuIO(t, url, "read -P 0 0 24M", "read -P 0x77 24M 8M")
 }
+
+func TestSIGTERMWithActiveSessionsStopsCleanly(t *testing.T) {
+	n := newNode(t, "n1")
+	n.start()
+	n.mustCLI("image", "create", "busy", "--size", "128M")
+	url := n.url("busy")
+	qemuIO(t, url, "write -P 0x3c 0 8M", "flush")
+	load := exec.Command("qemu-img", "bench", "-f", "raw", "-t", "none", "-w", "-s", "64k", "-d", "8", "-o", "16M", "-c", "10000000", url)
+	if err := load.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { load.Process.Kill(); load.Wait() }()
+	waitFor(t, 20*time.Second, "the writer's session", func() bool {
+		return strings.Contains(n.mustCLI("node", "info", "-o", "json"), "\"initiator\"")
+	})
+	start := time.Now()
+	n.stop() // requires exit status 0
+	if d := time.Since(start); d > 20*time.Second {
+		t.Fatalf("stop took %v", d)
+	}
+	n.start()
+	qemuIO(t, url, "read -P 0x3c 0 8M")
+}

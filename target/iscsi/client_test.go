@@ -6,7 +6,6 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -178,9 +177,7 @@ func TestPortClash(t *testing.T) {
 }
 
 func TestCloseEndsSessions(t *testing.T) {
-	tt := &testTargets{m: nil}
-	_ = tt
-	s, addr, targets := startServer(t, Config{}, "disk1")
+	s, addr, _ := startServer(t, Config{}, "disk1")
 	c := dialTest(t, addr)
 	c.login(t, iqnPrefix+":disk1", nil)
 	if n := len(s.Sessions()); n != 1 {
@@ -198,7 +195,6 @@ func TestCloseEndsSessions(t *testing.T) {
 	if n := len(s.Sessions()); n != 0 {
 		t.Errorf("sessions after Close = %d", n)
 	}
-	_ = targets
 }
 
 func TestDropTarget(t *testing.T) {
@@ -219,9 +215,6 @@ func TestDropTarget(t *testing.T) {
 		t.Errorf("sessions = %+v", got)
 	}
 }
-
-var _ = filepath.Join
-var _ = os.Getenv
 
 // TestIscsiTestCU runs libiscsi's conformance suites against the target.
 // The iSCSI-layer suites must pass; failures are reported with the tool's
@@ -244,8 +237,9 @@ func TestIscsiTestCU(t *testing.T) {
 				summary = out[i:]
 			}
 			t.Logf("%s:\n%s", suite, summary)
-			if strings.Contains(out, "No test found") || strings.Contains(out, "not found") && !strings.Contains(out, "Run Summary") {
-				t.Skipf("suite %s not in this iscsi-test-cu", suite)
+			if strings.Contains(summary, "tests      0      0") {
+				// e.g. iSCSINop is absent from some libiscsi builds.
+				t.Logf("suite %s has no tests in this iscsi-test-cu build", suite)
 			}
 			if err != nil {
 				t.Errorf("iscsi-test-cu %s: %v\n%s", suite, err, out)

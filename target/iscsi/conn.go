@@ -1128,3 +1128,6 @@ func (s *Server) freeOut(o *outPDU) {
 	*o = outPDU{}
 	s.outs.Put(o)
 }
+
+// resultAborted reports a Result the LU dropped (no response is sent).
+func resultAborted(r *scsi.Result) bool { return r.Aborted }

@@ -3,7 +3,6 @@ package iscsi
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"fmt"
 	"net"
 	"slices"
@@ -503,8 +502,6 @@ func TestLoginTimeout(t *testing.T) {
 	}
 }
 
-var _ = binary.BigEndian
-
 // clearUA sends TEST UNIT READY until it succeeds (the unit attention
 // every new nexus gets).
 func (c *rawClient) clearUA(t testing.TB) {
@@ -520,4 +517,69 @@ func (c *rawClient) clearUA(t testing.TB) {
 		}
 	}
 	t.Fatal("unit attention never cleared")
+}
+
+func TestNopKeepalive(t *testing.T) {
+	_, addr, _ := startServer(t, Config{NopInterval: 150 * time.Millisecond}, "disk1")
+	cl := dialTest(t, addr)
+	cl.login(t, iqnPrefix+":disk1", nil)
+	// The target pings an idle initiator; answering keeps the session.
+	for range 2 {
+		r := cl.recv(t)
+		if r.h.opcode() != opNopIn || r.h.itt() != reservedTag || r.h.u32(offTTT) == reservedTag {
+			t.Fatalf("expected a NOP-In ping, got %v", r)
+		}
+		p := &pdu{}
+		p.h[0] = opNopOut | flagImmediate
+		p.h[1] = flagFinal
+		p.h.setU32(offITT, reservedTag)
+		p.h.setU32(offTTT, r.h.u32(offTTT))
+		p.h.setU32(offCmdSN, cl.cmdSN)
+		cl.send(t, p)
+	}
+	cl.nop(t, []byte("alive"))
+	// Not answering gets the connection dropped.
+	cl.nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 4096)
+	for {
+		if _, err := cl.nc.Read(buf); err != nil {
+			break
+		}
+	}
+}
+
+func TestCloseDrainsInflight(t *testing.T) {
+	s, addr, tt := startServer(t, Config{}, "disk1")
+	cl := dialTest(t, addr)
+	cl.login(t, iqnPrefix+":disk1", nil)
+	cl.clearUA(t)
+	tt.be[iqnPrefix+":disk1"].delay.Store(int64(300 * time.Millisecond))
+	itt := cl.cmd(t, write10(0, 8), 4096, false, true, make([]byte, 4096), true)
+	time.Sleep(50 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	errc := make(chan error, 1)
+	go func() { errc <- s.Close(ctx) }()
+	r := cl.recv(t)
+	if r.h.opcode() != opSCSIResp || r.h.itt() != itt || r.h[3] != 0 {
+		t.Fatalf("in-flight write during Close: %v status %#x", r, r.h[3])
+	}
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	// A Close whose context expires cancels the command instead.
+	s2, addr2, tt2 := startServer(t, Config{}, "disk1")
+	cl2 := dialTest(t, addr2)
+	cl2.login(t, iqnPrefix+":disk1", nil)
+	cl2.clearUA(t)
+	tt2.be[iqnPrefix+":disk1"].delay.Store(int64(time.Hour))
+	cl2.cmd(t, write10(0, 8), 4096, false, true, make([]byte, 4096), true)
+	time.Sleep(50 * time.Millisecond)
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel2()
+	start := time.Now()
+	s2.Close(ctx2)
+	if d := time.Since(start); d > 3*time.Second {
+		t.Fatalf("Close took %v", d)
+	}
 }
