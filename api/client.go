@@ -87,6 +87,20 @@ func (c *Client) Node(ctx context.Context) (Node, error) {
 	return n, c.do(ctx, http.MethodGet, "/v1/node", nil, &n)
 }
 
+// ListNodes lists the cluster's members as the node sees them.
+func (c *Client) ListNodes(ctx context.Context) ([]Node, error) {
+	var l struct {
+		Nodes []Node `json:"nodes"`
+	}
+	return l.Nodes, c.do(ctx, http.MethodGet, "/v1/nodes", nil, &l)
+}
+
+// GetNode describes one member.
+func (c *Client) GetNode(ctx context.Context, name string) (Node, error) {
+	var n Node
+	return n, c.do(ctx, http.MethodGet, "/v1/nodes/"+url.PathEscape(name), nil, &n)
+}
+
 // CreateImage creates an image.
 func (c *Client) CreateImage(ctx context.Context, req CreateImageRequest) (Image, error) {
 	var img Image

@@ -24,6 +24,8 @@ type Service interface {
 	GetImage(ctx context.Context, name string, blocks bool) (Image, error)
 	DeleteImage(ctx context.Context, name string) error
 	NodeInfo(ctx context.Context) (Node, error)
+	ListNodes(ctx context.Context) ([]Node, error)
+	GetNode(ctx context.Context, name string) (Node, error)
 }
 
 // maxBody bounds request bodies.
@@ -34,7 +36,9 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 	h := &handler{svc: svc, log: log, version: version}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/version", h.getVersion)
-	mux.HandleFunc("GET /v1/node", h.getNode)
+	mux.HandleFunc("GET /v1/node", h.getSelf)
+	mux.HandleFunc("GET /v1/nodes", h.listNodes)
+	mux.HandleFunc("GET /v1/nodes/{name}", h.getNode)
 	mux.HandleFunc("GET /v1/images", h.listImages)
 	mux.HandleFunc("POST /v1/images", h.createImage)
 	mux.HandleFunc("GET /v1/images/{name}", h.getImage)
@@ -88,7 +92,7 @@ func StatusOf(err error) int {
 	switch {
 	case errors.Is(err, meta.ErrInvalid):
 		return http.StatusBadRequest
-	case errors.Is(err, meta.ErrImageNotFound):
+	case errors.Is(err, meta.ErrImageNotFound), errors.Is(err, meta.ErrNodeNotFound):
 		return http.StatusNotFound
 	case errors.Is(err, meta.ErrImageExists), errors.Is(err, meta.ErrConflict):
 		return http.StatusConflict
@@ -110,8 +114,26 @@ func (h *handler) getVersion(w http.ResponseWriter, _ *http.Request) {
 	writeJSON(w, http.StatusOK, Version{Version: h.version, API: "v1"})
 }
 
-func (h *handler) getNode(w http.ResponseWriter, r *http.Request) {
+func (h *handler) getSelf(w http.ResponseWriter, r *http.Request) {
 	n, err := h.svc.NodeInfo(r.Context())
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, n)
+}
+
+func (h *handler) listNodes(w http.ResponseWriter, r *http.Request) {
+	ns, err := h.svc.ListNodes(r.Context())
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string][]Node{"nodes": ns})
+}
+
+func (h *handler) getNode(w http.ResponseWriter, r *http.Request) {
+	n, err := h.svc.GetNode(r.Context(), r.PathValue("name"))
 	if err != nil {
 		h.fail(w, r, err)
 		return

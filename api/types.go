@@ -49,20 +49,30 @@ type ImageList struct {
 	Problems []string `json:"problems,omitempty"`
 }
 
-// Node is GET /v1/node: the node that answers.
+// Node is a member of the cluster (GET /v1/nodes, /v1/nodes/{name}), or the
+// answering node itself (GET /v1/node, which adds IQNPrefix, Metadata,
+// Exported, Sessions and StartedAt).
 type Node struct {
-	Name      string            `json:"name"`
-	Version   string            `json:"version"`
-	Labels    map[string]string `json:"labels,omitempty"`
-	APIAddr   string            `json:"api_addr"`
-	ISCSIAddr string            `json:"iscsi_addr"`
-	IQNPrefix string            `json:"iqn_prefix"`
-	Metadata  string            `json:"metadata_backend"`
-	Capacity  int64             `json:"capacity_bytes"`
-	Free      int64             `json:"free_bytes"`
-	Images    []string          `json:"images"`
-	Sessions  []Session         `json:"sessions"`
-	StartedAt time.Time         `json:"started_at"`
+	Name       string            `json:"name"`
+	State      string            `json:"state"` // alive, suspect, dead, left
+	Since      time.Time         `json:"since"` // when State last changed, as seen by the answering node
+	GossipAddr string            `json:"gossip_addr,omitempty"`
+	APIAddr    string            `json:"api_addr"`
+	ISCSIAddr  string            `json:"iscsi_addr"`
+	PeerAddr   string            `json:"peer_addr,omitempty"`
+	Labels     map[string]string `json:"labels,omitempty"`
+	Capacity   int64             `json:"capacity_bytes"`
+	Free       int64             `json:"free_bytes"`
+	Version    string            `json:"version,omitempty"`
+	// Images with a copy on the node, from the catalog; null when the
+	// metadata store could not be read.
+	Images []string `json:"images"`
+
+	IQNPrefix string    `json:"iqn_prefix,omitempty"`
+	Metadata  string    `json:"metadata_backend,omitempty"`
+	Exported  []string  `json:"exported,omitempty"`
+	Sessions  []Session `json:"sessions,omitempty"`
+	StartedAt time.Time `json:"started_at,omitempty"`
 }
 
 // Session is one iSCSI session on the node.

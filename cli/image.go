@@ -162,36 +162,3 @@ func (a *app) imageDeleteCmd() *cobra.Command {
 		},
 	}
 }
-
-func (a *app) nodeCmd() *cobra.Command {
-	cmd := &cobra.Command{Use: "node", Short: "Show nodes"}
-	var output string
-	info := &cobra.Command{
-		Use:   "info",
-		Short: "Show the node --api points at: addresses, capacity, images, iSCSI sessions",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := checkOutput(output); err != nil {
-				return err
-			}
-			n, err := a.client().Node(cmd.Context())
-			if err != nil {
-				return fmt.Errorf("node info: %w", err)
-			}
-			if output == "json" {
-				return printJSON(a.out, n)
-			}
-			tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
-			fmt.Fprintf(tw, "name:\t%s\nversion:\t%s\napi:\t%s\niscsi:\t%s\niqn prefix:\t%s\nmetadata:\t%s\n", n.Name, n.Version, n.APIAddr, n.ISCSIAddr, n.IQNPrefix, n.Metadata)
-			fmt.Fprintf(tw, "capacity:\t%s (%s free)\n", FormatSize(n.Capacity), FormatSize(n.Free))
-			fmt.Fprintf(tw, "images:\t%s\n", strings.Join(n.Images, ", "))
-			for _, s := range n.Sessions {
-				fmt.Fprintf(tw, "session:\t%s isid %s -> %s from %s\n", s.Initiator, s.ISID, s.Target, s.Remote)
-			}
-			return tw.Flush()
-		},
-	}
-	info.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
-	cmd.AddCommand(info)
-	return cmd
-}

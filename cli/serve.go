@@ -31,7 +31,7 @@ is an annotated example.`,
 				return err
 			}
 			log := cfg.Logger()
-			n, err := node.New(cfg, log, a.version)
+			n, err := node.New(cmd.Context(), cfg, log, a.version)
 			if err != nil {
 				return err
 			}

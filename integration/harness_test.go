@@ -83,13 +83,24 @@ type node struct {
 	cfgPath string
 	api     string
 	portal  string
+	gossip  string
 	prefix  string
 	cmd     *exec.Cmd
 	logs    *bytes.Buffer
 	done    chan error
 }
 
-func newNode(t *testing.T, name string) *node {
+// clusterOpts put a node in a cluster: Consul metadata and gossip.
+type clusterOpts struct {
+	consul string   // Consul HTTP address; empty = embedded store
+	join   []string // gossip seeds; gossip is on whenever consul is set
+	labels map[string]string
+	extra  string // more YAML appended to the config
+}
+
+func newNode(t *testing.T, name string) *node { return newClusterNode(t, name, clusterOpts{}) }
+
+func newClusterNode(t *testing.T, name string, o clusterOpts) *node {
 	t.Helper()
 	dir := t.TempDir()
 	n := &node{
@@ -99,23 +110,29 @@ func newNode(t *testing.T, name string) *node {
 		prefix: "iqn.2026-11.io.ukai.test",
 	}
 	n.cfgPath = filepath.Join(dir, "node.yaml")
-	cfg := fmt.Sprintf(`node:
-  name: %s
-  data_dir: %s
-api:
-  listen: %s
-iscsi:
-  listen: %s
-  iqn_prefix: %s
-metadata:
-  backend: embedded
-log:
-  level: info
-`, name, filepath.Join(dir, "data"), n.api, n.portal, n.prefix)
+	var b strings.Builder
+	fmt.Fprintf(&b, "node:\n  name: %s\n  data_dir: %s\n", name, filepath.Join(dir, "data"))
+	if len(o.labels) > 0 {
+		b.WriteString("  labels:\n")
+		for k, v := range o.labels {
+			fmt.Fprintf(&b, "    %s: %s\n", k, v)
+		}
+	}
+	fmt.Fprintf(&b, "api:\n  listen: %s\niscsi:\n  listen: %s\n  iqn_prefix: %s\nlog:\n  level: info\n", n.api, n.portal, n.prefix)
+	if o.consul == "" {
+		b.WriteString("metadata:\n  backend: embedded\n")
+	} else {
+		n.gossip = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+		fmt.Fprintf(&b, "metadata:\n  backend: consul\nconsul:\n  address: %s\ngossip:\n  bind: %s\n", o.consul, n.gossip)
+		if len(o.join) > 0 {
+			fmt.Fprintf(&b, "  join: [%s]\n", strings.Join(o.join, ", "))
+		}
+	}
+	b.WriteString(o.extra)
 	if err := os.MkdirAll(filepath.Join(dir, "data"), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(n.cfgPath, []byte(cfg), 0o600); err != nil {
+	if err := os.WriteFile(n.cfgPath, []byte(b.String()), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	return n

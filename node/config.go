@@ -3,15 +3,18 @@
 package node
 
 import (
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"net/url"
 	"os"
 	"regexp"
 	"slices"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/spf13/pflag"
 	"github.com/spf13/viper"
@@ -25,6 +28,8 @@ type Config struct {
 	API      APIConfig      `mapstructure:"api"`
 	ISCSI    ISCSIConfig    `mapstructure:"iscsi"`
 	Metadata MetadataConfig `mapstructure:"metadata"`
+	Consul   ConsulConfig   `mapstructure:"consul"`
+	Gossip   GossipConfig   `mapstructure:"gossip"`
 	Log      LogConfig      `mapstructure:"log"`
 }
 
@@ -53,7 +58,40 @@ type ISCSIConfig struct {
 
 // MetadataConfig selects the metadata store.
 type MetadataConfig struct {
-	Backend string `mapstructure:"backend"` // "embedded"
+	Backend string `mapstructure:"backend"` // "embedded" or "consul"
+}
+
+// ConsulConfig is the Consul KV store (metadata.backend: consul).
+type ConsulConfig struct {
+	Address   string          `mapstructure:"address"`    // agent HTTP address, IP:port or URL
+	Token     string          `mapstructure:"token"`      // ACL token
+	TokenFile string          `mapstructure:"token_file"` // ACL token read from a file (not world-readable)
+	Prefix    string          `mapstructure:"prefix"`     // key prefix, default "ukai/"
+	TLS       ConsulTLSConfig `mapstructure:"tls"`
+}
+
+// ConsulTLSConfig is HTTPS to the Consul agent.
+type ConsulTLSConfig struct {
+	CAFile             string `mapstructure:"ca_file"`
+	CertFile           string `mapstructure:"cert_file"`
+	KeyFile            string `mapstructure:"key_file"`
+	ServerName         string `mapstructure:"server_name"`
+	InsecureSkipVerify bool   `mapstructure:"insecure_skip_verify"`
+}
+
+// GossipConfig is cluster membership (hashicorp/memberlist). An empty
+// Bind runs the node alone, without gossip.
+type GossipConfig struct {
+	Bind      string   `mapstructure:"bind"`       // IP:port for gossip (UDP and TCP)
+	Advertise string   `mapstructure:"advertise"`  // IP:port others use, default Bind
+	Join      []string `mapstructure:"join"`       // seeds IP:port
+	SecretKey string   `mapstructure:"secret_key"` // base64 of 16, 24 or 32 bytes: encrypts gossip
+	// Failure detection knobs; 0 keeps memberlist's LAN defaults (a dead
+	// node is reported within 10 s).
+	ProbeInterval  time.Duration `mapstructure:"probe_interval"`
+	ProbeTimeout   time.Duration `mapstructure:"probe_timeout"`
+	GossipInterval time.Duration `mapstructure:"gossip_interval"`
+	SuspicionMult  int           `mapstructure:"suspicion_mult"`
 }
 
 // LogConfig sets logging.
@@ -64,14 +102,31 @@ type LogConfig struct {
 // defaults lists every known key with its default; a key missing here is
 // unknown and refused.
 var defaults = map[string]any{
-	"node.name":        "",
-	"node.data_dir":    "",
-	"node.labels":      map[string]string{},
-	"api.listen":       "127.0.0.1:7700",
-	"iscsi.listen":     "127.0.0.1:3260",
-	"iscsi.iqn_prefix": "iqn.2026-11.io.ukai",
-	"metadata.backend": "embedded",
-	"log.level":        "info",
+	"node.name":                       "",
+	"node.data_dir":                   "",
+	"node.labels":                     map[string]string{},
+	"api.listen":                      "127.0.0.1:7700",
+	"iscsi.listen":                    "127.0.0.1:3260",
+	"iscsi.iqn_prefix":                "iqn.2026-11.io.ukai",
+	"metadata.backend":                "embedded",
+	"consul.address":                  "127.0.0.1:8500",
+	"consul.token":                    "",
+	"consul.token_file":               "",
+	"consul.prefix":                   "ukai/",
+	"consul.tls.ca_file":              "",
+	"consul.tls.cert_file":            "",
+	"consul.tls.key_file":             "",
+	"consul.tls.server_name":          "",
+	"consul.tls.insecure_skip_verify": false,
+	"gossip.bind":                     "",
+	"gossip.advertise":                "",
+	"gossip.join":                     []string{},
+	"gossip.secret_key":               "",
+	"gossip.probe_interval":           time.Duration(0),
+	"gossip.probe_timeout":            time.Duration(0),
+	"gossip.gossip_interval":          time.Duration(0),
+	"gossip.suspicion_mult":           0,
+	"log.level":                       "info",
 }
 
 // Flags registers the serve flags, one per key, on fs.
@@ -82,7 +137,13 @@ func Flags(fs *pflag.FlagSet) {
 	fs.String("api.listen", "", "control API address IP:port (default 127.0.0.1:7700)")
 	fs.String("iscsi.listen", "", "iSCSI portal address IP:port (default 127.0.0.1:3260)")
 	fs.String("iscsi.iqn_prefix", "", "IQN prefix; image NAME is target PREFIX:NAME")
-	fs.String("metadata.backend", "", "metadata store: embedded")
+	fs.String("metadata.backend", "", "metadata store: embedded or consul")
+	fs.String("consul.address", "", "Consul agent HTTP address (default 127.0.0.1:8500)")
+	fs.String("consul.token_file", "", "file holding the Consul ACL token")
+	fs.String("consul.prefix", "", "Consul KV prefix (default ukai/)")
+	fs.String("gossip.bind", "", "gossip address IP:port (empty: no cluster)")
+	fs.String("gossip.advertise", "", "gossip address others use (default gossip.bind)")
+	fs.StringSlice("gossip.join", nil, "gossip seeds IP:port, comma separated")
 	fs.String("log.level", "", "log level: debug, info, warn, error")
 }
 
@@ -180,14 +241,85 @@ func (c *Config) Validate() error {
 	switch c.Metadata.Backend {
 	case "embedded":
 	case "consul":
-		bad("metadata.backend", "\"consul\" is not available in this version; use \"embedded\"")
+		if err := checkConsulAddr(c.Consul.Address); err != nil {
+			bad("consul.address", "%v", err)
+		}
+		if c.Consul.Prefix == "" || strings.HasPrefix(c.Consul.Prefix, "/") || !strings.HasSuffix(c.Consul.Prefix, "/") {
+			bad("consul.prefix", "%q: must be non-empty, not start with '/' and end with '/'", c.Consul.Prefix)
+		}
+		if c.Consul.Token != "" && c.Consul.TokenFile != "" {
+			bad("consul.token_file", "set either consul.token or consul.token_file, not both")
+		}
+		for key, f := range map[string]string{"consul.token_file": c.Consul.TokenFile, "consul.tls.ca_file": c.Consul.TLS.CAFile, "consul.tls.cert_file": c.Consul.TLS.CertFile, "consul.tls.key_file": c.Consul.TLS.KeyFile} {
+			if f == "" {
+				continue
+			}
+			if st, err := os.Stat(f); err != nil {
+				bad(key, "%v", err)
+			} else if (key == "consul.token_file" || key == "consul.tls.key_file") && st.Mode().Perm()&0o004 != 0 {
+				bad(key, "%s is world-readable: it holds a secret (chmod o-r)", f)
+			}
+		}
+		if (c.Consul.TLS.CertFile == "") != (c.Consul.TLS.KeyFile == "") {
+			bad("consul.tls.key_file", "consul.tls.cert_file and consul.tls.key_file go together")
+		}
 	default:
-		bad("metadata.backend", "%q: must be \"embedded\"", c.Metadata.Backend)
+		bad("metadata.backend", "%q: must be \"embedded\" or \"consul\"", c.Metadata.Backend)
+	}
+	if c.Gossip.Bind != "" {
+		if err := checkAddr(c.Gossip.Bind); err != nil {
+			bad("gossip.bind", "%v", err)
+		}
+		if c.Gossip.Advertise != "" {
+			if err := checkAddr(c.Gossip.Advertise); err != nil {
+				bad("gossip.advertise", "%v", err)
+			}
+		}
+		for _, j := range c.Gossip.Join {
+			if err := checkAddr(j); err != nil {
+				bad("gossip.join", "%v", err)
+			}
+		}
+		if _, err := c.Gossip.Key(); err != nil {
+			bad("gossip.secret_key", "%v", err)
+		}
+		if c.Gossip.ProbeInterval < 0 || c.Gossip.ProbeTimeout < 0 || c.Gossip.GossipInterval < 0 || c.Gossip.SuspicionMult < 0 {
+			bad("gossip", "timing knobs must not be negative")
+		}
+	} else if len(c.Gossip.Join) > 0 {
+		bad("gossip.join", "set gossip.bind too: a node without gossip joins nobody")
 	}
 	if _, err := parseLevel(c.Log.Level); err != nil {
 		bad("log.level", "%v", err)
 	}
 	return errors.Join(errs...)
+}
+
+// Key decodes the gossip encryption key (nil when none is set).
+func (g *GossipConfig) Key() ([]byte, error) {
+	if g.SecretKey == "" {
+		return nil, nil
+	}
+	k, err := base64.StdEncoding.DecodeString(g.SecretKey)
+	if err != nil {
+		return nil, errors.New("not valid base64")
+	}
+	if l := len(k); l != 16 && l != 24 && l != 32 {
+		return nil, fmt.Errorf("decodes to %d bytes; want 16, 24 or 32", l)
+	}
+	return k, nil
+}
+
+// checkConsulAddr accepts IP:port or an http(s) URL.
+func checkConsulAddr(a string) error {
+	if strings.HasPrefix(a, "http://") || strings.HasPrefix(a, "https://") {
+		u, err := url.Parse(a)
+		if err != nil || u.Host == "" {
+			return fmt.Errorf("%q is not a valid URL", a)
+		}
+		return nil
+	}
+	return checkAddr(a)
 }
 
 // checkAddr accepts IP:port with a literal IP and a port 1-65535.

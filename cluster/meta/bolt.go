@@ -191,22 +191,18 @@ func (s *BoltKV) DeleteTree(ctx context.Context, prefix string) error {
 	})
 }
 
-// Watch implements KV. The embedded store returns at once when a key under
-// prefix is newer than index; otherwise it waits for the next change of any
-// key (deletions leave nothing to compare, so every change wakes it) and
-// lets the caller re-read.
+// Watch implements KV. The embedded store returns at once when anything in
+// the store changed after index (deletions leave no key to compare, so any
+// change counts; the caller re-reads), else it waits for the next change.
 func (s *BoltKV) Watch(ctx context.Context, prefix string, index uint64) (uint64, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
 	s.mu.Lock()
 	ch := s.changed
 	s.mu.Unlock()
-	entries, idx, err := s.List(ctx, prefix)
-	if err != nil {
-		return 0, err
-	}
-	for _, e := range entries {
-		if e.ModifyIndex > index {
-			return idx, nil
-		}
+	if idx := s.index(); idx > index {
+		return idx, nil
 	}
 	select {
 	case <-ch:

@@ -17,6 +17,7 @@ import (
 var (
 	ErrImageExists   = errors.New("image already exists")
 	ErrImageNotFound = errors.New("image not found")
+	ErrNodeNotFound  = errors.New("node not found")
 )
 
 // MalformedError reports a value under the prefix that cannot be read. It
@@ -35,6 +36,7 @@ func (e *MalformedError) Unwrap() error { return e.Err }
 //
 //	<prefix>images/<name>                      JSON Image record
 //	<prefix>blockmaps/<image id>/<node>/<chunk> block map chunk (placement.EncodeChunk)
+//	<prefix>tombstones/<image id>              JSON Tombstone: the image was deleted on purpose
 //
 // Block maps are keyed by image id, so a recreated image never sees the
 // maps of a deleted one.
@@ -159,8 +161,31 @@ func (c *Catalog) ListImages(ctx context.Context) ([]Image, uint64, []error, err
 	return imgs, idx, bad, nil
 }
 
-// DeleteImage removes the record (checked against index when non-zero),
-// then the block maps.
+// Tombstone records that an image id was deleted by an operator. Nodes
+// delete their copy of an image only when its record is gone AND its
+// tombstone exists: a record that vanishes without one (metadata lost or
+// restored from an old backup) never costs data.
+type Tombstone struct {
+	Name    string    `json:"name"`
+	Deleted time.Time `json:"deleted"`
+}
+
+func (c *Catalog) tombstoneKey(id string) string { return c.prefix + "tombstones/" + id }
+
+// Tombstoned reports whether image id was deleted on purpose.
+func (c *Catalog) Tombstoned(ctx context.Context, id string) (bool, error) {
+	_, err := c.kv.Get(ctx, c.tombstoneKey(id))
+	if errors.Is(err, ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("read tombstone of image id %s: %w", id, err)
+	}
+	return true, nil
+}
+
+// DeleteImage writes the image's tombstone, removes the record (checked
+// against index when non-zero), then the block maps.
 func (c *Catalog) DeleteImage(ctx context.Context, img Image, index uint64) error {
 	if index == 0 {
 		e, err := c.kv.Get(ctx, c.imageKey(img.Name))
@@ -171,6 +196,13 @@ func (c *Catalog) DeleteImage(ctx context.Context, img Image, index uint64) erro
 			return fmt.Errorf("delete image %q: %w", img.Name, err)
 		}
 		index = e.ModifyIndex
+	}
+	ts, err := json.Marshal(Tombstone{Name: img.Name, Deleted: time.Now().UTC()})
+	if err != nil {
+		return err
+	}
+	if err := c.kv.CAS(ctx, c.tombstoneKey(img.ID), ts, 0); err != nil && !errors.Is(err, ErrConflict) {
+		return fmt.Errorf("delete image %q: write tombstone: %w", img.Name, err)
 	}
 	if err := c.kv.DeleteCAS(ctx, c.imageKey(img.Name), index); err != nil {
 		if errors.Is(err, ErrNotFound) {

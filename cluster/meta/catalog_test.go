@@ -40,8 +40,14 @@ func TestCatalogLifecycle(t *testing.T) {
 	if err != nil || bm.Len() != 3 || bm.Count(placement.InSync) != 3 {
 		t.Fatalf("block map: %v %v", bm, err)
 	}
+	if ok, err := c.Tombstoned(ctx, img.ID); ok || err != nil {
+		t.Fatalf("live image tombstoned: %v %v", ok, err)
+	}
 	if err := c.DeleteImage(ctx, img, 0); err != nil {
 		t.Fatal(err)
+	}
+	if ok, err := c.Tombstoned(ctx, img.ID); !ok || err != nil {
+		t.Fatalf("deleted image has no tombstone: %v %v", ok, err)
 	}
 	if _, _, err := c.GetImage(ctx, "vm1"); !errors.Is(err, meta.ErrImageNotFound) {
 		t.Fatalf("after delete: %v", err)

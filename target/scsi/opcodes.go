@@ -123,7 +123,7 @@ func (lu *LU) opTable() []opInfo {
 		{op: opVerify12, cdbLen: 12, usage: rw12(opVerify12, 0xf6), class: classRead, run: verify},
 	}
 	prIn := []byte{opPRIn, 0x1f, 0, 0, 0, 0, 0, 0xff, 0xff, ctl}
-	for _, sa := range []uint16{prinReadKeys, prinReadReservation, prinReportCapabilities} {
+	for _, sa := range []uint16{prinReadKeys, prinReadReservation, prinReportCapabilities, prinReadFullStatus} {
 		t = append(t, opInfo{op: opPRIn, sa: sa, hasSA: true, cdbLen: 10, usage: prIn, class: classPR,
 			run: func(lu *LU, ctx context.Context, cmd *Command) Result { return lu.persistentReserveIn(cmd) }})
 	}

@@ -3,6 +3,7 @@ package scsi
 import (
 	"encoding/binary"
 	"sort"
+	"strings"
 )
 
 // PERSISTENT RESERVE IN service actions.
@@ -10,6 +11,7 @@ const (
 	prinReadKeys           = 0x00
 	prinReadReservation    = 0x01
 	prinReportCapabilities = 0x02
+	prinReadFullStatus     = 0x03
 )
 
 // PERSISTENT RESERVE OUT service actions.
@@ -197,10 +199,48 @@ func (lu *LU) persistentReserveIn(cmd *Command) Result {
 		// WR_EX_AR, EX_AC_RO, WR_EX_RO, EX_AC, WR_EX; EX_AC_AR.
 		d[4] = 0x80 | 0x40 | 0x20 | 0x08 | 0x02
 		d[5] = 0x01
+	case prinReadFullStatus:
+		d = make([]byte, 8)
+		binary.BigEndian.PutUint32(d[0:4], r.gen)
+		for _, id := range r.sortedRegistrants() {
+			d = append(d, r.fullStatusDescriptor(id)...)
+		}
+		binary.BigEndian.PutUint32(d[4:8], uint32(len(d)-8))
 	default:
 		return invalidCDB(1)
 	}
 	return dataIn(d, alloc)
+}
+
+// fullStatusDescriptor is one READ FULL STATUS descriptor (SPC-4
+// 6.16.5): the key, whether the nexus holds the reservation, and its
+// TransportID.
+func (r *resvState) fullStatusDescriptor(id NexusID) []byte {
+	tid := transportID(id)
+	d := make([]byte, 24, 24+len(tid))
+	binary.BigEndian.PutUint64(d[0:8], r.keys[id])
+	if r.prHeld && (allRegistrants(r.prType) || r.prOwner == id) {
+		d[12] = 0x01 // R_HOLDER
+		d[13] = r.prType
+	}
+	binary.BigEndian.PutUint16(d[18:20], 1) // relative target port
+	binary.BigEndian.PutUint32(d[20:24], uint32(len(tid)))
+	return append(d, tid...)
+}
+
+// transportID is the iSCSI TransportID (SPC-4 7.6.4.6, format 01b:
+// initiator port name with ISID) of a nexus "<initiator>,i,0x<isid>,<target>".
+func transportID(id NexusID) []byte {
+	name := string(id)
+	if i := strings.Index(name, ",i,0x"); i >= 0 && len(name) >= i+5+12 {
+		name = name[:i+5+12]
+	}
+	n := (len(name) + 1 + 3) &^ 3 // NUL-terminated, padded to 4
+	d := make([]byte, 4+n)
+	d[0] = 0x40 | 0x05 // format 01b, protocol iSCSI
+	binary.BigEndian.PutUint16(d[2:4], uint16(n))
+	copy(d[4:], name)
+	return d
 }
 
 func (r *resvState) sortedRegistrants() []NexusID {

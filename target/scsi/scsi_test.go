@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"strings"
 	"sync"
 	"testing"
 )
@@ -1101,4 +1102,30 @@ func TestConcurrentIO(t *testing.T) {
 		}(w)
 	}
 	wg.Wait()
+}
+
+func TestPRINReadFullStatus(t *testing.T) {
+	lu, _ := newLU(t, testConfig())
+	ctx := context.Background()
+	a := NexusID("iqn.a,i,0x000000000001,iqn.t")
+	register := make([]byte, 24)
+	binary.BigEndian.PutUint64(register[8:16], 0xabc)
+	lu.AddNexus(a)
+	lu.Execute(ctx, &Command{Nexus: a, CDB: []byte{0x00, 0, 0, 0, 0, 0}}) // clear the UA
+	res := lu.Execute(ctx, &Command{Nexus: a, CDB: []byte{0x5f, proutRegister, 0, 0, 0, 0, 0, 0, 24, 0}, DataOut: register, Write: true})
+	if res.Status != StatusGood {
+		t.Fatalf("register: %+v", res)
+	}
+	res = lu.Execute(ctx, &Command{Nexus: a, CDB: []byte{0x5e, prinReadFullStatus, 0, 0, 0, 0, 0, 0x10, 0, 0}, Read: true})
+	if res.Status != StatusGood {
+		t.Fatalf("READ FULL STATUS: %+v", res)
+	}
+	d := res.DataIn
+	if binary.BigEndian.Uint32(d[4:8]) != uint32(len(d)-8) || binary.BigEndian.Uint64(d[8:16]) != 0xabc {
+		t.Fatalf("descriptor: % x", d)
+	}
+	tid := d[8+24:]
+	if tid[0] != 0x45 || !strings.HasPrefix(string(tid[4:]), "iqn.a,i,0x000000000001\x00") {
+		t.Fatalf("TransportID: % x", tid)
+	}
 }

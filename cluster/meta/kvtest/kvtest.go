@@ -30,6 +30,9 @@ func Run(t *testing.T, newKV func(t *testing.T) meta.KV) {
 		{"WatchCancel", testWatchCancel},
 		{"ConcurrentCAS", testConcurrentCAS},
 		{"BinaryValues", testBinary},
+		{"DeleteCASMissing", testDeleteCASMissing},
+		{"ListEmpty", testListEmpty},
+		{"WatchSeesDelete", testWatchSeesDelete},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -262,4 +265,70 @@ func testBinary(t *testing.T, kv meta.KV, p string) {
 	if err != nil || string(e.Value) != string(v) {
 		t.Fatalf("binary value of %d bytes did not round-trip: %v", len(v), err)
 	}
+}
+
+// DeleteCAS of a key that does not exist (never did, or was just deleted)
+// is ErrNotFound, not success and not ErrConflict.
+func testDeleteCASMissing(t *testing.T, kv meta.KV, p string) {
+	c := ctx(t)
+	if err := kv.DeleteCAS(c, p+"never", 1); !errors.Is(err, meta.ErrNotFound) {
+		t.Fatalf("DeleteCAS of a missing key: %v, want ErrNotFound", err)
+	}
+	if err := kv.CAS(c, p+"d", []byte("1"), 0); err != nil {
+		t.Fatal(err)
+	}
+	e, err := kv.Get(c, p+"d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.DeleteCAS(c, p+"d", e.ModifyIndex); err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.DeleteCAS(c, p+"d", e.ModifyIndex); !errors.Is(err, meta.ErrNotFound) {
+		t.Fatalf("second DeleteCAS: %v, want ErrNotFound", err)
+	}
+}
+
+// List of a prefix with no keys is empty, not an error.
+func testListEmpty(t *testing.T, kv meta.KV, p string) {
+	es, _, err := kv.List(ctx(t), p+"none/")
+	if err != nil || len(es) != 0 {
+		t.Fatalf("List of an empty prefix: %+v %v", es, err)
+	}
+}
+
+// Deleting keys under the prefix wakes a watcher.
+func testWatchSeesDelete(t *testing.T, kv meta.KV, p string) {
+	c := ctx(t)
+	const n = 100
+	for i := range n {
+		if err := kv.CAS(c, fmt.Sprintf("%sk%03d", p, i), nil, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, idx, err := kv.List(c, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	errc := make(chan error, 1)
+	go func() { _, err := kv.Watch(c, p, idx); errc <- err }()
+	// Keep deleting until the watcher returns.
+	for i := range n {
+		e, err := kv.Get(c, fmt.Sprintf("%sk%03d", p, i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := kv.DeleteCAS(c, e.Key, e.ModifyIndex); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case err := <-errc:
+			if err != nil {
+				t.Fatal(err)
+			}
+			return
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	t.Fatal("Watch never woke up on deletions")
 }

@@ -1,0 +1,164 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ukai-storage/ukai/api"
+	"github.com/ukai-storage/ukai/cluster/membership"
+	"github.com/ukai-storage/ukai/cluster/meta"
+)
+
+// diskSpace returns the capacity and free bytes of the data dir.
+func (n *Node) diskSpace() (int64, int64) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(n.cfg.Node.DataDir, &st); err != nil {
+		return 0, 0
+	}
+	return int64(st.Blocks) * st.Bsize, int64(st.Bavail) * st.Bsize
+}
+
+func (n *Node) gossipMeta() membership.NodeMeta {
+	capacity, free := n.diskSpace()
+	return membership.NodeMeta{
+		API: n.apiLn.Addr().String(), ISCSI: n.target.Addr().String(),
+		Labels: n.cfg.Node.Labels, Capacity: capacity, Free: free, Version: n.version,
+	}
+}
+
+// joinCluster starts gossip and joins the seeds.
+func (n *Node) joinCluster(ctx context.Context) (*membership.Agent, error) {
+	g := n.cfg.Gossip
+	key, _ := g.Key() // validated with the config
+	a, err := membership.New(ctx, membership.Config{
+		Name: n.cfg.Node.Name, Bind: g.Bind, Advertise: g.Advertise, Join: g.Join, SecretKey: key,
+		ProbeInterval: g.ProbeInterval, ProbeTimeout: g.ProbeTimeout, GossipInterval: g.GossipInterval,
+		SuspicionMult: g.SuspicionMult, Logger: n.log.With("component", "gossip"),
+	}, n.gossipMeta())
+	if err != nil {
+		return nil, fmt.Errorf("gossip: %w", err)
+	}
+	return a, nil
+}
+
+// refreshMeta re-gossips the node's free space while it changes.
+func (n *Node) refreshMeta(ctx context.Context) {
+	t := time.NewTicker(30 * time.Second)
+	defer t.Stop()
+	last := n.gossipMeta()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		m := n.gossipMeta()
+		if m.Free/(64<<20) == last.Free/(64<<20) {
+			continue
+		}
+		if err := n.members.SetMeta(ctx, m); err != nil {
+			n.log.Warn("cannot update gossiped metadata", "err", err)
+			continue
+		}
+		last = m
+	}
+}
+
+// imagesHeld maps node name to the images with a copy on it. It returns
+// nil when the catalog cannot be read.
+func (n *Node) imagesHeld(ctx context.Context) map[string][]string {
+	imgs, _, _, err := n.cat.ListImages(ctx)
+	n.noteStore(err)
+	if err != nil {
+		return nil
+	}
+	held := map[string][]string{}
+	for _, img := range imgs {
+		for _, loc := range img.Locations {
+			held[loc] = append(held[loc], img.Name)
+		}
+	}
+	return held
+}
+
+// ListNodes implements api.Service: every member gossip has seen, with its
+// state, or only this node when it runs without gossip.
+func (n *Node) ListNodes(ctx context.Context) ([]api.Node, error) {
+	held := n.imagesHeld(ctx)
+	if n.members == nil {
+		self, _ := n.NodeInfo(ctx)
+		return []api.Node{self}, nil
+	}
+	var out []api.Node
+	for _, m := range n.members.Members() {
+		out = append(out, memberNode(m, held))
+	}
+	return out, nil
+}
+
+// GetNode implements api.Service.
+func (n *Node) GetNode(ctx context.Context, name string) (api.Node, error) {
+	if name == n.cfg.Node.Name {
+		return n.NodeInfo(ctx)
+	}
+	if n.members != nil {
+		if m, ok := n.members.Member(name); ok {
+			return memberNode(m, n.imagesHeld(ctx)), nil
+		}
+	}
+	return api.Node{}, fmt.Errorf("node %q: %w", name, meta.ErrNodeNotFound)
+}
+
+func memberNode(m membership.Member, held map[string][]string) api.Node {
+	out := api.Node{
+		Name: m.Name, State: string(m.State), Since: m.Since, GossipAddr: m.Addr,
+		APIAddr: m.Meta.API, ISCSIAddr: m.Meta.ISCSI, PeerAddr: m.Meta.Peer, Labels: m.Meta.Labels,
+		Capacity: m.Meta.Capacity, Free: m.Meta.Free, Version: m.Meta.Version, Images: held[m.Name],
+	}
+	if held == nil {
+		out.Images = nil
+	} else if out.Images == nil {
+		out.Images = []string{}
+	}
+	return out
+}
+
+// NodeInfo implements api.Service: this node, with its iSCSI sessions.
+func (n *Node) NodeInfo(ctx context.Context) (api.Node, error) {
+	out := api.Node{
+		Name: n.cfg.Node.Name, State: "alive", Version: n.version, Labels: n.cfg.Node.Labels,
+		APIAddr: n.apiLn.Addr().String(), ISCSIAddr: n.target.Addr().String(), GossipAddr: n.cfg.Gossip.Advertise,
+		IQNPrefix: n.cfg.ISCSI.IQNPrefix, Metadata: n.cfg.Metadata.Backend, StartedAt: n.started, Since: n.started,
+		Exported: []string{}, Sessions: []api.Session{},
+	}
+	if out.GossipAddr == "" {
+		out.GossipAddr = n.cfg.Gossip.Bind
+	}
+	out.Capacity, out.Free = n.diskSpace()
+	if held := n.imagesHeld(ctx); held != nil {
+		out.Images = held[n.cfg.Node.Name]
+		if out.Images == nil {
+			out.Images = []string{}
+		}
+	}
+	n.mu.RLock()
+	for name := range n.served {
+		out.Exported = append(out.Exported, name)
+	}
+	n.mu.RUnlock()
+	sort.Strings(out.Exported)
+	for _, s := range n.target.Sessions() {
+		if s.Discovery {
+			continue
+		}
+		out.Sessions = append(out.Sessions, api.Session{
+			Initiator: s.InitiatorName, ISID: s.ISID, Target: s.Target, Remote: s.RemoteAddr,
+			Commands: s.Commands, BytesIn: s.BytesIn, BytesOut: s.BytesOut,
+		})
+	}
+	return out, nil
+}
