@@ -47,6 +47,9 @@ type NodeConfig struct {
 // APIConfig is the control API (HTTP/JSON).
 type APIConfig struct {
 	Listen string `mapstructure:"listen"` // IP:port, bound exactly
+	// Pprof serves Go's profiler under /debug/pprof/ on the API address
+	// (for performance work; off by default).
+	Pprof bool `mapstructure:"pprof"`
 }
 
 // ISCSIConfig is the iSCSI target.
@@ -106,6 +109,7 @@ var defaults = map[string]any{
 	"node.data_dir":                   "",
 	"node.labels":                     map[string]string{},
 	"api.listen":                      "127.0.0.1:7700",
+	"api.pprof":                       false,
 	"iscsi.listen":                    "127.0.0.1:3260",
 	"iscsi.iqn_prefix":                "iqn.2026-11.io.ukai",
 	"metadata.backend":                "embedded",

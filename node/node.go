@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"sync"
@@ -81,8 +82,18 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 		return nil, fmt.Errorf("api.listen %s: %w", cfg.API.Listen, err)
 	}
 	closers = append(closers, func() { n.apiLn.Close() })
+	handler := api.NewHandler(n, version, log.With("component", "api"))
+	if cfg.API.Pprof {
+		mux := http.NewServeMux()
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		mux.Handle("/", handler)
+		handler = mux
+	}
 	n.apiSrv = &http.Server{
-		Handler:           api.NewHandler(n, version, log.With("component", "api")),
+		Handler:           handler,
 		ReadHeaderTimeout: 10 * time.Second,
 	}
 	if cfg.Gossip.Bind != "" {
