@@ -672,6 +672,7 @@ func (c *conn) execute(t *task) {
 		t.buf = nil
 	}
 	if t.ctx.Err() != nil || resultAborted(&res) {
+		res.Release()
 		c.mu.Lock()
 		if !t.aborted {
 			// Connection ending (or the LU dropped the command): no
@@ -695,12 +696,17 @@ func (c *conn) finish(t *task, res scsi.Result) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if t.aborted {
+		res.Release()
 		return
 	}
 	delete(c.tasks, t.itt)
 	c.release(t.immediate)
 	c.sess.commands.Add(1)
-	c.enqueue(c.buildResponse(t, &res)...)
+	out := c.buildResponse(t, &res)
+	// The data-in buffer goes back to the LU once the last PDU that
+	// carries it is written (or dropped).
+	out[len(out)-1].after = res.Release
+	c.enqueue(out...)
 }
 
 // buildResponse makes the Data-In PDUs and/or SCSI Response for t.

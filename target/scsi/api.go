@@ -108,8 +108,20 @@ type Result struct {
 	// transport computes residual overflow/underflow from it and the
 	// Expected Data Transfer Length.
 	TransferLen uint32
+
+	release func()
 	// Aborted reports that the command was abandoned (its context was
 	// cancelled while the Backend worked on it): the transport sends no
 	// status for it. Status, Sense and DataIn are then meaningless.
 	Aborted bool
+}
+
+// Release hands DataIn back to the LU for reuse. The transport calls it
+// once, after the data was sent (or dropped); DataIn must not be used
+// afterwards. It is a no-op for results without a pooled buffer.
+func (r *Result) Release() {
+	if r.release != nil {
+		r.release()
+		r.release = nil
+	}
 }

@@ -74,6 +74,8 @@ type LU struct {
 	shift uint  // log2(bs)
 	size  atomic.Int64
 
+	bufs bufPool // recycled data-in buffers
+
 	ops   []opInfo      // supported commands, in opcode order
 	opIdx [256][]opInfo // by opcode
 

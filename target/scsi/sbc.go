@@ -68,14 +68,16 @@ func (lu *LU) read(ctx context.Context, cmd *Command) Result {
 		// allocate (and read) what nobody will receive.
 		readLen = uint64(cmd.ExpectedLen) &^ uint64(lu.bs-1)
 	}
-	buf := make([]byte, readLen)
-	if readLen > 0 {
-		off := int64(lba << lu.shift)
-		if err := lu.be.ReadAt(ctx, buf, off); err != nil {
-			return lu.backendError(ctx, "read", off, err, false)
-		}
+	if readLen == 0 {
+		return Result{Status: StatusGood, TransferLen: uint32(size)}
 	}
-	return Result{Status: StatusGood, DataIn: buf, TransferLen: uint32(size)}
+	buf := lu.bufs.get(int(readLen))
+	off := int64(lba << lu.shift)
+	if err := lu.be.ReadAt(ctx, buf, off); err != nil {
+		lu.bufs.put(buf)
+		return lu.backendError(ctx, "read", off, err, false)
+	}
+	return Result{Status: StatusGood, DataIn: buf, TransferLen: uint32(size), release: func() { lu.bufs.put(buf) }}
 }
 
 func isWriteVerify(op byte) bool {
