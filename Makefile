@@ -5,9 +5,8 @@ GO ?= go
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 BIN := bin/ukai
-DEMO_DIR ?= /tmp/ukai-demo
 
-.PHONY: all build test test-short test-integration conformance bench fuzz lint deps demo demo-stop clean
+.PHONY: consul all build test test-short test-integration conformance bench fuzz lint deps demo demo-stop clean
 
 all: build
 
@@ -16,10 +15,15 @@ build:
 
 # Debian packages the integration tests, conformance run and benchmarks use.
 deps:
-	@missing=""; for p in libiscsi-bin qemu-utils qemu-block-extra tgt fio; do \
+	@missing=""; for p in libiscsi-bin qemu-utils qemu-block-extra tgt fio curl; do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; fi
+
+# A consul binary: the one on PATH, else built once from the Go module proxy
+# into .cache/ (a few minutes the first time).
+consul:
+	@bash integration/get-consul.sh >/dev/null
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi
@@ -28,14 +32,14 @@ lint:
 # Everything: lint, unit tests, integration tests against real ukai
 # processes and iSCSI clients, and the iscsi-test-cu conformance run
 # (ukai against tgtd, checked against integration/conformance/expected.txt).
-test: deps lint build
+test: deps consul lint build
 	$(GO) test -count=1 -timeout 25m ./...
 
 # Unit tests only (pure Go, no processes, no network clients).
 test-short: lint
 	$(GO) test -count=1 -short ./...
 
-test-integration: deps build
+test-integration: deps consul build
 	$(GO) test -count=1 -timeout 20m -v ./integration/
 
 conformance: deps build
@@ -51,12 +55,12 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzExecute -fuzztime 60s ./target/scsi/
 	$(GO) test -run '^$$' -fuzz FuzzDecodeChunk -fuzztime 30s ./placement/
 
-# A local node serving an image over iSCSI, written and read with qemu-io.
-demo: deps build
-	@bash integration/demo.sh start "$(DEMO_DIR)"
+# Consul and three nodes on loopback; an image written and read over iSCSI.
+demo: deps consul build
+	@bash integration/demo.sh start
 
 demo-stop:
-	@bash integration/demo.sh stop "$(DEMO_DIR)"
+	@bash integration/demo.sh stop
 
 clean:
 	rm -rf bin integration/out
