@@ -1,0 +1,85 @@
+package api
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/ukai-storage/ukai/cluster/meta"
+)
+
+// memService is a small in-memory Service: enough to exercise the HTTP
+// mapping (status codes, bodies, errors) without a node.
+type memService struct{ images map[string]Image }
+
+func (m *memService) CreateImage(_ context.Context, r CreateImageRequest) (Image, error) {
+	if err := meta.ValidateName(r.Name); err != nil {
+		return Image{}, err
+	}
+	if _, ok := m.images[r.Name]; ok {
+		return Image{}, fmt.Errorf("%q: %w", r.Name, meta.ErrImageExists)
+	}
+	m.images[r.Name] = Image{Name: r.Name, Size: r.Size}
+	return m.images[r.Name], nil
+}
+func (m *memService) ListImages(context.Context) (ImageList, error) { return ImageList{}, nil }
+func (m *memService) GetImage(_ context.Context, name string, _ bool) (Image, error) {
+	img, ok := m.images[name]
+	if !ok {
+		return Image{}, fmt.Errorf("%q: %w", name, meta.ErrImageNotFound)
+	}
+	return img, nil
+}
+func (m *memService) DeleteImage(context.Context, string) error {
+	return fmt.Errorf("consul down: %w", meta.ErrUnavailable)
+}
+func (m *memService) NodeInfo(context.Context) (Node, error)    { return Node{Name: "n1"}, nil }
+func (m *memService) ListNodes(context.Context) ([]Node, error) { return []Node{{Name: "n1"}}, nil }
+func (m *memService) GetNode(context.Context, string) (Node, error) {
+	return Node{}, meta.ErrNodeNotFound
+}
+
+func TestHandlerStatusCodes(t *testing.T) {
+	srv := httptest.NewServer(NewHandler(&memService{images: map[string]Image{}}, "test", slog.New(slog.DiscardHandler)))
+	defer srv.Close()
+	for _, c := range []struct {
+		method, path, body string
+		status             int
+		want               string
+	}{
+		{"POST", "/v1/images", `{"name":"vm1","size":1048576}`, 201, `"name": "vm1"`},
+		{"POST", "/v1/images", `{"name":"vm1","size":1048576}`, 409, "already exists"},
+		{"POST", "/v1/images", `{"name":"Bad!","size":1}`, 400, "image name"},
+		{"POST", "/v1/images", `{"name":"x","size":1,"bogus":2}`, 400, "unknown field"},
+		{"POST", "/v1/images", `not json`, 400, "bad request body"},
+		{"GET", "/v1/images/vm1", "", 200, `"size": 1048576`},
+		{"GET", "/v1/images/vm1?blocks=maybe", "", 400, "want true or false"},
+		{"GET", "/v1/images/nope", "", 404, "not found"},
+		{"DELETE", "/v1/images/vm1", "", 503, "unavailable"},
+		{"GET", "/v1/nodes/zz", "", 404, "node not found"},
+		{"GET", "/v1/nodes", "", 200, `"nodes"`},
+		{"GET", "/v2/whatever", "", 404, "no such API endpoint"},
+		{"PATCH", "/v1/images/vm1", "", 404, "no such API endpoint: PATCH"},
+	} {
+		req, _ := http.NewRequest(c.method, srv.URL+c.path, strings.NewReader(c.body))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != c.status || !strings.Contains(string(b), c.want) {
+			t.Errorf("%s %s: %d %s; want %d containing %q", c.method, c.path, resp.StatusCode, b, c.status, c.want)
+		}
+	}
+	// The client turns error bodies into errors carrying the message.
+	_, err := NewClient(strings.TrimPrefix(srv.URL, "http://")).GetImage(context.Background(), "nope", false)
+	if se, ok := err.(*StatusError); !ok || se.Status != 404 || !strings.Contains(se.Message, "not found") {
+		t.Fatalf("client error: %#v", err)
+	}
+}
