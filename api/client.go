@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -14,8 +15,9 @@ import (
 
 // Client talks to one node's control API.
 type Client struct {
-	base string
-	http *http.Client
+	base   string
+	http   *http.Client
+	stream *http.Client // no overall timeout: long syncs stream progress
 }
 
 // NewClient returns a client for addr ("127.0.0.1:7700" or a URL).
@@ -24,7 +26,7 @@ func NewClient(addr string) *Client {
 	if !strings.Contains(base, "://") {
 		base = "http://" + base
 	}
-	return &Client{base: strings.TrimRight(base, "/"), http: &http.Client{Timeout: 60 * time.Second}}
+	return &Client{base: strings.TrimRight(base, "/"), http: &http.Client{Timeout: 60 * time.Second}, stream: &http.Client{}}
 }
 
 // StatusError is a non-2xx answer.
@@ -126,4 +128,77 @@ func (c *Client) GetImage(ctx context.Context, name string, blocks bool) (Image,
 // DeleteImage deletes an image and its data.
 func (c *Client) DeleteImage(ctx context.Context, name string) error {
 	return c.do(ctx, http.MethodDelete, "/v1/images/"+url.PathEscape(name), nil, nil)
+}
+
+// AddLocation adds a copy of image on node (it starts out of sync).
+func (c *Client) AddLocation(ctx context.Context, image, node string) (Image, error) {
+	var img Image
+	return img, c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(image)+"/locations", LocationRequest{Node: node}, &img)
+}
+
+// RemoveLocation removes node's copy of image.
+func (c *Client) RemoveLocation(ctx context.Context, image, node string) (Image, error) {
+	var img Image
+	return img, c.do(ctx, http.MethodDelete, "/v1/images/"+url.PathEscape(image)+"/locations/"+url.PathEscape(node), nil, &img)
+}
+
+// VerifyImage compares the in-sync copies of image.
+func (c *Client) VerifyImage(ctx context.Context, image string) (VerifyResult, error) {
+	var r VerifyResult
+	return r, c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(image)+"/verify", struct{}{}, &r)
+}
+
+// PrepareCopy asks the node to create its empty copy of a new image.
+func (c *Client) PrepareCopy(ctx context.Context, id string, size int64) error {
+	return c.do(ctx, http.MethodPost, "/v1/internal/copies", PrepareCopyRequest{ID: id, Size: size}, nil)
+}
+
+// SyncImage runs a sync and calls progress for every line the node
+// streams; it returns the error of the final line, if any.
+func (c *Client) SyncImage(ctx context.Context, image string, req SyncRequest, progress func(SyncProgress)) error {
+	b, err := json.Marshal(req)
+	if err != nil {
+		return err
+	}
+	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base+"/v1/images/"+url.PathEscape(image)+"/sync", bytes.NewReader(b))
+	if err != nil {
+		return err
+	}
+	hreq.Header.Set("Content-Type", "application/json")
+	resp, err := c.stream.Do(hreq)
+	if err != nil {
+		return fmt.Errorf("cannot reach the ukai API at %s: %w", c.base, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode >= 300 {
+		data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		var e Error
+		if json.Unmarshal(data, &e) != nil || e.Error == "" {
+			e.Error = strings.TrimSpace(string(data))
+		}
+		return &StatusError{Status: resp.StatusCode, Message: e.Error}
+	}
+	dec := json.NewDecoder(resp.Body)
+	sawFinal := false
+	for {
+		var p SyncProgress
+		if err := dec.Decode(&p); err == io.EOF {
+			break
+		} else if err != nil {
+			return fmt.Errorf("sync progress stream: %w", err)
+		}
+		if progress != nil {
+			progress(p)
+		}
+		if p.Final {
+			sawFinal = true
+			if p.Error != "" {
+				return errors.New(p.Error)
+			}
+		}
+	}
+	if !sawFinal {
+		return errors.New("sync progress stream ended without a summary (the node went away?)")
+	}
+	return nil
 }

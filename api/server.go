@@ -26,6 +26,13 @@ type Service interface {
 	NodeInfo(ctx context.Context) (Node, error)
 	ListNodes(ctx context.Context) ([]Node, error)
 	GetNode(ctx context.Context, name string) (Node, error)
+	AddLocation(ctx context.Context, image, node string) (Image, error)
+	RemoveLocation(ctx context.Context, image, node string) (Image, error)
+	// SyncImage calls progress with each progress line (and the final
+	// summary) before it returns.
+	SyncImage(ctx context.Context, image string, req SyncRequest, progress func(SyncProgress)) error
+	VerifyImage(ctx context.Context, image string) (VerifyResult, error)
+	PrepareCopy(ctx context.Context, id string, size int64) error
 }
 
 // maxBody bounds request bodies.
@@ -43,6 +50,11 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 	mux.HandleFunc("POST /v1/images", h.createImage)
 	mux.HandleFunc("GET /v1/images/{name}", h.getImage)
 	mux.HandleFunc("DELETE /v1/images/{name}", h.deleteImage)
+	mux.HandleFunc("POST /v1/images/{name}/locations", h.addLocation)
+	mux.HandleFunc("DELETE /v1/images/{name}/locations/{node}", h.removeLocation)
+	mux.HandleFunc("POST /v1/images/{name}/sync", h.syncImage)
+	mux.HandleFunc("POST /v1/images/{name}/verify", h.verifyImage)
+	mux.HandleFunc("POST /v1/internal/copies", h.prepareCopy)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Errorf("no such API endpoint: %s %s", r.Method, r.URL.Path))
 	})
@@ -94,7 +106,7 @@ func StatusOf(err error) int {
 		return http.StatusBadRequest
 	case errors.Is(err, meta.ErrImageNotFound), errors.Is(err, meta.ErrNodeNotFound):
 		return http.StatusNotFound
-	case errors.Is(err, meta.ErrImageExists), errors.Is(err, meta.ErrConflict):
+	case errors.Is(err, meta.ErrImageExists), errors.Is(err, meta.ErrConflict), errors.Is(err, meta.ErrLastCopy):
 		return http.StatusConflict
 	case errors.Is(err, meta.ErrUnavailable):
 		return http.StatusServiceUnavailable
@@ -155,10 +167,7 @@ func (h *handler) listImages(w http.ResponseWriter, r *http.Request) {
 
 func (h *handler) createImage(w http.ResponseWriter, r *http.Request) {
 	var req CreateImageRequest
-	dec := json.NewDecoder(io.LimitReader(r.Body, maxBody))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
-		writeError(w, http.StatusBadRequest, fmt.Errorf("bad request body: %w", err))
+	if !decodeBody(w, r, &req) {
 		return
 	}
 	img, err := h.svc.CreateImage(r.Context(), req)
@@ -189,6 +198,96 @@ func (h *handler) getImage(w http.ResponseWriter, r *http.Request) {
 
 func (h *handler) deleteImage(w http.ResponseWriter, r *http.Request) {
 	if err := h.svc.DeleteImage(r.Context(), r.PathValue("name")); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func decodeBody(w http.ResponseWriter, r *http.Request, v any) bool {
+	dec := json.NewDecoder(io.LimitReader(r.Body, maxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		writeError(w, http.StatusBadRequest, fmt.Errorf("bad request body: %w", err))
+		return false
+	}
+	return true
+}
+
+func (h *handler) addLocation(w http.ResponseWriter, r *http.Request) {
+	var req LocationRequest
+	if !decodeBody(w, r, &req) {
+		return
+	}
+	img, err := h.svc.AddLocation(r.Context(), r.PathValue("name"), req.Node)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, img)
+}
+
+func (h *handler) removeLocation(w http.ResponseWriter, r *http.Request) {
+	img, err := h.svc.RemoveLocation(r.Context(), r.PathValue("name"), r.PathValue("node"))
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, img)
+}
+
+// syncImage answers with NDJSON: progress lines, then the final summary.
+// An error before the first line is a normal error answer; one after it is
+// in the summary line.
+func (h *handler) syncImage(w http.ResponseWriter, r *http.Request) {
+	var req SyncRequest
+	if !decodeBody(w, r, &req) {
+		return
+	}
+	started := false
+	flusher, _ := w.(http.Flusher)
+	enc := json.NewEncoder(w)
+	err := h.svc.SyncImage(r.Context(), r.PathValue("name"), req, func(p SyncProgress) {
+		if !started {
+			w.Header().Set("Content-Type", "application/x-ndjson")
+			w.WriteHeader(http.StatusOK)
+			started = true
+		}
+		_ = enc.Encode(p)
+		if flusher != nil {
+			flusher.Flush()
+		}
+	})
+	if !started {
+		if err != nil {
+			h.fail(w, r, err)
+			return
+		}
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		w.WriteHeader(http.StatusOK)
+		_ = enc.Encode(SyncProgress{Final: true})
+		return
+	}
+	if err != nil {
+		_ = enc.Encode(SyncProgress{Final: true, Error: err.Error()})
+	}
+}
+
+func (h *handler) verifyImage(w http.ResponseWriter, r *http.Request) {
+	res, err := h.svc.VerifyImage(r.Context(), r.PathValue("name"))
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, res)
+}
+
+func (h *handler) prepareCopy(w http.ResponseWriter, r *http.Request) {
+	var req PrepareCopyRequest
+	if !decodeBody(w, r, &req) {
+		return
+	}
+	if err := h.svc.PrepareCopy(r.Context(), req.ID, req.Size); err != nil {
 		h.fail(w, r, err)
 		return
 	}

@@ -43,6 +43,20 @@ func (m *memService) ListNodes(context.Context) ([]Node, error) { return []Node{
 func (m *memService) GetNode(context.Context, string) (Node, error) {
 	return Node{}, meta.ErrNodeNotFound
 }
+func (m *memService) AddLocation(context.Context, string, string) (Image, error) {
+	return Image{}, meta.ErrInvalid
+}
+func (m *memService) RemoveLocation(context.Context, string, string) (Image, error) {
+	return Image{}, fmt.Errorf("block 3 %w", meta.ErrLastCopy)
+}
+func (m *memService) SyncImage(_ context.Context, _ string, _ SyncRequest, p func(SyncProgress)) error {
+	p(SyncProgress{Done: 1, Total: 2})
+	return fmt.Errorf("copy on n2 failed")
+}
+func (m *memService) VerifyImage(context.Context, string) (VerifyResult, error) {
+	return VerifyResult{}, nil
+}
+func (m *memService) PrepareCopy(context.Context, string, int64) error { return nil }
 
 func TestHandlerStatusCodes(t *testing.T) {
 	srv := httptest.NewServer(NewHandler(&memService{images: map[string]Image{}}, "test", slog.New(slog.DiscardHandler)))
@@ -62,6 +76,8 @@ func TestHandlerStatusCodes(t *testing.T) {
 		{"GET", "/v1/images/nope", "", 404, "not found"},
 		{"DELETE", "/v1/images/vm1", "", 503, "unavailable"},
 		{"GET", "/v1/nodes/zz", "", 404, "node not found"},
+		{"DELETE", "/v1/images/vm1/locations/n1", "", 409, "last in-sync copy"},
+		{"POST", "/v1/images/vm1/sync", `{}`, 200, `"error":"copy on n2 failed"`},
 		{"GET", "/v1/nodes", "", 200, `"nodes"`},
 		{"GET", "/v2/whatever", "", 404, "no such API endpoint"},
 		{"PATCH", "/v1/images/vm1", "", 404, "no such API endpoint: PATCH"},

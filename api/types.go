@@ -11,19 +11,77 @@ type CreateImageRequest struct {
 	Size int64  `json:"size"`
 	// BlockSize in bytes; 0 means the default (4 MiB).
 	BlockSize int64 `json:"block_size,omitempty"`
+	// Locations are the nodes holding a copy; empty means the node that
+	// receives the request.
+	Locations []string `json:"locations,omitempty"`
+	// MinCopies: a write reaching fewer in-sync copies fails (default 1).
+	MinCopies int `json:"min_copies,omitempty"`
+}
+
+// PrepareCopyRequest is POST /v1/internal/copies: a node creates its empty
+// copy of a new image before the record names it.
+type PrepareCopyRequest struct {
+	ID   string `json:"id"`
+	Size int64  `json:"size"`
+}
+
+// LocationRequest is POST /v1/images/{name}/locations.
+type LocationRequest struct {
+	Node string `json:"node"`
+}
+
+// SyncRequest is POST /v1/images/{name}/sync.
+type SyncRequest struct {
+	FromBlock int64 `json:"from_block"`
+	ToBlock   int64 `json:"to_block"` // exclusive; 0 = to the end
+	// Pause/Resume switch the background synchronizer instead of syncing.
+	Pause  bool `json:"pause,omitempty"`
+	Resume bool `json:"resume,omitempty"`
+}
+
+// SyncProgress is one line of the NDJSON stream POST .../sync answers.
+type SyncProgress struct {
+	Node       string  `json:"node,omitempty"`  // destination copy of the last block
+	Block      int64   `json:"block"`           // last block handled
+	Done       int64   `json:"done"`            // blocks handled so far
+	Total      int64   `json:"total"`           // out-of-sync blocks to handle
+	Copied     int64   `json:"copied"`          // blocks whose data moved
+	Bytes      int64   `json:"bytes"`           // bytes moved
+	RateBps    float64 `json:"rate_bps"`        // bytes per second so far
+	Final      bool    `json:"final,omitempty"` // the summary line
+	Error      string  `json:"error,omitempty"`
+	OutOfSync  int64   `json:"out_of_sync"` // blocks still out of sync (final line)
+	ElapsedSec float64 `json:"elapsed_sec"`
+}
+
+// VerifyResult is POST /v1/images/{name}/verify.
+type VerifyResult struct {
+	Blocks      int64      `json:"blocks"`
+	Compared    int64      `json:"compared"` // blocks with at least two in-sync copies compared
+	Mismatches  []Mismatch `json:"mismatches"`
+	Unreachable []string   `json:"unreachable,omitempty"`
+}
+
+// Mismatch is a block whose in-sync copies differ.
+type Mismatch struct {
+	Block int64             `json:"block"`
+	Sums  map[string]string `json:"sums"` // node -> hex SHA-256
 }
 
 // Image is an image as GET /v1/images and /v1/images/{name} show it.
 type Image struct {
-	Name      string     `json:"name"`
-	ID        string     `json:"id"`
-	Size      int64      `json:"size"`
-	BlockSize int64      `json:"block_size"`
-	Blocks    int64      `json:"num_blocks"`
-	Created   time.Time  `json:"created"`
-	IQN       string     `json:"iqn"`
-	MinCopies int        `json:"min_copies"`
-	Locations []Location `json:"locations"`
+	Name       string     `json:"name"`
+	ID         string     `json:"id"`
+	Size       int64      `json:"size"`
+	BlockSize  int64      `json:"block_size"`
+	Blocks     int64      `json:"num_blocks"`
+	Created    time.Time  `json:"created"`
+	IQN        string     `json:"iqn"`
+	MinCopies  int        `json:"min_copies"`
+	Owner      string     `json:"owner,omitempty"` // node serving the image's I/O now
+	Generation uint64     `json:"generation"`
+	SyncPaused bool       `json:"sync_paused,omitempty"`
+	Locations  []Location `json:"locations"`
 	// BlockMap, only with ?blocks=true: one entry per block mapping each
 	// location's node to its state.
 	BlockMap []map[string]BlockState `json:"blocks,omitempty"`

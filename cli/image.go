@@ -12,14 +12,16 @@ import (
 
 func (a *app) imageCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "image", Short: "Create, list, inspect and delete disk images"}
-	cmd.AddCommand(a.imageCreateCmd(), a.imageListCmd(), a.imageInfoCmd(), a.imageDeleteCmd())
+	cmd.AddCommand(a.imageCreateCmd(), a.imageListCmd(), a.imageInfoCmd(), a.imageDeleteCmd(), a.imageSyncCmd(), a.imageVerifyCmd())
 	return cmd
 }
 
 func (a *app) imageCreateCmd() *cobra.Command {
 	var size, blockSize, output string
+	var locations []string
+	var minCopies int
 	cmd := &cobra.Command{
-		Use:   "create NAME --size SIZE [--block-size SIZE]",
+		Use:   "create NAME --size SIZE [--block-size SIZE] [--locations n1,n2] [--min-copies K]",
 		Short: "Create an image (sizes take units: 10G, 512M; block size a power of two from 64K to 64M)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -42,7 +44,10 @@ func (a *app) imageCreateCmd() *cobra.Command {
 					return fmt.Errorf("--block-size: must be greater than zero")
 				}
 			}
-			img, err := a.client().CreateImage(cmd.Context(), api.CreateImageRequest{Name: args[0], Size: sz, BlockSize: bs})
+			if minCopies < 0 {
+				return fmt.Errorf("--min-copies: must be at least 1")
+			}
+			img, err := a.client().CreateImage(cmd.Context(), api.CreateImageRequest{Name: args[0], Size: sz, BlockSize: bs, Locations: locations, MinCopies: minCopies})
 			if err != nil {
 				return fmt.Errorf("create image %s: %w", args[0], err)
 			}
@@ -55,6 +60,8 @@ func (a *app) imageCreateCmd() *cobra.Command {
 	}
 	cmd.Flags().StringVar(&size, "size", "", "image size, e.g. 10G")
 	cmd.Flags().StringVar(&blockSize, "block-size", "", "block size (default 4M)")
+	cmd.Flags().StringSliceVar(&locations, "locations", nil, "nodes holding a copy (default: the node --api points at)")
+	cmd.Flags().IntVar(&minCopies, "min-copies", 0, "a write reaching fewer in-sync copies fails (default 1)")
 	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
 	return cmd
 }
@@ -126,6 +133,7 @@ func (a *app) imageInfoCmd() *cobra.Command {
 			fmt.Fprintf(tw, "created:\t%s\n", img.Created.Format("2006-01-02 15:04:05 MST"))
 			fmt.Fprintf(tw, "iqn:\t%s (LUN 0)\n", img.IQN)
 			fmt.Fprintf(tw, "min copies:\t%d\n", img.MinCopies)
+			fmt.Fprintf(tw, "owner:\t%s\n", dash(img.Owner))
 			fmt.Fprintln(tw, "locations:")
 			for _, loc := range img.Locations {
 				fmt.Fprintf(tw, "  %s\tin sync %d, syncing %d, out of sync %d\n", loc.Node, img.Blocks-loc.OutOfSync-loc.Syncing, loc.Syncing, loc.OutOfSync)

@@ -84,6 +84,7 @@ type node struct {
 	api     string
 	portal  string
 	gossip  string
+	peer    string
 	prefix  string
 	cmd     *exec.Cmd
 	logs    *bytes.Buffer
@@ -95,7 +96,15 @@ type clusterOpts struct {
 	consul string   // Consul HTTP address; empty = embedded store
 	join   []string // gossip seeds; gossip is on whenever consul is set
 	labels map[string]string
-	extra  string // more YAML appended to the config
+	extra  string        // more YAML appended to the config
+	copyTO time.Duration // peer.timeout (default 3s)
+}
+
+func (o clusterOpts) peerTimeout() time.Duration {
+	if o.copyTO == 0 {
+		return 3 * time.Second
+	}
+	return o.copyTO
 }
 
 func newNode(t *testing.T, name string) *node { return newClusterNode(t, name, clusterOpts{}) }
@@ -123,7 +132,8 @@ func newClusterNode(t *testing.T, name string, o clusterOpts) *node {
 		b.WriteString("metadata:\n  backend: embedded\n")
 	} else {
 		n.gossip = fmt.Sprintf("127.0.0.1:%d", freePort(t))
-		fmt.Fprintf(&b, "metadata:\n  backend: consul\nconsul:\n  address: %s\ngossip:\n  bind: %s\n", o.consul, n.gossip)
+		n.peer = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+		fmt.Fprintf(&b, "metadata:\n  backend: consul\nconsul:\n  address: %s\npeer:\n  listen: %s\n  timeout: %s\ngossip:\n  bind: %s\n", o.consul, n.peer, o.peerTimeout(), n.gossip)
 		if len(o.join) > 0 {
 			fmt.Fprintf(&b, "  join: [%s]\n", strings.Join(o.join, ", "))
 		}

@@ -25,9 +25,16 @@ func (n *Node) diskSpace() (int64, int64) {
 func (n *Node) gossipMeta() membership.NodeMeta {
 	capacity, free := n.diskSpace()
 	return membership.NodeMeta{
-		API: n.apiLn.Addr().String(), ISCSI: n.target.Addr().String(),
+		API: n.apiLn.Addr().String(), ISCSI: n.target.Addr().String(), Peer: n.peerAddr(),
 		Labels: n.cfg.Node.Labels, Capacity: capacity, Free: free, Version: n.version,
 	}
+}
+
+func (n *Node) peerAddr() string {
+	if n.peerSrv == nil {
+		return ""
+	}
+	return n.peerSrv.Addr().String()
 }
 
 // joinCluster starts gossip and joins the seeds.
@@ -131,7 +138,7 @@ func memberNode(m membership.Member, held map[string][]string) api.Node {
 func (n *Node) NodeInfo(ctx context.Context) (api.Node, error) {
 	out := api.Node{
 		Name: n.cfg.Node.Name, State: "alive", Version: n.version, Labels: n.cfg.Node.Labels,
-		APIAddr: n.apiLn.Addr().String(), ISCSIAddr: n.target.Addr().String(), GossipAddr: n.cfg.Gossip.Advertise,
+		APIAddr: n.apiLn.Addr().String(), ISCSIAddr: n.target.Addr().String(), GossipAddr: n.cfg.Gossip.Advertise, PeerAddr: n.peerAddr(),
 		IQNPrefix: n.cfg.ISCSI.IQNPrefix, Metadata: n.cfg.Metadata.Backend, StartedAt: n.started, Since: n.started,
 		Exported: []string{}, Sessions: []api.Session{},
 	}

@@ -28,6 +28,7 @@ type Config struct {
 	API      APIConfig      `mapstructure:"api"`
 	ISCSI    ISCSIConfig    `mapstructure:"iscsi"`
 	Metadata MetadataConfig `mapstructure:"metadata"`
+	Peer     PeerConfig     `mapstructure:"peer"`
 	Consul   ConsulConfig   `mapstructure:"consul"`
 	Gossip   GossipConfig   `mapstructure:"gossip"`
 	Log      LogConfig      `mapstructure:"log"`
@@ -57,6 +58,15 @@ type ISCSIConfig struct {
 	Listen string `mapstructure:"listen"` // IP:port of the portal, bound exactly
 	// IQNPrefix: image NAME is exported as target <IQNPrefix>:NAME.
 	IQNPrefix string `mapstructure:"iqn_prefix"`
+}
+
+// PeerConfig is the data transport between nodes (block reads, writes,
+// checksums and bulk copies of image copies).
+type PeerConfig struct {
+	Listen string `mapstructure:"listen"` // IP:port, bound exactly; gossiped to the other nodes
+	// Timeout bounds each copy's part of a request; a copy that does not
+	// answer in time is recorded out of sync and the write goes on.
+	Timeout time.Duration `mapstructure:"timeout"`
 }
 
 // MetadataConfig selects the metadata store.
@@ -113,6 +123,8 @@ var defaults = map[string]any{
 	"iscsi.listen":                    "127.0.0.1:3260",
 	"iscsi.iqn_prefix":                "iqn.2026-11.io.ukai",
 	"metadata.backend":                "embedded",
+	"peer.listen":                     "",
+	"peer.timeout":                    10 * time.Second,
 	"consul.address":                  "127.0.0.1:8500",
 	"consul.token":                    "",
 	"consul.token_file":               "",
@@ -145,6 +157,7 @@ func Flags(fs *pflag.FlagSet) {
 	fs.String("consul.address", "", "Consul agent HTTP address (default 127.0.0.1:8500)")
 	fs.String("consul.token_file", "", "file holding the Consul ACL token")
 	fs.String("consul.prefix", "", "Consul KV prefix (default ukai/)")
+	fs.String("peer.listen", "", "peer data address IP:port (needed for images with copies on several nodes)")
 	fs.String("gossip.bind", "", "gossip address IP:port (empty: no cluster)")
 	fs.String("gossip.advertise", "", "gossip address others use (default gossip.bind)")
 	fs.StringSlice("gossip.join", nil, "gossip seeds IP:port, comma separated")
@@ -269,6 +282,17 @@ func (c *Config) Validate() error {
 		}
 	default:
 		bad("metadata.backend", "%q: must be \"embedded\" or \"consul\"", c.Metadata.Backend)
+	}
+	if c.Peer.Listen != "" {
+		if err := checkAddr(c.Peer.Listen); err != nil {
+			bad("peer.listen", "%v", err)
+		}
+		if c.Peer.Listen == c.API.Listen || c.Peer.Listen == c.ISCSI.Listen {
+			bad("peer.listen", "same address as the API or the iSCSI portal")
+		}
+	}
+	if c.Peer.Timeout <= 0 {
+		bad("peer.timeout", "must be positive (e.g. 10s)")
 	}
 	if c.Gossip.Bind != "" {
 		if err := checkAddr(c.Gossip.Bind); err != nil {

@@ -8,7 +8,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ukai-storage/ukai/api"
@@ -18,11 +21,26 @@ import (
 	"github.com/ukai-storage/ukai/target/scsi"
 )
 
-// served is an image this node exports.
+// served is an image this node exports. Every node exports every image:
+// a hypervisor may use any node, and the node reads and writes the image's
+// copies wherever they are. Only the image's owner does I/O (see owner.go).
 type served struct {
-	img meta.Image
-	vol *lun.Volume
-	lu  *scsi.LU
+	local *lun.FileCopy // this node's copy; nil when it holds none
+	vol   *lun.Volume
+	lu    *scsi.LU
+
+	mu    sync.Mutex // guards img
+	img   meta.Image // the record as last applied
+	owned atomic.Bool
+	// busy counts syncs and verifies running on the image, which keep
+	// ownership like a session does.
+	busy atomic.Int32
+}
+
+func (s *served) record() meta.Image {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.img
 }
 
 // watch reconciles whenever image records change, and retries with
@@ -86,8 +104,9 @@ func (n *Node) cacheRecord(img meta.Image) error {
 	return os.Rename(tmp, n.recordPath(img.ID))
 }
 
-// exportCached exports every image whose record is cached in the data dir.
-func (n *Node) exportCached() {
+// exportCached exports every image whose record is cached in the data dir
+// (images this node holds a copy of).
+func (n *Node) exportCached(ctx context.Context) {
 	files, _ := filepath.Glob(filepath.Join(n.imgDir, "*.json"))
 	for _, f := range files {
 		var img meta.Image
@@ -103,18 +122,18 @@ func (n *Node) exportCached() {
 			continue
 		}
 		n.reconMu.Lock()
-		if err := n.export(img); err != nil {
+		if err := n.export(ctx, img, true); err != nil {
 			n.log.Warn("cannot export cached image", "image", img.Name, "err", err)
 		}
 		n.reconMu.Unlock()
 	}
 }
 
-// reconcile makes the served set match the catalog: images with a copy
-// on this node are exported; images whose record is gone are withdrawn,
-// and their local file is removed only when the image was deleted on
-// purpose (a tombstone exists). It changes nothing when the catalog cannot
-// be read.
+// reconcile makes the served set match the catalog: every image is
+// exported (with its copies wherever they are), records that changed are
+// applied, images whose record is gone are withdrawn, and a local copy is
+// removed only when the image was deleted on purpose (a tombstone exists).
+// It changes nothing when the catalog cannot be read.
 func (n *Node) reconcile(ctx context.Context) error {
 	n.reconMu.Lock()
 	defer n.reconMu.Unlock()
@@ -127,23 +146,19 @@ func (n *Node) reconcile(ctx context.Context) error {
 	}
 	want := map[string]meta.Image{}
 	for _, img := range imgs {
-		for _, loc := range img.Locations {
-			if loc == n.cfg.Node.Name {
-				want[img.Name] = img
-			}
-		}
+		want[img.Name] = img
 	}
 	var errs []error
 	n.mu.RLock()
 	var gone []*served
 	for name, s := range n.served {
-		if w, ok := want[name]; !ok || w.ID != s.img.ID {
+		if w, ok := want[name]; !ok || w.ID != s.record().ID {
 			gone = append(gone, s)
 		}
 	}
 	n.mu.RUnlock()
 	for _, s := range gone {
-		deleted, err := n.cat.Tombstoned(ctx, s.img.ID)
+		deleted, err := n.cat.Tombstoned(ctx, s.record().ID)
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -152,38 +167,93 @@ func (n *Node) reconcile(ctx context.Context) error {
 	}
 	for _, img := range want {
 		n.mu.RLock()
-		_, ok := n.served[img.Name]
+		s, ok := n.served[img.Name]
 		n.mu.RUnlock()
 		if !ok {
-			errs = append(errs, n.export(img))
+			errs = append(errs, n.export(ctx, img, false))
+			continue
 		}
+		errs = append(errs, n.apply(ctx, s, img))
 	}
 	return errors.Join(errs...)
 }
 
-// export opens the local copy of img and publishes its target. The caller
-// holds reconMu.
-func (n *Node) export(img meta.Image) error {
+// openLocal opens this node's copy of img, creating it when the node is a
+// new location. A copy whose file is missing while the block map says it
+// holds in-sync blocks was lost (disk replaced, file removed): it is
+// recorded out of sync everywhere before an empty file takes its place, so
+// zeros are never served as data.
+func (n *Node) openLocal(ctx context.Context, img meta.Image) (*lun.FileCopy, error) {
+	path := n.imagePath(img)
+	c, err := lun.OpenFile(path, img.Size)
+	if err == nil || !errors.Is(err, os.ErrNotExist) {
+		return c, err
+	}
+	bm, err := n.cat.BlockMap(ctx, img, n.cfg.Node.Name)
+	if err != nil {
+		return nil, err
+	}
+	if held := bm.Len() - bm.Count(placement.OutOfSync); held > 0 {
+		n.log.Error("the copy of an image this node should hold is missing: recording it out of sync", "image", img.Name, "file", path, "in_sync_blocks", held)
+		all := make([]int64, bm.Len())
+		for i := range all {
+			all[i] = int64(i)
+		}
+		if err := n.cat.SetBlockStates(ctx, img, n.cfg.Node.Name, all, placement.OutOfSync); err != nil {
+			return nil, err
+		}
+	}
+	return lun.CreateFile(path, img.Size)
+}
+
+// export starts serving img. With cached (start-up from the data dir,
+// maybe without the catalog) only the local copy is used until the
+// catalog is readable. The caller holds reconMu.
+func (n *Node) export(ctx context.Context, img meta.Image, cached bool) error {
 	n.mu.RLock()
 	_, ok := n.served[img.Name]
 	n.mu.RUnlock()
 	if ok {
 		return nil
 	}
-	c, err := lun.OpenFile(n.imagePath(img), img.Size)
+	s := &served{img: img}
+	if img.HasLocation(n.cfg.Node.Name) {
+		var err error
+		if cached {
+			s.local, err = lun.OpenFile(n.imagePath(img), img.Size)
+		} else {
+			s.local, err = n.openLocal(ctx, img)
+		}
+		if err != nil {
+			return fmt.Errorf("image %s: %w", img.Name, err)
+		}
+		if err := n.cacheRecord(img); err != nil {
+			s.local.Close()
+			return err
+		}
+	}
+	reps, maps, err := n.replicas(ctx, s, img, cached)
 	if err != nil {
+		if s.local != nil {
+			s.local.Close()
+		}
 		return fmt.Errorf("image %s: %w", img.Name, err)
 	}
-	vol, err := lun.NewVolume(img.Size, img.BlockSize, c)
+	s.vol, err = lun.NewVolume(lun.Config{
+		Size: img.Size, BlockSize: img.BlockSize, MinCopies: img.MinCopies,
+		CopyTimeout: n.cfg.Peer.Timeout, Alive: n.alive, Log: n.log.With("image", img.Name),
+	}, reps, maps, &mapStore{n: n, s: s})
 	if err != nil {
-		c.Close()
+		if s.local != nil {
+			s.local.Close()
+		}
 		return fmt.Errorf("image %s: %w", img.Name, err)
 	}
 	var devID [16]byte
 	if b, err := hex.DecodeString(img.ID); err == nil {
 		copy(devID[:], b)
 	}
-	lu, err := scsi.NewLU(scsi.Config{
+	s.lu, err = scsi.NewLU(scsi.Config{
 		Size:                  img.Size,
 		LogicalBlockSize:      meta.SectorSize,
 		OptimalTransferBlocks: uint32(img.BlockSize / meta.SectorSize),
@@ -194,47 +264,99 @@ func (n *Node) export(img meta.Image) error {
 		MaxUnmapBlocks:        uint32(min(img.Size/meta.SectorSize, 1<<22)),
 		MaxWriteSameBlocks:    uint32(min(img.Size/meta.SectorSize, 1<<22)),
 		MaxTransferBlocks:     (32 << 20) / meta.SectorSize,
-	}, vol, n.log.With("image", img.Name))
+	}, &gate{n: n, s: s}, n.log.With("image", img.Name))
 	if err != nil {
-		vol.Close()
+		s.vol.Close()
 		return fmt.Errorf("image %s: %w", img.Name, err)
 	}
-	if err := n.cacheRecord(img); err != nil {
-		vol.Close()
-		return err
+	if cached {
+		// Serving from the cache means the catalog may be unreachable:
+		// keep ownership as recorded.
+		s.owned.Store(img.Owner == n.cfg.Node.Name)
 	}
 	n.mu.Lock()
-	n.served[img.Name] = &served{img: img, vol: vol, lu: lu}
+	n.served[img.Name] = s
 	n.mu.Unlock()
-	n.log.Info("image exported", "image", img.Name, "id", img.ID, "iqn", n.iqn(img.Name), "size", img.Size, "block_size", img.BlockSize)
+	n.log.Info("image exported", "image", img.Name, "id", img.ID, "iqn", n.iqn(img.Name), "locations", img.Locations, "local_copy", s.local != nil)
+	return nil
+}
+
+// apply brings a served image in line with a changed record: new or
+// removed locations, a new owner or generation, a new min_copies.
+func (n *Node) apply(ctx context.Context, s *served, img meta.Image) error {
+	old := s.record()
+	if old.Generation == img.Generation && old.Owner == img.Owner && old.MinCopies == img.MinCopies &&
+		slices.Equal(old.Locations, img.Locations) && old.SyncPaused == img.SyncPaused {
+		return nil
+	}
+	hasLocal := img.HasLocation(n.cfg.Node.Name)
+	switch {
+	case hasLocal && s.local == nil:
+		c, err := n.openLocal(ctx, img)
+		if err != nil {
+			return fmt.Errorf("image %s: %w", img.Name, err)
+		}
+		s.local = c
+	case !hasLocal && s.local != nil:
+		// This node's copy was removed from the image (relocation): the
+		// volume closes it below; the file goes.
+		defer func(id string) {
+			os.Remove(n.imagePath(img))
+			os.Remove(n.recordPath(id))
+		}(img.ID)
+		s.local = nil
+	}
+	if hasLocal {
+		if err := n.cacheRecord(img); err != nil {
+			return err
+		}
+	}
+	if img.Owner != n.cfg.Node.Name && s.owned.Load() {
+		n.log.Warn("ownership of the image moved to another node", "image", img.Name, "owner", img.Owner)
+		s.owned.Store(false)
+	}
+	reps, maps, err := n.replicas(ctx, s, img, false)
+	if err != nil {
+		return fmt.Errorf("image %s: %w", img.Name, err)
+	}
+	s.vol.SetMinCopies(img.MinCopies)
+	if err := s.vol.SetReplicas(reps, maps); err != nil {
+		return fmt.Errorf("image %s: %w", img.Name, err)
+	}
+	s.mu.Lock()
+	s.img = img
+	s.mu.Unlock()
 	return nil
 }
 
 // withdraw ends the sessions of an image that left the catalog and closes
-// its copy. With deleted (the image has a tombstone) the data file and
-// cached record are removed; otherwise they are kept and the loss of the
-// record is reported.
+// its copies. With deleted (the image has a tombstone) the local data file
+// and cached record are removed; otherwise they are kept and the loss of
+// the record is reported.
 func (n *Node) withdraw(s *served, deleted bool) error {
+	img := s.record()
 	n.mu.Lock()
-	if n.served[s.img.Name] == s {
-		delete(n.served, s.img.Name)
+	if n.served[img.Name] == s {
+		delete(n.served, img.Name)
 	}
 	n.mu.Unlock()
-	n.target.DropTarget(n.iqn(s.img.Name))
+	n.target.DropTarget(n.iqn(img.Name))
 	err := s.vol.Close()
-	if deleted {
-		for _, p := range []string{n.imagePath(s.img), n.recordPath(s.img.ID)} {
-			if rerr := os.Remove(p); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
-				err = errors.Join(err, rerr)
+	if s.local != nil {
+		if deleted {
+			for _, p := range []string{n.imagePath(img), n.recordPath(img.ID)} {
+				if rerr := os.Remove(p); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+					err = errors.Join(err, rerr)
+				}
 			}
+			n.log.Info("image deleted", "image", img.Name, "id", img.ID)
+		} else {
+			n.log.Error("the record of an image this node holds vanished without a delete; its target is withdrawn, its data kept",
+				"image", img.Name, "id", img.ID, "file", n.imagePath(img))
 		}
-		n.log.Info("image deleted", "image", s.img.Name, "id", s.img.ID)
-	} else {
-		n.log.Error("the record of an image this node holds vanished without a delete; its target is withdrawn, its data kept",
-			"image", s.img.Name, "id", s.img.ID, "file", n.imagePath(s.img))
 	}
 	if err != nil {
-		return fmt.Errorf("withdraw image %s: %w", s.img.Name, err)
+		return fmt.Errorf("withdraw image %s: %w", img.Name, err)
 	}
 	return nil
 }
@@ -263,8 +385,10 @@ func (n *Node) TargetNames() []string {
 	return out
 }
 
-// CreateImage implements api.Service: the local sparse file first, then the
-// record, then the export.
+// CreateImage implements api.Service. Every location prepares its sparse
+// file first (through its control API), then the block maps (all in sync:
+// every copy is zeros) and the record are written, then the image is
+// exported here; the other nodes export it when they see the record.
 func (n *Node) CreateImage(ctx context.Context, req api.CreateImageRequest) (api.Image, error) {
 	if req.BlockSize == 0 {
 		req.BlockSize = meta.DefaultBlockSize
@@ -275,35 +399,76 @@ func (n *Node) CreateImage(ctx context.Context, req api.CreateImageRequest) (api
 	if err := meta.ValidateGeometry(req.Size, req.BlockSize); err != nil {
 		return api.Image{}, err
 	}
+	locs := req.Locations
+	if len(locs) == 0 {
+		locs = []string{n.cfg.Node.Name}
+	}
+	if req.MinCopies == 0 {
+		req.MinCopies = 1
+	}
 	img := meta.Image{
-		Version:   meta.RecordVersion,
-		ID:        meta.NewImageID(),
-		Name:      req.Name,
-		Size:      req.Size,
-		BlockSize: req.BlockSize,
-		Locations: []string{n.cfg.Node.Name},
-		MinCopies: 1,
+		Version: meta.RecordVersion, ID: meta.NewImageID(), Name: req.Name, Size: req.Size,
+		BlockSize: req.BlockSize, Locations: locs, MinCopies: req.MinCopies, Generation: 1,
+	}
+	if err := img.Validate(); err != nil {
+		return api.Image{}, err
 	}
 	if _, _, err := n.cat.GetImage(ctx, img.Name); err == nil {
 		return api.Image{}, fmt.Errorf("image %q: %w", img.Name, meta.ErrImageExists)
-	}
-	f, err := lun.CreateFile(n.imagePath(img), img.Size)
-	if err != nil {
+	} else if !errors.Is(err, meta.ErrImageNotFound) {
 		return api.Image{}, err
 	}
-	f.Close()
+	for _, loc := range locs {
+		if err := n.prepareCopyOn(ctx, loc, img); err != nil {
+			return api.Image{}, err
+		}
+	}
 	created, err := n.cat.CreateImage(ctx, img, placement.InSync)
 	if err != nil {
-		os.Remove(n.imagePath(img))
 		return api.Image{}, err
 	}
-	n.reconMu.Lock()
-	err = n.export(created)
-	n.reconMu.Unlock()
-	if err != nil {
-		return api.Image{}, err
+	if err := n.reconcile(ctx); err != nil {
+		n.log.Warn("reconcile after create", "err", err)
 	}
 	return n.GetImage(ctx, created.Name, false)
+}
+
+// prepareCopyOn makes node create its empty copy of img.
+func (n *Node) prepareCopyOn(ctx context.Context, node string, img meta.Image) error {
+	if node == n.cfg.Node.Name {
+		return n.PrepareCopy(ctx, img.ID, img.Size)
+	}
+	m, err := n.peerMember(node)
+	if err != nil {
+		return err
+	}
+	if err := api.NewClient(m.Meta.API).PrepareCopy(ctx, img.ID, img.Size); err != nil {
+		return fmt.Errorf("prepare the copy on %s: %w", node, err)
+	}
+	return nil
+}
+
+// PrepareCopy implements api.Service: create this node's empty sparse copy
+// of a new image (idempotent for the same size).
+func (n *Node) PrepareCopy(_ context.Context, id string, size int64) error {
+	if len(id) != 32 {
+		return fmt.Errorf("%w: image id %q", meta.ErrInvalid, id)
+	}
+	if _, err := hex.DecodeString(id); err != nil {
+		return fmt.Errorf("%w: image id %q", meta.ErrInvalid, id)
+	}
+	path := n.imagePath(meta.Image{ID: id})
+	if st, err := os.Stat(path); err == nil {
+		if st.Size() != size {
+			return fmt.Errorf("%w: a copy of image id %s with another size exists", meta.ErrConflict, id)
+		}
+		return nil
+	}
+	f, err := lun.CreateFile(path, size)
+	if err != nil {
+		return err
+	}
+	return f.Close()
 }
 
 // ListImages implements api.Service.
@@ -343,6 +508,7 @@ func (n *Node) describe(ctx context.Context, img meta.Image, blocks bool) (api.I
 	out := api.Image{
 		Name: img.Name, ID: img.ID, Size: img.Size, BlockSize: img.BlockSize, Blocks: img.Blocks(),
 		Created: img.Created, IQN: n.iqn(img.Name), MinCopies: img.MinCopies,
+		Owner: img.Owner, Generation: img.Generation, SyncPaused: img.SyncPaused,
 	}
 	maps := make([]*placement.BlockMap, len(img.Locations))
 	for i, loc := range img.Locations {

@@ -16,6 +16,7 @@ import (
 	"github.com/ukai-storage/ukai/api"
 	"github.com/ukai-storage/ukai/cluster/membership"
 	"github.com/ukai-storage/ukai/cluster/meta"
+	"github.com/ukai-storage/ukai/cluster/peer"
 	"github.com/ukai-storage/ukai/target/iscsi"
 )
 
@@ -41,12 +42,17 @@ type Node struct {
 
 	storeMu sync.Mutex
 	storeOK bool // last metadata access succeeded
+
+	ownMu   sync.Mutex // one ownership change at a time
+	peerSrv *peer.Server
+	peersMu sync.Mutex
+	peers   map[string]*peer.Client // by data address
 }
 
 // New opens the node's stores, binds its listeners and joins the cluster;
 // nothing is served until Run. Errors name the configuration key at fault.
 func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *Node, err error) {
-	n := &Node{cfg: cfg, log: log, version: version, started: time.Now(), served: map[string]*served{}, storeOK: true}
+	n := &Node{cfg: cfg, log: log, version: version, started: time.Now(), served: map[string]*served{}, storeOK: true, peers: map[string]*peer.Client{}}
 	var closers []func()
 	defer func() {
 		if err != nil {
@@ -77,6 +83,17 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 		return nil, fmt.Errorf("iscsi.listen %s: %w", cfg.ISCSI.Listen, err)
 	}
 	closers = append(closers, func() { n.target.Close(context.Background()) })
+	if cfg.Peer.Listen != "" {
+		n.peerSrv, err = peer.NewServer(peer.ServerConfig{Listen: cfg.Peer.Listen, Logger: log.With("component", "peer")},
+			&peerStore{n: n, floors: map[string]uint64{}})
+		if err == nil {
+			err = n.peerSrv.Listen()
+		}
+		if err != nil {
+			return nil, fmt.Errorf("peer.listen %s: %w", cfg.Peer.Listen, err)
+		}
+		closers = append(closers, func() { n.peerSrv.Close(context.Background()) })
+	}
 	n.apiLn, err = net.Listen("tcp", cfg.API.Listen)
 	if err != nil {
 		return nil, fmt.Errorf("api.listen %s: %w", cfg.API.Listen, err)
@@ -117,9 +134,14 @@ func (n *Node) Run(ctx context.Context) error {
 	// Images this node held when it stopped are served at once from their
 	// cached records, even while the metadata store is unreachable; the
 	// reconcile loop then brings the set in line with the catalog.
-	n.exportCached()
-	errc := make(chan error, 2)
+	n.exportCached(ctx)
+	errc := make(chan error, 3)
 	go func() { errc <- n.target.Serve(ctx) }()
+	if n.peerSrv != nil {
+		go func() { errc <- n.peerSrv.Serve(ctx) }()
+	}
+	go n.releaseIdle(ctx)
+	go n.synchronizer(ctx)
 	go func() {
 		if err := n.apiSrv.Serve(n.apiLn); !errors.Is(err, http.ErrServerClosed) {
 			errc <- fmt.Errorf("api: %w", err)
@@ -147,12 +169,26 @@ func (n *Node) shutdown() error {
 	n.log.Info("shutting down")
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
-	var err error
-	if n.members != nil {
-		err = n.members.Leave(ctx)
-	}
-	err = errors.Join(err, n.apiSrv.Shutdown(ctx))
+	err := n.apiSrv.Shutdown(ctx)
 	err = errors.Join(err, n.target.Close(ctx))
+	// Hand back the images this node owns, their copies flushed.
+	n.mu.RLock()
+	var owned []*served
+	for _, s := range n.served {
+		if s.owned.Load() {
+			owned = append(owned, s)
+		}
+	}
+	n.mu.RUnlock()
+	for _, s := range owned {
+		n.release(ctx, s)
+	}
+	if n.peerSrv != nil {
+		err = errors.Join(err, n.peerSrv.Close(ctx))
+	}
+	if n.members != nil {
+		err = errors.Join(err, n.members.Leave(ctx))
+	}
 	n.mu.Lock()
 	for name, s := range n.served {
 		if cerr := s.vol.Close(); cerr != nil {

@@ -218,5 +218,8 @@ func (s *BoltKV) index() uint64 {
 	return idx
 }
 
+// Ping implements KV: a local file is always reachable.
+func (s *BoltKV) Ping(ctx context.Context) error { return ctx.Err() }
+
 // Close implements KV.
 func (s *BoltKV) Close() error { return s.db.Close() }

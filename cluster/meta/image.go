@@ -42,10 +42,31 @@ type Image struct {
 	Locations []string `json:"locations"`
 	// MinCopies is how many copies a write must reach to be acknowledged.
 	MinCopies int `json:"min_copies"`
+	// Generation grows with every change of Owner; requests to copies
+	// carry it, and a copy refuses a generation older than one it saw.
+	Generation uint64 `json:"generation"`
+	// Owner is the node that serves the image's I/O: it alone writes the
+	// copies, updates the block maps and synchronizes. Empty: nobody.
+	Owner string `json:"owner,omitempty"`
+	// SyncPaused stops the background synchronizer for this image.
+	SyncPaused bool `json:"sync_paused,omitempty"`
+}
+
+// HasLocation reports whether node holds a copy.
+func (img *Image) HasLocation(node string) bool {
+	for _, l := range img.Locations {
+		if l == node {
+			return true
+		}
+	}
+	return false
 }
 
 // Blocks is the number of blocks of the image (the last may be partial).
 func (img *Image) Blocks() int64 { return (img.Size + img.BlockSize - 1) / img.BlockSize }
+
+// NodeNameRE is what a node name looks like.
+var NodeNameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
 
 var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9.-]{0,62}[a-z0-9])?$`)
 
@@ -87,6 +108,13 @@ func (img *Image) Validate() error {
 	}
 	if len(img.Locations) == 0 {
 		return fmt.Errorf("%w: no locations", ErrInvalid)
+	}
+	seen := map[string]bool{}
+	for _, l := range img.Locations {
+		if !NodeNameRE.MatchString(l) || seen[l] {
+			return fmt.Errorf("%w: location %q is not a valid, distinct node name", ErrInvalid, l)
+		}
+		seen[l] = true
 	}
 	if img.MinCopies < 1 || img.MinCopies > len(img.Locations) {
 		return fmt.Errorf("%w: min_copies %d outside 1..%d", ErrInvalid, img.MinCopies, len(img.Locations))

@@ -52,6 +52,9 @@ type KV interface {
 	// with an index >= the given one; callers re-read and compare. It
 	// returns ctx.Err() when ctx ends.
 	Watch(ctx context.Context, prefix string, index uint64) (uint64, error)
+	// Ping checks that the store can be reached now (ErrUnavailable if
+	// not).
+	Ping(ctx context.Context) error
 	// Close releases the store.
 	Close() error
 }

@@ -4,53 +4,512 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"slices"
 	"sync"
+	"time"
+
+	"github.com/ukai-storage/ukai/placement"
+	"github.com/ukai-storage/ukai/target/scsi"
 )
 
-// Volume is the LUN backend of one image: it implements scsi.Backend by
-// splitting every request at block boundaries and running each piece
-// against the block's copy. A request is complete when all its pieces are.
-type Volume struct {
-	size      int64
-	blockSize int64
-	copy      Copy
+// Replica is one copy of an image as a volume sees it.
+type Replica struct {
+	Node  string
+	Copy  Copy
+	Local bool
+	// RTT estimates the copy's latency for nearest-copy reads; nil or 0
+	// means unknown (tried after the known ones).
+	RTT func() time.Duration
 }
 
-// NewVolume returns the backend of an image of size bytes in blocks of
-// blockSize over one local copy.
-func NewVolume(size, blockSize int64, c Copy) (*Volume, error) {
-	if blockSize <= 0 || blockSize&(blockSize-1) != 0 {
-		return nil, fmt.Errorf("block size %d is not a power of two", blockSize)
-	}
-	return &Volume{size: size, blockSize: blockSize, copy: c}, nil
+// MapStore records block state changes in the metadata store. Both calls
+// return only once the change is stored.
+type MapStore interface {
+	SetBlockStates(ctx context.Context, node string, blocks []int64, s placement.SyncState) error
 }
+
+// Config is a volume's geometry and policy.
+type Config struct {
+	Size      int64
+	BlockSize int64
+	// MinCopies is how many copies a write must reach; fewer fails the
+	// write with a SCSI error.
+	MinCopies int
+	// CopyTimeout bounds each copy's part of a request (default 10 s): a
+	// copy that does not answer in time is treated as failed.
+	CopyTimeout time.Duration
+	// Alive reports whether a node is alive in the membership; a dead
+	// node's copy is not waited on. Nil: all alive.
+	Alive func(node string) bool
+	Log   *slog.Logger
+}
+
+// Volume is the LUN backend of one image: it implements scsi.Backend over
+// the image's copies. Every request is split at block boundaries; reads
+// take each block from the nearest in-sync copy (local first), writes go
+// to every in-sync copy in parallel, and a copy that fails is recorded out
+// of sync for exactly the blocks written before the write is acknowledged.
+type Volume struct {
+	cfg   Config
+	store MapStore
+	locks blockLocks
+
+	mu       sync.RWMutex
+	replicas []*Replica
+	maps     map[string]*placement.BlockMap // by node
+	dirty    map[string]map[int64]bool      // blocks written since the copy's last Sync
+}
+
+// NewVolume returns the backend of an image over its replicas, with the
+// block maps as the catalog has them.
+func NewVolume(cfg Config, replicas []*Replica, maps map[string]*placement.BlockMap, store MapStore) (*Volume, error) {
+	if cfg.BlockSize <= 0 || cfg.BlockSize&(cfg.BlockSize-1) != 0 {
+		return nil, fmt.Errorf("block size %d is not a power of two", cfg.BlockSize)
+	}
+	if cfg.MinCopies < 1 {
+		cfg.MinCopies = 1
+	}
+	if cfg.CopyTimeout <= 0 {
+		cfg.CopyTimeout = 10 * time.Second
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	v := &Volume{cfg: cfg, store: store}
+	if err := v.SetReplicas(replicas, maps); err != nil {
+		return nil, err
+	}
+	return v, nil
+}
+
+// SetMinCopies changes how many copies a write must reach.
+func (v *Volume) SetMinCopies(k int) {
+	v.mu.Lock()
+	v.cfg.MinCopies = max(k, 1)
+	v.mu.Unlock()
+}
+
+// Blocks is the number of blocks.
+func (v *Volume) Blocks() int64 { return (v.cfg.Size + v.cfg.BlockSize - 1) / v.cfg.BlockSize }
+
+// SetReplicas replaces the copies and block maps (a location was added or
+// removed, or the maps changed in the catalog). Replicas not in the new
+// set are closed.
+func (v *Volume) SetReplicas(replicas []*Replica, maps map[string]*placement.BlockMap) error {
+	for _, r := range replicas {
+		m, ok := maps[r.Node]
+		if !ok || m.Len() != v.Blocks() {
+			return fmt.Errorf("no block map of %d blocks for copy on %s", v.Blocks(), r.Node)
+		}
+	}
+	v.mu.Lock()
+	old := v.replicas
+	v.replicas = replicas
+	v.maps = map[string]*placement.BlockMap{}
+	for n, m := range maps {
+		v.maps[n] = m.Clone()
+	}
+	if v.dirty == nil {
+		v.dirty = map[string]map[int64]bool{}
+	}
+	v.mu.Unlock()
+	for _, o := range old {
+		if !slices.ContainsFunc(replicas, func(r *Replica) bool { return r == o }) {
+			o.Copy.Close()
+		}
+	}
+	return nil
+}
+
+// State returns the state of block b of node's copy (OutOfSync when the
+// node holds no copy).
+func (v *Volume) State(node string, b int64) placement.SyncState {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	if m, ok := v.maps[node]; ok {
+		return m.Get(b)
+	}
+	return placement.OutOfSync
+}
+
+// MapsSnapshot returns copies of the block maps.
+func (v *Volume) MapsSnapshot() map[string]*placement.BlockMap {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	out := map[string]*placement.BlockMap{}
+	for n, m := range v.maps {
+		out[n] = m.Clone()
+	}
+	return out
+}
+
+func (v *Volume) minCopies() int {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	return v.cfg.MinCopies
+}
+
+func (v *Volume) alive(node string) bool { return v.cfg.Alive == nil || v.cfg.Alive(node) }
 
 // piece is the part of a request inside one block.
 type piece struct {
-	block int64 // block index
+	block int64
 	off   int64 // byte offset in the image
-	lo    int64 // start of the piece within the request buffer
+	lo    int64 // start within the request buffer
 	n     int64
 }
 
-// split cuts [off, off+n) at block boundaries.
 func (v *Volume) split(off, n int64) ([]piece, error) {
-	if off < 0 || n < 0 || off+n > v.size {
-		return nil, fmt.Errorf("range %d+%d outside the image (size %d)", off, n, v.size)
+	if off < 0 || n < 0 || off+n > v.cfg.Size {
+		return nil, fmt.Errorf("range %d+%d outside the image (size %d)", off, n, v.cfg.Size)
 	}
-	ps := make([]piece, 0, n/v.blockSize+2)
+	bs := v.cfg.BlockSize
+	ps := make([]piece, 0, n/bs+2)
 	for done := int64(0); done < n; {
 		o := off + done
-		b := o / v.blockSize
-		l := min(n-done, (b+1)*v.blockSize-o)
+		b := o / bs
+		l := min(n-done, (b+1)*bs-o)
 		ps = append(ps, piece{block: b, off: o, lo: done, n: l})
 		done += l
 	}
 	return ps, nil
 }
 
-// each runs fn on every piece, in parallel when there are several, and
-// returns the first error.
+// readOrder returns the in-sync copies of block b, local first, then by
+// measured latency, dead nodes left out.
+func (v *Volume) readOrder(b int64) []*Replica {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	var out []*Replica
+	for _, r := range v.replicas {
+		if v.maps[r.Node].Get(b) == placement.InSync && v.alive(r.Node) {
+			out = append(out, r)
+		}
+	}
+	slices.SortStableFunc(out, func(a, c *Replica) int {
+		if a.Local != c.Local {
+			if a.Local {
+				return -1
+			}
+			return 1
+		}
+		ra, rc := rtt(a), rtt(c)
+		switch {
+		case ra == rc:
+			return 0
+		case ra == 0:
+			return 1
+		case rc == 0:
+			return -1
+		case ra < rc:
+			return -1
+		}
+		return 1
+	})
+	return out
+}
+
+func rtt(r *Replica) time.Duration {
+	if r.RTT == nil {
+		return 0
+	}
+	return r.RTT()
+}
+
+// ErrNoInSyncCopy is a block with no in-sync copy reachable: reads of it
+// fail with a medium error, never stale data.
+var ErrNoInSyncCopy = errors.New("no in-sync copy of the block is reachable")
+
+func mediumError(err error) error {
+	return &scsi.SenseError{Key: scsi.SenseMediumError, ASC: 0x11, ASCQ: 0x00, Err: err}
+}
+
+// ReadAt implements scsi.Backend.
+func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) error {
+	ps, err := v.split(off, int64(len(p)))
+	if err != nil {
+		return err
+	}
+	return each(ps, func(pc piece) error { return v.readPiece(ctx, p[pc.lo:pc.lo+pc.n], pc) })
+}
+
+func (v *Volume) readPiece(ctx context.Context, buf []byte, pc piece) error {
+	defer v.locks.shared([]piece{pc})()
+	var errs []error
+	for _, r := range v.readOrder(pc.block) {
+		cctx, cancel := context.WithTimeout(ctx, v.cfg.CopyTimeout)
+		err := r.Copy.ReadAt(cctx, buf, pc.off)
+		cancel()
+		if err == nil {
+			if len(errs) > 0 {
+				// Copies that failed before this one are now known bad
+				// for the block, and another copy has it.
+				v.markFailed(ctx, failedNodes(errs), []int64{pc.block})
+			}
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		v.cfg.Log.Warn("read from copy failed; trying another", "node", r.Node, "block", pc.block, "err", err)
+		errs = append(errs, &copyError{node: r.Node, err: err})
+	}
+	return mediumError(fmt.Errorf("block %d: %w: %v", pc.block, ErrNoInSyncCopy, errors.Join(errs...)))
+}
+
+type copyError struct {
+	node string
+	err  error
+}
+
+func (e *copyError) Error() string { return e.node + ": " + e.err.Error() }
+
+func failedNodes(errs []error) []string {
+	var out []string
+	for _, e := range errs {
+		var ce *copyError
+		if errors.As(e, &ce) {
+			out = append(out, ce.node)
+		}
+	}
+	return out
+}
+
+// markFailed records nodes' copies of blocks out of sync, in the store
+// first, then in memory. A read fallback that cannot record it only logs:
+// the data returned is correct either way.
+func (v *Volume) markFailed(ctx context.Context, nodes []string, blocks []int64) {
+	if err := v.markOutOfSync(ctx, nodes, blocks); err != nil {
+		v.cfg.Log.Error("cannot record failed copies out of sync", "nodes", nodes, "err", err)
+	}
+}
+
+func (v *Volume) markOutOfSync(ctx context.Context, nodes []string, blocks []int64) error {
+	for _, n := range nodes {
+		if err := v.store.SetBlockStates(ctx, n, blocks, placement.OutOfSync); err != nil {
+			return fmt.Errorf("mark %d blocks of %s out of sync: %w", len(blocks), n, err)
+		}
+		v.mu.Lock()
+		if m, ok := v.maps[n]; ok {
+			for _, b := range blocks {
+				m.Set(b, placement.OutOfSync)
+			}
+		}
+		v.mu.Unlock()
+		v.cfg.Log.Warn("copy marked out of sync", "node", n, "blocks", len(blocks))
+	}
+	return nil
+}
+
+// writeTargets returns the copies a write of block b goes to: every
+// in-sync copy. Out-of-sync copies are left to the synchronizer.
+func (v *Volume) writeTargets(b int64) []*Replica {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	var out []*Replica
+	for _, r := range v.replicas {
+		if v.maps[r.Node].Get(b) == placement.InSync {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// writeOp is one piece written to one copy.
+type writeOp struct {
+	r  *Replica
+	pc piece
+}
+
+// fanOut runs op on every (copy, piece) pair in parallel and returns,
+// per block, the copies that succeeded and failed. Copies of dead nodes
+// fail at once.
+func (v *Volume) fanOut(ctx context.Context, ps []piece, op func(ctx context.Context, r *Replica, pc piece) error) (ok, failed map[int64][]string) {
+	var ops []writeOp
+	for _, pc := range ps {
+		for _, r := range v.writeTargets(pc.block) {
+			ops = append(ops, writeOp{r, pc})
+		}
+	}
+	errs := make([]error, len(ops))
+	var wg sync.WaitGroup
+	for i, o := range ops {
+		if !v.alive(o.r.Node) {
+			errs[i] = fmt.Errorf("node %s is dead", o.r.Node)
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cctx, cancel := context.WithTimeout(ctx, v.cfg.CopyTimeout)
+			defer cancel()
+			errs[i] = op(cctx, o.r, o.pc)
+		}()
+	}
+	wg.Wait()
+	ok, failed = map[int64][]string{}, map[int64][]string{}
+	for i, o := range ops {
+		if errs[i] == nil {
+			ok[o.pc.block] = append(ok[o.pc.block], o.r.Node)
+		} else {
+			failed[o.pc.block] = append(failed[o.pc.block], o.r.Node)
+			v.cfg.Log.Warn("write to copy failed", "node", o.r.Node, "block", o.pc.block, "err", errs[i])
+		}
+	}
+	for _, pc := range ps {
+		if _, seen := ok[pc.block]; !seen {
+			ok[pc.block] = nil
+		}
+	}
+	return ok, failed
+}
+
+// settle records the failed copies of every block that reached at least
+// one copy, then decides the outcome: every block must have reached
+// MinCopies copies.
+func (v *Volume) settle(ctx context.Context, what string, ok, failed map[int64][]string) error {
+	byNode := map[string][]int64{}
+	var short []int64
+	for b, good := range ok {
+		if len(good) > 0 {
+			for _, n := range failed[b] {
+				byNode[n] = append(byNode[n], b)
+			}
+		}
+		if len(good) < v.minCopies() {
+			short = append(short, b)
+		}
+	}
+	for n, bs := range byNode {
+		slices.Sort(bs)
+		if err := v.markOutOfSync(ctx, []string{n}, bs); err != nil {
+			// Not recorded: the write must not be acknowledged.
+			return &scsi.SenseError{Key: scsi.SenseMediumError, ASC: 0x0c, ASCQ: 0x00, Err: fmt.Errorf("%s: %w", what, err)}
+		}
+	}
+	if len(short) > 0 {
+		slices.Sort(short)
+		return &scsi.SenseError{Key: scsi.SenseMediumError, ASC: 0x0c, ASCQ: 0x00,
+			Err: fmt.Errorf("%s of block %d reached %d copies, fewer than min_copies %d", what, short[0], len(ok[short[0]]), v.minCopies())}
+	}
+	return nil
+}
+
+// WriteAt implements scsi.Backend.
+func (v *Volume) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
+	ps, err := v.split(off, int64(len(p)))
+	if err != nil {
+		return err
+	}
+	defer v.locks.shared(ps)()
+	ok, failed := v.fanOut(ctx, ps, func(ctx context.Context, r *Replica, pc piece) error {
+		return r.Copy.WriteAt(ctx, p[pc.lo:pc.lo+pc.n], pc.off, fua)
+	})
+	if !fua {
+		v.noteDirty(ok)
+	}
+	return v.settle(ctx, "write", ok, failed)
+}
+
+func (v *Volume) noteDirty(ok map[int64][]string) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for b, nodes := range ok {
+		for _, n := range nodes {
+			d := v.dirty[n]
+			if d == nil {
+				d = map[int64]bool{}
+				v.dirty[n] = d
+			}
+			d[b] = true
+		}
+	}
+}
+
+// Flush implements scsi.Backend: every in-sync copy syncs in parallel; a
+// copy that fails is recorded out of sync for the blocks written to it
+// since its last successful sync.
+func (v *Volume) Flush(ctx context.Context) error {
+	v.mu.Lock()
+	reps := slices.Clone(v.replicas)
+	dirty := v.dirty
+	v.dirty = map[string]map[int64]bool{}
+	v.mu.Unlock()
+	errs := make([]error, len(reps))
+	var wg sync.WaitGroup
+	for i, r := range reps {
+		if !v.alive(r.Node) {
+			errs[i] = fmt.Errorf("node %s is dead", r.Node)
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cctx, cancel := context.WithTimeout(ctx, v.cfg.CopyTimeout)
+			defer cancel()
+			errs[i] = r.Copy.Sync(cctx)
+		}()
+	}
+	wg.Wait()
+	ok, failed := map[int64][]string{}, map[int64][]string{}
+	for i, r := range reps {
+		for b := range dirty[r.Node] {
+			if errs[i] == nil {
+				ok[b] = append(ok[b], r.Node)
+			} else {
+				failed[b] = append(failed[b], r.Node)
+			}
+		}
+	}
+	for b := range failed {
+		if _, seen := ok[b]; !seen {
+			ok[b] = nil
+		}
+	}
+	if err := v.settle(ctx, "flush", ok, failed); err != nil {
+		return err
+	}
+	// A flush must reach MinCopies copies even when nothing was dirty.
+	good := 0
+	for _, e := range errs {
+		if e == nil {
+			good++
+		}
+	}
+	if good < v.minCopies() {
+		return &scsi.SenseError{Key: scsi.SenseMediumError, ASC: 0x0c, ASCQ: 0x00,
+			Err: fmt.Errorf("flush reached %d copies, fewer than min_copies %d: %v", good, v.minCopies(), errors.Join(errs...))}
+	}
+	return nil
+}
+
+// Unmap implements scsi.Backend on every in-sync copy, like a write.
+func (v *Volume) Unmap(ctx context.Context, off, n int64) error {
+	ps, err := v.split(off, n)
+	if err != nil {
+		return err
+	}
+	defer v.locks.shared(ps)()
+	ok, failed := v.fanOut(ctx, ps, func(ctx context.Context, r *Replica, pc piece) error {
+		return r.Copy.Unmap(ctx, pc.off, pc.n)
+	})
+	return v.settle(ctx, "unmap", ok, failed)
+}
+
+// Close closes every copy.
+func (v *Volume) Close() error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	var errs []error
+	for _, r := range v.replicas {
+		errs = append(errs, r.Copy.Close())
+	}
+	v.replicas = nil
+	return errors.Join(errs...)
+}
+
+// each runs fn on every piece, in parallel when there are several.
 func each(ps []piece, fn func(piece) error) error {
 	if len(ps) == 1 {
 		return fn(ps[0])
@@ -67,45 +526,3 @@ func each(ps []piece, fn func(piece) error) error {
 	wg.Wait()
 	return errors.Join(errs...)
 }
-
-// ReadAt implements scsi.Backend.
-func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) error {
-	ps, err := v.split(off, int64(len(p)))
-	if err != nil {
-		return err
-	}
-	return each(ps, func(pc piece) error {
-		return v.copy.ReadAt(ctx, p[pc.lo:pc.lo+pc.n], pc.off)
-	})
-}
-
-// WriteAt implements scsi.Backend.
-func (v *Volume) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
-	ps, err := v.split(off, int64(len(p)))
-	if err != nil {
-		return err
-	}
-	if err := each(ps, func(pc piece) error {
-		return v.copy.WriteAt(ctx, p[pc.lo:pc.lo+pc.n], pc.off, false)
-	}); err != nil {
-		return err
-	}
-	if fua {
-		return v.copy.Sync(ctx)
-	}
-	return nil
-}
-
-// Flush implements scsi.Backend.
-func (v *Volume) Flush(ctx context.Context) error { return v.copy.Sync(ctx) }
-
-// Unmap implements scsi.Backend.
-func (v *Volume) Unmap(ctx context.Context, off, n int64) error {
-	if _, err := v.split(off, n); err != nil {
-		return err
-	}
-	return v.copy.Unmap(ctx, off, n)
-}
-
-// Close closes the copy.
-func (v *Volume) Close() error { return v.copy.Close() }

@@ -3,105 +3,401 @@ package lun
 import (
 	"bytes"
 	"context"
+	"errors"
 	"math/rand/v2"
-	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
+
+	"github.com/ukai-storage/ukai/placement"
+	"github.com/ukai-storage/ukai/target/scsi"
 )
 
-// recorder is a Copy over a FileCopy that records every piece it gets.
-type recorder struct {
+// faulty is a Copy over a real file that can be told to fail or stall,
+// and records the pieces written to it.
+type faulty struct {
 	*FileCopy
+	fail   atomic.Bool
+	stall  atomic.Bool
 	mu     sync.Mutex
 	pieces [][2]int64
 }
 
-func (r *recorder) WriteAt(ctx context.Context, p []byte, off int64, d bool) error {
-	r.mu.Lock()
-	r.pieces = append(r.pieces, [2]int64{off, int64(len(p))})
-	r.mu.Unlock()
-	return r.FileCopy.WriteAt(ctx, p, off, d)
+var errInjected = errors.New("injected failure")
+
+func (f *faulty) check(ctx context.Context) error {
+	if f.stall.Load() {
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	if f.fail.Load() {
+		return errInjected
+	}
+	return nil
+}
+
+func (f *faulty) ReadAt(ctx context.Context, p []byte, off int64) error {
+	if err := f.check(ctx); err != nil {
+		return err
+	}
+	return f.FileCopy.ReadAt(ctx, p, off)
+}
+
+func (f *faulty) WriteAt(ctx context.Context, p []byte, off int64, d bool) error {
+	if err := f.check(ctx); err != nil {
+		return err
+	}
+	f.mu.Lock()
+	f.pieces = append(f.pieces, [2]int64{off, int64(len(p))})
+	f.mu.Unlock()
+	return f.FileCopy.WriteAt(ctx, p, off, d)
+}
+
+func (f *faulty) Sync(ctx context.Context) error {
+	if err := f.check(ctx); err != nil {
+		return err
+	}
+	return f.FileCopy.Sync(ctx)
+}
+
+// memMaps is a MapStore that keeps the maps in memory and can fail.
+type memMaps struct {
+	mu   sync.Mutex
+	maps map[string]*placement.BlockMap
+	fail bool
+}
+
+func (m *memMaps) SetBlockStates(_ context.Context, node string, blocks []int64, s placement.SyncState) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.fail {
+		return errors.New("metadata store unreachable")
+	}
+	for _, b := range blocks {
+		m.maps[node].Set(b, s)
+	}
+	return nil
+}
+
+func (m *memMaps) get(node string, b int64) placement.SyncState {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.maps[node].Get(b)
+}
+
+type rig struct {
+	v      *Volume
+	copies map[string]*faulty
+	store  *memMaps
+	dead   sync.Map
+}
+
+func newRig(t *testing.T, size, bs int64, minCopies int, nodes ...string) *rig {
+	t.Helper()
+	r := &rig{copies: map[string]*faulty{}, store: &memMaps{maps: map[string]*placement.BlockMap{}}}
+	var reps []*Replica
+	blocks := (size + bs - 1) / bs
+	for i, n := range nodes {
+		fc, err := CreateFile(filepath.Join(t.TempDir(), n+".img"), size)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := &faulty{FileCopy: fc}
+		r.copies[n] = f
+		reps = append(reps, &Replica{Node: n, Copy: f, Local: i == 0})
+		r.store.maps[n] = placement.NewBlockMap(blocks, placement.InSync)
+	}
+	maps := map[string]*placement.BlockMap{}
+	for n, m := range r.store.maps {
+		maps[n] = m.Clone()
+	}
+	v, err := NewVolume(Config{Size: size, BlockSize: bs, MinCopies: minCopies, CopyTimeout: 500 * time.Millisecond,
+		Alive: func(n string) bool { _, d := r.dead.Load(n); return !d }}, reps, maps, r.store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { v.Close() })
+	r.v = v
+	return r
+}
+
+func pattern(n int64, seed byte) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = seed + byte(i*7)
+	}
+	return b
 }
 
 func TestVolumeSplitsAtBlockBoundaries(t *testing.T) {
 	const bs, size = 64 << 10, 64<<10*5 + 4096 // last block partial
-	fc, err := CreateFile(filepath.Join(t.TempDir(), "img"), size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rec := &recorder{FileCopy: fc}
-	v, err := NewVolume(size, bs, rec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer v.Close()
+	r := newRig(t, size, bs, 1, "n1")
 	ctx := context.Background()
 	model := make([]byte, size)
-	r := rand.New(rand.NewPCG(3, 4))
+	rnd := rand.New(rand.NewPCG(3, 4))
 	for range 200 {
-		off := r.Int64N(size/512) * 512
-		n := min(r.Int64N(3*bs/512+1)*512, size-off)
-		buf := make([]byte, n)
-		for i := range buf {
-			buf[i] = byte(r.Uint32())
-		}
-		rec.pieces = nil
-		if err := v.WriteAt(ctx, buf, off, r.IntN(4) == 0); err != nil {
+		off := rnd.Int64N(size/512) * 512
+		n := min(rnd.Int64N(3*bs/512+1)*512, size-off)
+		buf := pattern(n, byte(rnd.Uint32()))
+		r.copies["n1"].pieces = nil
+		if err := r.v.WriteAt(ctx, buf, off, rnd.IntN(4) == 0); err != nil {
 			t.Fatal(err)
 		}
 		copy(model[off:], buf)
-		for _, p := range rec.pieces {
+		for _, p := range r.copies["n1"].pieces {
 			if p[0]/bs != (p[0]+p[1]-1)/bs {
 				t.Fatalf("piece %v crosses a block boundary", p)
 			}
 		}
 		got := make([]byte, n)
-		if err := v.ReadAt(ctx, got, off); err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(got, buf) {
-			t.Fatalf("read back differs at %d+%d", off, n)
+		if err := r.v.ReadAt(ctx, got, off); err != nil || !bytes.Equal(got, buf) {
+			t.Fatalf("read back differs at %d+%d: %v", off, n, err)
 		}
 	}
 	all := make([]byte, size)
-	if err := v.ReadAt(ctx, all, 0); err != nil || !bytes.Equal(all, model) {
+	if err := r.v.ReadAt(ctx, all, 0); err != nil || !bytes.Equal(all, model) {
 		t.Fatalf("whole image differs from the model: %v", err)
 	}
-	if err := v.WriteAt(ctx, make([]byte, 1024), size-512, false); err == nil {
+	if err := r.v.WriteAt(ctx, make([]byte, 1024), size-512, false); err == nil {
 		t.Fatal("a write past the end succeeded")
 	}
 }
 
-func TestUnmapReleasesSpace(t *testing.T) {
-	const size = 8 << 20
-	path := filepath.Join(t.TempDir(), "img")
-	fc, err := CreateFile(path, size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fc.Close()
-	if a, _ := fc.Allocated(); a != 0 {
-		t.Fatalf("a new image file occupies %d bytes: not sparse", a)
-	}
+func TestFailedCopyMarkedOutOfSyncForExactlyTheBlocksWritten(t *testing.T) {
+	const bs = 64 << 10
+	r := newRig(t, 16*bs, bs, 1, "n1", "n2")
 	ctx := context.Background()
-	data := bytes.Repeat([]byte{0xab}, size)
-	if err := fc.WriteAt(ctx, data, 0, true); err != nil {
+	r.copies["n2"].fail.Store(true)
+	// Blocks 2..4 (a write from the middle of block 2 into block 4).
+	if err := r.v.WriteAt(ctx, pattern(2*bs+1024, 1), 2*bs+512, false); err != nil {
+		t.Fatalf("write with one good copy: %v", err)
+	}
+	for b := int64(0); b < 16; b++ {
+		want := placement.InSync
+		if b >= 2 && b <= 4 {
+			want = placement.OutOfSync
+		}
+		if got := r.store.get("n2", b); got != want {
+			t.Fatalf("store: block %d of n2 is %v, want %v", b, got, want)
+		}
+		if r.v.State("n2", b) != want || r.store.get("n1", b) != placement.InSync {
+			t.Fatalf("block %d: memory state of n2 %v, n1 %v", b, r.v.State("n2", b), r.store.get("n1", b))
+		}
+	}
+	// Later writes and reads do not touch n2's out-of-sync blocks.
+	r.copies["n2"].fail.Store(false)
+	r.copies["n2"].pieces = nil
+	if err := r.v.WriteAt(ctx, pattern(bs, 9), 3*bs, false); err != nil {
 		t.Fatal(err)
 	}
-	before, _ := fc.Allocated()
-	if err := fc.Unmap(ctx, 1<<20, 4<<20); err != nil {
+	if len(r.copies["n2"].pieces) != 0 {
+		t.Fatalf("an out-of-sync copy was written: %v", r.copies["n2"].pieces)
+	}
+}
+
+func TestMinCopiesFailsTheWriteButRecordsTheFailure(t *testing.T) {
+	const bs = 64 << 10
+	r := newRig(t, 8*bs, bs, 2, "n1", "n2")
+	ctx := context.Background()
+	r.copies["n2"].fail.Store(true)
+	err := r.v.WriteAt(ctx, pattern(bs, 3), 0, false)
+	var se *scsi.SenseError
+	if !errors.As(err, &se) || se.Key != scsi.SenseMediumError {
+		t.Fatalf("write below min_copies: %v, want a medium error", err)
+	}
+	if r.store.get("n2", 0) != placement.OutOfSync {
+		t.Fatal("the failed copy was not recorded out of sync")
+	}
+}
+
+func TestNoCopySucceededMarksNothing(t *testing.T) {
+	const bs = 64 << 10
+	r := newRig(t, 4*bs, bs, 1, "n1", "n2")
+	r.copies["n1"].fail.Store(true)
+	r.copies["n2"].fail.Store(true)
+	if err := r.v.WriteAt(context.Background(), pattern(bs, 3), 0, false); err == nil {
+		t.Fatal("a write that reached no copy succeeded")
+	}
+	if r.store.get("n1", 0) != placement.InSync || r.store.get("n2", 0) != placement.InSync {
+		t.Fatal("a write that reached no copy marked copies out of sync (the block would have none)")
+	}
+}
+
+func TestMetadataFailureMeansNoAck(t *testing.T) {
+	const bs = 64 << 10
+	r := newRig(t, 4*bs, bs, 1, "n1", "n2")
+	r.copies["n2"].fail.Store(true)
+	r.store.fail = true
+	if err := r.v.WriteAt(context.Background(), pattern(bs, 3), 0, false); err == nil {
+		t.Fatal("a write whose failed copy could not be recorded was acknowledged")
+	}
+}
+
+func TestReadFallsBackAndMarks(t *testing.T) {
+	const bs = 64 << 10
+	r := newRig(t, 4*bs, bs, 1, "n1", "n2")
+	ctx := context.Background()
+	data := pattern(bs, 5)
+	if err := r.v.WriteAt(ctx, data, bs, false); err != nil {
 		t.Fatal(err)
 	}
-	after, _ := fc.Allocated()
-	if before-after < 4<<20 {
-		t.Fatalf("unmap of 4 MiB freed %d bytes (before %d, after %d)", before-after, before, after)
+	r.copies["n1"].fail.Store(true) // the local copy, tried first
+	got := make([]byte, bs)
+	if err := r.v.ReadAt(ctx, got, bs); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("fallback read: %v", err)
 	}
-	got := make([]byte, 4<<20)
-	if err := fc.ReadAt(ctx, got, 1<<20); err != nil || !bytes.Equal(got, make([]byte, 4<<20)) {
-		t.Fatalf("unmapped range does not read as zeros: %v", err)
+	if r.store.get("n1", 1) != placement.OutOfSync {
+		t.Fatal("the copy that failed a read was not marked out of sync")
 	}
-	if _, err := os.Stat(path); err != nil {
+	// Now n2 is the only in-sync copy of block 1; it fails too.
+	r.copies["n2"].fail.Store(true)
+	err := r.v.ReadAt(ctx, got, bs)
+	var se *scsi.SenseError
+	if !errors.As(err, &se) || se.Key != scsi.SenseMediumError || se.ASC != 0x11 || !errors.Is(err, ErrNoInSyncCopy) {
+		t.Fatalf("read with no in-sync copy: %v", err)
+	}
+	if r.store.get("n2", 1) != placement.InSync {
+		t.Fatal("the last in-sync copy was marked out of sync")
+	}
+}
+
+func TestDeadNodeIsNotWaitedOn(t *testing.T) {
+	const bs = 64 << 10
+	r := newRig(t, 4*bs, bs, 1, "n1", "n2")
+	r.copies["n2"].stall.Store(true)
+	r.dead.Store("n2", true)
+	start := time.Now()
+	if err := r.v.WriteAt(context.Background(), pattern(bs, 1), 0, true); err != nil {
 		t.Fatal(err)
+	}
+	if d := time.Since(start); d > 200*time.Millisecond {
+		t.Fatalf("write waited %v for a dead node", d)
+	}
+	if r.store.get("n2", 0) != placement.OutOfSync {
+		t.Fatal("the dead node's copy was not marked out of sync")
+	}
+	// A stalled node that is not known dead is bounded by CopyTimeout.
+	r.dead.Delete("n2")
+	r.store.maps["n2"].Set(1, placement.InSync)
+	r.v.maps["n2"].Set(1, placement.InSync)
+	start = time.Now()
+	if err := r.v.WriteAt(context.Background(), pattern(bs, 1), bs, false); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("a stalled copy held the write for %v", d)
+	}
+}
+
+func TestFlushFailureMarksDirtyBlocks(t *testing.T) {
+	const bs = 64 << 10
+	r := newRig(t, 8*bs, bs, 1, "n1", "n2")
+	ctx := context.Background()
+	if err := r.v.WriteAt(ctx, pattern(2*bs, 1), 3*bs, false); err != nil {
+		t.Fatal(err)
+	}
+	r.copies["n2"].fail.Store(true)
+	if err := r.v.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for b := int64(0); b < 8; b++ {
+		want := placement.InSync
+		if b == 3 || b == 4 {
+			want = placement.OutOfSync
+		}
+		if r.store.get("n2", b) != want {
+			t.Fatalf("after a failed flush block %d of n2 is %v, want %v", b, r.store.get("n2", b), want)
+		}
+	}
+}
+
+func TestSyncUnderConcurrentWrites(t *testing.T) {
+	const bs, blocks = 64 << 10, 32
+	r := newRig(t, blocks*bs, bs, 1, "n1", "n2")
+	ctx := context.Background()
+	// n2 misses a round of writes.
+	r.copies["n2"].fail.Store(true)
+	if err := r.v.WriteAt(ctx, pattern(blocks*bs, 1), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	r.copies["n2"].fail.Store(false)
+	if r.v.MapsSnapshot()["n2"].Count(placement.OutOfSync) != blocks {
+		t.Fatal("n2 should be out of sync everywhere")
+	}
+	// Sync while a writer keeps rewriting random ranges.
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		rnd := rand.New(rand.NewPCG(7, 8))
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			off := rnd.Int64N(blocks*bs/512) * 512
+			n := min(int64(rnd.IntN(64)+1)*512*8, blocks*bs-off)
+			if err := r.v.WriteAt(ctx, pattern(n, byte(rnd.Uint32())), off, false); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	copied := 0
+	for b := int64(0); b < blocks; b++ {
+		res, err := r.v.SyncBlock(ctx, b, "n2")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res.Copied {
+			copied++
+		}
+	}
+	close(stop)
+	wg.Wait()
+	if copied == 0 {
+		t.Fatal("nothing was copied")
+	}
+	for b := int64(0); b < blocks; b++ {
+		if r.store.get("n2", b) != placement.InSync {
+			t.Fatalf("block %d not in sync after sync", b)
+		}
+		mm, unreachable, err := r.v.VerifyBlock(ctx, b)
+		if err != nil || mm != nil || len(unreachable) > 0 {
+			t.Fatalf("block %d: copies differ after sync under writes: %+v %v %v", b, mm, unreachable, err)
+		}
+	}
+	// A second sync of an in-sync block does nothing; equal data is not copied.
+	r.store.maps["n2"].Set(0, placement.OutOfSync)
+	r.v.maps["n2"].Set(0, placement.OutOfSync)
+	res, err := r.v.SyncBlock(ctx, 0, "n2")
+	if err != nil || res.Copied {
+		t.Fatalf("sync of an equal block copied data: %+v %v", res, err)
+	}
+}
+
+func TestVerifyFindsDivergence(t *testing.T) {
+	const bs = 64 << 10
+	r := newRig(t, 4*bs, bs, 1, "n1", "n2")
+	ctx := context.Background()
+	if err := r.v.WriteAt(ctx, pattern(4*bs, 1), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	// Corrupt n2's copy of block 2 behind the volume's back.
+	if err := r.copies["n2"].FileCopy.WriteAt(ctx, []byte("rot"), 2*bs+100, false); err != nil {
+		t.Fatal(err)
+	}
+	for b := int64(0); b < 4; b++ {
+		mm, _, err := r.v.VerifyBlock(ctx, b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if (mm != nil) != (b == 2) {
+			t.Fatalf("block %d: mismatch %v", b, mm)
+		}
 	}
 }

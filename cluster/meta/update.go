@@ -1,0 +1,190 @@
+package meta
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"github.com/ukai-storage/ukai/placement"
+)
+
+// maxCASRetries bounds read-modify-write loops under contention.
+const maxCASRetries = 64
+
+// UpdateImage applies fn to the current record of name and writes it back
+// with check-and-set, retrying when another writer got there first. fn may
+// be called several times and must not have side effects; an error from
+// fn aborts the update and is returned as is.
+func (c *Catalog) UpdateImage(ctx context.Context, name string, fn func(*Image) error) (Image, error) {
+	for range maxCASRetries {
+		img, idx, err := c.GetImage(ctx, name)
+		if err != nil {
+			return Image{}, err
+		}
+		if err := fn(&img); err != nil {
+			return Image{}, err
+		}
+		if err := img.Validate(); err != nil {
+			return Image{}, err
+		}
+		data, err := json.Marshal(img)
+		if err != nil {
+			return Image{}, err
+		}
+		err = c.kv.CAS(ctx, c.imageKey(name), data, idx)
+		if err == nil {
+			return img, nil
+		}
+		if !errors.Is(err, ErrConflict) {
+			return Image{}, fmt.Errorf("update image %q: %w", name, err)
+		}
+	}
+	return Image{}, fmt.Errorf("update image %q: too much contention: %w", name, ErrConflict)
+}
+
+// SetBlockStates sets blocks of node's copy of img to state s, chunk by
+// chunk with check-and-set. It returns once the change is stored: callers
+// rely on that to acknowledge a write only after its failed copies are
+// recorded out of sync.
+func (c *Catalog) SetBlockStates(ctx context.Context, img Image, node string, blocks []int64, s placement.SyncState) error {
+	byChunk := map[int][]int64{}
+	for _, b := range blocks {
+		if b < 0 || b >= img.Blocks() {
+			return fmt.Errorf("%w: block %d outside image %q", ErrInvalid, b, img.Name)
+		}
+		ch := int(b / placement.ChunkBlocks)
+		byChunk[ch] = append(byChunk[ch], b)
+	}
+	for ch, bs := range byChunk {
+		if err := c.updateChunk(ctx, img, node, ch, func(m *placement.BlockMap) {
+			for _, b := range bs {
+				m.Set(b, s)
+			}
+		}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c *Catalog) updateChunk(ctx context.Context, img Image, node string, ch int, fn func(*placement.BlockMap)) error {
+	key := c.chunkKey(img.ID, node, ch)
+	for range maxCASRetries {
+		e, err := c.kv.Get(ctx, key)
+		if err != nil {
+			if errors.Is(err, ErrNotFound) {
+				return &MalformedError{Key: key, Err: errors.New("block map chunk missing")}
+			}
+			return fmt.Errorf("read block map of %q on %s: %w", img.Name, node, err)
+		}
+		m := placement.NewBlockMap(img.Blocks(), placement.OutOfSync)
+		if err := m.DecodeChunk(ch, e.Value); err != nil {
+			return &MalformedError{Key: key, Err: err}
+		}
+		fn(m)
+		err = c.kv.CAS(ctx, key, m.EncodeChunk(ch), e.ModifyIndex)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, ErrConflict) {
+			return fmt.Errorf("write block map of %q on %s: %w", img.Name, node, err)
+		}
+	}
+	return fmt.Errorf("block map of %q on %s: too much contention: %w", img.Name, node, ErrConflict)
+}
+
+// AddLocation adds node as a location of image name; its copy starts out
+// of sync in every block. The block map is written before the record
+// names the node, so no reader sees a location without a map.
+func (c *Catalog) AddLocation(ctx context.Context, name, node string) (Image, error) {
+	if !NodeNameRE.MatchString(node) {
+		return Image{}, fmt.Errorf("%w: node name %q", ErrInvalid, node)
+	}
+	img, _, err := c.GetImage(ctx, name)
+	if err != nil {
+		return Image{}, err
+	}
+	if img.HasLocation(node) {
+		return Image{}, fmt.Errorf("%w: %s is already a location of %q", ErrInvalid, node, name)
+	}
+	// Leftovers of an earlier location on that node are stale.
+	if err := c.kv.DeleteTree(ctx, c.mapPrefix(img.ID, node)); err != nil {
+		return Image{}, fmt.Errorf("add location: %w", err)
+	}
+	bm := placement.NewBlockMap(img.Blocks(), placement.OutOfSync)
+	for ch := range placement.NumChunks(bm.Len()) {
+		if err := c.kv.CAS(ctx, c.chunkKey(img.ID, node, ch), bm.EncodeChunk(ch), 0); err != nil {
+			return Image{}, fmt.Errorf("add location %s to %q: %w", node, name, err)
+		}
+	}
+	return c.UpdateImage(ctx, name, func(i *Image) error {
+		if i.ID != img.ID {
+			return fmt.Errorf("image %q was recreated meanwhile: %w", name, ErrConflict)
+		}
+		if !i.HasLocation(node) {
+			i.Locations = append(i.Locations, node)
+		}
+		return nil
+	})
+}
+
+// ErrLastCopy refuses a change that would leave some block without an
+// in-sync copy.
+var ErrLastCopy = errors.New("would remove the last in-sync copy of a block")
+
+// RemoveLocation removes node from image name, refused (ErrLastCopy) when
+// some block would be left without an in-sync copy, or when fewer
+// locations than min_copies would remain.
+func (c *Catalog) RemoveLocation(ctx context.Context, name, node string) (Image, error) {
+	img, err := c.UpdateImage(ctx, name, func(i *Image) error {
+		if !i.HasLocation(node) {
+			return fmt.Errorf("%w: %s is not a location of %q", ErrInvalid, node, name)
+		}
+		if len(i.Locations)-1 < i.MinCopies {
+			return fmt.Errorf("%w: %q needs %d copies (min_copies); lower it or add a location first", ErrLastCopy, name, i.MinCopies)
+		}
+		others := make([]*placement.BlockMap, 0, len(i.Locations)-1)
+		for _, l := range i.Locations {
+			if l == node {
+				continue
+			}
+			m, err := c.BlockMap(ctx, *i, l)
+			if err != nil {
+				return err
+			}
+			others = append(others, m)
+		}
+		for b := int64(0); b < i.Blocks(); b++ {
+			ok := false
+			for _, m := range others {
+				if m.Get(b) == placement.InSync {
+					ok = true
+					break
+				}
+			}
+			if !ok {
+				return fmt.Errorf("%w: block %d of %q is in sync only on %s (synchronize another copy first)", ErrLastCopy, b, name, node)
+			}
+		}
+		var keep []string
+		for _, l := range i.Locations {
+			if l != node {
+				keep = append(keep, l)
+			}
+		}
+		i.Locations = keep
+		if i.Owner == node {
+			i.Owner = ""
+			i.Generation++
+		}
+		return nil
+	})
+	if err != nil {
+		return Image{}, err
+	}
+	if err := c.kv.DeleteTree(ctx, c.mapPrefix(img.ID, node)); err != nil {
+		return img, fmt.Errorf("delete block map of %s: %w", node, err)
+	}
+	return img, nil
+}

@@ -1,0 +1,482 @@
+package peer
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// ServerConfig configures a peer server.
+type ServerConfig struct {
+	// Listen is the IP:port to bind, exactly (a literal IP, no host name;
+	// port 0 picks a free port).
+	Listen string
+	// TLS, when set, makes the server speak HTTP/2 over TLS; nil means
+	// cleartext HTTP/2 (h2c).
+	TLS *tls.Config
+	// Logger receives request failures; nil discards.
+	Logger *slog.Logger
+	// MaxInflight bounds the requests being served at once (and so the
+	// body buffers held); further requests wait. 0 means 64.
+	MaxInflight int
+}
+
+const (
+	defaultMaxInflight = 64
+	// streamChunk is how much a streamed response reads from the copy at
+	// once (at least one block).
+	streamChunk = 4 << 20
+	// bodyTimeout bounds receiving one write body.
+	bodyTimeout = time.Minute
+	// closeWait bounds the Close that Serve runs when its ctx ends.
+	closeWait = 10 * time.Second
+)
+
+var errServerClosing = errors.New("peer server closing")
+
+// Server serves the node's copies to peers.
+type Server struct {
+	cfg  ServerConfig
+	st   Store
+	log  *slog.Logger
+	srv  *http.Server
+	sem  chan struct{}
+	bufs pool
+
+	base   context.Context
+	cancel context.CancelCauseFunc
+
+	mu       sync.Mutex
+	ln       net.Listener
+	closed   bool
+	handlers sync.WaitGroup
+
+	accepted atomic.Int64 // connections accepted (tests)
+}
+
+// NewServer returns a server for st; it does not bind yet (see Listen).
+func NewServer(cfg ServerConfig, st Store) (*Server, error) {
+	if st == nil {
+		return nil, errors.New("peer.NewServer: nil Store")
+	}
+	host, port, err := net.SplitHostPort(cfg.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("peer.NewServer: listen address %q: %w", cfg.Listen, err)
+	}
+	if _, err := netip.ParseAddr(host); err != nil {
+		return nil, fmt.Errorf("peer.NewServer: listen address %q: want a literal IP: %w", cfg.Listen, err)
+	}
+	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+		return nil, fmt.Errorf("peer.NewServer: listen address %q: bad port: %w", cfg.Listen, err)
+	}
+	if cfg.MaxInflight <= 0 {
+		cfg.MaxInflight = defaultMaxInflight
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{
+		cfg: cfg,
+		st:  st,
+		log: log.With("component", "peer.server"),
+		sem: make(chan struct{}, cfg.MaxInflight),
+	}
+	s.base, s.cancel = context.WithCancelCause(context.Background())
+
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+pathPing, func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("GET "+pathRead, s.handle("read", s.read))
+	mux.HandleFunc("PUT "+pathWrite, s.handle("write", s.write))
+	mux.HandleFunc("POST "+pathSync, s.handle("sync", s.sync))
+	mux.HandleFunc("POST "+pathUnmap, s.handle("unmap", s.unmap))
+	mux.HandleFunc("GET "+pathChecksums, s.handle("checksums", s.checksums))
+	mux.HandleFunc("GET "+pathRange, s.handle("range", s.readRange))
+
+	s.srv = &http.Server{
+		Handler:           mux,
+		Protocols:         protocols(cfg.TLS),
+		HTTP2:             h2config(30 * time.Second),
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       10 * time.Minute,
+		MaxHeaderBytes:    16 << 10,
+		BaseContext:       func(net.Listener) context.Context { return s.base },
+		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+		ConnState: func(_ net.Conn, st http.ConnState) {
+			if st == http.StateNew {
+				s.accepted.Add(1)
+			}
+		},
+	}
+	if cfg.TLS != nil {
+		tc := cfg.TLS.Clone()
+		tc.NextProtos = []string{"h2"}
+		s.srv.TLSConfig = tc
+	}
+	return s, nil
+}
+
+// Listen binds cfg.Listen. Serve calls it if it was not called.
+func (s *Server) Listen() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return fmt.Errorf("peer.listen %s: %w", s.cfg.Listen, http.ErrServerClosed)
+	}
+	if s.ln != nil {
+		return fmt.Errorf("peer.listen %s: already listening", s.cfg.Listen)
+	}
+	ln, err := net.Listen("tcp", s.cfg.Listen)
+	if err != nil {
+		var se *os.SyscallError
+		if errors.As(err, &se) {
+			err = se.Err
+		}
+		return fmt.Errorf("peer.listen %s: %w", s.cfg.Listen, err)
+	}
+	s.ln = ln
+	return nil
+}
+
+// Addr is the bound address, nil before Listen.
+func (s *Server) Addr() net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ln == nil {
+		return nil
+	}
+	return s.ln.Addr()
+}
+
+// Serve serves until ctx ends or Close is called; both end with a nil
+// error.
+func (s *Server) Serve(ctx context.Context) error {
+	if s.Addr() == nil {
+		if err := s.Listen(); err != nil {
+			return err
+		}
+	}
+	s.mu.Lock()
+	ln := s.ln
+	s.mu.Unlock()
+	stop := context.AfterFunc(ctx, func() {
+		cctx, cancel := context.WithTimeout(context.Background(), closeWait)
+		defer cancel()
+		if err := s.Close(cctx); err != nil {
+			s.log.Warn("close", "err", err)
+		}
+	})
+	defer stop()
+	s.log.Info("serving", "addr", ln.Addr().String(), "tls", s.cfg.TLS != nil)
+	var err error
+	if s.cfg.TLS != nil {
+		err = s.srv.ServeTLS(ln, "", "")
+	} else {
+		err = s.srv.Serve(ln)
+	}
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return fmt.Errorf("peer.serve %s: %w", ln.Addr(), err)
+}
+
+// Close stops the server: it closes the listener and every connection and
+// cancels the requests in flight, then waits, within ctx, for their
+// handlers to return.
+func (s *Server) Close(ctx context.Context) error {
+	s.mu.Lock()
+	s.closed = true
+	ln := s.ln
+	s.mu.Unlock()
+	s.cancel(errServerClosing)
+	err := s.srv.Close()
+	if ln != nil {
+		ln.Close() // in case Serve never ran
+	}
+	done := make(chan struct{})
+	go func() {
+		s.handlers.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		return fmt.Errorf("peer.close: handlers still running: %w", ctx.Err())
+	}
+	if err != nil && !errors.Is(err, net.ErrClosed) {
+		return fmt.Errorf("peer.close: %w", err)
+	}
+	return nil
+}
+
+// op serves one request on the copy; it returns an error if nothing was
+// written to w yet.
+type op func(ctx context.Context, w http.ResponseWriter, r *http.Request, l Local) error
+
+func (s *Server) handle(name string, fn op) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		s.handlers.Add(1)
+		defer s.handlers.Done()
+		ctx := r.Context()
+		err := s.serve(ctx, w, r, fn)
+		if err == nil {
+			return
+		}
+		code := s.status(ctx, err)
+		if code >= 500 {
+			s.log.Warn("request failed", "op", name, "remote", r.RemoteAddr, "id", r.Header.Get(hID), "status", code, "err", err)
+		} else {
+			s.log.Debug("request refused", "op", name, "remote", r.RemoteAddr, "id", r.Header.Get(hID), "status", code, "err", err)
+		}
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.WriteHeader(code)
+		io.WriteString(w, err.Error())
+	}
+}
+
+func (s *Server) serve(ctx context.Context, w http.ResponseWriter, r *http.Request, fn op) error {
+	ref := Ref{ID: r.Header.Get(hID)}
+	if !validID(ref.ID) {
+		return fmt.Errorf("%w: image id %q is not 32 hex digits", ErrBadRequest, ref.ID)
+	}
+	var err error
+	if ref.Gen, err = headerUint(r.Header, hGen); err != nil {
+		return err
+	}
+	select {
+	case s.sem <- struct{}{}:
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	}
+	defer func() { <-s.sem }()
+	l, err := s.st.Open(ref)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", ref, err)
+	}
+	if l.Copy == nil || l.Size <= 0 || l.BlockSize < Align || l.BlockSize > maxBlockSize {
+		return fmt.Errorf("open %s: store returned a bad geometry (size %d, block size %d)", ref, l.Size, l.BlockSize)
+	}
+	return fn(ctx, w, r, l)
+}
+
+func (s *Server) status(ctx context.Context, err error) int {
+	switch {
+	case errors.Is(err, ErrNoCopy):
+		return http.StatusNotFound
+	case errors.Is(err, ErrStaleGeneration):
+		return http.StatusConflict
+	case errors.Is(err, ErrBadRequest):
+		return http.StatusBadRequest
+	case errors.Is(context.Cause(s.base), errServerClosing), errors.Is(err, ErrUnavailable):
+		return http.StatusServiceUnavailable
+	}
+	return http.StatusInternalServerError
+}
+
+func headerInt(h http.Header, key string) (int64, error) {
+	v := h[key]
+	if len(v) != 1 {
+		return 0, fmt.Errorf("%w: header %s missing or repeated", ErrBadRequest, key)
+	}
+	n, err := strconv.ParseInt(v[0], 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("%w: header %s: %v", ErrBadRequest, key, err)
+	}
+	return n, nil
+}
+
+func headerUint(h http.Header, key string) (uint64, error) {
+	v := h[key]
+	if len(v) != 1 {
+		return 0, fmt.Errorf("%w: header %s missing or repeated", ErrBadRequest, key)
+	}
+	n, err := strconv.ParseUint(v[0], 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("%w: header %s: %v", ErrBadRequest, key, err)
+	}
+	return n, nil
+}
+
+func extent(r *http.Request, size, maxLen int64) (off, n int64, err error) {
+	if off, err = headerInt(r.Header, hOff); err != nil {
+		return
+	}
+	if n, err = headerInt(r.Header, hLen); err != nil {
+		return
+	}
+	err = checkExtent(off, n, size, maxLen)
+	return
+}
+
+func (s *Server) read(ctx context.Context, w http.ResponseWriter, r *http.Request, l Local) error {
+	off, n, err := extent(r, l.Size, MaxIO)
+	if err != nil {
+		return err
+	}
+	buf := s.bufs.get(int(n))
+	defer s.bufs.put(buf)
+	if err := l.Copy.ReadAt(ctx, *buf, off); err != nil {
+		return err
+	}
+	w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.WriteHeader(http.StatusOK)
+	w.Write(*buf) // a failure is the client gone; the HTTP/2 writer is done with buf on return
+	return nil
+}
+
+func (s *Server) write(ctx context.Context, w http.ResponseWriter, r *http.Request, l Local) error {
+	off, n, err := extent(r, l.Size, MaxIO)
+	if err != nil {
+		return err
+	}
+	fua := false
+	switch v := r.Header.Get(hFua); v {
+	case "", "0":
+	case "1":
+		fua = true
+	default:
+		return fmt.Errorf("%w: header %s: %q", ErrBadRequest, hFua, v)
+	}
+	if r.ContentLength != n {
+		return fmt.Errorf("%w: body length %d, declared %d", ErrBadRequest, r.ContentLength, n)
+	}
+	http.NewResponseController(w).SetReadDeadline(time.Now().Add(bodyTimeout))
+	buf := s.bufs.get(int(n))
+	defer s.bufs.put(buf)
+	if _, err := io.ReadFull(r.Body, *buf); err != nil {
+		return fmt.Errorf("%w: body shorter than %d bytes: %v", ErrBadRequest, n, err)
+	}
+	var probe [1]byte
+	if k, _ := io.ReadFull(r.Body, probe[:]); k != 0 {
+		return fmt.Errorf("%w: body longer than %d bytes", ErrBadRequest, n)
+	}
+	if err := l.Copy.WriteAt(ctx, *buf, off, fua); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+func (s *Server) sync(ctx context.Context, w http.ResponseWriter, r *http.Request, l Local) error {
+	if err := l.Copy.Sync(ctx); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+func (s *Server) unmap(ctx context.Context, w http.ResponseWriter, r *http.Request, l Local) error {
+	off, n, err := extent(r, l.Size, 0)
+	if err != nil {
+		return err
+	}
+	if err := l.Copy.Unmap(ctx, off, n); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+func (s *Server) checksums(ctx context.Context, w http.ResponseWriter, r *http.Request, l Local) error {
+	sums := s.bufs.get(int(max(1, streamChunk/l.BlockSize) * sha256.Size)) // one chunk's sums
+	defer s.bufs.put(sums)
+	return s.stream(ctx, w, r, l, func(chunk []byte, k int64) error {
+		out := (*sums)[:0]
+		for i := int64(0); i < k; i++ {
+			blk := chunk[i*l.BlockSize : min((i+1)*l.BlockSize, int64(len(chunk)))]
+			sum := sha256.Sum256(blk)
+			out = append(out, sum[:]...)
+		}
+		_, err := w.Write(out)
+		return err
+	})
+}
+
+func (s *Server) readRange(ctx context.Context, w http.ResponseWriter, r *http.Request, l Local) error {
+	return s.stream(ctx, w, r, l, func(chunk []byte, _ int64) error {
+		_, err := w.Write(chunk)
+		return err
+	})
+}
+
+// stream validates a block range, then reads it from the copy a chunk of
+// whole blocks at a time and passes each chunk (k blocks; the image's last
+// block at its real length) to emit, flushing after each. The status ends
+// up in the trailer.
+func (s *Server) stream(ctx context.Context, w http.ResponseWriter, r *http.Request, l Local, emit func(chunk []byte, k int64) error) error {
+	from, err := headerInt(r.Header, hFrom)
+	if err != nil {
+		return err
+	}
+	to, err := headerInt(r.Header, hTo)
+	if err != nil {
+		return err
+	}
+	if err := checkBlocks(from, to, l); err != nil {
+		return err
+	}
+	per := max(1, streamChunk/l.BlockSize)
+	buf := s.bufs.get(int(per * l.BlockSize))
+	defer s.bufs.put(buf)
+	h := w.Header()
+	h.Set("Trailer", hStatus)
+	h.Set("Content-Type", "application/octet-stream")
+	h.Set(hSize, strconv.FormatInt(l.Size, 10))
+	h.Set(hBlockSize, strconv.FormatInt(l.BlockSize, 10))
+	w.WriteHeader(http.StatusOK)
+	rc := http.NewResponseController(w)
+	for b := from; b < to; b += per {
+		k := min(per, to-b)
+		off := b * l.BlockSize
+		end := min(off+k*l.BlockSize, l.Size)
+		chunk := (*buf)[:end-off]
+		err := ctx.Err()
+		if err == nil {
+			err = l.Copy.ReadAt(ctx, chunk, off)
+		}
+		if err != nil {
+			code := s.status(ctx, err)
+			s.log.Warn("stream failed", "remote", r.RemoteAddr, "id", r.Header.Get(hID), "block", b, "status", code, "err", err)
+			h.Set(hStatus, strconv.Itoa(code)+" "+headerSafe(err.Error()))
+			return nil
+		}
+		if err := emit(chunk, k); err != nil {
+			return nil // client gone
+		}
+		if err := rc.Flush(); err != nil {
+			return nil
+		}
+	}
+	h.Set(hStatus, "ok")
+	return nil
+}
+
+// headerSafe makes msg fit in a header value.
+func headerSafe(msg string) string {
+	msg = strings.Map(func(r rune) rune {
+		if r < 0x20 || r == 0x7f {
+			return ' '
+		}
+		return r
+	}, msg)
+	if len(msg) > 512 {
+		msg = msg[:512]
+	}
+	return msg
+}

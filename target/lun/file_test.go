@@ -1,0 +1,42 @@
+package lun
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+func TestUnmapReleasesSpace(t *testing.T) {
+	const size = 8 << 20
+	path := filepath.Join(t.TempDir(), "img")
+	fc, err := CreateFile(path, size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fc.Close()
+	if a, _ := fc.Allocated(); a != 0 {
+		t.Fatalf("a new image file occupies %d bytes: not sparse", a)
+	}
+	ctx := context.Background()
+	data := bytes.Repeat([]byte{0xab}, size)
+	if err := fc.WriteAt(ctx, data, 0, true); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := fc.Allocated()
+	if err := fc.Unmap(ctx, 1<<20, 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	after, _ := fc.Allocated()
+	if before-after < 4<<20 {
+		t.Fatalf("unmap of 4 MiB freed %d bytes (before %d, after %d)", before-after, before, after)
+	}
+	got := make([]byte, 4<<20)
+	if err := fc.ReadAt(ctx, got, 1<<20); err != nil || !bytes.Equal(got, make([]byte, 4<<20)) {
+		t.Fatalf("unmapped range does not read as zeros: %v", err)
+	}
+	if _, err := os.Stat(path); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,205 @@
+package lun
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+
+	"github.com/ukai-storage/ukai/placement"
+)
+
+// Checksummer is a copy that can hash a range where the data is, so that
+// comparing copies moves hashes, not data.
+type Checksummer interface {
+	// Checksum returns the SHA-256 of bytes [off, off+n); a hole hashes
+	// like zeros.
+	Checksum(ctx context.Context, off, n int64) ([32]byte, error)
+}
+
+// checksum hashes a range of r's copy, through Checksummer when it has
+// one, else by reading it.
+func checksum(ctx context.Context, r *Replica, off, n int64) ([32]byte, error) {
+	if c, ok := r.Copy.(Checksummer); ok {
+		return c.Checksum(ctx, off, n)
+	}
+	buf := make([]byte, n)
+	if err := r.Copy.ReadAt(ctx, buf, off); err != nil {
+		return [32]byte{}, err
+	}
+	return sha256.Sum256(buf), nil
+}
+
+func (v *Volume) blockRange(b int64) (int64, int64) {
+	off := b * v.cfg.BlockSize
+	return off, min(v.cfg.BlockSize, v.cfg.Size-off)
+}
+
+func (v *Volume) replica(node string) *Replica {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	for _, r := range v.replicas {
+		if r.Node == node {
+			return r
+		}
+	}
+	return nil
+}
+
+// SyncResult says what SyncBlock did.
+type SyncResult struct {
+	Copied    bool  // data moved (false: the copy was already equal, or in sync)
+	Bytes     int64 // bytes copied
+	WasInSync bool
+}
+
+// SyncBlock brings dst's copy of block b in sync from an in-sync copy. It
+// holds the block exclusively for the whole step (I/O of this node waits),
+// compares checksums first and copies only when they differ, and records
+// the block in sync before it lets I/O through again, so that a write to
+// the block can never land between the copy and the record.
+func (v *Volume) SyncBlock(ctx context.Context, b int64, dst string) (SyncResult, error) {
+	if b < 0 || b >= v.Blocks() {
+		return SyncResult{}, fmt.Errorf("block %d outside the image (%d blocks)", b, v.Blocks())
+	}
+	unlock := v.locks.exclusive(b)
+	defer unlock()
+	if v.State(dst, b) == placement.InSync {
+		return SyncResult{WasInSync: true}, nil
+	}
+	d := v.replica(dst)
+	if d == nil {
+		return SyncResult{}, fmt.Errorf("%s holds no copy of this image", dst)
+	}
+	if !v.alive(dst) {
+		return SyncResult{}, fmt.Errorf("node %s is dead", dst)
+	}
+	off, n := v.blockRange(b)
+	var srcs []*Replica
+	for _, r := range v.readOrder(b) {
+		if r.Node != dst {
+			srcs = append(srcs, r)
+		}
+	}
+	if len(srcs) == 0 {
+		return SyncResult{}, fmt.Errorf("block %d: %w", b, ErrNoInSyncCopy)
+	}
+	res := SyncResult{}
+	var errs []error
+	done := false
+	for _, src := range srcs {
+		cctx, cancel := context.WithTimeout(ctx, v.cfg.CopyTimeout)
+		same, err := v.sameBlock(cctx, src, d, off, n)
+		if err == nil && !same {
+			err = v.copyBlock(cctx, src, d, off, n)
+			res.Copied, res.Bytes = err == nil, n
+		}
+		cancel()
+		if err == nil {
+			done = true
+			break
+		}
+		if ctx.Err() != nil {
+			return SyncResult{}, ctx.Err()
+		}
+		errs = append(errs, fmt.Errorf("from %s: %w", src.Node, err))
+	}
+	if !done {
+		return SyncResult{}, fmt.Errorf("sync block %d to %s: %w", b, dst, errors.Join(errs...))
+	}
+	if err := v.store.SetBlockStates(ctx, dst, []int64{b}, placement.InSync); err != nil {
+		return SyncResult{}, fmt.Errorf("record block %d of %s in sync: %w", b, dst, err)
+	}
+	v.mu.Lock()
+	if m, ok := v.maps[dst]; ok {
+		m.Set(b, placement.InSync)
+	}
+	v.mu.Unlock()
+	return res, nil
+}
+
+func (v *Volume) sameBlock(ctx context.Context, src, dst *Replica, off, n int64) (bool, error) {
+	a, err := checksum(ctx, src, off, n)
+	if err != nil {
+		return false, err
+	}
+	b, err := checksum(ctx, dst, off, n)
+	if err != nil {
+		// The destination may be missing data entirely: copy.
+		return false, nil
+	}
+	return a == b, nil
+}
+
+func (v *Volume) copyBlock(ctx context.Context, src, dst *Replica, off, n int64) error {
+	buf := make([]byte, n)
+	if err := src.Copy.ReadAt(ctx, buf, off); err != nil {
+		return fmt.Errorf("read: %w", err)
+	}
+	if err := dst.Copy.WriteAt(ctx, buf, off, true); err != nil {
+		return fmt.Errorf("write to %s: %w", dst.Node, err)
+	}
+	return nil
+}
+
+// Mismatch is a block whose in-sync copies differ.
+type Mismatch struct {
+	Block int64
+	Sums  map[string][32]byte // by node
+}
+
+// VerifyBlock compares the checksums of every in-sync copy of block b
+// (holding the block against writes of this node meanwhile). Copies that
+// cannot be read are returned in unreachable.
+func (v *Volume) VerifyBlock(ctx context.Context, b int64) (mm *Mismatch, unreachable []string, err error) {
+	if b < 0 || b >= v.Blocks() {
+		return nil, nil, fmt.Errorf("block %d outside the image", b)
+	}
+	unlock := v.locks.exclusive(b)
+	defer unlock()
+	off, n := v.blockRange(b)
+	sums := map[string][32]byte{}
+	for _, r := range v.readOrder(b) {
+		cctx, cancel := context.WithTimeout(ctx, v.cfg.CopyTimeout)
+		s, err := checksum(cctx, r, off, n)
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, nil, ctx.Err()
+			}
+			unreachable = append(unreachable, r.Node)
+			continue
+		}
+		sums[r.Node] = s
+	}
+	var first *[32]byte
+	for _, s := range sums {
+		if first == nil {
+			first = &s
+		} else if s != *first {
+			return &Mismatch{Block: b, Sums: sums}, unreachable, nil
+		}
+	}
+	return nil, unreachable, nil
+}
+
+// Checksum implements Checksummer for a local file, reading it in large
+// chunks.
+func (c *FileCopy) Checksum(ctx context.Context, off, n int64) ([32]byte, error) {
+	h := sha256.New()
+	buf := make([]byte, min(n, 1<<20))
+	for done := int64(0); done < n; {
+		if err := ctx.Err(); err != nil {
+			return [32]byte{}, err
+		}
+		chunk := buf[:min(int64(len(buf)), n-done)]
+		if err := c.ReadAt(ctx, chunk, off+done); err != nil {
+			return [32]byte{}, err
+		}
+		h.Write(chunk)
+		done += int64(len(chunk))
+	}
+	var s [32]byte
+	copy(s[:], h.Sum(nil))
+	return s, nil
+}
