@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
 	"time"
@@ -34,22 +35,79 @@ func (n *Node) peerAddr() string {
 	if n.peerSrv == nil {
 		return ""
 	}
+	if n.cfg.Peer.Advertise != "" {
+		return n.cfg.Peer.Advertise
+	}
 	return n.peerSrv.Addr().String()
 }
 
-// joinCluster starts gossip and joins the seeds.
+// joinCluster starts gossip and joins the seeds. A name already used by a
+// live node is fatal; seeds that do not answer are not (a node restarting
+// while its seeds are down must still serve): it keeps trying in the
+// background (reconnect).
 func (n *Node) joinCluster(ctx context.Context) (*membership.Agent, error) {
 	g := n.cfg.Gossip
 	key, _ := g.Key() // validated with the config
 	a, err := membership.New(ctx, membership.Config{
-		Name: n.cfg.Node.Name, Bind: g.Bind, Advertise: g.Advertise, Join: g.Join, SecretKey: key,
+		Name: n.cfg.Node.Name, Bind: g.Bind, Advertise: g.Advertise, SecretKey: key,
 		ProbeInterval: g.ProbeInterval, ProbeTimeout: g.ProbeTimeout, GossipInterval: g.GossipInterval,
 		SuspicionMult: g.SuspicionMult, Logger: n.log.With("component", "gossip"),
 	}, n.gossipMeta())
 	if err != nil {
 		return nil, fmt.Errorf("gossip: %w", err)
 	}
+	if len(g.Join) > 0 {
+		jctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err := a.Rejoin(jctx, g.Join...)
+		cancel()
+		var nc *membership.NameConflictError
+		if errors.As(err, &nc) {
+			a.Shutdown()
+			return nil, fmt.Errorf("gossip: %w", err)
+		}
+		if err != nil {
+			n.log.Error("no gossip seed answered; running alone and retrying", "seeds", g.Join, "err", err)
+		}
+	}
 	return a, nil
+}
+
+// reconnect keeps the cluster whole: while no other node is alive it
+// retries the seeds, and it retries nodes seen dead, so that a node that
+// restarts (with or without seeds of its own) is found again.
+func (n *Node) reconnect(ctx context.Context) {
+	t := time.NewTicker(3 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		var targets []string
+		aliveOthers := 0
+		for _, m := range n.members.Members() {
+			switch {
+			case m.Name == n.cfg.Node.Name:
+			case m.State == membership.StateAlive:
+				aliveOthers++
+			case m.State == membership.StateDead && m.Addr != "":
+				targets = append(targets, m.Addr)
+			}
+		}
+		if aliveOthers == 0 {
+			targets = append(targets, n.cfg.Gossip.Join...)
+		}
+		for _, addr := range targets {
+			jctx, cancel := context.WithTimeout(ctx, time.Second)
+			err := n.members.Rejoin(jctx, addr)
+			cancel()
+			var nc *membership.NameConflictError
+			if errors.As(err, &nc) {
+				n.log.Error("gossip name conflict", "err", err)
+			}
+		}
+	}
 }
 
 // refreshMeta re-gossips the node's free space while it changes.

@@ -63,7 +63,10 @@ type ISCSIConfig struct {
 // PeerConfig is the data transport between nodes (block reads, writes,
 // checksums and bulk copies of image copies).
 type PeerConfig struct {
-	Listen string `mapstructure:"listen"` // IP:port, bound exactly; gossiped to the other nodes
+	Listen string `mapstructure:"listen"` // IP:port, bound exactly
+	// Advertise is the address the other nodes use to reach it (default
+	// Listen): a proxy or NAT in front of the node.
+	Advertise string `mapstructure:"advertise"`
 	// Timeout bounds each copy's part of a request; a copy that does not
 	// answer in time is recorded out of sync and the write goes on.
 	Timeout time.Duration `mapstructure:"timeout"`
@@ -124,6 +127,7 @@ var defaults = map[string]any{
 	"iscsi.iqn_prefix":                "iqn.2026-11.io.ukai",
 	"metadata.backend":                "embedded",
 	"peer.listen":                     "",
+	"peer.advertise":                  "",
 	"peer.timeout":                    10 * time.Second,
 	"consul.address":                  "127.0.0.1:8500",
 	"consul.token":                    "",
@@ -286,6 +290,11 @@ func (c *Config) Validate() error {
 	if c.Peer.Listen != "" {
 		if err := checkAddr(c.Peer.Listen); err != nil {
 			bad("peer.listen", "%v", err)
+		}
+		if c.Peer.Advertise != "" {
+			if err := checkAddr(c.Peer.Advertise); err != nil {
+				bad("peer.advertise", "%v", err)
+			}
 		}
 		if c.Peer.Listen == c.API.Listen || c.Peer.Listen == c.ISCSI.Listen {
 			bad("peer.listen", "same address as the API or the iSCSI portal")

@@ -152,6 +152,7 @@ func (n *Node) Run(ctx context.Context) error {
 	go n.watch(ctx)
 	if n.members != nil {
 		go n.refreshMeta(ctx)
+		go n.reconnect(ctx)
 	}
 	n.log.Info("ukai node serving", "version", n.version, "iscsi", n.target.Addr().String(), "api", n.apiLn.Addr().String(),
 		"data_dir", n.cfg.Node.DataDir, "metadata", n.cfg.Metadata.Backend, "gossip", n.cfg.Gossip.Bind)
