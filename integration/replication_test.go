@@ -2,7 +2,6 @@ package integration
 
 import (
 	"encoding/json"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -126,9 +125,9 @@ func TestMinCopiesFailsWritesInsteadOfLosingThem(t *testing.T) {
 }
 
 // fioVerifiedLoad runs fio random writes with crc32c verification against
-// an iSCSI URL through qemu-nbd; it returns the fio command so the caller
-// can wait for it.
-func fioVerifiedLoad(t *testing.T, url string, size string) (*exec.Cmd, *strings.Builder) {
+// an iSCSI URL through qemu-nbd; wait waits for fio, then ends qemu-nbd's
+// iSCSI session.
+func fioVerifiedLoad(t *testing.T, url string, size string) (wait func() error, out *strings.Builder) {
 	t.Helper()
 	sock := filepath.Join(t.TempDir(), "nbd.sock")
 	nbd := exec.Command("qemu-nbd", "-f", "raw", "--cache=none", "-k", sock, "--persistent", url)
@@ -137,28 +136,36 @@ func fioVerifiedLoad(t *testing.T, url string, size string) (*exec.Cmd, *strings
 	}
 	t.Cleanup(func() { nbd.Process.Kill(); nbd.Wait() })
 	waitFor(t, 20*time.Second, "qemu-nbd socket", func() bool { _, err := os.Stat(sock); return err == nil })
-	out := &strings.Builder{}
+	out = &strings.Builder{}
 	fio := exec.Command("fio", "--name=load", "--ioengine=nbd", "--uri=nbd+unix:///?socket="+sock, "--rw=randwrite",
 		"--bs=64k", "--iodepth=8", "--size="+size, "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--loops=1")
 	fio.Stdout, fio.Stderr = out, out
 	if err := fio.Start(); err != nil {
 		t.Fatal(err)
 	}
-	return fio, out
+	return func() error {
+		err := fio.Wait()
+		nbd.Process.Kill()
+		nbd.Wait()
+		return err
+	}, out
 }
 
 func TestKillACopyUnderVerifiedLoad(t *testing.T) {
 	c := newCluster(t, "n1", "n2", "n3")
 	n1, n2, n3 := c.nodes[0], c.nodes[1], c.nodes[2]
 	n1.mustCLI("image", "create", "busy", "--size", "256M", "--block-size", "1M", "--locations", "n1,n2")
-	fio, out := fioVerifiedLoad(t, n1.url("busy"), "192m")
-	// Kill n2 once the load is under way.
-	waitFor(t, 30*time.Second, "the load to start", func() bool {
-		return strings.Contains(n1.mustCLI("node", "info", "-o", "json"), `"initiator"`)
+	wait, out := fioVerifiedLoad(t, n1.url("busy"), "192m")
+	// Kill n2 once the load is under way and writes reached both copies.
+	waitFor(t, 30*time.Second, "200 commands of the load", func() bool {
+		var info struct {
+			Sessions []struct{ Commands int } `json:"sessions"`
+		}
+		json.Unmarshal([]byte(n1.mustCLI("node", "info", "-o", "json")), &info)
+		return len(info.Sessions) > 0 && info.Sessions[0].Commands >= 200
 	})
-	time.Sleep(300 * time.Millisecond) // let some writes reach both copies
 	n2.kill9()
-	if err := fio.Wait(); err != nil {
+	if err := wait(); err != nil {
 		t.Fatalf("fio saw an error while a copy died: %v\n%s", err, out)
 	}
 	if !strings.Contains(out.String(), "err= 0") {
@@ -194,5 +201,3 @@ func TestKillACopyUnderVerifiedLoad(t *testing.T) {
 		t.Fatalf("n2's copy differs from what was acknowledged: %s", o)
 	}
 }
-
-var _ = fmt.Sprint
