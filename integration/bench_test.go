@@ -60,7 +60,7 @@ func fioNBD(t *testing.T, tg benchTarget, rw string, depth int, verify bool) flo
 	if verify {
 		args = append(args, "--verify=crc32c", "--do_verify=1", "--verify_fatal=1")
 	} else {
-		args = append(args, "--time_based", "--runtime=8", "--ramp_time=1")
+		args = append(args, "--time_based", "--runtime=5", "--ramp_time=1")
 	}
 	out, err := run(t, 5*time.Minute, "fio", args...)
 	if err != nil {
@@ -91,13 +91,17 @@ func median(v []float64) float64 {
 }
 
 // TestBench compares ukai with tgtd and the raw file on the same file
-// system, interleaved, and writes a markdown table (make bench).
+// system, interleaved, and writes a markdown table (make bench). ukai runs
+// as a two-node cluster: an image with one local copy, one with a local
+// and a remote copy, and one whose only copy is on the other node.
 func TestBench(t *testing.T) {
 	const size = 1 << 30
-	n := newNode(t, "n1")
-	n.start()
-	n.mustCLI("image", "create", "bench", "--size", fmt.Sprint(size))
-	rawPath := filepath.Join(n.dir, "data", "raw.img")
+	c := newCluster(t, "n1", "n2")
+	n1 := c.nodes[0]
+	n1.mustCLI("image", "create", "local", "--size", fmt.Sprint(size))
+	n1.mustCLI("image", "create", "two", "--size", fmt.Sprint(size), "--locations", "n1,n2")
+	n1.mustCLI("image", "create", "remote", "--size", fmt.Sprint(size), "--locations", "n2")
+	rawPath := filepath.Join(n1.dir, "data", "raw.img")
 	if err := os.WriteFile(rawPath, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -105,14 +109,19 @@ func TestBench(t *testing.T) {
 	targets := []benchTarget{
 		{name: "raw file", url: rawPath, raw: true},
 		{name: "tgtd", url: startTgtd(t, size)},
-		{name: "ukai", url: n.url("bench")},
+		{name: "ukai", url: n1.url("local")},
+		{name: "ukai 2 copies", url: n1.url("two")},
+		{name: "ukai remote copy", url: n1.url("remote")},
 	}
 	// Fill every target once so reads hit allocated data.
 	for _, tg := range targets {
 		qemuImgBench(t, tg, true, 4<<20, size/(4<<20), 8)
 	}
-	// Correctness pass first: random writes verified with crc32c.
-	fioNBD(t, targets[2], "randwrite", 16, true)
+	// Correctness pass first: random writes verified with crc32c through
+	// every ukai image.
+	for _, tg := range targets[2:] {
+		fioNBD(t, tg, "randwrite", 16, true)
+	}
 
 	type row struct {
 		name, unit string
@@ -130,20 +139,38 @@ func TestBench(t *testing.T) {
 	for i := range vals {
 		vals[i] = make([][]float64, len(targets))
 	}
+	var syncMBs, ddMBs []float64
 	for r := 0; r < *benchRounds; r++ {
 		for i, rw := range rows {
 			for j, tg := range targets {
 				vals[i][j] = append(vals[i][j], rw.fn(tg))
 			}
 		}
+		s, d := benchSync(t, c, r, rawPath)
+		syncMBs, ddMBs = append(syncMBs, s), append(ddMBs, d)
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "Benchmark %s, %s, medians of %d interleaved rounds\n\n", time.Now().UTC().Format("2006-01-02"), machine(), *benchRounds)
-	b.WriteString("| pattern | unit | raw file | tgtd | ukai | ukai/raw | ukai/tgtd |\n|---|---|---|---|---|---|---|\n")
-	for i, rw := range rows {
-		raw, tgt, uk := median(vals[i][0]), median(vals[i][1]), median(vals[i][2])
-		fmt.Fprintf(&b, "| %s | %s | %.0f | %.0f | %.0f | %.2f | %.2f |\n", rw.name, rw.unit, raw, tgt, uk, uk/raw, uk/tgt)
+	b.WriteString("| pattern | unit |")
+	for _, tg := range targets {
+		b.WriteString(" " + tg.name + " |")
 	}
+	b.WriteString(" ukai/raw | ukai/tgtd | 2 copies/tgtd | remote/tgtd |\n|---|---|")
+	for range len(targets) + 4 {
+		b.WriteString("---|")
+	}
+	b.WriteString("\n")
+	for i, rw := range rows {
+		m := make([]float64, len(targets))
+		fmt.Fprintf(&b, "| %s | %s |", rw.name, rw.unit)
+		for j := range targets {
+			m[j] = median(vals[i][j])
+			fmt.Fprintf(&b, " %.0f |", m[j])
+		}
+		fmt.Fprintf(&b, " %.2f | %.2f | %.2f | %.2f |\n", m[2]/m[0], m[2]/m[1], m[3]/m[1], m[4]/m[1])
+	}
+	fmt.Fprintf(&b, "\nsync of a fully written 256 MiB image to a new location (loopback): %.0f MB/s; dd of the same bytes on the same disk (bs=4M, fdatasync): %.0f MB/s; ratio %.2f\n",
+		median(syncMBs), median(ddMBs), median(syncMBs)/median(ddMBs))
 	t.Log("\n" + b.String())
 	if *benchReport != "" {
 		os.MkdirAll(filepath.Dir(*benchReport), 0o755)
@@ -151,6 +178,31 @@ func TestBench(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// benchSync measures `ukai image sync` of a freshly written 256 MiB image
+// to a new location, and dd copying as many bytes on the same disk.
+func benchSync(t *testing.T, c *cluster, round int, rawPath string) (syncMBs, ddMBs float64) {
+	const size = 256 << 20
+	n1 := c.nodes[0]
+	name := fmt.Sprintf("sync%d", round)
+	n1.mustCLI("image", "create", name, "--size", fmt.Sprint(size))
+	qemuImgBench(t, benchTarget{name: name, url: n1.url(name)}, true, 4<<20, size/(4<<20), 8)
+	n1.mustCLI("image", "sync", name, "--pause")
+	n1.mustCLI("location", "add", name, "n2")
+	start := time.Now()
+	n1.mustCLI("image", "sync", name)
+	syncMBs = size / time.Since(start).Seconds() / 1e6
+	n1.mustCLI("image", "delete", name)
+
+	dst := rawPath + ".dd"
+	start = time.Now()
+	if out, err := run(t, 5*time.Minute, "dd", "if="+rawPath, "of="+dst, "bs=4M", fmt.Sprintf("count=%d", size/(4<<20)), "conv=fdatasync"); err != nil {
+		t.Fatalf("dd: %v %s", err, out)
+	}
+	ddMBs = size / time.Since(start).Seconds() / 1e6
+	os.Remove(dst)
+	return syncMBs, ddMBs
 }
 
 func machine() string {
