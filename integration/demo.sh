@@ -60,11 +60,12 @@ start)
   wait_for "three alive nodes" sh -c "test \$('$ukai' node list -o json | grep -c '\"state\": \"alive\"') -eq 3"
   set -x
   "$ukai" node list
-  "$ukai" image create demo --size 1G --block-size 4M
+  "$ukai" image create demo --size 1G --block-size 4M --locations n1,n2
   qemu-io -f raw -c 'write -P 0xab 0 8M' -c 'write -P 0xcd 1020M 4M' iscsi://127.0.0.1:13261/iqn.2026-11.io.ukai:demo/0
   qemu-io -f raw -c 'read -P 0xab 0 8M' -c 'read -P 0xcd 1020M 4M' -c 'read -P 0 8M 1M' iscsi://127.0.0.1:13261/iqn.2026-11.io.ukai:demo/0
   "$ukai" --api 127.0.0.1:17703 image list
   "$ukai" --api 127.0.0.1:17703 image info demo
+  "$ukai" --api 127.0.0.1:17703 image verify demo
   set +x
   cat <<MSG
 

@@ -73,3 +73,20 @@ func TestLoadConfigErrorsNameTheKey(t *testing.T) {
 		t.Error("a missing config file was accepted")
 	}
 }
+
+// The example configurations in configs/ load as they are (their data
+// dirs replaced by a temp dir).
+func TestExampleConfigsLoad(t *testing.T) {
+	files, _ := filepath.Glob("../configs/*.yaml")
+	demo, _ := filepath.Glob("../configs/demo/*.yaml")
+	files = append(files, demo...)
+	if len(files) < 4 {
+		t.Fatalf("example configs: %v", files)
+	}
+	t.Setenv("UKAI_NODE_DATA_DIR", t.TempDir())
+	for _, f := range files {
+		if _, err := LoadConfig(f, nil); err != nil {
+			t.Errorf("%s: %v", f, err)
+		}
+	}
+}
