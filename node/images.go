@@ -35,6 +35,9 @@ type served struct {
 	// busy counts syncs and verifies running on the image, which keep
 	// ownership like a session does.
 	busy atomic.Int32
+	// fromCache: exported from the cached record with only the local copy
+	// (guarded by the node's reconMu).
+	fromCache bool
 }
 
 func (s *served) record() meta.Image {
@@ -173,7 +176,7 @@ func (n *Node) reconcile(ctx context.Context) error {
 			errs = append(errs, n.export(ctx, img, false))
 			continue
 		}
-		errs = append(errs, n.apply(ctx, s, img))
+		errs = append(errs, n.apply(ctx, s, img, false))
 	}
 	return errors.Join(errs...)
 }
@@ -270,9 +273,11 @@ func (n *Node) export(ctx context.Context, img meta.Image, cached bool) error {
 		return fmt.Errorf("image %s: %w", img.Name, err)
 	}
 	if cached {
-		// Serving from the cache means the catalog may be unreachable:
-		// keep ownership as recorded.
-		s.owned.Store(img.Owner == n.cfg.Node.Name)
+		// Exported from the cache, maybe without the catalog: not owned
+		// (acquire decides: only an image whose only copy is here may be
+		// served without the catalog), and the first reconcile rebuilds
+		// the copies and maps from the catalog.
+		s.fromCache = true
 	}
 	n.mu.Lock()
 	n.served[img.Name] = s
@@ -282,10 +287,13 @@ func (n *Node) export(ctx context.Context, img meta.Image, cached bool) error {
 }
 
 // apply brings a served image in line with a changed record: new or
-// removed locations, a new owner or generation, a new min_copies.
-func (n *Node) apply(ctx context.Context, s *served, img meta.Image) error {
+// removed locations, a new owner or generation, a new min_copies. With
+// force (or when the image was exported from its cached record) the
+// replicas and block maps are rebuilt from the catalog even if the record
+// did not change.
+func (n *Node) apply(ctx context.Context, s *served, img meta.Image, force bool) error {
 	old := s.record()
-	if old.Generation == img.Generation && old.Owner == img.Owner && old.MinCopies == img.MinCopies &&
+	if !force && !s.fromCache && old.Generation == img.Generation && old.Owner == img.Owner && old.MinCopies == img.MinCopies &&
 		slices.Equal(old.Locations, img.Locations) && old.SyncPaused == img.SyncPaused {
 		return nil
 	}
@@ -326,6 +334,7 @@ func (n *Node) apply(ctx context.Context, s *served, img meta.Image) error {
 	s.mu.Lock()
 	s.img = img
 	s.mu.Unlock()
+	s.fromCache = false
 	return nil
 }
 

@@ -94,7 +94,7 @@ func (n *Node) acquire(ctx context.Context, s *served) error {
 	}
 	// Fresh block maps and peer references with the new generation.
 	n.reconMu.Lock()
-	err = n.apply(ctx, s, img)
+	err = n.apply(ctx, s, img, true)
 	n.reconMu.Unlock()
 	if err != nil {
 		return &scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x00, Err: err}
