@@ -40,6 +40,15 @@ type served struct {
 	fromCache bool
 }
 
+// close closes the volume and the local copy (synced).
+func (s *served) close() error {
+	err := s.vol.Close()
+	if s.local != nil {
+		err = errors.Join(err, s.local.Close())
+	}
+	return err
+}
+
 func (s *served) record() meta.Image {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -269,7 +278,7 @@ func (n *Node) export(ctx context.Context, img meta.Image, cached bool) error {
 		MaxTransferBlocks:     (32 << 20) / meta.SectorSize,
 	}, &gate{n: n, s: s}, n.log.With("image", img.Name))
 	if err != nil {
-		s.vol.Close()
+		s.close()
 		return fmt.Errorf("image %s: %w", img.Name, err)
 	}
 	if cached {
@@ -306,12 +315,13 @@ func (n *Node) apply(ctx context.Context, s *served, img meta.Image, force bool)
 		}
 		s.local = c
 	case !hasLocal && s.local != nil:
-		// This node's copy was removed from the image (relocation): the
-		// volume closes it below; the file goes.
-		defer func(id string) {
+		// This node's copy was removed from the image (relocation): once
+		// the volume no longer uses it, the file goes.
+		defer func(c *lun.FileCopy, id string) {
+			c.Close()
 			os.Remove(n.imagePath(img))
 			os.Remove(n.recordPath(id))
-		}(img.ID)
+		}(s.local, img.ID)
 		s.local = nil
 	}
 	if hasLocal {
@@ -350,7 +360,7 @@ func (n *Node) withdraw(s *served, deleted bool) error {
 	}
 	n.mu.Unlock()
 	n.target.DropTarget(n.iqn(img.Name))
-	err := s.vol.Close()
+	err := s.close()
 	if s.local != nil {
 		if deleted {
 			for _, p := range []string{n.imagePath(img), n.recordPath(img.ID)} {

@@ -192,7 +192,7 @@ func (n *Node) shutdown() error {
 	}
 	n.mu.Lock()
 	for name, s := range n.served {
-		if cerr := s.vol.Close(); cerr != nil {
+		if cerr := s.close(); cerr != nil {
 			err = errors.Join(err, fmt.Errorf("close image %s: %w", name, cerr))
 		}
 		delete(n.served, name)
