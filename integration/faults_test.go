@@ -85,7 +85,7 @@ func verifyClean(t *testing.T, n *node, image string) {
 	}
 }
 
-// syncBack removes nothing: it runs `image sync` until n2 is in sync.
+// syncBack runs `image sync` through n until both copies are in sync.
 func syncBack(t *testing.T, n *node, image string) {
 	t.Helper()
 	waitFor(t, 20*time.Second, "n2 back in sync", func() bool {
@@ -154,9 +154,9 @@ func TestPeerFaults(t *testing.T) {
 	// 3. n2 stalls (accepts, never answers): the write is acknowledged
 	// within the peer timeout plus a margin, n2 is out of sync for it.
 	px.add(`{"name":"stall","type":"timeout","stream":"upstream","attributes":{"timeout":0}}`)
-	d3, _ := timedQemuIO(t, url, "write -P 0x33 32M 2M", "flush")
+	d3, r3 := timedQemuIO(t, url, "write -P 0x33 32M 2M", "flush")
 	l = locations(t, n1, img)
-	t.Logf("2 MiB write with n2 stalled (peer.timeout %v): %v; out of sync %v", copyTO, d3.Round(time.Millisecond), l)
+	t.Logf("2 MiB write+flush with n2 stalled (peer.timeout %v): %v (%s); out of sync %v", copyTO, d3.Round(time.Millisecond), r3, l)
 	if d3 > 10*time.Second {
 		t.Fatalf("a write with a stalled copy took %v (peer.timeout %v)\nn1 logs:\n%s", d3, copyTO, n1.logs)
 	}

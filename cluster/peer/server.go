@@ -65,6 +65,20 @@ type Server struct {
 	handlers sync.WaitGroup
 
 	accepted atomic.Int64 // connections accepted (tests)
+
+	bytesIn  atomic.Int64 // block data received (writes)
+	bytesOut atomic.Int64 // block data sent (reads, ranges)
+}
+
+// Stats are the data bytes a server moved since it started.
+type Stats struct {
+	BytesIn  int64 `json:"bytes_in"`  // block data written to this node's copies by peers
+	BytesOut int64 `json:"bytes_out"` // block data read from this node's copies by peers
+}
+
+// Stats returns the byte counters.
+func (s *Server) Stats() Stats {
+	return Stats{BytesIn: s.bytesIn.Load(), BytesOut: s.bytesOut.Load()}
 }
 
 // NewServer returns a server for st; it does not bind yet (see Listen).
@@ -336,7 +350,9 @@ func (s *Server) read(ctx context.Context, w http.ResponseWriter, r *http.Reques
 	w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.WriteHeader(http.StatusOK)
-	w.Write(*buf) // a failure is the client gone; the HTTP/2 writer is done with buf on return
+	if k, _ := w.Write(*buf); k > 0 { // a failure is the client gone; the HTTP/2 writer is done with buf on return
+		s.bytesOut.Add(int64(k))
+	}
 	return nil
 }
 
@@ -369,6 +385,7 @@ func (s *Server) write(ctx context.Context, w http.ResponseWriter, r *http.Reque
 	if err := l.Copy.WriteAt(ctx, *buf, off, fua); err != nil {
 		return err
 	}
+	s.bytesIn.Add(n)
 	w.WriteHeader(http.StatusNoContent)
 	return nil
 }

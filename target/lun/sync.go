@@ -107,6 +107,8 @@ func (v *Volume) SyncBlock(ctx context.Context, b int64, dst string) (SyncResult
 	if !done {
 		return SyncResult{}, fmt.Errorf("sync block %d to %s: %w", b, dst, errors.Join(errs...))
 	}
+	// The destination answered: writes may go to it again at once.
+	v.noteResult(dst, nil)
 	if err := v.store.SetBlockStates(ctx, dst, []int64{b}, placement.InSync); err != nil {
 		return SyncResult{}, fmt.Errorf("record block %d of %s in sync: %w", b, dst, err)
 	}

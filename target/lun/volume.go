@@ -59,6 +59,10 @@ type Volume struct {
 	replicas []*Replica
 	maps     map[string]*placement.BlockMap // by node
 	dirty    map[string]map[int64]bool      // blocks written since the copy's last Sync
+	// failedAt records a copy's last failure: for CopyTimeout after it,
+	// requests fail at once instead of each waiting out the timeout (a
+	// stalled peer would otherwise cost every new block a full timeout).
+	failedAt map[string]time.Time
 }
 
 // NewVolume returns the backend of an image over its replicas, with the
@@ -112,6 +116,7 @@ func (v *Volume) SetReplicas(replicas []*Replica, maps map[string]*placement.Blo
 	}
 	if v.dirty == nil {
 		v.dirty = map[string]map[int64]bool{}
+		v.failedAt = map[string]time.Time{}
 	}
 	v.mu.Unlock()
 	for _, o := range old {
@@ -151,6 +156,32 @@ func (v *Volume) minCopies() int {
 }
 
 func (v *Volume) alive(node string) bool { return v.cfg.Alive == nil || v.cfg.Alive(node) }
+
+// usable says whether to send a request to node's copy now: its node is
+// alive and it did not fail within the last CopyTimeout.
+func (v *Volume) usable(node string) error {
+	if !v.alive(node) {
+		return fmt.Errorf("node %s is dead", node)
+	}
+	v.mu.RLock()
+	at, failed := v.failedAt[node]
+	v.mu.RUnlock()
+	if failed && time.Since(at) < v.cfg.CopyTimeout {
+		return fmt.Errorf("copy on %s failed %v ago", node, time.Since(at).Round(time.Millisecond))
+	}
+	return nil
+}
+
+// noteResult records whether a request to node's copy worked.
+func (v *Volume) noteResult(node string, err error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if err == nil {
+		delete(v.failedAt, node)
+	} else {
+		v.failedAt[node] = time.Now()
+	}
+}
 
 // piece is the part of a request inside one block.
 type piece struct {
@@ -335,8 +366,8 @@ func (v *Volume) fanOut(ctx context.Context, ps []piece, op func(ctx context.Con
 	errs := make([]error, len(ops))
 	var wg sync.WaitGroup
 	for i, o := range ops {
-		if !v.alive(o.r.Node) {
-			errs[i] = fmt.Errorf("node %s is dead", o.r.Node)
+		if err := v.usable(o.r.Node); err != nil {
+			errs[i] = err
 			continue
 		}
 		wg.Add(1)
@@ -345,6 +376,9 @@ func (v *Volume) fanOut(ctx context.Context, ps []piece, op func(ctx context.Con
 			cctx, cancel := context.WithTimeout(ctx, v.cfg.CopyTimeout)
 			defer cancel()
 			errs[i] = op(cctx, o.r, o.pc)
+			if ctx.Err() == nil {
+				v.noteResult(o.r.Node, errs[i])
+			}
 		}()
 	}
 	wg.Wait()
@@ -439,8 +473,8 @@ func (v *Volume) Flush(ctx context.Context) error {
 	errs := make([]error, len(reps))
 	var wg sync.WaitGroup
 	for i, r := range reps {
-		if !v.alive(r.Node) {
-			errs[i] = fmt.Errorf("node %s is dead", r.Node)
+		if err := v.usable(r.Node); err != nil {
+			errs[i] = err
 			continue
 		}
 		wg.Add(1)
@@ -449,6 +483,9 @@ func (v *Volume) Flush(ctx context.Context) error {
 			cctx, cancel := context.WithTimeout(ctx, v.cfg.CopyTimeout)
 			defer cancel()
 			errs[i] = r.Copy.Sync(cctx)
+			if ctx.Err() == nil {
+				v.noteResult(r.Node, errs[i])
+			}
 		}()
 	}
 	wg.Wait()

@@ -401,3 +401,28 @@ func TestVerifyFindsDivergence(t *testing.T) {
 		}
 	}
 }
+
+func TestStalledCopyCostsOneTimeoutNotOnePerBlock(t *testing.T) {
+	const bs = 64 << 10
+	r := newRig(t, 16*bs, bs, 1, "n1", "n2")
+	ctx := context.Background()
+	r.copies["n2"].stall.Store(true)
+	start := time.Now()
+	for b := int64(0); b < 8; b++ {
+		if err := r.v.WriteAt(ctx, pattern(bs, byte(b)), b*bs, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := r.v.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// CopyTimeout is 500 ms: the first write waits it out, the rest fail fast.
+	if d := time.Since(start); d > 1500*time.Millisecond {
+		t.Fatalf("8 writes and a flush against a stalled copy took %v", d)
+	}
+	for b := int64(0); b < 8; b++ {
+		if r.store.get("n2", b) != placement.OutOfSync {
+			t.Fatalf("block %d of the stalled copy not recorded out of sync", b)
+		}
+	}
+}
