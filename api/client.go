@@ -11,6 +11,8 @@ import (
 	"net/url"
 	"strings"
 	"time"
+
+	"github.com/ukai-storage/ukai/placement"
 )
 
 // Client talks to one node's control API.
@@ -201,4 +203,41 @@ func (c *Client) SyncImage(ctx context.Context, image string, req SyncRequest, p
 		return errors.New("sync progress stream ended without a summary (the node went away?)")
 	}
 	return nil
+}
+
+// SetImagePolicy changes the image's desired state.
+func (c *Client) SetImagePolicy(ctx context.Context, image string, req ImagePolicyRequest) (placement.ImagePolicy, error) {
+	var p placement.ImagePolicy
+	return p, c.do(ctx, http.MethodPut, "/v1/images/"+url.PathEscape(image)+"/policy", req, &p)
+}
+
+// Relocate starts or cancels a relocation.
+func (c *Client) Relocate(ctx context.Context, image string, req RelocateRequest) (placement.ImagePolicy, error) {
+	var p placement.ImagePolicy
+	return p, c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(image)+"/relocate", req, &p)
+}
+
+// PlanImage returns what the planner would do now.
+func (c *Client) PlanImage(ctx context.Context, image string) ([]placement.Action, error) {
+	var r struct {
+		Actions []placement.Action `json:"actions"`
+	}
+	return r.Actions, c.do(ctx, http.MethodGet, "/v1/images/"+url.PathEscape(image)+"/plan", nil, &r)
+}
+
+// SetSyncPolicy sets or clears a sync policy.
+func (c *Client) SetSyncPolicy(ctx context.Context, req SyncPolicyRequest) error {
+	return c.do(ctx, http.MethodPut, "/v1/policies/sync", req, nil)
+}
+
+// SyncPolicies lists the sync policies.
+func (c *Client) SyncPolicies(ctx context.Context) (SyncPolicies, error) {
+	var p SyncPolicies
+	return p, c.do(ctx, http.MethodGet, "/v1/policies/sync", nil, &p)
+}
+
+// Stats returns the node's counters.
+func (c *Client) Stats(ctx context.Context) (Stats, error) {
+	var s Stats
+	return s, c.do(ctx, http.MethodGet, "/v1/stats", nil, &s)
 }

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/ukai-storage/ukai/cluster/meta"
+	"github.com/ukai-storage/ukai/placement"
 )
 
 // Service is what the API serves; the node implements it. Errors wrapping
@@ -33,6 +34,12 @@ type Service interface {
 	SyncImage(ctx context.Context, image string, req SyncRequest, progress func(SyncProgress)) error
 	VerifyImage(ctx context.Context, image string) (VerifyResult, error)
 	PrepareCopy(ctx context.Context, id string, size int64) error
+	SetImagePolicy(ctx context.Context, image string, req ImagePolicyRequest) (placement.ImagePolicy, error)
+	Relocate(ctx context.Context, image string, req RelocateRequest) (placement.ImagePolicy, error)
+	PlanImage(ctx context.Context, image string) ([]placement.Action, error)
+	SetSyncPolicy(ctx context.Context, req SyncPolicyRequest) error
+	SyncPolicies(ctx context.Context) (SyncPolicies, error)
+	Stats(ctx context.Context) (Stats, error)
 }
 
 // maxBody bounds request bodies.
@@ -55,6 +62,12 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 	mux.HandleFunc("POST /v1/images/{name}/sync", h.syncImage)
 	mux.HandleFunc("POST /v1/images/{name}/verify", h.verifyImage)
 	mux.HandleFunc("POST /v1/internal/copies", h.prepareCopy)
+	mux.HandleFunc("PUT /v1/images/{name}/policy", h.setImagePolicy)
+	mux.HandleFunc("POST /v1/images/{name}/relocate", h.relocate)
+	mux.HandleFunc("GET /v1/images/{name}/plan", h.plan)
+	mux.HandleFunc("PUT /v1/policies/sync", h.setSyncPolicy)
+	mux.HandleFunc("GET /v1/policies/sync", h.syncPolicies)
+	mux.HandleFunc("GET /v1/stats", h.stats)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Errorf("no such API endpoint: %s %s", r.Method, r.URL.Path))
 	})
@@ -292,4 +305,61 @@ func (h *handler) prepareCopy(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
+}
+
+// answer writes v, or the error.
+func (h *handler) answer(w http.ResponseWriter, r *http.Request, v any, err error) {
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, v)
+}
+
+func (h *handler) setImagePolicy(w http.ResponseWriter, r *http.Request) {
+	var req ImagePolicyRequest
+	if !decodeBody(w, r, &req) {
+		return
+	}
+	p, err := h.svc.SetImagePolicy(r.Context(), r.PathValue("name"), req)
+	h.answer(w, r, p, err)
+}
+
+func (h *handler) relocate(w http.ResponseWriter, r *http.Request) {
+	var req RelocateRequest
+	if !decodeBody(w, r, &req) {
+		return
+	}
+	p, err := h.svc.Relocate(r.Context(), r.PathValue("name"), req)
+	h.answer(w, r, p, err)
+}
+
+func (h *handler) plan(w http.ResponseWriter, r *http.Request) {
+	a, err := h.svc.PlanImage(r.Context(), r.PathValue("name"))
+	if a == nil {
+		a = []placement.Action{}
+	}
+	h.answer(w, r, map[string][]placement.Action{"actions": a}, err)
+}
+
+func (h *handler) setSyncPolicy(w http.ResponseWriter, r *http.Request) {
+	var req SyncPolicyRequest
+	if !decodeBody(w, r, &req) {
+		return
+	}
+	if err := h.svc.SetSyncPolicy(r.Context(), req); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (h *handler) syncPolicies(w http.ResponseWriter, r *http.Request) {
+	p, err := h.svc.SyncPolicies(r.Context())
+	h.answer(w, r, p, err)
+}
+
+func (h *handler) stats(w http.ResponseWriter, r *http.Request) {
+	st, err := h.svc.Stats(r.Context())
+	h.answer(w, r, st, err)
 }

@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/ukai-storage/ukai/cluster/meta"
+	"github.com/ukai-storage/ukai/placement"
 )
 
 // memService is a small in-memory Service: enough to exercise the HTTP
@@ -57,6 +58,16 @@ func (m *memService) VerifyImage(context.Context, string) (VerifyResult, error) 
 	return VerifyResult{}, nil
 }
 func (m *memService) PrepareCopy(context.Context, string, int64) error { return nil }
+func (m *memService) SetImagePolicy(context.Context, string, ImagePolicyRequest) (placement.ImagePolicy, error) {
+	return placement.ImagePolicy{}, fmt.Errorf("%w: spread_by zone needs 3 zones, 2 exist", meta.ErrInvalid)
+}
+func (m *memService) Relocate(context.Context, string, RelocateRequest) (placement.ImagePolicy, error) {
+	return placement.ImagePolicy{}, nil
+}
+func (m *memService) PlanImage(context.Context, string) ([]placement.Action, error) { return nil, nil }
+func (m *memService) SetSyncPolicy(context.Context, SyncPolicyRequest) error        { return nil }
+func (m *memService) SyncPolicies(context.Context) (SyncPolicies, error)            { return SyncPolicies{}, nil }
+func (m *memService) Stats(context.Context) (Stats, error)                          { return Stats{Node: "n1"}, nil }
 
 func TestHandlerStatusCodes(t *testing.T) {
 	srv := httptest.NewServer(NewHandler(&memService{images: map[string]Image{}}, "test", slog.New(slog.DiscardHandler)))
@@ -76,6 +87,10 @@ func TestHandlerStatusCodes(t *testing.T) {
 		{"GET", "/v1/images/nope", "", 404, "not found"},
 		{"DELETE", "/v1/images/vm1", "", 503, "unavailable"},
 		{"GET", "/v1/nodes/zz", "", 404, "node not found"},
+		{"PUT", "/v1/images/vm1/policy", `{"spread_by":"zone"}`, 400, "needs 3 zones"},
+		{"GET", "/v1/images/vm1/plan", "", 200, `"actions": []`},
+		{"PUT", "/v1/policies/sync", `{"scope":"default","windows":["22:00-06:00"]}`, 204, ""},
+		{"GET", "/v1/stats", "", 200, `"node": "n1"`},
 		{"DELETE", "/v1/images/vm1/locations/n1", "", 409, "last in-sync copy"},
 		{"POST", "/v1/images/vm1/sync", `{}`, 200, `"error":"copy on n2 failed"`},
 		{"GET", "/v1/nodes", "", 200, `"nodes"`},

@@ -3,7 +3,11 @@
 // OpenStack driver use.
 package api
 
-import "time"
+import (
+	"time"
+
+	"github.com/ukai-storage/ukai/placement"
+)
 
 // CreateImageRequest is the body of POST /v1/images.
 type CreateImageRequest struct {
@@ -37,6 +41,53 @@ type SyncRequest struct {
 	// Pause/Resume switch the background synchronizer instead of syncing.
 	Pause  bool `json:"pause,omitempty"`
 	Resume bool `json:"resume,omitempty"`
+	// Now syncs even outside the image's sync window (caps still hold).
+	Now bool `json:"now,omitempty"`
+}
+
+// ImagePolicyRequest is PUT /v1/images/{name}/policy: only the fields set
+// change.
+type ImagePolicyRequest struct {
+	Replicas     *int              `json:"replicas,omitempty"`
+	Locations    []string          `json:"locations,omitempty"`
+	PreferLabels map[string]string `json:"prefer_labels,omitempty"`
+	SpreadBy     *string           `json:"spread_by,omitempty"`
+}
+
+// RelocateRequest is POST /v1/images/{name}/relocate.
+type RelocateRequest struct {
+	To     string `json:"to,omitempty"`
+	From   string `json:"from,omitempty"`
+	Cancel bool   `json:"cancel,omitempty"`
+}
+
+// SyncPolicyRequest is PUT /v1/policies/sync.
+type SyncPolicyRequest struct {
+	Scope   string   `json:"scope"` // default, node:NAME, image:NAME
+	Windows []string `json:"windows,omitempty"`
+	TZ      string   `json:"tz,omitempty"`
+	MaxRate string   `json:"max_rate,omitempty"`
+	Clear   bool     `json:"clear,omitempty"`
+}
+
+// SyncPolicies is GET /v1/policies/sync.
+type SyncPolicies struct {
+	Default  *placement.SyncPolicy           `json:"default,omitempty"`
+	Nodes    map[string]placement.SyncPolicy `json:"nodes"`
+	Images   map[string]placement.SyncPolicy `json:"images"`
+	Problems []string                        `json:"problems,omitempty"`
+}
+
+// Stats is GET /v1/stats: what this node moved since it started.
+type Stats struct {
+	Node         string `json:"node"`
+	PeerBytesIn  int64  `json:"peer_bytes_in"`  // block data written to this node's copies by other nodes
+	PeerBytesOut int64  `json:"peer_bytes_out"` // block data read from this node's copies by other nodes
+	SyncBytes    int64  `json:"sync_bytes"`     // bytes this node copied while synchronizing
+	// PlacementRounds counts the executor's planning rounds.
+	PlacementRounds int64 `json:"placement_rounds"`
+	Sessions        int   `json:"sessions"`
+	Images          int   `json:"images_exported"`
 }
 
 // SyncProgress is one line of the NDJSON stream POST .../sync answers.
@@ -70,18 +121,21 @@ type Mismatch struct {
 
 // Image is an image as GET /v1/images and /v1/images/{name} show it.
 type Image struct {
-	Name       string     `json:"name"`
-	ID         string     `json:"id"`
-	Size       int64      `json:"size"`
-	BlockSize  int64      `json:"block_size"`
-	Blocks     int64      `json:"num_blocks"`
-	Created    time.Time  `json:"created"`
-	IQN        string     `json:"iqn"`
-	MinCopies  int        `json:"min_copies"`
-	Owner      string     `json:"owner,omitempty"` // node serving the image's I/O now
-	Generation uint64     `json:"generation"`
-	SyncPaused bool       `json:"sync_paused,omitempty"`
-	Locations  []Location `json:"locations"`
+	Name       string    `json:"name"`
+	ID         string    `json:"id"`
+	Size       int64     `json:"size"`
+	BlockSize  int64     `json:"block_size"`
+	Blocks     int64     `json:"num_blocks"`
+	Created    time.Time `json:"created"`
+	IQN        string    `json:"iqn"`
+	MinCopies  int       `json:"min_copies"`
+	Owner      string    `json:"owner,omitempty"` // node serving the image's I/O now
+	Generation uint64    `json:"generation"`
+	SyncPaused bool      `json:"sync_paused,omitempty"`
+	// Policy is the desired state; Plan what the planner last decided.
+	Policy    *placement.ImagePolicy `json:"policy,omitempty"`
+	Plan      []placement.Action     `json:"plan,omitempty"`
+	Locations []Location             `json:"locations"`
 	// BlockMap, only with ?blocks=true: one entry per block mapping each
 	// location's node to its state.
 	BlockMap []map[string]BlockState `json:"blocks,omitempty"`

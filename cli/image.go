@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -12,7 +13,8 @@ import (
 
 func (a *app) imageCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "image", Short: "Create, list, inspect and delete disk images"}
-	cmd.AddCommand(a.imageCreateCmd(), a.imageListCmd(), a.imageInfoCmd(), a.imageDeleteCmd(), a.imageSyncCmd(), a.imageVerifyCmd())
+	cmd.AddCommand(a.imageCreateCmd(), a.imageListCmd(), a.imageInfoCmd(), a.imageDeleteCmd(), a.imageSyncCmd(), a.imageVerifyCmd(),
+		a.imageSetCmd(), a.imageRelocateCmd(), a.imagePlanCmd())
 	return cmd
 }
 
@@ -134,9 +136,28 @@ func (a *app) imageInfoCmd() *cobra.Command {
 			fmt.Fprintf(tw, "iqn:\t%s (LUN 0)\n", img.IQN)
 			fmt.Fprintf(tw, "min copies:\t%d\n", img.MinCopies)
 			fmt.Fprintf(tw, "owner:\t%s\n", dash(img.Owner))
+			if img.Policy != nil {
+				fmt.Fprintf(tw, "desired:\t%s\n", policyString(*img.Policy))
+			}
 			fmt.Fprintln(tw, "locations:")
 			for _, loc := range img.Locations {
 				fmt.Fprintf(tw, "  %s\tin sync %d, syncing %d, out of sync %d\n", loc.Node, img.Blocks-loc.OutOfSync-loc.Syncing, loc.Syncing, loc.OutOfSync)
+			}
+			for _, loc := range img.Locations {
+				if img.Policy != nil && img.Policy.Relocate != nil && loc.Node == img.Policy.Relocate.To {
+					done := img.Blocks - loc.OutOfSync - loc.Syncing
+					eta := "-"
+					if el := time.Since(img.Policy.Relocate.Started); done > 0 && done < img.Blocks {
+						eta = (el / time.Duration(done) * time.Duration(img.Blocks-done)).Round(time.Second).String()
+					}
+					fmt.Fprintf(tw, "relocation:\t%d/%d blocks on %s (%.0f%%), ETA %s\n", done, img.Blocks, loc.Node, 100*float64(done)/float64(img.Blocks), eta)
+				}
+			}
+			if len(img.Plan) > 0 {
+				fmt.Fprintln(tw, "plan:")
+				for _, ac := range img.Plan {
+					fmt.Fprintf(tw, "  %s %s\t%s\n", ac.Kind, ac.Node, ac.Reason)
+				}
 			}
 			if blocks {
 				fmt.Fprintln(tw, "blocks (. in sync, s syncing, X out of sync):")

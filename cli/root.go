@@ -38,7 +38,7 @@ func NewRoot(version string) *cobra.Command {
 		def = env
 	}
 	root.PersistentFlags().StringVar(&a.apiAddr, "api", def, "control API address of the node to talk to (env UKAI_API)")
-	root.AddCommand(a.serveCmd(), a.imageCmd(), a.locationCmd(), a.nodeCmd(), a.versionCmd())
+	root.AddCommand(a.serveCmd(), a.imageCmd(), a.locationCmd(), a.nodeCmd(), a.policyCmd(), a.statsCmd(), a.versionCmd())
 	return root
 }
 

@@ -122,6 +122,7 @@ func (a *app) imageSyncCmd() *cobra.Command {
 	cmd.Flags().Int64Var(&req.ToBlock, "to-block", 0, "block after the last one to sync (default: the end)")
 	cmd.Flags().BoolVar(&req.Pause, "pause", false, "pause the background synchronizer for this image")
 	cmd.Flags().BoolVar(&req.Resume, "resume", false, "resume the background synchronizer")
+	cmd.Flags().BoolVar(&req.Now, "now", false, "sync even outside the image's sync window (the rate caps still hold)")
 	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json (one progress object per line)")
 	return cmd
 }

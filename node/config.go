@@ -24,14 +24,15 @@ import (
 // file (shown in `mapstructure` tags), an environment variable UKAI_<KEY>
 // with dots as underscores (UKAI_NODE_DATA_DIR), and a flag of `ukai serve`.
 type Config struct {
-	Node     NodeConfig     `mapstructure:"node"`
-	API      APIConfig      `mapstructure:"api"`
-	ISCSI    ISCSIConfig    `mapstructure:"iscsi"`
-	Metadata MetadataConfig `mapstructure:"metadata"`
-	Peer     PeerConfig     `mapstructure:"peer"`
-	Consul   ConsulConfig   `mapstructure:"consul"`
-	Gossip   GossipConfig   `mapstructure:"gossip"`
-	Log      LogConfig      `mapstructure:"log"`
+	Node      NodeConfig      `mapstructure:"node"`
+	API       APIConfig       `mapstructure:"api"`
+	ISCSI     ISCSIConfig     `mapstructure:"iscsi"`
+	Metadata  MetadataConfig  `mapstructure:"metadata"`
+	Peer      PeerConfig      `mapstructure:"peer"`
+	Consul    ConsulConfig    `mapstructure:"consul"`
+	Placement PlacementConfig `mapstructure:"placement"`
+	Gossip    GossipConfig    `mapstructure:"gossip"`
+	Log       LogConfig       `mapstructure:"log"`
 }
 
 // NodeConfig names the node and its storage.
@@ -70,6 +71,14 @@ type PeerConfig struct {
 	// Timeout bounds each copy's part of a request; a copy that does not
 	// answer in time is recorded out of sync and the write goes on.
 	Timeout time.Duration `mapstructure:"timeout"`
+}
+
+// PlacementConfig tunes the placement executor.
+type PlacementConfig struct {
+	// ReplaceAfter: a copy on a node dead longer than this is replaced by a
+	// new copy elsewhere, within sync windows and caps (0: never; the
+	// operator decides).
+	ReplaceAfter time.Duration `mapstructure:"replace_after"`
 }
 
 // MetadataConfig selects the metadata store.
@@ -127,6 +136,7 @@ var defaults = map[string]any{
 	"iscsi.iqn_prefix":                "iqn.2026-11.io.ukai",
 	"metadata.backend":                "embedded",
 	"peer.listen":                     "",
+	"placement.replace_after":         time.Duration(0),
 	"peer.advertise":                  "",
 	"peer.timeout":                    10 * time.Second,
 	"consul.address":                  "127.0.0.1:8500",
@@ -299,6 +309,9 @@ func (c *Config) Validate() error {
 		if c.Peer.Listen == c.API.Listen || c.Peer.Listen == c.ISCSI.Listen {
 			bad("peer.listen", "same address as the API or the iSCSI portal")
 		}
+	}
+	if c.Placement.ReplaceAfter < 0 {
+		bad("placement.replace_after", "must not be negative (0: never)")
 	}
 	if c.Peer.Timeout <= 0 {
 		bad("peer.timeout", "must be positive (e.g. 10s)")

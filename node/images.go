@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"sort"
 	"sync"
@@ -35,6 +36,8 @@ type served struct {
 	// busy counts syncs and verifies running on the image, which keep
 	// ownership like a session does.
 	busy atomic.Int32
+	// planning: the placement executor is working on the image.
+	planning atomic.Bool
 	// fromCache: exported from the cached record with only the local copy
 	// (guarded by the node's reconMu).
 	fromCache bool
@@ -318,6 +321,7 @@ func (n *Node) apply(ctx context.Context, s *served, img meta.Image, force bool)
 		// This node's copy was removed from the image (relocation): once
 		// the volume no longer uses it, the file goes.
 		defer func(c *lun.FileCopy, id string) {
+			s.vol.Drain()
 			c.Close()
 			os.Remove(n.imagePath(img))
 			os.Remove(n.recordPath(id))
@@ -529,6 +533,12 @@ func (n *Node) describe(ctx context.Context, img meta.Image, blocks bool) (api.I
 		Created: img.Created, IQN: n.iqn(img.Name), MinCopies: img.MinCopies,
 		Owner: img.Owner, Generation: img.Generation, SyncPaused: img.SyncPaused,
 	}
+	if pol, _, err := n.cat.ImagePolicy(ctx, img.Name); err == nil && !reflect.DeepEqual(pol, placement.ImagePolicy{}) {
+		out.Policy = &pol
+	}
+	n.planMu.Lock()
+	out.Plan = n.plans[img.Name]
+	n.planMu.Unlock()
 	maps := make([]*placement.BlockMap, len(img.Locations))
 	for i, loc := range img.Locations {
 		bm, err := n.cat.BlockMap(ctx, img, loc)

@@ -11,12 +11,14 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ukai-storage/ukai/api"
 	"github.com/ukai-storage/ukai/cluster/membership"
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/cluster/peer"
+	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/iscsi"
 )
 
@@ -47,12 +49,19 @@ type Node struct {
 	peerSrv *peer.Server
 	peersMu sync.Mutex
 	peers   map[string]*peer.Client // by data address
+
+	now       func() time.Time // the clock placement decides by (tests move it)
+	limits    limiters
+	syncBytes atomic.Int64 // bytes copied by syncs since start
+	rounds    atomic.Int64 // placement rounds run
+	planMu    sync.Mutex
+	plans     map[string][]placement.Action // last plan per image
 }
 
 // New opens the node's stores, binds its listeners and joins the cluster;
 // nothing is served until Run. Errors name the configuration key at fault.
 func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *Node, err error) {
-	n := &Node{cfg: cfg, log: log, version: version, started: time.Now(), served: map[string]*served{}, storeOK: true, peers: map[string]*peer.Client{}}
+	n := &Node{cfg: cfg, log: log, version: version, started: time.Now(), served: map[string]*served{}, storeOK: true, peers: map[string]*peer.Client{}, now: time.Now}
 	var closers []func()
 	defer func() {
 		if err != nil {
@@ -141,7 +150,7 @@ func (n *Node) Run(ctx context.Context) error {
 		go func() { errc <- n.peerSrv.Serve(ctx) }()
 	}
 	go n.releaseIdle(ctx)
-	go n.synchronizer(ctx)
+	go n.placementLoop(ctx)
 	go func() {
 		if err := n.apiSrv.Serve(n.apiLn); !errors.Is(err, http.ErrServerClosed) {
 			errc <- fmt.Errorf("api: %w", err)

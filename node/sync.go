@@ -83,7 +83,29 @@ func (n *Node) SyncImage(ctx context.Context, name string, req api.SyncRequest, 
 	if err != nil {
 		return err
 	}
-	return n.syncServed(ctx, s, req.FromBlock, req.ToBlock, progress)
+	img := s.record()
+	st, err := n.planState(ctx, s)
+	if err != nil {
+		return err
+	}
+	// The rate caps always hold; the window is overridden only with --now.
+	var pace pacer
+	for _, loc := range img.Locations {
+		pol := placement.EffectiveSync(st, st.Images[0], loc)
+		if open, _, opens := pol.Open(st.Now); !open && !req.Now {
+			return fmt.Errorf("%w: outside the sync window of %q (it opens at %s); use --now to sync anyway", meta.ErrInvalid, name, opens.Format(time.RFC3339))
+		}
+		pace = append(pace, n.pacerFor(st, img, placement.Action{Node: loc, Rate: imageRate(st)})...)
+	}
+	return n.syncServed(ctx, s, syncOpts{from: req.FromBlock, to: req.ToBlock, pace: pace}, progress)
+}
+
+// imageRate is the image's own cap (or the default cap) for explicit syncs.
+func imageRate(st placement.State) int64 {
+	if st.Images[0].Sync != nil {
+		return st.Images[0].Sync.MaxRate
+	}
+	return st.Default.MaxRate
 }
 
 type syncJob struct {
@@ -91,7 +113,15 @@ type syncJob struct {
 	node  string
 }
 
-func (n *Node) syncServed(ctx context.Context, s *served, from, to int64, progress func(api.SyncProgress)) error {
+// syncOpts narrows a sync: a block range, one destination node, a pacer
+// for the rate caps.
+type syncOpts struct {
+	from, to int64 // to 0: the end
+	only     string
+	pace     pacer
+}
+
+func (n *Node) syncServed(ctx context.Context, s *served, o syncOpts, progress func(api.SyncProgress)) error {
 	s.busy.Add(1)
 	defer s.busy.Add(-1)
 	if err := n.acquire(ctx, s); err != nil {
@@ -99,6 +129,7 @@ func (n *Node) syncServed(ctx context.Context, s *served, from, to int64, progre
 	}
 	img := s.record()
 	blocks := img.Blocks()
+	from, to := o.from, o.to
 	if to == 0 {
 		to = blocks
 	}
@@ -109,6 +140,9 @@ func (n *Node) syncServed(ctx context.Context, s *served, from, to int64, progre
 	var jobs []syncJob
 	var skipped []string
 	for _, loc := range img.Locations {
+		if o.only != "" && loc != o.only {
+			continue
+		}
 		if !n.alive(loc) {
 			skipped = append(skipped, loc)
 			continue
@@ -160,14 +194,25 @@ func (n *Node) syncServed(ctx context.Context, s *served, from, to int64, progre
 		go func() {
 			defer wg.Done()
 			for j := range ch {
+				if ctx.Err() != nil {
+					continue // a closed window or a cancel: stop at a block boundary
+				}
 				res, err := s.vol.SyncBlock(ctx, j.block, j.node)
 				if err != nil {
-					mu.Lock()
-					errs = append(errs, err)
-					mu.Unlock()
+					if ctx.Err() == nil {
+						mu.Lock()
+						errs = append(errs, err)
+						mu.Unlock()
+					}
 				} else if res.Copied {
 					copied.Add(1)
 					bytes.Add(res.Bytes)
+					n.syncBytes.Add(res.Bytes)
+					if err := o.pace.wait(ctx, res.Bytes); err != nil && ctx.Err() == nil {
+						mu.Lock()
+						errs = append(errs, err)
+						mu.Unlock()
+					}
 				}
 				done.Add(1)
 				report(j, false)
@@ -243,85 +288,6 @@ func (n *Node) VerifyImage(ctx context.Context, name string) (api.VerifyResult, 
 		res.Unreachable = append(res.Unreachable, u)
 	}
 	return res, nil
-}
-
-// synchronizer brings copies back in sync in the background: for the
-// images this node owns, and for unowned images whose first live location
-// is this node. Paused images are left alone.
-func (n *Node) synchronizer(ctx context.Context) {
-	t := time.NewTicker(2 * time.Second)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		n.mu.RLock()
-		var all []*served
-		for _, s := range n.served {
-			all = append(all, s)
-		}
-		n.mu.RUnlock()
-		for _, s := range all {
-			if ctx.Err() != nil {
-				return
-			}
-			if s.busy.Load() > 0 || !n.shouldSync(ctx, s) {
-				continue
-			}
-			img := s.record()
-			err := n.syncServed(ctx, s, 0, 0, nil)
-			if err != nil && ctx.Err() == nil {
-				n.log.Warn("background sync incomplete", "image", img.Name, "err", err)
-			} else if err == nil {
-				n.log.Info("background sync brought every live copy in sync", "image", img.Name)
-			}
-		}
-	}
-}
-
-// shouldSync says whether this node should synchronize s now.
-func (n *Node) shouldSync(ctx context.Context, s *served) bool {
-	img := s.record()
-	if img.SyncPaused || len(img.Locations) < 2 {
-		return false
-	}
-	if !s.owned.Load() {
-		if img.Owner != "" && n.alive(img.Owner) {
-			return false
-		}
-		first := ""
-		for _, l := range img.Locations {
-			if n.alive(l) {
-				first = l
-				break
-			}
-		}
-		if first != n.cfg.Node.Name {
-			return false
-		}
-	}
-	// Is any live copy behind? Owned images know from their volume;
-	// others ask the catalog.
-	for _, loc := range img.Locations {
-		if !n.alive(loc) {
-			continue
-		}
-		var bm *placement.BlockMap
-		if s.owned.Load() {
-			bm = s.vol.MapsSnapshot()[loc]
-		} else {
-			var err error
-			if bm, err = n.cat.BlockMap(ctx, img, loc); err != nil {
-				continue
-			}
-		}
-		if bm != nil && bm.Count(placement.InSync) != bm.Len() {
-			return true
-		}
-	}
-	return false
 }
 
 // AddLocation implements api.Service: the new copy starts out of sync and

@@ -41,3 +41,14 @@ func (l *blockLocks) exclusive(b int64) func() {
 	m.Lock()
 	return m.Unlock
 }
+
+// drain waits until no I/O holds any block: it takes every stripe
+// exclusively, in order, then lets go.
+func (l *blockLocks) drain() {
+	for i := range l.stripes {
+		l.stripes[i].Lock()
+	}
+	for i := range l.stripes {
+		l.stripes[i].Unlock()
+	}
+}

@@ -127,6 +127,10 @@ func (v *Volume) SetReplicas(replicas []*Replica, maps map[string]*placement.Blo
 	return nil
 }
 
+// Drain waits for the I/O in flight to finish (new I/O waits meanwhile):
+// after SetReplicas, a removed copy is no longer used once Drain returns.
+func (v *Volume) Drain() { v.locks.drain() }
+
 // State returns the state of block b of node's copy (OutOfSync when the
 // node holds no copy).
 func (v *Volume) State(node string, b int64) placement.SyncState {

@@ -1,0 +1,175 @@
+package meta
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"github.com/ukai-storage/ukai/placement"
+)
+
+// Operator decisions live beside the metadata:
+//
+//	<prefix>policies/images/<name>        ImagePolicy (replicas, locations, labels, relocation)
+//	<prefix>policies/sync/default         SyncPolicy for everything
+//	<prefix>policies/sync/nodes/<node>    SyncPolicy for syncs from or to a node (its cap is per node)
+//	<prefix>policies/sync/images/<name>   SyncPolicy of one image
+//
+// Each value is JSON with a "version" field; unknown versions are reported
+// with their key and never rewritten.
+
+// PolicyVersion is the policy record format.
+const PolicyVersion = 1
+
+type imagePolicyRecord struct {
+	Version int `json:"version"`
+	placement.ImagePolicy
+}
+
+type syncPolicyRecord struct {
+	Version int `json:"version"`
+	placement.SyncPolicy
+}
+
+// SyncScope names whose sync policy: "default", "nodes/<node>" or
+// "images/<image>".
+type SyncScope string
+
+// Sync policy scopes.
+func DefaultScope() SyncScope                        { return "default" }
+func NodeScope(node string) SyncScope                { return SyncScope("nodes/" + node) }
+func ImageScope(image string) SyncScope              { return SyncScope("images/" + image) }
+func (c *Catalog) imagePolicyKey(name string) string { return c.prefix + "policies/images/" + name }
+func (c *Catalog) syncPolicyKey(s SyncScope) string  { return c.prefix + "policies/sync/" + string(s) }
+
+// ImagePolicy returns the image's policy (zero when none) and its index.
+func (c *Catalog) ImagePolicy(ctx context.Context, name string) (placement.ImagePolicy, uint64, error) {
+	e, err := c.kv.Get(ctx, c.imagePolicyKey(name))
+	if errors.Is(err, ErrNotFound) {
+		return placement.ImagePolicy{}, 0, nil
+	}
+	if err != nil {
+		return placement.ImagePolicy{}, 0, fmt.Errorf("read policy of %q: %w", name, err)
+	}
+	var r imagePolicyRecord
+	if err := json.Unmarshal(e.Value, &r); err != nil {
+		return placement.ImagePolicy{}, 0, &MalformedError{Key: e.Key, Err: err}
+	}
+	if r.Version != PolicyVersion {
+		return placement.ImagePolicy{}, 0, &MalformedError{Key: e.Key, Err: fmt.Errorf("unknown policy version %d", r.Version)}
+	}
+	return r.ImagePolicy, e.ModifyIndex, nil
+}
+
+// UpdateImagePolicy applies fn to the image's policy with check-and-set.
+func (c *Catalog) UpdateImagePolicy(ctx context.Context, name string, fn func(*placement.ImagePolicy) error) (placement.ImagePolicy, error) {
+	for range maxCASRetries {
+		p, idx, err := c.ImagePolicy(ctx, name)
+		if err != nil {
+			return p, err
+		}
+		if err := fn(&p); err != nil {
+			return p, err
+		}
+		data, err := json.Marshal(imagePolicyRecord{Version: PolicyVersion, ImagePolicy: p})
+		if err != nil {
+			return p, err
+		}
+		err = c.kv.CAS(ctx, c.imagePolicyKey(name), data, idx)
+		if err == nil {
+			return p, nil
+		}
+		if !errors.Is(err, ErrConflict) {
+			return p, fmt.Errorf("write policy of %q: %w", name, err)
+		}
+	}
+	return placement.ImagePolicy{}, fmt.Errorf("policy of %q: too much contention: %w", name, ErrConflict)
+}
+
+// SyncPolicy returns the sync policy of a scope; ok is false when none is
+// set.
+func (c *Catalog) SyncPolicy(ctx context.Context, s SyncScope) (p placement.SyncPolicy, ok bool, err error) {
+	e, err := c.kv.Get(ctx, c.syncPolicyKey(s))
+	if errors.Is(err, ErrNotFound) {
+		return p, false, nil
+	}
+	if err != nil {
+		return p, false, fmt.Errorf("read sync policy %s: %w", s, err)
+	}
+	var r syncPolicyRecord
+	if err := json.Unmarshal(e.Value, &r); err != nil {
+		return p, false, &MalformedError{Key: e.Key, Err: err}
+	}
+	if r.Version != PolicyVersion {
+		return p, false, &MalformedError{Key: e.Key, Err: fmt.Errorf("unknown policy version %d", r.Version)}
+	}
+	return r.SyncPolicy, true, nil
+}
+
+// SetSyncPolicy stores (or, with nil, removes) the sync policy of a scope.
+func (c *Catalog) SetSyncPolicy(ctx context.Context, s SyncScope, p *placement.SyncPolicy) error {
+	key := c.syncPolicyKey(s)
+	for range maxCASRetries {
+		var idx uint64
+		e, err := c.kv.Get(ctx, key)
+		switch {
+		case err == nil:
+			idx = e.ModifyIndex
+		case !errors.Is(err, ErrNotFound):
+			return fmt.Errorf("sync policy %s: %w", s, err)
+		}
+		if p == nil {
+			if idx == 0 {
+				return nil
+			}
+			err = c.kv.DeleteCAS(ctx, key, idx)
+		} else {
+			data, merr := json.Marshal(syncPolicyRecord{Version: PolicyVersion, SyncPolicy: *p})
+			if merr != nil {
+				return merr
+			}
+			err = c.kv.CAS(ctx, key, data, idx)
+		}
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, ErrConflict) && !errors.Is(err, ErrNotFound) {
+			return fmt.Errorf("write sync policy %s: %w", s, err)
+		}
+	}
+	return fmt.Errorf("sync policy %s: too much contention: %w", s, ErrConflict)
+}
+
+// SyncPolicies returns every sync policy: default (if set), per node, per
+// image, and MalformedErrors for values that cannot be read.
+func (c *Catalog) SyncPolicies(ctx context.Context) (def *placement.SyncPolicy, nodes, images map[string]placement.SyncPolicy, bad []error, err error) {
+	entries, _, err := c.kv.List(ctx, c.prefix+"policies/sync/")
+	if err != nil {
+		return nil, nil, nil, nil, fmt.Errorf("list sync policies: %w", err)
+	}
+	nodes, images = map[string]placement.SyncPolicy{}, map[string]placement.SyncPolicy{}
+	for _, e := range entries {
+		var r syncPolicyRecord
+		if err := json.Unmarshal(e.Value, &r); err != nil || r.Version != PolicyVersion {
+			if err == nil {
+				err = fmt.Errorf("unknown policy version %d", r.Version)
+			}
+			bad = append(bad, &MalformedError{Key: e.Key, Err: err})
+			continue
+		}
+		scope := e.Key[len(c.prefix+"policies/sync/"):]
+		switch {
+		case scope == "default":
+			p := r.SyncPolicy
+			def = &p
+		case len(scope) > 6 && scope[:6] == "nodes/":
+			nodes[scope[6:]] = r.SyncPolicy
+		case len(scope) > 7 && scope[:7] == "images/":
+			images[scope[7:]] = r.SyncPolicy
+		default:
+			bad = append(bad, &MalformedError{Key: e.Key, Err: errors.New("unknown sync policy scope")})
+		}
+	}
+	return def, nodes, images, bad, nil
+}

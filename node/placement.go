@@ -1,0 +1,434 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"golang.org/x/time/rate"
+
+	"github.com/ukai-storage/ukai/api"
+	"github.com/ukai-storage/ukai/cluster/membership"
+	"github.com/ukai-storage/ukai/cluster/meta"
+	"github.com/ukai-storage/ukai/placement"
+)
+
+// The placement executor: every few seconds each node plans the images it
+// is responsible for (those it owns, and unowned ones whose first live
+// location it is) with the pure planner of package placement, and runs the
+// plan: add a location, sync block ranges inside the sync window under the
+// rate caps, remove a location once every block has another in-sync copy.
+
+// limiters holds the token buckets that cap copy traffic: one per image
+// and one per node (shared by all images syncing from or to it).
+type limiters struct {
+	mu sync.Mutex
+	m  map[string]*rate.Limiter
+}
+
+// get returns the limiter of key at rate r bytes/s (nil when r is 0:
+// unlimited); burst is one block, so over any interval the copied bytes
+// stay within one block of r times the interval.
+func (l *limiters) get(key string, r int64, burst int64) *rate.Limiter {
+	if r <= 0 {
+		return nil
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.m == nil {
+		l.m = map[string]*rate.Limiter{}
+	}
+	lim, ok := l.m[key]
+	if !ok {
+		lim = rate.NewLimiter(rate.Limit(r), int(burst))
+		l.m[key] = lim
+		return lim
+	}
+	if lim.Limit() != rate.Limit(r) {
+		lim.SetLimit(rate.Limit(r))
+	}
+	if lim.Burst() < int(burst) {
+		lim.SetBurst(int(burst))
+	}
+	return lim
+}
+
+// pacer waits, after each block copied, until the caps allow its bytes.
+type pacer []*rate.Limiter
+
+func (p pacer) wait(ctx context.Context, n int64) error {
+	for _, l := range p {
+		if l == nil {
+			continue
+		}
+		for n > 0 {
+			k := min(n, int64(l.Burst()))
+			if err := l.WaitN(ctx, int(k)); err != nil {
+				return err
+			}
+			n -= k
+		}
+	}
+	return nil
+}
+
+// planState builds the planner's input for one image.
+func (n *Node) planState(ctx context.Context, s *served) (placement.State, error) {
+	img := s.record()
+	st := placement.State{Now: n.now(), ReplaceAfter: n.cfg.Placement.ReplaceAfter, PerNode: map[string]placement.SyncPolicy{}}
+	def, nodes, images, bad, err := n.cat.SyncPolicies(ctx)
+	if err != nil {
+		return st, err
+	}
+	for _, b := range bad {
+		n.log.Warn("ignoring unreadable sync policy", "err", b)
+	}
+	if def != nil {
+		st.Default = *def
+	}
+	st.PerNode = nodes
+	pol, _, err := n.cat.ImagePolicy(ctx, img.Name)
+	if err != nil {
+		return st, err
+	}
+	is := placement.ImageState{Name: img.Name, Size: img.Size, BlockSize: img.BlockSize, Locations: img.Locations, Policy: pol, Maps: map[string]*placement.BlockMap{}}
+	if p, ok := images[img.Name]; ok {
+		is.Sync = &p
+	}
+	if s.owned.Load() {
+		is.Maps = s.vol.MapsSnapshot()
+	} else {
+		for _, loc := range img.Locations {
+			bm, err := n.cat.BlockMap(ctx, img, loc)
+			if err != nil {
+				return st, err
+			}
+			is.Maps[loc] = bm
+		}
+	}
+	st.Images = []placement.ImageState{is}
+	st.Nodes = n.nodeInfos()
+	return st, nil
+}
+
+// nodeInfos is the membership as the planner sees it.
+func (n *Node) nodeInfos() []placement.NodeInfo {
+	if n.members == nil {
+		_, free := n.diskSpace()
+		return []placement.NodeInfo{{Name: n.cfg.Node.Name, Alive: true, Labels: n.cfg.Node.Labels, Free: free}}
+	}
+	var out []placement.NodeInfo
+	for _, m := range n.members.Members() {
+		ni := placement.NodeInfo{Name: m.Name, Alive: m.State == membership.StateAlive, Labels: m.Meta.Labels, Free: m.Meta.Free}
+		if !ni.Alive {
+			ni.DeadSince = m.Since
+		}
+		out = append(out, ni)
+	}
+	return out
+}
+
+// shouldAct says whether this node plans and executes s now.
+func (n *Node) shouldAct(s *served) bool {
+	if s.owned.Load() {
+		return true
+	}
+	img := s.record()
+	if img.Owner != "" && n.alive(img.Owner) {
+		return false
+	}
+	for _, l := range img.Locations {
+		if n.alive(l) {
+			return l == n.cfg.Node.Name
+		}
+	}
+	return false
+}
+
+// placementLoop runs the executor.
+func (n *Node) placementLoop(ctx context.Context) {
+	t := time.NewTicker(2 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		n.mu.RLock()
+		var all []*served
+		for _, s := range n.served {
+			all = append(all, s)
+		}
+		n.mu.RUnlock()
+		n.rounds.Add(1)
+		for _, s := range all {
+			if ctx.Err() != nil {
+				return
+			}
+			if s.busy.Load() > 0 || !n.shouldAct(s) || !s.planning.CompareAndSwap(false, true) {
+				continue
+			}
+			// Each image plans on its own: a long, rate-capped sync of
+			// one image does not hold up the others.
+			go func() {
+				defer s.planning.Store(false)
+				if err := n.executePlan(ctx, s); err != nil && ctx.Err() == nil {
+					n.log.Warn("placement step failed", "image", s.record().Name, "err", err)
+				}
+			}()
+		}
+	}
+}
+
+// executePlan plans s and runs the plan's actions in order.
+func (n *Node) executePlan(ctx context.Context, s *served) error {
+	st, err := n.planState(ctx, s)
+	if err != nil {
+		return err
+	}
+	img := s.record()
+	actions := placement.PlanImage(st, img.Name)
+	n.setPlan(img.Name, actions)
+	for _, a := range actions {
+		switch a.Kind {
+		case placement.AddLocation:
+			n.log.Info("placement: adding a copy", "image", img.Name, "node", a.Node, "reason", a.Reason)
+			if _, err := n.AddLocation(ctx, img.Name, a.Node); err != nil {
+				return fmt.Errorf("add %s: %w", a.Node, err)
+			}
+		case placement.Sync:
+			sctx := ctx
+			if !a.Deadline.IsZero() {
+				var cancel context.CancelFunc
+				sctx, cancel = context.WithDeadline(ctx, a.Deadline)
+				defer cancel()
+			}
+			err := n.syncServed(sctx, s, syncOpts{from: a.From, to: a.To, only: a.Node, pace: n.pacerFor(st, img, a)}, nil)
+			if err != nil && errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+				n.log.Info("placement: sync window closed; resuming at the next one", "image", img.Name, "node", a.Node)
+				return nil
+			}
+			if err != nil {
+				return fmt.Errorf("sync %s: %w", a.Node, err)
+			}
+		case placement.RemoveLocation:
+			n.log.Info("placement: removing a copy", "image", img.Name, "node", a.Node, "reason", a.Reason)
+			if _, err := n.RemoveLocation(ctx, img.Name, a.Node); err != nil {
+				return fmt.Errorf("remove %s: %w", a.Node, err)
+			}
+		case placement.Wait, placement.Refuse:
+			n.log.Debug("placement", "image", img.Name, "kind", a.Kind, "reason", a.Reason)
+		}
+	}
+	return n.finishRelocation(ctx, img.Name)
+}
+
+// finishRelocation clears a relocation whose new copy is in sync and whose
+// old copy (when named) is gone.
+func (n *Node) finishRelocation(ctx context.Context, name string) error {
+	pol, _, err := n.cat.ImagePolicy(ctx, name)
+	if err != nil || pol.Relocate == nil {
+		return err
+	}
+	img, _, err := n.cat.GetImage(ctx, name)
+	if err != nil {
+		return err
+	}
+	r := pol.Relocate
+	if !img.HasLocation(r.To) || (r.From != "" && img.HasLocation(r.From)) {
+		return nil
+	}
+	bm, err := n.cat.BlockMap(ctx, img, r.To)
+	if err != nil || bm.Count(placement.InSync) != bm.Len() {
+		return err
+	}
+	if r.From == "" && pol.Replicas > 0 && len(img.Locations) > pol.Replicas {
+		return nil
+	}
+	_, err = n.cat.UpdateImagePolicy(ctx, name, func(p *placement.ImagePolicy) error {
+		p.Relocate = nil
+		return nil
+	})
+	if err == nil {
+		n.log.Info("relocation finished", "image", name, "to", r.To, "from", r.From)
+	}
+	return err
+}
+
+// pacerFor returns the caps that apply to a sync action: the planner's
+// rate for the action (its share of the node caps and the image cap) on
+// the image's own bucket, and each node's cap on that node's bucket.
+func (n *Node) pacerFor(st placement.State, img meta.Image, a placement.Action) pacer {
+	var p pacer
+	p = append(p, n.limits.get("image/"+img.Name, a.Rate, img.BlockSize))
+	for node, pol := range st.PerNode {
+		if node == a.Node || (len(img.Locations) > 0 && node == n.cfg.Node.Name) {
+			p = append(p, n.limits.get("node/"+node, pol.MaxRate, img.BlockSize))
+		}
+	}
+	return p
+}
+
+func (n *Node) setPlan(name string, actions []placement.Action) {
+	n.planMu.Lock()
+	defer n.planMu.Unlock()
+	if n.plans == nil {
+		n.plans = map[string][]placement.Action{}
+	}
+	n.plans[name] = actions
+}
+
+// PlanImage implements api.Service: what the planner would do now, and why.
+func (n *Node) PlanImage(ctx context.Context, name string) ([]placement.Action, error) {
+	s, err := n.servedByName(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	st, err := n.planState(ctx, s)
+	if err != nil {
+		return nil, err
+	}
+	return placement.PlanImage(st, name), nil
+}
+
+// SetImagePolicy implements api.Service: merge the request into the
+// image's policy, refusing an impossible one with the reason.
+func (n *Node) SetImagePolicy(ctx context.Context, name string, req api.ImagePolicyRequest) (placement.ImagePolicy, error) {
+	s, err := n.servedByName(ctx, name)
+	if err != nil {
+		return placement.ImagePolicy{}, err
+	}
+	st, err := n.planState(ctx, s)
+	if err != nil {
+		return placement.ImagePolicy{}, err
+	}
+	return n.cat.UpdateImagePolicy(ctx, name, func(p *placement.ImagePolicy) error {
+		if req.Replicas != nil {
+			p.Replicas = *req.Replicas
+			if req.Locations == nil {
+				p.Locations = nil
+			}
+		}
+		if req.Locations != nil {
+			p.Locations = req.Locations
+			if req.Replicas == nil {
+				p.Replicas = 0
+			}
+		}
+		if req.PreferLabels != nil {
+			p.PreferLabels = req.PreferLabels
+			if len(p.PreferLabels) == 0 {
+				p.PreferLabels = nil
+			}
+		}
+		if req.SpreadBy != nil {
+			p.SpreadBy = *req.SpreadBy
+		}
+		if err := placement.ValidatePolicy(*p, st.Images[0], st.Nodes); err != nil {
+			return fmt.Errorf("%w: %v", meta.ErrInvalid, err)
+		}
+		return nil
+	})
+}
+
+// Relocate implements api.Service: start (or cancel) a follow-the-VM move.
+func (n *Node) Relocate(ctx context.Context, name string, req api.RelocateRequest) (placement.ImagePolicy, error) {
+	s, err := n.servedByName(ctx, name)
+	if err != nil {
+		return placement.ImagePolicy{}, err
+	}
+	st, err := n.planState(ctx, s)
+	if err != nil {
+		return placement.ImagePolicy{}, err
+	}
+	return n.cat.UpdateImagePolicy(ctx, name, func(p *placement.ImagePolicy) error {
+		if req.Cancel {
+			if p.Relocate == nil {
+				return fmt.Errorf("%w: %q has no relocation in progress", meta.ErrInvalid, name)
+			}
+			p.Relocate = nil
+			return nil
+		}
+		p.Relocate = &placement.Relocation{To: req.To, From: req.From, Started: n.now().UTC()}
+		if err := placement.ValidatePolicy(*p, st.Images[0], st.Nodes); err != nil {
+			return fmt.Errorf("%w: %v", meta.ErrInvalid, err)
+		}
+		return nil
+	})
+}
+
+// SetSyncPolicy implements api.Service.
+func (n *Node) SetSyncPolicy(ctx context.Context, req api.SyncPolicyRequest) error {
+	scope, err := syncScope(req.Scope)
+	if err != nil {
+		return err
+	}
+	if req.Clear {
+		return n.cat.SetSyncPolicy(ctx, scope, nil)
+	}
+	p := placement.SyncPolicy{TZ: req.TZ}
+	for _, w := range req.Windows {
+		win, err := placement.ParseWindow(w)
+		if err != nil {
+			return fmt.Errorf("%w: --sync-window %q: %v", meta.ErrInvalid, w, err)
+		}
+		p.Windows = append(p.Windows, win)
+	}
+	if req.MaxRate != "" {
+		r, err := placement.ParseRate(req.MaxRate)
+		if err != nil {
+			return fmt.Errorf("%w: --max-rate %q: %v", meta.ErrInvalid, req.MaxRate, err)
+		}
+		p.MaxRate = r
+	}
+	if err := p.Validate(); err != nil {
+		return fmt.Errorf("%w: %v", meta.ErrInvalid, err)
+	}
+	return n.cat.SetSyncPolicy(ctx, scope, &p)
+}
+
+func syncScope(s string) (meta.SyncScope, error) {
+	switch {
+	case s == "default":
+		return meta.DefaultScope(), nil
+	case len(s) > 5 && s[:5] == "node:" && meta.NodeNameRE.MatchString(s[5:]):
+		return meta.NodeScope(s[5:]), nil
+	case len(s) > 6 && s[:6] == "image:" && meta.ValidateName(s[6:]) == nil:
+		return meta.ImageScope(s[6:]), nil
+	}
+	return "", fmt.Errorf("%w: scope %q: want default, node:NAME or image:NAME", meta.ErrInvalid, s)
+}
+
+// SyncPolicies implements api.Service.
+func (n *Node) SyncPolicies(ctx context.Context) (api.SyncPolicies, error) {
+	def, nodes, images, bad, err := n.cat.SyncPolicies(ctx)
+	if err != nil {
+		return api.SyncPolicies{}, err
+	}
+	out := api.SyncPolicies{Default: def, Nodes: nodes, Images: images}
+	for _, b := range bad {
+		out.Problems = append(out.Problems, b.Error())
+	}
+	return out, nil
+}
+
+// Stats implements api.Service.
+func (n *Node) Stats(context.Context) (api.Stats, error) {
+	st := api.Stats{Node: n.cfg.Node.Name, SyncBytes: n.syncBytes.Load(), PlacementRounds: n.rounds.Load()}
+	if n.peerSrv != nil {
+		ps := n.peerSrv.Stats()
+		st.PeerBytesIn, st.PeerBytesOut = ps.BytesIn, ps.BytesOut
+	}
+	for _, s := range n.target.Sessions() {
+		if !s.Discovery {
+			st.Sessions++
+		}
+	}
+	n.mu.RLock()
+	st.Images = len(n.served)
+	n.mu.RUnlock()
+	return st, nil
+}

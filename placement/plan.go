@@ -1,0 +1,824 @@
+package placement
+
+import (
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+)
+
+// Plan decides the next actions for every image of s, in image order. It
+// is pure: no I/O, no goroutines, no clock (s.Now is the time), and the
+// same State always gives the same actions. The image's owner runs it
+// every few seconds and executes what it returns; nothing here assumes an
+// action was executed.
+//
+// Per image, in this order (the rule names appear in the tests):
+//
+//	validate   ValidatePolicy fails → one Refuse with the reason, nothing else.
+//	relocate   (rule 2) while Relocate is set and not done (RelocationDone):
+//	           add To; To is synced by rule sync; once To is fully in sync,
+//	           remove From (or, without From, one other copy chosen like
+//	           rule replicas-down, only if more copies than Replicas remain;
+//	           with Replicas 0 nothing is removed). Rules exact, replicas-*
+//	           and replace are suspended meanwhile.
+//	exact      (rule 1) Locations set: add each listed node that is not a
+//	           location (Refuse if it is not alive); remove each location not
+//	           listed when rule safe-remove allows, else Wait.
+//	replicas-up   (rule 1) fewer present copies than Replicas: add nodes
+//	           chosen by choose; Refuse for what no node can take.
+//	replicas-down (rule 1) more present copies than Replicas: remove copies,
+//	           preferring dead, then most blocks out of sync, then violating
+//	           SpreadBy / not matching PreferLabels, then least free, then
+//	           name, each only when rule safe-remove allows; else Wait with
+//	           the reason (e.g. "n1 holds the last in-sync copy of block 17").
+//	replace    (rule 6) a location on a node dead for longer than
+//	           ReplaceAfter (> 0) is missing: it does not count as present
+//	           (so replicas-up adds a replacement) and it is removed once
+//	           every present alive copy is fully in sync and safe-remove
+//	           allows. A copy on a node down for less gets a Wait until it
+//	           would be replaced. Needs Replicas > 0 (the target count); with Replicas
+//	           0 a Refuse asks the operator to set it. Not applied to exact
+//	           Locations (the operator named the nodes).
+//	choose     new copies go to alive nodes that are not locations, with a
+//	           SpreadBy value no present copy (or earlier pick) has — nodes
+//	           without the label do not qualify —, preferring most
+//	           PreferLabels matches, then most Free (less the Size of the
+//	           images this plan already placed there), then name.
+//	safe-remove (rule 5) removing X is allowed only if at least one other
+//	           location remains, and for every block X holds in sync some
+//	           other remaining alive location holds it in sync (so X is never
+//	           the last in-sync copy, nor the only source of a copy still
+//	           syncing); and if X is alive, that block keeps at least
+//	           min(wanted copies, its in-sync copies before) in-sync copies
+//	           (no swap drops redundancy before the new copy is in sync;
+//	           wanted copies here excludes remaining copies on dead nodes).
+//	           Copies on dead nodes never count as remaining in-sync copies.
+//	sync       (rule 3) each alive location, not removed by this plan, with
+//	           blocks not in sync that some other alive location holds in
+//	           sync: one Sync for the smallest range [From, To) covering
+//	           those blocks, if EffectiveSync(s, img, node) is open at Now,
+//	           with Deadline = when it closes (zero: never); else Wait with
+//	           Until = the next opening. Blocks no alive copy holds in sync
+//	           get a Wait naming them.
+//	rate       (rule 4) see below.
+//	refuse     (rule 7) what cannot be met now (no qualifying node, target
+//	           down, invalid sync policy) gets a Refuse, and only for that
+//	           part.
+//
+// Actions of one image come in the order add, sync, remove, wait, refuse.
+//
+// Rates (rule 4). The nodes a Sync involves are its destination and every
+// other alive location holding some of the blocks in sync (the possible
+// sources; the executor picks). Each involved node n has a cap: its
+// PerNode MaxRate if it has a PerNode policy, else Default.MaxRate for
+// images without their own Sync policy, else none. A node's cap is shared
+// equally by the Syncs of this plan (all images) it applies to: the share
+// is cap / count, at least 1 byte/s. The Sync's Rate is the minimum of the
+// image's Sync.MaxRate and the shares of its involved nodes, over those
+// that are not 0; 0 (no cap anywhere) means unlimited. So the Syncs on a
+// node add up to at most its cap, e.g. two images syncing to one node
+// capped at 100M get 50M each.
+func Plan(s State) []Action {
+	p := newPlanner(s)
+	for i := range s.Images {
+		p.planImage(&s.Images[i])
+	}
+	return p.finish()
+}
+
+// PlanImage returns the actions of Plan(s) for the image called name (nil
+// if there is none). The whole state is planned so that rates account for
+// the other images sharing a node.
+func PlanImage(s State, name string) []Action {
+	var out []Action
+	for _, a := range Plan(s) {
+		if a.Image == name {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// RelocationDone reports whether img's relocation, if any, has nothing
+// left to do: To is a location whose copy is fully in sync, and From (if
+// set) is no longer a location — without From, no more copies than
+// Replicas remain (always, with Replicas 0). The executor clears
+// Policy.Relocate when it is; Plan then plans the image as usual. An image
+// without Relocate is done.
+func RelocationDone(img ImageState) bool {
+	r := img.Policy.Relocate
+	if r == nil {
+		return true
+	}
+	if !slices.Contains(img.Locations, r.To) {
+		return false
+	}
+	m := img.Maps[r.To]
+	if m == nil || m.Len() != numBlocks(img) || m.Count(InSync) != m.Len() {
+		return false
+	}
+	if r.From != "" {
+		return !slices.Contains(img.Locations, r.From)
+	}
+	return img.Policy.Replicas == 0 || len(img.Locations) <= img.Policy.Replicas
+}
+
+// numBlocks is the image's block count: from Size and BlockSize, else the
+// longest map.
+func numBlocks(img ImageState) int64 {
+	if img.BlockSize > 0 {
+		return (img.Size + img.BlockSize - 1) / img.BlockSize
+	}
+	var n int64
+	for _, m := range img.Maps {
+		if m != nil {
+			n = max(n, m.Len())
+		}
+	}
+	return n
+}
+
+// planner carries what Plan shares across images.
+type planner struct {
+	s     State
+	nodes map[string]NodeInfo
+	free  map[string]int64
+	out   []Action
+	syncs []syncInfo
+}
+
+type syncInfo struct {
+	idx      int // into out
+	involved []string
+	imgCap   int64
+	imgSync  bool
+}
+
+func newPlanner(s State) *planner {
+	p := &planner{s: s, nodes: map[string]NodeInfo{}, free: map[string]int64{}}
+	for _, n := range s.Nodes {
+		p.nodes[n.Name] = n
+		p.free[n.Name] = n.Free
+	}
+	return p
+}
+
+// view is one image being planned.
+type view struct {
+	p       *planner
+	img     *ImageState
+	n       int64
+	maps    map[string]*BlockMap
+	missing map[string]bool // rule replace
+	adds    []Action
+	syncs   []Action
+	syncInv [][]string
+	removes []Action
+	waits   []Action
+	refuses []Action
+	removed map[string]bool
+}
+
+func (v *view) alive(loc string) bool {
+	n, ok := v.p.nodes[loc]
+	return ok && n.Alive
+}
+
+func (v *view) inSync(loc string, b int64) bool { return v.maps[loc].Get(b) == InSync }
+
+func (v *view) outOfSync(loc string) int64 { return v.n - v.maps[loc].Count(InSync) }
+
+func (v *view) act(k ActionKind, node, reason string) Action {
+	return Action{Kind: k, Image: v.img.Name, Node: node, Reason: reason}
+}
+
+func (v *view) refuse(node, f string, a ...any) {
+	v.refuses = append(v.refuses, v.act(Refuse, node, fmt.Sprintf(f, a...)))
+}
+
+func (v *view) wait(node string, until time.Time, f string, a ...any) {
+	w := v.act(Wait, node, fmt.Sprintf(f, a...))
+	w.Until = until
+	v.waits = append(v.waits, w)
+}
+
+func (p *planner) planImage(img *ImageState) {
+	v := &view{p: p, img: img, n: numBlocks(*img), maps: map[string]*BlockMap{},
+		missing: map[string]bool{}, removed: map[string]bool{}}
+	for _, l := range img.Locations {
+		m := img.Maps[l]
+		if m == nil || m.Len() != v.n {
+			m = NewBlockMap(v.n, OutOfSync) // unknown state: never a source
+		}
+		v.maps[l] = m
+	}
+	if err := validatePolicy(img.Policy, *img, p.s.Nodes, true); err != nil {
+		v.refuse("", "policy refused: %v", err)
+		p.out = append(p.out, v.refuses...)
+		return
+	}
+	pol := img.Policy
+	switch {
+	case pol.Relocate != nil && !RelocationDone(v.snapshot()):
+		v.relocate()
+	case len(pol.Locations) > 0:
+		v.exact()
+	default:
+		v.replicas()
+	}
+	v.sync()
+	p.out = append(p.out, v.adds...)
+	for i, a := range v.syncs {
+		p.syncs = append(p.syncs, syncInfo{idx: len(p.out), involved: v.syncInv[i],
+			imgCap: v.imgCap(), imgSync: img.Sync != nil})
+		p.out = append(p.out, a)
+	}
+	p.out = append(p.out, v.removes...)
+	p.out = append(p.out, v.waits...)
+	p.out = append(p.out, v.refuses...)
+}
+
+// snapshot is the image with the normalised maps.
+func (v *view) snapshot() ImageState {
+	c := *v.img
+	c.Maps = v.maps
+	return c
+}
+
+func (v *view) imgCap() int64 {
+	if v.img.Sync != nil {
+		return v.img.Sync.MaxRate
+	}
+	return 0
+}
+
+// present are the locations not missing, in location order.
+func (v *view) present() []string {
+	var out []string
+	for _, l := range v.img.Locations {
+		if !v.missing[l] {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// kept are the locations not removed by this plan.
+func (v *view) kept(locs []string) []string {
+	var out []string
+	for _, l := range locs {
+		if !v.removed[l] {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// safeRemove is rule safe-remove for x, given the removals already
+// planned and the number of copies wanted.
+func (v *view) safeRemove(x string, want int) (bool, string) {
+	remaining, deadRemaining := 0, 0
+	for _, l := range v.img.Locations {
+		if l != x && !v.removed[l] {
+			remaining++
+			if !v.alive(l) {
+				deadRemaining++
+			}
+		}
+	}
+	wantAlive := want - deadRemaining // copies on dead nodes cannot hold redundancy
+	if remaining < 1 {
+		return false, fmt.Sprintf("%s is the last copy", x)
+	}
+	xAlive := v.alive(x)
+	for b := int64(0); b < v.n; b++ {
+		if !v.inSync(x, b) {
+			continue
+		}
+		others := 0
+		for _, l := range v.img.Locations {
+			if l != x && !v.removed[l] && v.alive(l) && v.inSync(l, b) {
+				others++
+			}
+		}
+		if others == 0 {
+			return false, fmt.Sprintf("%s holds the last in-sync copy of block %d", x, b)
+		}
+		if xAlive {
+			if need := min(wantAlive, others+1); others < need {
+				return false, fmt.Sprintf("removing %s would leave block %d with %d in-sync %s (%d wanted)", x, b, others, plural(others, "copy", "copies"), need)
+			}
+		}
+	}
+	return true, ""
+}
+
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return one
+	}
+	return many
+}
+
+// preferScore counts the PreferLabels a node matches.
+func (v *view) preferScore(name string) int {
+	n := v.p.nodes[name]
+	c := 0
+	for k, want := range v.img.Policy.PreferLabels {
+		if n.Labels[k] == want {
+			c++
+		}
+	}
+	return c
+}
+
+// pick is one node choose selected, with why.
+type pick struct {
+	node   string
+	detail string
+}
+
+// choose is rule choose: up to k new nodes for the image.
+func (v *view) choose(k int) ([]pick, string) {
+	pol := v.img.Policy
+	used := map[string]bool{}
+	if pol.SpreadBy != "" {
+		for _, l := range v.present() {
+			if val, ok := v.p.nodes[l].Labels[pol.SpreadBy]; ok {
+				used[val] = true
+			}
+		}
+	}
+	exclude := map[string]bool{}
+	for _, l := range v.img.Locations {
+		exclude[l] = true
+	}
+	var picks []pick
+	for range k {
+		var cands []NodeInfo
+		for _, n := range v.p.s.Nodes {
+			if !n.Alive || exclude[n.Name] {
+				continue
+			}
+			if pol.SpreadBy != "" {
+				val, ok := n.Labels[pol.SpreadBy]
+				if !ok || used[val] {
+					continue
+				}
+			}
+			cands = append(cands, n)
+		}
+		if len(cands) == 0 {
+			why := "no alive node outside the current locations"
+			if pol.SpreadBy != "" {
+				vals := make([]string, 0, len(used))
+				for u := range used {
+					vals = append(vals, u)
+				}
+				sort.Strings(vals)
+				why = fmt.Sprintf("no alive node outside the current locations with a %s not already used (%s)", pol.SpreadBy, strings.Join(vals, ", "))
+			}
+			return picks, why
+		}
+		sort.SliceStable(cands, func(i, j int) bool {
+			a, b := cands[i], cands[j]
+			if sa, sb := v.preferScore(a.Name), v.preferScore(b.Name); sa != sb {
+				return sa > sb
+			}
+			if fa, fb := v.p.free[a.Name], v.p.free[b.Name]; fa != fb {
+				return fa > fb
+			}
+			return a.Name < b.Name
+		})
+		c := cands[0]
+		var d []string
+		if pol.SpreadBy != "" {
+			val := c.Labels[pol.SpreadBy]
+			used[val] = true
+			d = append(d, pol.SpreadBy+" "+val)
+		}
+		if len(pol.PreferLabels) > 0 {
+			if sc := v.preferScore(c.Name); sc == len(pol.PreferLabels) {
+				d = append(d, "preferred labels")
+			} else if sc > 0 {
+				d = append(d, fmt.Sprintf("%d of %d preferred labels", sc, len(pol.PreferLabels)))
+			} else {
+				d = append(d, "no node has the preferred labels")
+			}
+		}
+		if len(cands) > 1 && v.p.free[c.Name] > v.p.free[cands[1].Name] && v.preferScore(c.Name) == v.preferScore(cands[1].Name) {
+			d = append(d, "most free space")
+		} else if len(cands) > 1 && v.p.free[c.Name] == v.p.free[cands[1].Name] && v.preferScore(c.Name) == v.preferScore(cands[1].Name) {
+			d = append(d, "first by name among equals")
+		}
+		if len(cands) == 1 {
+			d = append(d, "only candidate")
+		}
+		exclude[c.Name] = true
+		v.p.free[c.Name] -= v.img.Size
+		picks = append(picks, pick{c.Name, strings.Join(d, ", ")})
+	}
+	return picks, ""
+}
+
+func (v *view) add(node, reason string) {
+	v.adds = append(v.adds, v.act(AddLocation, node, reason))
+}
+
+func (v *view) remove(node, reason string) {
+	v.removed[node] = true
+	v.removes = append(v.removes, v.act(RemoveLocation, node, reason))
+}
+
+// removalOrder sorts candidates by rule replicas-down's preference and
+// says why each is a candidate.
+func (v *view) removalOrder(cands []string) ([]string, map[string]string) {
+	pol := v.img.Policy
+	spreadBad := func(x string) (bool, string) {
+		if pol.SpreadBy == "" {
+			return false, ""
+		}
+		val, ok := v.p.nodes[x].Labels[pol.SpreadBy]
+		if !ok {
+			return true, "no " + pol.SpreadBy + " label"
+		}
+		for _, l := range v.img.Locations {
+			if l != x && !v.removed[l] && v.p.nodes[l].Labels[pol.SpreadBy] == val {
+				return true, fmt.Sprintf("shares %s %s with %s", pol.SpreadBy, val, l)
+			}
+		}
+		return false, ""
+	}
+	badness := func(x string) int {
+		b := len(pol.PreferLabels) - v.preferScore(x)
+		if bad, _ := spreadBad(x); bad {
+			b += 1 << 20
+		}
+		return b
+	}
+	out := slices.Clone(cands)
+	sort.SliceStable(out, func(i, j int) bool {
+		a, b := out[i], out[j]
+		if da, db := !v.alive(a), !v.alive(b); da != db {
+			return da
+		}
+		if oa, ob := v.outOfSync(a), v.outOfSync(b); oa != ob {
+			return oa > ob
+		}
+		if ba, bb := badness(a), badness(b); ba != bb {
+			return ba > bb
+		}
+		if fa, fb := v.p.nodes[a].Free, v.p.nodes[b].Free; fa != fb {
+			return fa < fb
+		}
+		return a < b
+	})
+	why := map[string]string{}
+	for i, x := range out {
+		var d []string
+		if !v.alive(x) {
+			d = append(d, "node down")
+		}
+		if o := v.outOfSync(x); o > 0 {
+			d = append(d, fmt.Sprintf("%d %s not in sync", o, plural(int(o), "block", "blocks")))
+		}
+		if bad, s := spreadBad(x); bad {
+			d = append(d, s)
+		}
+		if len(pol.PreferLabels) > 0 && v.preferScore(x) < len(pol.PreferLabels) {
+			d = append(d, "not matching preferred labels")
+		}
+		if len(d) == 0 {
+			if i == 0 && len(out) > 1 && v.p.nodes[x].Free < v.p.nodes[out[1]].Free {
+				d = append(d, "least free space")
+			} else {
+				d = append(d, "first by name among equals")
+			}
+		}
+		why[x] = strings.Join(d, ", ")
+	}
+	return out, why
+}
+
+// removeSome removes up to k of cands (rule replicas-down); it returns how
+// many it removed and, if fewer than k, the first reason it could not.
+func (v *view) removeSome(k int, cands []string, want int, prefix string) (int, string) {
+	order, why := v.removalOrder(cands)
+	done := 0
+	blocked := ""
+	for _, x := range order {
+		if done == k {
+			break
+		}
+		ok, reason := v.safeRemove(x, want)
+		if !ok {
+			if blocked == "" {
+				blocked = reason
+			}
+			continue
+		}
+		v.remove(x, fmt.Sprintf("%s: remove %s (%s)", prefix, x, why[x]))
+		done++
+	}
+	return done, blocked
+}
+
+// exact is rule exact.
+func (v *view) exact() {
+	pol := v.img.Policy
+	prefix := fmt.Sprintf("locations %s wanted", strings.Join(pol.Locations, ","))
+	for _, l := range pol.Locations {
+		if slices.Contains(v.img.Locations, l) {
+			continue
+		}
+		if !v.alive(l) {
+			v.refuse(l, "%s: cannot add %s, its node is not alive", prefix, l)
+			continue
+		}
+		v.add(l, fmt.Sprintf("%s: add %s", prefix, l))
+		v.p.free[l] -= v.img.Size
+	}
+	for _, l := range v.img.Locations {
+		if slices.Contains(pol.Locations, l) {
+			continue
+		}
+		if ok, reason := v.safeRemove(l, len(pol.Locations)); ok {
+			v.remove(l, fmt.Sprintf("%s: remove %s (not listed)", prefix, l))
+		} else {
+			v.wait(l, time.Time{}, "%s: cannot remove %s yet: %s", prefix, l, reason)
+		}
+	}
+}
+
+// replicas is rules replicas-up, replicas-down and replace.
+func (v *view) replicas() {
+	pol := v.img.Policy
+	s := v.p.s
+	if s.ReplaceAfter > 0 {
+		for _, l := range v.img.Locations {
+			if v.alive(l) {
+				continue
+			}
+			n, ok := v.p.nodes[l]
+			if ok && s.Now.Sub(n.DeadSince) < s.ReplaceAfter {
+				if pol.Replicas > 0 {
+					at := n.DeadSince.Add(s.ReplaceAfter)
+					v.wait(l, at, "%s is down since %s: replaced at %s unless it comes back", l, n.DeadSince.UTC().Format(time.RFC3339), at.UTC().Format(time.RFC3339))
+				}
+				continue
+			}
+			if pol.Replicas == 0 {
+				v.refuse(l, "%s down for longer than replace_after %s, but replicas is not set: set replicas to have it replaced", l, s.ReplaceAfter)
+				continue
+			}
+			v.missing[l] = true
+		}
+	}
+	want := pol.Replicas
+	present := v.present()
+	if want == 0 {
+		want = len(present)
+	}
+	prefix := fmt.Sprintf("replicas %d wanted, %d present", want, len(present))
+	switch {
+	case len(present) < want:
+		k := want - len(present)
+		picks, why := v.choose(k)
+		var miss []string
+		for _, l := range v.img.Locations {
+			if v.missing[l] {
+				miss = append(miss, l)
+			}
+		}
+		for i, pk := range picks {
+			r := fmt.Sprintf("%s: add %s (%s)", prefix, pk.node, pk.detail)
+			if i < len(miss) {
+				r += fmt.Sprintf("; replaces %s, down since %s (longer than replace_after %s)",
+					miss[i], v.p.nodes[miss[i]].DeadSince.UTC().Format(time.RFC3339), s.ReplaceAfter)
+			}
+			v.add(pk.node, r)
+		}
+		if len(picks) < k {
+			v.refuse("", "%s: cannot place %d more: %s", prefix, k-len(picks), why)
+		}
+	case len(present) > want:
+		k := len(present) - want
+		done, blocked := v.removeSome(k, present, want, prefix)
+		if done < k {
+			v.wait("", time.Time{}, "%s: cannot remove %d more yet: %s", prefix, k-done, blocked)
+		}
+	}
+	// Rule replace: remove missing copies once the present ones are in sync.
+	kept := v.kept(present)
+	for _, l := range v.img.Locations {
+		if !v.missing[l] {
+			continue
+		}
+		ready := len(kept) >= want
+		var lagging string
+		for _, k := range kept {
+			if v.alive(k) && v.outOfSync(k) > 0 {
+				ready = false
+				if lagging == "" {
+					lagging = k
+				}
+			}
+		}
+		if !ready {
+			if lagging == "" {
+				lagging = "a replacement"
+			}
+			v.wait(l, time.Time{}, "%s is down for longer than replace_after %s: remove it once %s is in sync", l, s.ReplaceAfter, lagging)
+			continue
+		}
+		if ok, reason := v.safeRemove(l, want); ok {
+			v.remove(l, fmt.Sprintf("%s is down for longer than replace_after %s and its replacement is in sync: remove it", l, s.ReplaceAfter))
+		} else {
+			v.wait(l, time.Time{}, "cannot remove %s yet: %s", l, reason)
+		}
+	}
+}
+
+// relocate is rule relocate (rule 2), while not done.
+func (v *view) relocate() {
+	r := v.img.Policy.Relocate
+	prefix := "relocate to " + r.To
+	if r.From != "" {
+		prefix = fmt.Sprintf("relocate %s → %s", r.From, r.To)
+	}
+	if !v.alive(r.To) {
+		v.refuse(r.To, "%s: %s is not alive", prefix, r.To)
+		return
+	}
+	if !slices.Contains(v.img.Locations, r.To) {
+		v.add(r.To, fmt.Sprintf("%s: add %s", prefix, r.To))
+		v.p.free[r.To] -= v.img.Size
+		return
+	}
+	if o := v.outOfSync(r.To); o > 0 {
+		return // rule sync fills To
+	}
+	if r.From != "" {
+		if ok, reason := v.safeRemove(r.From, len(v.img.Locations)-1); ok {
+			v.remove(r.From, fmt.Sprintf("%s: %s is in sync, remove %s", prefix, r.To, r.From))
+		} else {
+			v.wait(r.From, time.Time{}, "%s: cannot remove %s yet: %s", prefix, r.From, reason)
+		}
+		return
+	}
+	want := v.img.Policy.Replicas
+	if want == 0 || len(v.img.Locations) <= want {
+		return
+	}
+	var others []string
+	for _, l := range v.img.Locations {
+		if l != r.To {
+			others = append(others, l)
+		}
+	}
+	k := len(v.img.Locations) - want
+	p := fmt.Sprintf("%s: %s is in sync, replicas %d wanted, %d present", prefix, r.To, want, len(v.img.Locations))
+	if done, blocked := v.removeSome(k, others, want, p); done < k {
+		v.wait("", time.Time{}, "%s: cannot remove yet: %s", p, blocked)
+	}
+}
+
+// sync is rule sync (rule 3).
+func (v *view) sync() {
+	for _, x := range v.img.Locations {
+		if v.removed[x] || !v.alive(x) {
+			continue
+		}
+		lo, hi := int64(-1), int64(-1)
+		var need, orphan int64
+		firstOrphan := int64(-1)
+		srcs := map[string]bool{}
+		for b := int64(0); b < v.n; b++ {
+			if v.inSync(x, b) {
+				continue
+			}
+			need++
+			found := false
+			for _, l := range v.img.Locations {
+				if l != x && v.alive(l) && v.inSync(l, b) {
+					found = true
+					srcs[l] = true
+				}
+			}
+			if !found {
+				orphan++
+				if firstOrphan < 0 {
+					firstOrphan = b
+				}
+				continue
+			}
+			if lo < 0 {
+				lo = b
+			}
+			hi = b + 1
+		}
+		if need == 0 {
+			continue
+		}
+		if orphan > 0 {
+			v.wait(x, time.Time{}, "%s: %d %s (first %d) have no alive in-sync copy to sync from", x, orphan, plural(int(orphan), "block", "blocks"), firstOrphan)
+		}
+		if lo < 0 {
+			continue
+		}
+		pol := EffectiveSync(v.p.s, *v.img, x)
+		if err := pol.Validate(); err != nil {
+			v.refuse(x, "sync to %s: invalid sync policy: %v", x, err)
+			continue
+		}
+		var src []string
+		for _, l := range v.img.Locations {
+			if srcs[l] {
+				src = append(src, l)
+			}
+		}
+		open, closes, opens := pol.Open(v.p.s.Now)
+		what := fmt.Sprintf("%s has %d of %d %s not in sync", x, need-orphan, v.n, plural(int(v.n), "block", "blocks"))
+		if !open {
+			when := "no opening within 8 days"
+			if !opens.IsZero() {
+				when = "until " + opens.UTC().Format(time.RFC3339)
+			}
+			v.wait(x, opens, "%s; sync window %s closed, %s", what, pol.describe(), when)
+			continue
+		}
+		r := fmt.Sprintf("%s: sync blocks [%d,%d) from %s", what, lo, hi, strings.Join(src, ","))
+		if !closes.IsZero() {
+			r += fmt.Sprintf(" until %s (window %s)", closes.UTC().Format(time.RFC3339), pol.describe())
+		}
+		a := v.act(Sync, x, r)
+		a.From, a.To, a.Deadline = lo, hi, closes
+		v.syncs = append(v.syncs, a)
+		v.syncInv = append(v.syncInv, append([]string{x}, src...))
+	}
+}
+
+// nodeCap is rule rate's cap of node n for a sync of an image with (or
+// without) its own Sync policy.
+func (p *planner) nodeCap(n string, imgSync bool) int64 {
+	if pol, ok := p.s.PerNode[n]; ok {
+		return pol.MaxRate
+	}
+	if !imgSync {
+		return p.s.Default.MaxRate
+	}
+	return 0
+}
+
+// finish is rule rate: it sets every Sync's Rate.
+func (p *planner) finish() []Action {
+	count := map[string]int64{}
+	for _, si := range p.syncs {
+		for _, n := range si.involved {
+			if p.nodeCap(n, si.imgSync) > 0 {
+				count[n]++
+			}
+		}
+	}
+	for _, si := range p.syncs {
+		rate := si.imgCap
+		why := ""
+		if rate > 0 {
+			why = "image cap"
+		}
+		for _, n := range si.involved {
+			c := p.nodeCap(n, si.imgSync)
+			if c <= 0 {
+				continue
+			}
+			share := max(1, c/count[n])
+			if rate == 0 || share < rate {
+				rate = share
+				why = fmt.Sprintf("node %s cap %s shared by %d %s", n, fmtRate(c), count[n], plural(int(count[n]), "sync", "syncs"))
+			}
+		}
+		a := &p.out[si.idx]
+		a.Rate = rate
+		if rate > 0 {
+			a.Reason += fmt.Sprintf(" at %s (%s)", fmtRate(rate), why)
+		} else {
+			a.Reason += " (no rate cap)"
+		}
+	}
+	return p.out
+}
+
+// fmtRate formats bytes/s as ParseRate reads them where exact.
+func fmtRate(r int64) string {
+	switch {
+	case r >= 1<<30 && r%(1<<30) == 0:
+		return fmt.Sprintf("%dG/s", r>>30)
+	case r >= 1<<20 && r%(1<<20) == 0:
+		return fmt.Sprintf("%dM/s", r>>20)
+	case r >= 1<<10 && r%(1<<10) == 0:
+		return fmt.Sprintf("%dK/s", r>>10)
+	}
+	return fmt.Sprintf("%dB/s", r)
+}
