@@ -223,37 +223,27 @@ func (n *Node) executePlan(ctx context.Context, s *served) error {
 			n.log.Debug("placement", "image", img.Name, "kind", a.Kind, "reason", a.Reason)
 		}
 	}
-	return n.finishRelocation(ctx, img.Name)
+	return n.finishRelocation(ctx, s)
 }
 
-// finishRelocation clears a relocation whose new copy is in sync and whose
-// old copy (when named) is gone.
-func (n *Node) finishRelocation(ctx context.Context, name string) error {
-	pol, _, err := n.cat.ImagePolicy(ctx, name)
-	if err != nil || pol.Relocate == nil {
-		return err
-	}
-	img, _, err := n.cat.GetImage(ctx, name)
+// finishRelocation clears a relocation the planner says is done (the new
+// copy in sync, the old one gone).
+func (n *Node) finishRelocation(ctx context.Context, s *served) error {
+	st, err := n.planState(ctx, s)
 	if err != nil {
 		return err
 	}
-	r := pol.Relocate
-	if !img.HasLocation(r.To) || (r.From != "" && img.HasLocation(r.From)) {
+	is := st.Images[0]
+	if is.Policy.Relocate == nil || !placement.RelocationDone(is) {
 		return nil
 	}
-	bm, err := n.cat.BlockMap(ctx, img, r.To)
-	if err != nil || bm.Count(placement.InSync) != bm.Len() {
-		return err
-	}
-	if r.From == "" && pol.Replicas > 0 && len(img.Locations) > pol.Replicas {
-		return nil
-	}
-	_, err = n.cat.UpdateImagePolicy(ctx, name, func(p *placement.ImagePolicy) error {
+	r := is.Policy.Relocate
+	_, err = n.cat.UpdateImagePolicy(ctx, is.Name, func(p *placement.ImagePolicy) error {
 		p.Relocate = nil
 		return nil
 	})
 	if err == nil {
-		n.log.Info("relocation finished", "image", name, "to", r.To, "from", r.From)
+		n.log.Info("relocation finished", "image", is.Name, "to", r.To, "from", r.From)
 	}
 	return err
 }

@@ -197,6 +197,11 @@ func (n *Node) syncServed(ctx context.Context, s *served, o syncOpts, progress f
 				if ctx.Err() != nil {
 					continue // a closed window or a cancel: stop at a block boundary
 				}
+				// Yield to the VM: while it is doing I/O, wait (at most
+				// 20 ms a block) for a quiet moment before taking a block.
+				for i := 0; i < 20 && !s.vol.QuietFor(time.Millisecond); i++ {
+					time.Sleep(time.Millisecond)
+				}
 				res, err := s.vol.SyncBlock(ctx, j.block, j.node)
 				if err != nil {
 					if ctx.Err() == nil {

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ukai-storage/ukai/placement"
@@ -63,6 +64,16 @@ type Volume struct {
 	// requests fail at once instead of each waiting out the timeout (a
 	// stalled peer would otherwise cost every new block a full timeout).
 	failedAt map[string]time.Time
+
+	lastIO atomic.Int64 // unix nanos of the last foreground request
+}
+
+// touch notes foreground I/O (the synchronizer yields to it).
+func (v *Volume) touch() { v.lastIO.Store(time.Now().UnixNano()) }
+
+// QuietFor reports whether no foreground request started within d.
+func (v *Volume) QuietFor(d time.Duration) bool {
+	return time.Since(time.Unix(0, v.lastIO.Load())) >= d
 }
 
 // NewVolume returns the backend of an image over its replicas, with the
@@ -262,6 +273,7 @@ func mediumError(err error) error {
 
 // ReadAt implements scsi.Backend.
 func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) error {
+	v.touch()
 	ps, err := v.split(off, int64(len(p)))
 	if err != nil {
 		return err
@@ -436,6 +448,7 @@ func (v *Volume) settle(ctx context.Context, what string, ok, failed map[int64][
 
 // WriteAt implements scsi.Backend.
 func (v *Volume) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
+	v.touch()
 	ps, err := v.split(off, int64(len(p)))
 	if err != nil {
 		return err
