@@ -241,3 +241,20 @@ func (c *Client) Stats(ctx context.Context) (Stats, error) {
 	var s Stats
 	return s, c.do(ctx, http.MethodGet, "/v1/stats", nil, &s)
 }
+
+// Attach makes node the image's owner until Detach.
+func (c *Client) Attach(ctx context.Context, image, node string) (Image, error) {
+	var img Image
+	return img, c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(image)+"/attach", LocationRequest{Node: node}, &img)
+}
+
+// Detach unpins the image's owner.
+func (c *Client) Detach(ctx context.Context, image string) (Image, error) {
+	var img Image
+	return img, c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(image)+"/detach", struct{}{}, &img)
+}
+
+// Release asks the node to give up ownership of the image now.
+func (c *Client) Release(ctx context.Context, image string) error {
+	return c.do(ctx, http.MethodPost, "/v1/internal/images/"+url.PathEscape(image)+"/release", struct{}{}, nil)
+}

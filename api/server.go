@@ -40,6 +40,9 @@ type Service interface {
 	SetSyncPolicy(ctx context.Context, req SyncPolicyRequest) error
 	SyncPolicies(ctx context.Context) (SyncPolicies, error)
 	Stats(ctx context.Context) (Stats, error)
+	Attach(ctx context.Context, image, node string) (Image, error)
+	Detach(ctx context.Context, image string) (Image, error)
+	Release(ctx context.Context, image string) error
 }
 
 // maxBody bounds request bodies.
@@ -68,6 +71,9 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 	mux.HandleFunc("PUT /v1/policies/sync", h.setSyncPolicy)
 	mux.HandleFunc("GET /v1/policies/sync", h.syncPolicies)
 	mux.HandleFunc("GET /v1/stats", h.stats)
+	mux.HandleFunc("POST /v1/images/{name}/attach", h.attach)
+	mux.HandleFunc("POST /v1/images/{name}/detach", h.detach)
+	mux.HandleFunc("POST /v1/internal/images/{name}/release", h.release)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Errorf("no such API endpoint: %s %s", r.Method, r.URL.Path))
 	})
@@ -362,4 +368,26 @@ func (h *handler) syncPolicies(w http.ResponseWriter, r *http.Request) {
 func (h *handler) stats(w http.ResponseWriter, r *http.Request) {
 	st, err := h.svc.Stats(r.Context())
 	h.answer(w, r, st, err)
+}
+
+func (h *handler) attach(w http.ResponseWriter, r *http.Request) {
+	var req LocationRequest
+	if !decodeBody(w, r, &req) {
+		return
+	}
+	img, err := h.svc.Attach(r.Context(), r.PathValue("name"), req.Node)
+	h.answer(w, r, img, err)
+}
+
+func (h *handler) detach(w http.ResponseWriter, r *http.Request) {
+	img, err := h.svc.Detach(r.Context(), r.PathValue("name"))
+	h.answer(w, r, img, err)
+}
+
+func (h *handler) release(w http.ResponseWriter, r *http.Request) {
+	if err := h.svc.Release(r.Context(), r.PathValue("name")); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
 }

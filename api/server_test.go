@@ -67,6 +67,9 @@ func (m *memService) Relocate(context.Context, string, RelocateRequest) (placeme
 func (m *memService) PlanImage(context.Context, string) ([]placement.Action, error) { return nil, nil }
 func (m *memService) SetSyncPolicy(context.Context, SyncPolicyRequest) error        { return nil }
 func (m *memService) SyncPolicies(context.Context) (SyncPolicies, error)            { return SyncPolicies{}, nil }
+func (m *memService) Attach(context.Context, string, string) (Image, error)         { return Image{}, nil }
+func (m *memService) Detach(context.Context, string) (Image, error)                 { return Image{}, nil }
+func (m *memService) Release(context.Context, string) error                         { return nil }
 func (m *memService) Stats(context.Context) (Stats, error)                          { return Stats{Node: "n1"}, nil }
 
 func TestHandlerStatusCodes(t *testing.T) {

@@ -129,7 +129,8 @@ type Image struct {
 	Created    time.Time `json:"created"`
 	IQN        string    `json:"iqn"`
 	MinCopies  int       `json:"min_copies"`
-	Owner      string    `json:"owner,omitempty"` // node serving the image's I/O now
+	Owner      string    `json:"owner,omitempty"`    // node serving the image's I/O now
+	Attached   string    `json:"attached,omitempty"` // node an orchestrator attached it to
 	Generation uint64    `json:"generation"`
 	SyncPaused bool      `json:"sync_paused,omitempty"`
 	// Policy is the desired state; Plan what the planner last decided.

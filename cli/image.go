@@ -14,7 +14,7 @@ import (
 func (a *app) imageCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "image", Short: "Create, list, inspect and delete disk images"}
 	cmd.AddCommand(a.imageCreateCmd(), a.imageListCmd(), a.imageInfoCmd(), a.imageDeleteCmd(), a.imageSyncCmd(), a.imageVerifyCmd(),
-		a.imageSetCmd(), a.imageRelocateCmd(), a.imagePlanCmd())
+		a.imageSetCmd(), a.imageRelocateCmd(), a.imagePlanCmd(), a.imageAttachCmd(), a.imageDetachCmd())
 	return cmd
 }
 
@@ -135,7 +135,7 @@ func (a *app) imageInfoCmd() *cobra.Command {
 			fmt.Fprintf(tw, "created:\t%s\n", img.Created.Format("2006-01-02 15:04:05 MST"))
 			fmt.Fprintf(tw, "iqn:\t%s (LUN 0)\n", img.IQN)
 			fmt.Fprintf(tw, "min copies:\t%d\n", img.MinCopies)
-			fmt.Fprintf(tw, "owner:\t%s\n", dash(img.Owner))
+			fmt.Fprintf(tw, "owner:\t%s (attached: %s)\n", dash(img.Owner), dash(img.Attached))
 			if img.Policy != nil {
 				fmt.Fprintf(tw, "desired:\t%s\n", policyString(*img.Policy))
 			}

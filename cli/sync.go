@@ -183,3 +183,41 @@ func (a *app) imageVerifyCmd() *cobra.Command {
 	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
 	return cmd
 }
+
+func (a *app) imageAttachCmd() *cobra.Command {
+	var node string
+	cmd := &cobra.Command{
+		Use:   "attach IMAGE --node NODE",
+		Short: "Make NODE the image's owner now and keep it there until detach (the current owner hands over)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if node == "" {
+				return fmt.Errorf("--node is required")
+			}
+			img, err := a.client().Attach(cmd.Context(), args[0], node)
+			if err != nil {
+				return fmt.Errorf("attach %s: %w", args[0], err)
+			}
+			fmt.Fprintf(a.out, "%s attached to %s (owner %s, generation %d)\n", img.Name, node, img.Owner, img.Generation)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&node, "node", "", "node that serves the image's I/O")
+	return cmd
+}
+
+func (a *app) imageDetachCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "detach IMAGE",
+		Short: "Unpin the image's owner (it lets go when idle)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			img, err := a.client().Detach(cmd.Context(), args[0])
+			if err != nil {
+				return fmt.Errorf("detach %s: %w", args[0], err)
+			}
+			fmt.Fprintf(a.out, "%s detached (owner %s)\n", img.Name, dash(img.Owner))
+			return nil
+		},
+	}
+}

@@ -46,7 +46,7 @@ func TestReplicatedImageSurvivesLossOfACopy(t *testing.T) {
 	}
 	// n1 dies: n2 serves the data from its own copy.
 	n1.kill9()
-	c.waitState([]*node{n2, n3}, "n1", "dead", 15*time.Second)
+	c.waitState([]*node{n2, n3}, "n1", "dead", 25*time.Second)
 	qemuIO(t, n2.url("rep"), "read -P 0x5a 0 8M", "read -P 0 8M 12M", "read -P 0xa5 20M 3M")
 	// Writes go on with one copy; n1 is out of sync for exactly those blocks.
 	qemuIO(t, n2.url("rep"), "write -P 0x77 4M 2M", "flush")
@@ -65,7 +65,7 @@ func TestReplicatedImageSurvivesLossOfACopy(t *testing.T) {
 	}
 	// Now n2's copy goes away: the data comes from n1 alone.
 	n2.kill9()
-	c.waitState([]*node{n1, n3}, "n2", "dead", 15*time.Second)
+	c.waitState([]*node{n1, n3}, "n2", "dead", 25*time.Second)
 	qemuIO(t, n1.url("rep"), "read -P 0x5a 0 4M", "read -P 0x77 4M 2M", "read -P 0x5a 6M 2M", "read -P 0xa5 20M 3M")
 }
 
@@ -105,7 +105,7 @@ func TestMinCopiesFailsWritesInsteadOfLosingThem(t *testing.T) {
 	n1.mustCLI("image", "create", "safe", "--size", "8M", "--block-size", "1M", "--locations", "n1,n2", "--min-copies", "2")
 	qemuIO(t, n1.url("safe"), "write -P 0x11 0 1M", "flush")
 	n2.kill9()
-	c.waitState([]*node{n1}, "n2", "dead", 15*time.Second)
+	c.waitState([]*node{n1}, "n2", "dead", 25*time.Second)
 	out, _ := run(t, time.Minute, "qemu-io", "-f", "raw", "-c", "write -P 0x22 0 1M", n1.url("safe"))
 	if !strings.Contains(out, "write failed") {
 		t.Fatalf("a write with one of two required copies was not refused:\n%s", out)

@@ -31,6 +31,7 @@ type Config struct {
 	Peer      PeerConfig      `mapstructure:"peer"`
 	Consul    ConsulConfig    `mapstructure:"consul"`
 	Placement PlacementConfig `mapstructure:"placement"`
+	Owner     OwnerConfig     `mapstructure:"owner"`
 	Gossip    GossipConfig    `mapstructure:"gossip"`
 	Log       LogConfig       `mapstructure:"log"`
 }
@@ -71,6 +72,15 @@ type PeerConfig struct {
 	// Timeout bounds each copy's part of a request; a copy that does not
 	// answer in time is recorded out of sync and the write goes on.
 	Timeout time.Duration `mapstructure:"timeout"`
+}
+
+// OwnerConfig tunes image ownership.
+type OwnerConfig struct {
+	// LeaseTTL is how long an owner's hold on an image lasts without
+	// renewal; another node can take a dead owner's image over after it
+	// (plus a margin for clock skew). The owner renews every TTL/3 and
+	// stops doing I/O if it could not renew for a TTL.
+	LeaseTTL time.Duration `mapstructure:"lease_ttl"`
 }
 
 // PlacementConfig tunes the placement executor.
@@ -136,6 +146,7 @@ var defaults = map[string]any{
 	"iscsi.iqn_prefix":                "iqn.2026-11.io.ukai",
 	"metadata.backend":                "embedded",
 	"peer.listen":                     "",
+	"owner.lease_ttl":                 10 * time.Second,
 	"placement.replace_after":         time.Duration(0),
 	"peer.advertise":                  "",
 	"peer.timeout":                    10 * time.Second,
@@ -309,6 +320,9 @@ func (c *Config) Validate() error {
 		if c.Peer.Listen == c.API.Listen || c.Peer.Listen == c.ISCSI.Listen {
 			bad("peer.listen", "same address as the API or the iSCSI portal")
 		}
+	}
+	if c.Owner.LeaseTTL < 3*time.Second {
+		bad("owner.lease_ttl", "%v: must be at least 3s", c.Owner.LeaseTTL)
 	}
 	if c.Placement.ReplaceAfter < 0 {
 		bad("placement.replace_after", "must not be negative (0: never)")

@@ -36,6 +36,12 @@ type served struct {
 	// busy counts syncs and verifies running on the image, which keep
 	// ownership like a session does.
 	busy atomic.Int32
+	// leaseUntil is the ownership lease's end (unix nanos) as last
+	// renewed; everOwned: this process owned the image before.
+	leaseUntil atomic.Int64
+	everOwned  bool // guarded by the node's ownMu
+	offline    atomic.Bool
+	act        activity
 	// planning: the placement executor is working on the image.
 	planning atomic.Bool
 	// fromCache: exported from the cached record with only the local copy
@@ -257,6 +263,7 @@ func (n *Node) export(ctx context.Context, img meta.Image, cached bool) error {
 	s.vol, err = lun.NewVolume(lun.Config{
 		Size: img.Size, BlockSize: img.BlockSize, MinCopies: img.MinCopies,
 		CopyTimeout: n.cfg.Peer.Timeout, Alive: n.alive, Log: n.log.With("image", img.Name),
+		BeforeWrite: func(ctx context.Context, blocks []int64) error { return n.beforeWrite(ctx, s, blocks) },
 	}, reps, maps, &mapStore{n: n, s: s})
 	if err != nil {
 		if s.local != nil {
@@ -531,7 +538,7 @@ func (n *Node) describe(ctx context.Context, img meta.Image, blocks bool) (api.I
 	out := api.Image{
 		Name: img.Name, ID: img.ID, Size: img.Size, BlockSize: img.BlockSize, Blocks: img.Blocks(),
 		Created: img.Created, IQN: n.iqn(img.Name), MinCopies: img.MinCopies,
-		Owner: img.Owner, Generation: img.Generation, SyncPaused: img.SyncPaused,
+		Owner: img.Owner, Attached: img.Attached, Generation: img.Generation, SyncPaused: img.SyncPaused,
 	}
 	if pol, _, err := n.cat.ImagePolicy(ctx, img.Name); err == nil && !reflect.DeepEqual(pol, placement.ImagePolicy{}) {
 		out.Policy = &pol

@@ -47,6 +47,7 @@ type Node struct {
 
 	ownMu   sync.Mutex // one ownership change at a time
 	peerSrv *peer.Server
+	pstore  *peerStore
 	peersMu sync.Mutex
 	peers   map[string]*peer.Client // by data address
 
@@ -62,6 +63,7 @@ type Node struct {
 // nothing is served until Run. Errors name the configuration key at fault.
 func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *Node, err error) {
 	n := &Node{cfg: cfg, log: log, version: version, started: time.Now(), served: map[string]*served{}, storeOK: true, peers: map[string]*peer.Client{}, now: time.Now}
+	n.pstore = &peerStore{n: n, floors: map[string]uint64{}}
 	var closers []func()
 	defer func() {
 		if err != nil {
@@ -93,8 +95,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 	}
 	closers = append(closers, func() { n.target.Close(context.Background()) })
 	if cfg.Peer.Listen != "" {
-		n.peerSrv, err = peer.NewServer(peer.ServerConfig{Listen: cfg.Peer.Listen, Logger: log.With("component", "peer")},
-			&peerStore{n: n, floors: map[string]uint64{}})
+		n.peerSrv, err = peer.NewServer(peer.ServerConfig{Listen: cfg.Peer.Listen, Logger: log.With("component", "peer"), Volumes: ownerVolumes{n}}, n.pstore)
 		if err == nil {
 			err = n.peerSrv.Listen()
 		}
@@ -150,6 +151,7 @@ func (n *Node) Run(ctx context.Context) error {
 		go func() { errc <- n.peerSrv.Serve(ctx) }()
 	}
 	go n.releaseIdle(ctx)
+	go n.renewLeases(ctx)
 	go n.placementLoop(ctx)
 	go func() {
 		if err := n.apiSrv.Serve(n.apiLn); !errors.Is(err, http.ErrServerClosed) {

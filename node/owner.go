@@ -6,28 +6,40 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/ukai-storage/ukai/api"
 	"github.com/ukai-storage/ukai/cluster/membership"
 	"github.com/ukai-storage/ukai/cluster/meta"
+	"github.com/ukai-storage/ukai/cluster/peer"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/scsi"
 )
 
 // Ownership. One node at a time does an image's I/O: its owner, named in
-// the record. A node takes ownership on the first I/O it is asked to do
-// (or to synchronize or verify) when the image has no owner, or its owner
-// is this node, or its owner is dead or gone in the membership; each change
-// of owner increments the image's generation, which every request to a
-// peer copy carries, so a copy refuses a stale owner. The owner gives the
-// image up after it has had no iSCSI session and no sync for idleRelease.
-// I/O arriving at another node while a live owner exists gets NOT READY
-// (the owner issue replaces this with forwarding and explicit handover).
+// the record, holding a lease (LeaseExpires) it renews every TTL/3. A node
+// takes ownership on the first I/O it is asked to do (or to synchronize or
+// verify) when the image has no owner, or its owner is this node, or the
+// owner's lease expired more than leaseMargin ago; each change of owner
+// increments the image's generation, which every request to a peer copy
+// carries, so a copy refuses a stale owner. An owner that cannot renew its
+// lease for a TTL stops doing I/O (it fences itself) before anyone can take
+// over. The owner gives the image up after it has had no iSCSI session and
+// no sync for idleRelease.
 
-const idleRelease = 5 * time.Second
+const (
+	idleRelease = 5 * time.Second
+	// leaseMargin covers clock skew between nodes: a lease is taken over
+	// only this long after it expired by the taker's clock.
+	leaseMargin = time.Second
+)
+
+// notOwnerError says which node owns the image.
+type notOwnerError struct{ owner string }
+
+func (e *notOwnerError) Error() string { return "image is served by node " + e.owner }
 
 // errNotOwner is I/O on a node that is not the image's owner.
 func errNotOwner(owner string) error {
-	return &scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x0a,
-		Err: fmt.Errorf("image is served by node %s", owner)}
+	return &scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x0a, Err: &notOwnerError{owner}}
 }
 
 // alive reports whether a node is alive in the membership (always true
@@ -57,32 +69,37 @@ func (n *Node) peerMember(node string) (membership.Member, error) {
 
 // acquire makes this node the owner of s's image, or says who is.
 func (n *Node) acquire(ctx context.Context, s *served) error {
-	if s.owned.Load() {
+	if n.mayServe(s) {
 		return nil
 	}
 	n.ownMu.Lock()
 	defer n.ownMu.Unlock()
-	if s.owned.Load() {
+	if n.mayServe(s) {
 		return nil
 	}
 	name := s.record().Name
-	if rec := s.record(); len(rec.Locations) == 1 && rec.Locations[0] == n.cfg.Node.Name && (rec.Owner == "" || rec.Owner == n.cfg.Node.Name) {
+	if rec := s.record(); onlyLocalCopy(rec, n.cfg.Node.Name) && (rec.Owner == "" || rec.Owner == n.cfg.Node.Name) {
 		// This node holds the only copy: it may serve it even while the
 		// metadata store is unreachable (no other copy can diverge).
 		if err := n.cat.KV().Ping(ctx); err != nil {
+			s.offline.Store(true)
 			s.owned.Store(true)
 			n.log.Warn("metadata store unreachable: serving the image's only copy without recording ownership", "image", name)
 			return nil
 		}
 	}
+	now := n.now()
+	var previous string
 	img, err := n.cat.UpdateImage(ctx, name, func(i *meta.Image) error {
-		if i.Owner != "" && i.Owner != n.cfg.Node.Name && n.alive(i.Owner) {
+		if i.Owner != "" && i.Owner != n.cfg.Node.Name && now.Before(i.LeaseExpires.Add(leaseMargin)) {
 			return errNotOwner(i.Owner)
 		}
+		previous = i.Owner
 		if i.Owner != n.cfg.Node.Name {
 			i.Owner = n.cfg.Node.Name
 			i.Generation++
 		}
+		i.LeaseExpires = now.Add(n.cfg.Owner.LeaseTTL)
 		return nil
 	})
 	if err != nil {
@@ -99,9 +116,78 @@ func (n *Node) acquire(ctx context.Context, s *served) error {
 	if err != nil {
 		return &scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x00, Err: err}
 	}
+	if previous != "" && previous != n.cfg.Node.Name || previous == n.cfg.Node.Name && !s.everOwned {
+		// The last owner may have died with writes in flight: make the
+		// copies agree on the blocks it was writing before serving I/O.
+		if err := n.reconcileActivity(ctx, s); err != nil {
+			return &scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x00, Err: fmt.Errorf("reconcile the previous owner's writes: %w", err)}
+		}
+	}
+	s.leaseUntil.Store(img.LeaseExpires.UnixNano())
+	s.everOwned = true
+	s.offline.Store(false)
 	s.owned.Store(true)
-	n.log.Info("took ownership of image", "image", name, "generation", img.Generation)
+	n.log.Info("took ownership of image", "image", name, "generation", img.Generation, "previous_owner", previous)
 	return nil
+}
+
+// renewLeases keeps the leases of owned images alive, and fences an image
+// whose lease could not be renewed in time.
+func (n *Node) renewLeases(ctx context.Context) {
+	t := time.NewTicker(n.cfg.Owner.LeaseTTL / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		n.mu.RLock()
+		var owned []*served
+		for _, s := range n.served {
+			if s.owned.Load() {
+				owned = append(owned, s)
+			}
+		}
+		n.mu.RUnlock()
+		for _, s := range owned {
+			n.renew(ctx, s)
+		}
+	}
+}
+
+func (n *Node) renew(ctx context.Context, s *served) {
+	name := s.record().Name
+	now := n.now()
+	img, err := n.cat.UpdateImage(ctx, name, func(i *meta.Image) error {
+		if i.Owner != n.cfg.Node.Name {
+			return errNotOwner(i.Owner)
+		}
+		i.LeaseExpires = now.Add(n.cfg.Owner.LeaseTTL)
+		return nil
+	})
+	switch {
+	case err == nil:
+		s.leaseUntil.Store(img.LeaseExpires.UnixNano())
+	case errors.As(err, new(*scsi.SenseError)):
+		n.log.Error("lost ownership of image to another node: stopping I/O", "image", name, "err", err)
+		s.owned.Store(false)
+	case s.offline.Load():
+		// Still offline: the generation floor guards it (see mayServe).
+	case onlyLocalCopy(s.record(), n.cfg.Node.Name):
+		// The only copy is here: keep serving without the store; a newer
+		// owner could only write through this node's copy, which fences
+		// this one (see mayServe).
+		n.log.Warn("cannot renew the ownership lease of an image whose only copy is here: serving on, fenced by generation", "image", name, "err", err)
+		s.offline.Store(true)
+	default:
+		if n.now().UnixNano() > s.leaseUntil.Load()-int64(n.cfg.Owner.LeaseTTL/3) {
+			n.log.Error("cannot renew the ownership lease: fencing the image (no I/O until ownership is back)", "image", name, "err", err)
+			s.owned.Store(false)
+		} else {
+			n.log.Warn("cannot renew the ownership lease; retrying", "image", name, "err", err)
+		}
+	}
 }
 
 // releaseIdle gives up ownership of images with no session and no sync.
@@ -129,8 +215,11 @@ func (n *Node) releaseIdle(ctx context.Context) {
 		n.mu.RUnlock()
 		for _, s := range owned {
 			img := s.record()
-			if active[n.iqn(img.Name)] || s.busy.Load() > 0 {
+			if active[n.iqn(img.Name)] || s.busy.Load() > 0 || img.Attached == n.cfg.Node.Name {
 				delete(idle, img.ID)
+				if s.vol.QuietFor(2 * time.Second) {
+					n.clearActivity(ctx, s)
+				}
 				continue
 			}
 			since, ok := idle[img.ID]
@@ -152,16 +241,20 @@ func (n *Node) release(ctx context.Context, s *served) {
 	n.ownMu.Lock()
 	defer n.ownMu.Unlock()
 	name := s.record().Name
+	start := time.Now()
 	if err := s.vol.Flush(ctx); err != nil {
 		n.log.Warn("flush before releasing ownership failed; keeping it", "image", name, "err", err)
 		return
 	}
+	s.noteFlush(start)
+	n.clearActivity(ctx, s)
 	s.owned.Store(false)
 	_, err := n.cat.UpdateImage(ctx, name, func(i *meta.Image) error {
 		if i.Owner != n.cfg.Node.Name {
 			return errSkip
 		}
 		i.Owner = ""
+		i.LeaseExpires = time.Time{}
 		return nil
 	})
 	if err != nil && !errors.Is(err, errSkip) {
@@ -173,39 +266,149 @@ func (n *Node) release(ctx context.Context, s *served) {
 
 var errSkip = errors.New("nothing to do")
 
-// gate is the scsi.Backend of an exported image: it makes sure this node
-// owns the image, then passes the I/O to the replicated volume.
+// gate is the scsi.Backend of an exported image. On the owner it runs the
+// I/O through the replicated volume. On another node it forwards the I/O
+// to the owner over the data transport (a live-migration destination logs
+// in while the source still writes: both go through one owner, in order).
+// When the owner is unreachable it waits, up to takeoverWait, for the
+// owner's lease to expire and takes the image over.
 type gate struct {
 	n *Node
 	s *served
 }
 
-func (g *gate) ReadAt(ctx context.Context, p []byte, off int64) error {
-	if err := g.n.acquire(ctx, g.s); err != nil {
-		return err
+// takeoverWait bounds how long an I/O waits for a dead owner's lease.
+const takeoverWait = 45 * time.Second
+
+// forwardFn runs an I/O on the owner through a peer client.
+type forwardFn func(ctx context.Context, c *peer.Client, ref peer.Ref) error
+
+func (g *gate) do(ctx context.Context, local func(ctx context.Context) error, fwd forwardFn) error {
+	n, s := g.n, g.s
+	deadline := time.Now().Add(takeoverWait)
+	for {
+		err := n.acquire(ctx, s)
+		if err == nil {
+			return local(ctx)
+		}
+		var no *notOwnerError
+		if !errors.As(err, &no) {
+			return err
+		}
+		if c := n.peerClient(no.owner); c != nil && no.owner != n.cfg.Node.Name {
+			img := s.record()
+			ferr := fwd(ctx, c, peer.Ref{ID: img.ID, Gen: img.Generation})
+			switch {
+			case ferr == nil:
+				return nil
+			case errors.Is(ferr, peer.ErrNotOwner), errors.Is(ferr, peer.ErrUnavailable), errors.Is(ferr, peer.ErrStaleGeneration):
+				// The owner changed, let go or died: look again.
+				n.log.Debug("forwarding to the owner failed; retrying", "image", img.Name, "owner", no.owner, "err", ferr)
+				err = ferr
+			default:
+				return forwardedSense(ferr)
+			}
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return &scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x0a, Err: fmt.Errorf("the image's owner %s cannot be reached: %w", no.owner, err)}
+		}
+		sleep(ctx, 200*time.Millisecond)
+		// Refresh the record (a new owner, or the lease ran out).
+		if img, _, rerr := n.cat.GetImage(ctx, s.record().Name); rerr == nil {
+			n.reconMu.Lock()
+			_ = n.apply(ctx, s, img, false)
+			n.reconMu.Unlock()
+		}
 	}
-	return g.s.vol.ReadAt(ctx, p, off)
+}
+
+// forwardedSense keeps the owner's SCSI sense for the initiator.
+func forwardedSense(err error) error {
+	var fe *peer.ForwardedError
+	if errors.As(err, &fe) {
+		return &scsi.SenseError{Key: fe.Key, ASC: fe.ASC, ASCQ: fe.ASCQ, Err: err}
+	}
+	return &scsi.SenseError{Key: scsi.SenseHardwareError, ASC: 0x44, ASCQ: 0x00, Err: err}
+}
+
+func (g *gate) ReadAt(ctx context.Context, p []byte, off int64) error {
+	return g.do(ctx, func(ctx context.Context) error { return g.s.vol.ReadAt(ctx, p, off) },
+		func(ctx context.Context, c *peer.Client, ref peer.Ref) error { return c.ForwardRead(ctx, ref, p, off) })
 }
 
 func (g *gate) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
-	if err := g.n.acquire(ctx, g.s); err != nil {
-		return err
-	}
-	return g.s.vol.WriteAt(ctx, p, off, fua)
+	return g.do(ctx, func(ctx context.Context) error { return g.s.vol.WriteAt(ctx, p, off, fua) },
+		func(ctx context.Context, c *peer.Client, ref peer.Ref) error {
+			return c.ForwardWrite(ctx, ref, p, off, fua)
+		})
 }
 
 func (g *gate) Flush(ctx context.Context) error {
-	if err := g.n.acquire(ctx, g.s); err != nil {
-		return err
-	}
-	return g.s.vol.Flush(ctx)
+	return g.do(ctx, func(ctx context.Context) error {
+		start := time.Now()
+		if err := g.s.vol.Flush(ctx); err != nil {
+			return err
+		}
+		g.s.noteFlush(start)
+		return nil
+	}, func(ctx context.Context, c *peer.Client, ref peer.Ref) error { return c.ForwardFlush(ctx, ref) })
 }
 
 func (g *gate) Unmap(ctx context.Context, off, length int64) error {
-	if err := g.n.acquire(ctx, g.s); err != nil {
+	return g.do(ctx, func(ctx context.Context) error { return g.s.vol.Unmap(ctx, off, length) },
+		func(ctx context.Context, c *peer.Client, ref peer.Ref) error {
+			return c.ForwardUnmap(ctx, ref, off, length)
+		})
+}
+
+// ownerVolumes is the owner's side of forwarding (peer.Volumes).
+type ownerVolumes struct{ n *Node }
+
+// Volume implements peer.Volumes: the owner serves forwarded I/O of an
+// image it owns, through its volume; anyone else answers ErrNotOwner.
+func (o ownerVolumes) Volume(ctx context.Context, ref peer.Ref) (peer.Backend, error) {
+	n := o.n
+	n.mu.RLock()
+	var s *served
+	for _, c := range n.served {
+		if c.record().ID == ref.ID {
+			s = c
+			break
+		}
+	}
+	n.mu.RUnlock()
+	if s == nil {
+		return nil, fmt.Errorf("image %s: %w", ref.ID, peer.ErrUnknownImage)
+	}
+	if !n.mayServe(s) {
+		return nil, fmt.Errorf("image %s: %w", s.record().Name, peer.ErrNotOwner)
+	}
+	if img := s.record(); ref.Gen < img.Generation {
+		// The forwarder's record is older than ours: it re-reads.
+		n.log.Debug("forwarded I/O with an older generation", "image", img.Name, "gen", ref.Gen, "ours", img.Generation)
+	}
+	return ownedBackend{s: s}, nil
+}
+
+// ownedBackend runs forwarded I/O on the owner's volume.
+type ownedBackend struct{ s *served }
+
+func (b ownedBackend) ReadAt(ctx context.Context, p []byte, off int64) error {
+	return b.s.vol.ReadAt(ctx, p, off)
+}
+func (b ownedBackend) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
+	return b.s.vol.WriteAt(ctx, p, off, fua)
+}
+func (b ownedBackend) Flush(ctx context.Context) error {
+	start := time.Now()
+	if err := b.s.vol.Flush(ctx); err != nil {
 		return err
 	}
-	return g.s.vol.Unmap(ctx, off, length)
+	b.s.noteFlush(start)
+	return nil
+}
+func (b ownedBackend) Unmap(ctx context.Context, off, n int64) error {
+	return b.s.vol.Unmap(ctx, off, n)
 }
 
 // mapStore records block states of one image in the catalog.
@@ -216,4 +419,102 @@ type mapStore struct {
 
 func (m *mapStore) SetBlockStates(ctx context.Context, node string, blocks []int64, st placement.SyncState) error {
 	return m.n.cat.SetBlockStates(ctx, m.s.record(), node, blocks, st)
+}
+
+// Attach implements api.Service: make node the image's owner now and keep
+// it there until Detach (an orchestrator moving a VM calls it before the
+// switchover). The request runs on the node itself; the current owner is
+// asked to hand over (it flushes and lets go; its own I/O is then
+// forwarded).
+func (n *Node) Attach(ctx context.Context, name, node string) (api.Image, error) {
+	if node != n.cfg.Node.Name {
+		m, err := n.peerMember(node)
+		if err != nil {
+			return api.Image{}, fmt.Errorf("attach to %s: %w", node, err)
+		}
+		return api.NewClient(m.Meta.API).Attach(ctx, name, node)
+	}
+	s, err := n.servedByName(ctx, name)
+	if err != nil {
+		return api.Image{}, err
+	}
+	img, err := n.cat.UpdateImage(ctx, name, func(i *meta.Image) error {
+		i.Attached = node
+		return nil
+	})
+	if err != nil {
+		return api.Image{}, err
+	}
+	if img.Owner != "" && img.Owner != n.cfg.Node.Name {
+		if m, err := n.peerMember(img.Owner); err == nil {
+			if err := api.NewClient(m.Meta.API).Release(ctx, name); err != nil {
+				n.log.Warn("the current owner did not hand over; waiting for its lease", "image", name, "owner", img.Owner, "err", err)
+			}
+		}
+	}
+	deadline := time.Now().Add(takeoverWait)
+	for {
+		err := n.acquire(ctx, s)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return api.Image{}, fmt.Errorf("attach %s to %s: %w", name, node, err)
+		}
+		sleep(ctx, 200*time.Millisecond)
+	}
+	return n.GetImage(ctx, name, false)
+}
+
+// Detach implements api.Service: the image is no longer pinned; its owner
+// lets it go when idle.
+func (n *Node) Detach(ctx context.Context, name string) (api.Image, error) {
+	if _, err := n.cat.UpdateImage(ctx, name, func(i *meta.Image) error {
+		i.Attached = ""
+		return nil
+	}); err != nil {
+		return api.Image{}, err
+	}
+	return n.GetImage(ctx, name, false)
+}
+
+// Release implements api.Service: give up ownership of the image now (a
+// handover asked by the node it is attached to).
+func (n *Node) Release(ctx context.Context, name string) error {
+	s, err := n.servedByName(ctx, name)
+	if err != nil {
+		return err
+	}
+	if !s.owned.Load() {
+		return nil
+	}
+	n.release(ctx, s)
+	if s.owned.Load() {
+		return fmt.Errorf("image %q: could not release ownership (flush failed)", name)
+	}
+	return nil
+}
+
+// mayServe says whether this node may do s's I/O now: it owns the image,
+// its lease has not run out (renewals failing), and no copy has seen a
+// newer owner's generation. An image whose only copy is here, taken while
+// the metadata store was unreachable (offline), is not bound by the lease:
+// a newer owner can only reach it through this node's copy, which raises
+// the generation floor and fences it.
+func (n *Node) mayServe(s *served) bool {
+	if !s.owned.Load() {
+		return false
+	}
+	img := s.record()
+	if n.peerFloor(img.ID) > img.Generation {
+		n.log.Error("a newer owner wrote to this node's copy: fencing the image", "image", img.Name)
+		s.owned.Store(false)
+		return false
+	}
+	return s.offline.Load() || n.now().UnixNano() < s.leaseUntil.Load()
+}
+
+// onlyLocalCopy says whether node holds the image's only copy.
+func onlyLocalCopy(img meta.Image, node string) bool {
+	return len(img.Locations) == 1 && img.Locations[0] == node
 }

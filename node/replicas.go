@@ -143,3 +143,11 @@ func (p *peerStore) Open(ref peer.Ref) (peer.Local, error) {
 	p.floors[ref.ID] = ref.Gen
 	return peer.Local{Copy: localCopy{s.local}, Size: img.Size, BlockSize: img.BlockSize}, nil
 }
+
+// peerFloor is the newest generation a peer request for image id carried
+// to this node's copy (0: none).
+func (n *Node) peerFloor(id string) uint64 {
+	n.pstore.mu.Lock()
+	defer n.pstore.mu.Unlock()
+	return n.pstore.floors[id]
+}

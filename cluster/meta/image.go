@@ -48,6 +48,14 @@ type Image struct {
 	// Owner is the node that serves the image's I/O: it alone writes the
 	// copies, updates the block maps and synchronizes. Empty: nobody.
 	Owner string `json:"owner,omitempty"`
+	// LeaseExpires bounds Owner's hold: the owner renews it; another node
+	// may take the image over only after it passed. The owner stops doing
+	// I/O when it could not renew in time (it fences itself).
+	LeaseExpires time.Time `json:"lease_expires,omitzero"`
+	// Attached is the node an orchestrator attached the image to
+	// (`ukai image attach`): it keeps ownership until detached, even
+	// without sessions.
+	Attached string `json:"attached,omitempty"`
 	// SyncPaused stops the background synchronizer for this image.
 	SyncPaused bool `json:"sync_paused,omitempty"`
 }

@@ -131,6 +131,7 @@ func (c *Client) sample(d time.Duration) {
 type call struct {
 	c      *Client
 	op     string
+	fwd    bool // a forwarding endpoint: fwdErr maps its errors
 	parent context.Context
 	ctx    context.Context
 	cancel context.CancelCauseFunc
@@ -213,6 +214,9 @@ func (k *call) do(method, path string, ref Ref, hdr [][2]string, body io.ReadClo
 	if resp.StatusCode != want {
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrBody))
 		resp.Body.Close()
+		if k.fwd {
+			return nil, k.fwdErr(resp, string(msg))
+		}
 		return nil, k.statusErr(resp.StatusCode, string(msg))
 	}
 	return resp, nil

@@ -33,6 +33,10 @@
 //	POST /peer/v1/unmap     Id Gen Off Len     204
 //	GET  /peer/v1/checksums Id Gen From To     200, streamed: 32 bytes per block
 //	GET  /peer/v1/range     Id Gen From To     200, streamed: the blocks' bytes
+//	GET  /peer/v1/io/read   Id Gen Off Len     200, Len bytes       (forwarded)
+//	PUT  /peer/v1/io/write  Id Gen Off Len Fua body of Len bytes; 204 (forwarded)
+//	POST /peer/v1/io/flush  Id Gen             204                  (forwarded)
+//	POST /peer/v1/io/unmap  Id Gen Off Len     empty body; 204      (forwarded)
 //
 // Streamed responses carry the image geometry in Ukai-Size and
 // Ukai-Block-Size and end with the trailer Ukai-Status: "ok", or
@@ -48,6 +52,36 @@
 // timeouts, truncated or lying responses and 5xx answers other than 500
 // wrap ErrUnavailable together with the peer address; callers mark the
 // copy out of sync.
+//
+// # Forwarding
+//
+// Each image has one owner node that does all its I/O. A node the
+// hypervisor logged in to that is not the owner (a live-migration
+// destination while the source still writes through the owner) forwards
+// the SCSI-level I/O to the owner with Client.ForwardRead/Write/Flush/
+// Unmap; the owner's server (ServerConfig.Volumes) executes it through the
+// image's Backend, its replicated volume. A server without Volumes
+// answers the /peer/v1/io/ endpoints 404 without the Ukai-Forward header,
+// which the client reports as ErrUnavailable, not as an unknown image.
+//
+// Errors: 421 the node is not the image's owner (ErrNotOwner; re-resolve
+// the owner and retry there), 404 unknown image (ErrUnknownImage), 409
+// stale generation, 400 bad request, 500 the Backend failed: when its
+// error carries a SCSI sense (SenseCarrier) the sense travels in the
+// Ukai-Sense header ("KK/AA/QQ", hex) and the client returns a
+// *ForwardedError with it, so the forwarding node answers the initiator
+// with the owner's sense; without a sense, a plain error. An owner-side
+// failure is never reported as success.
+//
+// Forwarded writes and unmaps are not idempotent with respect to later
+// writes, so they are resent on another connection (the HTTP/2
+// transport's retry after GOAWAY, a refused stream or a protocol error)
+// only while it is certain the owner did not apply them: the owner acts
+// only once the request stream ended, and the client refuses to hand the
+// transport a fresh body once one attempt's body got to its end. A
+// timed-out forwarded request is ErrUnavailable; the forwarding node
+// reports a SCSI error, never an acknowledgement. The owner's Backend
+// sees the request's context cancelled when the forwarding node gave up.
 //
 // # Validation
 //

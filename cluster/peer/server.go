@@ -32,6 +32,10 @@ type ServerConfig struct {
 	// MaxInflight bounds the requests being served at once (and so the
 	// body buffers held); further requests wait. 0 means 64.
 	MaxInflight int
+	// Volumes serves the I/O other nodes forward for the images this node
+	// owns (the /peer/v1/io/ endpoints); nil: those endpoints answer 404
+	// "not supported".
+	Volumes Volumes
 }
 
 const (
@@ -121,6 +125,7 @@ func NewServer(cfg ServerConfig, st Store) (*Server, error) {
 	mux.HandleFunc("POST "+pathUnmap, s.handle("unmap", s.unmap))
 	mux.HandleFunc("GET "+pathChecksums, s.handle("checksums", s.checksums))
 	mux.HandleFunc("GET "+pathRange, s.handle("range", s.readRange))
+	s.routeForward(mux)
 
 	s.srv = &http.Server{
 		Handler:           mux,
@@ -248,19 +253,30 @@ func (s *Server) handle(name string, fn op) http.HandlerFunc {
 		defer s.handlers.Done()
 		ctx := r.Context()
 		err := s.serve(ctx, w, r, fn)
-		if err == nil {
-			return
+		if err != nil {
+			s.reply(ctx, w, r, name, err, false)
 		}
-		code := s.status(ctx, err)
-		if code >= 500 {
-			s.log.Warn("request failed", "op", name, "remote", r.RemoteAddr, "id", r.Header.Get(hID), "status", code, "err", err)
-		} else {
-			s.log.Debug("request refused", "op", name, "remote", r.RemoteAddr, "id", r.Header.Get(hID), "status", code, "err", err)
-		}
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		w.WriteHeader(code)
-		io.WriteString(w, err.Error())
 	}
+}
+
+// reply answers a request that failed before anything was written. With
+// sense, an error carrying a SCSI sense (SenseCarrier) sends it in
+// hSense.
+func (s *Server) reply(ctx context.Context, w http.ResponseWriter, r *http.Request, name string, err error, sense bool) {
+	code := s.status(ctx, err)
+	if code >= 500 {
+		s.log.Warn("request failed", "op", name, "remote", r.RemoteAddr, "id", r.Header.Get(hID), "status", code, "err", err)
+	} else {
+		s.log.Debug("request refused", "op", name, "remote", r.RemoteAddr, "id", r.Header.Get(hID), "status", code, "err", err)
+	}
+	h := w.Header()
+	h.Set("Content-Type", "text/plain; charset=utf-8")
+	var sc SenseCarrier
+	if sense && code == http.StatusInternalServerError && errors.As(err, &sc) {
+		h.Set(hSense, senseHeader(sc.SCSISense()))
+	}
+	w.WriteHeader(code)
+	io.WriteString(w, err.Error())
 }
 
 func (s *Server) serve(ctx context.Context, w http.ResponseWriter, r *http.Request, fn op) error {
@@ -290,7 +306,9 @@ func (s *Server) serve(ctx context.Context, w http.ResponseWriter, r *http.Reque
 
 func (s *Server) status(ctx context.Context, err error) int {
 	switch {
-	case errors.Is(err, ErrNoCopy):
+	case errors.Is(err, ErrNotOwner):
+		return http.StatusMisdirectedRequest
+	case errors.Is(err, ErrNoCopy), errors.Is(err, ErrUnknownImage):
 		return http.StatusNotFound
 	case errors.Is(err, ErrStaleGeneration):
 		return http.StatusConflict

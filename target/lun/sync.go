@@ -205,3 +205,49 @@ func (c *FileCopy) Checksum(ctx context.Context, off, n int64) ([32]byte, error)
 	copy(s[:], h.Sum(nil))
 	return s, nil
 }
+
+// ReconcileBlock makes every in-sync copy of block b equal to one chosen
+// copy (the first in read order: local first): a copy that differs gets
+// the block; a copy that cannot be reached or written is recorded out of
+// sync. It returns how many copies it rewrote. A new owner runs it on the
+// blocks its predecessor may have been writing when it died.
+func (v *Volume) ReconcileBlock(ctx context.Context, b int64) (int, error) {
+	if b < 0 || b >= v.Blocks() {
+		return 0, fmt.Errorf("block %d outside the image", b)
+	}
+	unlock := v.locks.exclusive(b)
+	defer unlock()
+	reps := v.readOrder(b)
+	if len(reps) < 2 {
+		return 0, nil
+	}
+	off, n := v.blockRange(b)
+	src := reps[0]
+	buf := make([]byte, n)
+	if err := src.Copy.ReadAt(ctx, buf, off); err != nil {
+		return 0, fmt.Errorf("reconcile block %d: read %s: %w", b, src.Node, err)
+	}
+	want := sha256.Sum256(buf)
+	var bad []string
+	rewritten := 0
+	for _, r := range reps[1:] {
+		cctx, cancel := context.WithTimeout(ctx, v.cfg.CopyTimeout)
+		got, err := checksum(cctx, r, off, n)
+		if err == nil && got != want {
+			err = r.Copy.WriteAt(cctx, buf, off, true)
+			if err == nil {
+				rewritten++
+			}
+		}
+		cancel()
+		if err != nil {
+			bad = append(bad, r.Node)
+		}
+	}
+	if len(bad) > 0 {
+		if err := v.markOutOfSync(ctx, bad, []int64{b}); err != nil {
+			return rewritten, err
+		}
+	}
+	return rewritten, nil
+}

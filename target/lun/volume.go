@@ -43,7 +43,11 @@ type Config struct {
 	// Alive reports whether a node is alive in the membership; a dead
 	// node's copy is not waited on. Nil: all alive.
 	Alive func(node string) bool
-	Log   *slog.Logger
+	// BeforeWrite, when set, runs before a write or unmap of blocks
+	// starts (the owner's activity log); an error fails the request
+	// before any copy is touched.
+	BeforeWrite func(ctx context.Context, blocks []int64) error
+	Log         *slog.Logger
 }
 
 // Volume is the LUN backend of one image: it implements scsi.Backend over
@@ -454,6 +458,9 @@ func (v *Volume) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 		return err
 	}
 	defer v.locks.shared(ps)()
+	if err := v.beforeWrite(ctx, ps); err != nil {
+		return err
+	}
 	ok, failed := v.fanOut(ctx, ps, func(ctx context.Context, r *Replica, pc piece) error {
 		return r.Copy.WriteAt(ctx, p[pc.lo:pc.lo+pc.n], pc.off, fua)
 	})
@@ -461,6 +468,20 @@ func (v *Volume) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 		v.noteDirty(ok)
 	}
 	return v.settle(ctx, "write", ok, failed)
+}
+
+func (v *Volume) beforeWrite(ctx context.Context, ps []piece) error {
+	if v.cfg.BeforeWrite == nil {
+		return nil
+	}
+	blocks := make([]int64, 0, len(ps))
+	for _, p := range ps {
+		blocks = append(blocks, p.block)
+	}
+	if err := v.cfg.BeforeWrite(ctx, blocks); err != nil {
+		return &scsi.SenseError{Key: scsi.SenseMediumError, ASC: 0x0c, ASCQ: 0x00, Err: fmt.Errorf("record the write in the activity log: %w", err)}
+	}
+	return nil
 }
 
 func (v *Volume) noteDirty(ok map[int64][]string) {
@@ -545,6 +566,9 @@ func (v *Volume) Unmap(ctx context.Context, off, n int64) error {
 		return err
 	}
 	defer v.locks.shared(ps)()
+	if err := v.beforeWrite(ctx, ps); err != nil {
+		return err
+	}
 	ok, failed := v.fanOut(ctx, ps, func(ctx context.Context, r *Replica, pc piece) error {
 		return r.Copy.Unmap(ctx, pc.off, pc.n)
 	})

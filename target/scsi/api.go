@@ -125,3 +125,7 @@ func (r *Result) Release() {
 		r.release = nil
 	}
 }
+
+// SCSISense returns the sense key and additional sense code (the data
+// transport carries it to a forwarding node).
+func (e *SenseError) SCSISense() (key, asc, ascq byte) { return e.Key, e.ASC, e.ASCQ }

@@ -1,0 +1,154 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+)
+
+// activityMax bounds the activity log: when it is full of blocks written
+// since the last flush, the owner flushes and starts over.
+const activityMax = 512
+
+// activity is the owner's in-memory mirror of an image's activity log.
+type activity struct {
+	mu        sync.Mutex
+	blocks    map[int64]time.Time // block -> last write start
+	lastFlush time.Time
+	stored    int // entries in the stored log (0: stored empty)
+}
+
+// beforeWrite records blocks in the activity log before a write to them
+// starts. The common case (all present) touches no metadata.
+func (n *Node) beforeWrite(ctx context.Context, s *served, blocks []int64) error {
+	if onlyLocalCopy(s.record(), n.cfg.Node.Name) {
+		// One copy cannot diverge from another: no log needed (and I/O
+		// goes on while the metadata store is unreachable).
+		return nil
+	}
+	a := &s.act
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.blocks == nil {
+		a.blocks = map[int64]time.Time{}
+	}
+	now := time.Now()
+	missing := false
+	for _, b := range blocks {
+		if _, ok := a.blocks[b]; !ok {
+			missing = true
+		}
+		a.blocks[b] = now
+	}
+	if !missing {
+		return nil
+	}
+	if len(a.blocks) > activityMax {
+		// Evict blocks made durable by a flush since their last write.
+		for b, t := range a.blocks {
+			if t.Before(a.lastFlush) {
+				delete(a.blocks, b)
+			}
+		}
+	}
+	if len(a.blocks) > activityMax {
+		if err := s.vol.Flush(ctx); err != nil {
+			return fmt.Errorf("flush to make room in the activity log: %w", err)
+		}
+		a.lastFlush = time.Now()
+		for b, t := range a.blocks {
+			if t.Before(a.lastFlush) && !containsBlock(blocks, b) {
+				delete(a.blocks, b)
+			}
+		}
+	}
+	return n.storeActivity(ctx, s)
+}
+
+func containsBlock(bs []int64, b int64) bool {
+	for _, x := range bs {
+		if x == b {
+			return true
+		}
+	}
+	return false
+}
+
+// storeActivity writes the in-memory set; the caller holds a.mu.
+func (n *Node) storeActivity(ctx context.Context, s *served) error {
+	a := &s.act
+	list := make([]int64, 0, len(a.blocks))
+	for b := range a.blocks {
+		list = append(list, b)
+	}
+	if err := n.cat.SetActivity(ctx, s.record(), n.cfg.Node.Name, list); err != nil {
+		return err
+	}
+	a.stored = len(list)
+	return nil
+}
+
+// noteFlush marks every block written before now durable.
+func (s *served) noteFlush(at time.Time) {
+	s.act.mu.Lock()
+	s.act.lastFlush = at
+	s.act.mu.Unlock()
+}
+
+// clearActivity empties the stored activity log once every block in it
+// was flushed (called when the image is quiet, and on release).
+func (n *Node) clearActivity(ctx context.Context, s *served) {
+	a := &s.act
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.stored == 0 {
+		return
+	}
+	for _, t := range a.blocks {
+		if !t.Before(a.lastFlush) {
+			return
+		}
+	}
+	a.blocks = map[int64]time.Time{}
+	if err := n.storeActivity(ctx, s); err != nil {
+		n.log.Warn("cannot clear the activity log", "image", s.record().Name, "err", err)
+	}
+}
+
+// reconcileActivity makes the in-sync copies agree on every block of the
+// activity log the previous owner left, then clears it. Called by a new
+// owner before it serves I/O.
+func (n *Node) reconcileActivity(ctx context.Context, s *served) error {
+	img := s.record()
+	blocks, err := n.cat.Activity(ctx, img)
+	if err != nil {
+		// Unreadable log: every block is suspect.
+		n.log.Error("activity log unreadable: reconciling the whole image", "image", img.Name, "err", err)
+		blocks = make([]int64, img.Blocks())
+		for i := range blocks {
+			blocks[i] = int64(i)
+		}
+	}
+	if len(blocks) == 0 {
+		return nil
+	}
+	start := time.Now()
+	copied := 0
+	for _, b := range blocks {
+		if b < 0 || b >= img.Blocks() {
+			continue
+		}
+		k, err := s.vol.ReconcileBlock(ctx, b)
+		if err != nil {
+			return err
+		}
+		copied += k
+	}
+	n.log.Info("reconciled the previous owner's activity", "image", img.Name, "blocks", len(blocks), "copies_repaired", copied, "took", time.Since(start))
+	s.act.mu.Lock()
+	s.act.blocks = map[int64]time.Time{}
+	err = n.storeActivity(ctx, s)
+	s.act.mu.Unlock()
+	return err
+}
