@@ -184,15 +184,7 @@ func (n *Node) shutdown() error {
 	err := n.apiSrv.Shutdown(ctx)
 	err = errors.Join(err, n.target.Close(ctx))
 	// Hand back the images this node owns, their copies flushed.
-	n.mu.RLock()
-	var owned []*served
-	for _, s := range n.served {
-		if s.owned.Load() {
-			owned = append(owned, s)
-		}
-	}
-	n.mu.RUnlock()
-	for _, s := range owned {
+	for _, s := range n.servedImages(true) {
 		n.release(ctx, s)
 	}
 	if n.peerSrv != nil {
@@ -225,5 +217,33 @@ func (n *Node) noteStore(err error) {
 	case errors.Is(err, meta.ErrUnavailable) && n.storeOK:
 		n.storeOK = false
 		n.log.Error("metadata store unreachable: serving the images already exported; changes wait until it is back", "err", err)
+	}
+}
+
+// servedImages returns the exported images, only the owned ones with
+// ownedOnly.
+func (n *Node) servedImages(ownedOnly bool) []*served {
+	n.mu.RLock()
+	defer n.mu.RUnlock()
+	out := make([]*served, 0, len(n.served))
+	for _, s := range n.served {
+		if !ownedOnly || s.owned.Load() {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// every runs fn every d until ctx ends.
+func every(ctx context.Context, d time.Duration, fn func()) {
+	t := time.NewTicker(d)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			fn()
+		}
 	}
 }

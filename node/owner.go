@@ -134,26 +134,11 @@ func (n *Node) acquire(ctx context.Context, s *served) error {
 // renewLeases keeps the leases of owned images alive, and fences an image
 // whose lease could not be renewed in time.
 func (n *Node) renewLeases(ctx context.Context) {
-	t := time.NewTicker(n.cfg.Owner.LeaseTTL / 3)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		n.mu.RLock()
-		var owned []*served
-		for _, s := range n.served {
-			if s.owned.Load() {
-				owned = append(owned, s)
-			}
-		}
-		n.mu.RUnlock()
-		for _, s := range owned {
+	every(ctx, n.cfg.Owner.LeaseTTL/3, func() {
+		for _, s := range n.servedImages(true) {
 			n.renew(ctx, s)
 		}
-	}
+	})
 }
 
 func (n *Node) renew(ctx context.Context, s *served) {
@@ -192,28 +177,13 @@ func (n *Node) renew(ctx context.Context, s *served) {
 
 // releaseIdle gives up ownership of images with no session and no sync.
 func (n *Node) releaseIdle(ctx context.Context) {
-	t := time.NewTicker(time.Second)
-	defer t.Stop()
 	idle := map[string]time.Time{}
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	every(ctx, time.Second, func() {
 		active := map[string]bool{}
 		for _, si := range n.target.Sessions() {
 			active[si.Target] = true
 		}
-		n.mu.RLock()
-		var owned []*served
-		for _, s := range n.served {
-			if s.owned.Load() {
-				owned = append(owned, s)
-			}
-		}
-		n.mu.RUnlock()
-		for _, s := range owned {
+		for _, s := range n.servedImages(true) {
 			img := s.record()
 			if active[n.iqn(img.Name)] || s.busy.Load() > 0 || img.Attached == n.cfg.Node.Name {
 				delete(idle, img.ID)
@@ -233,7 +203,7 @@ func (n *Node) releaseIdle(ctx context.Context) {
 			delete(idle, img.ID)
 			n.release(ctx, s)
 		}
-	}
+	})
 }
 
 // release flushes the copies and clears the owner.

@@ -113,6 +113,15 @@ func (n *Node) planState(ctx context.Context, s *served) (placement.State, error
 	return st, nil
 }
 
+// planStateByName is planState for an image named by the operator.
+func (n *Node) planStateByName(ctx context.Context, name string) (placement.State, error) {
+	s, err := n.servedByName(ctx, name)
+	if err != nil {
+		return placement.State{}, err
+	}
+	return n.planState(ctx, s)
+}
+
 // nodeInfos is the membership as the planner sees it.
 func (n *Node) nodeInfos() []placement.NodeInfo {
 	if n.members == nil {
@@ -149,22 +158,9 @@ func (n *Node) shouldAct(s *served) bool {
 
 // placementLoop runs the executor.
 func (n *Node) placementLoop(ctx context.Context) {
-	t := time.NewTicker(2 * time.Second)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		n.mu.RLock()
-		var all []*served
-		for _, s := range n.served {
-			all = append(all, s)
-		}
-		n.mu.RUnlock()
+	every(ctx, 2*time.Second, func() {
 		n.rounds.Add(1)
-		for _, s := range all {
+		for _, s := range n.servedImages(false) {
 			if ctx.Err() != nil {
 				return
 			}
@@ -180,7 +176,7 @@ func (n *Node) placementLoop(ctx context.Context) {
 				}
 			}()
 		}
-	}
+	})
 }
 
 // executePlan plans s and runs the plan's actions in order.
@@ -273,11 +269,7 @@ func (n *Node) setPlan(name string, actions []placement.Action) {
 
 // PlanImage implements api.Service: what the planner would do now, and why.
 func (n *Node) PlanImage(ctx context.Context, name string) ([]placement.Action, error) {
-	s, err := n.servedByName(ctx, name)
-	if err != nil {
-		return nil, err
-	}
-	st, err := n.planState(ctx, s)
+	st, err := n.planStateByName(ctx, name)
 	if err != nil {
 		return nil, err
 	}
@@ -287,11 +279,7 @@ func (n *Node) PlanImage(ctx context.Context, name string) ([]placement.Action, 
 // SetImagePolicy implements api.Service: merge the request into the
 // image's policy, refusing an impossible one with the reason.
 func (n *Node) SetImagePolicy(ctx context.Context, name string, req api.ImagePolicyRequest) (placement.ImagePolicy, error) {
-	s, err := n.servedByName(ctx, name)
-	if err != nil {
-		return placement.ImagePolicy{}, err
-	}
-	st, err := n.planState(ctx, s)
+	st, err := n.planStateByName(ctx, name)
 	if err != nil {
 		return placement.ImagePolicy{}, err
 	}
@@ -326,11 +314,7 @@ func (n *Node) SetImagePolicy(ctx context.Context, name string, req api.ImagePol
 
 // Relocate implements api.Service: start (or cancel) a follow-the-VM move.
 func (n *Node) Relocate(ctx context.Context, name string, req api.RelocateRequest) (placement.ImagePolicy, error) {
-	s, err := n.servedByName(ctx, name)
-	if err != nil {
-		return placement.ImagePolicy{}, err
-	}
-	st, err := n.planState(ctx, s)
+	st, err := n.planStateByName(ctx, name)
 	if err != nil {
 		return placement.ImagePolicy{}, err
 	}

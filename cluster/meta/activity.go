@@ -53,22 +53,8 @@ func (c *Catalog) SetActivity(ctx context.Context, img Image, owner string, bloc
 	if err != nil {
 		return err
 	}
-	for range maxCASRetries {
-		var idx uint64
-		e, err := c.kv.Get(ctx, key)
-		switch {
-		case err == nil:
-			idx = e.ModifyIndex
-		case !errors.Is(err, ErrNotFound):
-			return fmt.Errorf("activity log of %q: %w", img.Name, err)
-		}
-		err = c.kv.CAS(ctx, key, data, idx)
-		if err == nil {
-			return nil
-		}
-		if !errors.Is(err, ErrConflict) {
-			return fmt.Errorf("write activity log of %q: %w", img.Name, err)
-		}
+	if err := c.put(ctx, key, data); err != nil {
+		return fmt.Errorf("activity log of %q: %w", img.Name, err)
 	}
-	return fmt.Errorf("activity log of %q: too much contention: %w", img.Name, ErrConflict)
+	return nil
 }

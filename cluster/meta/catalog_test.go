@@ -118,3 +118,46 @@ func TestCatalogMalformedRecordReported(t *testing.T) {
 		t.Fatalf("corrupt chunk: %v", err)
 	}
 }
+
+func TestPoliciesAndActivity(t *testing.T) {
+	ctx := context.Background()
+	c := newCatalog(t)
+	img, err := c.CreateImage(ctx, meta.Image{Name: "p", Size: 8 << 20, BlockSize: 1 << 20, Locations: []string{"n1"}}, placement.InSync)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p, idx, err := c.ImagePolicy(ctx, "p"); err != nil || idx != 0 || p.Replicas != 0 {
+		t.Fatalf("no policy yet: %+v %d %v", p, idx, err)
+	}
+	if _, err := c.UpdateImagePolicy(ctx, "p", func(p *placement.ImagePolicy) error { p.Replicas = 3; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if p, _, err := c.ImagePolicy(ctx, "p"); err != nil || p.Replicas != 3 {
+		t.Fatalf("policy: %+v %v", p, err)
+	}
+	pol := placement.SyncPolicy{Windows: []placement.Window{{Start: 22 * 60, End: 6 * 60}}, TZ: "Asia/Tokyo", MaxRate: 1 << 20}
+	for _, s := range []meta.SyncScope{meta.DefaultScope(), meta.NodeScope("n1"), meta.ImageScope("p")} {
+		if err := c.SetSyncPolicy(ctx, s, &pol); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.KV().CAS(ctx, "ukai/policies/sync/nodes/n9", []byte(`{"version":5}`), 0); err != nil {
+		t.Fatal(err)
+	}
+	def, nodes, images, bad, err := c.SyncPolicies(ctx)
+	if err != nil || def == nil || def.TZ != "Asia/Tokyo" || nodes["n1"].MaxRate != 1<<20 || images["p"].Windows[0].End != 360 || len(bad) != 1 {
+		t.Fatalf("sync policies: %+v %+v %+v %v %v", def, nodes, images, bad, err)
+	}
+	if err := c.SetSyncPolicy(ctx, meta.NodeScope("n1"), nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, _ := c.SyncPolicy(ctx, meta.NodeScope("n1")); ok {
+		t.Fatal("cleared policy still there")
+	}
+	if err := c.SetActivity(ctx, img, "n1", []int64{5, 2, 7}); err != nil {
+		t.Fatal(err)
+	}
+	if bs, err := c.Activity(ctx, img); err != nil || len(bs) != 3 || bs[0] != 2 {
+		t.Fatalf("activity: %v %v", bs, err)
+	}
+}

@@ -110,32 +110,27 @@ func (c *Catalog) SyncPolicy(ctx context.Context, s SyncScope) (p placement.Sync
 // SetSyncPolicy stores (or, with nil, removes) the sync policy of a scope.
 func (c *Catalog) SetSyncPolicy(ctx context.Context, s SyncScope, p *placement.SyncPolicy) error {
 	key := c.syncPolicyKey(s)
+	if p != nil {
+		data, err := json.Marshal(syncPolicyRecord{Version: PolicyVersion, SyncPolicy: *p})
+		if err != nil {
+			return err
+		}
+		return c.put(ctx, key, data)
+	}
 	for range maxCASRetries {
-		var idx uint64
 		e, err := c.kv.Get(ctx, key)
-		switch {
-		case err == nil:
-			idx = e.ModifyIndex
-		case !errors.Is(err, ErrNotFound):
-			return fmt.Errorf("sync policy %s: %w", s, err)
-		}
-		if p == nil {
-			if idx == 0 {
-				return nil
-			}
-			err = c.kv.DeleteCAS(ctx, key, idx)
-		} else {
-			data, merr := json.Marshal(syncPolicyRecord{Version: PolicyVersion, SyncPolicy: *p})
-			if merr != nil {
-				return merr
-			}
-			err = c.kv.CAS(ctx, key, data, idx)
-		}
-		if err == nil {
+		if errors.Is(err, ErrNotFound) {
 			return nil
 		}
-		if !errors.Is(err, ErrConflict) && !errors.Is(err, ErrNotFound) {
-			return fmt.Errorf("write sync policy %s: %w", s, err)
+		if err != nil {
+			return fmt.Errorf("sync policy %s: %w", s, err)
+		}
+		err = c.kv.DeleteCAS(ctx, key, e.ModifyIndex)
+		if err == nil || errors.Is(err, ErrNotFound) {
+			return nil
+		}
+		if !errors.Is(err, ErrConflict) {
+			return fmt.Errorf("delete sync policy %s: %w", s, err)
 		}
 	}
 	return fmt.Errorf("sync policy %s: too much contention: %w", s, ErrConflict)

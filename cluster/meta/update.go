@@ -43,6 +43,30 @@ func (c *Catalog) UpdateImage(ctx context.Context, name string, fn func(*Image) 
 	return Image{}, fmt.Errorf("update image %q: too much contention: %w", name, ErrConflict)
 }
 
+// put writes data at key whatever its current value, through
+// check-and-set on the index it read (retried when another writer got in
+// between), so it never lands on a key it did not see.
+func (c *Catalog) put(ctx context.Context, key string, data []byte) error {
+	for range maxCASRetries {
+		var idx uint64
+		e, err := c.kv.Get(ctx, key)
+		switch {
+		case err == nil:
+			idx = e.ModifyIndex
+		case !errors.Is(err, ErrNotFound):
+			return fmt.Errorf("read %s: %w", key, err)
+		}
+		err = c.kv.CAS(ctx, key, data, idx)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, ErrConflict) {
+			return fmt.Errorf("write %s: %w", key, err)
+		}
+	}
+	return fmt.Errorf("%s: too much contention: %w", key, ErrConflict)
+}
+
 // SetBlockStates sets blocks of node's copy of img to state s, chunk by
 // chunk with check-and-set. It returns once the change is stored: callers
 // rely on that to acknowledge a write only after its failed copies are
