@@ -160,4 +160,13 @@ func TestPoliciesAndActivity(t *testing.T) {
 	if bs, err := c.Activity(ctx, img); err != nil || len(bs) != 3 || bs[0] != 2 {
 		t.Fatalf("activity: %v %v", bs, err)
 	}
+	// Deleting the image takes its policies and activity log along.
+	if err := c.DeleteImage(ctx, img, 0); err != nil {
+		t.Fatal(err)
+	}
+	for _, key := range []string{"ukai/policies/images/p", "ukai/policies/sync/images/p", "ukai/activity/" + img.ID} {
+		if _, err := c.KV().Get(ctx, key); !errors.Is(err, meta.ErrNotFound) {
+			t.Errorf("%s survived the delete: %v", key, err)
+		}
+	}
 }
