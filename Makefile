@@ -6,7 +6,7 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 BIN := bin/ukai
 
-.PHONY: consul all build test test-short test-integration conformance bench fuzz lint deps demo demo-stop clean
+.PHONY: consul all build test test-short test-integration conformance bench fuzz lint deps demo demo-stop clean test-vm
 
 all: build
 
@@ -64,3 +64,9 @@ demo-stop:
 
 clean:
 	rm -rf bin integration/out
+
+# A real VM (QEMU, TCG) on a replicated image over iSCSI, live-migrated from
+# n1's target to n2's, then checked through every copy and after a
+# relocation (integration/vm; setup.sh installs QEMU and a kernel as root).
+test-vm: deps consul build
+	bash integration/vm/setup.sh && $(GO) test -count=1 -tags vm -timeout 20m -v ./integration/vm/

@@ -215,15 +215,15 @@ var partitionModes = []partitionMode{
 	}},
 }
 
-// generation returns the image's generation from image info.
-func generation(m map[string]any) uint64 {
+// ptGeneration returns the image's generation from image info.
+func ptGeneration(m map[string]any) uint64 {
 	g, _ := m["generation"].(float64)
 	return uint64(g)
 }
 
-// activityBlocks returns the blocks of an image's stored activity log
+// ptActivityBlocks returns the blocks of an image's stored activity log
 // (nil when empty or absent).
-func activityBlocks(t *testing.T, consulAddr, id string) []int64 {
+func ptActivityBlocks(t *testing.T, consulAddr, id string) []int64 {
 	t.Helper()
 	raw := consulGet(t, consulAddr, "ukai/activity/"+id)
 	if len(raw) == 0 {
@@ -238,9 +238,9 @@ func activityBlocks(t *testing.T, consulAddr, id string) []int64 {
 	return r.Blocks
 }
 
-// enablePprof serves the profiler on a node's API (before start), so a
+// ptEnablePprof serves the profiler on a node's API (before start), so a
 // hang can be reported with the node's goroutines.
-func enablePprof(t *testing.T, n *node) {
+func ptEnablePprof(t *testing.T, n *node) {
 	t.Helper()
 	b, err := os.ReadFile(n.cfgPath)
 	if err != nil {
@@ -259,9 +259,9 @@ func enablePprof(t *testing.T, n *node) {
 	}
 }
 
-// goroutines returns the node's goroutine stacks that run ukai code.
-func goroutines(n *node) string {
-	resp, err := http.Get("http://" + n.api + "/debug/pprof/goroutine?debug=2")
+// ptGoroutines returns the node's goroutine stacks that run ukai code.
+func ptGoroutines(n *node) string {
+	resp, err := (&http.Client{Timeout: 5 * time.Second}).Get("http://" + n.api + "/debug/pprof/goroutine?debug=2")
 	if err != nil {
 		return "goroutines of " + n.name + ": " + err.Error()
 	}
@@ -276,9 +276,9 @@ func goroutines(n *node) string {
 	return "goroutines of " + n.name + " running ukai code:\n" + strings.Join(keep, "\n\n")
 }
 
-// runQemuIO runs qemu-io with a timeout; UKAI_PARTITION_DEBUG=N adds
+// ptRunQemuIO runs qemu-io with a timeout; UKAI_PARTITION_DEBUG=N adds
 // libiscsi's debug output at level N.
-func runQemuIO(timeout time.Duration, args ...string) (string, error) {
+func ptRunQemuIO(timeout time.Duration, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "qemu-io", args...)
@@ -289,8 +289,8 @@ func runQemuIO(timeout time.Duration, args ...string) (string, error) {
 	return string(out), err
 }
 
-// holdSession keeps an iSCSI session open on url until the test ends.
-func holdSession(t *testing.T, url string) {
+// ptHoldSession keeps an iSCSI session open on url until the test ends.
+func ptHoldSession(t *testing.T, url string) {
 	t.Helper()
 	cmd := exec.Command("qemu-io", "-f", "raw", url)
 	in, err := cmd.StdinPipe()
@@ -315,7 +315,7 @@ func holdSession(t *testing.T, url string) {
 	})
 }
 
-func sessions(t *testing.T, n *node) int {
+func ptSessions(t *testing.T, n *node) int {
 	t.Helper()
 	var s struct {
 		Sessions int `json:"sessions"`
@@ -344,10 +344,11 @@ func testPartition(t *testing.T, mode partitionMode) {
 	const (
 		img      = "pp"
 		leaseTTL = 4 * time.Second
-		// answerTO bounds one qemu-io through the cut node: a write there
-		// costs at most a Consul request (5 s) and a copy timeout (3 s);
-		// no answer after this long is a hang.
-		answerTO = 20 * time.Second
+		// answerTO bounds one qemu-io (open, write, flush) through the cut
+		// node: each command there costs at most a Consul request (5 s
+		// timeout) and a copy timeout (3 s), about 15 s in all when
+		// everything is black-holed; no answer after this long is a hang.
+		answerTO = 25 * time.Second
 	)
 	testStart := time.Now()
 	extra := fmt.Sprintf("owner:\n  lease_ttl: %v\n", leaseTTL)
@@ -359,7 +360,7 @@ func testPartition(t *testing.T, mode partitionMode) {
 	n1 := newClusterNode(t, "n1", clusterOpts{consul: consulPx.addr, labels: map[string]string{"zone": "a"}, extra: extra})
 	peerPx := newFaultProxy(t, n1.peer)
 	setPeerAdvertise(t, n1, peerPx.addr)
-	enablePprof(t, n1)
+	ptEnablePprof(t, n1)
 	n1.start()
 	n2 := newClusterNode(t, "n2", clusterOpts{consul: consul.Addr, join: []string{n1.gossip}, labels: map[string]string{"zone": "a"}, extra: extra})
 	// n1's own connections to n2's copy (and only those: n3 still reaches
@@ -386,7 +387,7 @@ func testPartition(t *testing.T, mode partitionMode) {
 		t.Fatalf("after attach: owner %v attached %v", m["owner"], m["attached"])
 	}
 	id, _ := m["id"].(string)
-	gen0 := generation(m)
+	gen0 := ptGeneration(m)
 
 	// 1. Pattern A through n1, both copies in sync.
 	qemuIO(t, n1.url(img), "write -P 0xa1 0 8M", "flush", "read -P 0xa1 0 8M")
@@ -396,12 +397,15 @@ func testPartition(t *testing.T, mode partitionMode) {
 	// The owner clears its activity log once the writes are flushed and
 	// quiet: cut after that, so the takeover has nothing to reconcile.
 	waitFor(t, 15*time.Second, "n1's activity log to be cleared", func() bool {
-		return len(activityBlocks(t, consul.Addr, id)) == 0
+		return len(ptActivityBlocks(t, consul.Addr, id)) == 0
 	})
 
 	// 2. Partition n1: neither Consul nor the other copy is reachable from
 	// it (nor it from the other nodes' data transport); its local copy stays.
-	if gate.seen == 0 {
+	gate.mu.Lock()
+	seen := gate.seen
+	gate.mu.Unlock()
+	if seen == 0 {
 		t.Fatalf("n1 wrote pattern A to n2's copy without going through the gate")
 	}
 	mode.cut(consulPx)
@@ -432,15 +436,19 @@ func testPartition(t *testing.T, mode partitionMode) {
 			cmd := minorityCmds[i%len(minorityCmds)]
 			a := partitionAttempt{start: time.Now(), cmd: cmd}
 			// Unanswered at 3/4 of the time: record what n1 is doing.
-			var stacks string
-			grab := time.AfterFunc(answerTO*3/4, func() { stacks = goroutines(n1) })
-			out, err := runQemuIO(answerTO, "-f", "raw", "-c", cmd, "-c", "flush", n1.url(img))
+			stacks := make(chan string, 1)
+			grab := time.AfterFunc(answerTO*3/4, func() { stacks <- ptGoroutines(n1) })
+			out, err := ptRunQemuIO(answerTO, "-f", "raw", "-c", cmd, "-c", "flush", n1.url(img))
 			grab.Stop()
 			a.end, a.out = time.Now(), out
 			a.acked = err == nil && strings.Contains(out, "wrote ") && !strings.Contains(out, "failed")
 			a.hung = a.end.Sub(a.start) >= answerTO
 			if a.hung {
-				a.out += "\n" + stacks
+				select {
+				case st := <-stacks:
+					a.out += "\n" + st
+				case <-time.After(10 * time.Second):
+				}
 			}
 			mu.Lock()
 			attempts = append(attempts, a)
@@ -477,15 +485,15 @@ func testPartition(t *testing.T, mode partitionMode) {
 		t.Errorf("the write through n2 was acknowledged %v after the cut, before n1's lease (%v) could have run out", elapsed, leaseTTL)
 	}
 	m = n3.imageJSON(img, false)
-	gen1 := generation(m)
+	gen1 := ptGeneration(m)
 	if m["owner"] != "n2" || gen1 <= gen0 {
 		t.Fatalf("after the write through n2, n3 sees owner %v generation %d (was n1, %d)", m["owner"], gen1, gen0)
 	}
 	qemuIO(t, n2.url(img), "read -P 0xb2 20M 4M")
 	qemuIO(t, n3.url(img), "read -P 0xb2 20M 4M", "read -P 0xa1 0 8M")
 	// Keep a session on n2 (the VM moved there) so that it stays the owner.
-	holdSession(t, n2.url(img))
-	waitFor(t, 10*time.Second, "a session on n2", func() bool { return sessions(t, n2) > 0 })
+	ptHoldSession(t, n2.url(img))
+	waitFor(t, 10*time.Second, "a session on n2", func() bool { return ptSessions(t, n2) > 0 })
 
 	// Stop the minority writes: all refused, all answered.
 	close(stop)
@@ -555,7 +563,7 @@ func testPartition(t *testing.T, mode partitionMode) {
 	qemuIO(t, n2.url(img), "read -P 0xa1 0 8M", "read -P 0 8M 12M", "read -P 0xb2 20M 4M", "read -P 0 24M 40M")
 	logsBefore := n1.logs.Len()
 	for deadline := time.Now().Add(20 * time.Second); ; {
-		out, err := runQemuIO(time.Minute, "-f", "raw", "-c", "read -P 0xb2 20M 4M", "-c", "read -P 0xa1 2M 1M", "-c", "read -P 0 40M 1M", n1.url(img))
+		out, err := ptRunQemuIO(time.Minute, "-f", "raw", "-c", "read -P 0xb2 20M 4M", "-c", "read -P 0xa1 2M 1M", "-c", "read -P 0 40M 1M", n1.url(img))
 		if err == nil && !strings.Contains(out, "failed") && !strings.Contains(out, "Pattern verification") {
 			break
 		}
@@ -565,8 +573,8 @@ func testPartition(t *testing.T, mode partitionMode) {
 		time.Sleep(200 * time.Millisecond)
 	}
 	t.Logf("n1 serves pattern B %v after the heal", time.Since(healed).Round(time.Millisecond))
-	if m := n3.imageJSON(img, false); m["owner"] != "n2" || generation(m) != gen1 {
-		t.Errorf("after the read through n1: owner %v generation %d (want n2, %d)", m["owner"], generation(m), gen1)
+	if m := n3.imageJSON(img, false); m["owner"] != "n2" || ptGeneration(m) != gen1 {
+		t.Errorf("after the read through n1: owner %v generation %d (want n2, %d)", m["owner"], ptGeneration(m), gen1)
 	}
 	if after := n1.logs.String()[logsBefore:]; strings.Contains(after, "took ownership") {
 		t.Errorf("n1 took the image back instead of forwarding to n2:\n%s", after)

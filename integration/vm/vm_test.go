@@ -107,7 +107,7 @@ func testMain(m *testing.M) int {
 		return 1
 	}
 	code := m.Run()
-	if code == 0 {
+	if code == 0 && os.Getenv("UKAI_VM_KEEP") == "" {
 		os.RemoveAll(artifacts)
 	} else {
 		fmt.Fprintf(os.Stderr, "logs of this run (serial consoles, QEMU, ukai nodes) kept in %s\n", artifacts)
@@ -197,7 +197,8 @@ type node struct {
 	gossip string
 	log    string // path of its stdout+stderr
 	cmd    *exec.Cmd
-	done   chan error
+	done   chan struct{} // closed when the process exited; err is then set
+	err    error
 }
 
 func startNode(t *testing.T, name, zone, consul string, join []string) *node {
@@ -220,6 +221,9 @@ func startNode(t *testing.T, name, zone, consul string, join []string) *node {
 		fmt.Fprintf(&b, "  join: [%s]\n", strings.Join(join, ", "))
 	}
 	b.WriteString("log:\n  level: info\n")
+	if err := os.MkdirAll(filepath.Join(dir, "data"), 0o700); err != nil {
+		t.Fatal(err)
+	}
 	cfg := filepath.Join(dir, "node.yaml")
 	if err := os.WriteFile(cfg, []byte(b.String()), 0o600); err != nil {
 		t.Fatal(err)
@@ -233,8 +237,8 @@ func startNode(t *testing.T, name, zone, consul string, join []string) *node {
 	if err := n.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	n.done = make(chan error, 1)
-	go func() { n.done <- n.cmd.Wait(); logf.Close() }()
+	n.done = make(chan struct{})
+	go func() { n.err = n.cmd.Wait(); logf.Close(); close(n.done) }()
 	t.Cleanup(func() {
 		n.cmd.Process.Signal(syscall.SIGTERM)
 		select {
@@ -252,8 +256,8 @@ func startNode(t *testing.T, name, zone, consul string, join []string) *node {
 			return n
 		}
 		select {
-		case err := <-n.done:
-			t.Fatalf("node %s exited during start: %v\n%s", name, err, tail(n.log, 40))
+		case <-n.done:
+			t.Fatalf("node %s exited during start: %v\n%s", name, n.err, tail(n.log, 40))
 		case <-time.After(100 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
@@ -702,7 +706,7 @@ func TestLiveMigration(t *testing.T) {
 		t.FailNow()
 	}
 
-	t.Run("migrate-n1-to-n2", func(t *testing.T) {
+	migrated := t.Run("migrate-n1-to-n2", func(t *testing.T) {
 		port := freePort(t)
 		b = startMachine(top, "B", image, "write", n2, fmt.Sprintf("tcp:127.0.0.1:%d", port))
 		// B listens once its QMP monitor answers (QEMU opens the incoming
@@ -774,7 +778,8 @@ func TestLiveMigration(t *testing.T) {
 		if b != nil {
 			b.quit(t)
 			highest = max(highest, b.maxAck())
-			if errs := b.errors(); len(errs) > 0 {
+			if errs := b.errors(); len(errs) > 0 && migrated {
+				// (a failed migration step has shown them already)
 				t.Errorf("B's guest saw errors:\n%s", strings.Join(errs, "\n"))
 			}
 		}
