@@ -258,3 +258,13 @@ func (c *Client) Detach(ctx context.Context, image string) (Image, error) {
 func (c *Client) Release(ctx context.Context, image string) error {
 	return c.do(ctx, http.MethodPost, "/v1/internal/images/"+url.PathEscape(image)+"/release", struct{}{}, nil)
 }
+
+// Export allows an initiator to log in to image.
+func (c *Client) Export(ctx context.Context, image string, req ExportRequest) error {
+	return c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(image)+"/exports", req, nil)
+}
+
+// Unexport removes an initiator's access to image.
+func (c *Client) Unexport(ctx context.Context, image, initiator string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/images/"+url.PathEscape(image)+"/exports/"+url.PathEscape(initiator), nil, nil)
+}

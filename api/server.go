@@ -43,6 +43,8 @@ type Service interface {
 	Attach(ctx context.Context, image, node string) (Image, error)
 	Detach(ctx context.Context, image string) (Image, error)
 	Release(ctx context.Context, image string) error
+	Export(ctx context.Context, image string, req ExportRequest) error
+	Unexport(ctx context.Context, image, initiator string) error
 }
 
 // maxBody bounds request bodies.
@@ -72,6 +74,8 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 	mux.HandleFunc("GET /v1/policies/sync", h.syncPolicies)
 	mux.HandleFunc("GET /v1/stats", h.stats)
 	mux.HandleFunc("POST /v1/images/{name}/attach", h.attach)
+	mux.HandleFunc("POST /v1/images/{name}/exports", h.export)
+	mux.HandleFunc("DELETE /v1/images/{name}/exports/{initiator}", h.unexport)
 	mux.HandleFunc("POST /v1/images/{name}/detach", h.detach)
 	mux.HandleFunc("POST /v1/internal/images/{name}/release", h.release)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
@@ -386,6 +390,26 @@ func (h *handler) detach(w http.ResponseWriter, r *http.Request) {
 
 func (h *handler) release(w http.ResponseWriter, r *http.Request) {
 	if err := h.svc.Release(r.Context(), r.PathValue("name")); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (h *handler) export(w http.ResponseWriter, r *http.Request) {
+	var req ExportRequest
+	if !decodeBody(w, r, &req) {
+		return
+	}
+	if err := h.svc.Export(r.Context(), r.PathValue("name"), req); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (h *handler) unexport(w http.ResponseWriter, r *http.Request) {
+	if err := h.svc.Unexport(r.Context(), r.PathValue("name"), r.PathValue("initiator")); err != nil {
 		h.fail(w, r, err)
 		return
 	}

@@ -70,6 +70,8 @@ func (m *memService) SyncPolicies(context.Context) (SyncPolicies, error)        
 func (m *memService) Attach(context.Context, string, string) (Image, error)         { return Image{}, nil }
 func (m *memService) Detach(context.Context, string) (Image, error)                 { return Image{}, nil }
 func (m *memService) Release(context.Context, string) error                         { return nil }
+func (m *memService) Export(context.Context, string, ExportRequest) error           { return nil }
+func (m *memService) Unexport(context.Context, string, string) error                { return nil }
 func (m *memService) Stats(context.Context) (Stats, error)                          { return Stats{Node: "n1"}, nil }
 
 func TestHandlerStatusCodes(t *testing.T) {

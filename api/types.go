@@ -133,6 +133,8 @@ type Image struct {
 	Attached   string    `json:"attached,omitempty"` // node an orchestrator attached it to
 	Generation uint64    `json:"generation"`
 	SyncPaused bool      `json:"sync_paused,omitempty"`
+	// Exports lists who may log in (no secrets).
+	Exports []ExportInfo `json:"exports,omitempty"`
 	// Policy is the desired state; Plan what the planner last decided.
 	Policy    *placement.ImagePolicy `json:"policy,omitempty"`
 	Plan      []placement.Action     `json:"plan,omitempty"`
@@ -208,4 +210,27 @@ type Version struct {
 // Error is the body of every non-2xx answer.
 type Error struct {
 	Error string `json:"error"`
+}
+
+// ExportRequest is POST /v1/images/{name}/exports: allow an initiator, with
+// optional CHAP. Secrets travel in the body (over TLS when the API uses
+// it), never in URLs; a secret is stored per the node's
+// iscsi.chap_secret_store, or named by *SecretFile (a file every node keeps
+// in iscsi.chap_secrets_dir).
+type ExportRequest struct {
+	Initiator        string `json:"initiator"`
+	CHAPUser         string `json:"chap_user,omitempty"`
+	CHAPSecret       string `json:"chap_secret,omitempty"`
+	CHAPSecretFile   string `json:"chap_secret_file,omitempty"`
+	MutualUser       string `json:"mutual_user,omitempty"`
+	MutualSecret     string `json:"mutual_secret,omitempty"`
+	MutualSecretFile string `json:"mutual_secret_file,omitempty"`
+}
+
+// ExportInfo is an export as shown: secrets never appear.
+type ExportInfo struct {
+	Initiator  string `json:"initiator"`
+	CHAPUser   string `json:"chap_user,omitempty"`
+	MutualUser string `json:"mutual_user,omitempty"`
+	SecretIn   string `json:"secret_in,omitempty"` // "consul" or "file:<name>"
 }

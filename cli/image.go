@@ -14,7 +14,7 @@ import (
 func (a *app) imageCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "image", Short: "Create, list, inspect and delete disk images"}
 	cmd.AddCommand(a.imageCreateCmd(), a.imageListCmd(), a.imageInfoCmd(), a.imageDeleteCmd(), a.imageSyncCmd(), a.imageVerifyCmd(),
-		a.imageSetCmd(), a.imageRelocateCmd(), a.imagePlanCmd(), a.imageAttachCmd(), a.imageDetachCmd())
+		a.imageSetCmd(), a.imageRelocateCmd(), a.imagePlanCmd(), a.imageAttachCmd(), a.imageDetachCmd(), a.imageExportCmd(), a.imageUnexportCmd())
 	return cmd
 }
 
@@ -138,6 +138,17 @@ func (a *app) imageInfoCmd() *cobra.Command {
 			fmt.Fprintf(tw, "owner:\t%s (attached: %s)\n", dash(img.Owner), dash(img.Attached))
 			if img.Policy != nil {
 				fmt.Fprintf(tw, "desired:\t%s\n", policyString(*img.Policy))
+			}
+			for _, e := range img.Exports {
+				chap := "no CHAP"
+				if e.CHAPUser != "" {
+					chap = "CHAP user " + e.CHAPUser
+					if e.MutualUser != "" {
+						chap += ", mutual " + e.MutualUser
+					}
+					chap += ", secret in " + e.SecretIn
+				}
+				fmt.Fprintf(tw, "export:\t%s (%s)\n", e.Initiator, chap)
 			}
 			fmt.Fprintln(tw, "locations:")
 			for _, loc := range img.Locations {

@@ -420,8 +420,9 @@ func testPartition(t *testing.T, mode partitionMode) {
 	// must be answered.
 	minorityCmds := []string{"write -P 0xcc 2M 1M", "write -P 0xcc 40M 1M"}
 	var (
-		mu       sync.Mutex
-		attempts []partitionAttempt
+		mu        sync.Mutex
+		attempts  []partitionAttempt
+		lastStart time.Time
 	)
 	stop := make(chan struct{})
 	done := make(chan struct{})
@@ -435,6 +436,9 @@ func testPartition(t *testing.T, mode partitionMode) {
 			}
 			cmd := minorityCmds[i%len(minorityCmds)]
 			a := partitionAttempt{start: time.Now(), cmd: cmd}
+			mu.Lock()
+			lastStart = a.start
+			mu.Unlock()
 			// Unanswered at 3/4 of the time: record what n1 is doing.
 			stacks := make(chan string, 1)
 			grab := time.AfterFunc(answerTO*3/4, func() { stacks <- ptGoroutines(n1) })
@@ -463,13 +467,16 @@ func testPartition(t *testing.T, mode partitionMode) {
 			}
 		}
 	}()
-	// Go on once a write started after the lease ran out was answered (or
-	// n1 stopped answering).
-	waitFor(t, leaseTTL+2*answerTO, "an answer to a write through n1 started after its lease ran out", func() bool {
+	// Go on once a write through n1 started after its lease ran out (or
+	// n1 stopped answering): its answer is checked below.
+	waitFor(t, leaseTTL+2*answerTO, "a write through n1 started after its lease ran out", func() bool {
 		mu.Lock()
 		defer mu.Unlock()
+		if lastStart.After(fenced) {
+			return true
+		}
 		for _, a := range attempts {
-			if a.acked || a.hung || a.start.After(fenced) {
+			if a.acked || a.hung {
 				return true
 			}
 		}

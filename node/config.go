@@ -32,6 +32,7 @@ type Config struct {
 	Consul    ConsulConfig    `mapstructure:"consul"`
 	Placement PlacementConfig `mapstructure:"placement"`
 	Owner     OwnerConfig     `mapstructure:"owner"`
+	TLS       TLSConfig       `mapstructure:"tls"`
 	Gossip    GossipConfig    `mapstructure:"gossip"`
 	Log       LogConfig       `mapstructure:"log"`
 }
@@ -53,6 +54,11 @@ type APIConfig struct {
 	// Pprof serves Go's profiler under /debug/pprof/ on the API address
 	// (for performance work; off by default).
 	Pprof bool `mapstructure:"pprof"`
+	// TokenFile holds the bearer token every API request must carry
+	// (empty: no token; not world-readable).
+	TokenFile string `mapstructure:"token_file"`
+	// TLS serves the API over HTTPS with the node certificate (tls.*).
+	TLS bool `mapstructure:"tls"`
 }
 
 // ISCSIConfig is the iSCSI target.
@@ -60,6 +66,23 @@ type ISCSIConfig struct {
 	Listen string `mapstructure:"listen"` // IP:port of the portal, bound exactly
 	// IQNPrefix: image NAME is exported as target <IQNPrefix>:NAME.
 	IQNPrefix string `mapstructure:"iqn_prefix"`
+	// RequireACL: an image with no export admits nobody and is hidden
+	// from discovery (the default); false: it admits everyone.
+	RequireACL bool `mapstructure:"require_acl"`
+	// CHAPSecretStore says where CHAP secrets may live: "file" (default:
+	// only the name of a file in CHAPSecretsDir is stored in the
+	// metadata, every node keeps the file) or "consul" (the secret is
+	// stored in the metadata store: protect it with Consul ACLs and TLS).
+	CHAPSecretStore string `mapstructure:"chap_secret_store"`
+	CHAPSecretsDir  string `mapstructure:"chap_secrets_dir"`
+}
+
+// TLSConfig is mutual TLS between nodes (data transport) and, with
+// api.tls, for the control API.
+type TLSConfig struct {
+	CA   string `mapstructure:"ca"`
+	Cert string `mapstructure:"cert"`
+	Key  string `mapstructure:"key"`
 }
 
 // PeerConfig is the data transport between nodes (block reads, writes,
@@ -144,6 +167,14 @@ var defaults = map[string]any{
 	"api.pprof":                       false,
 	"iscsi.listen":                    "127.0.0.1:3260",
 	"iscsi.iqn_prefix":                "iqn.2026-11.io.ukai",
+	"iscsi.require_acl":               true,
+	"iscsi.chap_secret_store":         "file",
+	"iscsi.chap_secrets_dir":          "",
+	"tls.ca":                          "",
+	"tls.cert":                        "",
+	"tls.key":                         "",
+	"api.token_file":                  "",
+	"api.tls":                         false,
 	"metadata.backend":                "embedded",
 	"peer.listen":                     "",
 	"owner.lease_ttl":                 10 * time.Second,
@@ -323,6 +354,32 @@ func (c *Config) Validate() error {
 	}
 	if c.Owner.LeaseTTL < 3*time.Second {
 		bad("owner.lease_ttl", "%v: must be at least 3s", c.Owner.LeaseTTL)
+	}
+	switch c.ISCSI.CHAPSecretStore {
+	case "file", "consul":
+	default:
+		bad("iscsi.chap_secret_store", "%q: must be \"file\" or \"consul\"", c.ISCSI.CHAPSecretStore)
+	}
+	if d := c.ISCSI.CHAPSecretsDir; d != "" {
+		if st, err := os.Stat(d); err != nil || !st.IsDir() {
+			bad("iscsi.chap_secrets_dir", "%s is not a directory", d)
+		}
+	}
+	if (c.TLS.CA == "") != (c.TLS.Cert == "") || (c.TLS.Cert == "") != (c.TLS.Key == "") {
+		bad("tls", "tls.ca, tls.cert and tls.key go together")
+	}
+	for key, f := range map[string]string{"tls.ca": c.TLS.CA, "tls.cert": c.TLS.Cert, "tls.key": c.TLS.Key, "api.token_file": c.API.TokenFile} {
+		if f == "" {
+			continue
+		}
+		if st, err := os.Stat(f); err != nil {
+			bad(key, "%v", err)
+		} else if (key == "tls.key" || key == "api.token_file") && st.Mode().Perm()&0o004 != 0 {
+			bad(key, "%s is world-readable: it holds a secret (chmod o-r)", f)
+		}
+	}
+	if c.API.TLS && c.TLS.Cert == "" {
+		bad("api.tls", "needs tls.ca, tls.cert and tls.key")
 	}
 	if c.Placement.ReplaceAfter < 0 {
 		bad("placement.replace_after", "must not be negative (0: never)")

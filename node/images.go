@@ -546,6 +546,7 @@ func (n *Node) describe(ctx context.Context, img meta.Image, blocks bool) (api.I
 	n.planMu.Lock()
 	out.Plan = n.plans[img.Name]
 	n.planMu.Unlock()
+	out.Exports = n.exportInfos(img.Name)
 	maps := make([]*placement.BlockMap, len(img.Locations))
 	for i, loc := range img.Locations {
 		bm, err := n.cat.BlockMap(ctx, img, loc)

@@ -51,12 +51,15 @@ type Node struct {
 	peersMu sync.Mutex
 	peers   map[string]*peer.Client // by data address
 
-	now       func() time.Time // the clock placement decides by (tests move it)
-	limits    limiters
-	syncBytes atomic.Int64 // bytes copied by syncs since start
-	rounds    atomic.Int64 // placement rounds run
-	planMu    sync.Mutex
-	plans     map[string][]placement.Action // last plan per image
+	now           func() time.Time // the clock placement decides by (tests move it)
+	limits        limiters
+	syncBytes     atomic.Int64 // bytes copied by syncs since start
+	rounds        atomic.Int64 // placement rounds run
+	exportsMu     sync.RWMutex
+	exports       map[string][]meta.Export // by image name
+	exportsLoaded bool
+	planMu        sync.Mutex
+	plans         map[string][]placement.Action // last plan per image
 }
 
 // New opens the node's stores, binds its listeners and joins the cluster;
@@ -161,6 +164,7 @@ func (n *Node) Run(ctx context.Context) error {
 		errc <- nil
 	}()
 	go n.watch(ctx)
+	go n.watchExports(ctx)
 	if n.members != nil {
 		go n.refreshMeta(ctx)
 		go n.reconnect(ctx)

@@ -213,8 +213,11 @@ func (c *Catalog) DeleteImage(ctx context.Context, img Image, index uint64) erro
 	if err := c.kv.DeleteTree(ctx, c.prefix+"blockmaps/"+img.ID+"/"); err != nil {
 		return fmt.Errorf("delete block maps of %q: %w", img.Name, err)
 	}
-	// The operator's decisions and the activity log go with the image: a
-	// new image of the same name starts with none.
+	// The operator's decisions, exports and the activity log go with the
+	// image: a new image of the same name starts with none.
+	if err := c.kv.DeleteTree(ctx, c.exportPrefix(img.Name)); err != nil {
+		return fmt.Errorf("delete exports of %q: %w", img.Name, err)
+	}
 	for _, key := range []string{c.imagePolicyKey(img.Name), c.syncPolicyKey(ImageScope(img.Name)), c.activityKey(img.ID)} {
 		if e, err := c.kv.Get(ctx, key); err == nil {
 			if err := c.kv.DeleteCAS(ctx, key, e.ModifyIndex); err != nil && !errors.Is(err, ErrNotFound) {
