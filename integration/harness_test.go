@@ -98,6 +98,9 @@ type clusterOpts struct {
 	labels map[string]string
 	extra  string        // more YAML appended to the config
 	copyTO time.Duration // peer.timeout (default 3s)
+	// requireACL: images admit only exported initiators (the product's
+	// default); most tests are not about access control and turn it off.
+	requireACL bool
 }
 
 func (o clusterOpts) peerTimeout() time.Duration {
@@ -127,7 +130,7 @@ func newClusterNode(t *testing.T, name string, o clusterOpts) *node {
 			fmt.Fprintf(&b, "    %s: %s\n", k, v)
 		}
 	}
-	fmt.Fprintf(&b, "api:\n  listen: %s\niscsi:\n  listen: %s\n  iqn_prefix: %s\nlog:\n  level: info\n", n.api, n.portal, n.prefix)
+	fmt.Fprintf(&b, "api:\n  listen: %s\niscsi:\n  listen: %s\n  iqn_prefix: %s\n  require_acl: %v\nlog:\n  level: info\n", n.api, n.portal, n.prefix, o.requireACL)
 	if o.consul == "" {
 		b.WriteString("metadata:\n  backend: embedded\n")
 	} else {

@@ -214,7 +214,7 @@ func startNode(t *testing.T, name, zone, consul string, join []string) *node {
 	peer := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	var b strings.Builder
 	fmt.Fprintf(&b, "node:\n  name: %s\n  data_dir: %s\n  labels:\n    zone: %s\n", name, filepath.Join(dir, "data"), zone)
-	fmt.Fprintf(&b, "api:\n  listen: %s\niscsi:\n  listen: %s\n  iqn_prefix: %s\n", n.api, n.portal, iqnPrefix)
+	fmt.Fprintf(&b, "api:\n  listen: %s\niscsi:\n  listen: %s\n  iqn_prefix: %s\n  require_acl: false\n", n.api, n.portal, iqnPrefix)
 	fmt.Fprintf(&b, "peer:\n  listen: %s\n  timeout: 5s\nmetadata:\n  backend: consul\nconsul:\n  address: %s\n", peer, consul)
 	fmt.Fprintf(&b, "gossip:\n  bind: %s\n", n.gossip)
 	if len(join) > 0 {
