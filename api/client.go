@@ -3,6 +3,7 @@ package api
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,6 +21,8 @@ type Client struct {
 	base   string
 	http   *http.Client
 	stream *http.Client // no overall timeout: long syncs stream progress
+	token  string       // bearer token sent with every request, if set
+	err    error        // returned by every call (NewErrorClient)
 }
 
 // NewClient returns a client for addr ("127.0.0.1:7700" or a URL).
@@ -31,6 +34,45 @@ func NewClient(addr string) *Client {
 	return &Client{base: strings.TrimRight(base, "/"), http: &http.Client{Timeout: 60 * time.Second}, stream: &http.Client{}}
 }
 
+// NewClientWithAuth is NewClient that sends "Authorization: Bearer token"
+// with every request (when token is not empty) and, when tlsConf is not
+// nil, speaks https with it: an address without a scheme gets https://,
+// and an explicit http:// one is refused (every call fails) rather than
+// silently sending the token unencrypted.
+func NewClientWithAuth(addr string, token string, tlsConf *tls.Config) *Client {
+	if tlsConf != nil {
+		switch {
+		case strings.HasPrefix(addr, "http://"):
+			return NewErrorClient(fmt.Errorf("API address %s is plain http, but TLS (a CA) is configured: use https://", addr))
+		case !strings.Contains(addr, "://"):
+			addr = "https://" + addr
+		}
+	}
+	c := NewClient(addr)
+	c.token = token
+	if tlsConf != nil {
+		tr := http.DefaultTransport.(*http.Transport).Clone()
+		tr.TLSClientConfig = tlsConf
+		c.http.Transport = tr
+		c.stream.Transport = tr
+	}
+	return c
+}
+
+// NewErrorClient returns a Client whose every call fails with err: for a
+// caller that builds its client where it cannot return an error (a bad
+// token file, say) and reports it at the first call.
+func NewErrorClient(err error) *Client {
+	return &Client{err: err, http: &http.Client{}, stream: &http.Client{}}
+}
+
+// authorize adds the bearer token, if any, to req.
+func (c *Client) authorize(req *http.Request) {
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+}
+
 // StatusError is a non-2xx answer.
 type StatusError struct {
 	Status  int
@@ -40,6 +82,9 @@ type StatusError struct {
 func (e *StatusError) Error() string { return e.Message }
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	if c.err != nil {
+		return c.err
+	}
 	var body io.Reader
 	if in != nil {
 		b, err := json.Marshal(in)
@@ -55,6 +100,7 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	if in != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
+	c.authorize(req)
 	resp, err := c.http.Do(req)
 	if err != nil {
 		return fmt.Errorf("cannot reach the ukai API at %s: %w", c.base, err)
@@ -158,6 +204,9 @@ func (c *Client) PrepareCopy(ctx context.Context, id string, size int64) error {
 // SyncImage runs a sync and calls progress for every line the node
 // streams; it returns the error of the final line, if any.
 func (c *Client) SyncImage(ctx context.Context, image string, req SyncRequest, progress func(SyncProgress)) error {
+	if c.err != nil {
+		return c.err
+	}
 	b, err := json.Marshal(req)
 	if err != nil {
 		return err
@@ -167,6 +216,7 @@ func (c *Client) SyncImage(ctx context.Context, image string, req SyncRequest, p
 		return err
 	}
 	hreq.Header.Set("Content-Type", "application/json")
+	c.authorize(hreq)
 	resp, err := c.stream.Do(hreq)
 	if err != nil {
 		return fmt.Errorf("cannot reach the ukai API at %s: %w", c.base, err)

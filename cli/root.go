@@ -4,14 +4,18 @@ package cli
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 
 	"github.com/ukai-storage/ukai/api"
+	"github.com/ukai-storage/ukai/cluster/tlsutil"
 )
 
 // DefaultAPI is the control API address used when neither --api nor
@@ -19,9 +23,11 @@ import (
 const DefaultAPI = "127.0.0.1:7700"
 
 type app struct {
-	version string
-	apiAddr string
-	out     io.Writer
+	version   string
+	apiAddr   string
+	tokenFile string // --token-file; UKAI_TOKEN is read at client creation
+	caFile    string // --ca: speak https and verify the node by this CA
+	out       io.Writer
 }
 
 // NewRoot returns the ukai command tree.
@@ -38,7 +44,9 @@ func NewRoot(version string) *cobra.Command {
 		def = env
 	}
 	root.PersistentFlags().StringVar(&a.apiAddr, "api", def, "control API address of the node to talk to (env UKAI_API)")
-	root.AddCommand(a.serveCmd(), a.imageCmd(), a.locationCmd(), a.nodeCmd(), a.policyCmd(), a.statsCmd(), a.versionCmd())
+	root.PersistentFlags().StringVar(&a.tokenFile, "token-file", "", "file holding the API bearer token, not readable by others (env UKAI_TOKEN holds the token itself; this flag wins)")
+	root.PersistentFlags().StringVar(&a.caFile, "ca", "", "cluster CA certificate (ca.pem): talk https to the API and verify the node by this CA")
+	root.AddCommand(a.serveCmd(), a.imageCmd(), a.locationCmd(), a.nodeCmd(), a.policyCmd(), a.statsCmd(), a.versionCmd(), a.tlsCmd())
 	return root
 }
 
@@ -52,7 +60,66 @@ func Execute(version string) int {
 	return 0
 }
 
-func (a *app) client() *api.Client { return api.NewClient(a.apiAddr) }
+// client returns the API client of --api, with the token of --token-file
+// or UKAI_TOKEN and, with --ca, https verified by that CA. A bad token file
+// or CA makes every call of the client fail with the reason.
+func (a *app) client() *api.Client {
+	token, err := a.token()
+	if err != nil {
+		return api.NewErrorClient(err)
+	}
+	var tlsConf *tls.Config
+	if a.caFile != "" {
+		// Nodes are addressed by IP: trust any node certificate of the
+		// cluster CA rather than match the address against its names.
+		if tlsConf, err = (tlsutil.Files{CA: a.caFile}).ClientConfig(""); err != nil {
+			return api.NewErrorClient(fmt.Errorf("--ca: %w", err))
+		}
+	}
+	return api.NewClientWithAuth(a.apiAddr, token, tlsConf)
+}
+
+// maxTokenFile bounds what is read of a token file.
+const maxTokenFile = 4096
+
+// token returns the API token: the content of --token-file (refused when
+// readable by others), else $UKAI_TOKEN, else "". Errors never show it.
+func (a *app) token() (string, error) {
+	if a.tokenFile == "" {
+		return checkToken(os.Getenv("UKAI_TOKEN"), "UKAI_TOKEN")
+	}
+	if err := tlsutil.CheckSecretFile(a.tokenFile); err != nil {
+		return "", fmt.Errorf("--token-file: %w", err)
+	}
+	f, err := os.Open(a.tokenFile)
+	if err != nil {
+		return "", fmt.Errorf("--token-file: %w", err)
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, maxTokenFile+1))
+	if err != nil {
+		return "", fmt.Errorf("--token-file %s: %w", a.tokenFile, err)
+	}
+	if len(data) > maxTokenFile {
+		return "", fmt.Errorf("--token-file %s: larger than %d bytes, not a token", a.tokenFile, maxTokenFile)
+	}
+	tok, err := checkToken(string(data), "token file "+a.tokenFile)
+	if err == nil && tok == "" {
+		err = fmt.Errorf("token file %s is empty", a.tokenFile)
+	}
+	return tok, err
+}
+
+// checkToken trims the token and refuses one that cannot go in a header.
+func checkToken(tok, from string) (string, error) {
+	tok = strings.TrimSpace(tok)
+	for _, r := range tok {
+		if r < 0x21 || r == 0x7f {
+			return "", errors.New(from + ": the token has spaces or control characters")
+		}
+	}
+	return tok, nil
+}
 
 func printJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)

@@ -34,16 +34,26 @@ func (n *Node) beforeWrite(ctx context.Context, s *served, blocks []int64) error
 		a.blocks = map[int64]time.Time{}
 	}
 	now := time.Now()
-	missing := false
+	var added []int64
 	for _, b := range blocks {
 		if _, ok := a.blocks[b]; !ok {
-			missing = true
+			added = append(added, b)
 		}
 		a.blocks[b] = now
 	}
-	if !missing {
+	if len(added) == 0 {
 		return nil
 	}
+	// A block is in the log only once the stored log says so: if storing
+	// fails, the write fails before any copy is touched, and the next
+	// write to the block tries again.
+	defer func() {
+		if a.stored != len(a.blocks) {
+			for _, b := range added {
+				delete(a.blocks, b)
+			}
+		}
+	}()
 	if len(a.blocks) > activityMax {
 		// Evict blocks made durable by a flush since their last write.
 		for b, t := range a.blocks {
@@ -104,6 +114,14 @@ func (n *Node) clearActivity(ctx context.Context, s *served) {
 	defer a.mu.Unlock()
 	if a.stored == 0 {
 		return
+	}
+	// A failed write may have left copies different: repair first (the
+	// log keeps the blocks for a successor until then).
+	if s.vol.HasSuspects() {
+		if err := s.vol.ReconcileSuspects(ctx); err != nil {
+			n.log.Warn("cannot reconcile blocks a failed write may have left different; keeping the activity log", "image", s.record().Name, "err", err)
+			return
+		}
 	}
 	for _, t := range a.blocks {
 		if !t.Before(a.lastFlush) {

@@ -70,6 +70,11 @@ type Volume struct {
 	failedAt map[string]time.Time
 
 	lastIO atomic.Int64 // unix nanos of the last foreground request
+
+	// suspect holds blocks a failed request may have left different on
+	// in-sync copies (some copies took it, and the others could not be
+	// recorded out of sync); guarded by mu. ReconcileSuspects repairs them.
+	suspect map[int64]bool
 }
 
 // touch notes foreground I/O (the synchronizer yields to it).
@@ -138,6 +143,33 @@ func (v *Volume) SetReplicas(replicas []*Replica, maps map[string]*placement.Blo
 		if !slices.ContainsFunc(replicas, func(r *Replica) bool { return r == o }) {
 			o.Copy.Close()
 		}
+	}
+	return nil
+}
+
+// HasSuspects reports blocks that may differ between in-sync copies.
+func (v *Volume) HasSuspects() bool {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	return len(v.suspect) > 0
+}
+
+// ReconcileSuspects makes the in-sync copies agree on every suspect block
+// (see ReconcileBlock); blocks it cannot repair stay suspect.
+func (v *Volume) ReconcileSuspects(ctx context.Context) error {
+	v.mu.RLock()
+	var bs []int64
+	for b := range v.suspect {
+		bs = append(bs, b)
+	}
+	v.mu.RUnlock()
+	for _, b := range bs {
+		if _, err := v.ReconcileBlock(ctx, b); err != nil {
+			return err
+		}
+		v.mu.Lock()
+		delete(v.suspect, b)
+		v.mu.Unlock()
 	}
 	return nil
 }
@@ -438,7 +470,18 @@ func (v *Volume) settle(ctx context.Context, what string, ok, failed map[int64][
 	for n, bs := range byNode {
 		slices.Sort(bs)
 		if err := v.markOutOfSync(ctx, []string{n}, bs); err != nil {
-			// Not recorded: the write must not be acknowledged.
+			// Not recorded: the write must not be acknowledged, and the
+			// copies may now differ on these blocks.
+			v.mu.Lock()
+			if v.suspect == nil {
+				v.suspect = map[int64]bool{}
+			}
+			for _, bb := range byNode {
+				for _, b := range bb {
+					v.suspect[b] = true
+				}
+			}
+			v.mu.Unlock()
 			return &scsi.SenseError{Key: scsi.SenseMediumError, ASC: 0x0c, ASCQ: 0x00, Err: fmt.Errorf("%s: %w", what, err)}
 		}
 	}

@@ -3,7 +3,6 @@ package scsi
 import (
 	"context"
 	"encoding/binary"
-	"errors"
 )
 
 // Additional sense codes (ASC/ASCQ pairs) used by the device server.
@@ -129,7 +128,10 @@ func miscompare(off uint64) Result {
 // aborted on cancellation, a *SenseError chooses the sense, anything else
 // is a MEDIUM ERROR (asc depends on the direction).
 func (lu *LU) backendError(ctx context.Context, op string, off int64, err error, write bool) Result {
-	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil {
+	// Only the command's own context ending means "abandoned, send
+	// nothing": a backend's internal timeout (a store or peer that did
+	// not answer) is an error the initiator must hear about.
+	if ctx.Err() != nil {
 		return Result{Aborted: true}
 	}
 	if se, ok := AsSense(err); ok {
