@@ -88,6 +88,7 @@ func (n *Node) loadExports(ctx context.Context) error {
 	n.exports = all
 	n.exportsLoaded = true
 	n.exportsMu.Unlock()
+	n.cacheExports(all)
 	return nil
 }
 

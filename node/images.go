@@ -472,7 +472,7 @@ func (n *Node) prepareCopyOn(ctx context.Context, node string, img meta.Image) e
 	if err != nil {
 		return err
 	}
-	if err := api.NewClient(m.Meta.API).PrepareCopy(ctx, img.ID, img.Size); err != nil {
+	if err := n.apiClient(m.Meta.API).PrepareCopy(ctx, img.ID, img.Size); err != nil {
 		return fmt.Errorf("prepare the copy on %s: %w", node, err)
 	}
 	return nil

@@ -48,6 +48,7 @@ type Node struct {
 	ownMu   sync.Mutex // one ownership change at a time
 	peerSrv *peer.Server
 	pstore  *peerStore
+	sec     security
 	peersMu sync.Mutex
 	peers   map[string]*peer.Client // by data address
 
@@ -89,7 +90,14 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 	}
 	n.cat = meta.NewCatalog(n.kv, prefix)
 
-	n.target, err = iscsi.NewServer(iscsi.Config{Listen: cfg.ISCSI.Listen, Logger: log.With("component", "iscsi")}, n)
+	if n.sec, err = loadSecurity(cfg); err != nil {
+		return nil, err
+	}
+	n.loadCachedExports()
+	n.target, err = iscsi.NewServer(iscsi.Config{
+		Listen: cfg.ISCSI.Listen, Logger: log.With("component", "iscsi"),
+		Authenticator: iscsi.NewCHAPAuthenticator(iscsi.CHAPConfig{ACL: nodeACL{n}, RequireACL: cfg.ISCSI.RequireACL, Logger: log.With("component", "iscsi-auth")}),
+	}, n)
 	if err == nil {
 		err = n.target.Listen()
 	}
@@ -98,7 +106,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 	}
 	closers = append(closers, func() { n.target.Close(context.Background()) })
 	if cfg.Peer.Listen != "" {
-		n.peerSrv, err = peer.NewServer(peer.ServerConfig{Listen: cfg.Peer.Listen, Logger: log.With("component", "peer"), Volumes: ownerVolumes{n}}, n.pstore)
+		n.peerSrv, err = peer.NewServer(peer.ServerConfig{Listen: cfg.Peer.Listen, TLS: n.sec.peerServer, Logger: log.With("component", "peer"), Volumes: ownerVolumes{n}}, n.pstore)
 		if err == nil {
 			err = n.peerSrv.Listen()
 		}
@@ -113,6 +121,9 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 	}
 	closers = append(closers, func() { n.apiLn.Close() })
 	handler := api.NewHandler(n, version, log.With("component", "api"))
+	if n.sec.token != "" {
+		handler = api.RequireToken(handler, []byte(n.sec.token))
+	}
 	if cfg.API.Pprof {
 		mux := http.NewServeMux()
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
@@ -123,6 +134,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 		handler = mux
 	}
 	n.apiSrv = &http.Server{
+		TLSConfig:         n.sec.apiServer,
 		Handler:           handler,
 		ReadHeaderTimeout: 10 * time.Second,
 	}
@@ -157,7 +169,11 @@ func (n *Node) Run(ctx context.Context) error {
 	go n.renewLeases(ctx)
 	go n.placementLoop(ctx)
 	go func() {
-		if err := n.apiSrv.Serve(n.apiLn); !errors.Is(err, http.ErrServerClosed) {
+		serve := func() error { return n.apiSrv.Serve(n.apiLn) }
+		if n.sec.apiServer != nil {
+			serve = func() error { return n.apiSrv.ServeTLS(n.apiLn, "", "") }
+		}
+		if err := serve(); !errors.Is(err, http.ErrServerClosed) {
 			errc <- fmt.Errorf("api: %w", err)
 			return
 		}

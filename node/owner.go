@@ -402,7 +402,7 @@ func (n *Node) Attach(ctx context.Context, name, node string) (api.Image, error)
 		if err != nil {
 			return api.Image{}, fmt.Errorf("attach to %s: %w", node, err)
 		}
-		return api.NewClient(m.Meta.API).Attach(ctx, name, node)
+		return n.apiClient(m.Meta.API).Attach(ctx, name, node)
 	}
 	s, err := n.servedByName(ctx, name)
 	if err != nil {
@@ -417,7 +417,7 @@ func (n *Node) Attach(ctx context.Context, name, node string) (api.Image, error)
 	}
 	if img.Owner != "" && img.Owner != n.cfg.Node.Name {
 		if m, err := n.peerMember(img.Owner); err == nil {
-			if err := api.NewClient(m.Meta.API).Release(ctx, name); err != nil {
+			if err := n.apiClient(m.Meta.API).Release(ctx, name); err != nil {
 				n.log.Warn("the current owner did not hand over; waiting for its lease", "image", name, "owner", img.Owner, "err", err)
 			}
 		}

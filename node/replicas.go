@@ -106,7 +106,7 @@ func (n *Node) peerClient(node string) *peer.Client {
 	if c, ok := n.peers[m.Meta.Peer]; ok {
 		return c
 	}
-	c := peer.NewClient(m.Meta.Peer, peer.ClientConfig{Timeout: n.cfg.Peer.Timeout, Logger: n.log.With("component", "peer", "peer", node)})
+	c := peer.NewClient(m.Meta.Peer, peer.ClientConfig{TLS: n.sec.peerClient, Timeout: n.cfg.Peer.Timeout, Logger: n.log.With("component", "peer", "peer", node)})
 	n.peers[m.Meta.Peer] = c
 	return c
 }

@@ -56,7 +56,7 @@ func (n *Node) remoteOwner(ctx context.Context, name string) (*api.Client, error
 	if err != nil {
 		return nil, nil
 	}
-	return api.NewClient(m.Meta.API), nil
+	return n.apiClient(m.Meta.API), nil
 }
 
 // SyncImage implements api.Service: copy the out-of-sync blocks in

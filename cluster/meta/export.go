@@ -84,6 +84,7 @@ func (c *Catalog) ExportsPrefix() string { return c.prefix + "exports/" }
 // SetExport stores (replaces) the export of image to e.Initiator.
 func (c *Catalog) SetExport(ctx context.Context, image string, e Export) error {
 	e.Version = 1
+	e.Initiator = strings.ToLower(e.Initiator) // iSCSI names compare case-insensitively
 	if err := e.Validate(); err != nil {
 		return err
 	}
@@ -99,7 +100,7 @@ func (c *Catalog) SetExport(ctx context.Context, image string, e Export) error {
 
 // RemoveExport removes the export of image to initiator.
 func (c *Catalog) RemoveExport(ctx context.Context, image, initiator string) error {
-	key := c.exportKey(image, initiator)
+	key := c.exportKey(image, strings.ToLower(initiator))
 	e, err := c.kv.Get(ctx, key)
 	if errors.Is(err, ErrNotFound) {
 		return fmt.Errorf("%w: %q is not exported to %s", ErrInvalid, image, initiator)
