@@ -62,8 +62,9 @@ func expand(list, all []string) []string {
 }
 
 var (
-	tagRE    = regexp.MustCompile(`<[^>]+>`)
-	recordRE = regexp.MustCompile(`<CUNIT_RUN_TEST_(SUCCESS|FAILURE)>\s*<TEST_NAME>\s*(\S+)\s*</TEST_NAME>(?s:(.*?))</CUNIT_RUN_TEST_(?:SUCCESS|FAILURE)>`)
+	summaryRE = regexp.MustCompile(`(?m)^\s+tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)`)
+	tagRE     = regexp.MustCompile(`<[^>]+>`)
+	recordRE  = regexp.MustCompile(`<CUNIT_RUN_TEST_(SUCCESS|FAILURE)>\s*<TEST_NAME>\s*(\S+)\s*</TEST_NAME>(?s:(.*?))</CUNIT_RUN_TEST_(?:SUCCESS|FAILURE)>`)
 )
 
 // runSuite runs one iscsi-test-cu suite (ALL.SUITE) in XML mode and returns

@@ -5,6 +5,7 @@ package integration
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -89,6 +90,10 @@ type node struct {
 	cmd     *exec.Cmd
 	logs    *bytes.Buffer
 	done    chan error
+	// cliArgs go before every CLI command (--ca, --token-file); https:
+	// the API serves TLS.
+	cliArgs []string
+	https   bool
 }
 
 // clusterOpts put a node in a cluster: Consul metadata and gossip.
@@ -170,8 +175,14 @@ func (n *node) start() {
 		}
 	})
 	deadline := time.Now().Add(20 * time.Second)
+	get := http.Get
+	url := "http://" + n.api + "/v1/version"
+	if n.https {
+		c := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+		get, url = c.Get, "https://"+n.api+"/v1/version"
+	}
 	for {
-		resp, err := http.Get("http://" + n.api + "/v1/version")
+		resp, err := get(url)
 		if err == nil {
 			resp.Body.Close()
 			return
@@ -214,8 +225,11 @@ func (n *node) url(image string) string {
 }
 
 // cli runs the ukai CLI against the node and returns stdout, stderr, error.
-func (n *node) cli(args ...string) (string, string, error) {
-	cmd := exec.Command(ukaiBin, append([]string{"--api", n.api}, args...)...)
+func (n *node) cli(args ...string) (string, string, error) { return n.cliWith(n.cliArgs, args...) }
+
+// cliWith runs the CLI with base flags instead of the node's usual ones.
+func (n *node) cliWith(base []string, args ...string) (string, string, error) {
+	cmd := exec.Command(ukaiBin, append(append([]string{"--api", n.api}, base...), args...)...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()
