@@ -226,6 +226,27 @@ func extentHdr(off, n int64) [][2]string {
 	return [][2]string{{hOff, strconv.FormatInt(off, 10)}, {hLen, strconv.FormatInt(n, 10)}}
 }
 
+// readExact GETs exactly len(p) bytes at off into p: a response of another
+// length, short or long, is an error, never partial data.
+func (c *Client) readExact(k *call, op, path string, ref Ref, p []byte, off int64) error {
+	resp, err := k.do(http.MethodGet, path, ref, extentHdr(off, int64(len(p))), nil, nil, 0, http.StatusOK)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.ContentLength != int64(len(p)) {
+		return fmt.Errorf("peer %s: %s: %w: response of %d bytes, want %d", c.addr, op, ErrUnavailable, resp.ContentLength, len(p))
+	}
+	if _, err := io.ReadFull(resp.Body, p); err != nil {
+		return k.fail(fmt.Errorf("truncated response: %w", err))
+	}
+	var probe [1]byte
+	if n, _ := io.ReadFull(resp.Body, probe[:]); n != 0 {
+		return fmt.Errorf("peer %s: %s: %w: response longer than %d bytes", c.addr, op, ErrUnavailable, len(p))
+	}
+	return nil
+}
+
 func (c *Client) checkIO(op string, n int) error {
 	if n > MaxIO {
 		return fmt.Errorf("peer %s: %s: %w: length %d above %d", c.addr, op, ErrBadRequest, n, MaxIO)
@@ -243,20 +264,8 @@ func (c *Client) ReadAt(ctx context.Context, ref Ref, p []byte, off int64) error
 	}
 	k := c.begin(ctx, "read")
 	defer k.finish()
-	resp, err := k.do(http.MethodGet, pathRead, ref, extentHdr(off, int64(len(p))), nil, nil, 0, http.StatusOK)
-	if err != nil {
+	if err := c.readExact(k, "read", pathRead, ref, p, off); err != nil {
 		return err
-	}
-	defer resp.Body.Close()
-	if resp.ContentLength != int64(len(p)) {
-		return fmt.Errorf("peer %s: read: %w: response of %d bytes, want %d", c.addr, ErrUnavailable, resp.ContentLength, len(p))
-	}
-	if _, err := io.ReadFull(resp.Body, p); err != nil {
-		return k.fail(fmt.Errorf("truncated response: %w", err))
-	}
-	var probe [1]byte
-	if n, _ := io.ReadFull(resp.Body, probe[:]); n != 0 {
-		return fmt.Errorf("peer %s: read: %w: response longer than %d bytes", c.addr, ErrUnavailable, len(p))
 	}
 	if len(p) <= rttMaxBytes {
 		c.sample(time.Since(k.start))

@@ -326,22 +326,7 @@ func (c *Client) ForwardRead(ctx context.Context, ref Ref, p []byte, off int64) 
 	}
 	k := c.beginFwd(ctx, "forward read")
 	defer k.finish()
-	resp, err := k.do(http.MethodGet, pathFwdRead, ref, extentHdr(off, int64(len(p))), nil, nil, 0, http.StatusOK)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.ContentLength != int64(len(p)) {
-		return fmt.Errorf("peer %s: forward read: %w: response of %d bytes, want %d", c.addr, ErrUnavailable, resp.ContentLength, len(p))
-	}
-	if _, err := io.ReadFull(resp.Body, p); err != nil {
-		return k.fail(fmt.Errorf("truncated response: %w", err))
-	}
-	var probe [1]byte
-	if n, _ := io.ReadFull(resp.Body, probe[:]); n != 0 {
-		return fmt.Errorf("peer %s: forward read: %w: response longer than %d bytes", c.addr, ErrUnavailable, len(p))
-	}
-	return nil
+	return c.readExact(k, "forward read", pathFwdRead, ref, p, off)
 }
 
 // ForwardWrite writes p at off of image ref through its owner (the peer);
