@@ -315,7 +315,28 @@ func (n *Node) AddLocation(ctx context.Context, name, node string) (api.Image, e
 // RemoveLocation implements api.Service; refused when the node holds the
 // last in-sync copy of any block.
 func (n *Node) RemoveLocation(ctx context.Context, name, node string) (api.Image, error) {
-	if _, err := n.cat.RemoveLocation(ctx, name, node); err != nil {
+	// The owner removes: it holds every block while it checks the maps
+	// and updates the record, so no write can mark the remaining copy out
+	// of sync in between.
+	if c, err := n.remoteOwner(ctx, name); err != nil {
+		return api.Image{}, err
+	} else if c != nil {
+		return c.RemoveLocation(ctx, name, node)
+	}
+	s, err := n.servedByName(ctx, name)
+	if err != nil {
+		return api.Image{}, err
+	}
+	remove := func() error {
+		_, err := n.cat.RemoveLocation(ctx, name, node)
+		return err
+	}
+	if n.mayServe(s) {
+		err = s.vol.Exclusively(remove)
+	} else {
+		err = remove()
+	}
+	if err != nil {
 		return api.Image{}, err
 	}
 	if err := n.reconcile(ctx); err != nil {

@@ -174,6 +174,20 @@ func (v *Volume) ReconcileSuspects(ctx context.Context) error {
 	return nil
 }
 
+// Exclusively runs fn while no I/O and no sync touches any block (new
+// I/O waits): the block maps cannot change under fn.
+func (v *Volume) Exclusively(fn func() error) error {
+	for i := range v.locks.stripes {
+		v.locks.stripes[i].Lock()
+	}
+	defer func() {
+		for i := range v.locks.stripes {
+			v.locks.stripes[i].Unlock()
+		}
+	}()
+	return fn()
+}
+
 // Drain waits for the I/O in flight to finish (new I/O waits meanwhile):
 // after SetReplicas, a removed copy is no longer used once Drain returns.
 func (v *Volume) Drain() { v.locks.drain() }
