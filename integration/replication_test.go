@@ -138,7 +138,7 @@ func fioVerifiedLoad(t *testing.T, url string, size string) (wait func() error, 
 	waitFor(t, 20*time.Second, "qemu-nbd socket", func() bool { _, err := os.Stat(sock); return err == nil })
 	out = &strings.Builder{}
 	fio := exec.Command("fio", "--name=load", "--ioengine=nbd", "--uri=nbd+unix:///?socket="+sock, "--rw=randwrite",
-		"--bs=64k", "--iodepth=8", "--size="+size, "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--loops=1")
+		"--bs=64k", "--iodepth=8", "--size="+size, "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--loops=1")
 	fio.Stdout, fio.Stderr = out, out
 	if err := fio.Start(); err != nil {
 		t.Fatal(err)
