@@ -58,7 +58,7 @@ func fioNBD(t *testing.T, tg benchTarget, rw string, depth int, verify bool) flo
 	args := []string{"--name=b", "--ioengine=nbd", "--uri=nbd+unix:///?socket=" + sock, "--rw=" + rw, "--bs=4k",
 		fmt.Sprintf("--iodepth=%d", depth), "--size=256m", "--output-format=json"}
 	if verify {
-		args = append(args, "--verify=crc32c", "--do_verify=1", "--verify_fatal=1")
+		args = append(args, "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0")
 	} else {
 		args = append(args, "--time_based", "--runtime=5", "--ramp_time=1")
 	}
