@@ -247,6 +247,17 @@ func (c *Client) readExact(k *call, op, path string, ref Ref, p []byte, off int6
 	return nil
 }
 
+// doNoContent sends a request whose answer carries nothing but its
+// status.
+func (k *call) doNoContent(method, path string, ref Ref, hdr [][2]string, body io.ReadCloser, again func() (io.ReadCloser, error), n int64) error {
+	resp, err := k.do(method, path, ref, hdr, body, again, n, http.StatusNoContent)
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	return nil
+}
+
 func (c *Client) checkIO(op string, n int) error {
 	if n > MaxIO {
 		return fmt.Errorf("peer %s: %s: %w: length %d above %d", c.addr, op, ErrBadRequest, n, MaxIO)
@@ -343,24 +354,14 @@ func (c *Client) WriteAt(ctx context.Context, ref Ref, p []byte, off int64, dura
 func (c *Client) Sync(ctx context.Context, ref Ref) error {
 	k := c.begin(ctx, "sync")
 	defer k.finish()
-	resp, err := k.do(http.MethodPost, pathSync, ref, nil, nil, nil, 0, http.StatusNoContent)
-	if err != nil {
-		return err
-	}
-	resp.Body.Close()
-	return nil
+	return k.doNoContent(http.MethodPost, pathSync, ref, nil, nil, nil, 0)
 }
 
 // Unmap deallocates [off, off+n) on the peer's copy.
 func (c *Client) Unmap(ctx context.Context, ref Ref, off, n int64) error {
 	k := c.begin(ctx, "unmap")
 	defer k.finish()
-	resp, err := k.do(http.MethodPost, pathUnmap, ref, extentHdr(off, n), nil, nil, 0, http.StatusNoContent)
-	if err != nil {
-		return err
-	}
-	resp.Body.Close()
-	return nil
+	return k.doNoContent(http.MethodPost, pathUnmap, ref, extentHdr(off, n), nil, nil, 0)
 }
 
 // Ping measures one round trip to the peer (and feeds RTT).

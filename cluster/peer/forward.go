@@ -352,12 +352,7 @@ func (c *Client) ForwardWrite(ctx context.Context, ref Ref, p []byte, off int64,
 		f = "1"
 	}
 	hdr := append(extentHdr(off, int64(len(p))), [2]string{hFua, f})
-	resp, err := k.do(http.MethodPut, pathFwdWrite, ref, hdr, body.reader(), body.again, int64(len(p)), http.StatusNoContent)
-	if err != nil {
-		return err
-	}
-	resp.Body.Close()
-	return nil
+	return k.doNoContent(http.MethodPut, pathFwdWrite, ref, hdr, body.reader(), body.again, int64(len(p)))
 }
 
 // ForwardFlush makes every forwarded write to image ref that completed
@@ -365,12 +360,7 @@ func (c *Client) ForwardWrite(ctx context.Context, ref Ref, p []byte, off int64,
 func (c *Client) ForwardFlush(ctx context.Context, ref Ref) error {
 	k := c.beginFwd(ctx, "forward flush")
 	defer k.finish()
-	resp, err := k.do(http.MethodPost, pathFwdFlush, ref, nil, nil, nil, 0, http.StatusNoContent)
-	if err != nil {
-		return err
-	}
-	resp.Body.Close()
-	return nil
+	return k.doNoContent(http.MethodPost, pathFwdFlush, ref, nil, nil, nil, 0)
 }
 
 // ForwardUnmap deallocates [off, off+n) of image ref through its owner
@@ -381,12 +371,7 @@ func (c *Client) ForwardUnmap(ctx context.Context, ref Ref, off, n int64) error 
 	defer k.finish()
 	body := &fwdBody{}
 	defer body.kill()
-	resp, err := k.do(http.MethodPost, pathFwdUnmap, ref, extentHdr(off, n), body.reader(), body.again, 0, http.StatusNoContent)
-	if err != nil {
-		return err
-	}
-	resp.Body.Close()
-	return nil
+	return k.doNoContent(http.MethodPost, pathFwdUnmap, ref, extentHdr(off, n), body.reader(), body.again, 0)
 }
 
 // fwdBody is the request body of a forwarded write (or, empty, unmap)
