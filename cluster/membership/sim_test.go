@@ -37,7 +37,7 @@ func TestSimulation64(t *testing.T) {
 		}
 		return c
 	}
-	conv := waitFor(t, 30*time.Second, "64 agents see 64 alive", func() bool {
+	conv := waitFor(t, 90*time.Second, "64 agents see 64 alive", func() bool {
 		for _, a := range agents {
 			if alive(a) != n {
 				return false
