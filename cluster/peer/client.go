@@ -222,6 +222,15 @@ func (k *call) do(method, path string, ref Ref, hdr [][2]string, body io.ReadClo
 	return resp, nil
 }
 
+// writeHdr is the header of a write of n bytes at off, with FUA or not.
+func writeHdr(off int64, n int, fua bool) [][2]string {
+	f := "0"
+	if fua {
+		f = "1"
+	}
+	return append(extentHdr(off, int64(n)), [2]string{hFua, f})
+}
+
 func extentHdr(off, n int64) [][2]string {
 	return [][2]string{{hOff, strconv.FormatInt(off, 10)}, {hLen, strconv.FormatInt(n, 10)}}
 }
@@ -333,11 +342,7 @@ func (c *Client) WriteAt(ctx context.Context, ref Ref, p []byte, off int64, dura
 	defer k.finish()
 	g := &guard{p: p}
 	defer g.kill()
-	fua := "0"
-	if durable {
-		fua = "1"
-	}
-	hdr := append(extentHdr(off, int64(len(p))), [2]string{hFua, fua})
+	hdr := writeHdr(off, len(p), durable)
 	resp, err := k.do(http.MethodPut, pathWrite, ref, hdr, &guardReader{g: g},
 		func() (io.ReadCloser, error) { return &guardReader{g: g}, nil }, int64(len(p)), http.StatusNoContent)
 	if err != nil {

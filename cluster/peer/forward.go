@@ -347,12 +347,7 @@ func (c *Client) ForwardWrite(ctx context.Context, ref Ref, p []byte, off int64,
 	defer k.finish()
 	body := &fwdBody{p: p}
 	defer body.kill()
-	f := "0"
-	if fua {
-		f = "1"
-	}
-	hdr := append(extentHdr(off, int64(len(p))), [2]string{hFua, f})
-	return k.doNoContent(http.MethodPut, pathFwdWrite, ref, hdr, body.reader(), body.again, int64(len(p)))
+	return k.doNoContent(http.MethodPut, pathFwdWrite, ref, writeHdr(off, len(p), fua), body.reader(), body.again, int64(len(p)))
 }
 
 // ForwardFlush makes every forwarded write to image ref that completed
