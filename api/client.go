@@ -82,6 +82,11 @@ type StatusError struct {
 func (e *StatusError) Error() string { return e.Message }
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	return c.doOn(c.http, ctx, method, path, in, out)
+}
+
+// doOn is do through hc (c.stream for calls that may take long).
+func (c *Client) doOn(hc *http.Client, ctx context.Context, method, path string, in, out any) error {
 	if c.err != nil {
 		return c.err
 	}
@@ -101,7 +106,7 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		req.Header.Set("Content-Type", "application/json")
 	}
 	c.authorize(req)
-	resp, err := c.http.Do(req)
+	resp, err := hc.Do(req)
 	if err != nil {
 		return fmt.Errorf("cannot reach the ukai API at %s: %w", c.base, err)
 	}
@@ -154,6 +159,10 @@ func (c *Client) GetNode(ctx context.Context, name string) (Node, error) {
 // CreateImage creates an image.
 func (c *Client) CreateImage(ctx context.Context, req CreateImageRequest) (Image, error) {
 	var img Image
+	if req.Source != "" {
+		// Copies the source's data: may take long.
+		return img, c.doOn(c.stream, ctx, http.MethodPost, "/v1/images", req, &img)
+	}
 	return img, c.do(ctx, http.MethodPost, "/v1/images", req, &img)
 }
 
@@ -317,4 +326,105 @@ func (c *Client) Export(ctx context.Context, image string, req ExportRequest) er
 // Unexport removes an initiator's access to image.
 func (c *Client) Unexport(ctx context.Context, image, initiator string) error {
 	return c.do(ctx, http.MethodDelete, "/v1/images/"+url.PathEscape(image)+"/exports/"+url.PathEscape(initiator), nil, nil)
+}
+
+// CreateSnapshot takes a snapshot of image.
+func (c *Client) CreateSnapshot(ctx context.Context, image string, req SnapshotRequest) (Snapshot, error) {
+	var sn Snapshot
+	return sn, c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(image)+"/snapshots", req, &sn)
+}
+
+// ListSnapshots lists the snapshots of image.
+func (c *Client) ListSnapshots(ctx context.Context, image string) ([]Snapshot, error) {
+	var out map[string][]Snapshot
+	err := c.do(ctx, http.MethodGet, "/v1/images/"+url.PathEscape(image)+"/snapshots", nil, &out)
+	return out["snapshots"], err
+}
+
+// DeleteSnapshot deletes a snapshot of image.
+func (c *Client) DeleteSnapshot(ctx context.Context, image, snapshot string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/images/"+url.PathEscape(image)+"/snapshots/"+url.PathEscape(snapshot), nil, nil)
+}
+
+// ResizeImage grows image to size bytes.
+func (c *Client) ResizeImage(ctx context.Context, image string, size int64) (Image, error) {
+	var img Image
+	return img, c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(image)+"/resize", ResizeRequest{Size: size}, &img)
+}
+
+// GrowCopy asks the node to extend its copy of image id before a resize.
+func (c *Client) GrowCopy(ctx context.Context, id string, size int64) error {
+	return c.do(ctx, http.MethodPost, "/v1/internal/copies", PrepareCopyRequest{ID: id, Size: size, Grow: true}, nil)
+}
+
+// ReadData streams the image (or snapshot) into w, calling start with its
+// size first. A stream cut short is an error.
+func (c *Client) ReadData(ctx context.Context, image string, start func(size int64), w io.Writer) error {
+	if c.err != nil {
+		return c.err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+"/v1/images/"+url.PathEscape(image)+"/data", nil)
+	if err != nil {
+		return err
+	}
+	c.authorize(req)
+	resp, err := c.stream.Do(req)
+	if err != nil {
+		return fmt.Errorf("cannot reach the ukai API at %s: %w", c.base, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode >= 300 {
+		data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		var e Error
+		if json.Unmarshal(data, &e) != nil || e.Error == "" {
+			e.Error = strings.TrimSpace(string(data))
+		}
+		return &StatusError{Status: resp.StatusCode, Message: e.Error}
+	}
+	if resp.ContentLength < 0 {
+		return fmt.Errorf("image data of %s without a length", image)
+	}
+	start(resp.ContentLength)
+	n, err := io.Copy(w, resp.Body)
+	if err == nil && n != resp.ContentLength {
+		err = io.ErrUnexpectedEOF
+	}
+	if err != nil {
+		return fmt.Errorf("image data of %s after %d bytes: %w", image, n, err)
+	}
+	return nil
+}
+
+// WriteData writes r into the image from its start.
+func (c *Client) WriteData(ctx context.Context, image string, r io.Reader) (int64, error) {
+	if c.err != nil {
+		return 0, c.err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut, c.base+"/v1/images/"+url.PathEscape(image)+"/data", r)
+	if err != nil {
+		return 0, err
+	}
+	req.Header.Set("Content-Type", "application/octet-stream")
+	c.authorize(req)
+	resp, err := c.stream.Do(req)
+	if err != nil {
+		return 0, fmt.Errorf("cannot reach the ukai API at %s: %w", c.base, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return 0, err
+	}
+	if resp.StatusCode >= 300 {
+		var e Error
+		if json.Unmarshal(data, &e) != nil || e.Error == "" {
+			e.Error = strings.TrimSpace(string(data))
+		}
+		return 0, &StatusError{Status: resp.StatusCode, Message: e.Error}
+	}
+	var out DataWritten
+	if err := json.Unmarshal(data, &out); err != nil {
+		return 0, fmt.Errorf("decode answer of PUT data: %w", err)
+	}
+	return out.Bytes, nil
 }

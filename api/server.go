@@ -45,6 +45,16 @@ type Service interface {
 	Release(ctx context.Context, image string) error
 	Export(ctx context.Context, image string, req ExportRequest) error
 	Unexport(ctx context.Context, image, initiator string) error
+	CreateSnapshot(ctx context.Context, image string, req SnapshotRequest) (Snapshot, error)
+	ListSnapshots(ctx context.Context, image string) ([]Snapshot, error)
+	DeleteSnapshot(ctx context.Context, image, snapshot string) error
+	ResizeImage(ctx context.Context, image string, size int64) (Image, error)
+	GrowCopy(ctx context.Context, id string, size int64) error
+	// ReadData streams the whole image (or snapshot) to w; it calls start
+	// with the size before the first byte.
+	ReadData(ctx context.Context, image string, start func(size int64), w io.Writer) error
+	// WriteData writes r from the image's start (at most its size).
+	WriteData(ctx context.Context, image string, r io.Reader) (int64, error)
 }
 
 // maxBody bounds request bodies.
@@ -78,6 +88,12 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 	mux.HandleFunc("DELETE /v1/images/{name}/exports/{initiator}", h.unexport)
 	mux.HandleFunc("POST /v1/images/{name}/detach", h.detach)
 	mux.HandleFunc("POST /v1/internal/images/{name}/release", h.release)
+	mux.HandleFunc("POST /v1/images/{name}/snapshots", h.createSnapshot)
+	mux.HandleFunc("GET /v1/images/{name}/snapshots", h.listSnapshots)
+	mux.HandleFunc("DELETE /v1/images/{name}/snapshots/{snapshot}", h.deleteSnapshot)
+	mux.HandleFunc("POST /v1/images/{name}/resize", h.resize)
+	mux.HandleFunc("GET /v1/images/{name}/data", h.readData)
+	mux.HandleFunc("PUT /v1/images/{name}/data", h.writeData)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Errorf("no such API endpoint: %s %s", r.Method, r.URL.Path))
 	})
@@ -310,11 +326,91 @@ func (h *handler) prepareCopy(w http.ResponseWriter, r *http.Request) {
 	if !decodeBody(w, r, &req) {
 		return
 	}
-	if err := h.svc.PrepareCopy(r.Context(), req.ID, req.Size); err != nil {
+	var err error
+	if req.Grow {
+		err = h.svc.GrowCopy(r.Context(), req.ID, req.Size)
+	} else {
+		err = h.svc.PrepareCopy(r.Context(), req.ID, req.Size)
+	}
+	if err != nil {
 		h.fail(w, r, err)
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
+}
+
+func (h *handler) createSnapshot(w http.ResponseWriter, r *http.Request) {
+	var req SnapshotRequest
+	if !decodeBody(w, r, &req) {
+		return
+	}
+	sn, err := h.svc.CreateSnapshot(r.Context(), r.PathValue("name"), req)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, sn)
+}
+
+func (h *handler) listSnapshots(w http.ResponseWriter, r *http.Request) {
+	l, err := h.svc.ListSnapshots(r.Context(), r.PathValue("name"))
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string][]Snapshot{"snapshots": l})
+}
+
+func (h *handler) deleteSnapshot(w http.ResponseWriter, r *http.Request) {
+	if err := h.svc.DeleteSnapshot(r.Context(), r.PathValue("name"), r.PathValue("snapshot")); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (h *handler) resize(w http.ResponseWriter, r *http.Request) {
+	var req ResizeRequest
+	if !decodeBody(w, r, &req) {
+		return
+	}
+	img, err := h.svc.ResizeImage(r.Context(), r.PathValue("name"), req.Size)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, img)
+}
+
+// readData streams the image. Errors before the first byte get a status;
+// one after it cuts the body short of its Content-Length, which every
+// HTTP client reports.
+func (h *handler) readData(w http.ResponseWriter, r *http.Request) {
+	started := false
+	err := h.svc.ReadData(r.Context(), r.PathValue("name"), func(size int64) {
+		started = true
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
+		w.WriteHeader(http.StatusOK)
+	}, w)
+	if err == nil {
+		return
+	}
+	if !started {
+		h.fail(w, r, err)
+		return
+	}
+	h.log.Warn("image data stream cut short", "path", r.URL.Path, "err", err)
+	panic(http.ErrAbortHandler)
+}
+
+func (h *handler) writeData(w http.ResponseWriter, r *http.Request) {
+	n, err := h.svc.WriteData(r.Context(), r.PathValue("name"), r.Body)
+	if err != nil {
+		h.fail(w, r, fmt.Errorf("after %d bytes: %w", n, err))
+		return
+	}
+	writeJSON(w, http.StatusOK, DataWritten{Bytes: n})
 }
 
 // answer writes v, or the error.

@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -73,6 +74,23 @@ func (m *memService) Release(context.Context, string) error                     
 func (m *memService) Export(context.Context, string, ExportRequest) error           { return nil }
 func (m *memService) Unexport(context.Context, string, string) error                { return nil }
 func (m *memService) Stats(context.Context) (Stats, error)                          { return Stats{Node: "n1"}, nil }
+func (m *memService) CreateSnapshot(context.Context, string, SnapshotRequest) (Snapshot, error) {
+	return Snapshot{}, errors.New("not here")
+}
+func (m *memService) ListSnapshots(context.Context, string) ([]Snapshot, error) { return nil, nil }
+func (m *memService) DeleteSnapshot(context.Context, string, string) error      { return nil }
+func (m *memService) ResizeImage(context.Context, string, int64) (Image, error) {
+	return Image{}, errors.New("not here")
+}
+func (m *memService) GrowCopy(context.Context, string, int64) error { return nil }
+func (m *memService) ReadData(_ context.Context, _ string, start func(int64), w io.Writer) error {
+	start(4)
+	_, err := w.Write([]byte("data"))
+	return err
+}
+func (m *memService) WriteData(_ context.Context, _ string, r io.Reader) (int64, error) {
+	return io.Copy(io.Discard, r)
+}
 
 func TestHandlerStatusCodes(t *testing.T) {
 	srv := httptest.NewServer(NewHandler(&memService{images: map[string]Image{}}, "test", slog.New(slog.DiscardHandler)))

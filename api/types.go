@@ -20,6 +20,40 @@ type CreateImageRequest struct {
 	Locations []string `json:"locations,omitempty"`
 	// MinCopies: a write reaching fewer in-sync copies fails (default 1).
 	MinCopies int `json:"min_copies,omitempty"`
+	// Source, when set, names a snapshot (the new image holds its data)
+	// or an image (a crash-consistent clone of it now). Size 0 then means
+	// the source's size; block size, locations and min copies default to
+	// the source's.
+	Source string `json:"source,omitempty"`
+}
+
+// SnapshotRequest is POST /v1/images/{name}/snapshots.
+type SnapshotRequest struct {
+	Name string `json:"name"`
+}
+
+// Snapshot is a point-in-time view of an image.
+type Snapshot struct {
+	Name      string    `json:"name"`
+	ID        string    `json:"id"`
+	Image     string    `json:"image"` // the image it was taken of
+	Size      int64     `json:"size"`
+	BlockSize int64     `json:"block_size"`
+	Created   time.Time `json:"created"`
+	Locations []string  `json:"locations"`
+	// PreservedBlocks counts the blocks the image changed since, whose
+	// old data the snapshot holds itself (copy on write).
+	PreservedBlocks int64 `json:"preserved_blocks"`
+}
+
+// ResizeRequest is POST /v1/images/{name}/resize.
+type ResizeRequest struct {
+	Size int64 `json:"size"`
+}
+
+// DataWritten is the answer of PUT /v1/images/{name}/data.
+type DataWritten struct {
+	Bytes int64 `json:"bytes"`
 }
 
 // PrepareCopyRequest is POST /v1/internal/copies: a node creates its empty
@@ -27,6 +61,8 @@ type CreateImageRequest struct {
 type PrepareCopyRequest struct {
 	ID   string `json:"id"`
 	Size int64  `json:"size"`
+	// Grow extends an existing copy instead (online resize).
+	Grow bool `json:"grow,omitempty"`
 }
 
 // LocationRequest is POST /v1/images/{name}/locations.
@@ -136,9 +172,13 @@ type Image struct {
 	// Exports lists who may log in (no secrets).
 	Exports []ExportInfo `json:"exports,omitempty"`
 	// Policy is the desired state; Plan what the planner last decided.
-	Policy    *placement.ImagePolicy `json:"policy,omitempty"`
-	Plan      []placement.Action     `json:"plan,omitempty"`
-	Locations []Location             `json:"locations"`
+	Policy *placement.ImagePolicy `json:"policy,omitempty"`
+	// SnapshotOf is set on a snapshot: the image it was taken of.
+	SnapshotOf string `json:"snapshot_of,omitempty"`
+	// Snapshots of this image.
+	Snapshots []string           `json:"snapshots,omitempty"`
+	Plan      []placement.Action `json:"plan,omitempty"`
+	Locations []Location         `json:"locations"`
 	// BlockMap, only with ?blocks=true: one entry per block mapping each
 	// location's node to its state.
 	BlockMap []map[string]BlockState `json:"blocks,omitempty"`

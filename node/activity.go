@@ -22,6 +22,9 @@ type activity struct {
 // beforeWrite records blocks in the activity log before a write to them
 // starts. The common case (all present) touches no metadata.
 func (n *Node) beforeWrite(ctx context.Context, s *served, blocks []int64) error {
+	if err := n.preserve(ctx, s, blocks); err != nil {
+		return err
+	}
 	if onlyLocalCopy(s.record(), n.cfg.Node.Name) {
 		// One copy cannot diverge from another: no log needed (and I/O
 		// goes on while the metadata store is unreachable).

@@ -11,6 +11,7 @@ import (
 	"reflect"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -42,6 +43,8 @@ type served struct {
 	everOwned  bool // guarded by the node's ownMu
 	offline    atomic.Bool
 	act        activity
+	// cow caches the copy-on-write maps of the image's snapshots.
+	cow cowState
 	// planning: the placement executor is working on the image.
 	planning atomic.Bool
 	// fromCache: exported from the cached record with only the local copy
@@ -312,8 +315,14 @@ func (n *Node) export(ctx context.Context, img meta.Image, cached bool) error {
 // did not change.
 func (n *Node) apply(ctx context.Context, s *served, img meta.Image, force bool) error {
 	old := s.record()
-	if !force && !s.fromCache && old.Generation == img.Generation && old.Owner == img.Owner && old.MinCopies == img.MinCopies &&
-		slices.Equal(old.Locations, img.Locations) && old.SyncPaused == img.SyncPaused {
+	same := old.Generation == img.Generation && old.Owner == img.Owner && old.MinCopies == img.MinCopies &&
+		slices.Equal(old.Locations, img.Locations) && old.SyncPaused == img.SyncPaused && old.Size == img.Size
+	if !force && !s.fromCache && same {
+		if !slices.Equal(old.Snapshots, img.Snapshots) {
+			s.mu.Lock()
+			s.img = img
+			s.mu.Unlock()
+		}
 		return nil
 	}
 	hasLocal := img.HasLocation(n.cfg.Node.Name)
@@ -349,7 +358,21 @@ func (n *Node) apply(ctx context.Context, s *served, img meta.Image, force bool)
 		return fmt.Errorf("image %s: %w", img.Name, err)
 	}
 	s.vol.SetMinCopies(img.MinCopies)
-	if err := s.vol.SetReplicas(reps, maps); err != nil {
+	if img.Size > s.vol.Size() {
+		// Grown online: the copies' files are longer already.
+		if s.local != nil {
+			if err := s.local.Grow(img.Size); err != nil {
+				return fmt.Errorf("image %s: %w", img.Name, err)
+			}
+		}
+		if err := s.vol.Grow(img.Size, reps, maps); err != nil {
+			return fmt.Errorf("image %s: %w", img.Name, err)
+		}
+		if err := s.lu.Resize(img.Size); err != nil {
+			return fmt.Errorf("image %s: %w", img.Name, err)
+		}
+		n.log.Info("image grown", "image", img.Name, "size", img.Size)
+	} else if err := s.vol.SetReplicas(reps, maps); err != nil {
 		return fmt.Errorf("image %s: %w", img.Name, err)
 	}
 	s.mu.Lock()
@@ -396,7 +419,7 @@ func (n *Node) LookupTarget(iqn string) (*scsi.LU, bool) {
 	n.mu.RLock()
 	defer n.mu.RUnlock()
 	for name, s := range n.served {
-		if n.iqn(name) == iqn {
+		if n.iqn(name) == iqn && !s.record().IsSnapshot() {
 			return s.lu, true
 		}
 	}
@@ -408,8 +431,10 @@ func (n *Node) TargetNames() []string {
 	n.mu.RLock()
 	defer n.mu.RUnlock()
 	out := make([]string, 0, len(n.served))
-	for name := range n.served {
-		out = append(out, n.iqn(name))
+	for name, s := range n.served {
+		if !s.record().IsSnapshot() {
+			out = append(out, n.iqn(name))
+		}
 	}
 	sort.Strings(out)
 	return out
@@ -420,6 +445,19 @@ func (n *Node) TargetNames() []string {
 // every copy is zeros) and the record are written, then the image is
 // exported here; the other nodes export it when they see the record.
 func (n *Node) CreateImage(ctx context.Context, req api.CreateImageRequest) (api.Image, error) {
+	if req.Source != "" {
+		if err := meta.ValidateName(req.Name); err != nil {
+			return api.Image{}, err
+		}
+		if err := meta.ValidateName(req.Source); err != nil {
+			return api.Image{}, fmt.Errorf("source: %w", err)
+		}
+		return n.createCopy(ctx, req)
+	}
+	return n.createImage(ctx, req)
+}
+
+func (n *Node) createImage(ctx context.Context, req api.CreateImageRequest) (api.Image, error) {
 	if req.BlockSize == 0 {
 		req.BlockSize = meta.DefaultBlockSize
 	}
@@ -481,11 +519,8 @@ func (n *Node) prepareCopyOn(ctx context.Context, node string, img meta.Image) e
 // PrepareCopy implements api.Service: create this node's empty sparse copy
 // of a new image (idempotent for the same size).
 func (n *Node) PrepareCopy(_ context.Context, id string, size int64) error {
-	if len(id) != 32 {
-		return fmt.Errorf("%w: image id %q", meta.ErrInvalid, id)
-	}
-	if _, err := hex.DecodeString(id); err != nil {
-		return fmt.Errorf("%w: image id %q", meta.ErrInvalid, id)
+	if err := checkImageID(id); err != nil {
+		return err
 	}
 	path := n.imagePath(meta.Image{ID: id})
 	if st, err := os.Stat(path); err == nil {
@@ -500,6 +535,19 @@ func (n *Node) PrepareCopy(_ context.Context, id string, size int64) error {
 	}
 	return f.Close()
 }
+
+func checkImageID(id string) error {
+	if len(id) != 32 {
+		return fmt.Errorf("%w: image id %q", meta.ErrInvalid, id)
+	}
+	if _, err := hex.DecodeString(id); err != nil {
+		return fmt.Errorf("%w: image id %q", meta.ErrInvalid, id)
+	}
+	return nil
+}
+
+// openForGrow opens an image file that no served image holds open.
+func openForGrow(path string) (*lun.FileCopy, error) { return lun.OpenFile(path, 0) }
 
 // ListImages implements api.Service.
 func (n *Node) ListImages(ctx context.Context) (api.ImageList, error) {
@@ -539,6 +587,13 @@ func (n *Node) describe(ctx context.Context, img meta.Image, blocks bool) (api.I
 		Name: img.Name, ID: img.ID, Size: img.Size, BlockSize: img.BlockSize, Blocks: img.Blocks(),
 		Created: img.Created, IQN: n.iqn(img.Name), MinCopies: img.MinCopies,
 		Owner: img.Owner, Attached: img.Attached, Generation: img.Generation, SyncPaused: img.SyncPaused,
+	}
+	if img.IsSnapshot() {
+		out.SnapshotOf = img.Origin.Name
+		out.IQN = ""
+	}
+	for _, sn := range img.Snapshots {
+		out.Snapshots = append(out.Snapshots, sn.Name)
 	}
 	if pol, _, err := n.cat.ImagePolicy(ctx, img.Name); err == nil && !reflect.DeepEqual(pol, placement.ImagePolicy{}) {
 		out.Policy = &pol
@@ -580,6 +635,16 @@ func (n *Node) DeleteImage(ctx context.Context, name string) error {
 	img, idx, err := n.cat.GetImage(ctx, name)
 	if err != nil {
 		return err
+	}
+	if img.IsSnapshot() {
+		return n.DeleteSnapshot(ctx, img.Origin.Name, name)
+	}
+	if len(img.Snapshots) > 0 {
+		names := make([]string, len(img.Snapshots))
+		for i, sn := range img.Snapshots {
+			names[i] = sn.Name
+		}
+		return fmt.Errorf("%w: image %q has snapshots (%s): delete them first", meta.ErrConflict, name, strings.Join(names, ", "))
 	}
 	if err := n.cat.DeleteImage(ctx, img, idx); err != nil {
 		return err

@@ -123,6 +123,7 @@ func (n *Node) acquire(ctx context.Context, s *served) error {
 			return &scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x00, Err: fmt.Errorf("reconcile the previous owner's writes: %w", err)}
 		}
 	}
+	s.cow.reset()
 	s.leaseUntil.Store(img.LeaseExpires.UnixNano())
 	s.everOwned = true
 	s.offline.Store(false)
@@ -461,6 +462,15 @@ func (n *Node) Release(ctx context.Context, name string) error {
 	n.release(ctx, s)
 	if s.owned.Load() {
 		return fmt.Errorf("image %q: could not release ownership (flush failed)", name)
+	}
+	// The new owner preserves blocks into the snapshots: let them go too.
+	for _, ref := range s.record().Snapshots {
+		n.mu.RLock()
+		sn := n.served[ref.Name]
+		n.mu.RUnlock()
+		if sn != nil && sn.owned.Load() {
+			n.release(ctx, sn)
+		}
 	}
 	return nil
 }

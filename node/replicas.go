@@ -141,7 +141,9 @@ func (p *peerStore) Open(ref peer.Ref) (peer.Local, error) {
 		return peer.Local{}, fmt.Errorf("image %s: generation %d, this copy has seen %d: %w", ref.ID, ref.Gen, floor, peer.ErrStaleGeneration)
 	}
 	p.floors[ref.ID] = ref.Gen
-	return peer.Local{Copy: localCopy{s.local}, Size: img.Size, BlockSize: img.BlockSize}, nil
+	// The file may be longer than the record says: an online grow
+	// extends the copies before the record.
+	return peer.Local{Copy: localCopy{s.local}, Size: max(img.Size, s.local.Size()), BlockSize: img.BlockSize}, nil
 }
 
 // peerFloor is the newest generation a peer request for image id carried

@@ -223,3 +223,26 @@ func (m *BlockMap) DecodeChunk(c int, data []byte) error {
 	}
 	return nil
 }
+
+// Resized returns a copy of m with n blocks: blocks beyond m's length are
+// in state fill, blocks beyond n are dropped.
+func (m *BlockMap) Resized(n int64, fill SyncState) *BlockMap {
+	out := NewBlockMap(n, fill)
+	for i := int64(0); i < min(n, m.n); i++ {
+		out.Set(i, m.Get(i))
+	}
+	return out
+}
+
+// ChunkLen returns how many blocks an encoded chunk covers, as its header
+// says (the chunk is not otherwise checked).
+func ChunkLen(data []byte) (int64, error) {
+	if len(data) < 6 || string(data[:4]) != chunkMagic {
+		return 0, fmt.Errorf("%w: bad magic", ErrMalformed)
+	}
+	cnt, k := binary.Uvarint(data[6:])
+	if k <= 0 || cnt > ChunkBlocks {
+		return 0, fmt.Errorf("%w: bad block count", ErrMalformed)
+	}
+	return int64(cnt), nil
+}

@@ -228,30 +228,47 @@ func (c *Catalog) DeleteImage(ctx context.Context, img Image, index uint64) erro
 	return nil
 }
 
-// BlockMap reads the block map of node's copy of img.
+// BlockMap reads the block map of node's copy of img. A map stored longer
+// than the record says (an image being grown: the maps grow first, the
+// record last) is read up to the record's length.
 func (c *Catalog) BlockMap(ctx context.Context, img Image, node string) (*placement.BlockMap, error) {
 	entries, _, err := c.kv.List(ctx, c.mapPrefix(img.ID, node))
 	if err != nil {
 		return nil, fmt.Errorf("read block map of %q on %s: %w", img.Name, node, err)
 	}
-	bm := placement.NewBlockMap(img.Blocks(), placement.OutOfSync)
-	want := placement.NumChunks(bm.Len())
-	seen := make([]bool, want)
+	blocks := img.Blocks()
+	want := placement.NumChunks(blocks)
+	stored := blocks
+	chunks := map[int][]byte{}
 	for _, e := range entries {
 		var ch int
-		if _, err := fmt.Sscanf(strings.TrimPrefix(e.Key, c.mapPrefix(img.ID, node)), "%06d", &ch); err != nil || ch < 0 || ch >= want {
+		if _, err := fmt.Sscanf(strings.TrimPrefix(e.Key, c.mapPrefix(img.ID, node)), "%06d", &ch); err != nil || ch < 0 {
 			return nil, &MalformedError{Key: e.Key, Err: errors.New("unexpected block map chunk key")}
 		}
-		if err := bm.DecodeChunk(ch, e.Value); err != nil {
+		n, err := placement.ChunkLen(e.Value)
+		if err != nil {
 			return nil, &MalformedError{Key: e.Key, Err: err}
 		}
-		seen[ch] = true
+		stored = max(stored, int64(ch)*placement.ChunkBlocks+n)
+		chunks[ch] = e.Value
 	}
-	for ch, ok := range seen {
-		if !ok {
+	bm := placement.NewBlockMap(stored, placement.OutOfSync)
+	for ch, v := range chunks {
+		if ch >= placement.NumChunks(stored) {
+			return nil, &MalformedError{Key: c.chunkKey(img.ID, node, ch), Err: errors.New("block map chunk beyond the map's end")}
+		}
+		if err := bm.DecodeChunk(ch, v); err != nil {
+			return nil, &MalformedError{Key: c.chunkKey(img.ID, node, ch), Err: err}
+		}
+	}
+	for ch := range want {
+		if _, ok := chunks[ch]; !ok {
 			// A missing chunk is never taken as in sync.
 			return nil, &MalformedError{Key: c.chunkKey(img.ID, node, ch), Err: errors.New("block map chunk missing")}
 		}
+	}
+	if stored != blocks {
+		bm = bm.Resized(blocks, placement.OutOfSync)
 	}
 	return bm, nil
 }

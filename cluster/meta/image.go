@@ -58,6 +58,45 @@ type Image struct {
 	Attached string `json:"attached,omitempty"`
 	// SyncPaused stops the background synchronizer for this image.
 	SyncPaused bool `json:"sync_paused,omitempty"`
+	// Origin is set on a snapshot: the image it is a point-in-time view
+	// of. A snapshot's copies hold only the blocks the origin overwrote
+	// since (copy on write); the others are read from the origin. See
+	// CowNode.
+	Origin *Origin `json:"origin,omitempty"`
+	// Snapshots are the live snapshots of this image: its owner preserves
+	// a block into each of them before the block first changes.
+	Snapshots []SnapshotRef `json:"snapshots,omitempty"`
+}
+
+// Origin names the image a snapshot was taken of.
+type Origin struct {
+	Name string `json:"name"`
+	ID   string `json:"id"`
+}
+
+// SnapshotRef names a snapshot in its origin's record.
+type SnapshotRef struct {
+	Name string `json:"name"`
+	ID   string `json:"id"`
+}
+
+// CowNode is the pseudo-location under which a snapshot's copy-on-write
+// map is stored (blockmaps/<snapshot id>/.cow/): a block InSync there is
+// held by the snapshot's copies, OutOfSync means it is still the origin's.
+// No node can have this name.
+const CowNode = ".cow"
+
+// IsSnapshot reports whether the record is a snapshot.
+func (img Image) IsSnapshot() bool { return img.Origin != nil }
+
+// HasSnapshot reports whether id is one of the image's snapshots.
+func (img Image) HasSnapshot(id string) bool {
+	for _, s := range img.Snapshots {
+		if s.ID == id {
+			return true
+		}
+	}
+	return false
 }
 
 // HasLocation reports whether node holds a copy.
@@ -123,6 +162,19 @@ func (img *Image) Validate() error {
 			return fmt.Errorf("%w: location %q is not a valid, distinct node name", ErrInvalid, l)
 		}
 		seen[l] = true
+	}
+	if img.Origin != nil {
+		if err := ValidateName(img.Origin.Name); err != nil || len(img.Origin.ID) != 32 {
+			return fmt.Errorf("%w: malformed origin", ErrInvalid)
+		}
+		if len(img.Snapshots) > 0 {
+			return fmt.Errorf("%w: a snapshot has no snapshots", ErrInvalid)
+		}
+	}
+	for _, sn := range img.Snapshots {
+		if err := ValidateName(sn.Name); err != nil || len(sn.ID) != 32 {
+			return fmt.Errorf("%w: malformed snapshot reference %q", ErrInvalid, sn.Name)
+		}
 	}
 	if img.MinCopies < 1 || img.MinCopies > len(img.Locations) {
 		return fmt.Errorf("%w: min_copies %d outside 1..%d", ErrInvalid, img.MinCopies, len(img.Locations))

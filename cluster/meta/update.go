@@ -102,7 +102,13 @@ func (c *Catalog) updateChunk(ctx context.Context, img Image, node string, ch in
 			}
 			return fmt.Errorf("read block map of %q on %s: %w", img.Name, node, err)
 		}
-		m := placement.NewBlockMap(img.Blocks(), placement.OutOfSync)
+		// The chunk keeps the length it is stored with (it may be longer
+		// than img says while the image grows).
+		n, err := placement.ChunkLen(e.Value)
+		if err != nil {
+			return &MalformedError{Key: key, Err: err}
+		}
+		m := placement.NewBlockMap(max(img.Blocks(), int64(ch)*placement.ChunkBlocks+n), placement.OutOfSync)
 		if err := m.DecodeChunk(ch, e.Value); err != nil {
 			return &MalformedError{Key: key, Err: err}
 		}
@@ -211,4 +217,103 @@ func (c *Catalog) RemoveLocation(ctx context.Context, name, node string) (Image,
 		return img, fmt.Errorf("delete block map of %s: %w", node, err)
 	}
 	return img, nil
+}
+
+// CreateCowMap writes the copy-on-write map of a new snapshot: every block
+// still the origin's. It is written before the origin's record names the
+// snapshot.
+func (c *Catalog) CreateCowMap(ctx context.Context, snap Image) error {
+	bm := placement.NewBlockMap(snap.Blocks(), placement.OutOfSync)
+	for ch := range placement.NumChunks(bm.Len()) {
+		if err := c.kv.CAS(ctx, c.chunkKey(snap.ID, CowNode, ch), bm.EncodeChunk(ch), 0); err != nil {
+			return fmt.Errorf("create the copy-on-write map of %q: %w", snap.Name, err)
+		}
+	}
+	return nil
+}
+
+// GrowImage makes image name size bytes long (never shorter). The block
+// maps grow first (the new blocks are in sync everywhere: every copy's
+// file was already extended with zeros by the caller), the record last;
+// readers of the old record read the longer maps up to its length.
+func (c *Catalog) GrowImage(ctx context.Context, name string, size int64) (Image, error) {
+	img, _, err := c.GetImage(ctx, name)
+	if err != nil {
+		return Image{}, err
+	}
+	if img.IsSnapshot() {
+		return Image{}, fmt.Errorf("%w: %q is a snapshot: snapshots keep their size", ErrInvalid, name)
+	}
+	if err := ValidateGeometry(size, img.BlockSize); err != nil {
+		return Image{}, err
+	}
+	if size < img.Size {
+		return Image{}, fmt.Errorf("%w: %q is %d bytes: shrinking to %d would lose data and is not supported", ErrInvalid, name, img.Size, size)
+	}
+	if size == img.Size {
+		return img, nil
+	}
+	grown := img
+	grown.Size = size
+	blocks := grown.Blocks()
+	for _, node := range img.Locations {
+		for ch := range placement.NumChunks(blocks) {
+			key := c.chunkKey(img.ID, node, ch)
+			for i := 0; ; i++ {
+				if i == maxCASRetries {
+					return Image{}, fmt.Errorf("grow the block map of %q on %s: too much contention: %w", name, node, ErrConflict)
+				}
+				e, err := c.kv.Get(ctx, key)
+				var idx uint64
+				m := placement.NewBlockMap(blocks, placement.InSync)
+				switch {
+				case errors.Is(err, ErrNotFound):
+				case err != nil:
+					return Image{}, fmt.Errorf("grow the block map of %q on %s: %w", name, node, err)
+				default:
+					idx = e.ModifyIndex
+					n, err := placement.ChunkLen(e.Value)
+					if err != nil {
+						return Image{}, &MalformedError{Key: key, Err: err}
+					}
+					old := placement.NewBlockMap(max(img.Blocks(), int64(ch)*placement.ChunkBlocks+n), placement.OutOfSync)
+					if err := old.DecodeChunk(ch, e.Value); err != nil {
+						return Image{}, &MalformedError{Key: key, Err: err}
+					}
+					for b := int64(ch) * placement.ChunkBlocks; b < min(old.Len(), blocks); b++ {
+						m.Set(b, old.Get(b))
+					}
+				}
+				err = c.kv.CAS(ctx, key, m.EncodeChunk(ch), idx)
+				if err == nil {
+					break
+				}
+				if !errors.Is(err, ErrConflict) {
+					return Image{}, fmt.Errorf("grow the block map of %q on %s: %w", name, node, err)
+				}
+			}
+		}
+	}
+	return c.UpdateImage(ctx, name, func(i *Image) error {
+		if i.ID != img.ID {
+			return fmt.Errorf("%q: %w", name, ErrImageNotFound)
+		}
+		if !slicesEqual(i.Locations, img.Locations) {
+			return fmt.Errorf("%w: the locations of %q changed while it was grown: try again", ErrConflict, name)
+		}
+		i.Size = max(i.Size, size)
+		return nil
+	})
+}
+
+func slicesEqual(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
 }

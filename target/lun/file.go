@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -31,8 +32,34 @@ type Copy interface {
 // FileCopy is a copy kept in a sparse file on the node's file system.
 type FileCopy struct {
 	f    *os.File
-	size int64
+	size atomic.Int64
 }
+
+// Grow extends the file to size bytes (the new part reads as zeros); a
+// file already that long or longer is left as it is.
+func (c *FileCopy) Grow(size int64) error {
+	st, err := c.f.Stat()
+	if err != nil {
+		return fmt.Errorf("grow image file: %w", err)
+	}
+	if st.Size() < size {
+		if err := c.f.Truncate(size); err != nil {
+			return fmt.Errorf("grow image file %s: %w", c.f.Name(), err)
+		}
+		if err := c.f.Sync(); err != nil {
+			return fmt.Errorf("grow image file %s: %w", c.f.Name(), err)
+		}
+	}
+	for {
+		cur := c.size.Load()
+		if cur >= size || c.size.CompareAndSwap(cur, size) {
+			return nil
+		}
+	}
+}
+
+// Size is the file's size as the copy knows it.
+func (c *FileCopy) Size() int64 { return c.size.Load() }
 
 // CreateFile creates a sparse file of size bytes at path; it fails if the
 // file exists.
@@ -51,7 +78,9 @@ func CreateFile(path string, size int64) (*FileCopy, error) {
 		os.Remove(path)
 		return nil, fmt.Errorf("sync image file %s: %w", path, err)
 	}
-	return &FileCopy{f: f, size: size}, nil
+	c := &FileCopy{f: f}
+	c.size.Store(size)
+	return c, nil
 }
 
 // OpenFile opens an existing image file and checks its size.
@@ -65,11 +94,15 @@ func OpenFile(path string, size int64) (*FileCopy, error) {
 		f.Close()
 		return nil, fmt.Errorf("stat image file: %w", err)
 	}
-	if st.Size() != size {
+	if st.Size() < size {
+		// (Longer is fine: the image was being grown when the node
+		// stopped; the record decides.)
 		f.Close()
 		return nil, fmt.Errorf("image file %s is %d bytes, the image record says %d", path, st.Size(), size)
 	}
-	return &FileCopy{f: f, size: size}, nil
+	c := &FileCopy{f: f}
+	c.size.Store(size)
+	return c, nil
 }
 
 // ReadAt implements Copy. Holes read as zeros.
@@ -86,8 +119,8 @@ func (c *FileCopy) ReadAt(_ context.Context, p []byte, off int64) error {
 
 // WriteAt implements Copy.
 func (c *FileCopy) WriteAt(ctx context.Context, p []byte, off int64, durable bool) error {
-	if off+int64(len(p)) > c.size {
-		return fmt.Errorf("write %s: %d bytes at %d beyond size %d", c.f.Name(), len(p), off, c.size)
+	if size := c.size.Load(); off+int64(len(p)) > size {
+		return fmt.Errorf("write %s: %d bytes at %d beyond size %d", c.f.Name(), len(p), off, size)
 	}
 	if _, err := c.f.WriteAt(p, off); err != nil {
 		return fmt.Errorf("write %s at %d: %w", c.f.Name(), off, err)

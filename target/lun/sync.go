@@ -32,7 +32,7 @@ func checksum(ctx context.Context, r *Replica, off, n int64) ([32]byte, error) {
 
 func (v *Volume) blockRange(b int64) (int64, int64) {
 	off := b * v.cfg.BlockSize
-	return off, min(v.cfg.BlockSize, v.cfg.Size-off)
+	return off, min(v.cfg.BlockSize, v.size.Load()-off)
 }
 
 func (v *Volume) replica(node string) *Replica {

@@ -70,6 +70,7 @@ type Volume struct {
 	failedAt map[string]time.Time
 
 	lastIO atomic.Int64 // unix nanos of the last foreground request
+	size   atomic.Int64 // bytes; grows online (Grow)
 
 	// suspect holds blocks a failed request may have left different on
 	// in-sync copies (some copies took it, and the others could not be
@@ -101,6 +102,7 @@ func NewVolume(cfg Config, replicas []*Replica, maps map[string]*placement.Block
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
 	v := &Volume{cfg: cfg, store: store}
+	v.size.Store(cfg.Size)
 	if err := v.SetReplicas(replicas, maps); err != nil {
 		return nil, err
 	}
@@ -115,7 +117,38 @@ func (v *Volume) SetMinCopies(k int) {
 }
 
 // Blocks is the number of blocks.
-func (v *Volume) Blocks() int64 { return (v.cfg.Size + v.cfg.BlockSize - 1) / v.cfg.BlockSize }
+func (v *Volume) Blocks() int64 { return (v.size.Load() + v.cfg.BlockSize - 1) / v.cfg.BlockSize }
+
+// Size is the volume's size in bytes.
+func (v *Volume) Size() int64 { return v.size.Load() }
+
+// Grow makes the volume size bytes long, with the copies' block maps of
+// the new length (every copy must already cover the new size). No I/O runs
+// meanwhile. A smaller size is refused.
+func (v *Volume) Grow(size int64, replicas []*Replica, maps map[string]*placement.BlockMap) error {
+	return v.Exclusively(func() error {
+		old := v.size.Load()
+		if size < old {
+			return fmt.Errorf("volume is %d bytes: cannot shrink to %d", old, size)
+		}
+		v.size.Store(size)
+		if err := v.SetReplicas(replicas, maps); err != nil {
+			v.size.Store(old)
+			return err
+		}
+		return nil
+	})
+}
+
+// ReadHeld reads like ReadAt for a caller that already holds the blocks
+// (a BeforeWrite hook preserving data before it changes).
+func (v *Volume) ReadHeld(ctx context.Context, p []byte, off int64) error {
+	ps, err := v.split(off, int64(len(p)))
+	if err != nil {
+		return err
+	}
+	return each(ps, func(pc piece) error { return v.readUnlocked(ctx, p[pc.lo:pc.lo+pc.n], pc) })
+}
 
 // SetReplicas replaces the copies and block maps (a location was added or
 // removed, or the maps changed in the catalog). Replicas not in the new
@@ -257,8 +290,8 @@ type piece struct {
 }
 
 func (v *Volume) split(off, n int64) ([]piece, error) {
-	if off < 0 || n < 0 || off+n > v.cfg.Size {
-		return nil, fmt.Errorf("range %d+%d outside the image (size %d)", off, n, v.cfg.Size)
+	if size := v.size.Load(); off < 0 || n < 0 || off+n > size {
+		return nil, fmt.Errorf("range %d+%d outside the image (size %d)", off, n, size)
 	}
 	bs := v.cfg.BlockSize
 	ps := make([]piece, 0, n/bs+2)
@@ -333,6 +366,10 @@ func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) error {
 
 func (v *Volume) readPiece(ctx context.Context, buf []byte, pc piece) error {
 	defer v.locks.shared([]piece{pc})()
+	return v.readUnlocked(ctx, buf, pc)
+}
+
+func (v *Volume) readUnlocked(ctx context.Context, buf []byte, pc piece) error {
 	var errs []error
 	for _, r := range v.readOrder(pc.block) {
 		cctx, cancel := context.WithTimeout(ctx, v.cfg.CopyTimeout)

@@ -1,0 +1,105 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/ukai-storage/ukai/cluster/meta"
+)
+
+// dataChunk is how much image data one step of a stream moves.
+const dataChunk = 4 << 20
+
+// ReadData implements api.Service: an image is read through its owner
+// (this node takes ownership, or forwards to the owner, like iSCSI I/O);
+// a snapshot is read on its origin's owner.
+func (n *Node) ReadData(ctx context.Context, name string, start func(int64), w io.Writer) error {
+	s, err := n.servedByName(ctx, name)
+	if err != nil {
+		return err
+	}
+	img := s.record()
+	read := func(p []byte, off int64) error { return (&gate{n: n, s: s}).ReadAt(ctx, p, off) }
+	if img.IsSnapshot() {
+		if c, err := n.remoteOwner(ctx, img.Origin.Name); err != nil {
+			return err
+		} else if c != nil {
+			return c.ReadData(ctx, name, start, w)
+		}
+		origin, done, err := n.ownOrigin(ctx, img.Origin.Name)
+		if err != nil {
+			return err
+		}
+		defer done()
+		if !origin.record().HasSnapshot(img.ID) {
+			return fmt.Errorf("%w: snapshot %s is no longer listed by %s", meta.ErrImageNotFound, name, img.Origin.Name)
+		}
+		read = func(p []byte, off int64) error { return n.readSnapshot(ctx, origin, s, p, off) }
+	} else {
+		s.busy.Add(1)
+		defer s.busy.Add(-1)
+	}
+	start(img.Size)
+	buf := make([]byte, min(dataChunk, img.Size))
+	for off := int64(0); off < img.Size; off += int64(len(buf)) {
+		p := buf[:min(int64(len(buf)), img.Size-off)]
+		if err := read(p, off); err != nil {
+			return fmt.Errorf("read %s at %d: %w", name, off, err)
+		}
+		if _, err := w.Write(p); err != nil {
+			return fmt.Errorf("send %s at %d: %w", name, off, err)
+		}
+	}
+	return nil
+}
+
+// WriteData implements api.Service: r is written from the image's start
+// through its owner; chunks of zeros are unmapped instead (the image stays
+// thin and reads them as zeros), and the copies are flushed at the end.
+// Data beyond the image's size is refused.
+func (n *Node) WriteData(ctx context.Context, name string, r io.Reader) (int64, error) {
+	s, err := n.servedByName(ctx, name)
+	if err != nil {
+		return 0, err
+	}
+	img := s.record()
+	if img.IsSnapshot() {
+		return 0, fmt.Errorf("%w: %q is a snapshot: snapshots are read-only", meta.ErrInvalid, name)
+	}
+	s.busy.Add(1)
+	defer s.busy.Add(-1)
+	g := &gate{n: n, s: s}
+	size := s.vol.Size()
+	buf := make([]byte, dataChunk)
+	var done int64
+	for {
+		k, rerr := io.ReadFull(r, buf)
+		if k > 0 {
+			if done+int64(k) > size {
+				return done, fmt.Errorf("%w: the data is longer than the image (%d bytes)", meta.ErrInvalid, size)
+			}
+			p := buf[:k]
+			if allZero(p) && k%meta.SectorSize == 0 {
+				err = g.Unmap(ctx, done, int64(k))
+			} else {
+				err = g.WriteAt(ctx, p, done, false)
+			}
+			if err != nil {
+				return done, fmt.Errorf("write %s at %d: %w", name, done, err)
+			}
+			done += int64(k)
+		}
+		if errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF) {
+			break
+		}
+		if rerr != nil {
+			return done, fmt.Errorf("read the data: %w", rerr)
+		}
+	}
+	if err := g.Flush(ctx); err != nil {
+		return done, fmt.Errorf("flush %s: %w", name, err)
+	}
+	return done, nil
+}

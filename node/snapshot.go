@@ -1,0 +1,610 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/ukai-storage/ukai/api"
+	"github.com/ukai-storage/ukai/cluster/meta"
+	"github.com/ukai-storage/ukai/placement"
+)
+
+// Snapshots. A snapshot is an image of its own (record with Origin, its
+// own copies on the origin's locations at the time, its own block maps)
+// that is never exported over iSCSI. It starts empty: its copy-on-write
+// map (meta.CowNode) says every block is still the origin's. Before the
+// origin's owner changes a block for the first time after the snapshot,
+// it reads the block (it holds it: the write is waiting in BeforeWrite),
+// writes it to the snapshot's copies, and records the block as the
+// snapshot's in the map; only then does the write go on. Reading the
+// snapshot takes each block from the snapshot when the map says so, else
+// from the origin. All of this runs on the origin's owner, which also
+// owns the snapshot while it preserves blocks into it.
+
+// cowState is the origin owner's cache of its snapshots' copy-on-write
+// maps. mu serializes preserving: a block is preserved once per snapshot
+// even when two writes to it run at once.
+type cowState struct {
+	mu   sync.Mutex
+	maps map[string]*placement.BlockMap // by snapshot id
+}
+
+// reset drops the cache (ownership changed: the maps are read again).
+func (c *cowState) reset() {
+	c.mu.Lock()
+	c.maps = nil
+	c.mu.Unlock()
+}
+
+var errSnapshotGone = errors.New("snapshot no longer exists")
+
+// snapshotServed returns the served snapshot of ref.
+func (n *Node) snapshotServed(ctx context.Context, ref meta.SnapshotRef) (*served, error) {
+	sn, err := n.servedByName(ctx, ref.Name)
+	if errors.Is(err, meta.ErrImageNotFound) {
+		return nil, errSnapshotGone
+	}
+	if err != nil {
+		return nil, err
+	}
+	if sn.record().ID != ref.ID {
+		return nil, errSnapshotGone
+	}
+	return sn, nil
+}
+
+// cowMapLocked returns the copy-on-write map of snapshot sn (cached);
+// the caller holds s.cow.mu.
+func (n *Node) cowMapLocked(ctx context.Context, s, sn *served) (*placement.BlockMap, error) {
+	id := sn.record().ID
+	if m, ok := s.cow.maps[id]; ok {
+		return m, nil
+	}
+	m, err := n.cat.BlockMap(ctx, sn.record(), meta.CowNode)
+	if err != nil {
+		return nil, fmt.Errorf("copy-on-write map of snapshot %s: %w", sn.record().Name, err)
+	}
+	if s.cow.maps == nil {
+		s.cow.maps = map[string]*placement.BlockMap{}
+	}
+	s.cow.maps[id] = m
+	return m, nil
+}
+
+// stillListed re-reads the origin's record: is the snapshot still one of
+// its snapshots?
+func (n *Node) stillListed(ctx context.Context, origin string, id string) bool {
+	img, _, err := n.cat.GetImage(ctx, origin)
+	return err != nil || img.HasSnapshot(id)
+}
+
+// preserve copies blocks of s into every snapshot that still shares them
+// with s, before they change. The caller (the volume's BeforeWrite) holds
+// the blocks: no write to them runs meanwhile.
+func (n *Node) preserve(ctx context.Context, s *served, blocks []int64) error {
+	img := s.record()
+	if len(img.Snapshots) == 0 {
+		return nil
+	}
+	s.cow.mu.Lock()
+	defer s.cow.mu.Unlock()
+	for _, ref := range s.record().Snapshots {
+		err := n.preserveInto(ctx, s, ref, blocks)
+		if errors.Is(err, errSnapshotGone) || err != nil && !n.stillListed(ctx, img.Name, ref.ID) {
+			continue // deleted meanwhile: nothing to keep
+		}
+		if err != nil {
+			return fmt.Errorf("preserve blocks for snapshot %s: %w", ref.Name, err)
+		}
+	}
+	return nil
+}
+
+func (n *Node) preserveInto(ctx context.Context, s *served, ref meta.SnapshotRef, blocks []int64) error {
+	sn, err := n.snapshotServed(ctx, ref)
+	if err != nil {
+		return err
+	}
+	m, err := n.cowMapLocked(ctx, s, sn)
+	if err != nil {
+		return err
+	}
+	var todo []int64
+	for _, b := range blocks {
+		if b < m.Len() && m.Get(b) != placement.InSync && !slices.Contains(todo, b) {
+			todo = append(todo, b)
+		}
+	}
+	if len(todo) == 0 {
+		return nil
+	}
+	if err := n.acquireWait(ctx, sn); err != nil {
+		return err
+	}
+	snap := sn.record()
+	buf := make([]byte, snap.BlockSize)
+	for _, b := range todo {
+		off := b * snap.BlockSize
+		p := buf[:min(snap.BlockSize, snap.Size-off)]
+		if err := s.vol.ReadHeld(ctx, p, off); err != nil {
+			return fmt.Errorf("read block %d: %w", b, err)
+		}
+		if allZero(p) {
+			continue // the snapshot's copies are zeros there already
+		}
+		if err := sn.vol.WriteAt(ctx, p, off, true); err != nil {
+			return fmt.Errorf("write block %d: %w", b, err)
+		}
+	}
+	if err := n.cat.SetBlockStates(ctx, snap, meta.CowNode, todo, placement.InSync); err != nil {
+		return err
+	}
+	for _, b := range todo {
+		m.Set(b, placement.InSync)
+	}
+	return nil
+}
+
+func allZero(p []byte) bool {
+	for len(p) >= 8 {
+		if p[0]|p[1]|p[2]|p[3]|p[4]|p[5]|p[6]|p[7] != 0 {
+			return false
+		}
+		p = p[8:]
+	}
+	for _, c := range p {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// acquireWait takes ownership of s, waiting up to takeoverWait for another
+// owner to let go or for its lease to run out.
+func (n *Node) acquireWait(ctx context.Context, s *served) error {
+	deadline := time.Now().Add(takeoverWait)
+	for {
+		err := n.acquire(ctx, s)
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("take ownership of %s: %w", s.record().Name, err)
+		}
+		sleep(ctx, 200*time.Millisecond)
+		if img, _, rerr := n.cat.GetImage(ctx, s.record().Name); rerr == nil {
+			n.reconMu.Lock()
+			_ = n.apply(ctx, s, img, false)
+			n.reconMu.Unlock()
+		}
+	}
+}
+
+// readSnapshot reads p at off of snapshot sn of s as it was when taken.
+// This node owns s.
+func (n *Node) readSnapshot(ctx context.Context, s, sn *served, p []byte, off int64) error {
+	snap := sn.record()
+	if off < 0 || off+int64(len(p)) > snap.Size {
+		return fmt.Errorf("%w: range %d+%d outside snapshot %s (size %d)", meta.ErrInvalid, off, len(p), snap.Name, snap.Size)
+	}
+	own := func(b int64) (bool, error) {
+		s.cow.mu.Lock()
+		defer s.cow.mu.Unlock()
+		m, err := n.cowMapLocked(ctx, s, sn)
+		if err != nil {
+			return false, err
+		}
+		return m.Get(b) == placement.InSync, nil
+	}
+	for done := 0; done < len(p); {
+		o := off + int64(done)
+		b := o / snap.BlockSize
+		l := int(min(int64(len(p)-done), (b+1)*snap.BlockSize-o))
+		q := p[done : done+l]
+		mine, err := own(b)
+		if err != nil {
+			return err
+		}
+		if !mine {
+			if err := s.vol.ReadAt(ctx, q, o); err != nil {
+				return err
+			}
+			// A block is preserved before the origin changes it: if the
+			// map still says "origin's" after the read, the read saw the
+			// data as it was at the snapshot.
+			if mine, err = own(b); err != nil {
+				return err
+			}
+		}
+		if mine {
+			if err := sn.vol.ReadAt(ctx, q, o); err != nil {
+				return err
+			}
+		}
+		done += l
+	}
+	return nil
+}
+
+// ownOrigin makes this node the owner of image name (it must not be a
+// snapshot) for an operation on its snapshots, and marks it busy; done
+// ends that.
+func (n *Node) ownOrigin(ctx context.Context, name string) (s *served, done func(), err error) {
+	s, err = n.servedByName(ctx, name)
+	if err != nil {
+		return nil, nil, err
+	}
+	if s.record().IsSnapshot() {
+		return nil, nil, fmt.Errorf("%w: %q is a snapshot", meta.ErrInvalid, name)
+	}
+	s.busy.Add(1)
+	if err := n.acquireWait(ctx, s); err != nil {
+		s.busy.Add(-1)
+		return nil, nil, err
+	}
+	return s, func() { s.busy.Add(-1) }, nil
+}
+
+// CreateSnapshot implements api.Service. It runs on the image's owner
+// (forwarded there when another live node owns it, else this node takes
+// ownership). I/O to the image pauses only while the snapshot is added to
+// the image's record (one check-and-set).
+func (n *Node) CreateSnapshot(ctx context.Context, image string, req api.SnapshotRequest) (api.Snapshot, error) {
+	if err := meta.ValidateName(image); err != nil {
+		return api.Snapshot{}, err
+	}
+	if err := meta.ValidateName(req.Name); err != nil {
+		return api.Snapshot{}, err
+	}
+	if c, err := n.remoteOwner(ctx, image); err != nil {
+		return api.Snapshot{}, err
+	} else if c != nil {
+		return c.CreateSnapshot(ctx, image, req)
+	}
+	s, done, err := n.ownOrigin(ctx, image)
+	if err != nil {
+		return api.Snapshot{}, err
+	}
+	defer done()
+	return n.snapshot(ctx, s, req.Name)
+}
+
+func (n *Node) snapshot(ctx context.Context, s *served, name string) (api.Snapshot, error) {
+	img := s.record()
+	if _, _, err := n.cat.GetImage(ctx, name); err == nil {
+		return api.Snapshot{}, fmt.Errorf("%q: %w", name, meta.ErrImageExists)
+	} else if !errors.Is(err, meta.ErrImageNotFound) {
+		return api.Snapshot{}, err
+	}
+	snap := meta.Image{
+		Version: meta.RecordVersion, ID: meta.NewImageID(), Name: name, Size: img.Size, BlockSize: img.BlockSize,
+		Locations: slices.Clone(img.Locations), MinCopies: img.MinCopies, Generation: 1,
+		Origin: &meta.Origin{Name: img.Name, ID: img.ID},
+	}
+	for _, loc := range snap.Locations {
+		if err := n.prepareCopyOn(ctx, loc, snap); err != nil {
+			return api.Snapshot{}, err
+		}
+	}
+	if err := n.cat.CreateCowMap(ctx, snap); err != nil {
+		return api.Snapshot{}, err
+	}
+	snap, err := n.cat.CreateImage(ctx, snap, placement.InSync)
+	if err != nil {
+		return api.Snapshot{}, err
+	}
+	start := time.Now()
+	var paused time.Duration
+	err = s.vol.Exclusively(func() error {
+		// No write runs now: the snapshot is the image as the writes
+		// acknowledged so far left it.
+		held := time.Now()
+		defer func() { paused = time.Since(held) }()
+		rec, err := n.cat.UpdateImage(ctx, img.Name, func(i *meta.Image) error {
+			if i.ID != img.ID {
+				return fmt.Errorf("%q: %w", img.Name, meta.ErrImageNotFound)
+			}
+			if i.Owner != n.cfg.Node.Name {
+				return errNotOwner(i.Owner)
+			}
+			i.Snapshots = append(i.Snapshots, meta.SnapshotRef{Name: snap.Name, ID: snap.ID})
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		s.mu.Lock()
+		s.img.Snapshots = rec.Snapshots
+		s.mu.Unlock()
+		return nil
+	})
+	if err != nil {
+		if derr := n.cat.DeleteImage(ctx, snap, 0); derr != nil {
+			n.log.Warn("cannot remove the snapshot that could not be attached to its image", "snapshot", snap.Name, "err", derr)
+		}
+		return api.Snapshot{}, fmt.Errorf("snapshot %s of %s: %w", snap.Name, img.Name, err)
+	}
+	n.log.Info("snapshot taken", "image", img.Name, "snapshot", snap.Name, "io_paused", paused, "took", time.Since(start))
+	if err := n.reconcile(ctx); err != nil {
+		n.log.Warn("reconcile after snapshot", "err", err)
+	}
+	return n.describeSnapshot(ctx, snap)
+}
+
+func (n *Node) describeSnapshot(ctx context.Context, snap meta.Image) (api.Snapshot, error) {
+	out := api.Snapshot{Name: snap.Name, ID: snap.ID, Image: snap.Origin.Name, Size: snap.Size, BlockSize: snap.BlockSize, Created: snap.Created, Locations: snap.Locations}
+	m, err := n.cat.BlockMap(ctx, snap, meta.CowNode)
+	if err != nil {
+		return api.Snapshot{}, err
+	}
+	out.PreservedBlocks = m.Count(placement.InSync)
+	return out, nil
+}
+
+// ListSnapshots implements api.Service.
+func (n *Node) ListSnapshots(ctx context.Context, image string) ([]api.Snapshot, error) {
+	if err := meta.ValidateName(image); err != nil {
+		return nil, err
+	}
+	img, _, err := n.cat.GetImage(ctx, image)
+	if err != nil {
+		return nil, err
+	}
+	out := []api.Snapshot{}
+	for _, ref := range img.Snapshots {
+		snap, _, err := n.cat.GetImage(ctx, ref.Name)
+		if err != nil || snap.ID != ref.ID {
+			return nil, fmt.Errorf("snapshot %s of %s: record missing or replaced (%v)", ref.Name, image, err)
+		}
+		d, err := n.describeSnapshot(ctx, snap)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, d)
+	}
+	return out, nil
+}
+
+// DeleteSnapshot implements api.Service: the origin stops preserving into
+// the snapshot (on its owner, between two preservations), then the
+// snapshot is deleted like an image.
+func (n *Node) DeleteSnapshot(ctx context.Context, image, name string) error {
+	if err := meta.ValidateName(image); err != nil {
+		return err
+	}
+	if err := meta.ValidateName(name); err != nil {
+		return err
+	}
+	snap, _, err := n.cat.GetImage(ctx, name)
+	if err != nil {
+		return err
+	}
+	if !snap.IsSnapshot() || snap.Origin.Name != image {
+		return fmt.Errorf("%w: %q is not a snapshot of %q", meta.ErrImageNotFound, name, image)
+	}
+	if c, err := n.remoteOwner(ctx, image); err != nil && !errors.Is(err, meta.ErrImageNotFound) {
+		return err
+	} else if c != nil {
+		return c.DeleteSnapshot(ctx, image, name)
+	}
+	n.mu.RLock()
+	s := n.served[image]
+	n.mu.RUnlock()
+	if s != nil {
+		s.cow.mu.Lock()
+		defer s.cow.mu.Unlock()
+	}
+	rec, err := n.cat.UpdateImage(ctx, image, func(i *meta.Image) error {
+		if i.ID != snap.Origin.ID {
+			return errSkip
+		}
+		i.Snapshots = slices.DeleteFunc(i.Snapshots, func(r meta.SnapshotRef) bool { return r.ID == snap.ID })
+		return nil
+	})
+	switch {
+	case err == nil:
+		if s != nil && s.record().ID == rec.ID {
+			s.mu.Lock()
+			s.img.Snapshots = rec.Snapshots
+			s.mu.Unlock()
+			delete(s.cow.maps, snap.ID)
+		}
+	case errors.Is(err, errSkip), errors.Is(err, meta.ErrImageNotFound):
+	default:
+		return err
+	}
+	if err := n.cat.DeleteImage(ctx, snap, 0); err != nil {
+		return err
+	}
+	return n.reconcile(ctx)
+}
+
+// copyInto fills the new image dst (owned here, fresh: all zeros) from
+// read, block by block, skipping blocks of zeros.
+func (n *Node) copyInto(ctx context.Context, dst *served, size int64, read func(p []byte, off int64) error) error {
+	img := dst.record()
+	buf := make([]byte, img.BlockSize)
+	for off := int64(0); off < size; off += img.BlockSize {
+		p := buf[:min(img.BlockSize, size-off)]
+		if err := read(p, off); err != nil {
+			return fmt.Errorf("read at %d: %w", off, err)
+		}
+		if allZero(p) {
+			continue
+		}
+		if err := dst.vol.WriteAt(ctx, p, off, false); err != nil {
+			return fmt.Errorf("write at %d: %w", off, err)
+		}
+	}
+	return dst.vol.Flush(ctx)
+}
+
+// createCopy creates image req.Name from req.Source, a snapshot (its
+// point-in-time data) or an image (a crash-consistent clone through a
+// temporary snapshot). It runs on the source's origin's owner.
+func (n *Node) createCopy(ctx context.Context, req api.CreateImageRequest) (api.Image, error) {
+	src, _, err := n.cat.GetImage(ctx, req.Source)
+	if err != nil {
+		return api.Image{}, fmt.Errorf("source: %w", err)
+	}
+	origin := src.Name
+	if src.IsSnapshot() {
+		origin = src.Origin.Name
+	}
+	if c, err := n.remoteOwner(ctx, origin); err != nil {
+		return api.Image{}, err
+	} else if c != nil {
+		return c.CreateImage(ctx, req)
+	}
+	if req.Size == 0 {
+		req.Size = src.Size
+	}
+	if req.Size < src.Size {
+		return api.Image{}, fmt.Errorf("%w: size %d is smaller than the source %q (%d bytes)", meta.ErrInvalid, req.Size, src.Name, src.Size)
+	}
+	if req.BlockSize == 0 {
+		req.BlockSize = src.BlockSize
+	}
+	if len(req.Locations) == 0 {
+		req.Locations = src.Locations
+	}
+	if req.MinCopies == 0 {
+		req.MinCopies = min(src.MinCopies, len(req.Locations))
+	}
+	s, done, err := n.ownOrigin(ctx, origin)
+	if err != nil {
+		return api.Image{}, err
+	}
+	defer done()
+	sn := (*served)(nil)
+	if src.IsSnapshot() {
+		if sn, err = n.snapshotServed(ctx, meta.SnapshotRef{Name: src.Name, ID: src.ID}); err != nil {
+			return api.Image{}, fmt.Errorf("source %s: %w", src.Name, err)
+		}
+	} else {
+		// A clone: a temporary snapshot fixes the point in time, so the
+		// source stays in use meanwhile.
+		tmp := fmt.Sprintf("clone-%s-%s", meta.NewImageID()[:12], time.Now().UTC().Format("150405"))
+		if _, err := n.snapshot(ctx, s, tmp); err != nil {
+			return api.Image{}, fmt.Errorf("clone %s: %w", src.Name, err)
+		}
+		defer func() {
+			if err := n.DeleteSnapshot(context.WithoutCancel(ctx), src.Name, tmp); err != nil {
+				n.log.Warn("cannot delete the temporary snapshot of a clone", "snapshot", tmp, "err", err)
+			}
+		}()
+		snapRec, _, err := n.cat.GetImage(ctx, tmp)
+		if err != nil {
+			return api.Image{}, err
+		}
+		if sn, err = n.snapshotServed(ctx, meta.SnapshotRef{Name: tmp, ID: snapRec.ID}); err != nil {
+			return api.Image{}, err
+		}
+	}
+	plain := req
+	plain.Source = ""
+	created, err := n.createImage(ctx, plain)
+	if err != nil {
+		return api.Image{}, err
+	}
+	start := time.Now()
+	err = func() error {
+		dst, err := n.servedByName(ctx, created.Name)
+		if err != nil {
+			return err
+		}
+		dst.busy.Add(1)
+		defer dst.busy.Add(-1)
+		if err := n.acquireWait(ctx, dst); err != nil {
+			return err
+		}
+		return n.copyInto(ctx, dst, src.Size, func(p []byte, off int64) error { return n.readSnapshot(ctx, s, sn, p, off) })
+	}()
+	if err != nil {
+		if derr := n.DeleteImage(context.WithoutCancel(ctx), created.Name); derr != nil {
+			n.log.Warn("cannot delete the image whose copy failed", "image", created.Name, "err", derr)
+		}
+		return api.Image{}, fmt.Errorf("copy %s into %s: %w", src.Name, created.Name, err)
+	}
+	n.log.Info("image created from a copy", "image", created.Name, "source", src.Name, "took", time.Since(start))
+	return n.GetImage(ctx, created.Name, false)
+}
+
+// ResizeImage implements api.Service: grow an image online. Every copy's
+// file grows first, then the block maps and the record; each node then
+// grows its LUN, and every initiator logged in gets a CAPACITY DATA HAS
+// CHANGED unit attention.
+func (n *Node) ResizeImage(ctx context.Context, name string, size int64) (api.Image, error) {
+	if err := meta.ValidateName(name); err != nil {
+		return api.Image{}, err
+	}
+	img, _, err := n.cat.GetImage(ctx, name)
+	if err != nil {
+		return api.Image{}, err
+	}
+	if img.IsSnapshot() {
+		return api.Image{}, fmt.Errorf("%w: %q is a snapshot: snapshots keep their size", meta.ErrInvalid, name)
+	}
+	if err := meta.ValidateGeometry(size, img.BlockSize); err != nil {
+		return api.Image{}, err
+	}
+	if size < img.Size {
+		return api.Image{}, fmt.Errorf("%w: %q is %d bytes: shrinking to %d would lose data and is not supported", meta.ErrInvalid, name, img.Size, size)
+	}
+	for _, loc := range img.Locations {
+		if err := n.growCopyOn(ctx, loc, img.ID, size); err != nil {
+			return api.Image{}, err
+		}
+	}
+	if _, err := n.cat.GrowImage(ctx, name, size); err != nil {
+		return api.Image{}, err
+	}
+	if err := n.reconcile(ctx); err != nil {
+		n.log.Warn("reconcile after resize", "err", err)
+	}
+	return n.GetImage(ctx, name, false)
+}
+
+func (n *Node) growCopyOn(ctx context.Context, node, id string, size int64) error {
+	if node == n.cfg.Node.Name {
+		return n.GrowCopy(ctx, id, size)
+	}
+	m, err := n.peerMember(node)
+	if err != nil {
+		return fmt.Errorf("grow the copy on %s: %w", node, err)
+	}
+	if err := n.apiClient(m.Meta.API).GrowCopy(ctx, id, size); err != nil {
+		return fmt.Errorf("grow the copy on %s: %w", node, err)
+	}
+	return nil
+}
+
+// GrowCopy implements api.Service: extend this node's copy of image id to
+// size bytes (zeros), before the record says so.
+func (n *Node) GrowCopy(_ context.Context, id string, size int64) error {
+	if err := checkImageID(id); err != nil {
+		return err
+	}
+	n.mu.RLock()
+	var local interface{ Grow(int64) error }
+	for _, s := range n.served {
+		if s.record().ID == id && s.local != nil {
+			local = s.local
+		}
+	}
+	n.mu.RUnlock()
+	if local != nil {
+		return local.Grow(size)
+	}
+	c, err := openForGrow(n.imagePath(meta.Image{ID: id}))
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	return c.Grow(size)
+}
