@@ -44,6 +44,9 @@ type Snapshot struct {
 	// PreservedBlocks counts the blocks the image changed since, whose
 	// old data the snapshot holds itself (copy on write).
 	PreservedBlocks int64 `json:"preserved_blocks"`
+	// IOPausedUS, in the answer to a create: how long writes to the image
+	// waited while the snapshot was taken (microseconds).
+	IOPausedUS int64 `json:"io_paused_us,omitempty"`
 }
 
 // ResizeRequest is POST /v1/images/{name}/resize.

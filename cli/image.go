@@ -14,7 +14,8 @@ import (
 func (a *app) imageCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "image", Short: "Create, list, inspect and delete disk images"}
 	cmd.AddCommand(a.imageCreateCmd(), a.imageListCmd(), a.imageInfoCmd(), a.imageDeleteCmd(), a.imageSyncCmd(), a.imageVerifyCmd(),
-		a.imageSetCmd(), a.imageRelocateCmd(), a.imagePlanCmd(), a.imageAttachCmd(), a.imageDetachCmd(), a.imageExportCmd(), a.imageUnexportCmd())
+		a.imageSetCmd(), a.imageRelocateCmd(), a.imagePlanCmd(), a.imageAttachCmd(), a.imageDetachCmd(), a.imageExportCmd(), a.imageUnexportCmd(),
+		a.imageCloneCmd(), a.imageResizeCmd(), a.imageImportCmd(), a.imageExportDataCmd())
 	return cmd
 }
 
@@ -133,7 +134,14 @@ func (a *app) imageInfoCmd() *cobra.Command {
 			fmt.Fprintf(tw, "size:\t%s (%d bytes)\n", FormatSize(img.Size), img.Size)
 			fmt.Fprintf(tw, "block size:\t%s (%d blocks)\n", FormatSize(img.BlockSize), img.Blocks)
 			fmt.Fprintf(tw, "created:\t%s\n", img.Created.Format("2006-01-02 15:04:05 MST"))
-			fmt.Fprintf(tw, "iqn:\t%s (LUN 0)\n", img.IQN)
+			if img.SnapshotOf != "" {
+				fmt.Fprintf(tw, "snapshot of:\t%s (read-only, not exported over iSCSI)\n", img.SnapshotOf)
+			} else {
+				fmt.Fprintf(tw, "iqn:\t%s (LUN 0)\n", img.IQN)
+			}
+			if len(img.Snapshots) > 0 {
+				fmt.Fprintf(tw, "snapshots:\t%s\n", strings.Join(img.Snapshots, ", "))
+			}
 			fmt.Fprintf(tw, "min copies:\t%d\n", img.MinCopies)
 			fmt.Fprintf(tw, "owner:\t%s (attached: %s)\n", dash(img.Owner), dash(img.Attached))
 			if img.Policy != nil {

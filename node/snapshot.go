@@ -333,7 +333,9 @@ func (n *Node) snapshot(ctx context.Context, s *served, name string) (api.Snapsh
 	if err := n.reconcile(ctx); err != nil {
 		n.log.Warn("reconcile after snapshot", "err", err)
 	}
-	return n.describeSnapshot(ctx, snap)
+	d, err := n.describeSnapshot(ctx, snap)
+	d.IOPausedUS = paused.Microseconds()
+	return d, err
 }
 
 func (n *Node) describeSnapshot(ctx context.Context, snap meta.Image) (api.Snapshot, error) {

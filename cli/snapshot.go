@@ -1,0 +1,191 @@
+package cli
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"github.com/ukai-storage/ukai/api"
+)
+
+func (a *app) snapshotCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "snapshot", Short: "Point-in-time snapshots of images (copy on write)"}
+	cmd.AddCommand(a.snapshotCreateCmd(), a.snapshotListCmd(), a.snapshotDeleteCmd())
+	return cmd
+}
+
+func (a *app) snapshotCreateCmd() *cobra.Command {
+	var output string
+	cmd := &cobra.Command{
+		Use:   "create IMAGE SNAPSHOT",
+		Short: "Take a crash-consistent snapshot of an image while it stays in use",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
+			sn, err := a.client().CreateSnapshot(cmd.Context(), args[0], api.SnapshotRequest{Name: args[1]})
+			if err != nil {
+				return fmt.Errorf("snapshot %s of %s: %w", args[1], args[0], err)
+			}
+			if output == "json" {
+				return printJSON(a.out, sn)
+			}
+			fmt.Fprintf(a.out, "created snapshot %s of %s (%s)\n", sn.Name, sn.Image, FormatSize(sn.Size))
+			return nil
+		},
+	}
+	cmd.Flags().StringVarP(&output, "output", "o", "text", "text or json")
+	return cmd
+}
+
+func (a *app) snapshotListCmd() *cobra.Command {
+	var output string
+	cmd := &cobra.Command{
+		Use:   "list IMAGE",
+		Short: "List an image's snapshots and how many blocks each holds itself",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
+			l, err := a.client().ListSnapshots(cmd.Context(), args[0])
+			if err != nil {
+				return fmt.Errorf("snapshots of %s: %w", args[0], err)
+			}
+			if output == "json" {
+				return printJSON(a.out, l)
+			}
+			tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "NAME\tSIZE\tCREATED\tPRESERVED BLOCKS\tLOCATIONS")
+			for _, s := range l {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%v\n", s.Name, FormatSize(s.Size), s.Created.Format("2006-01-02 15:04:05"), s.PreservedBlocks, s.Locations)
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().StringVarP(&output, "output", "o", "text", "text or json")
+	return cmd
+}
+
+func (a *app) snapshotDeleteCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "delete IMAGE SNAPSHOT",
+		Short: "Delete a snapshot (the image is not touched)",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := a.client().DeleteSnapshot(cmd.Context(), args[0], args[1]); err != nil {
+				return fmt.Errorf("delete snapshot %s of %s: %w", args[1], args[0], err)
+			}
+			fmt.Fprintf(a.out, "deleted snapshot %s of %s\n", args[1], args[0])
+			return nil
+		},
+	}
+}
+
+func (a *app) imageCloneCmd() *cobra.Command {
+	var size string
+	var locations []string
+	var minCopies int
+	cmd := &cobra.Command{
+		Use:   "clone SOURCE NEW [--size SIZE] [--locations n1,n2] [--min-copies K]",
+		Short: "Create image NEW holding the data of SOURCE: a snapshot, or an image (copied at one point in time while in use)",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var sz int64
+			if size != "" {
+				var err error
+				if sz, err = ParseSize(size); err != nil {
+					return fmt.Errorf("--size: %w", err)
+				}
+			}
+			if minCopies < 0 {
+				return fmt.Errorf("--min-copies: must be at least 1")
+			}
+			img, err := a.client().CreateImage(cmd.Context(), api.CreateImageRequest{Name: args[1], Source: args[0], Size: sz, Locations: locations, MinCopies: minCopies})
+			if err != nil {
+				return fmt.Errorf("clone %s into %s: %w", args[0], args[1], err)
+			}
+			fmt.Fprintf(a.out, "created image %s from %s: %s, target %s\n", img.Name, args[0], FormatSize(img.Size), img.IQN)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&size, "size", "", "size of the new image (default: the source's; never smaller)")
+	cmd.Flags().StringSliceVar(&locations, "locations", nil, "nodes holding copies (default: the source's)")
+	cmd.Flags().IntVar(&minCopies, "min-copies", 0, "copies a write must reach (default: the source's)")
+	return cmd
+}
+
+func (a *app) imageResizeCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "resize NAME SIZE",
+		Short: "Grow an image online (initiators are told the capacity changed); images never shrink",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			sz, err := ParseSize(args[1])
+			if err != nil {
+				return fmt.Errorf("size: %w", err)
+			}
+			img, err := a.client().ResizeImage(cmd.Context(), args[0], sz)
+			if err != nil {
+				return fmt.Errorf("resize %s: %w", args[0], err)
+			}
+			fmt.Fprintf(a.out, "image %s is now %s (%d bytes)\n", img.Name, FormatSize(img.Size), img.Size)
+			return nil
+		},
+	}
+}
+
+func (a *app) imageImportCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "import NAME FILE",
+		Short: "Write a raw disk image file (or - for stdin) into an image from its start",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var r io.Reader = os.Stdin
+			if args[1] != "-" {
+				f, err := os.Open(args[1])
+				if err != nil {
+					return err
+				}
+				defer f.Close()
+				r = f
+			}
+			n, err := a.client().WriteData(cmd.Context(), args[0], r)
+			if err != nil {
+				return fmt.Errorf("import into %s: %w", args[0], err)
+			}
+			fmt.Fprintf(a.out, "wrote %d bytes into %s\n", n, args[0])
+			return nil
+		},
+	}
+}
+
+func (a *app) imageExportDataCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "download NAME FILE",
+		Short: "Read a whole image or snapshot into a raw file (or - for stdout)",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var w io.Writer = a.out
+			if args[1] != "-" {
+				f, err := os.OpenFile(args[1], os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+				if err != nil {
+					return err
+				}
+				defer f.Close()
+				w = f
+			}
+			if err := a.client().ReadData(cmd.Context(), args[0], func(int64) {}, w); err != nil {
+				if args[1] != "-" {
+					os.Remove(args[1])
+				}
+				return fmt.Errorf("download %s: %w", args[0], err)
+			}
+			return nil
+		},
+	}
+}

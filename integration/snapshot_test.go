@@ -1,0 +1,131 @@
+package integration
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// snapshots returns `ukai snapshot list IMAGE -o json` decoded.
+func snapshots(t *testing.T, n *node, image string) []map[string]any {
+	t.Helper()
+	var l []map[string]any
+	if err := json.Unmarshal([]byte(n.mustCLI("snapshot", "list", image, "-o", "json")), &l); err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+// TestSnapshotsClonesAndGrowth: a snapshot taken while the image is in
+// use keeps the data of that moment while the image changes (through its
+// owner and through a forwarding node), survives the death of the owner,
+// and images created from it or cloned from the image hold exactly the
+// data of their moment; an image grows online.
+func TestSnapshotsClonesAndGrowth(t *testing.T) {
+	c := newCluster(t, "n1", "n2", "n3")
+	n1, n2, n3 := c.nodes[0], c.nodes[1], c.nodes[2]
+	n1.mustCLI("image", "create", "vol", "--size", "32M", "--block-size", "1M", "--locations", "n1,n2")
+	qemuIO(t, n1.url("vol"), "write -P 0xa1 0 16M", "write -P 0xa2 16M 16M", "flush")
+
+	// Taken while a verified load runs on the image through n2.
+	wait, out := fioVerifiedLoad(t, n2.url("vol"), "8m")
+	sn := n3.mustCLI("snapshot", "create", "vol", "snap1", "-o", "json")
+	if err := wait(); err != nil {
+		t.Fatalf("the load saw an error while the snapshot was taken: %v\n%s", err, out)
+	}
+	var snap map[string]any
+	if err := json.Unmarshal([]byte(sn), &snap); err != nil || snap["image"] != "vol" {
+		t.Fatalf("snapshot create answered %q (%v)", sn, err)
+	}
+	t.Logf("writes paused %v µs while the snapshot was taken", snap["io_paused_us"])
+	// Whatever fio wrote before the snapshot is in it; what matters here
+	// is the part fio never touches (8M..32M), and what changes after.
+	qemuIO(t, n2.url("vol"), "write -P 0xb1 12M 8M", "flush") // forwarded to the owner
+	qemuIO(t, n1.url("vol"), "write -P 0xb2 28M 4M", "flush")
+	l := snapshots(t, n3, "vol")
+	if len(l) != 1 || l[0]["preserved_blocks"].(float64) < 12 {
+		t.Fatalf("snapshot list after 12 blocks changed: %v", l)
+	}
+	// A snapshot is not an iSCSI target.
+	if out, err := run(t, 30*time.Second, "iscsi-inq", n1.url("snap1")); err == nil {
+		t.Fatalf("the snapshot answered over iSCSI: %s", out)
+	}
+	// The image with snapshots cannot be deleted.
+	if _, errOut, err := n1.cli("image", "delete", "vol"); err == nil || !strings.Contains(errOut, "snapshots") {
+		t.Fatalf("deleting an image with snapshots: err %v, %s", err, errOut)
+	}
+
+	// Create from the snapshot, on n3 (no copy of vol there).
+	n2.mustCLI("image", "clone", "snap1", "fromsnap", "--locations", "n3")
+	qemuIO(t, n3.url("fromsnap"), "read -P 0xa1 8M 8M", "read -P 0xa2 16M 16M")
+	// The snapshot's download matches.
+	dl := filepath.Join(t.TempDir(), "snap1.raw")
+	n3.mustCLI("image", "download", "snap1", dl)
+	data, err := os.ReadFile(dl)
+	if err != nil || len(data) != 32<<20 {
+		t.Fatalf("download: %d bytes, %v", len(data), err)
+	}
+	if !bytes.Equal(data[16<<20:], bytes.Repeat([]byte{0xa2}, 16<<20)) || !bytes.Equal(data[8<<20:16<<20], bytes.Repeat([]byte{0xa1}, 8<<20)) {
+		t.Fatal("the snapshot's data is not what the image held when it was taken")
+	}
+
+	// A clone of the live image holds its data now; writes to the clone
+	// stay there.
+	n3.mustCLI("image", "clone", "vol", "clone1", "--size", "48M")
+	qemuIO(t, n1.url("clone1"), "read -P 0xa1 8M 4M", "read -P 0xb1 12M 8M", "read -P 0xa2 20M 8M", "read -P 0xb2 28M 4M", "read -P 0 32M 16M",
+		"write -P 0xc1 0 1M", "flush")
+	qemuIO(t, n1.url("vol"), "read -P 0xb1 12M 8M")
+	if len(snapshots(t, n3, "vol")) != 1 {
+		t.Fatalf("the clone's temporary snapshot was left behind: %v", snapshots(t, n3, "vol"))
+	}
+
+	// The owner dies: the snapshot's preserved blocks are on n2 too.
+	n1.mustCLI("image", "attach", "vol", "--node", "n1")
+	n1.kill9()
+	c.waitState([]*node{n2, n3}, "n1", "dead", 25*time.Second)
+	n2.mustCLI("image", "clone", "snap1", "afterdeath", "--locations", "n2,n3")
+	qemuIO(t, n3.url("afterdeath"), "read -P 0xa1 8M 8M", "read -P 0xa2 16M 16M")
+	t.Logf("created from the snapshot after its origin's owner died")
+	n1.start()
+	c.waitState(c.nodes, "n1", "alive", 20*time.Second)
+
+	// Online growth: every node's LUN grows, old data stays, the new part
+	// is zeros and writable.
+	n2.mustCLI("image", "resize", "vol", "64M")
+	for _, n := range c.nodes {
+		waitFor(t, 20*time.Second, n.name+" to serve the grown LUN", func() bool {
+			out, _ := run(t, 30*time.Second, "iscsi-readcapacity16", n.url("vol"))
+			return strings.Contains(out, "Total size:67108864")
+		})
+	}
+	qemuIO(t, n3.url("vol"), "read -P 0xb2 28M 4M", "read -P 0 32M 32M", "write -P 0xd1 60M 4M", "flush")
+	qemuIO(t, n1.url("vol"), "read -P 0xd1 60M 4M")
+	if l := locations(t, n3, "vol"); l["n1"] != 0 || l["n2"] != 0 {
+		t.Fatalf("copies out of sync after the grow: %v", l)
+	}
+	if out := n3.mustCLI("image", "verify", "vol"); !strings.Contains(out, "0 differ") {
+		t.Fatalf("verify after the grow: %s", out)
+	}
+	if _, errOut, err := n3.cli("image", "resize", "vol", "32M"); err == nil || !strings.Contains(errOut, "shrink") {
+		t.Fatalf("shrinking: err %v, %s", err, errOut)
+	}
+	// The snapshot still reads as taken after all that.
+	qemuIO(t, n1.url("fromsnap"), "read -P 0xa2 16M 16M")
+
+	// Deleting the snapshot lets the image go.
+	n3.mustCLI("snapshot", "delete", "vol", "snap1")
+	if len(snapshots(t, n3, "vol")) != 0 {
+		t.Fatal("snapshot still listed after delete")
+	}
+	n3.mustCLI("image", "delete", "vol")
+	// Left: clone1 on n1 and n2, afterdeath on n2 (and n3, with fromsnap).
+	waitFor(t, 20*time.Second, "the data files of vol and snap1 to go", func() bool {
+		f1, _ := filepath.Glob(filepath.Join(n1.dir, "data", "images", "*.img"))
+		f2, _ := filepath.Glob(filepath.Join(n2.dir, "data", "images", "*.img"))
+		return len(f1) == 1 && len(f2) == 2
+	})
+}
