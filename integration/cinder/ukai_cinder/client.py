@@ -1,0 +1,216 @@
+"""A small client of the ukai control API (HTTP/JSON under /v1).
+
+Several API addresses may be given: each call tries them in order and
+uses the first that answers (any ukai node serves the whole API). Errors
+keep ukai's message: UkaiError carries the HTTP status and the text of
+ukai's {"error": ...} body.
+"""
+
+import json
+import os
+import stat
+import urllib.parse
+
+import requests
+
+
+class UkaiError(Exception):
+    """An answer from ukai that is not a success, or no answer at all."""
+
+    def __init__(self, status, message, address=None):
+        self.status = status          # HTTP status; None when unreachable
+        self.message = message        # ukai's own words
+        self.address = address
+        super().__init__(self.__str__())
+
+    def __str__(self):
+        if self.status is None:
+            return "ukai API unreachable (%s)" % self.message
+        return "ukai API %s: %s" % (self.status, self.message)
+
+
+def read_token(path):
+    """The bearer token in path; refused when the file is world-readable
+    (the same rule ukai applies to its own secret files)."""
+    st = os.stat(path)
+    if st.st_mode & stat.S_IROTH:
+        raise UkaiError(None, "token file %s is world-readable: refused" % path)
+    with open(path) as f:
+        token = f.read().strip()
+    if not token:
+        raise UkaiError(None, "token file %s is empty" % path)
+    return token
+
+
+class Client(object):
+    def __init__(self, addresses, token=None, ca_file=None, timeout=60):
+        if not addresses:
+            raise UkaiError(None, "no ukai API address configured")
+        self.addresses = [self._base(a) for a in addresses]
+        self.token = token
+        self.verify = ca_file if ca_file else True
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    @staticmethod
+    def _base(addr):
+        addr = addr.strip().rstrip("/")
+        if "://" not in addr:
+            addr = "http://" + addr
+        return addr
+
+    def _headers(self, extra=None):
+        h = {}
+        if self.token:
+            h["Authorization"] = "Bearer " + self.token
+        if extra:
+            h.update(extra)
+        return h
+
+    def request(self, method, path, body=None, data=None, stream=False,
+                timeout=None, expect_json=True):
+        """Send the request to the first address that answers. A
+        connection failure moves on to the next address; an HTTP error
+        answer is final (the cluster said no)."""
+        errors = []
+        for base in self.addresses:
+            headers = self._headers()
+            kwargs = {}
+            if body is not None:
+                kwargs["data"] = json.dumps(body)
+                headers["Content-Type"] = "application/json"
+            elif data is not None:
+                if hasattr(data, "seek"):
+                    data.seek(0)
+                kwargs["data"] = data
+                headers["Content-Type"] = "application/octet-stream"
+            try:
+                resp = self.session.request(
+                    method, base + path, headers=headers, verify=self.verify,
+                    timeout=timeout or self.timeout, stream=stream, **kwargs)
+            except requests.exceptions.SSLError as e:
+                # A TLS problem is not one a second address would fix
+                # silently: report it.
+                raise UkaiError(None, "%s: TLS: %s" % (base, e), base)
+            except (requests.exceptions.ConnectionError,
+                    requests.exceptions.ConnectTimeout) as e:
+                # Not reached: the next address may answer.
+                errors.append("%s: %s" % (base, e))
+                continue
+            except requests.exceptions.RequestException as e:
+                # Sent but unanswered (a read timeout): retrying elsewhere
+                # could do the change twice.
+                raise UkaiError(None, "%s: %s" % (base, e), base)
+            if resp.status_code >= 300:
+                msg = resp.text.strip()
+                try:
+                    msg = resp.json().get("error", msg)
+                except ValueError:
+                    pass
+                resp.close()
+                raise UkaiError(resp.status_code, msg, base)
+            if stream:
+                return resp
+            if not expect_json or resp.status_code == 204 or not resp.content:
+                return None
+            try:
+                return resp.json()
+            except ValueError:
+                raise UkaiError(resp.status_code, "not JSON: %r" % resp.text[:200], base)
+        raise UkaiError(None, "; ".join(errors))
+
+    # Images.
+    @staticmethod
+    def _q(name):
+        return urllib.parse.quote(name, safe="")
+
+    def version(self):
+        return self.request("GET", "/v1/version")
+
+    def nodes(self):
+        return self.request("GET", "/v1/nodes")["nodes"]
+
+    def images(self):
+        return self.request("GET", "/v1/images")["images"]
+
+    def image(self, name):
+        return self.request("GET", "/v1/images/" + self._q(name))
+
+    def create_image(self, name, size, locations=None, min_copies=None,
+                     block_size=None, source=None, timeout=None):
+        body = {"name": name, "size": size}
+        if locations:
+            body["locations"] = locations
+        if min_copies:
+            body["min_copies"] = min_copies
+        if block_size:
+            body["block_size"] = block_size
+        if source:
+            body["source"] = source
+        return self.request("POST", "/v1/images", body=body, timeout=timeout)
+
+    def delete_image(self, name):
+        self.request("DELETE", "/v1/images/" + self._q(name))
+
+    def resize(self, name, size):
+        return self.request("POST", "/v1/images/%s/resize" % self._q(name), body={"size": size})
+
+    def create_snapshot(self, image, name):
+        return self.request("POST", "/v1/images/%s/snapshots" % self._q(image), body={"name": name})
+
+    def delete_snapshot(self, image, name):
+        self.request("DELETE", "/v1/images/%s/snapshots/%s" % (self._q(image), self._q(name)))
+
+    def set_policy(self, image, replicas=None, locations=None):
+        body = {}
+        if replicas is not None:
+            body["replicas"] = replicas
+        if locations:
+            body["locations"] = locations
+        return self.request("PUT", "/v1/images/%s/policy" % self._q(image), body=body)
+
+    def set_sync_policy(self, image, windows=None, max_rate=None, tz=None):
+        body = {"scope": "image:" + image}
+        if windows:
+            body["windows"] = windows
+        if max_rate:
+            body["max_rate"] = max_rate
+        if tz:
+            body["tz"] = tz
+        self.request("PUT", "/v1/policies/sync", body=body)
+
+    def relocate(self, image, to):
+        return self.request("POST", "/v1/images/%s/relocate" % self._q(image), body={"to": to})
+
+    def export(self, image, initiator, chap_user=None, chap_secret=None):
+        body = {"initiator": initiator}
+        if chap_user:
+            body["chap_user"] = chap_user
+            body["chap_secret"] = chap_secret
+        self.request("POST", "/v1/images/%s/exports" % self._q(image), body=body)
+
+    def unexport(self, image, initiator):
+        self.request("DELETE", "/v1/images/%s/exports/%s" % (self._q(image), self._q(initiator)))
+
+    def write_data(self, image, fileobj, timeout=None):
+        return self.request("PUT", "/v1/images/%s/data" % self._q(image), data=fileobj,
+                            timeout=timeout)
+
+    def read_data(self, image, out, timeout=None, chunk=4 << 20):
+        """Stream the image into the file object out; returns the byte
+        count. A stream shorter than announced is an error."""
+        resp = self.request("GET", "/v1/images/%s/data" % self._q(image), stream=True,
+                            timeout=timeout)
+        want = int(resp.headers.get("Content-Length", "-1"))
+        got = 0
+        try:
+            for block in resp.iter_content(chunk):
+                out.write(block)
+                got += len(block)
+        except requests.exceptions.RequestException as e:
+            raise UkaiError(None, "image data of %s cut after %d bytes: %s" % (image, got, e))
+        finally:
+            resp.close()
+        if want >= 0 and got != want:
+            raise UkaiError(None, "image data of %s: %d of %d bytes" % (image, got, want))
+        return got

@@ -1,0 +1,441 @@
+"""Cinder volume driver for ukai.
+
+A Cinder volume is a ukai image named after the volume (``volume.name``);
+a Cinder snapshot is a ukai snapshot named after the snapshot. Attaching
+exports the image to the connector's initiator (with CHAP) and returns the
+iSCSI portal of the ukai node on the connector's host, so the hypervisor
+talks to its local node (follow the VM: when that node holds no copy, the
+driver asks ukai to relocate one there, in the background, within the
+operator's sync windows and bandwidth caps).
+
+Volume type extra specs (all optional):
+
+  ukai:replicas      number of copies the placement keeps (default:
+                     ukai_default_replicas)
+  ukai:locations     comma-separated nodes for the first copies
+  ukai:min_copies    copies a write must reach to be acknowledged
+  ukai:block_size    bytes per block (a power of two, 64 KiB to 64 MiB)
+  ukai:sync_window   comma-separated daily windows for background copying,
+                     e.g. "22:00-06:00"
+  ukai:sync_tz       time zone of the windows (IANA name)
+  ukai:max_rate      bandwidth cap of background copying, e.g. "50MiB/s"
+  ukai:follow_vm     "false" to never relocate on attach
+"""
+
+import secrets
+
+from oslo_config import cfg
+from oslo_log import log as logging
+from oslo_utils import units
+
+from cinder.common import constants
+from cinder import exception
+from cinder.i18n import _
+from cinder.image import image_utils
+from cinder import interface
+from cinder.volume import driver
+from cinder.volume import volume_types
+from cinder.volume import volume_utils
+
+from ukai_cinder import client as ukai_client
+
+LOG = logging.getLogger(__name__)
+
+ukai_opts = [
+    cfg.ListOpt('ukai_api_addresses', default=['127.0.0.1:7700'],
+                help='ukai control API addresses (host:port or URL), tried '
+                     'in order: any node serves the whole API.'),
+    cfg.StrOpt('ukai_token_file',
+               help='File holding the bearer token of the ukai API (not '
+                    'world-readable).'),
+    cfg.StrOpt('ukai_ca_file',
+               help='CA bundle to verify an https ukai API.'),
+    cfg.IntOpt('ukai_api_timeout', default=60, min=1,
+               help='Seconds to wait for an API answer.'),
+    cfg.IntOpt('ukai_copy_timeout', default=6 * 3600, min=1,
+               help='Seconds a data copy (clone, image transfer) may take.'),
+    cfg.IntOpt('ukai_default_replicas', default=2, min=1,
+               help='Copies per volume when the volume type does not say '
+                    '(ukai:replicas).'),
+    cfg.IntOpt('ukai_default_min_copies', default=1, min=1,
+               help='Copies a write must reach when the volume type does '
+                    'not say (ukai:min_copies).'),
+    cfg.ListOpt('ukai_default_locations', default=[],
+                help='Nodes for the first copies of a new volume when the '
+                     'volume type does not say (ukai:locations); empty: '
+                     'the node answering the API.'),
+    cfg.StrOpt('ukai_host_label', default='host',
+               help='ukai node label that names the hypervisor host the '
+                    'node runs on. A node whose name is the host (or its '
+                    'short name) matches too.'),
+    cfg.BoolOpt('ukai_follow_vm', default=True,
+                help='On attach, relocate a copy to the node of the '
+                     'hypervisor when it holds none.'),
+    cfg.BoolOpt('ukai_chap', default=True,
+                help='Protect every export with CHAP (per-volume '
+                     'credentials). The ukai nodes must run with '
+                     'iscsi.chap_secret_store: consul.'),
+]
+
+CONF = cfg.CONF
+CONF.register_opts(ukai_opts)
+
+SPEC_PREFIX = 'ukai:'
+SPECS = ('replicas', 'locations', 'min_copies', 'block_size', 'sync_window',
+         'sync_tz', 'max_rate', 'follow_vm')
+
+
+def _gib(n):
+    return round(float(n) / units.Gi, 2)
+
+
+@interface.volumedriver
+class UkaiISCSIDriver(driver.ISCSIDriver):
+    """ukai: distributed local storage for VM disk images, over iSCSI."""
+
+    VERSION = '1.0.0'
+    CI_WIKI_NAME = 'ukai_CI'
+    # A thin-provisioned, replicated block store.
+    SUPPORTS_ACTIVE_ACTIVE = False
+
+    def __init__(self, *args, **kwargs):
+        super(UkaiISCSIDriver, self).__init__(*args, **kwargs)
+        self.configuration.append_config_values(ukai_opts)
+        self.client = None
+        self._stats = {}
+
+    @staticmethod
+    def get_driver_options():
+        return ukai_opts
+
+    # Setup.
+    def do_setup(self, context):
+        conf = self.configuration
+        token = None
+        try:
+            if conf.ukai_token_file:
+                token = ukai_client.read_token(conf.ukai_token_file)
+            self.client = ukai_client.Client(
+                conf.ukai_api_addresses, token=token,
+                ca_file=conf.ukai_ca_file, timeout=conf.ukai_api_timeout)
+        except (OSError, ukai_client.UkaiError) as e:
+            raise exception.VolumeDriverException(
+                message=_('ukai driver setup: %s') % e)
+
+    def check_for_setup_error(self):
+        v = self._call(self.client.version)
+        LOG.info('ukai API %(api)s, version %(v)s',
+                 {'api': v.get('api'), 'v': v.get('version')})
+
+    # Errors.
+    def _call(self, fn, *args, **kwargs):
+        """Run a client call; map ukai's errors to Cinder's (see _mapped).
+        not_found, busy: exceptions (already built) for 404 and 409."""
+        not_found = kwargs.pop('not_found', None)
+        busy = kwargs.pop('busy', None)
+        try:
+            return fn(*args, **kwargs)
+        except ukai_client.UkaiError as e:
+            raise self._mapped(e, not_found, busy)
+
+    @staticmethod
+    def _mapped(e, not_found=None, busy=None):
+        """The Cinder exception for a ukai error, with ukai's message."""
+        if e.status == 404 and not_found is not None:
+            return not_found
+        if e.status == 409 and busy is not None:
+            return busy
+        if e.status == 400:
+            return exception.InvalidInput(reason=_('ukai: %s') % e.message)
+        if e.status in (401, 403):
+            return exception.NotAuthorized(
+                message=_('ukai refused the driver\'s token: %s') % e.message)
+        return exception.VolumeBackendAPIException(data=str(e))
+
+    # Volume types.
+    def _specs(self, volume):
+        """The ukai extra specs of the volume's type, checked."""
+        raw = {}
+        type_id = volume.get('volume_type_id')
+        if type_id:
+            raw = volume_types.get_volume_type_extra_specs(type_id) or {}
+        specs = {}
+        for key, value in raw.items():
+            if not key.startswith(SPEC_PREFIX):
+                continue
+            name = key[len(SPEC_PREFIX):]
+            if name not in SPECS:
+                raise exception.InvalidVolumeType(
+                    reason=_('unknown extra spec %(k)s (ukai knows %(all)s)') %
+                    {'k': key, 'all': ', '.join(SPEC_PREFIX + s for s in SPECS)})
+            specs[name] = str(value).strip()
+        out = {
+            'replicas': self.configuration.ukai_default_replicas,
+            'min_copies': self.configuration.ukai_default_min_copies,
+            'locations': list(self.configuration.ukai_default_locations or []),
+            'follow_vm': self.configuration.ukai_follow_vm,
+        }
+        for name in ('replicas', 'min_copies', 'block_size'):
+            if name in specs:
+                try:
+                    out[name] = int(specs[name])
+                except ValueError:
+                    raise exception.InvalidVolumeType(
+                        reason=_('ukai:%(n)s=%(v)r is not a whole number') %
+                        {'n': name, 'v': specs[name]})
+                if out[name] < 1:
+                    raise exception.InvalidVolumeType(
+                        reason=_('ukai:%(n)s must be at least 1') % {'n': name})
+        if 'locations' in specs:
+            out['locations'] = [x.strip() for x in specs['locations'].split(',') if x.strip()]
+        if 'sync_window' in specs:
+            out['sync_window'] = [x.strip() for x in specs['sync_window'].split(',') if x.strip()]
+        for name in ('sync_tz', 'max_rate'):
+            if name in specs:
+                out[name] = specs[name]
+        if 'follow_vm' in specs:
+            v = specs['follow_vm'].lower()
+            if v not in ('true', 'false', '<is> true', '<is> false'):
+                raise exception.InvalidVolumeType(
+                    reason=_('ukai:follow_vm=%r: use true or false') % specs['follow_vm'])
+            out['follow_vm'] = v.endswith('true')
+        if out['min_copies'] > out['replicas']:
+            raise exception.InvalidVolumeType(
+                reason=_('ukai:min_copies %(m)d is more than the %(r)d replicas') %
+                {'m': out['min_copies'], 'r': out['replicas']})
+        return out
+
+    def _create(self, volume, source=None):
+        """Create the image of volume (from source, a snapshot or volume
+        name), then give it the type's placement and sync policy. An image
+        whose policy cannot be set is deleted again."""
+        specs = self._specs(volume)
+        locations = specs['locations']
+        min_copies = min(specs['min_copies'], len(locations)) if locations else 1
+        self._call(self.client.create_image, volume.name, volume.size * units.Gi,
+                   locations=locations or None, min_copies=min_copies,
+                   block_size=specs.get('block_size'), source=source,
+                   timeout=self.configuration.ukai_copy_timeout,
+                   busy=exception.VolumeBackendAPIException(
+                       data=_('ukai already has an image named %s') % volume.name),
+                   not_found=exception.VolumeBackendAPIException(
+                       data=_('ukai: source %s not found') % source))
+        try:
+            if not locations or len(locations) != specs['replicas']:
+                self._call(self.client.set_policy, volume.name, replicas=specs['replicas'])
+            if specs.get('sync_window') or specs.get('max_rate'):
+                self._call(self.client.set_sync_policy, volume.name,
+                           windows=specs.get('sync_window'),
+                           max_rate=specs.get('max_rate'), tz=specs.get('sync_tz'))
+            if min_copies < specs['min_copies']:
+                LOG.warning('Volume %(v)s starts with %(n)d location(s): min '
+                            'copies is %(n)d until ukai placed more copies',
+                            {'v': volume.name, 'n': min_copies})
+        except Exception:
+            LOG.error('Could not set the ukai policy of %s: deleting it',
+                      volume.name)
+            try:
+                self.client.delete_image(volume.name)
+            except ukai_client.UkaiError as e:
+                LOG.error('Could not delete %(v)s: %(e)s', {'v': volume.name, 'e': e})
+            raise
+        LOG.info('Created ukai image %(v)s (%(s)d GiB, from %(src)s)',
+                 {'v': volume.name, 's': volume.size, 'src': source or 'nothing'})
+
+    # Volumes.
+    def create_volume(self, volume):
+        self._create(volume)
+
+    def create_volume_from_snapshot(self, volume, snapshot):
+        self._create(volume, source=snapshot.name)
+
+    def create_cloned_volume(self, volume, src_vref):
+        self._create(volume, source=src_vref.name)
+
+    def delete_volume(self, volume):
+        try:
+            self.client.delete_image(volume.name)
+        except ukai_client.UkaiError as e:
+            if e.status == 404:
+                LOG.info('Volume %s is not in ukai: already deleted', volume.name)
+                return
+            LOG.error('ukai did not delete %(v)s: %(e)s', {'v': volume.name, 'e': e})
+            raise self._mapped(e, busy=exception.VolumeIsBusy(volume_name=volume.name))
+
+    def extend_volume(self, volume, new_size):
+        self._call(self.client.resize, volume.name, new_size * units.Gi,
+                   not_found=exception.VolumeNotFound(volume_id=volume.id))
+
+    # Snapshots.
+    def create_snapshot(self, snapshot):
+        self._call(self.client.create_snapshot, snapshot.volume_name, snapshot.name,
+                   not_found=exception.VolumeNotFound(volume_id=snapshot.volume_id))
+
+    def delete_snapshot(self, snapshot):
+        try:
+            self.client.delete_snapshot(snapshot.volume_name, snapshot.name)
+        except ukai_client.UkaiError as e:
+            if e.status == 404:
+                LOG.info('Snapshot %s is not in ukai: already deleted', snapshot.name)
+                return
+            LOG.error('ukai did not delete snapshot %(s)s: %(e)s', {'s': snapshot.name, 'e': e})
+            raise self._mapped(e, busy=exception.SnapshotIsBusy(snapshot_name=snapshot.name))
+
+    # Exports and connections.
+    def create_export(self, context, volume, connector):
+        """Per-volume CHAP credentials, made once and kept by Cinder."""
+        if not self.configuration.ukai_chap or volume.get('provider_auth'):
+            return None
+        user = 'ukai-' + secrets.token_hex(6)
+        secret = secrets.token_hex(8)
+        return {'provider_auth': 'CHAP %s %s' % (user, secret)}
+
+    def ensure_export(self, context, volume):
+        return None
+
+    def remove_export(self, context, volume):
+        return None
+
+    def _chap(self, volume):
+        auth = volume.get('provider_auth')
+        if not self.configuration.ukai_chap:
+            return None, None
+        if not auth:
+            raise exception.VolumeBackendAPIException(
+                data=_('volume %s has no CHAP credentials (create_export did not run)') % volume.name)
+        method, user, secret = auth.split(None, 2)
+        if method != 'CHAP':
+            raise exception.VolumeBackendAPIException(
+                data=_('volume %(v)s: unknown auth method %(m)s') % {'v': volume.name, 'm': method})
+        return user, secret
+
+    def _node_for(self, host, locations):
+        """The live ukai node on the connector's host; else a live node
+        holding a copy; else any live node."""
+        nodes = [n for n in self._call(self.client.nodes) if n.get('state') == 'alive']
+        if not nodes:
+            raise exception.VolumeBackendAPIException(data=_('ukai: no live node'))
+        label = self.configuration.ukai_host_label
+        if host:
+            short = host.split('.')[0]
+            for n in nodes:
+                if (n.get('labels') or {}).get(label) in (host, short):
+                    return n, True
+            for n in nodes:
+                if n['name'] in (host, short):
+                    return n, True
+        for n in nodes:
+            if n['name'] in locations:
+                return n, False
+        return nodes[0], False
+
+    def initialize_connection(self, volume, connector):
+        initiator = (connector or {}).get('initiator')
+        if not initiator:
+            raise exception.InvalidConnectorException(missing='initiator')
+        img = self._call(self.client.image, volume.name,
+                         not_found=exception.VolumeNotFound(volume_id=volume.id))
+        locations = [loc['node'] for loc in img.get('locations') or []]
+        node, on_host = self._node_for(connector.get('host'), locations)
+        specs = self._specs(volume)
+        if on_host and specs['follow_vm'] and node['name'] not in locations:
+            # Follow the VM: a copy moves to the hypervisor's node in the
+            # background; meanwhile that node serves the volume from the
+            # other copies.
+            try:
+                self.client.relocate(volume.name, node['name'])
+                LOG.info('Relocating a copy of %(v)s to %(n)s (follow the VM)',
+                         {'v': volume.name, 'n': node['name']})
+            except ukai_client.UkaiError as e:
+                LOG.warning('Could not relocate %(v)s to %(n)s: %(e)s',
+                            {'v': volume.name, 'n': node['name'], 'e': e})
+        user, secret = self._chap(volume)
+        self._call(self.client.export, volume.name, initiator, chap_user=user, chap_secret=secret)
+        data = {
+            'target_discovered': False,
+            'target_portal': node['iscsi_addr'],
+            'target_iqn': img['iqn'],
+            'target_lun': 0,
+            'volume_id': volume.id,
+            'discard': True,
+            'encrypted': False,
+        }
+        if user:
+            data.update(auth_method='CHAP', auth_username=user, auth_password=secret)
+        LOG.info('Exported %(v)s to %(i)s through %(n)s',
+                 {'v': volume.name, 'i': initiator, 'n': node['name']})
+        return {'driver_volume_type': 'iscsi', 'data': data}
+
+    def terminate_connection(self, volume, connector, **kwargs):
+        if connector is None or not connector.get('initiator'):
+            # Force detach: nobody keeps access.
+            try:
+                img = self.client.image(volume.name)
+            except ukai_client.UkaiError as e:
+                if e.status == 404:
+                    return
+                raise exception.VolumeBackendAPIException(data=str(e))
+            initiators = [e['initiator'] for e in img.get('exports') or []]
+        else:
+            initiators = [connector['initiator']]
+        for ini in initiators:
+            try:
+                self.client.unexport(volume.name, ini)
+            except ukai_client.UkaiError as e:
+                if e.status != 404:
+                    raise exception.VolumeBackendAPIException(data=str(e))
+
+    # Image transfer: streamed through the ukai API (no local attach).
+    def copy_image_to_volume(self, context, volume, image_service, image_id):
+        with image_utils.temporary_file(prefix='ukai-image-') as tmp:
+            image_utils.fetch_to_raw(context, image_service, image_id, tmp,
+                                     self.configuration.volume_dd_blocksize,
+                                     size=volume.size, run_as_root=False)
+            with open(tmp, 'rb') as f:
+                self._call(self.client.write_data, volume.name, f,
+                           timeout=self.configuration.ukai_copy_timeout,
+                           not_found=exception.VolumeNotFound(volume_id=volume.id))
+
+    def copy_volume_to_image(self, context, volume, image_service, image_meta):
+        with image_utils.temporary_file(prefix='ukai-volume-') as tmp:
+            with open(tmp, 'wb') as f:
+                self._call(self.client.read_data, volume.name, f,
+                           timeout=self.configuration.ukai_copy_timeout,
+                           not_found=exception.VolumeNotFound(volume_id=volume.id))
+            volume_utils.upload_volume(context, image_service, image_meta, tmp,
+                                       volume, run_as_root=False)
+
+    # Stats.
+    def get_volume_stats(self, refresh=False):
+        if refresh or not self._stats:
+            self._update_volume_stats()
+        return self._stats
+
+    def _update_volume_stats(self):
+        """Capacity as Cinder should see it: the raw space of the live
+        nodes divided by the default replica count (each volume stores
+        that many copies); provisioned is the volumes' logical size."""
+        nodes = self._call(self.client.nodes)
+        images = self._call(self.client.images)
+        replicas = max(1, self.configuration.ukai_default_replicas)
+        raw_total = sum(n.get('capacity_bytes', 0) for n in nodes if n.get('state') == 'alive')
+        raw_free = sum(n.get('free_bytes', 0) for n in nodes if n.get('state') == 'alive')
+        provisioned = sum(i['size'] for i in images if not i.get('snapshot_of'))
+        backend = self.configuration.safe_get('volume_backend_name') or 'ukai'
+        self._stats = {
+            'volume_backend_name': backend,
+            'vendor_name': 'ukai',
+            'driver_version': self.VERSION,
+            'storage_protocol': constants.ISCSI,
+            'total_capacity_gb': _gib(raw_total / replicas),
+            'free_capacity_gb': _gib(raw_free / replicas),
+            'provisioned_capacity_gb': _gib(provisioned),
+            'reserved_percentage': self.configuration.safe_get('reserved_percentage') or 0,
+            'max_over_subscription_ratio': self.configuration.safe_get('max_over_subscription_ratio') or 20.0,
+            'thin_provisioning_support': True,
+            'thick_provisioning_support': False,
+            'multiattach': False,
+            'QoS_support': False,
+            'online_extend_support': True,
+            'location_info': 'ukai:%s' % ','.join(self.client.addresses),
+        }

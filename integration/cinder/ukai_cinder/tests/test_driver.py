@@ -1,0 +1,336 @@
+"""Unit tests of the ukai driver's logic on Cinder's own test base. The
+ukai API is replaced by a recording stand-in here; the end-to-end test
+(integration/cinder/e2e) runs the driver against a real ukai cluster."""
+
+import http.server
+import json
+import os
+import socket
+import tempfile
+import threading
+from unittest import mock
+
+from cinder import exception
+from cinder.tests.unit import fake_constants as fake
+from cinder.tests.unit import fake_snapshot
+from cinder.tests.unit import fake_volume
+from cinder.tests.unit import test
+from cinder.volume import configuration as conf
+from oslo_utils import units
+
+from ukai_cinder import client as ukai_client
+from ukai_cinder import driver as ukai_driver
+
+NODES = [
+    {'name': 'n1', 'state': 'alive', 'iscsi_addr': '127.0.0.1:3261', 'labels': {'host': 'hv1'},
+     'capacity_bytes': 100 * units.Gi, 'free_bytes': 60 * units.Gi},
+    {'name': 'n2', 'state': 'alive', 'iscsi_addr': '127.0.0.1:3262', 'labels': {'host': 'hv2'},
+     'capacity_bytes': 100 * units.Gi, 'free_bytes': 40 * units.Gi},
+    {'name': 'n3', 'state': 'dead', 'iscsi_addr': '127.0.0.1:3263', 'labels': {'host': 'hv3'},
+     'capacity_bytes': 100 * units.Gi, 'free_bytes': 100 * units.Gi},
+]
+
+
+def make_config(**over):
+    cfg = mock.Mock(spec=conf.Configuration)
+    values = {o.dest: o.default for o in ukai_driver.ukai_opts}
+    values.update(volume_backend_name='ukai', reserved_percentage=0,
+                  max_over_subscription_ratio=20.0, volume_dd_blocksize='1M')
+    values.update(over)
+    for k, v in values.items():
+        setattr(cfg, k, v)
+    cfg.safe_get.side_effect = lambda k: values.get(k)
+    return cfg
+
+
+class UkaiDriverTestCase(test.TestCase):
+
+    def setUp(self):
+        super(UkaiDriverTestCase, self).setUp()
+        self.ctx = mock.Mock()
+        self.driver = ukai_driver.UkaiISCSIDriver(configuration=make_config())
+        self.client = mock.Mock(spec=ukai_client.Client)
+        self.client.addresses = ['http://127.0.0.1:7700']
+        self.client.nodes.return_value = NODES
+        self.driver.client = self.client
+        self.specs = {}
+        self.mock_object(ukai_driver.volume_types, 'get_volume_type_extra_specs',
+                         side_effect=lambda type_id: self.specs)
+        self.volume = fake_volume.fake_volume_obj(self.ctx, size=2, volume_type_id=fake.VOLUME_TYPE_ID,
+                                                  provider_auth='CHAP ukai-u1 s3cretsecret0001')
+
+    def test_create_volume_follows_the_volume_type(self):
+        self.specs = {'ukai:replicas': '3', 'ukai:locations': 'n1, n2', 'ukai:min_copies': '2',
+                      'ukai:sync_window': '22:00-06:00', 'ukai:max_rate': '50MiB/s', 'other:thing': 'x'}
+        self.driver.create_volume(self.volume)
+        self.client.create_image.assert_called_once_with(
+            self.volume.name, 2 * units.Gi, locations=['n1', 'n2'], min_copies=2,
+            block_size=None, source=None, timeout=mock.ANY)
+        self.client.set_policy.assert_called_once_with(self.volume.name, replicas=3)
+        self.client.set_sync_policy.assert_called_once_with(
+            self.volume.name, windows=['22:00-06:00'], max_rate='50MiB/s', tz=None)
+
+    def test_create_volume_defaults(self):
+        self.driver.create_volume(self.volume)
+        self.client.create_image.assert_called_once_with(
+            self.volume.name, 2 * units.Gi, locations=None, min_copies=1,
+            block_size=None, source=None, timeout=mock.ANY)
+        self.client.set_policy.assert_called_once_with(self.volume.name, replicas=2)
+        self.client.set_sync_policy.assert_not_called()
+
+    def test_bad_extra_specs_create_nothing(self):
+        for specs in ({'ukai:replicas': 'two'}, {'ukai:replicas': '0'}, {'ukai:nonsense': '1'},
+                      {'ukai:replicas': '1', 'ukai:min_copies': '2'}, {'ukai:follow_vm': 'maybe'}):
+            self.specs = specs
+            self.assertRaises(exception.InvalidVolumeType, self.driver.create_volume, self.volume)
+        self.client.create_image.assert_not_called()
+
+    def test_policy_failure_deletes_the_new_image(self):
+        self.client.set_policy.side_effect = ukai_client.UkaiError(400, 'replicas 5: only 2 nodes')
+        e = self.assertRaises(exception.InvalidInput, self.driver.create_volume, self.volume)
+        self.assertIn('replicas 5: only 2 nodes', str(e))
+        self.client.delete_image.assert_called_once_with(self.volume.name)
+
+    def test_create_from_snapshot_and_clone_name_the_source(self):
+        snap = fake_snapshot.fake_snapshot_obj(self.ctx, volume_id=fake.VOLUME2_ID)
+        self.driver.create_volume_from_snapshot(self.volume, snap)
+        self.assertEqual(snap.name, self.client.create_image.call_args[1]['source'])
+        src = fake_volume.fake_volume_obj(self.ctx, id=fake.VOLUME2_ID)
+        self.driver.create_cloned_volume(self.volume, src)
+        self.assertEqual(src.name, self.client.create_image.call_args[1]['source'])
+
+    def test_missing_source_is_reported_with_its_name(self):
+        self.client.create_image.side_effect = ukai_client.UkaiError(404, 'source: "x": image not found')
+        e = self.assertRaises(exception.VolumeBackendAPIException, self.driver.create_cloned_volume,
+                              self.volume, fake_volume.fake_volume_obj(self.ctx, id=fake.VOLUME2_ID))
+        self.assertIn('not found', str(e))
+
+    def test_extend_in_bytes(self):
+        self.driver.extend_volume(self.volume, 5)
+        self.client.resize.assert_called_once_with(self.volume.name, 5 * units.Gi)
+        self.client.resize.side_effect = ukai_client.UkaiError(400, 'shrinking to 1 would lose data')
+        e = self.assertRaises(exception.InvalidInput, self.driver.extend_volume, self.volume, 1)
+        self.assertIn('would lose data', str(e))
+
+    def test_delete(self):
+        self.driver.delete_volume(self.volume)
+        self.client.delete_image.side_effect = ukai_client.UkaiError(404, 'image not found')
+        self.driver.delete_volume(self.volume)  # already gone: fine
+        self.client.delete_image.side_effect = ukai_client.UkaiError(409, 'image has snapshots (s1): delete them first')
+        self.assertRaises(exception.VolumeIsBusy, self.driver.delete_volume, self.volume)
+        self.client.delete_image.side_effect = ukai_client.UkaiError(None, 'connection refused')
+        e = self.assertRaises(exception.VolumeBackendAPIException, self.driver.delete_volume, self.volume)
+        self.assertIn('connection refused', str(e))
+        self.client.delete_image.side_effect = ukai_client.UkaiError(401, 'missing or invalid bearer token')
+        self.assertRaises(exception.NotAuthorized, self.driver.delete_volume, self.volume)
+
+    def test_snapshots(self):
+        snap = fake_snapshot.fake_snapshot_obj(self.ctx, volume_id=self.volume.id)
+        snap.volume = self.volume
+        self.driver.create_snapshot(snap)
+        self.client.create_snapshot.assert_called_once_with(self.volume.name, snap.name)
+        self.client.delete_snapshot.side_effect = ukai_client.UkaiError(404, 'not found')
+        self.driver.delete_snapshot(snap)
+        self.client.delete_snapshot.side_effect = ukai_client.UkaiError(500, 'metadata store down')
+        self.assertRaises(exception.VolumeBackendAPIException, self.driver.delete_snapshot, snap)
+
+    def test_create_export_makes_chap_credentials_once(self):
+        vol = fake_volume.fake_volume_obj(self.ctx)
+        upd = self.driver.create_export(self.ctx, vol, {})
+        method, user, secret = upd['provider_auth'].split()
+        self.assertEqual('CHAP', method)
+        self.assertTrue(user.startswith('ukai-'))
+        self.assertEqual(16, len(secret))
+        self.assertNotEqual(upd, self.driver.create_export(self.ctx, vol, {}))
+        self.assertIsNone(self.driver.create_export(self.ctx, self.volume, {}))
+
+    def test_initialize_connection_on_the_hypervisors_node(self):
+        self.client.image.return_value = {'iqn': 'iqn.x:' + self.volume.name,
+                                          'locations': [{'node': 'n1'}, {'node': 'n3'}]}
+        conn = self.driver.initialize_connection(self.volume, {'initiator': 'iqn.hv2', 'host': 'hv2.example.org'})
+        self.assertEqual('iscsi', conn['driver_volume_type'])
+        d = conn['data']
+        self.assertEqual('127.0.0.1:3262', d['target_portal'])
+        self.assertEqual('iqn.x:' + self.volume.name, d['target_iqn'])
+        self.assertEqual(0, d['target_lun'])
+        self.assertEqual(('CHAP', 'ukai-u1', 's3cretsecret0001'),
+                         (d['auth_method'], d['auth_username'], d['auth_password']))
+        self.client.export.assert_called_once_with(self.volume.name, 'iqn.hv2', chap_user='ukai-u1',
+                                                   chap_secret='s3cretsecret0001')
+        # n2 holds no copy: one moves there.
+        self.client.relocate.assert_called_once_with(self.volume.name, 'n2')
+
+    def test_initialize_connection_without_follow_vm_or_with_a_copy(self):
+        self.client.image.return_value = {'iqn': 'q', 'locations': [{'node': 'n1'}]}
+        self.driver.initialize_connection(self.volume, {'initiator': 'iqn.hv1', 'host': 'hv1'})
+        self.specs = {'ukai:follow_vm': 'false'}
+        self.driver.initialize_connection(self.volume, {'initiator': 'iqn.hv2', 'host': 'hv2'})
+        self.client.relocate.assert_not_called()
+        # An unknown host: a node holding a copy serves.
+        conn = self.driver.initialize_connection(self.volume, {'initiator': 'iqn.x', 'host': 'elsewhere'})
+        self.assertEqual('127.0.0.1:3261', conn['data']['target_portal'])
+
+    def test_a_relocation_refused_does_not_fail_the_attach(self):
+        self.client.image.return_value = {'iqn': 'q', 'locations': [{'node': 'n1'}]}
+        self.client.relocate.side_effect = ukai_client.UkaiError(400, 'relocate and locations are both set')
+        conn = self.driver.initialize_connection(self.volume, {'initiator': 'iqn.hv2', 'host': 'hv2'})
+        self.assertEqual('127.0.0.1:3262', conn['data']['target_portal'])
+
+    def test_initialize_connection_needs_an_initiator_and_credentials(self):
+        self.assertRaises(exception.InvalidConnectorException, self.driver.initialize_connection,
+                          self.volume, {'host': 'hv1'})
+        self.client.image.return_value = {'iqn': 'q', 'locations': [{'node': 'n1'}]}
+        vol = fake_volume.fake_volume_obj(self.ctx)
+        self.assertRaises(exception.VolumeBackendAPIException, self.driver.initialize_connection,
+                          vol, {'initiator': 'iqn.hv1', 'host': 'hv1'})
+        self.client.export.assert_not_called()
+
+    def test_without_chap(self):
+        self.driver.configuration = make_config(ukai_chap=False)
+        self.client.image.return_value = {'iqn': 'q', 'locations': [{'node': 'n1'}]}
+        conn = self.driver.initialize_connection(fake_volume.fake_volume_obj(self.ctx),
+                                                 {'initiator': 'iqn.hv1', 'host': 'hv1'})
+        self.assertNotIn('auth_method', conn['data'])
+        self.assertIsNone(self.client.export.call_args[1]['chap_user'])
+
+    def test_terminate_connection(self):
+        self.driver.terminate_connection(self.volume, {'initiator': 'iqn.hv1'})
+        self.client.unexport.assert_called_once_with(self.volume.name, 'iqn.hv1')
+        self.client.unexport.reset_mock()
+        self.client.image.return_value = {'exports': [{'initiator': 'a'}, {'initiator': 'b'}]}
+        self.driver.terminate_connection(self.volume, None, force=True)
+        self.assertEqual([mock.call(self.volume.name, 'a'), mock.call(self.volume.name, 'b')],
+                         self.client.unexport.call_args_list)
+        self.client.unexport.side_effect = ukai_client.UkaiError(404, 'no export')
+        self.driver.terminate_connection(self.volume, {'initiator': 'iqn.hv1'})
+
+    def test_stats(self):
+        self.client.images.return_value = [{'size': 10 * units.Gi}, {'size': 5 * units.Gi},
+                                           {'size': 10 * units.Gi, 'snapshot_of': 'v'}]
+        st = self.driver.get_volume_stats(refresh=True)
+        # Two live nodes of 100 GiB, two copies per volume.
+        self.assertEqual(100.0, st['total_capacity_gb'])
+        self.assertEqual(50.0, st['free_capacity_gb'])
+        self.assertEqual(15.0, st['provisioned_capacity_gb'])
+        self.assertTrue(st['thin_provisioning_support'])
+        self.assertEqual('iSCSI', st['storage_protocol'])
+        self.assertEqual('ukai', st['volume_backend_name'])
+
+    def test_copy_image_to_volume_streams_the_raw_image(self):
+        written = {}
+
+        def fetch(ctx, svc, image_id, dest, bs, size=None, run_as_root=True):
+            self.assertFalse(run_as_root)
+            with open(dest, 'wb') as f:
+                f.write(b'raw image bytes')
+
+        def write(name, f, timeout=None):
+            written[name] = f.read()
+
+        self.mock_object(ukai_driver.image_utils, 'fetch_to_raw', side_effect=fetch)
+        self.client.write_data.side_effect = write
+        with tempfile.TemporaryDirectory() as d:
+            self.flags(image_conversion_dir=d)
+            self.driver.copy_image_to_volume(self.ctx, self.volume, mock.Mock(), fake.IMAGE_ID)
+            self.assertEqual([], os.listdir(d))
+        self.assertEqual({self.volume.name: b'raw image bytes'}, written)
+
+    def test_copy_volume_to_image_uploads_what_ukai_streams(self):
+        uploaded = {}
+
+        def read(name, out, timeout=None):
+            out.write(b'volume bytes')
+
+        def upload(ctx, svc, meta, path, volume, run_as_root=True):
+            self.assertFalse(run_as_root)
+            with open(path, 'rb') as f:
+                uploaded[meta['id']] = f.read()
+
+        self.client.read_data.side_effect = read
+        self.mock_object(ukai_driver.volume_utils, 'upload_volume', side_effect=upload)
+        with tempfile.TemporaryDirectory() as d:
+            self.flags(image_conversion_dir=d)
+            self.driver.copy_volume_to_image(self.ctx, self.volume, mock.Mock(), {'id': 'img1'})
+        self.assertEqual({'img1': b'volume bytes'}, uploaded)
+
+
+class _API(http.server.BaseHTTPRequestHandler):
+    """A ukai API stand-in answering with a fixed status and body."""
+    answers = {}
+    seen = []
+
+    def _answer(self):
+        n = int(self.headers.get('Content-Length') or 0)
+        body = self.rfile.read(n) if n else b''
+        type(self).seen.append((self.command, self.path, self.headers.get('Authorization'), body))
+        status, payload = type(self).answers.get((self.command, self.path), (404, {'error': 'no such API endpoint'}))
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_DELETE = do_PUT = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+class UkaiClientTestCase(test.TestCase):
+    """The client over real HTTP: address failover, token, error text."""
+
+    def setUp(self):
+        super(UkaiClientTestCase, self).setUp()
+        _API.seen = []
+        _API.answers = {
+            ('GET', '/v1/version'): (200, {'version': 'test', 'api': 'v1'}),
+            ('DELETE', '/v1/images/v1'): (409, {'error': 'image "v1" has snapshots (s1): delete them first'}),
+        }
+        self.srv = http.server.HTTPServer(('127.0.0.1', 0), _API)
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+        self.addCleanup(self.srv.server_close)
+        self.addCleanup(self.srv.shutdown)
+        # A loopback port nobody listens on.
+        s = socket.socket()
+        s.bind(('127.0.0.1', 0))
+        self.dead = '127.0.0.1:%d' % s.getsockname()[1]
+        s.close()
+        self.live = '127.0.0.1:%d' % self.srv.server_address[1]
+
+    def test_first_address_that_answers_serves(self):
+        c = ukai_client.Client([self.dead, self.live], token='tok')
+        self.assertEqual('v1', c.version()['api'])
+        self.assertEqual('Bearer tok', _API.seen[0][2])
+
+    def test_an_error_answer_is_final_and_keeps_ukais_words(self):
+        c = ukai_client.Client([self.live, self.dead])
+        e = self.assertRaises(ukai_client.UkaiError, c.delete_image, 'v1')
+        self.assertEqual(409, e.status)
+        self.assertIn('has snapshots (s1)', str(e))
+        self.assertEqual(1, len(_API.seen))
+
+    def test_nobody_answers(self):
+        c = ukai_client.Client([self.dead])
+        e = self.assertRaises(ukai_client.UkaiError, c.version)
+        self.assertIsNone(e.status)
+        self.assertIn(self.dead, str(e))
+
+    def test_token_file_must_not_be_world_readable(self):
+        with tempfile.TemporaryDirectory() as d:
+            p = os.path.join(d, 'token')
+            with open(p, 'w') as f:
+                f.write('tok\n')
+            os.chmod(p, 0o644)
+            self.assertRaises(ukai_client.UkaiError, ukai_client.read_token, p)
+            os.chmod(p, 0o600)
+            self.assertEqual('tok', ukai_client.read_token(p))
+
+    def test_driver_setup_reports_an_unreachable_cluster(self):
+        d = ukai_driver.UkaiISCSIDriver(configuration=make_config(ukai_api_addresses=[self.dead]))
+        d.do_setup(None)
+        e = self.assertRaises(exception.VolumeBackendAPIException, d.check_for_setup_error)
+        self.assertIn('unreachable', str(e))
+        d = ukai_driver.UkaiISCSIDriver(configuration=make_config(ukai_api_addresses=[self.live]))
+        d.do_setup(None)
+        d.check_for_setup_error()
