@@ -16,7 +16,8 @@ import (
 )
 
 // Service is what the API serves; the node implements it. Errors wrapping
-// meta.ErrInvalid, meta.ErrImageNotFound, meta.ErrImageExists,
+// meta.ErrInvalid, meta.ErrImageNotFound (and ErrNodeNotFound,
+// ErrExportNotFound), meta.ErrImageExists,
 // meta.ErrConflict and meta.ErrUnavailable map to 400, 404, 409, 409 and
 // 503; anything else is a 500.
 type Service interface {
@@ -143,7 +144,7 @@ func StatusOf(err error) int {
 	switch {
 	case errors.Is(err, meta.ErrInvalid):
 		return http.StatusBadRequest
-	case errors.Is(err, meta.ErrImageNotFound), errors.Is(err, meta.ErrNodeNotFound):
+	case errors.Is(err, meta.ErrImageNotFound), errors.Is(err, meta.ErrNodeNotFound), errors.Is(err, meta.ErrExportNotFound):
 		return http.StatusNotFound
 	case errors.Is(err, meta.ErrImageExists), errors.Is(err, meta.ErrConflict), errors.Is(err, meta.ErrLastCopy):
 		return http.StatusConflict

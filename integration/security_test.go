@@ -17,28 +17,36 @@ import (
 
 // A secured cluster: mutual TLS between nodes, an API token, HTTPS for the
 // API, CHAP and initiator access lists on the targets.
-func TestSecuredCluster(t *testing.T) {
+// securedCluster starts nodes with everything on: mutual TLS between
+// them, an API over HTTPS with a bearer token, access lists (CHAP secrets
+// may be stored in Consul). It returns the nodes, the PKI directory and
+// the token file.
+func securedCluster(t *testing.T, names []string, labels []map[string]string) (nodes []*node, pki, token string) {
+	t.Helper()
 	dir := t.TempDir()
-	pki := filepath.Join(dir, "pki")
+	pki = filepath.Join(dir, "pki")
 	if out, err := exec.Command(ukaiBin, "tls", "init", "--dir", pki).CombinedOutput(); err != nil {
 		t.Fatalf("tls init: %v %s", err, out)
 	}
-	for _, n := range []string{"n1", "n2"} {
+	for _, n := range names {
 		if out, err := exec.Command(ukaiBin, "tls", "issue", n, "--dir", pki, "--host", "127.0.0.1").CombinedOutput(); err != nil {
 			t.Fatalf("tls issue: %v %s", err, out)
 		}
 	}
-	token := filepath.Join(dir, "token")
+	token = filepath.Join(dir, "token")
 	os.WriteFile(token, []byte("s3cret-cluster-token\n"), 0o600)
 	consul := consultest.Start(t, consultest.Persistent(t.TempDir()))
-	var nodes []*node
-	for i, name := range []string{"n1", "n2"} {
+	for i, name := range names {
 		extra := "tls:\n  ca: " + filepath.Join(pki, "ca.pem") + "\n  cert: " + filepath.Join(pki, name+".pem") + "\n  key: " + filepath.Join(pki, name+"-key.pem") + "\n"
 		var join []string
 		if i > 0 {
 			join = []string{nodes[0].gossip}
 		}
-		n := newClusterNode(t, name, clusterOpts{consul: consul.Addr, join: join, requireACL: true, extra: extra})
+		o := clusterOpts{consul: consul.Addr, join: join, requireACL: true, extra: extra}
+		if i < len(labels) {
+			o.labels = labels[i]
+		}
+		n := newClusterNode(t, name, o)
 		// The API with a token over HTTPS; CHAP secrets may be stored in Consul.
 		cfg, _ := os.ReadFile(n.cfgPath)
 		s := strings.Replace(string(cfg), "api:\n  listen: "+n.api+"\n", "api:\n  listen: "+n.api+"\n  token_file: "+token+"\n  tls: true\n", 1)
@@ -49,6 +57,12 @@ func TestSecuredCluster(t *testing.T) {
 		n.start()
 		nodes = append(nodes, n)
 	}
+	return nodes, pki, token
+}
+
+func TestSecuredCluster(t *testing.T) {
+	nodes, pki, _ := securedCluster(t, []string{"n1", "n2"}, nil)
+	dir := t.TempDir()
 	n1, n2 := nodes[0], nodes[1]
 
 	// The API: no token, no entry; nothing changes.

@@ -85,11 +85,37 @@ func (n *Node) loadExports(ctx context.Context) error {
 		n.log.Warn("ignoring unreadable export", "err", b)
 	}
 	n.exportsMu.Lock()
+	old := n.exports
 	n.exports = all
 	n.exportsLoaded = true
 	n.exportsMu.Unlock()
 	n.cacheExports(all)
+	n.dropWithdrawn(old, all)
 	return nil
+}
+
+// dropWithdrawn ends the iSCSI sessions of initiators whose access to an
+// image was withdrawn: the image had exports and none admits them now.
+func (n *Node) dropWithdrawn(old, cur map[string][]meta.Export) {
+	for _, si := range n.target.Sessions() {
+		image, ok := strings.CutPrefix(si.Target, n.cfg.ISCSI.IQNPrefix+":")
+		if !ok || len(old[image]) == 0 {
+			continue
+		}
+		exps := cur[image]
+		if len(exps) == 0 && !n.cfg.ISCSI.RequireACL {
+			continue // no exports and no access list required: open
+		}
+		admitted := false
+		for _, e := range exps {
+			if e.Initiator == "*" || strings.EqualFold(e.Initiator, si.InitiatorName) {
+				admitted = true
+			}
+		}
+		if !admitted {
+			n.target.DropInitiator(si.Target, si.InitiatorName)
+		}
+	}
 }
 
 // secret returns a CHAP secret: stored in the export, or read from the

@@ -1,12 +1,14 @@
 package node
 
 import (
+	"context"
 	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/ukai-storage/ukai/api"
 	"github.com/ukai-storage/ukai/cluster/meta"
@@ -83,9 +85,21 @@ func (a nodeACL) Exports(target string) ([]iscsi.Export, bool) {
 	if !ok {
 		return nil, false
 	}
-	n.exportsMu.RLock()
+	// A login reads the image's exports afresh, so a withdrawn access
+	// counts at once (not after the watch delivers it); the cached ones
+	// serve while the metadata store is unreachable.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	fresh, bad, err := n.cat.ImageExports(ctx, name)
+	cancel()
+	n.exportsMu.Lock()
+	if err == nil && len(bad) == 0 {
+		if n.exports == nil {
+			n.exports = map[string][]meta.Export{}
+		}
+		n.exports[name] = fresh
+	}
 	exps := n.exports[name]
-	n.exportsMu.RUnlock()
+	n.exportsMu.Unlock()
 	if len(exps) == 0 {
 		return nil, false
 	}

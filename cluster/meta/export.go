@@ -78,6 +78,9 @@ func (c *Catalog) exportKey(image, initiator string) string {
 	return c.exportPrefix(image) + url.PathEscape(initiator)
 }
 
+// ErrExportNotFound: the image is not exported to that initiator.
+var ErrExportNotFound = errors.New("no such export")
+
 // ExportsPrefix is where all exports live (for watches).
 func (c *Catalog) ExportsPrefix() string { return c.prefix + "exports/" }
 
@@ -103,7 +106,7 @@ func (c *Catalog) RemoveExport(ctx context.Context, image, initiator string) err
 	key := c.exportKey(image, strings.ToLower(initiator))
 	e, err := c.kv.Get(ctx, key)
 	if errors.Is(err, ErrNotFound) {
-		return fmt.Errorf("%w: %q is not exported to %s", ErrInvalid, image, initiator)
+		return fmt.Errorf("%w: %q is not exported to %s", ErrExportNotFound, image, initiator)
 	}
 	if err != nil {
 		return err
@@ -113,7 +116,17 @@ func (c *Catalog) RemoveExport(ctx context.Context, image, initiator string) err
 
 // AllExports returns every export by image, and MalformedErrors.
 func (c *Catalog) AllExports(ctx context.Context) (map[string][]Export, []error, error) {
-	entries, _, err := c.kv.List(ctx, c.ExportsPrefix())
+	return c.exportsUnder(ctx, c.ExportsPrefix())
+}
+
+// ImageExports returns the exports of one image, and MalformedErrors.
+func (c *Catalog) ImageExports(ctx context.Context, image string) ([]Export, []error, error) {
+	all, bad, err := c.exportsUnder(ctx, c.exportPrefix(image))
+	return all[image], bad, err
+}
+
+func (c *Catalog) exportsUnder(ctx context.Context, prefix string) (map[string][]Export, []error, error) {
+	entries, _, err := c.kv.List(ctx, prefix)
 	if err != nil {
 		return nil, nil, fmt.Errorf("list exports: %w", err)
 	}

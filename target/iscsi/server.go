@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -374,18 +375,30 @@ func (s *Server) drainCtx() context.Context {
 // gone). Their commands are cancelled; DropTarget waits (up to 10s) until
 // the sessions have stopped using the LU.
 func (s *Server) DropTarget(iqn string) {
+	s.drop("target removed", func(ss *session) bool { return ss.targetName == iqn })
+}
+
+// DropInitiator ends the sessions of initiator on target iqn (its access
+// was withdrawn), like DropTarget.
+func (s *Server) DropInitiator(iqn, initiator string) {
+	s.drop("access withdrawn", func(ss *session) bool {
+		return ss.targetName == iqn && strings.EqualFold(ss.initiatorName, initiator)
+	})
+}
+
+func (s *Server) drop(reason string, match func(*session) bool) {
 	s.mu.Lock()
 	var victims []*session
 	for tsih, ss := range s.sessions {
-		if ss.targetName == iqn {
+		if match(ss) {
 			victims = append(victims, ss)
 			delete(s.sessions, tsih)
 		}
 	}
 	s.mu.Unlock()
 	for _, ss := range victims {
-		s.log.Info("iscsi session dropped: target removed", "target", iqn, "initiator", ss.initiatorName, "tsih", ss.tsih)
-		ss.close("target removed")
+		s.log.Info("iscsi session dropped: "+reason, "target", ss.targetName, "initiator", ss.initiatorName, "tsih", ss.tsih)
+		ss.close(reason)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
