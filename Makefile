@@ -6,7 +6,7 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 BIN := bin/ukai
 
-.PHONY: consul all build test test-short test-integration conformance bench fuzz lint deps demo demo-stop clean test-vm
+.PHONY: consul all build test test-cinder test-short test-integration conformance bench fuzz lint deps demo demo-stop clean test-vm
 
 all: build
 
@@ -19,6 +19,10 @@ deps:
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; fi
+	@missing=""; for p in python3-cinder python3-stestr python3-ddt python3-oslotest; do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; fi
 
 # A consul binary: the one on PATH, else built once from the Go module proxy
 # into .cache/ (a few minutes the first time).
@@ -34,8 +38,15 @@ lint:
 # (ukai against tgtd, checked against integration/conformance/expected.txt).
 # -p 1: one package at a time, so the timing bounds of the gossip and
 # failover tests are not measured on a machine busy with another package.
-test: deps consul lint build
+test: deps consul lint build test-cinder
 	$(GO) test -p 1 -count=1 -timeout 25m ./...
+
+# The Cinder driver's unit tests, on Cinder's own test base (Debian's
+# python3-cinder; /usr/bin/python3, which sees it). Its end-to-end test
+# against a real cluster runs in the Go integration tests
+# (TestCinderDriverEndToEnd).
+test-cinder:
+	cd integration/cinder && /usr/bin/python3 -m unittest discover -s ukai_cinder/tests -t .
 
 # Unit tests only (pure Go, no processes, no network clients).
 test-short: lint

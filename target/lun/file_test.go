@@ -40,3 +40,32 @@ func TestUnmapReleasesSpace(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestFileCopyGrows(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "g.img")
+	c, err := CreateFile(path, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.WriteAt(ctx, []byte{1}, 1<<20, false); err == nil {
+		t.Fatal("write beyond the end accepted")
+	}
+	if err := c.Grow(2 << 20); err != nil || c.Size() != 2<<20 {
+		t.Fatalf("grow: %v, size %d", err, c.Size())
+	}
+	if err := c.WriteAt(ctx, []byte{7}, 2<<20-1, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Grow(1 << 20); err != nil || c.Size() != 2<<20 {
+		t.Fatalf("grow to less must change nothing: %v, size %d", err, c.Size())
+	}
+	// A file longer than the record (a grow cut short) opens; shorter not.
+	if _, err := OpenFile(path, 1<<20); err != nil {
+		t.Fatalf("open a longer file: %v", err)
+	}
+	if _, err := OpenFile(path, 3<<20); err == nil {
+		t.Fatal("a file shorter than the record opened")
+	}
+}

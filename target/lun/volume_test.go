@@ -89,6 +89,7 @@ func (m *memMaps) get(node string, b int64) placement.SyncState {
 
 type rig struct {
 	v      *Volume
+	reps   []*Replica
 	copies map[string]*faulty
 	store  *memMaps
 	dead   sync.Map
@@ -120,6 +121,7 @@ func newRig(t *testing.T, size, bs int64, minCopies int, nodes ...string) *rig {
 	}
 	t.Cleanup(func() { v.Close() })
 	r.v = v
+	r.reps = reps
 	return r
 }
 
@@ -424,5 +426,45 @@ func TestStalledCopyCostsOneTimeoutNotOnePerBlock(t *testing.T) {
 		if r.store.get("n2", b) != placement.OutOfSync {
 			t.Fatalf("block %d of the stalled copy not recorded out of sync", b)
 		}
+	}
+}
+
+func TestVolumeGrowsOnline(t *testing.T) {
+	ctx := context.Background()
+	r := newRig(t, 3<<16, 1<<16, 1, "a", "b")
+	want := pattern(3<<16, 3)
+	if err := r.v.WriteAt(ctx, want, 0, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.v.WriteAt(ctx, []byte{1}, 3<<16, false); err == nil {
+		t.Fatal("write beyond the end accepted")
+	}
+	reps := r.reps // the same copies, as the node passes them
+	maps := map[string]*placement.BlockMap{}
+	for _, n := range []string{"a", "b"} {
+		if err := r.copies[n].Grow(5 << 16); err != nil {
+			t.Fatal(err)
+		}
+		maps[n] = placement.NewBlockMap(5, placement.InSync)
+		r.store.maps[n] = r.store.maps[n].Resized(5, placement.InSync)
+	}
+	if err := r.v.Grow(5<<16, reps, map[string]*placement.BlockMap{"a": placement.NewBlockMap(4, placement.InSync), "b": maps["b"]}); err == nil || r.v.Size() != 3<<16 {
+		t.Fatalf("a map of the wrong length was taken (err %v, size %d)", err, r.v.Size())
+	}
+	if err := r.v.Grow(5<<16, reps, maps); err != nil || r.v.Size() != 5<<16 || r.v.Blocks() != 5 {
+		t.Fatalf("grow: %v, size %d", err, r.v.Size())
+	}
+	if err := r.v.Grow(4<<16, reps, maps); err == nil {
+		t.Fatal("shrink accepted")
+	}
+	if err := r.v.WriteAt(ctx, pattern(1<<16, 9), 4<<16, true); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 5<<16)
+	if err := r.v.ReadHeld(ctx, got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got[:3<<16], want) || !bytes.Equal(got[3<<16:4<<16], make([]byte, 1<<16)) || !bytes.Equal(got[4<<16:], pattern(1<<16, 9)) {
+		t.Fatal("data after the grow is not the old data, zeros, then the new write")
 	}
 }

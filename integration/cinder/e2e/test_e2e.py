@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from unittest import mock
 
 from oslo_utils import importutils
@@ -126,6 +127,13 @@ class UkaiEndToEnd(test.TestCase):
         self.vtype = volume_types.create(self.ctx, 'ukai-two-copies', {
             'ukai:replicas': '2', 'ukai:locations': 'n1,n2', 'ukai:min_copies': '1', 'ukai:block_size': str(MiB)})
 
+    def _wait(self, cond, what, timeout=20):
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > deadline:
+                self.fail('timed out waiting for ' + what)
+            time.sleep(0.1)
+
     def _driver_group(self):
         """The option group the manager's driver reads (the backend's
         section, else the shared backend defaults)."""
@@ -207,8 +215,26 @@ class UkaiEndToEnd(test.TestCase):
         self.assertGreater(st['total_capacity_gb'], 0)
         self.assertGreaterEqual(st['provisioned_capacity_gb'], 5)
 
-        # Detach: the initiator is refused from then on.
+        # A live session (qemu-nbd holds one) on the node of hv1.
+        sock = os.path.join(self.tmp, 'nbd.sock')
+        nbd = subprocess.Popen(['qemu-nbd', '--object', 'secret,id=s0,data=' + data['auth_password'], '--image-opts',
+                                '-k', sock, '--persistent',
+                                'driver=iscsi,transport=tcp,portal=%s,target=%s,lun=0,initiator-name=%s,user=%s,password-secret=s0'
+                                % (data['target_portal'], data['target_iqn'], ini, data['auth_username'])],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(nbd.wait)
+        self.addCleanup(nbd.kill)
+        scheme = self.ukai.addresses[0].split('://')[0]
+        node_api = ukai_client.Client([scheme + '://' + node['api_addr']], token=self.ukai.token, ca_file=env('UKAI_E2E_CA'))
+
+        def sessions():
+            return [x for x in node_api.request('GET', '/v1/node').get('sessions') or []
+                    if x['initiator'] == ini and x['target'] == data['target_iqn']]
+        self._wait(lambda: sessions(), 'the qemu-nbd session to log in')
+
+        # Detach: the live session ends, and the initiator is refused from then on.
         self.manager.terminate_connection(self.ctx, vol.id, connector)
+        self._wait(lambda: not sessions(), 'the session to end after terminate_connection')
         code, _ = run('iscsi-inq', '-i', ini, iscsi_url(data), check=False)
         self.assertNotEqual(0, code, 'the initiator still logs in after terminate_connection')
         qemu_io(data, ini, 'read 0 512', expect_ok=False)
