@@ -44,7 +44,7 @@ func TestCinderDriverEndToEnd(t *testing.T) {
 		}
 		t.Fatalf("the Cinder end-to-end test failed: %v", err)
 	}
-	if !strings.Contains(string(out), "Ran 2 tests") || !strings.Contains(string(out), "\nOK") {
-		t.Fatalf("the Cinder end-to-end test did not run both tests cleanly:\n%s", out)
+	if !strings.Contains(string(out), "Ran 3 tests") || !strings.Contains(string(out), "\nOK") {
+		t.Fatalf("the Cinder end-to-end test did not run its three tests cleanly:\n%s", out)
 	}
 }

@@ -251,6 +251,34 @@ class UkaiEndToEnd(test.TestCase):
         # Deleting what is gone is fine (Cinder retries deletes).
         self.manager.driver.delete_volume(vol)
 
+    def test_follow_the_vm(self):
+        """A one-copy volume on hv1's node, attached on hv2: the connection
+        goes to hv2's node at once (which serves from n1's copy), and the
+        copy moves there in the background."""
+        one = volume_types.create(self.ctx, 'ukai-one-copy', {
+            'ukai:replicas': '1', 'ukai:locations': 'n1', 'ukai:block_size': str(MiB)})
+        vol = tests_utils.create_volume(self.ctx, size=1, status='creating', host=self.manager.host,
+                                        volume_type_id=one['id'])
+        self.manager.create_volume(self.ctx, vol)
+        vol = objects.Volume.get_by_id(self.ctx, vol.id)
+        self.addCleanup(self.manager.driver.delete_volume, vol)
+        c1, d1 = self._attach(vol, self.hosts[0])
+        qemu_io(d1, c1['initiator'], 'write -P 0x3c 0 8M', 'flush')
+        self.manager.terminate_connection(self.ctx, vol.id, c1)
+        # The VM moves to hv2.
+        c2, d2 = self._attach(vol, self.hosts[1])
+        hv2 = [n for n in self.ukai.nodes() if n['labels'].get('host') == self.hosts[1]][0]
+        self.assertEqual(hv2['iscsi_addr'], d2['target_portal'])
+        qemu_io(d2, c2['initiator'], 'read -P 0x3c 0 8M')
+
+        def moved():
+            img = self.ukai.image(vol.name)
+            return [loc['node'] for loc in img['locations']] == [hv2['name']] and \
+                all(loc['out_of_sync'] == 0 for loc in img['locations'])
+        self._wait(moved, 'the copy to move to ' + hv2['name'], timeout=90)
+        qemu_io(d2, c2['initiator'], 'read -P 0x3c 0 8M', 'write -P 0x3d 8M 1M', 'flush')
+        self.manager.terminate_connection(self.ctx, vol.id, c2)
+
     def test_errors_keep_ukais_words(self):
         vol = tests_utils.create_volume(self.ctx, size=1, status='creating', host=self.manager.host,
                                         volume_type_id=self.vtype['id'])

@@ -221,8 +221,9 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
                    not_found=exception.VolumeBackendAPIException(
                        data=_('ukai: source %s not found') % source))
         try:
-            if not locations or len(locations) != specs['replicas']:
-                self._call(self.client.set_policy, volume.name, replicas=specs['replicas'])
+            # The replica count is always recorded: the planner keeps it,
+            # and a relocation (follow the VM) drops a copy to meet it.
+            self._call(self.client.set_policy, volume.name, replicas=specs['replicas'])
             if specs.get('sync_window') or specs.get('max_rate'):
                 self._call(self.client.set_sync_policy, volume.name,
                            windows=specs.get('sync_window'),
