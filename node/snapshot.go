@@ -185,6 +185,42 @@ func (n *Node) acquireWait(ctx context.Context, s *served) error {
 	}
 }
 
+// holeAt says whether block b of served image x reads as zeros without
+// reading it: this node's copy is in sync there and holds a hole.
+func (n *Node) holeAt(x *served, b int64) bool {
+	img := x.record()
+	if x.local == nil || x.vol.State(n.cfg.Node.Name, b) != placement.InSync {
+		return false
+	}
+	off := b * img.BlockSize
+	return x.local.Hole(off, min(img.BlockSize, img.Size-off))
+}
+
+// snapshotHole says whether block b of snapshot sn of s is all zeros as
+// far as this node's copies tell, without reading it (clones of thin
+// images copy only their data). False when in doubt.
+func (n *Node) snapshotHole(ctx context.Context, s, sn *served, b int64) bool {
+	s.cow.mu.Lock()
+	m, err := n.cowMapLocked(ctx, s, sn)
+	mine := err == nil && m.Get(b) == placement.InSync
+	s.cow.mu.Unlock()
+	if err != nil {
+		return false
+	}
+	if mine {
+		return n.holeAt(sn, b)
+	}
+	// Still the origin's: a hole there now; if the block got preserved
+	// meanwhile, the snapshot's copy decides.
+	if !n.holeAt(s, b) {
+		return false
+	}
+	s.cow.mu.Lock()
+	mine = m.Get(b) == placement.InSync
+	s.cow.mu.Unlock()
+	return !mine || n.holeAt(sn, b)
+}
+
 // readSnapshot reads p at off of snapshot sn of s as it was when taken.
 // This node owns s.
 func (n *Node) readSnapshot(ctx context.Context, s, sn *served, p []byte, off int64) error {
@@ -427,12 +463,16 @@ func (n *Node) DeleteSnapshot(ctx context.Context, image, name string) error {
 }
 
 // copyInto fills the new image dst (owned here, fresh: all zeros) from
-// read, block by block, skipping blocks of zeros.
-func (n *Node) copyInto(ctx context.Context, dst *served, size int64, read func(p []byte, off int64) error) error {
+// read, block by block, skipping blocks of zeros (hole: known to be zeros
+// without reading; may be nil).
+func (n *Node) copyInto(ctx context.Context, dst *served, size int64, read func(p []byte, off int64) error, hole func(off, n int64) bool) error {
 	img := dst.record()
 	buf := make([]byte, img.BlockSize)
 	for off := int64(0); off < size; off += img.BlockSize {
 		p := buf[:min(img.BlockSize, size-off)]
+		if hole != nil && hole(off, int64(len(p))) {
+			continue
+		}
 		if err := read(p, off); err != nil {
 			return fmt.Errorf("read at %d: %w", off, err)
 		}
@@ -525,7 +565,15 @@ func (n *Node) createCopy(ctx context.Context, req api.CreateImageRequest) (api.
 		if err := n.acquireWait(ctx, dst); err != nil {
 			return err
 		}
-		return n.copyInto(ctx, dst, src.Size, func(p []byte, off int64) error { return n.readSnapshot(ctx, s, sn, p, off) })
+		snap := sn.record()
+		return n.copyInto(ctx, dst, src.Size, func(p []byte, off int64) error { return n.readSnapshot(ctx, s, sn, p, off) },
+			func(off, length int64) bool {
+				// Whole snapshot blocks only: dst may have another block size.
+				if off%snap.BlockSize != 0 || length > snap.BlockSize {
+					return false
+				}
+				return n.snapshotHole(ctx, s, sn, off/snap.BlockSize)
+			})
 	}()
 	if err != nil {
 		if derr := n.DeleteImage(context.WithoutCancel(ctx), created.Name); derr != nil {

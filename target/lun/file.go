@@ -174,3 +174,14 @@ func (c *FileCopy) Close() error {
 	cerr := c.f.Close()
 	return errors.Join(serr, cerr)
 }
+
+// Hole reports whether [off, off+n) holds no data in the file (a hole, or
+// beyond its end): it reads as zeros without being read. An error or a
+// file system without SEEK_DATA answers false.
+func (c *FileCopy) Hole(off, n int64) bool {
+	next, err := unix.Seek(int(c.f.Fd()), off, unix.SEEK_DATA)
+	if errors.Is(err, unix.ENXIO) {
+		return true // no data at or after off
+	}
+	return err == nil && next >= off+n
+}
