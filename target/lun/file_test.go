@@ -69,3 +69,17 @@ func TestFileCopyGrows(t *testing.T) {
 		t.Fatal("a file shorter than the record opened")
 	}
 }
+
+func TestFileCopyHole(t *testing.T) {
+	c, err := CreateFile(filepath.Join(t.TempDir(), "h.img"), 4<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.WriteAt(context.Background(), bytes.Repeat([]byte{1}, 4096), 1<<20, true); err != nil {
+		t.Fatal(err)
+	}
+	if !c.Hole(0, 1<<20) || c.Hole(0, 2<<20) || c.Hole(1<<20, 4096) || !c.Hole(3<<20, 1<<20) {
+		t.Fatalf("holes: [0,1M) %v, [0,2M) %v, [1M,+4K) %v, [3M,4M) %v", c.Hole(0, 1<<20), c.Hole(0, 2<<20), c.Hole(1<<20, 4096), c.Hole(3<<20, 1<<20))
+	}
+}
