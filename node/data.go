@@ -2,7 +2,6 @@ package node
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 
@@ -74,8 +73,9 @@ func (n *Node) WriteData(ctx context.Context, name string, r io.Reader) (int64, 
 	size := s.vol.Size()
 	buf := make([]byte, dataChunk)
 	var done int64
+	src := &endReader{r: r}
 	for {
-		k, rerr := io.ReadFull(r, buf)
+		k, rerr := io.ReadFull(src, buf)
 		if k > 0 {
 			if done+int64(k) > size {
 				return done, fmt.Errorf("%w: the data is longer than the image (%d bytes)", meta.ErrInvalid, size)
@@ -91,8 +91,8 @@ func (n *Node) WriteData(ctx context.Context, name string, r io.Reader) (int64, 
 			}
 			done += int64(k)
 		}
-		if errors.Is(rerr, io.EOF) || errors.Is(rerr, io.ErrUnexpectedEOF) {
-			break
+		if src.clean {
+			break // the data ended where its sender ended it
 		}
 		if rerr != nil {
 			return done, fmt.Errorf("read the data: %w", rerr)
@@ -102,4 +102,20 @@ func (n *Node) WriteData(ctx context.Context, name string, r io.Reader) (int64, 
 		return done, fmt.Errorf("flush %s: %w", name, err)
 	}
 	return done, nil
+}
+
+// endReader tells a clean end of the data (io.EOF from the source) from a
+// cut (any other error, io.ErrUnexpectedEOF from a body cut short
+// included), which io.ReadFull would report alike.
+type endReader struct {
+	r     io.Reader
+	clean bool
+}
+
+func (e *endReader) Read(p []byte) (int, error) {
+	k, err := e.r.Read(p)
+	if err == io.EOF {
+		e.clean = true
+	}
+	return k, err
 }

@@ -85,21 +85,20 @@ func (n *Node) loadExports(ctx context.Context) error {
 		n.log.Warn("ignoring unreadable export", "err", b)
 	}
 	n.exportsMu.Lock()
-	old := n.exports
 	n.exports = all
 	n.exportsLoaded = true
 	n.exportsMu.Unlock()
 	n.cacheExports(all)
-	n.dropWithdrawn(old, all)
+	n.dropWithdrawn(all)
 	return nil
 }
 
-// dropWithdrawn ends the iSCSI sessions of initiators whose access to an
-// image was withdrawn: the image had exports and none admits them now.
-func (n *Node) dropWithdrawn(old, cur map[string][]meta.Export) {
+// dropWithdrawn ends the iSCSI sessions that the exports no longer admit
+// (an unexport, or the last export of an image gone under require_acl).
+func (n *Node) dropWithdrawn(cur map[string][]meta.Export) {
 	for _, si := range n.target.Sessions() {
 		image, ok := strings.CutPrefix(si.Target, n.cfg.ISCSI.IQNPrefix+":")
-		if !ok || len(old[image]) == 0 {
+		if !ok || si.Discovery {
 			continue
 		}
 		exps := cur[image]

@@ -315,6 +315,9 @@ func (n *Node) export(ctx context.Context, img meta.Image, cached bool) error {
 // did not change.
 func (n *Node) apply(ctx context.Context, s *served, img meta.Image, force bool) error {
 	old := s.record()
+	if img.Rev != 0 && old.Rev != 0 && img.Rev < old.Rev && img.ID == old.ID {
+		return nil // older than what this node holds (read before a change it made)
+	}
 	same := old.Generation == img.Generation && old.Owner == img.Owner && old.MinCopies == img.MinCopies &&
 		slices.Equal(old.Locations, img.Locations) && old.SyncPaused == img.SyncPaused && old.Size == img.Size
 	if !force && !s.fromCache && same {

@@ -186,7 +186,7 @@ func (n *Node) releaseIdle(ctx context.Context) {
 		}
 		for _, s := range n.servedImages(true) {
 			img := s.record()
-			if active[n.iqn(img.Name)] || s.busy.Load() > 0 || img.Attached == n.cfg.Node.Name {
+			if active[n.iqn(img.Name)] || s.busy.Load() > 0 || img.Attached == n.cfg.Node.Name || n.originOwnedHere(img) {
 				delete(idle, img.ID)
 				if s.vol.QuietFor(2 * time.Second) {
 					n.clearActivity(ctx, s)
@@ -220,6 +220,7 @@ func (n *Node) release(ctx context.Context, s *served) {
 	s.noteFlush(start)
 	n.clearActivity(ctx, s)
 	s.owned.Store(false)
+	s.cow.reset()
 	_, err := n.cat.UpdateImage(ctx, name, func(i *meta.Image) error {
 		if i.Owner != n.cfg.Node.Name {
 			return errSkip
@@ -236,6 +237,18 @@ func (n *Node) release(ctx context.Context, s *served) {
 }
 
 var errSkip = errors.New("nothing to do")
+
+// originOwnedHere says whether img is a snapshot whose origin this node
+// owns: the snapshot stays owned with it (its owner preserves into it).
+func (n *Node) originOwnedHere(img meta.Image) bool {
+	if !img.IsSnapshot() {
+		return false
+	}
+	n.mu.RLock()
+	o := n.served[img.Origin.Name]
+	n.mu.RUnlock()
+	return o != nil && o.record().ID == img.Origin.ID && o.owned.Load()
+}
 
 // gate is the scsi.Backend of an exported image. On the owner it runs the
 // I/O through the replicated volume. On another node it forwards the I/O
@@ -308,7 +321,7 @@ func (g *gate) ReadAt(ctx context.Context, p []byte, off int64) error {
 }
 
 func (g *gate) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
-	return g.do(ctx, func(ctx context.Context) error { return g.s.vol.WriteAt(ctx, p, off, fua) },
+	return g.do(ctx, func(ctx context.Context) error { return ownedBackend{n: g.n, s: g.s}.WriteAt(ctx, p, off, fua) },
 		func(ctx context.Context, c *peer.Client, ref peer.Ref) error {
 			return c.ForwardWrite(ctx, ref, p, off, fua)
 		})
@@ -326,7 +339,7 @@ func (g *gate) Flush(ctx context.Context) error {
 }
 
 func (g *gate) Unmap(ctx context.Context, off, length int64) error {
-	return g.do(ctx, func(ctx context.Context) error { return g.s.vol.Unmap(ctx, off, length) },
+	return g.do(ctx, func(ctx context.Context) error { return ownedBackend{n: g.n, s: g.s}.Unmap(ctx, off, length) },
 		func(ctx context.Context, c *peer.Client, ref peer.Ref) error {
 			return c.ForwardUnmap(ctx, ref, off, length)
 		})
@@ -358,16 +371,41 @@ func (o ownerVolumes) Volume(ctx context.Context, ref peer.Ref) (peer.Backend, e
 		// The forwarder's record is older than ours: it re-reads.
 		n.log.Debug("forwarded I/O with an older generation", "image", img.Name, "gen", ref.Gen, "ours", img.Generation)
 	}
-	return ownedBackend{s: s}, nil
+	return ownedBackend{n: n, s: s}, nil
 }
 
-// ownedBackend runs forwarded I/O on the owner's volume.
-type ownedBackend struct{ s *served }
+// ownedBackend runs I/O on the owner's volume (its own, and forwarded).
+type ownedBackend struct {
+	n *Node
+	s *served
+}
+
+// inRange makes sure [off, off+n) is inside the image as this node knows
+// it: an image grown online may be applied by the node that forwards the
+// I/O before its owner (the record is read again then).
+func (b ownedBackend) inRange(ctx context.Context, off, n int64) {
+	if off+n <= b.s.vol.Size() {
+		return
+	}
+	if img, _, err := b.n.cat.GetImage(ctx, b.s.record().Name); err == nil && img.ID == b.s.record().ID {
+		b.n.reconMu.Lock()
+		_ = b.n.apply(ctx, b.s, img, false)
+		b.n.reconMu.Unlock()
+	}
+}
 
 func (b ownedBackend) ReadAt(ctx context.Context, p []byte, off int64) error {
+	b.inRange(ctx, off, int64(len(p)))
 	return b.s.vol.ReadAt(ctx, p, off)
 }
+
+// WriteAt first makes sure this node owns the image's snapshots, so that
+// preserving blocks into them never waits with blocks held.
 func (b ownedBackend) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
+	b.inRange(ctx, off, int64(len(p)))
+	if err := b.n.ensureSnapshots(ctx, b.s); err != nil {
+		return err
+	}
 	return b.s.vol.WriteAt(ctx, p, off, fua)
 }
 func (b ownedBackend) Flush(ctx context.Context) error {
@@ -379,6 +417,10 @@ func (b ownedBackend) Flush(ctx context.Context) error {
 	return nil
 }
 func (b ownedBackend) Unmap(ctx context.Context, off, n int64) error {
+	b.inRange(ctx, off, n)
+	if err := b.n.ensureSnapshots(ctx, b.s); err != nil {
+		return err
+	}
 	return b.s.vol.Unmap(ctx, off, n)
 }
 

@@ -93,10 +93,13 @@ func (a nodeACL) Exports(target string) ([]iscsi.Export, bool) {
 	cancel()
 	n.exportsMu.Lock()
 	if err == nil && len(bad) == 0 {
-		if n.exports == nil {
-			n.exports = map[string][]meta.Export{}
+		// Copy on write: readers hold the old map without the lock.
+		m := make(map[string][]meta.Export, len(n.exports)+1)
+		for k, v := range n.exports {
+			m[k] = v
 		}
-		n.exports[name] = fresh
+		m[name] = fresh
+		n.exports = m
 	}
 	exps := n.exports[name]
 	n.exportsMu.Unlock()

@@ -11,6 +11,7 @@ import (
 	"github.com/ukai-storage/ukai/api"
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/placement"
+	"github.com/ukai-storage/ukai/target/scsi"
 )
 
 // Snapshots. A snapshot is an image of its own (record with Origin, its
@@ -41,6 +42,48 @@ func (c *cowState) reset() {
 }
 
 var errSnapshotGone = errors.New("snapshot no longer exists")
+
+// errSnapshotNotReady: a write needs a snapshot this node does not own
+// (yet); the initiator retries, and the gate takes ownership of the
+// snapshots before the retry holds any block.
+func errSnapshotNotReady(name string) error {
+	return &scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x01,
+		Err: fmt.Errorf("snapshot %s is not ready on this node yet", name)}
+}
+
+// servedSnapshot returns the served snapshot of ref as this node has it,
+// without reconciling (the caller may hold blocks of the origin).
+func (n *Node) servedSnapshot(ref meta.SnapshotRef) *served {
+	n.mu.RLock()
+	defer n.mu.RUnlock()
+	if sn := n.served[ref.Name]; sn != nil && sn.record().ID == ref.ID {
+		return sn
+	}
+	return nil
+}
+
+// ensureSnapshots makes this node own the snapshots of s (which it owns)
+// before a write to s takes its blocks, so preserving never waits for
+// ownership with blocks held.
+func (n *Node) ensureSnapshots(ctx context.Context, s *served) error {
+	for _, ref := range s.record().Snapshots {
+		sn := n.servedSnapshot(ref)
+		if sn != nil && n.mayServe(sn) {
+			continue
+		}
+		sn, err := n.snapshotServed(ctx, ref)
+		if errors.Is(err, errSnapshotGone) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if err := n.acquireWait(ctx, sn); err != nil {
+			return &scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x00, Err: err}
+		}
+	}
+	return nil
+}
 
 // snapshotServed returns the served snapshot of ref.
 func (n *Node) snapshotServed(ctx context.Context, ref meta.SnapshotRef) (*served, error) {
@@ -94,7 +137,7 @@ func (n *Node) preserve(ctx context.Context, s *served, blocks []int64) error {
 	defer s.cow.mu.Unlock()
 	for _, ref := range s.record().Snapshots {
 		err := n.preserveInto(ctx, s, ref, blocks)
-		if errors.Is(err, errSnapshotGone) || err != nil && !n.stillListed(ctx, img.Name, ref.ID) {
+		if err != nil && !n.stillListed(ctx, img.Name, ref.ID) {
 			continue // deleted meanwhile: nothing to keep
 		}
 		if err != nil {
@@ -105,9 +148,9 @@ func (n *Node) preserve(ctx context.Context, s *served, blocks []int64) error {
 }
 
 func (n *Node) preserveInto(ctx context.Context, s *served, ref meta.SnapshotRef, blocks []int64) error {
-	sn, err := n.snapshotServed(ctx, ref)
-	if err != nil {
-		return err
+	sn := n.servedSnapshot(ref)
+	if sn == nil {
+		return errSnapshotNotReady(ref.Name)
 	}
 	m, err := n.cowMapLocked(ctx, s, sn)
 	if err != nil {
@@ -122,9 +165,11 @@ func (n *Node) preserveInto(ctx context.Context, s *served, ref meta.SnapshotRef
 	if len(todo) == 0 {
 		return nil
 	}
-	if err := n.acquireWait(ctx, sn); err != nil {
-		return err
+	if !n.mayServe(sn) {
+		return errSnapshotNotReady(ref.Name)
 	}
+	sn.busy.Add(1)
+	defer sn.busy.Add(-1)
 	snap := sn.record()
 	buf := make([]byte, snap.BlockSize)
 	for _, b := range todo {
@@ -228,7 +273,17 @@ func (n *Node) readSnapshot(ctx context.Context, s, sn *served, p []byte, off in
 	if off < 0 || off+int64(len(p)) > snap.Size {
 		return fmt.Errorf("%w: range %d+%d outside snapshot %s (size %d)", meta.ErrInvalid, off, len(p), snap.Name, snap.Size)
 	}
+	gen := s.record().Generation
 	own := func(b int64) (bool, error) {
+		// Still the owner of the origin (else another node may be
+		// changing it, unseen by this cache), and the snapshot is still
+		// one of its snapshots (else nothing is preserved any more).
+		if !n.mayServe(s) || s.record().Generation != gen {
+			return false, errNotOwner(s.record().Owner)
+		}
+		if !s.record().HasSnapshot(snap.ID) {
+			return false, fmt.Errorf("%w: %s", errSnapshotGone, snap.Name)
+		}
 		s.cow.mu.Lock()
 		defer s.cow.mu.Unlock()
 		m, err := n.cowMapLocked(ctx, s, sn)
@@ -265,6 +320,17 @@ func (n *Node) readSnapshot(ctx context.Context, s, sn *served, p []byte, off in
 		done += l
 	}
 	return nil
+}
+
+// ownSnapshot makes this node own snapshot sn (fresh block maps) for
+// reading it, and marks it busy; done ends that.
+func (n *Node) ownSnapshot(ctx context.Context, sn *served) (done func(), err error) {
+	sn.busy.Add(1)
+	if err := n.acquireWait(ctx, sn); err != nil {
+		sn.busy.Add(-1)
+		return nil, err
+	}
+	return func() { sn.busy.Add(-1) }, nil
 }
 
 // ownOrigin makes this node the owner of image name (it must not be a
@@ -356,10 +422,18 @@ func (n *Node) snapshot(ctx context.Context, s *served, name string) (api.Snapsh
 		}
 		s.mu.Lock()
 		s.img.Snapshots = rec.Snapshots
+		s.img.Rev = max(s.img.Rev, rec.Rev)
 		s.mu.Unlock()
 		return nil
 	})
 	if err != nil {
+		// The update may have landed although it reported an error (a
+		// store that timed out after committing). Writes since were not
+		// preserved, so such a snapshot is not the image of one instant:
+		// take it off the image's record before deleting it.
+		if uerr := n.unlistSnapshot(context.WithoutCancel(ctx), img.Name, snap); uerr != nil {
+			n.log.Error("a failed snapshot may still be named by its image; delete it with `ukai snapshot delete`", "image", img.Name, "snapshot", snap.Name, "err", uerr)
+		}
 		if derr := n.cat.DeleteImage(ctx, snap, 0); derr != nil {
 			n.log.Warn("cannot remove the snapshot that could not be attached to its image", "snapshot", snap.Name, "err", derr)
 		}
@@ -419,10 +493,24 @@ func (n *Node) DeleteSnapshot(ctx context.Context, image, name string) error {
 		return err
 	}
 	snap, _, err := n.cat.GetImage(ctx, name)
-	if err != nil {
+	dangling := errors.Is(err, meta.ErrImageNotFound)
+	switch {
+	case dangling:
+		// The origin may still name a snapshot whose record is gone (a
+		// failed take): drop the reference.
+		origin, _, oerr := n.cat.GetImage(ctx, image)
+		if oerr != nil || !slices.ContainsFunc(origin.Snapshots, func(r meta.SnapshotRef) bool { return r.Name == name }) {
+			return err
+		}
+		snap = meta.Image{Name: name, Origin: &meta.Origin{Name: image, ID: origin.ID}}
+		for _, r := range origin.Snapshots {
+			if r.Name == name {
+				snap.ID = r.ID
+			}
+		}
+	case err != nil:
 		return err
-	}
-	if !snap.IsSnapshot() || snap.Origin.Name != image {
+	case !snap.IsSnapshot() || snap.Origin.Name != image:
 		return fmt.Errorf("%w: %q is not a snapshot of %q", meta.ErrImageNotFound, name, image)
 	}
 	if c, err := n.remoteOwner(ctx, image); err != nil && !errors.Is(err, meta.ErrImageNotFound) {
@@ -430,6 +518,21 @@ func (n *Node) DeleteSnapshot(ctx context.Context, image, name string) error {
 	} else if c != nil {
 		return c.DeleteSnapshot(ctx, image, name)
 	}
+	if err := n.unlistSnapshot(ctx, image, snap); err != nil {
+		return err
+	}
+	if dangling {
+		return nil
+	}
+	if err := n.cat.DeleteImage(ctx, snap, 0); err != nil {
+		return err
+	}
+	return n.reconcile(ctx)
+}
+
+// unlistSnapshot removes snap from its origin's record (and from this
+// node's copy of it, between two preservations).
+func (n *Node) unlistSnapshot(ctx context.Context, image string, snap meta.Image) error {
 	n.mu.RLock()
 	s := n.served[image]
 	n.mu.RUnlock()
@@ -449,17 +552,15 @@ func (n *Node) DeleteSnapshot(ctx context.Context, image, name string) error {
 		if s != nil && s.record().ID == rec.ID {
 			s.mu.Lock()
 			s.img.Snapshots = rec.Snapshots
+			s.img.Rev = max(s.img.Rev, rec.Rev)
 			s.mu.Unlock()
 			delete(s.cow.maps, snap.ID)
 		}
+		return nil
 	case errors.Is(err, errSkip), errors.Is(err, meta.ErrImageNotFound):
-	default:
-		return err
+		return nil
 	}
-	if err := n.cat.DeleteImage(ctx, snap, 0); err != nil {
-		return err
-	}
-	return n.reconcile(ctx)
+	return err
 }
 
 // copyInto fills the new image dst (owned here, fresh: all zeros) from
@@ -548,6 +649,11 @@ func (n *Node) createCopy(ctx context.Context, req api.CreateImageRequest) (api.
 			return api.Image{}, err
 		}
 	}
+	snapDone, err := n.ownSnapshot(ctx, sn)
+	if err != nil {
+		return api.Image{}, err
+	}
+	defer snapDone()
 	plain := req
 	plain.Source = ""
 	created, err := n.createImage(ctx, plain)
@@ -605,6 +711,14 @@ func (n *Node) ResizeImage(ctx context.Context, name string, size int64) (api.Im
 	}
 	if size < img.Size {
 		return api.Image{}, fmt.Errorf("%w: %q is %d bytes: shrinking to %d would lose data and is not supported", meta.ErrInvalid, name, img.Size, size)
+	}
+	// On the owner, which applies the new size first: a node that learns
+	// it earlier and forwards I/O beyond the old end makes the owner read
+	// the record again (ownedBackend.inRange).
+	if c, err := n.remoteOwner(ctx, name); err != nil {
+		return api.Image{}, err
+	} else if c != nil {
+		return c.ResizeImage(ctx, name, size)
 	}
 	for _, loc := range img.Locations {
 		if err := n.growCopyOn(ctx, loc, img.ID, size); err != nil {

@@ -135,6 +135,7 @@ func (c *Catalog) GetImage(ctx context.Context, name string) (Image, uint64, err
 	if img.Name != name {
 		return Image{}, 0, &MalformedError{Key: e.Key, Err: fmt.Errorf("record names image %q", img.Name)}
 	}
+	img.Rev = e.ModifyIndex
 	return img, e.ModifyIndex, nil
 }
 
@@ -156,6 +157,7 @@ func (c *Catalog) ListImages(ctx context.Context) ([]Image, uint64, []error, err
 			bad = append(bad, &MalformedError{Key: e.Key, Err: err})
 			continue
 		}
+		img.Rev = e.ModifyIndex
 		imgs = append(imgs, img)
 	}
 	return imgs, idx, bad, nil

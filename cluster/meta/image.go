@@ -66,6 +66,11 @@ type Image struct {
 	// Snapshots are the live snapshots of this image: its owner preserves
 	// a block into each of them before the block first changes.
 	Snapshots []SnapshotRef `json:"snapshots,omitempty"`
+
+	// Rev orders records read from the store (its modify index; a lower
+	// bound after an update): a node never applies a record older than
+	// one it already holds. 0: unknown (a cached record).
+	Rev uint64 `json:"-"`
 }
 
 // Origin names the image a snapshot was taken of.

@@ -34,6 +34,7 @@ func (c *Catalog) UpdateImage(ctx context.Context, name string, fn func(*Image) 
 		}
 		err = c.kv.CAS(ctx, c.imageKey(name), data, idx)
 		if err == nil {
+			img.Rev = idx + 1 // the store's new index is at least this
 			return img, nil
 		}
 		if !errors.Is(err, ErrConflict) {

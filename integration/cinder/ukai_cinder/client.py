@@ -12,6 +12,21 @@ import stat
 import urllib.parse
 
 import requests
+from urllib3 import exceptions as urllib3_exc
+
+# Methods whose repetition on another node is harmless when the first
+# node may have received them.
+IDEMPOTENT = ('GET', 'PUT', 'DELETE', 'HEAD')
+
+
+def _never_sent(e):
+    """Whether a requests failure happened before the request could reach
+    the server (connection refused, no route, connect timeout)."""
+    if isinstance(e, requests.exceptions.ConnectTimeout):
+        return True
+    reason = e.args[0] if e.args else None
+    reason = getattr(reason, 'reason', reason)
+    return isinstance(reason, (urllib3_exc.NewConnectionError, urllib3_exc.ConnectTimeoutError))
 
 
 class UkaiError(Exception):
@@ -85,21 +100,26 @@ class Client(object):
                 kwargs["data"] = data
                 headers["Content-Type"] = "application/octet-stream"
             try:
+                # Connecting is bounded by the API timeout even for long
+                # copies: a dead address must not hold up the next one.
                 resp = self.session.request(
                     method, base + path, headers=headers, verify=self.verify,
-                    timeout=timeout or self.timeout, stream=stream, **kwargs)
+                    timeout=(self.timeout, timeout or self.timeout), stream=stream, **kwargs)
             except requests.exceptions.SSLError as e:
                 # A TLS problem is not one a second address would fix
                 # silently: report it.
                 raise UkaiError(None, "%s: TLS: %s" % (base, e), base)
-            except (requests.exceptions.ConnectionError,
-                    requests.exceptions.ConnectTimeout) as e:
-                # Not reached: the next address may answer.
-                errors.append("%s: %s" % (base, e))
-                continue
             except requests.exceptions.RequestException as e:
-                # Sent but unanswered (a read timeout): retrying elsewhere
-                # could do the change twice.
+                if _never_sent(e) or (method in IDEMPOTENT and data is None):
+                    # Not reached (or harmless to repeat): the next
+                    # address may answer.
+                    errors.append("%s: %s" % (base, e))
+                    continue
+                # Maybe received: repeating it elsewhere could do the
+                # change twice.
+                raise UkaiError(None, "%s: %s (the request may have been carried out)" % (base, e), base)
+            except OSError as e:
+                # A missing or unreadable CA file, for one.
                 raise UkaiError(None, "%s: %s" % (base, e), base)
             if resp.status_code >= 300:
                 msg = resp.text.strip()
@@ -203,9 +223,15 @@ class Client(object):
                             timeout=timeout)
         want = int(resp.headers.get("Content-Length", "-1"))
         got = 0
+        sparse = hasattr(out, "seek") and hasattr(out, "truncate")
         try:
             for block in resp.iter_content(chunk):
-                out.write(block)
+                if sparse and not block.strip(b"\0"):
+                    # Zeros: leave a hole (the file stays as thin as the
+                    # image), the size is set at the end.
+                    out.seek(len(block), 1)
+                else:
+                    out.write(block)
                 got += len(block)
         except requests.exceptions.RequestException as e:
             raise UkaiError(None, "image data of %s cut after %d bytes: %s" % (image, got, e))
@@ -213,4 +239,6 @@ class Client(object):
             resp.close()
         if want >= 0 and got != want:
             raise UkaiError(None, "image data of %s: %d of %d bytes" % (image, got, want))
+        if sparse:
+            out.truncate(got)
         return got

@@ -33,6 +33,7 @@ from cinder import exception
 from cinder.i18n import _
 from cinder.image import image_utils
 from cinder import interface
+from cinder.volume import configuration
 from cinder.volume import driver
 from cinder.volume import volume_types
 from cinder.volume import volume_utils
@@ -78,7 +79,9 @@ ukai_opts = [
 ]
 
 CONF = cfg.CONF
-CONF.register_opts(ukai_opts)
+# Cinder builds a driver's configuration from its backend section, falling
+# back to [backend_defaults].
+CONF.register_opts(ukai_opts, group=configuration.SHARED_CONF_GROUP)
 
 SPEC_PREFIX = 'ukai:'
 SPECS = ('replicas', 'locations', 'min_copies', 'block_size', 'sync_window',
@@ -130,7 +133,7 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
     # Errors.
     def _call(self, fn, *args, **kwargs):
         """Run a client call; map ukai's errors to Cinder's (see _mapped).
-        not_found, busy: exceptions (already built) for 404 and 409."""
+        not_found, busy: (exception class, kwargs) for 404 and 409."""
         not_found = kwargs.pop('not_found', None)
         busy = kwargs.pop('busy', None)
         try:
@@ -140,11 +143,15 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
 
     @staticmethod
     def _mapped(e, not_found=None, busy=None):
-        """The Cinder exception for a ukai error, with ukai's message."""
+        """The Cinder exception for a ukai error, with ukai's message.
+        not_found, busy: exception classes and their arguments for 404
+        and 409 answers, as (class, kwargs)."""
         if e.status == 404 and not_found is not None:
-            return not_found
+            cls, kw = not_found
+            return cls(message=_('ukai: %s') % e.message, **kw)
         if e.status == 409 and busy is not None:
-            return busy
+            cls, kw = busy
+            return cls(message=_('ukai: %s') % e.message, **kw)
         if e.status == 400:
             return exception.InvalidInput(reason=_('ukai: %s') % e.message)
         if e.status in (401, 403):
@@ -170,6 +177,7 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
                     {'k': key, 'all': ', '.join(SPEC_PREFIX + s for s in SPECS)})
             specs[name] = str(value).strip()
         out = {
+            'given': set(specs),
             'replicas': self.configuration.ukai_default_replicas,
             'min_copies': self.configuration.ukai_default_min_copies,
             'locations': list(self.configuration.ukai_default_locations or []),
@@ -211,27 +219,29 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
         whose policy cannot be set is deleted again."""
         specs = self._specs(volume)
         locations = specs['locations']
-        min_copies = min(specs['min_copies'], len(locations)) if locations else 1
+        min_copies = specs['min_copies']
+        if min_copies > max(1, len(locations)):
+            # ukai checks min copies against the copies an image has; it
+            # cannot start with fewer and raise it later.
+            raise exception.InvalidVolumeType(
+                reason=_('ukai:min_copies %(m)d needs ukai:locations naming at least %(m)d nodes') %
+                {'m': min_copies})
+        if source and not locations and 'min_copies' not in specs['given']:
+            min_copies = None  # ukai takes the source's
         self._call(self.client.create_image, volume.name, volume.size * units.Gi,
                    locations=locations or None, min_copies=min_copies,
                    block_size=specs.get('block_size'), source=source,
                    timeout=self.configuration.ukai_copy_timeout,
-                   busy=exception.VolumeBackendAPIException(
-                       data=_('ukai already has an image named %s') % volume.name),
-                   not_found=exception.VolumeBackendAPIException(
-                       data=_('ukai: source %s not found') % source))
+                   busy=(exception.VolumeBackendAPIException, {}),
+                   not_found=(exception.VolumeBackendAPIException, {}))
         try:
             # The replica count is always recorded: the planner keeps it,
             # and a relocation (follow the VM) drops a copy to meet it.
             self._call(self.client.set_policy, volume.name, replicas=specs['replicas'])
-            if specs.get('sync_window') or specs.get('max_rate'):
+            if specs.get('sync_window') or specs.get('max_rate') or specs.get('sync_tz'):
                 self._call(self.client.set_sync_policy, volume.name,
                            windows=specs.get('sync_window'),
                            max_rate=specs.get('max_rate'), tz=specs.get('sync_tz'))
-            if min_copies < specs['min_copies']:
-                LOG.warning('Volume %(v)s starts with %(n)d location(s): min '
-                            'copies is %(n)d until ukai placed more copies',
-                            {'v': volume.name, 'n': min_copies})
         except Exception:
             LOG.error('Could not set the ukai policy of %s: deleting it',
                       volume.name)
@@ -261,16 +271,16 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
                 LOG.info('Volume %s is not in ukai: already deleted', volume.name)
                 return
             LOG.error('ukai did not delete %(v)s: %(e)s', {'v': volume.name, 'e': e})
-            raise self._mapped(e, busy=exception.VolumeIsBusy(volume_name=volume.name))
+            raise self._mapped(e, busy=(exception.VolumeIsBusy, {'volume_name': volume.name}))
 
     def extend_volume(self, volume, new_size):
         self._call(self.client.resize, volume.name, new_size * units.Gi,
-                   not_found=exception.VolumeNotFound(volume_id=volume.id))
+                   not_found=(exception.VolumeNotFound, {'volume_id': volume.id}))
 
     # Snapshots.
     def create_snapshot(self, snapshot):
         self._call(self.client.create_snapshot, snapshot.volume_name, snapshot.name,
-                   not_found=exception.VolumeNotFound(volume_id=snapshot.volume_id))
+                   not_found=(exception.VolumeNotFound, {'volume_id': snapshot.volume_id}))
 
     def delete_snapshot(self, snapshot):
         try:
@@ -280,7 +290,7 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
                 LOG.info('Snapshot %s is not in ukai: already deleted', snapshot.name)
                 return
             LOG.error('ukai did not delete snapshot %(s)s: %(e)s', {'s': snapshot.name, 'e': e})
-            raise self._mapped(e, busy=exception.SnapshotIsBusy(snapshot_name=snapshot.name))
+            raise self._mapped(e, busy=(exception.SnapshotIsBusy, {'snapshot_name': snapshot.name}))
 
     # Exports and connections.
     def create_export(self, context, volume, connector):
@@ -335,7 +345,7 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
         if not initiator:
             raise exception.InvalidConnectorException(missing='initiator')
         img = self._call(self.client.image, volume.name,
-                         not_found=exception.VolumeNotFound(volume_id=volume.id))
+                         not_found=(exception.VolumeNotFound, {'volume_id': volume.id}))
         locations = [loc['node'] for loc in img.get('locations') or []]
         node, on_host = self._node_for(connector.get('host'), locations)
         specs = self._specs(volume)
@@ -350,6 +360,13 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
             except ukai_client.UkaiError as e:
                 LOG.warning('Could not relocate %(v)s to %(n)s: %(e)s',
                             {'v': volume.name, 'n': node['name'], 'e': e})
+        portal = node.get('iscsi_addr') or ''
+        host = portal.rsplit(':', 1)[0].strip('[]')
+        if host in ('', '0.0.0.0', '::'):
+            raise exception.VolumeBackendAPIException(
+                data=_('ukai node %(n)s listens for iSCSI on %(p)s, which no initiator can '
+                       'reach: set iscsi.listen to the address hypervisors use') %
+                {'n': node['name'], 'p': portal or 'nothing'})
         user, secret = self._chap(volume)
         self._call(self.client.export, volume.name, initiator, chap_user=user, chap_secret=secret)
         data = {
@@ -359,7 +376,7 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
             'target_lun': 0,
             'volume_id': volume.id,
             'discard': True,
-            'encrypted': False,
+            'encrypted': bool(volume.get('encryption_key_id')),
         }
         if user:
             data.update(auth_method='CHAP', auth_username=user, auth_password=secret)
@@ -395,22 +412,40 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
             with open(tmp, 'rb') as f:
                 self._call(self.client.write_data, volume.name, f,
                            timeout=self.configuration.ukai_copy_timeout,
-                           not_found=exception.VolumeNotFound(volume_id=volume.id))
+                           not_found=(exception.VolumeNotFound, {'volume_id': volume.id}))
 
     def copy_volume_to_image(self, context, volume, image_service, image_meta):
         with image_utils.temporary_file(prefix='ukai-volume-') as tmp:
             with open(tmp, 'wb') as f:
                 self._call(self.client.read_data, volume.name, f,
                            timeout=self.configuration.ukai_copy_timeout,
-                           not_found=exception.VolumeNotFound(volume_id=volume.id))
+                           not_found=(exception.VolumeNotFound, {'volume_id': volume.id}))
             volume_utils.upload_volume(context, image_service, image_meta, tmp,
                                        volume, run_as_root=False)
 
     # Stats.
     def get_volume_stats(self, refresh=False):
         if refresh or not self._stats:
-            self._update_volume_stats()
+            try:
+                self._update_volume_stats()
+            except exception.CinderException as e:
+                # The scheduler goes on with what it knew (nothing at
+                # first: no capacity), the service keeps running.
+                LOG.warning('Cannot read ukai capacity: %s', e)
+                if not self._stats:
+                    self._stats = self._empty_stats()
         return self._stats
+
+    def _empty_stats(self):
+        return {
+            'volume_backend_name': self.configuration.safe_get('volume_backend_name') or 'ukai',
+            'vendor_name': 'ukai', 'driver_version': self.VERSION,
+            'storage_protocol': constants.ISCSI, 'total_capacity_gb': 0,
+            'free_capacity_gb': 0, 'provisioned_capacity_gb': 0,
+            'reserved_percentage': 0, 'thin_provisioning_support': True,
+            'thick_provisioning_support': False, 'multiattach': False,
+            'QoS_support': False, 'online_extend_support': True,
+        }
 
     def _update_volume_stats(self):
         """Capacity as Cinder should see it: the raw space of the live

@@ -105,6 +105,53 @@ class UkaiDriverTestCase(test.TestCase):
                               self.volume, fake_volume.fake_volume_obj(self.ctx, id=fake.VOLUME2_ID))
         self.assertIn('not found', str(e))
 
+    def test_min_copies_needs_enough_locations(self):
+        self.specs = {'ukai:min_copies': '2', 'ukai:replicas': '3'}
+        e = self.assertRaises(exception.InvalidVolumeType, self.driver.create_volume, self.volume)
+        self.assertIn('ukai:locations', str(e))
+        self.client.create_image.assert_not_called()
+
+    def test_a_copy_without_locations_keeps_the_sources_min_copies(self):
+        snap = fake_snapshot.fake_snapshot_obj(self.ctx, volume_id=fake.VOLUME2_ID)
+        self.driver.create_volume_from_snapshot(self.volume, snap)
+        self.assertIsNone(self.client.create_image.call_args[1]['min_copies'])
+        self.specs = {'ukai:min_copies': '1'}
+        self.driver.create_volume_from_snapshot(self.volume, snap)
+        self.assertEqual(1, self.client.create_image.call_args[1]['min_copies'])
+
+    def test_busy_keeps_ukais_words(self):
+        self.client.delete_image.side_effect = ukai_client.UkaiError(409, 'image "v" has snapshots (s1, s2): delete them first')
+        e = self.assertRaises(exception.VolumeIsBusy, self.driver.delete_volume, self.volume)
+        self.assertIn('s1, s2', str(e))
+
+    def test_encrypted_volumes_say_so(self):
+        self.client.image.return_value = {'iqn': 'q', 'locations': [{'node': 'n1'}]}
+        vol = fake_volume.fake_volume_obj(self.ctx, encryption_key_id=fake.ENCRYPTION_KEY_ID,
+                                          provider_auth='CHAP u s3cretsecret0001')
+        conn = self.driver.initialize_connection(vol, {'initiator': 'iqn.hv1', 'host': 'hv1'})
+        self.assertTrue(conn['data']['encrypted'])
+        conn = self.driver.initialize_connection(self.volume, {'initiator': 'iqn.hv1', 'host': 'hv1'})
+        self.assertFalse(conn['data']['encrypted'])
+
+    def test_a_wildcard_portal_is_refused(self):
+        nodes = [dict(NODES[0], iscsi_addr='0.0.0.0:3260')]
+        self.client.nodes.return_value = nodes
+        self.client.image.return_value = {'iqn': 'q', 'locations': [{'node': 'n1'}]}
+        e = self.assertRaises(exception.VolumeBackendAPIException, self.driver.initialize_connection,
+                              self.volume, {'initiator': 'iqn.hv1', 'host': 'hv1'})
+        self.assertIn('iscsi.listen', str(e))
+        self.client.export.assert_not_called()
+
+    def test_stats_survive_an_unreachable_cluster(self):
+        self.client.nodes.side_effect = ukai_client.UkaiError(None, 'connection refused')
+        st = self.driver.get_volume_stats(refresh=True)
+        self.assertEqual(0, st['total_capacity_gb'])
+        self.client.nodes.side_effect = None
+        self.client.images.return_value = []
+        self.assertEqual(100.0, self.driver.get_volume_stats(refresh=True)['total_capacity_gb'])
+        self.client.nodes.side_effect = ukai_client.UkaiError(503, 'metadata store unreachable')
+        self.assertEqual(100.0, self.driver.get_volume_stats(refresh=True)['total_capacity_gb'])
+
     def test_extend_in_bytes(self):
         self.driver.extend_volume(self.volume, 5)
         self.client.resize.assert_called_once_with(self.volume.name, 5 * units.Gi)
@@ -260,6 +307,13 @@ class _API(http.server.BaseHTTPRequestHandler):
     seen = []
 
     def _answer(self):
+        if self.path == '/v1/images/sparse/data':
+            data = b'\1' * 4096 + b'\0' * (8 << 20) + b'\2' * 4096
+            self.send_response(200)
+            self.send_header('Content-Length', str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         n = int(self.headers.get('Content-Length') or 0)
         body = self.rfile.read(n) if n else b''
         type(self).seen.append((self.command, self.path, self.headers.get('Authorization'), body))
@@ -315,6 +369,18 @@ class UkaiClientTestCase(test.TestCase):
         e = self.assertRaises(ukai_client.UkaiError, c.version)
         self.assertIsNone(e.status)
         self.assertIn(self.dead, str(e))
+
+    def test_read_data_leaves_holes_for_zeros(self):
+        c = ukai_client.Client([self.live])
+        with tempfile.TemporaryDirectory() as d:
+            p = os.path.join(d, 'out')
+            with open(p, 'wb') as f:
+                got = c.read_data('sparse', f, chunk=1 << 20)
+            self.assertEqual(8 * 1024 * 1024 + 8192, got)
+            with open(p, 'rb') as f:
+                data = f.read()
+            self.assertEqual(b'\1' * 4096 + b'\0' * (8 << 20) + b'\2' * 4096, data)
+            self.assertLess(os.stat(p).st_blocks * 512, 4 << 20)
 
     def test_token_file_must_not_be_world_readable(self):
         with tempfile.TemporaryDirectory() as d:
