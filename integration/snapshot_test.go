@@ -95,7 +95,15 @@ func TestSnapshotsClonesAndGrowth(t *testing.T) {
 
 	// Online growth: every node's LUN grows, old data stays, the new part
 	// is zeros and writable.
+	// Grown while a verified load writes blocks that a fresh snapshot
+	// must preserve (preserving and growing both need the blocks).
+	n3.mustCLI("snapshot", "create", "vol", "snap2")
+	wait, out = fioVerifiedLoad(t, n1.url("vol"), "8m")
 	n2.mustCLI("image", "resize", "vol", "64M")
+	if err := wait(); err != nil {
+		t.Fatalf("the load saw an error while the image grew: %v\n%s", err, out)
+	}
+	n3.mustCLI("snapshot", "delete", "vol", "snap2")
 	for _, n := range c.nodes {
 		waitFor(t, 20*time.Second, n.name+" to serve the grown LUN", func() bool {
 			out, _ := run(t, 30*time.Second, "iscsi-readcapacity16", n.url("vol"))
