@@ -107,7 +107,11 @@ func lastLines(s string, n int) string {
 
 // tgtd starts a tgtd on loopback with a file-backed LUN 1 and returns the
 // URL of that LUN.
-func startTgtd(t *testing.T, size int64) string {
+func startTgtd(t *testing.T, size int64) string { return startTgtdCHAP(t, size, "", "") }
+
+// startTgtdCHAP is startTgtd; with user set, every login needs CHAP with
+// user and secret (the URL carries them).
+func startTgtdCHAP(t *testing.T, size int64, user, secret string) string {
 	t.Helper()
 	port := freePort(t)
 	ctl := fmt.Sprint(1000 + port%20000)
@@ -136,16 +140,23 @@ func startTgtd(t *testing.T, size int64) string {
 	waitFor(t, 10*time.Second, "tgtd's control socket", func() bool {
 		return adm("--op", "show", "--mode", "target") == nil
 	})
-	for _, a := range [][]string{
+	ops := [][]string{
 		{"--op", "new", "--mode", "target", "--tid", "1", "-T", iqn},
 		{"--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", img},
 		{"--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"},
-	} {
+	}
+	cred := ""
+	if user != "" {
+		ops = append(ops, []string{"--op", "new", "--mode", "account", "--user", user, "--password", secret},
+			[]string{"--op", "bind", "--mode", "account", "--tid", "1", "--user", user})
+		cred = user + "%" + secret + "@"
+	}
+	for _, a := range ops {
 		if err := adm(a...); err != nil {
 			t.Fatal(err)
 		}
 	}
-	return fmt.Sprintf("iscsi://127.0.0.1:%d/%s/1", port, iqn)
+	return fmt.Sprintf("iscsi://%s127.0.0.1:%d/%s/1", cred, port, iqn)
 }
 
 // TestConformance runs libiscsi's iscsi-test-cu, case by case, against ukai
@@ -153,12 +164,45 @@ func startTgtd(t *testing.T, size int64) string {
 // pass all of gotgt's CI list, and must not regress against the expected
 // list checked in at integration/conformance/expected.txt.
 func TestConformance(t *testing.T) {
+	for _, chap := range []bool{false, true} {
+		name := "CHAP-off"
+		if chap {
+			name = "CHAP-on"
+		}
+		t.Run(name, func(t *testing.T) { conformance(t, chap) })
+	}
+}
+
+// conformance runs every suite against ukai and tgtd, both with CHAP (an
+// export to every initiator with a CHAP account) or both without.
+func conformance(t *testing.T, chap bool) {
 	const size = 128 << 20
-	n := newNode(t, "n1")
-	n.start()
-	n.mustCLI("image", "create", "conformance", "--size", fmt.Sprint(size), "--block-size", "1M")
-	ukaiURL := n.url("conformance")
-	tgtURL := startTgtd(t, size)
+	const user, secret = "conformance", "conformance-secret-0123"
+	var n *node
+	var ukaiURL, tgtURL string
+	if chap {
+		n = newClusterNode(t, "n1", clusterOpts{requireACL: true})
+		cfg, _ := os.ReadFile(n.cfgPath)
+		os.WriteFile(n.cfgPath, []byte(strings.Replace(string(cfg), "  require_acl: true\n", "  require_acl: true\n  chap_secret_store: consul\n", 1)), 0o600)
+		n.start()
+		n.mustCLI("image", "create", "conformance", "--size", fmt.Sprint(size), "--block-size", "1M")
+		sf := filepath.Join(t.TempDir(), "secret")
+		os.WriteFile(sf, []byte(secret), 0o600)
+		// Every initiator name (iscsi-test-cu uses two), with CHAP.
+		n.mustCLI("image", "export", "conformance", "--initiator", "*", "--chap-user", user, "--chap-secret-file", sf)
+		ukaiURL = strings.Replace(n.url("conformance"), "iscsi://", "iscsi://"+user+"%"+secret+"@", 1)
+		tgtURL = startTgtdCHAP(t, size, user, secret)
+		// Without the credentials: refused.
+		if out, err := run(t, 30*time.Second, "iscsi-inq", n.url("conformance")); err == nil {
+			t.Fatalf("a login without CHAP was admitted: %s", out)
+		}
+	} else {
+		n = newNode(t, "n1")
+		n.start()
+		n.mustCLI("image", "create", "conformance", "--size", fmt.Sprint(size), "--block-size", "1M")
+		ukaiURL = n.url("conformance")
+		tgtURL = startTgtd(t, size)
+	}
 
 	all := allCases(t)
 	ci := expand(gotgtCIList, all)
@@ -212,6 +256,16 @@ func TestConformance(t *testing.T) {
 		if !results[c].ukai {
 			t.Errorf("ukai fails %s from gotgt's CI list (tgtd passes: %v)", c, results[c].tgtd)
 		}
+	}
+	for _, c := range all {
+		if results[c].tgtd && !results[c].ukai {
+			t.Errorf("ukai fails %s, which tgtd passes", c)
+		}
+	}
+	if chap {
+		// The expected list is the CHAP-off run's; with CHAP, matching
+		// tgtd (above) is the bar.
+		return
 	}
 
 	path := filepath.Join("conformance", "expected.txt")
