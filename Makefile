@@ -63,10 +63,17 @@ bench: deps build
 	$(GO) test -count=1 -tags bench -timeout 60m -v -run TestBench ./integration/ -args -bench-report=$(CURDIR)/integration/out/bench.md
 	@cat integration/out/bench.md
 
+# Every parser the target has (PDU header and data segment, login/text
+# keys, CHAP, CDBs, a live session fed garbage) and the metadata decoders.
+# Their corpora are checked in under testdata/fuzz and run by every go test.
 fuzz:
-	$(GO) test -run '^$$' -fuzz FuzzReadPDU -fuzztime 60s ./target/iscsi/
-	$(GO) test -run '^$$' -fuzz FuzzExecute -fuzztime 60s ./target/scsi/
-	$(GO) test -run '^$$' -fuzz FuzzDecodeChunk -fuzztime 30s ./placement/
+	$(GO) test -run '^$$' -fuzz '^FuzzReadPDU$$' -fuzztime 60s ./target/iscsi/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseText$$' -fuzztime 30s ./target/iscsi/
+	$(GO) test -run '^$$' -fuzz '^FuzzCHAPStep$$' -fuzztime 30s ./target/iscsi/
+	$(GO) test -run '^$$' -fuzz '^FuzzSession$$' -fuzztime 60s ./target/iscsi/
+	$(GO) test -run '^$$' -fuzz '^FuzzExecute$$' -fuzztime 60s ./target/scsi/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeChunk$$' -fuzztime 30s ./placement/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseWindow$$' -fuzztime 30s ./placement/
 
 # Consul and three nodes on loopback; an image written and read over iSCSI.
 demo: deps consul build
