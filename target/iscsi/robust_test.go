@@ -187,4 +187,3 @@ func FuzzSession(f *testing.F) {
 		ok.nc.Close()
 	})
 }
-
