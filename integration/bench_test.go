@@ -25,6 +25,26 @@ type benchTarget struct {
 	name string
 	url  string // qemu-img / qemu-nbd filename
 	raw  bool
+	pids []int // the target's processes, whose CPU time is measured
+}
+
+// cpuSeconds is the user+system CPU time of processes, from /proc.
+func cpuSeconds(pids []int) float64 {
+	var ticks int64
+	for _, pid := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+		if len(f) > 12 {
+			u, _ := strconv.ParseInt(f[11], 10, 64)
+			k, _ := strconv.ParseInt(f[12], 10, 64)
+			ticks += u + k
+		}
+	}
+	return float64(ticks) / 100 // USER_HZ
 }
 
 var qemuBenchRE = regexp.MustCompile(`Run completed in ([0-9.]+) seconds`)
@@ -106,12 +126,14 @@ func TestBench(t *testing.T) {
 		t.Fatal(err)
 	}
 	os.Truncate(rawPath, size)
+	tgtURL := startTgtd(t, size)
+	ukaiPids := []int{c.nodes[0].cmd.Process.Pid, c.nodes[1].cmd.Process.Pid}
 	targets := []benchTarget{
 		{name: "raw file", url: rawPath, raw: true},
-		{name: "tgtd", url: startTgtd(t, size)},
-		{name: "ukai", url: n1.url("local")},
-		{name: "ukai 2 copies", url: n1.url("two")},
-		{name: "ukai remote copy", url: n1.url("remote")},
+		{name: "tgtd", url: tgtURL, pids: []int{lastTgtdPid}},
+		{name: "ukai", url: n1.url("local"), pids: ukaiPids},
+		{name: "ukai 2 copies", url: n1.url("two"), pids: ukaiPids},
+		{name: "ukai remote copy", url: n1.url("remote"), pids: ukaiPids},
 	}
 	// Fill every target once so reads hit allocated data.
 	for _, tg := range targets {
@@ -126,24 +148,32 @@ func TestBench(t *testing.T) {
 	type row struct {
 		name, unit string
 		fn         func(benchTarget) float64
+		bytes      func(v float64) float64 // bytes moved by a run that measured v
 	}
+	seq := func(v float64) float64 { return 2048 << 20 }
+	rnd := func(v float64) float64 { return v * 4096 * 6 } // 1 s ramp + 5 s run
 	rows := []row{
-		{"seq write 1 MiB QD8", "MB/s", func(tg benchTarget) float64 { return qemuImgBench(t, tg, true, 1<<20, 2048, 8) }},
-		{"seq read 1 MiB QD8", "MB/s", func(tg benchTarget) float64 { return qemuImgBench(t, tg, false, 1<<20, 2048, 8) }},
-		{"rand read 4 KiB QD1", "IOPS", func(tg benchTarget) float64 { return fioNBD(t, tg, "randread", 1, false) }},
-		{"rand write 4 KiB QD1", "IOPS", func(tg benchTarget) float64 { return fioNBD(t, tg, "randwrite", 1, false) }},
-		{"rand read 4 KiB QD16", "IOPS", func(tg benchTarget) float64 { return fioNBD(t, tg, "randread", 16, false) }},
-		{"rand write 4 KiB QD16", "IOPS", func(tg benchTarget) float64 { return fioNBD(t, tg, "randwrite", 16, false) }},
+		{"seq write 1 MiB QD8", "MB/s", func(tg benchTarget) float64 { return qemuImgBench(t, tg, true, 1<<20, 2048, 8) }, seq},
+		{"seq read 1 MiB QD8", "MB/s", func(tg benchTarget) float64 { return qemuImgBench(t, tg, false, 1<<20, 2048, 8) }, seq},
+		{"rand read 4 KiB QD1", "IOPS", func(tg benchTarget) float64 { return fioNBD(t, tg, "randread", 1, false) }, rnd},
+		{"rand write 4 KiB QD1", "IOPS", func(tg benchTarget) float64 { return fioNBD(t, tg, "randwrite", 1, false) }, rnd},
+		{"rand read 4 KiB QD16", "IOPS", func(tg benchTarget) float64 { return fioNBD(t, tg, "randread", 16, false) }, rnd},
+		{"rand write 4 KiB QD16", "IOPS", func(tg benchTarget) float64 { return fioNBD(t, tg, "randwrite", 16, false) }, rnd},
 	}
 	vals := make([][][]float64, len(rows))
+	cpu := make([][][]float64, len(rows)) // CPU seconds of the target per GB moved
 	for i := range vals {
 		vals[i] = make([][]float64, len(targets))
+		cpu[i] = make([][]float64, len(targets))
 	}
 	var syncMBs, ddMBs []float64
 	for r := 0; r < *benchRounds; r++ {
 		for i, rw := range rows {
 			for j, tg := range targets {
-				vals[i][j] = append(vals[i][j], rw.fn(tg))
+				c0 := cpuSeconds(tg.pids)
+				v := rw.fn(tg)
+				vals[i][j] = append(vals[i][j], v)
+				cpu[i][j] = append(cpu[i][j], (cpuSeconds(tg.pids)-c0)/(rw.bytes(v)/1e9))
 			}
 		}
 		s, d := benchSync(t, c, r, rawPath)
@@ -155,8 +185,8 @@ func TestBench(t *testing.T) {
 	for _, tg := range targets {
 		b.WriteString(" " + tg.name + " |")
 	}
-	b.WriteString(" ukai/raw | ukai/tgtd | 2 copies/tgtd | remote/tgtd |\n|---|---|")
-	for range len(targets) + 4 {
+	b.WriteString(" ukai/raw | ukai/tgtd | 2 copies/tgtd | remote/tgtd | 2 copies/ukai | CPU s/GB tgtd, ukai, 2 copies, remote |\n|---|---|")
+	for range len(targets) + 6 {
 		b.WriteString("---|")
 	}
 	b.WriteString("\n")
@@ -167,7 +197,8 @@ func TestBench(t *testing.T) {
 			m[j] = median(vals[i][j])
 			fmt.Fprintf(&b, " %.0f |", m[j])
 		}
-		fmt.Fprintf(&b, " %.2f | %.2f | %.2f | %.2f |\n", m[2]/m[0], m[2]/m[1], m[3]/m[1], m[4]/m[1])
+		fmt.Fprintf(&b, " %.2f | %.2f | %.2f | %.2f | %.2f | %.2f, %.2f, %.2f, %.2f |\n", m[2]/m[0], m[2]/m[1], m[3]/m[1], m[4]/m[1], m[3]/m[2],
+			median(cpu[i][1]), median(cpu[i][2]), median(cpu[i][3]), median(cpu[i][4]))
 	}
 	fmt.Fprintf(&b, "\nsync of a fully written 256 MiB image to a new location (loopback): %.0f MB/s; dd of the same bytes on the same disk (bs=4M, fdatasync): %.0f MB/s; ratio %.2f\n",
 		median(syncMBs), median(ddMBs), median(syncMBs)/median(ddMBs))

@@ -105,6 +105,10 @@ func lastLines(s string, n int) string {
 	return strings.Join(ls[max(0, len(ls)-n):], "\n")
 }
 
+// lastTgtdPid is the process of the tgtd started last (the benchmark
+// measures its CPU time).
+var lastTgtdPid int
+
 // tgtd starts a tgtd on loopback with a file-backed LUN 1 and returns the
 // URL of that LUN.
 func startTgtd(t *testing.T, size int64) string { return startTgtdCHAP(t, size, "", "") }
@@ -122,6 +126,7 @@ func startTgtdCHAP(t *testing.T, size int64, user, secret string) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	lastTgtdPid = cmd.Process.Pid
 	img := filepath.Join(t.TempDir(), "tgt.img")
 	if err := os.WriteFile(img, nil, 0o600); err != nil {
 		t.Fatal(err)
