@@ -27,7 +27,8 @@ func rssKiB(t *testing.T, pid int) int64 {
 	return 0
 }
 
-// TestBenchMemory: a node serving 100 thin images of 1 TiB (4 MiB blocks:
+// TestBenchMemory (runs after TestBench: its file sorts after
+// bench_test.go, and it appends to the report TestBench writes): a node serving 100 thin images of 1 TiB (4 MiB blocks:
 // 262144 blocks each), with I/O on some of them, and its resident memory
 // (goal: under 500 MiB). Appended to the bench report.
 func TestBenchMemory(t *testing.T) {
