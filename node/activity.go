@@ -11,6 +11,11 @@ import (
 // since the last flush, the owner flushes and starts over.
 const activityMax = 512
 
+// activityAhead is how many blocks past a sequential write's block go
+// into the activity log with it (one metadata write per that many blocks
+// for a sequential writer instead of one per block).
+const activityAhead = 15
+
 // activity is the owner's in-memory mirror of an image's activity log.
 type activity struct {
 	mu        sync.Mutex
@@ -38,9 +43,22 @@ func (n *Node) beforeWrite(ctx context.Context, s *served, blocks []int64) error
 	}
 	now := time.Now()
 	var added []int64
+	nblocks := s.vol.Blocks()
 	for _, b := range blocks {
 		if _, ok := a.blocks[b]; !ok {
 			added = append(added, b)
+			// A sequential writer (the block before is in the log) will
+			// want the next blocks too: log them now, in the same
+			// metadata write. Logging a block that is not written only
+			// costs a successor one needless block comparison.
+			if _, seq := a.blocks[b-1]; seq {
+				for k := b + 1; k <= b+activityAhead && k < nblocks; k++ {
+					if _, ok := a.blocks[k]; !ok && !containsBlock(blocks, k) {
+						added = append(added, k)
+						a.blocks[k] = now
+					}
+				}
+			}
 		}
 		a.blocks[b] = now
 	}
