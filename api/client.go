@@ -116,11 +116,7 @@ func (c *Client) doOn(hc *http.Client, ctx context.Context, method, path string,
 		return fmt.Errorf("read answer of %s %s: %w", method, path, err)
 	}
 	if resp.StatusCode >= 300 {
-		var e Error
-		if json.Unmarshal(data, &e) != nil || e.Error == "" {
-			e.Error = strings.TrimSpace(string(data))
-		}
-		return &StatusError{Status: resp.StatusCode, Message: e.Error}
+		return errorAnswer(resp.StatusCode, data)
 	}
 	if out != nil {
 		if err := json.Unmarshal(data, out); err != nil {
@@ -232,12 +228,7 @@ func (c *Client) SyncImage(ctx context.Context, image string, req SyncRequest, p
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode >= 300 {
-		data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-		var e Error
-		if json.Unmarshal(data, &e) != nil || e.Error == "" {
-			e.Error = strings.TrimSpace(string(data))
-		}
-		return &StatusError{Status: resp.StatusCode, Message: e.Error}
+		return statusError(resp)
 	}
 	dec := json.NewDecoder(resp.Body)
 	sawFinal := false
@@ -374,12 +365,7 @@ func (c *Client) ReadData(ctx context.Context, image string, start func(size int
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode >= 300 {
-		data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-		var e Error
-		if json.Unmarshal(data, &e) != nil || e.Error == "" {
-			e.Error = strings.TrimSpace(string(data))
-		}
-		return &StatusError{Status: resp.StatusCode, Message: e.Error}
+		return statusError(resp)
 	}
 	if resp.ContentLength < 0 {
 		return fmt.Errorf("image data of %s without a length", image)
@@ -416,15 +402,27 @@ func (c *Client) WriteData(ctx context.Context, image string, r io.Reader) (int6
 		return 0, err
 	}
 	if resp.StatusCode >= 300 {
-		var e Error
-		if json.Unmarshal(data, &e) != nil || e.Error == "" {
-			e.Error = strings.TrimSpace(string(data))
-		}
-		return 0, &StatusError{Status: resp.StatusCode, Message: e.Error}
+		return 0, errorAnswer(resp.StatusCode, data)
 	}
 	var out DataWritten
 	if err := json.Unmarshal(data, &out); err != nil {
 		return 0, fmt.Errorf("decode answer of PUT data: %w", err)
 	}
 	return out.Bytes, nil
+}
+
+// statusError reads a non-2xx answer into a StatusError.
+func statusError(resp *http.Response) error {
+	data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	return errorAnswer(resp.StatusCode, data)
+}
+
+// errorAnswer is the StatusError of an answer's body: ukai's {"error": ...}
+// message, or the body's text.
+func errorAnswer(status int, data []byte) error {
+	var e Error
+	if json.Unmarshal(data, &e) != nil || e.Error == "" {
+		e.Error = strings.TrimSpace(string(data))
+	}
+	return &StatusError{Status: status, Message: e.Error}
 }

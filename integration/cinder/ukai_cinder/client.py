@@ -156,17 +156,17 @@ class Client(object):
     def image(self, name):
         return self.request("GET", "/v1/images/" + self._q(name))
 
+    @staticmethod
+    def _body(required, **optional):
+        """A request body: the required fields and the optional ones set."""
+        body = dict(required)
+        body.update((k, v) for k, v in optional.items() if v)
+        return body
+
     def create_image(self, name, size, locations=None, min_copies=None,
                      block_size=None, source=None, timeout=None):
-        body = {"name": name, "size": size}
-        if locations:
-            body["locations"] = locations
-        if min_copies:
-            body["min_copies"] = min_copies
-        if block_size:
-            body["block_size"] = block_size
-        if source:
-            body["source"] = source
+        body = self._body({"name": name, "size": size}, locations=locations, min_copies=min_copies,
+                          block_size=block_size, source=source)
         return self.request("POST", "/v1/images", body=body, timeout=timeout)
 
     def delete_image(self, name):
@@ -182,31 +182,19 @@ class Client(object):
         self.request("DELETE", "/v1/images/%s/snapshots/%s" % (self._q(image), self._q(name)))
 
     def set_policy(self, image, replicas=None, locations=None):
-        body = {}
-        if replicas is not None:
-            body["replicas"] = replicas
-        if locations:
-            body["locations"] = locations
+        body = self._body({} if replicas is None else {"replicas": replicas}, locations=locations)
         return self.request("PUT", "/v1/images/%s/policy" % self._q(image), body=body)
 
     def set_sync_policy(self, image, windows=None, max_rate=None, tz=None):
-        body = {"scope": "image:" + image}
-        if windows:
-            body["windows"] = windows
-        if max_rate:
-            body["max_rate"] = max_rate
-        if tz:
-            body["tz"] = tz
+        body = self._body({"scope": "image:" + image}, windows=windows, max_rate=max_rate, tz=tz)
         self.request("PUT", "/v1/policies/sync", body=body)
 
     def relocate(self, image, to):
         return self.request("POST", "/v1/images/%s/relocate" % self._q(image), body={"to": to})
 
     def export(self, image, initiator, chap_user=None, chap_secret=None):
-        body = {"initiator": initiator}
-        if chap_user:
-            body["chap_user"] = chap_user
-            body["chap_secret"] = chap_secret
+        body = self._body({"initiator": initiator}, chap_user=chap_user,
+                          chap_secret=chap_secret if chap_user else None)
         self.request("POST", "/v1/images/%s/exports" % self._q(image), body=body)
 
     def unexport(self, image, initiator):
