@@ -35,6 +35,11 @@ func (n *Node) ReadData(ctx context.Context, name string, start func(int64), w i
 		if !origin.record().HasSnapshot(img.ID) {
 			return fmt.Errorf("%w: snapshot %s is no longer listed by %s", meta.ErrImageNotFound, name, img.Origin.Name)
 		}
+		snapDone, err := n.ownSnapshot(ctx, s)
+		if err != nil {
+			return err
+		}
+		defer snapDone()
 		read = func(p []byte, off int64) error { return n.readSnapshot(ctx, origin, s, p, off) }
 	} else {
 		s.busy.Add(1)
