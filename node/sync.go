@@ -15,7 +15,7 @@ import (
 )
 
 // syncWorkers is how many blocks one sync copies at a time.
-const syncWorkers = 4
+const syncWorkers = 8
 
 // servedByName returns the served image of that name, or ErrImageNotFound.
 func (n *Node) servedByName(ctx context.Context, name string) (*served, error) {
