@@ -468,21 +468,31 @@ func (v *Volume) fanOut(ctx context.Context, ps []piece, op func(ctx context.Con
 	}
 	errs := make([]error, len(ops))
 	var wg sync.WaitGroup
+	run := func(i int, o writeOp) {
+		cctx, cancel := context.WithTimeout(ctx, v.cfg.CopyTimeout)
+		defer cancel()
+		errs[i] = op(cctx, o.r, o.pc)
+		if ctx.Err() == nil {
+			v.noteResult(o.r.Node, errs[i])
+		}
+	}
+	last := -1 // the last usable op runs in this goroutine: one fewer to start
 	for i, o := range ops {
 		if err := v.usable(o.r.Node); err != nil {
 			errs[i] = err
 			continue
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			cctx, cancel := context.WithTimeout(ctx, v.cfg.CopyTimeout)
-			defer cancel()
-			errs[i] = op(cctx, o.r, o.pc)
-			if ctx.Err() == nil {
-				v.noteResult(o.r.Node, errs[i])
-			}
-		}()
+		if last >= 0 {
+			wg.Add(1)
+			go func(i int, o writeOp) {
+				defer wg.Done()
+				run(i, o)
+			}(last, ops[last])
+		}
+		last = i
+	}
+	if last >= 0 {
+		run(last, ops[last])
 	}
 	wg.Wait()
 	ok, failed = map[int64][]string{}, map[int64][]string{}
