@@ -60,7 +60,7 @@ conformance: deps build
 
 # Speed: ukai vs tgtd vs the raw file, interleaved, one table.
 bench: deps build
-	$(GO) test -count=1 -tags bench -timeout 60m -v -run 'TestBench$$|TestBenchMemory' ./integration/ -args -bench-report=$(CURDIR)/integration/out/bench.md
+	$(GO) test -count=1 -tags bench -timeout 60m -v -run 'TestBench$$|TestBenchMemory|TestBenchSyncImpact' ./integration/ -args -bench-report=$(CURDIR)/integration/out/bench.md
 	@cat integration/out/bench.md
 
 # Every parser the target has (PDU header and data segment, login/text

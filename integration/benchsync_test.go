@@ -1,0 +1,53 @@
+//go:build bench
+
+package integration
+
+import (
+	"fmt"
+	"os"
+	"testing"
+	"time"
+)
+
+// TestBenchSyncImpact (after TestBench, appending to its report): a VM's
+// random 4 KiB I/O at depth 16 on one image, idle and while another image
+// of the node synchronizes 4 GiB to a new location unthrottled (goal: the
+// VM keeps at least 0.8 of its idle rate).
+func TestBenchSyncImpact(t *testing.T) {
+	c := newCluster(t, "n1", "n2")
+	n1 := c.nodes[0]
+	n1.mustCLI("image", "create", "vm", "--size", "1G")
+	vm := benchTarget{name: "vm", url: n1.url("vm")}
+	qemuImgBench(t, vm, true, 4<<20, 256, 8)
+	const big = 4 << 30
+	n1.mustCLI("image", "create", "big", "--size", fmt.Sprint(big))
+	qemuImgBench(t, benchTarget{name: "big", url: n1.url("big")}, true, 4<<20, big/(4<<20), 8)
+	n1.mustCLI("image", "sync", "big", "--pause")
+	n1.mustCLI("location", "add", "big", "n2")
+
+	idleR, idleW := fioNBD(t, vm, "randread", 16, false), fioNBD(t, vm, "randwrite", 16, false)
+	done := make(chan time.Duration, 1)
+	start := time.Now()
+	go func() {
+		n1.cli("image", "sync", "big")
+		done <- time.Since(start)
+	}()
+	time.Sleep(500 * time.Millisecond)
+	busyR := fioNBD(t, vm, "randread", 16, false)
+	busyW := fioNBD(t, vm, "randwrite", 16, false)
+	took := <-done
+	if busyW > 0 && took < 12*time.Second {
+		t.Logf("the sync ended %v after it started: the busy runs may have overlapped it only in part", took)
+	}
+	line := fmt.Sprintf("\nVM I/O during a sync (4 GiB of another image to a new location, unthrottled, %.0f MB/s): rand read 4 KiB QD16 %.0f -> %.0f IOPS (%.2f), rand write 4 KiB QD16 %.0f -> %.0f IOPS (%.2f) (goal >= 0.8)\n",
+		big/took.Seconds()/1e6, idleR, busyR, busyR/idleR, idleW, busyW, busyW/idleW)
+	t.Log(line)
+	if *benchReport != "" {
+		f, err := os.OpenFile(*benchReport, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.WriteString(line)
+		f.Close()
+	}
+}
