@@ -583,6 +583,11 @@ func (v *Volume) beforeWrite(ctx context.Context, ps []piece) error {
 		blocks = append(blocks, p.block)
 	}
 	if err := v.cfg.BeforeWrite(ctx, blocks); err != nil {
+		var se *scsi.SenseError
+		if errors.As(err, &se) {
+			// The hook chose the sense (NOT READY: retry, say).
+			return &scsi.SenseError{Key: se.Key, ASC: se.ASC, ASCQ: se.ASCQ, Err: fmt.Errorf("before the write: %w", err)}
+		}
 		return &scsi.SenseError{Key: scsi.SenseMediumError, ASC: 0x0c, ASCQ: 0x00, Err: fmt.Errorf("record the write in the activity log: %w", err)}
 	}
 	return nil

@@ -468,3 +468,41 @@ func TestVolumeGrowsOnline(t *testing.T) {
 		t.Fatal("data after the grow is not the old data, zeros, then the new write")
 	}
 }
+
+// A BeforeWrite hook's own sense (NOT READY: retry) reaches the initiator;
+// any other hook error is a MEDIUM ERROR; no copy is touched either way.
+func TestBeforeWriteSense(t *testing.T) {
+	ctx := context.Background()
+	fc, err := CreateFile(filepath.Join(t.TempDir(), "a.img"), 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var hookErr error
+	v, err := NewVolume(Config{Size: 1 << 20, BlockSize: 1 << 16,
+		BeforeWrite: func(context.Context, []int64) error { return hookErr }},
+		[]*Replica{{Node: "a", Copy: fc, Local: true}},
+		map[string]*placement.BlockMap{"a": placement.NewBlockMap(16, placement.InSync)}, &memMaps{maps: map[string]*placement.BlockMap{"a": placement.NewBlockMap(16, placement.InSync)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	for _, c := range []struct {
+		err error
+		key byte
+	}{
+		{&scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x01, Err: errors.New("snapshot not ready")}, scsi.SenseNotReady},
+		{errors.New("metadata store unreachable"), scsi.SenseMediumError},
+	} {
+		hookErr = c.err
+		err := v.WriteAt(ctx, []byte{1}, 0, false)
+		var se *scsi.SenseError
+		if !errors.As(err, &se) || se.Key != c.key {
+			t.Fatalf("hook error %v: write answered %v", c.err, err)
+		}
+		got := make([]byte, 1)
+		fc.ReadAt(ctx, got, 0)
+		if got[0] != 0 {
+			t.Fatal("a copy was written although the hook refused")
+		}
+	}
+}
