@@ -6,6 +6,7 @@ import (
 	"io"
 
 	"github.com/ukai-storage/ukai/cluster/meta"
+	"github.com/ukai-storage/ukai/target/scsi"
 )
 
 // dataChunk is how much image data one step of a stream moves.
@@ -86,7 +87,7 @@ func (n *Node) WriteData(ctx context.Context, name string, r io.Reader) (int64, 
 				return done, fmt.Errorf("%w: the data is longer than the image (%d bytes)", meta.ErrInvalid, size)
 			}
 			p := buf[:k]
-			if allZero(p) && k%meta.SectorSize == 0 {
+			if scsi.AllZero(p) && k%meta.SectorSize == 0 {
 				err = g.Unmap(ctx, done, int64(k))
 			} else {
 				err = g.WriteAt(ctx, p, done, false)

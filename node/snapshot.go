@@ -135,6 +135,7 @@ func (n *Node) preserve(ctx context.Context, s *served, blocks []int64) error {
 	}
 	s.cow.mu.Lock()
 	defer s.cow.mu.Unlock()
+	// Read again under the lock: a delete may have unlisted one meanwhile.
 	for _, ref := range s.record().Snapshots {
 		err := n.preserveInto(ctx, s, ref, blocks)
 		if err != nil && !n.stillListed(ctx, img.Name, ref.ID) {
@@ -178,7 +179,7 @@ func (n *Node) preserveInto(ctx context.Context, s *served, ref meta.SnapshotRef
 		if err := s.vol.ReadHeld(ctx, p, off); err != nil {
 			return fmt.Errorf("read block %d: %w", b, err)
 		}
-		if allZero(p) {
+		if scsi.AllZero(p) {
 			continue // the snapshot's copies are zeros there already
 		}
 		if err := sn.vol.WriteAt(ctx, p, off, true); err != nil {
@@ -192,21 +193,6 @@ func (n *Node) preserveInto(ctx context.Context, s *served, ref meta.SnapshotRef
 		m.Set(b, placement.InSync)
 	}
 	return nil
-}
-
-func allZero(p []byte) bool {
-	for len(p) >= 8 {
-		if p[0]|p[1]|p[2]|p[3]|p[4]|p[5]|p[6]|p[7] != 0 {
-			return false
-		}
-		p = p[8:]
-	}
-	for _, c := range p {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
 }
 
 // acquireWait takes ownership of s, waiting up to takeoverWait for another
@@ -577,7 +563,7 @@ func (n *Node) copyInto(ctx context.Context, dst *served, size int64, read func(
 		if err := read(p, off); err != nil {
 			return fmt.Errorf("read at %d: %w", off, err)
 		}
-		if allZero(p) {
+		if scsi.AllZero(p) {
 			continue
 		}
 		if err := dst.vol.WriteAt(ctx, p, off, false); err != nil {

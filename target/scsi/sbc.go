@@ -238,7 +238,9 @@ func (lu *LU) syncCache(ctx context.Context, cmd *Command) Result {
 	return good()
 }
 
-func allZero(b []byte) bool {
+// AllZero reports whether every byte of b is zero (WRITE SAME with
+// UNMAP here; elsewhere, data that need not be written to a thin copy).
+func AllZero(b []byte) bool {
 	for len(b) >= 8 {
 		if binary.LittleEndian.Uint64(b) != 0 {
 			return false
@@ -295,7 +297,7 @@ func (lu *LU) writeSame(ctx context.Context, cmd *Command) Result {
 	total := int64(n) << lu.shift
 	h := lu.caw.writeLock(lba, lba+uint64(n))
 	defer lu.caw.writeUnlock(h)
-	if unmapBit && lu.cfg.ThinProvisioning && allZero(block) {
+	if unmapBit && lu.cfg.ThinProvisioning && AllZero(block) {
 		if err := lu.be.Unmap(ctx, off, total); err != nil {
 			return lu.backendError(ctx, "write same unmap", off, err, true)
 		}

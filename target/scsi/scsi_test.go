@@ -718,7 +718,7 @@ func TestWriteSame(t *testing.T) {
 		t.Fatal("write same unmap did not unmap")
 	}
 	r = run(lu, nexA, cdb16(opRead16, 1000, 8), nil)
-	if !allZero(r.DataIn) {
+	if !AllZero(r.DataIn) {
 		t.Fatal("not zero after write same unmap")
 	}
 	// UNMAP bit with data: written.
@@ -734,7 +734,7 @@ func TestWriteSame(t *testing.T) {
 		t.Fatal("NDOB transfer length")
 	}
 	r = run(lu, nexA, cdb10(opRead10, 10, 20), nil)
-	if !allZero(r.DataIn) {
+	if !AllZero(r.DataIn) {
 		t.Fatal("NDOB did not zero")
 	}
 	// Errors.
@@ -1058,7 +1058,7 @@ func TestReportLUNs(t *testing.T) {
 	c[9] = 255
 	r := run(lu, nexA, c, nil)
 	wantGood(t, r)
-	if len(r.DataIn) != 16 || binary.BigEndian.Uint32(r.DataIn[0:4]) != 8 || !allZero(r.DataIn[8:]) {
+	if len(r.DataIn) != 16 || binary.BigEndian.Uint32(r.DataIn[0:4]) != 8 || !AllZero(r.DataIn[8:]) {
 		t.Fatalf("report luns %x", r.DataIn)
 	}
 }
