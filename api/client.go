@@ -216,20 +216,11 @@ func (c *Client) SyncImage(ctx context.Context, image string, req SyncRequest, p
 	if err != nil {
 		return err
 	}
-	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base+"/v1/images/"+url.PathEscape(image)+"/sync", bytes.NewReader(b))
+	resp, err := c.openStream(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(image)+"/sync", bytes.NewReader(b), "application/json")
 	if err != nil {
 		return err
 	}
-	hreq.Header.Set("Content-Type", "application/json")
-	c.authorize(hreq)
-	resp, err := c.stream.Do(hreq)
-	if err != nil {
-		return fmt.Errorf("cannot reach the ukai API at %s: %w", c.base, err)
-	}
 	defer resp.Body.Close()
-	if resp.StatusCode >= 300 {
-		return statusError(resp)
-	}
 	dec := json.NewDecoder(resp.Body)
 	sawFinal := false
 	for {
@@ -354,19 +345,11 @@ func (c *Client) ReadData(ctx context.Context, image string, start func(size int
 	if c.err != nil {
 		return c.err
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+"/v1/images/"+url.PathEscape(image)+"/data", nil)
+	resp, err := c.openStream(ctx, http.MethodGet, "/v1/images/"+url.PathEscape(image)+"/data", nil, "")
 	if err != nil {
 		return err
 	}
-	c.authorize(req)
-	resp, err := c.stream.Do(req)
-	if err != nil {
-		return fmt.Errorf("cannot reach the ukai API at %s: %w", c.base, err)
-	}
 	defer resp.Body.Close()
-	if resp.StatusCode >= 300 {
-		return statusError(resp)
-	}
 	if resp.ContentLength < 0 {
 		return fmt.Errorf("image data of %s without a length", image)
 	}
@@ -386,29 +369,43 @@ func (c *Client) WriteData(ctx context.Context, image string, r io.Reader) (int6
 	if c.err != nil {
 		return 0, c.err
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPut, c.base+"/v1/images/"+url.PathEscape(image)+"/data", r)
+	resp, err := c.openStream(ctx, http.MethodPut, "/v1/images/"+url.PathEscape(image)+"/data", r, "application/octet-stream")
 	if err != nil {
 		return 0, err
-	}
-	req.Header.Set("Content-Type", "application/octet-stream")
-	c.authorize(req)
-	resp, err := c.stream.Do(req)
-	if err != nil {
-		return 0, fmt.Errorf("cannot reach the ukai API at %s: %w", c.base, err)
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	if err != nil {
 		return 0, err
 	}
-	if resp.StatusCode >= 300 {
-		return 0, errorAnswer(resp.StatusCode, data)
-	}
 	var out DataWritten
 	if err := json.Unmarshal(data, &out); err != nil {
 		return 0, fmt.Errorf("decode answer of PUT data: %w", err)
 	}
 	return out.Bytes, nil
+}
+
+// openStream sends a request through the client without an overall
+// timeout (long transfers, progress streams) and returns the answer when
+// it is a success; the caller closes its body.
+func (c *Client) openStream(ctx context.Context, method, path string, body io.Reader, contentType string) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
+	if err != nil {
+		return nil, fmt.Errorf("build request: %w", err)
+	}
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
+	}
+	c.authorize(req)
+	resp, err := c.stream.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("cannot reach the ukai API at %s: %w", c.base, err)
+	}
+	if resp.StatusCode >= 300 {
+		defer resp.Body.Close()
+		return nil, statusError(resp)
+	}
+	return resp, nil
 }
 
 // statusError reads a non-2xx answer into a StatusError.

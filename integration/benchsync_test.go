@@ -4,7 +4,6 @@ package integration
 
 import (
 	"fmt"
-	"os"
 	"testing"
 	"time"
 )
@@ -37,13 +36,5 @@ func TestBenchSyncImpact(t *testing.T) {
 	}
 	line := fmt.Sprintf("\nVM I/O during a sync (4 GiB of another image to a new location, unthrottled, %.0f MB/s): rand read 4 KiB QD16 %.0f -> %.0f IOPS (%.2f), rand write 4 KiB QD16 %.0f -> %.0f IOPS (%.2f) (goal >= 0.8)\n",
 		big/took.Seconds()/1e6, idleR, busyR, busyR/idleR, idleW, busyW, busyW/idleW)
-	t.Log(line)
-	if *benchReport != "" {
-		f, err := os.OpenFile(*benchReport, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
-		if err != nil {
-			t.Fatal(err)
-		}
-		f.WriteString(line)
-		f.Close()
-	}
+	appendReport(t, line)
 }
