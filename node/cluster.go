@@ -76,14 +76,7 @@ func (n *Node) joinCluster(ctx context.Context) (*membership.Agent, error) {
 // retries the seeds, and it retries nodes seen dead, so that a node that
 // restarts (with or without seeds of its own) is found again.
 func (n *Node) reconnect(ctx context.Context) {
-	t := time.NewTicker(3 * time.Second)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	every(ctx, 3*time.Second, func() {
 		var targets []string
 		aliveOthers := 0
 		for _, m := range n.members.Members() {
@@ -107,30 +100,23 @@ func (n *Node) reconnect(ctx context.Context) {
 				n.log.Error("gossip name conflict", "err", err)
 			}
 		}
-	}
+	})
 }
 
 // refreshMeta re-gossips the node's free space while it changes.
 func (n *Node) refreshMeta(ctx context.Context) {
-	t := time.NewTicker(30 * time.Second)
-	defer t.Stop()
 	last := n.gossipMeta()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	every(ctx, 30*time.Second, func() {
 		m := n.gossipMeta()
 		if m.Free/(64<<20) == last.Free/(64<<20) {
-			continue
+			return
 		}
 		if err := n.members.SetMeta(ctx, m); err != nil {
 			n.log.Warn("cannot update gossiped metadata", "err", err)
-			continue
+			return
 		}
 		last = m
-	}
+	})
 }
 
 // imagesHeld maps node name to the images with a copy on it. It returns
