@@ -75,24 +75,13 @@ func initCA(dir, name string, notBefore, notAfter time.Time) (string, string, er
 	if err := refuseExisting(certPath, keyPath); err != nil {
 		return "", "", err
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return "", "", fmt.Errorf("generate CA key: %w", err)
-	}
-	serial, err := newSerial()
+	key, tmpl, err := newKeyAndTemplate("CA key", name, notBefore, notAfter)
 	if err != nil {
 		return "", "", err
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: name, Organization: []string{"ukai"}},
-		NotBefore:             notBefore,
-		NotAfter:              notAfter,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-		MaxPathLenZero:        true, // signs node certificates only
-	}
+	tmpl.KeyUsage = x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature
+	tmpl.IsCA = true
+	tmpl.MaxPathLenZero = true // signs node certificates only
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
 	if err != nil {
 		return "", "", fmt.Errorf("create CA certificate: %w", err)
@@ -180,25 +169,14 @@ func issue(caCertPath, caKeyPath, dir, node string, hosts []string, notBefore, n
 	if err := refuseExisting(certPath, keyPath); err != nil {
 		return "", "", err
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return "", "", fmt.Errorf("generate key: %w", err)
-	}
-	serial, err := newSerial()
+	key, tmpl, err := newKeyAndTemplate("key", node, notBefore, notAfter)
 	if err != nil {
 		return "", "", err
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: node, Organization: []string{"ukai"}},
-		NotBefore:             notBefore,
-		NotAfter:              notAfter,
-		KeyUsage:              x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		BasicConstraintsValid: true,
-		IPAddresses:           ips,
-		DNSNames:              names,
-	}
+	tmpl.KeyUsage = x509.KeyUsageDigitalSignature
+	tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
+	tmpl.IPAddresses = ips
+	tmpl.DNSNames = names
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caSigner)
 	if err != nil {
 		return "", "", fmt.Errorf("create certificate for %s: %w", node, err)
@@ -207,6 +185,27 @@ func issue(caCertPath, caKeyPath, dir, node string, hosts []string, notBefore, n
 		return "", "", err
 	}
 	return certPath, keyPath, nil
+}
+
+// newKeyAndTemplate makes a P-256 key and the certificate fields every
+// ukai certificate shares (serial, subject, validity); what names the key
+// in errors.
+func newKeyAndTemplate(what, cn string, notBefore, notAfter time.Time) (*ecdsa.PrivateKey, *x509.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, fmt.Errorf("generate %s: %w", what, err)
+	}
+	serial, err := newSerial()
+	if err != nil {
+		return nil, nil, err
+	}
+	return key, &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{CommonName: cn, Organization: []string{"ukai"}},
+		NotBefore:             notBefore,
+		NotAfter:              notAfter,
+		BasicConstraintsValid: true,
+	}, nil
 }
 
 // Files names a node's TLS material: the cluster CA certificate and the
