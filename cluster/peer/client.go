@@ -52,6 +52,10 @@ type Client struct {
 	bufs    pool
 	rtt     atomic.Int64 // ns, EWMA
 	closed  atomic.Bool
+
+	tls    *tls.Config // block connections' (ALPN blkALPN); nil: cleartext
+	dialMu sync.Mutex
+	cur    atomic.Pointer[blkConn]
 }
 
 // NewClient returns a client for the peer at addr (host:port). It does
@@ -85,6 +89,13 @@ func NewClient(addr string, cfg ClientConfig) *Client {
 		c.tr.TLSClientConfig = tc
 		c.tr.ForceAttemptHTTP2 = true
 		c.base = "https://" + addr
+		c.tls = cfg.TLS.Clone()
+		c.tls.NextProtos = []string{blkALPN}
+		if c.tls.ServerName == "" {
+			if host, _, err := net.SplitHostPort(addr); err == nil {
+				c.tls.ServerName = host // as the HTTP transport does
+			}
+		}
 	}
 	c.hc = &http.Client{
 		Transport: c.tr,
@@ -103,6 +114,12 @@ func (c *Client) Addr() string { return c.addr }
 func (c *Client) Close() error {
 	c.closed.Store(true)
 	c.tr.CloseIdleConnections()
+	c.dialMu.Lock()
+	bc := c.cur.Load()
+	c.dialMu.Unlock()
+	if bc != nil {
+		bc.fail(errClosed)
+	}
 	return nil
 }
 
@@ -131,7 +148,6 @@ func (c *Client) sample(d time.Duration) {
 type call struct {
 	c      *Client
 	op     string
-	fwd    bool // a forwarding endpoint: fwdErr maps its errors
 	parent context.Context
 	ctx    context.Context
 	cancel context.CancelCauseFunc
@@ -183,90 +199,6 @@ func (k *call) statusErr(code int, msg string) error {
 	return fmt.Errorf("peer %s: %s: %w: %s", k.c.addr, k.op, sentinel, msg)
 }
 
-// do sends the request and returns the response if its status is want.
-// The caller closes the body and calls k.finish.
-func (k *call) do(method, path string, ref Ref, hdr [][2]string, body io.ReadCloser, getBody func() (io.ReadCloser, error), n int64, want int) (*http.Response, error) {
-	if k.c.closed.Load() {
-		return nil, fmt.Errorf("peer %s: %s: %w: %v", k.c.addr, k.op, ErrUnavailable, errClosed)
-	}
-	if !validID(ref.ID) {
-		return nil, fmt.Errorf("peer %s: %s: %w: image id %q is not 32 hex digits", k.c.addr, k.op, ErrBadRequest, ref.ID)
-	}
-	req, err := http.NewRequestWithContext(k.ctx, method, k.c.base+path, nil)
-	if err != nil {
-		return nil, fmt.Errorf("peer %s: %s: %w", k.c.addr, k.op, err)
-	}
-	h := req.Header
-	h[hID] = []string{ref.ID}
-	h[hGen] = []string{strconv.FormatUint(ref.Gen, 10)}
-	for _, kv := range hdr {
-		h[kv[0]] = []string{kv[1]}
-	}
-	if body != nil {
-		req.Body = body
-		req.GetBody = getBody
-		req.ContentLength = n
-	}
-	resp, err := k.c.hc.Do(req)
-	if err != nil {
-		return nil, k.fail(err)
-	}
-	if resp.StatusCode != want {
-		msg, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrBody))
-		resp.Body.Close()
-		if k.fwd {
-			return nil, k.fwdErr(resp, string(msg))
-		}
-		return nil, k.statusErr(resp.StatusCode, string(msg))
-	}
-	return resp, nil
-}
-
-// writeHdr is the header of a write of n bytes at off, with FUA or not.
-func writeHdr(off int64, n int, fua bool) [][2]string {
-	f := "0"
-	if fua {
-		f = "1"
-	}
-	return append(extentHdr(off, int64(n)), [2]string{hFua, f})
-}
-
-func extentHdr(off, n int64) [][2]string {
-	return [][2]string{{hOff, strconv.FormatInt(off, 10)}, {hLen, strconv.FormatInt(n, 10)}}
-}
-
-// readExact GETs exactly len(p) bytes at off into p: a response of another
-// length, short or long, is an error, never partial data.
-func (c *Client) readExact(k *call, op, path string, ref Ref, p []byte, off int64) error {
-	resp, err := k.do(http.MethodGet, path, ref, extentHdr(off, int64(len(p))), nil, nil, 0, http.StatusOK)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.ContentLength != int64(len(p)) {
-		return fmt.Errorf("peer %s: %s: %w: response of %d bytes, want %d", c.addr, op, ErrUnavailable, resp.ContentLength, len(p))
-	}
-	if _, err := io.ReadFull(resp.Body, p); err != nil {
-		return k.fail(fmt.Errorf("truncated response: %w", err))
-	}
-	var probe [1]byte
-	if n, _ := io.ReadFull(resp.Body, probe[:]); n != 0 {
-		return fmt.Errorf("peer %s: %s: %w: response longer than %d bytes", c.addr, op, ErrUnavailable, len(p))
-	}
-	return nil
-}
-
-// doNoContent sends a request whose answer carries nothing but its
-// status.
-func (k *call) doNoContent(method, path string, ref Ref, hdr [][2]string, body io.ReadCloser, again func() (io.ReadCloser, error), n int64) error {
-	resp, err := k.do(method, path, ref, hdr, body, again, n, http.StatusNoContent)
-	if err != nil {
-		return err
-	}
-	resp.Body.Close()
-	return nil
-}
-
 func (c *Client) checkIO(op string, n int) error {
 	if n > MaxIO {
 		return fmt.Errorf("peer %s: %s: %w: length %d above %d", c.addr, op, ErrBadRequest, n, MaxIO)
@@ -282,51 +214,7 @@ func (c *Client) ReadAt(ctx context.Context, ref Ref, p []byte, off int64) error
 	if err := c.checkIO("read", len(p)); err != nil {
 		return err
 	}
-	k := c.begin(ctx, "read")
-	defer k.finish()
-	if err := c.readExact(k, "read", pathRead, ref, p, off); err != nil {
-		return err
-	}
-	if len(p) <= rttMaxBytes {
-		c.sample(time.Since(k.start))
-	}
-	return nil
-}
-
-// guard is a request body over the caller's buffer that stops reading it
-// once the call returned (the transport may still hold the body then).
-type guard struct {
-	mu   sync.Mutex
-	p    []byte
-	dead bool
-}
-
-type guardReader struct {
-	g   *guard
-	off int
-}
-
-func (r *guardReader) Read(b []byte) (int, error) {
-	r.g.mu.Lock()
-	defer r.g.mu.Unlock()
-	if r.g.dead {
-		return 0, errClosed
-	}
-	if r.off >= len(r.g.p) {
-		return 0, io.EOF
-	}
-	n := copy(b, r.g.p[r.off:])
-	r.off += n
-	return n, nil
-}
-
-func (r *guardReader) Close() error { return nil }
-
-func (g *guard) kill() {
-	g.mu.Lock()
-	g.dead = true
-	g.p = nil
-	g.mu.Unlock()
+	return c.roundTrip(ctx, reqHdr{op: opRead, id: ref.ID, gen: ref.Gen, off: off, n: int64(len(p))}, nil, p)
 }
 
 // WriteAt writes p at off on the peer's copy; with durable it is on the
@@ -338,60 +226,65 @@ func (c *Client) WriteAt(ctx context.Context, ref Ref, p []byte, off int64, dura
 	if err := c.checkIO("write", len(p)); err != nil {
 		return err
 	}
-	k := c.begin(ctx, "write")
-	defer k.finish()
-	g := &guard{p: p}
-	defer g.kill()
-	hdr := writeHdr(off, len(p), durable)
-	resp, err := k.do(http.MethodPut, pathWrite, ref, hdr, &guardReader{g: g},
-		func() (io.ReadCloser, error) { return &guardReader{g: g}, nil }, int64(len(p)), http.StatusNoContent)
-	if err != nil {
-		return err
+	h := reqHdr{op: opWrite, id: ref.ID, gen: ref.Gen, off: off, n: int64(len(p))}
+	if durable {
+		h.flags = flagFUA
 	}
-	resp.Body.Close()
-	if len(p) <= rttMaxBytes && !durable {
-		c.sample(time.Since(k.start))
-	}
-	return nil
+	return c.roundTrip(ctx, h, p, nil)
 }
 
 // Sync makes every completed write on the peer's copy durable.
 func (c *Client) Sync(ctx context.Context, ref Ref) error {
-	k := c.begin(ctx, "sync")
-	defer k.finish()
-	return k.doNoContent(http.MethodPost, pathSync, ref, nil, nil, nil, 0)
+	return c.roundTrip(ctx, reqHdr{op: opSync, id: ref.ID, gen: ref.Gen}, nil, nil)
 }
 
 // Unmap deallocates [off, off+n) on the peer's copy.
 func (c *Client) Unmap(ctx context.Context, ref Ref, off, n int64) error {
-	k := c.begin(ctx, "unmap")
-	defer k.finish()
-	return k.doNoContent(http.MethodPost, pathUnmap, ref, extentHdr(off, n), nil, nil, 0)
+	return c.roundTrip(ctx, reqHdr{op: opUnmap, id: ref.ID, gen: ref.Gen, off: off, n: n}, nil, nil)
 }
 
-// Ping measures one round trip to the peer (and feeds RTT).
+// pingID fills the image id field of a ping.
+const pingID = "00000000000000000000000000000000"
+
+// Ping measures one round trip to the peer on the block connection (and
+// feeds RTT).
 func (c *Client) Ping(ctx context.Context) (time.Duration, error) {
-	k := c.begin(ctx, "ping")
-	defer k.finish()
-	if c.closed.Load() {
-		return 0, fmt.Errorf("peer %s: ping: %w: %v", c.addr, ErrUnavailable, errClosed)
+	start := time.Now()
+	if err := c.roundTrip(ctx, reqHdr{op: opPing, id: pingID}, nil, nil); err != nil {
+		return 0, err
 	}
-	req, err := http.NewRequestWithContext(k.ctx, http.MethodGet, c.base+pathPing, nil)
+	return time.Since(start), nil
+}
+
+// get sends a GET of path for ref and returns the response if its status
+// is want. The caller closes the body and calls k.finish.
+func (k *call) get(path string, ref Ref, hdr [][2]string, want int) (*http.Response, error) {
+	if k.c.closed.Load() {
+		return nil, fmt.Errorf("peer %s: %s: %w: %v", k.c.addr, k.op, ErrUnavailable, errClosed)
+	}
+	if !validID(ref.ID) {
+		return nil, fmt.Errorf("peer %s: %s: %w: image id %q is not 32 hex digits", k.c.addr, k.op, ErrBadRequest, ref.ID)
+	}
+	req, err := http.NewRequestWithContext(k.ctx, http.MethodGet, k.c.base+path, nil)
 	if err != nil {
-		return 0, fmt.Errorf("peer %s: ping: %w", c.addr, err)
+		return nil, fmt.Errorf("peer %s: %s: %w", k.c.addr, k.op, err)
 	}
-	resp, err := c.hc.Do(req)
+	h := req.Header
+	h[hID] = []string{ref.ID}
+	h[hGen] = []string{strconv.FormatUint(ref.Gen, 10)}
+	for _, kv := range hdr {
+		h[kv[0]] = []string{kv[1]}
+	}
+	resp, err := k.c.hc.Do(req)
 	if err != nil {
-		return 0, k.fail(err)
+		return nil, k.fail(err)
 	}
-	io.Copy(io.Discard, io.LimitReader(resp.Body, maxErrBody))
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusNoContent {
-		return 0, k.statusErr(resp.StatusCode, "")
+	if resp.StatusCode != want {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrBody))
+		resp.Body.Close()
+		return nil, k.statusErr(resp.StatusCode, string(msg))
 	}
-	d := time.Since(k.start)
-	c.sample(d)
-	return d, nil
+	return resp, nil
 }
 
 // stream is a streamed block-range response being read.
@@ -410,7 +303,7 @@ func (c *Client) openStream(k *call, path string, ref Ref, from, to int64) (*str
 		return nil, fmt.Errorf("peer %s: %s: %w: blocks [%d,%d)", c.addr, k.op, ErrBadRequest, from, to)
 	}
 	hdr := [][2]string{{hFrom, strconv.FormatInt(from, 10)}, {hTo, strconv.FormatInt(to, 10)}}
-	resp, err := k.do(http.MethodGet, path, ref, hdr, nil, nil, 0, http.StatusOK)
+	resp, err := k.get(path, ref, hdr, http.StatusOK)
 	if err != nil {
 		return nil, err
 	}

@@ -6,9 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
-	"net/http"
-	"strconv"
+	"net"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -389,69 +387,43 @@ func TestForwardRefused(t *testing.T) {
 		}
 	}
 
-	hc := rawClient(t)
-	raw := func(method, path string, hdr map[string]string, body io.Reader, n int64) (int, string) {
-		req, _ := http.NewRequest(method, "http://"+addr+path, body)
-		req.ContentLength = n
-		req.Header.Set(hID, ref.ID)
-		req.Header.Set(hGen, "1")
-		for k, v := range hdr {
-			if v == "" {
-				req.Header.Del(k)
-			} else {
-				req.Header.Set(k, v)
-			}
-		}
-		resp, err := hc.Do(req)
-		if err != nil {
-			return 0, err.Error()
-		}
-		defer resp.Body.Close()
-		msg, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(msg)
-	}
-	ext := func(off, n int64) map[string]string {
-		return map[string]string{hOff: strconv.FormatInt(off, 10), hLen: strconv.FormatInt(n, 10)}
-	}
-	for _, tc := range []struct {
-		name   string
-		method string
-		path   string
-		hdr    map[string]string
-		body   []byte
-		n      int64
-		want   int
+	rb := dialRawBlk(t, addr)
+	good := reqHdr{op: opFwdRead, id: ref.ID, gen: 1, n: 4096}
+	with := func(f func(h *reqHdr)) reqHdr { h := good; f(&h); return h }
+	for i, tc := range []struct {
+		name  string
+		parts [][]byte
 	}{
-		{"oversized read length", "GET", pathFwdRead, ext(0, 1<<30), nil, 0, 400},
-		{"oversized write", "PUT", pathFwdWrite, ext(0, MaxIO*2), make([]byte, 4096), 4096, 400},
-		{"body shorter than declared", "PUT", pathFwdWrite, ext(0, 8192), make([]byte, 4096), 4096, 400},
-		{"body longer than declared", "PUT", pathFwdWrite, ext(0, 4096), make([]byte, 8192), 8192, 400},
-		{"missing offset", "GET", pathFwdRead, map[string]string{hLen: "4096"}, nil, 0, 400},
-		{"garbage length", "GET", pathFwdRead, map[string]string{hOff: "0", hLen: "4k"}, nil, 0, 400},
-		{"missing gen", "POST", pathFwdFlush, map[string]string{hGen: ""}, nil, 0, 400},
-		{"negative gen", "POST", pathFwdFlush, map[string]string{hGen: "-1"}, nil, 0, 400},
-		{"missing id", "POST", pathFwdFlush, map[string]string{hID: ""}, nil, 0, 400},
-		{"bad fua", "PUT", pathFwdWrite, map[string]string{hOff: "0", hLen: "4096", hFua: "yes"}, make([]byte, 4096), 4096, 400},
-		{"zero length", "GET", pathFwdRead, ext(0, 0), nil, 0, 400},
-		{"unaligned length at the top", "POST", pathFwdUnmap, ext(0, 1<<63-1), nil, 0, 400},
-		{"unmap with a body", "POST", pathFwdUnmap, ext(0, 4096), make([]byte, 16), 16, 400},
-		{"wrong method", "POST", pathFwdRead, ext(0, 4096), nil, 0, 405},
+		{"oversized read length", [][]byte{with(func(h *reqHdr) { h.n = 1 << 30 }).bytes()}},
+		{"zero length", [][]byte{with(func(h *reqHdr) { h.n = 0 }).bytes()}},
+		{"unaligned length at the top", [][]byte{with(func(h *reqHdr) { h.op, h.n = opFwdUnmap, 1<<63-1 }).bytes()}},
+		{"flush with an offset", [][]byte{with(func(h *reqHdr) { h.op, h.off, h.n = opFwdFlush, 4096, 0 }).bytes()}},
+		{"fua on an unmap", [][]byte{with(func(h *reqHdr) { h.op, h.flags = opFwdUnmap, flagFUA }).bytes()}},
+		{"unaligned write", [][]byte{with(func(h *reqHdr) { h.op, h.n = opFwdWrite, 1000 }).bytes(), make([]byte, 1000)}},
 	} {
-		var body io.Reader
-		if tc.body != nil {
-			body = bytes.NewReader(tc.body)
+		tag := uint32(100 + i)
+		tc.parts[0] = append([]byte(nil), tc.parts[0]...)
+		putTag((*[reqHdrLen]byte)(tc.parts[0]), tag)
+		rb.send(tc.parts...)
+		h, msg, err := rb.recv()
+		if err != nil || h.tag != tag || h.code != 400 || h.flags&rflagForward == 0 {
+			t.Errorf("%s: answer %+v %q %v, want 400 for tag %d from a forwarding server", tc.name, h, msg, err, tag)
 		}
-		code, msg := raw(tc.method, tc.path, tc.hdr, body, tc.n)
-		if code != tc.want {
-			t.Errorf("%s: status %d (%s), want %d", tc.name, code, msg, tc.want)
-		}
+	}
+	// A write cut short is never applied.
+	rb2 := dialRawBlk(t, addr)
+	rb2.send(with(func(h *reqHdr) { h.op, h.n = opFwdWrite, 8192 }).bytes(), make([]byte, 4096))
+	rb2.nc.(*net.TCPConn).CloseWrite()
+	if !rb2.closed() {
+		t.Error("write cut short: connection not ended")
 	}
 	if n := mb.ncalls(); n != 0 {
 		t.Fatalf("refused requests reached the backend %d times", n)
 	}
 	// A well-formed hand-made request goes through.
-	if code, msg := raw("POST", pathFwdFlush, nil, nil, 0); code != http.StatusNoContent {
-		t.Fatalf("flush: %d %s", code, msg)
+	rb.send(reqHdr{op: opFwdFlush, id: ref.ID, gen: 1, tag: 9}.bytes())
+	if h, msg, err := rb.recv(); err != nil || h.code != codeOK || h.tag != 9 {
+		t.Fatalf("flush: %+v %q %v", h, msg, err)
 	}
 }
 
@@ -554,65 +526,6 @@ func TestForwardStalled(t *testing.T) {
 	mb.set(func(m *memBackend) { m.stall = false })
 	if err := c.ForwardWrite(ctx, ref, randBytes(4096), 0, false); err != nil {
 		t.Fatal(err)
-	}
-}
-
-// TestForwardNoReplay checks the write body's resend rule: a fresh body
-// only while no attempt handed out the whole buffer.
-func TestForwardNoReplay(t *testing.T) {
-	p := randBytes(8192)
-	b := &fwdBody{p: p}
-	r1 := b.reader()
-	half := make([]byte, 4096)
-	if n, err := r1.Read(half); n != 4096 || err != nil {
-		t.Fatal(n, err)
-	}
-	r2, err := b.again() // half sent: the owner cannot have applied it
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := r1.Read(half); err == nil {
-		t.Fatal("superseded reader still reads")
-	}
-	all, err := io.ReadAll(r2)
-	if err != nil || !bytes.Equal(all, p) {
-		t.Fatal("second attempt did not send the whole body", err)
-	}
-	if _, err := b.again(); !errors.Is(err, errNoReplay) {
-		t.Fatalf("resend after the whole body went out: %v", err)
-	}
-	// The empty body of an unmap: resendable until it reported EOF.
-	e := &fwdBody{}
-	if _, err := e.again(); err != nil {
-		t.Fatal(err)
-	}
-	r, _ := e.again()
-	if n, err := r.Read(half); n != 0 || err != io.EOF {
-		t.Fatal(n, err)
-	}
-	if _, err := e.again(); !errors.Is(err, errNoReplay) {
-		t.Fatalf("unmap resent after its end: %v", err)
-	}
-	// After the call returned nothing reads the caller's buffer.
-	k := &fwdBody{p: p}
-	rk := k.reader()
-	k.kill()
-	if _, err := rk.Read(half); err == nil {
-		t.Fatal("read after kill")
-	}
-	if _, err := k.again(); err == nil {
-		t.Fatal("again after kill")
-	}
-}
-
-func TestParseSense(t *testing.T) {
-	if k, a, q, ok := parseSense(senseHeader(0x3, 0x0c, 0x02)); !ok || k != 3 || a != 0x0c || q != 2 {
-		t.Fatal(k, a, q, ok)
-	}
-	for _, v := range []string{"", "3/0c/00", "03/0c", "03/0c/00/00", "10/00/00", "0x/00/00", "03-0c-00", "+3/00/00"} {
-		if _, _, _, ok := parseSense(v); ok {
-			t.Errorf("%q parsed", v)
-		}
 	}
 }
 

@@ -1,15 +1,19 @@
 package peer
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -171,3 +175,71 @@ func (b *blockingCopy) WriteAt(ctx context.Context, p []byte, off int64, durable
 
 // sumOf is the checksum of data as the server computes it.
 func sumOf(data []byte) Sum { return sha256.Sum256(data) }
+
+// rawBlk is a hand-driven block protocol connection, for requests the
+// client would never send.
+type rawBlk struct {
+	t  testing.TB
+	nc net.Conn
+	br *bufio.Reader
+}
+
+func dialRawBlk(t testing.TB, addr string) *rawBlk {
+	t.Helper()
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nc.Close() })
+	nc.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(nc, blkPreface); err != nil {
+		t.Fatal(err)
+	}
+	r := &rawBlk{t: t, nc: nc, br: bufio.NewReader(nc)}
+	var got [len(blkPreface)]byte
+	if _, err := io.ReadFull(r.br, got[:]); err != nil || string(got[:]) != blkPreface {
+		t.Fatalf("server preface %q: %v", got[:], err)
+	}
+	return r
+}
+
+// header encodes h; mutate the bytes to make it malformed.
+func (h reqHdr) bytes() []byte {
+	var b [reqHdrLen]byte
+	h.encode(&b)
+	return b[:]
+}
+
+func (r *rawBlk) send(parts ...[]byte) {
+	r.t.Helper()
+	for _, p := range parts {
+		if _, err := r.nc.Write(p); err != nil {
+			r.t.Fatal(err)
+		}
+	}
+}
+
+// recv reads one answer.
+func (r *rawBlk) recv() (respHdr, []byte, error) {
+	var hb [respHdrLen]byte
+	if _, err := io.ReadFull(r.br, hb[:]); err != nil {
+		return respHdr{}, nil, err
+	}
+	h, err := decodeResp(hb[:])
+	if err != nil {
+		return h, nil, err
+	}
+	p := make([]byte, h.n)
+	_, err = io.ReadFull(r.br, p)
+	return h, p, err
+}
+
+// closed reports whether the server ended the connection (after any
+// answers still buffered).
+func (r *rawBlk) closed() bool {
+	for {
+		if _, _, err := r.recv(); err != nil {
+			return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)
+		}
+	}
+}

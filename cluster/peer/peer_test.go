@@ -1,6 +1,7 @@
 package peer
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -156,56 +157,76 @@ func TestRefused(t *testing.T) {
 		}
 	}
 
-	// Hand-made requests the client would never send.
+	// Hand-made requests the client would never send, on one connection:
+	// each is answered 400 and the connection goes on.
+	rb := dialRawBlk(t, addr)
+	good := reqHdr{op: opRead, id: ref.ID, gen: 1, n: 4096}
+	mod := func(h reqHdr, f func(b []byte)) []byte { b := h.bytes(); f(b); return b }
+	with := func(f func(h *reqHdr)) reqHdr { h := good; f(&h); return h }
+	for i, tc := range []struct {
+		name  string
+		parts [][]byte
+	}{
+		{"oversized read", [][]byte{with(func(h *reqHdr) { h.n = 1 << 30 }).bytes()}},
+		{"zero length read", [][]byte{with(func(h *reqHdr) { h.n = 0 }).bytes()}},
+		{"offset above MaxInt64", [][]byte{mod(good, func(b []byte) { b[16] = 0x80 })}},
+		{"reserved byte", [][]byte{mod(good, func(b []byte) { b[3] = 1 })}},
+		{"unknown flag", [][]byte{mod(good, func(b []byte) { b[2] = 0x80 })}},
+		{"fua on a read", [][]byte{with(func(h *reqHdr) { h.flags = flagFUA }).bytes()}},
+		{"bad id", [][]byte{mod(good, func(b []byte) { b[40] = 'z' })}},
+		{"sync with a length", [][]byte{with(func(h *reqHdr) { h.op, h.n = opSync, 4096 }).bytes()}},
+		{"unaligned write (payload skipped)", [][]byte{with(func(h *reqHdr) { h.op, h.off = opWrite, 100 }).bytes(), make([]byte, 4096)}},
+		{"write with a bad id (payload skipped)", [][]byte{mod(with(func(h *reqHdr) { h.op = opWrite }), func(b []byte) { b[33] = '-' }), make([]byte, 4096)}},
+	} {
+		tag := uint32(100 + i)
+		tc.parts[0] = append([]byte(nil), tc.parts[0]...)
+		putTag((*[reqHdrLen]byte)(tc.parts[0]), tag)
+		rb.send(tc.parts...)
+		h, msg, err := rb.recv()
+		if err != nil || h.tag != tag || h.code != 400 {
+			t.Errorf("%s: answer %+v %q %v, want 400 for tag %d", tc.name, h, msg, err, tag)
+		}
+	}
+	rb.send(reqHdr{op: opPing, id: pingID, tag: 7}.bytes())
+	if h, _, err := rb.recv(); err != nil || h.code != codeOK || h.tag != 7 {
+		t.Fatalf("ping after refused requests: %+v %v", h, err)
+	}
+	// Requests that break the framing end the connection.
+	for _, tc := range []struct {
+		name  string
+		parts [][]byte
+	}{
+		{"bad magic", [][]byte{mod(good, func(b []byte) { b[0] = 'G' })}},
+		{"unknown op", [][]byte{mod(good, func(b []byte) { b[1] = 99 })}},
+		{"oversized write", [][]byte{with(func(h *reqHdr) { h.op, h.n = opWrite, MaxIO*2 }).bytes(), make([]byte, 4096)}},
+		{"write cut short", [][]byte{with(func(h *reqHdr) { h.op, h.n = opWrite, 8192 }).bytes(), make([]byte, 4096)}},
+		{"header cut short", [][]byte{good.bytes()[:30]}},
+	} {
+		rb := dialRawBlk(t, addr)
+		rb.send(tc.parts...)
+		if tc.name == "write cut short" || tc.name == "header cut short" {
+			rb.nc.(*net.TCPConn).CloseWrite()
+		}
+		if !rb.closed() {
+			t.Errorf("%s: connection not ended", tc.name)
+		}
+	}
+	// The HTTP/2 side refuses what it does not serve.
 	hc := rawClient(t)
-	raw := func(method, path string, hdr map[string]string, body io.Reader, n int64) (int, string) {
-		req, _ := http.NewRequest(method, "http://"+addr+path, body)
-		req.ContentLength = n
+	for _, tc := range []struct {
+		method, path string
+		want         int
+	}{{"GET", "/peer/v1/nope", 404}, {"POST", pathChecksums, 405}, {"GET", "/peer/v1/read", 404}} {
+		req, _ := http.NewRequest(tc.method, "http://"+addr+tc.path, nil)
 		req.Header.Set(hID, ref.ID)
 		req.Header.Set(hGen, "1")
-		for k, v := range hdr {
-			if v == "" {
-				req.Header.Del(k)
-			} else {
-				req.Header.Set(k, v)
-			}
-		}
 		resp, err := hc.Do(req)
 		if err != nil {
-			return 0, err.Error()
+			t.Fatal(err)
 		}
-		defer resp.Body.Close()
-		msg, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(msg)
-	}
-	for _, tc := range []struct {
-		name   string
-		method string
-		path   string
-		hdr    map[string]string
-		body   []byte
-		n      int64
-		want   int
-	}{
-		{"oversized length", "GET", pathRead, map[string]string{hOff: "0", hLen: strconv.Itoa(1 << 30)}, nil, 0, 400},
-		{"oversized write", "PUT", pathWrite, map[string]string{hOff: "0", hLen: strconv.Itoa(MaxIO * 2)}, make([]byte, 4096), 4096, 400},
-		{"body shorter than declared", "PUT", pathWrite, map[string]string{hOff: "0", hLen: "8192"}, make([]byte, 4096), 4096, 400},
-		{"body longer than declared", "PUT", pathWrite, map[string]string{hOff: "0", hLen: "4096"}, make([]byte, 8192), 8192, 400},
-		{"missing offset", "GET", pathRead, map[string]string{hLen: "4096"}, nil, 0, 400},
-		{"garbage offset", "GET", pathRead, map[string]string{hOff: "x", hLen: "4096"}, nil, 0, 400},
-		{"missing gen", "POST", pathSync, map[string]string{hGen: ""}, nil, 0, 400},
-		{"bad fua", "PUT", pathWrite, map[string]string{hOff: "0", hLen: "4096", hFua: "yes"}, make([]byte, 4096), 4096, 400},
-		{"zero length", "GET", pathRead, map[string]string{hOff: "0", hLen: "0"}, nil, 0, 400},
-		{"wrong method", "POST", pathRead, map[string]string{hOff: "0", hLen: "4096"}, nil, 0, 405},
-		{"unknown path", "GET", "/peer/v1/nope", nil, nil, 0, 404},
-	} {
-		var body io.Reader
-		if tc.body != nil {
-			body = bytes.NewReader(tc.body)
-		}
-		code, msg := raw(tc.method, tc.path, tc.hdr, body, tc.n)
-		if code != tc.want {
-			t.Errorf("%s: status %d (%s), want %d", tc.name, code, msg, tc.want)
+		resp.Body.Close()
+		if resp.StatusCode != tc.want {
+			t.Errorf("%s %s: status %d, want %d", tc.method, tc.path, resp.StatusCode, tc.want)
 		}
 	}
 	// Nothing was written by the refused writes.
@@ -447,10 +468,6 @@ func TestLyingPeer(t *testing.T) {
 	const bs = 64 << 10
 	addr := fakePeer(t, func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
-		case pathRead:
-			// Claims and sends fewer bytes than asked for.
-			w.Header().Set("Content-Length", "512")
-			w.Write(make([]byte, 512))
 		case pathRange:
 			w.Header().Set(hSize, strconv.Itoa(10*bs))
 			w.Header().Set(hBlockSize, strconv.Itoa(bs))
@@ -473,11 +490,10 @@ func TestLyingPeer(t *testing.T) {
 			w.Header().Set("Trailer", hStatus)
 			w.Write(make([]byte, 3*32)) // one sum too many
 			w.Header().Set(hStatus, "ok")
-		case pathWrite:
-			w.WriteHeader(http.StatusBadGateway)
 		}
 	})
 	c := newClient(t, addr, ClientConfig{})
+	// An HTTP/2-only peer does not speak the block protocol.
 	wantErr(t, c.ReadAt(ctx, ref, make([]byte, 4096), 0), ErrUnavailable)
 	var n int
 	fn := func(int64, []byte) error { n++; return nil }
@@ -489,6 +505,95 @@ func TestLyingPeer(t *testing.T) {
 	wantErr(t, c.ReadRange(ctx, ref, 2, 4, fn), ErrUnavailable)
 	_, err := c.Checksums(ctx, ref, 0, 2)
 	wantErr(t, err, ErrUnavailable)
+}
+
+// fakeBlkPeer answers every block request it reads with what answer
+// returns (raw bytes): a peer that lies.
+func fakeBlkPeer(t *testing.T, answer func(h reqHdr) []byte) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			nc, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { nc.Close() })
+			go func() {
+				defer nc.Close()
+				br := bufio.NewReader(nc)
+				var pre [len(blkPreface)]byte
+				if _, err := io.ReadFull(br, pre[:]); err != nil {
+					return
+				}
+				io.WriteString(nc, blkPreface)
+				var hb [reqHdrLen]byte
+				for {
+					if _, err := io.ReadFull(br, hb[:]); err != nil {
+						return
+					}
+					h, err := decodeReq(hb[:])
+					if err != nil {
+						return
+					}
+					if hasPayload(h.op) {
+						br.Discard(int(h.n))
+					}
+					if _, err := nc.Write(answer(h)); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+func TestLyingBlockPeer(t *testing.T) {
+	ctx := context.Background()
+	ref := Ref{ID: newID(), Gen: 1}
+	resp := func(h respHdr, payload []byte) []byte {
+		var b [respHdrLen]byte
+		h.n = uint32(len(payload))
+		h.encode(&b)
+		return append(b[:], payload...)
+	}
+	for _, tc := range []struct {
+		name   string
+		answer func(h reqHdr) []byte
+		want   error
+	}{
+		{"short read", func(h reqHdr) []byte { return resp(respHdr{tag: h.tag, code: 200}, make([]byte, 512)) }, ErrUnavailable},
+		{"long read", func(h reqHdr) []byte { return resp(respHdr{tag: h.tag, code: 200}, make([]byte, 8192)) }, ErrUnavailable},
+		{"cut read", func(h reqHdr) []byte { return resp(respHdr{tag: h.tag, code: 200}, make([]byte, 4096))[:1000] }, ErrUnavailable},
+		{"bad magic", func(h reqHdr) []byte {
+			b := resp(respHdr{tag: h.tag, code: 200}, make([]byte, 4096))
+			b[0] = 'H'
+			return b
+		}, ErrUnavailable},
+		{"bad code", func(h reqHdr) []byte { return resp(respHdr{tag: h.tag, code: 999}, nil) }, ErrUnavailable},
+		{"huge message", func(h reqHdr) []byte { return resp(respHdr{tag: h.tag, code: 500}, make([]byte, 4*maxMsg)) }, ErrUnavailable},
+		{"bad sense key", func(h reqHdr) []byte {
+			return resp(respHdr{tag: h.tag, code: 500, flags: rflagSense, sense: [3]byte{0x30, 0, 0}}, nil)
+		}, ErrUnavailable},
+		{"unknown flags", func(h reqHdr) []byte { return resp(respHdr{tag: h.tag, code: 200, flags: 0x80}, make([]byte, 4096)) }, ErrUnavailable},
+		{"bad gateway", func(h reqHdr) []byte { return resp(respHdr{tag: h.tag, code: 502}, []byte("no")) }, ErrUnavailable},
+		{"unexpected 3xx", func(h reqHdr) []byte { return resp(respHdr{tag: h.tag, code: 302}, nil) }, ErrUnavailable},
+		{"no copy", func(h reqHdr) []byte { return resp(respHdr{tag: h.tag, code: 404}, []byte("gone")) }, ErrNoCopy},
+	} {
+		addr := fakeBlkPeer(t, tc.answer)
+		c := newClient(t, addr, ClientConfig{Timeout: 2 * time.Second})
+		err := c.ReadAt(ctx, ref, make([]byte, 4096), 0)
+		if !errors.Is(err, tc.want) {
+			t.Errorf("%s: %v, want %v", tc.name, err, tc.want)
+		}
+	}
+	// An answer for another tag is not this request's: it times out.
+	addr := fakeBlkPeer(t, func(h reqHdr) []byte { return resp(respHdr{tag: h.tag + 1, code: 200}, nil) })
+	c := newClient(t, addr, ClientConfig{Timeout: 300 * time.Millisecond})
 	wantErr(t, c.WriteAt(ctx, ref, make([]byte, 4096), 0, false), ErrUnavailable)
 }
 

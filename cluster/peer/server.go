@@ -63,9 +63,13 @@ type Server struct {
 	base   context.Context
 	cancel context.CancelCauseFunc
 
+	blkTLS *tls.Config // the TLS handshake of new connections: ALPN blkALPN or h2
+	budget *budget     // request and answer bytes held by block connections
+
 	mu       sync.Mutex
 	ln       net.Listener
 	closed   bool
+	conns    map[net.Conn]struct{} // block connections and those not told apart yet
 	handlers sync.WaitGroup
 
 	accepted atomic.Int64 // connections accepted (tests)
@@ -112,20 +116,15 @@ func NewServer(cfg ServerConfig, st Store) (*Server, error) {
 		st:  st,
 		log: log.With("component", "peer.server"),
 		sem: make(chan struct{}, cfg.MaxInflight),
+
+		budget: newBudget(maxInflightBytes),
+		conns:  map[net.Conn]struct{}{},
 	}
 	s.base, s.cancel = context.WithCancelCause(context.Background())
 
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET "+pathPing, func(w http.ResponseWriter, r *http.Request) {
-		w.WriteHeader(http.StatusNoContent)
-	})
-	mux.HandleFunc("GET "+pathRead, s.handle("read", s.read))
-	mux.HandleFunc("PUT "+pathWrite, s.handle("write", s.write))
-	mux.HandleFunc("POST "+pathSync, s.handle("sync", s.sync))
-	mux.HandleFunc("POST "+pathUnmap, s.handle("unmap", s.unmap))
 	mux.HandleFunc("GET "+pathChecksums, s.handle("checksums", s.checksums))
 	mux.HandleFunc("GET "+pathRange, s.handle("range", s.readRange))
-	s.routeForward(mux)
 
 	s.srv = &http.Server{
 		Handler:           mux,
@@ -136,16 +135,13 @@ func NewServer(cfg ServerConfig, st Store) (*Server, error) {
 		MaxHeaderBytes:    16 << 10,
 		BaseContext:       func(net.Listener) context.Context { return s.base },
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
-		ConnState: func(_ net.Conn, st http.ConnState) {
-			if st == http.StateNew {
-				s.accepted.Add(1)
-			}
-		},
 	}
 	if cfg.TLS != nil {
 		tc := cfg.TLS.Clone()
 		tc.NextProtos = []string{"h2"}
 		s.srv.TLSConfig = tc
+		s.blkTLS = cfg.TLS.Clone()
+		s.blkTLS.NextProtos = []string{blkALPN, "h2"}
 	}
 	return s, nil
 }
@@ -202,16 +198,18 @@ func (s *Server) Serve(ctx context.Context) error {
 	})
 	defer stop()
 	s.log.Info("serving", "addr", ln.Addr().String(), "tls", s.cfg.TLS != nil)
-	var err error
-	if s.cfg.TLS != nil {
-		err = s.srv.ServeTLS(ln, "", "")
-	} else {
-		err = s.srv.Serve(ln)
+	hl := newConnListener(ln.Addr())
+	herr := make(chan error, 1)
+	go func() { herr <- s.srv.Serve(hl) }()
+	err := s.acceptLoop(ln, hl)
+	hl.Close()
+	if e := <-herr; err == nil && !errors.Is(e, http.ErrServerClosed) && !errors.Is(e, net.ErrClosed) {
+		err = e
 	}
-	if errors.Is(err, http.ErrServerClosed) {
-		return nil
+	if err != nil {
+		return fmt.Errorf("peer.serve %s: %w", ln.Addr(), err)
 	}
-	return fmt.Errorf("peer.serve %s: %w", ln.Addr(), err)
+	return nil
 }
 
 // Close stops the server: it closes the listener and every connection and
@@ -221,6 +219,9 @@ func (s *Server) Close(ctx context.Context) error {
 	s.mu.Lock()
 	s.closed = true
 	ln := s.ln
+	for c := range s.conns {
+		c.Close()
+	}
 	s.mu.Unlock()
 	s.cancel(errServerClosing)
 	err := s.srv.Close()
@@ -254,27 +255,19 @@ func (s *Server) handle(name string, fn op) http.HandlerFunc {
 		ctx := r.Context()
 		err := s.serve(ctx, w, r, fn)
 		if err != nil {
-			s.reply(ctx, w, r, name, err, false)
+			s.reply(w, r, name, s.status(ctx, err), err)
 		}
 	}
 }
 
-// reply answers a request that failed before anything was written. With
-// sense, an error carrying a SCSI sense (SenseCarrier) sends it in
-// hSense.
-func (s *Server) reply(ctx context.Context, w http.ResponseWriter, r *http.Request, name string, err error, sense bool) {
-	code := s.status(ctx, err)
+// reply answers a request that failed before anything was written.
+func (s *Server) reply(w http.ResponseWriter, r *http.Request, name string, code int, err error) {
 	if code >= 500 {
 		s.log.Warn("request failed", "op", name, "remote", r.RemoteAddr, "id", r.Header.Get(hID), "status", code, "err", err)
 	} else {
 		s.log.Debug("request refused", "op", name, "remote", r.RemoteAddr, "id", r.Header.Get(hID), "status", code, "err", err)
 	}
-	h := w.Header()
-	h.Set("Content-Type", "text/plain; charset=utf-8")
-	var sc SenseCarrier
-	if sense && code == http.StatusInternalServerError && errors.As(err, &sc) {
-		h.Set(hSense, senseHeader(sc.SCSISense()))
-	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.WriteHeader(code)
 	io.WriteString(w, err.Error())
 }
@@ -320,18 +313,6 @@ func (s *Server) status(ctx context.Context, err error) int {
 	return http.StatusInternalServerError
 }
 
-func headerInt(h http.Header, key string) (int64, error) {
-	v := h[key]
-	if len(v) != 1 {
-		return 0, fmt.Errorf("%w: header %s missing or repeated", ErrBadRequest, key)
-	}
-	n, err := strconv.ParseInt(v[0], 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("%w: header %s: %v", ErrBadRequest, key, err)
-	}
-	return n, nil
-}
-
 func headerUint(h http.Header, key string) (uint64, error) {
 	v := h[key]
 	if len(v) != 1 {
@@ -344,88 +325,16 @@ func headerUint(h http.Header, key string) (uint64, error) {
 	return n, nil
 }
 
-func extent(r *http.Request, size, maxLen int64) (off, n int64, err error) {
-	if off, err = headerInt(r.Header, hOff); err != nil {
-		return
+func headerInt(h http.Header, key string) (int64, error) {
+	v := h[key]
+	if len(v) != 1 {
+		return 0, fmt.Errorf("%w: header %s missing or repeated", ErrBadRequest, key)
 	}
-	if n, err = headerInt(r.Header, hLen); err != nil {
-		return
-	}
-	err = checkExtent(off, n, size, maxLen)
-	return
-}
-
-func (s *Server) read(ctx context.Context, w http.ResponseWriter, r *http.Request, l Local) error {
-	off, n, err := extent(r, l.Size, MaxIO)
+	n, err := strconv.ParseInt(v[0], 10, 64)
 	if err != nil {
-		return err
+		return 0, fmt.Errorf("%w: header %s: %v", ErrBadRequest, key, err)
 	}
-	buf := s.bufs.get(int(n))
-	defer s.bufs.put(buf)
-	if err := l.Copy.ReadAt(ctx, *buf, off); err != nil {
-		return err
-	}
-	w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
-	w.Header().Set("Content-Type", "application/octet-stream")
-	w.WriteHeader(http.StatusOK)
-	if k, _ := w.Write(*buf); k > 0 { // a failure is the client gone; the HTTP/2 writer is done with buf on return
-		s.bytesOut.Add(int64(k))
-	}
-	return nil
-}
-
-func (s *Server) write(ctx context.Context, w http.ResponseWriter, r *http.Request, l Local) error {
-	off, n, err := extent(r, l.Size, MaxIO)
-	if err != nil {
-		return err
-	}
-	fua := false
-	switch v := r.Header.Get(hFua); v {
-	case "", "0":
-	case "1":
-		fua = true
-	default:
-		return fmt.Errorf("%w: header %s: %q", ErrBadRequest, hFua, v)
-	}
-	if r.ContentLength != n {
-		return fmt.Errorf("%w: body length %d, declared %d", ErrBadRequest, r.ContentLength, n)
-	}
-	http.NewResponseController(w).SetReadDeadline(time.Now().Add(bodyTimeout))
-	buf := s.bufs.get(int(n))
-	defer s.bufs.put(buf)
-	if _, err := io.ReadFull(r.Body, *buf); err != nil {
-		return fmt.Errorf("%w: body shorter than %d bytes: %v", ErrBadRequest, n, err)
-	}
-	var probe [1]byte
-	if k, _ := io.ReadFull(r.Body, probe[:]); k != 0 {
-		return fmt.Errorf("%w: body longer than %d bytes", ErrBadRequest, n)
-	}
-	if err := l.Copy.WriteAt(ctx, *buf, off, fua); err != nil {
-		return err
-	}
-	s.bytesIn.Add(n)
-	w.WriteHeader(http.StatusNoContent)
-	return nil
-}
-
-func (s *Server) sync(ctx context.Context, w http.ResponseWriter, r *http.Request, l Local) error {
-	if err := l.Copy.Sync(ctx); err != nil {
-		return err
-	}
-	w.WriteHeader(http.StatusNoContent)
-	return nil
-}
-
-func (s *Server) unmap(ctx context.Context, w http.ResponseWriter, r *http.Request, l Local) error {
-	off, n, err := extent(r, l.Size, 0)
-	if err != nil {
-		return err
-	}
-	if err := l.Copy.Unmap(ctx, off, n); err != nil {
-		return err
-	}
-	w.WriteHeader(http.StatusNoContent)
-	return nil
+	return n, nil
 }
 
 func (s *Server) checksums(ctx context.Context, w http.ResponseWriter, r *http.Request, l Local) error {

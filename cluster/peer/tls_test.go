@@ -70,8 +70,10 @@ func TestTLS(t *testing.T) {
 	if err := c.ReadRange(ctx, ref, 0, 4, func(int64, []byte) error { return nil }); err != nil {
 		t.Fatal(err)
 	}
-	if n := s.accepted.Load(); n != 1 {
-		t.Fatalf("%d connections", n)
+	// One block protocol connection (ALPN ukai-blk/1) and one HTTP/2
+	// connection (the streamed range).
+	if n := s.accepted.Load(); n != 2 {
+		t.Fatalf("%d connections, want 2", n)
 	}
 	// A client without a certificate is refused; a cleartext one too.
 	bad := newClient(t, addr, ClientConfig{TLS: &tls.Config{RootCAs: pool}, Timeout: 2 * time.Second})

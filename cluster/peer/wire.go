@@ -10,31 +10,17 @@ import (
 const (
 	hID        = "Ukai-Id"
 	hGen       = "Ukai-Gen"
-	hOff       = "Ukai-Off"
-	hLen       = "Ukai-Len"
-	hFua       = "Ukai-Fua"
 	hFrom      = "Ukai-From"
 	hTo        = "Ukai-To"
 	hSize      = "Ukai-Size"
 	hBlockSize = "Ukai-Block-Size"
-	hStatus    = "Ukai-Status"  // trailer of streamed responses
-	hSense     = "Ukai-Sense"   // forwarded error: SCSI sense "KK/AA/QQ" (hex)
-	hForward   = "Ukai-Forward" // set on every answer of a forwarding endpoint
+	hStatus    = "Ukai-Status" // trailer of streamed responses
 )
 
 // Paths.
 const (
-	pathPing      = "/peer/v1/ping"
-	pathRead      = "/peer/v1/read"
-	pathWrite     = "/peer/v1/write"
-	pathSync      = "/peer/v1/sync"
-	pathUnmap     = "/peer/v1/unmap"
 	pathChecksums = "/peer/v1/checksums"
 	pathRange     = "/peer/v1/range"
-	pathFwdRead   = "/peer/v1/io/read"
-	pathFwdWrite  = "/peer/v1/io/write"
-	pathFwdFlush  = "/peer/v1/io/flush"
-	pathFwdUnmap  = "/peer/v1/io/unmap"
 )
 
 // HTTP/2 tuning. With the standard library defaults (server: 1 MiB

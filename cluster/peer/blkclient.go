@@ -1,0 +1,411 @@
+package peer
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// The client side of the block protocol: one connection per peer, a
+// writer goroutine that sends every request queued meanwhile in one
+// writev, and a reader goroutine that hands each response to its caller
+// by tag, reading a read's data straight into the caller's buffer.
+
+// bcall states: who may touch the request's buffers.
+const (
+	stQueued    int32 = iota // waiting in the queue; the caller may take it back
+	stTaken                  // the writer is sending (or sent) it
+	stAbandoned              // the caller took it back before the writer saw it
+)
+
+// bcall is one request in flight on a block connection.
+type bcall struct {
+	hdr   [reqHdrLen]byte
+	data  []byte // payload (writes)
+	p     []byte // destination of a read's data
+	tag   uint32
+	state atomic.Int32
+	done  chan struct{} // closed by whoever took the call out of pending
+
+	// Set before done is closed.
+	err  error // transport failure
+	resp respHdr
+	msg  string
+}
+
+// blkConn is one block protocol connection.
+type blkConn struct {
+	c  *Client
+	nc net.Conn
+	br *bufio.Reader
+	w  io.Writer
+	bw *bufio.Writer // non-nil when w buffers (TLS): flushed after each batch
+
+	wmu sync.Mutex // held by the writer while it sends a batch
+
+	mu      sync.Mutex
+	pending map[uint32]*bcall
+	queue   []*bcall
+	tag     uint32
+	err     error // the connection failed; set once
+	wake    chan struct{}
+	dead    chan struct{}
+}
+
+// blk returns the live block connection, dialling one if there is none.
+func (c *Client) blk(ctx context.Context) (*blkConn, error) {
+	if bc := c.cur.Load(); bc != nil {
+		return bc, nil
+	}
+	c.dialMu.Lock()
+	defer c.dialMu.Unlock()
+	if bc := c.cur.Load(); bc != nil {
+		return bc, nil
+	}
+	if c.closed.Load() {
+		return nil, errClosed
+	}
+	dctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+	bc, err := c.dialBlk(dctx)
+	if err != nil {
+		if ctx.Err() == nil && dctx.Err() != nil {
+			err = fmt.Errorf("connect: %w", errTimeout)
+		}
+		return nil, err
+	}
+	c.cur.Store(bc)
+	if c.closed.Load() { // Close ran meanwhile
+		bc.fail(errClosed)
+		return nil, errClosed
+	}
+	return bc, nil
+}
+
+func (c *Client) dialBlk(ctx context.Context) (*blkConn, error) {
+	d := net.Dialer{KeepAlive: 30 * time.Second}
+	nc, err := d.DialContext(ctx, "tcp", c.addr)
+	if err != nil {
+		return nil, err
+	}
+	bc := &blkConn{c: c, nc: nc, pending: map[uint32]*bcall{}, wake: make(chan struct{}, 1), dead: make(chan struct{})}
+	if c.tls != nil {
+		tc := tls.Client(nc, c.tls)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			nc.Close()
+			return nil, fmt.Errorf("TLS handshake: %w", err)
+		}
+		if p := tc.ConnectionState().NegotiatedProtocol; p != blkALPN {
+			tc.Close()
+			return nil, fmt.Errorf("peer does not speak %s (ALPN %q)", blkALPN, p)
+		}
+		bc.nc = tc
+		bc.bw = bufio.NewWriterSize(tc, 256<<10)
+		bc.w = bc.bw
+		bc.br = bufio.NewReaderSize(tc, 256<<10)
+	} else {
+		if dl, ok := ctx.Deadline(); ok {
+			nc.SetDeadline(dl)
+		}
+		if _, err := io.WriteString(nc, blkPreface); err != nil {
+			nc.Close()
+			return nil, err
+		}
+		bc.br = bufio.NewReaderSize(nc, 256<<10)
+		var got [len(blkPreface)]byte
+		if _, err := io.ReadFull(bc.br, got[:]); err != nil || string(got[:]) != blkPreface {
+			nc.Close()
+			if err == nil {
+				err = fmt.Errorf("peer does not speak the block protocol (answered %q)", got[:])
+			}
+			return nil, err
+		}
+		nc.SetDeadline(time.Time{})
+		bc.w = nc
+	}
+	go bc.writer()
+	go bc.reader()
+	return bc, nil
+}
+
+// fail ends the connection: every request still pending gets err.
+func (bc *blkConn) fail(err error) {
+	bc.mu.Lock()
+	if bc.err != nil {
+		bc.mu.Unlock()
+		return
+	}
+	bc.err = err
+	calls := bc.pending
+	bc.pending = nil
+	bc.queue = nil
+	close(bc.dead)
+	bc.mu.Unlock()
+	bc.c.cur.CompareAndSwap(bc, nil)
+	bc.nc.Close()
+	bc.c.log.Debug("block connection ended", "err", err)
+	for _, k := range calls {
+		k.err = err
+		close(k.done)
+	}
+}
+
+// send queues k; false when the connection already failed.
+func (bc *blkConn) send(k *bcall) error {
+	bc.mu.Lock()
+	if bc.err != nil {
+		err := bc.err
+		bc.mu.Unlock()
+		return err
+	}
+	bc.tag++
+	k.tag = bc.tag
+	putTag(&k.hdr, k.tag)
+	bc.pending[k.tag] = k
+	bc.queue = append(bc.queue, k)
+	bc.mu.Unlock()
+	select {
+	case bc.wake <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+func putTag(b *[reqHdrLen]byte, tag uint32) {
+	b[4], b[5], b[6], b[7] = byte(tag>>24), byte(tag>>16), byte(tag>>8), byte(tag)
+}
+
+// abandon takes k back from the connection after its caller gave up.
+// It reports whether k is the caller's again; if not, whoever took it out
+// of pending closes k.done soon.
+func (bc *blkConn) abandon(k *bcall) bool {
+	bc.mu.Lock()
+	mine := bc.pending != nil && bc.pending[k.tag] == k
+	if mine {
+		delete(bc.pending, k.tag)
+	}
+	bc.mu.Unlock()
+	if !mine {
+		return false
+	}
+	if !k.state.CompareAndSwap(stQueued, stAbandoned) {
+		// The writer has it: wait until it is done with the buffers, and
+		// tell the server to stop working on it.
+		bc.wmu.Lock()
+		bc.wmu.Unlock()
+		bc.cancel(k.tag)
+	}
+	return true
+}
+
+// cancel sends a cancel for tag (no answer comes back).
+func (bc *blkConn) cancel(tag uint32) {
+	k := &bcall{}
+	h := reqHdr{op: opCancel, tag: tag, id: pingID}
+	h.encode(&k.hdr)
+	bc.mu.Lock()
+	if bc.err != nil {
+		bc.mu.Unlock()
+		return
+	}
+	bc.queue = append(bc.queue, k)
+	bc.mu.Unlock()
+	select {
+	case bc.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (bc *blkConn) writer() {
+	var batch []*bcall
+	var bufs, spare net.Buffers
+	for {
+		select {
+		case <-bc.wake:
+		case <-bc.dead:
+			return
+		}
+		for {
+			bc.mu.Lock()
+			batch, bc.queue = bc.queue, batch[:0]
+			bc.mu.Unlock()
+			if len(batch) == 0 {
+				break
+			}
+			bc.wmu.Lock()
+			bufs = spare[:0]
+			for _, k := range batch {
+				if k.state.CompareAndSwap(stQueued, stTaken) {
+					bufs = append(bufs, k.hdr[:])
+					if len(k.data) > 0 {
+						bufs = append(bufs, k.data)
+					}
+				}
+			}
+			spare = bufs
+			var err error
+			if len(bufs) > 0 {
+				bc.nc.SetWriteDeadline(time.Now().Add(bc.c.timeout))
+				_, err = bufs.WriteTo(bc.w)
+				if err == nil && bc.bw != nil {
+					err = bc.bw.Flush()
+				}
+			}
+			bc.wmu.Unlock()
+			clear(spare[:cap(spare)])
+			clear(batch)
+			if err != nil {
+				bc.fail(fmt.Errorf("send: %w", err))
+				return
+			}
+		}
+	}
+}
+
+func (bc *blkConn) reader() {
+	var hb [respHdrLen]byte
+	for {
+		if _, err := io.ReadFull(bc.br, hb[:]); err != nil {
+			bc.fail(fmt.Errorf("receive: %w", err))
+			return
+		}
+		h, err := decodeResp(hb[:])
+		if err != nil {
+			bc.fail(fmt.Errorf("%w", err))
+			return
+		}
+		bc.mu.Lock()
+		k := bc.pending[h.tag]
+		if k != nil {
+			delete(bc.pending, h.tag)
+		}
+		bc.mu.Unlock()
+		if k == nil { // abandoned by its caller: skip the payload
+			if _, err := bc.br.Discard(int(h.n)); err != nil {
+				bc.fail(fmt.Errorf("receive: %w", err))
+				return
+			}
+			continue
+		}
+		k.resp = h
+		var rerr error
+		switch {
+		case h.code == codeOK && int(h.n) == len(k.p):
+			_, rerr = io.ReadFull(bc.br, k.p)
+		case h.code == codeOK:
+			k.err = fmt.Errorf("response of %d bytes, want %d", h.n, len(k.p))
+			close(k.done)
+			bc.fail(k.err)
+			return
+		default:
+			msg := make([]byte, h.n)
+			_, rerr = io.ReadFull(bc.br, msg)
+			k.msg = strings.TrimSpace(string(msg))
+		}
+		if rerr != nil {
+			k.err = fmt.Errorf("truncated response: %w", rerr)
+			close(k.done)
+			bc.fail(k.err)
+			return
+		}
+		close(k.done)
+	}
+}
+
+// roundTrip sends one request and waits for its answer: data read into p
+// (reads), or an error mapped like the HTTP endpoints' statuses.
+func (c *Client) roundTrip(ctx context.Context, h reqHdr, data, p []byte) error {
+	name := opNames[h.op]
+	fwd := h.op >= opFwdRead
+	if c.closed.Load() {
+		return fmt.Errorf("peer %s: %s: %w: %v", c.addr, name, ErrUnavailable, errClosed)
+	}
+	if !validID(h.id) {
+		return fmt.Errorf("peer %s: %s: %w: image id %q is not 32 hex digits", c.addr, name, ErrBadRequest, h.id)
+	}
+	start := time.Now()
+	bc, err := c.blk(ctx)
+	if err != nil {
+		if ctx.Err() != nil {
+			return fmt.Errorf("peer %s: %s: %w", c.addr, name, context.Cause(ctx))
+		}
+		if dl, ok := ctx.Deadline(); ok && !time.Now().Before(dl) { // the connection's deadline was the caller's
+			return fmt.Errorf("peer %s: %s: %w", c.addr, name, context.DeadlineExceeded)
+		}
+		return fmt.Errorf("peer %s: %s: %w: %v", c.addr, name, ErrUnavailable, err)
+	}
+	k := &bcall{data: data, p: p, done: make(chan struct{})}
+	h.encode(&k.hdr)
+	if err := bc.send(k); err != nil {
+		return fmt.Errorf("peer %s: %s: %w: %v", c.addr, name, ErrUnavailable, err)
+	}
+	t := time.NewTimer(c.timeout)
+	defer t.Stop()
+	select {
+	case <-k.done:
+	case <-ctx.Done():
+		if bc.abandon(k) {
+			return fmt.Errorf("peer %s: %s: %w", c.addr, name, context.Cause(ctx))
+		}
+		<-k.done
+	case <-t.C:
+		if bc.abandon(k) {
+			return fmt.Errorf("peer %s: %s: %w: timed out after %v", c.addr, name, ErrUnavailable, c.timeout)
+		}
+		// The answer is being read: a peer that stalls in the middle of
+		// one is broken.
+		bc.fail(fmt.Errorf("response: %w", errTimeout))
+		<-k.done
+	}
+	if k.err != nil {
+		if k.state.Load() == stTaken { // the writer may still hold data
+			bc.wmu.Lock()
+			bc.wmu.Unlock()
+		}
+		return fmt.Errorf("peer %s: %s: %w: %v", c.addr, name, ErrUnavailable, k.err)
+	}
+	if k.resp.code != codeOK {
+		return respErr(c.addr, name, fwd, k.resp, k.msg)
+	}
+	if len(p)+len(data) <= rttMaxBytes && h.flags&flagFUA == 0 {
+		c.sample(time.Since(start))
+	}
+	return nil
+}
+
+// respErr maps an error answer to the package's errors.
+func respErr(addr, name string, fwd bool, h respHdr, msg string) error {
+	code := int(h.code)
+	var sentinel error
+	switch {
+	case code == 421 && fwd:
+		sentinel = ErrNotOwner
+	case code == 404 && fwd && h.flags&rflagForward == 0:
+		return fmt.Errorf("peer %s: %s: %w: %v: %s", addr, name, ErrUnavailable, errNoForwarding, msg)
+	case code == 404 && fwd:
+		sentinel = ErrUnknownImage
+	case code == 404:
+		sentinel = ErrNoCopy
+	case code == 409:
+		sentinel = ErrStaleGeneration
+	case code == 400:
+		sentinel = ErrBadRequest
+	case code == 500 && fwd && h.flags&rflagSense != 0:
+		return &ForwardedError{Key: h.sense[0], ASC: h.sense[1], ASCQ: h.sense[2],
+			Msg: fmt.Sprintf("peer %s: %s: remote error: %s", addr, name, msg)}
+	case code == 500:
+		return fmt.Errorf("peer %s: %s: remote error: %s", addr, name, msg)
+	case code >= 500:
+		sentinel = ErrUnavailable
+	default:
+		return fmt.Errorf("peer %s: %s: %w: unexpected status %d: %s", addr, name, ErrUnavailable, code, msg)
+	}
+	return fmt.Errorf("peer %s: %s: %w: %s", addr, name, sentinel, msg)
+}
