@@ -48,7 +48,9 @@ type blkConn struct {
 	w  io.Writer
 	bw *bufio.Writer // non-nil when w buffers (TLS): flushed after each batch
 
-	wmu sync.Mutex // held by the writer while it sends a batch
+	wmu    sync.Mutex  // held while a batch is sent, by the writer or a caller
+	spareQ []*bcall    // under wmu: the queue's next backing array
+	spareB net.Buffers // under wmu
 
 	mu      sync.Mutex
 	pending map[uint32]*bcall
@@ -171,6 +173,16 @@ func (bc *blkConn) send(k *bcall) error {
 	bc.pending[k.tag] = k
 	bc.queue = append(bc.queue, k)
 	bc.mu.Unlock()
+	// Nobody sending: send it from here, a goroutine hop less. Otherwise
+	// the writer takes it with whatever else queued meanwhile.
+	if bc.wmu.TryLock() {
+		err := bc.flush()
+		bc.wmu.Unlock()
+		if err != nil {
+			bc.fail(fmt.Errorf("send: %w", err))
+		}
+		return nil
+	}
 	select {
 	case bc.wake <- struct{}{}:
 	default:
@@ -224,47 +236,57 @@ func (bc *blkConn) cancel(tag uint32) {
 }
 
 func (bc *blkConn) writer() {
-	var batch []*bcall
-	var bufs, spare net.Buffers
 	for {
 		select {
 		case <-bc.wake:
 		case <-bc.dead:
 			return
 		}
-		for {
-			bc.mu.Lock()
-			batch, bc.queue = bc.queue, batch[:0]
+		bc.wmu.Lock()
+		err := bc.flush()
+		bc.wmu.Unlock()
+		if err != nil {
+			bc.fail(fmt.Errorf("send: %w", err))
+			return
+		}
+	}
+}
+
+// flush sends everything queued, a batch per writev; the caller holds
+// wmu.
+func (bc *blkConn) flush() error {
+	for {
+		bc.mu.Lock()
+		batch := bc.queue
+		if len(batch) == 0 {
 			bc.mu.Unlock()
-			if len(batch) == 0 {
-				break
-			}
-			bc.wmu.Lock()
-			bufs = spare[:0]
-			for _, k := range batch {
-				if k.state.CompareAndSwap(stQueued, stTaken) {
-					bufs = append(bufs, k.hdr[:])
-					if len(k.data) > 0 {
-						bufs = append(bufs, k.data)
-					}
+			return nil
+		}
+		bc.queue = bc.spareQ[:0]
+		bc.mu.Unlock()
+		bufs := bc.spareB[:0]
+		for _, k := range batch {
+			if k.state.CompareAndSwap(stQueued, stTaken) {
+				bufs = append(bufs, k.hdr[:])
+				if len(k.data) > 0 {
+					bufs = append(bufs, k.data)
 				}
 			}
-			spare = bufs
-			var err error
-			if len(bufs) > 0 {
-				bc.nc.SetWriteDeadline(time.Now().Add(bc.c.timeout))
-				_, err = bufs.WriteTo(bc.w)
-				if err == nil && bc.bw != nil {
-					err = bc.bw.Flush()
-				}
+		}
+		bc.spareB = bufs
+		var err error
+		if len(bufs) > 0 {
+			bc.nc.SetWriteDeadline(time.Now().Add(bc.c.timeout))
+			_, err = bufs.WriteTo(bc.w)
+			if err == nil && bc.bw != nil {
+				err = bc.bw.Flush()
 			}
-			bc.wmu.Unlock()
-			clear(spare[:cap(spare)])
-			clear(batch)
-			if err != nil {
-				bc.fail(fmt.Errorf("send: %w", err))
-				return
-			}
+		}
+		clear(bc.spareB[:cap(bc.spareB)])
+		clear(batch)
+		bc.spareQ = batch
+		if err != nil {
+			return err
 		}
 	}
 }

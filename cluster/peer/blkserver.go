@@ -227,6 +227,11 @@ type srvConn struct {
 	idle    atomic.Int32
 	wg      sync.WaitGroup // workers
 
+	wmu    sync.Mutex  // held while answers are sent, by the writer or a worker
+	spareQ []*blkJob   // under wmu
+	spareB net.Buffers // under wmu
+	broken bool        // under wmu: a send failed
+
 	mu      sync.Mutex
 	running map[uint32]context.CancelFunc // by tag
 	out     []*blkJob
@@ -377,58 +382,72 @@ func (sc *srvConn) queue(j *blkJob) {
 	}
 	sc.out = append(sc.out, j)
 	sc.mu.Unlock()
+	if sc.wmu.TryLock() { // nobody sending: send it from here
+		sc.flush()
+		sc.wmu.Unlock()
+		return
+	}
 	select {
 	case sc.wake <- struct{}{}:
 	default:
 	}
 }
 
-// writer sends the answers, every one ready at once in one writev.
+// writer sends the answers the workers did not send themselves.
 func (sc *srvConn) writer() {
-	var batch []*blkJob
-	var bufs, spare net.Buffers
-	broken := false
 	for range sc.wake {
-		for {
-			sc.mu.Lock()
-			batch, sc.out = sc.out, batch[:0]
+		sc.wmu.Lock()
+		done := sc.flush()
+		sc.wmu.Unlock()
+		if done {
+			return
+		}
+	}
+}
+
+// flush sends the answers ready, every one ready at once in one writev,
+// and reports whether the connection is done (dead, nothing left). The
+// caller holds wmu.
+func (sc *srvConn) flush() bool {
+	for {
+		sc.mu.Lock()
+		batch := sc.out
+		if len(batch) == 0 {
 			dead := sc.dead
 			sc.mu.Unlock()
-			if len(batch) == 0 {
-				if dead {
-					return
-				}
-				break
-			}
-			bufs = spare[:0]
-			for _, j := range batch {
-				j.resp.encode(&j.hb)
-				bufs = append(bufs, j.hb[:])
-				if len(j.data) > 0 {
-					bufs = append(bufs, j.data)
-				}
-			}
-			spare = bufs
-			if !broken {
-				sc.nc.SetWriteDeadline(time.Now().Add(bodyTimeout))
-				_, err := bufs.WriteTo(sc.w)
-				if err == nil && sc.bw != nil {
-					err = sc.bw.Flush()
-				}
-				if err != nil {
-					broken = true
-					sc.nc.Close() // ends read
-				}
-			}
-			for _, j := range batch {
-				if j.h.op == opRead && j.resp.code == codeOK {
-					sc.s.bytesOut.Add(int64(len(j.data)))
-				}
-				sc.s.release(j)
-			}
-			clear(spare[:cap(spare)])
-			clear(batch)
+			return dead
 		}
+		sc.out = sc.spareQ[:0]
+		sc.mu.Unlock()
+		bufs := sc.spareB[:0]
+		for _, j := range batch {
+			j.resp.encode(&j.hb)
+			bufs = append(bufs, j.hb[:])
+			if len(j.data) > 0 {
+				bufs = append(bufs, j.data)
+			}
+		}
+		sc.spareB = bufs
+		if !sc.broken {
+			sc.nc.SetWriteDeadline(time.Now().Add(bodyTimeout))
+			_, err := bufs.WriteTo(sc.w)
+			if err == nil && sc.bw != nil {
+				err = sc.bw.Flush()
+			}
+			if err != nil {
+				sc.broken = true
+				sc.nc.Close() // ends read
+			}
+		}
+		for _, j := range batch {
+			if j.h.op == opRead && j.resp.code == codeOK {
+				sc.s.bytesOut.Add(int64(len(j.data)))
+			}
+			sc.s.release(j)
+		}
+		clear(sc.spareB[:cap(sc.spareB)])
+		clear(batch)
+		sc.spareQ = batch
 	}
 }
 
