@@ -3,6 +3,7 @@ package integration
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"net/http"
 	"os"
 	"os/exec"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/ukai-storage/ukai/cluster/consulkv/consultest"
+	"github.com/ukai-storage/ukai/cluster/peer"
 	"github.com/ukai-storage/ukai/cluster/tlsutil"
 )
 
@@ -160,7 +162,26 @@ func TestSecuredCluster(t *testing.T) {
 		t.Fatal(err)
 	}
 	for name, conf := range map[string]*tls.Config{"no certificate": noCert, "another CA": otherCA} {
-		for _, path := range []string{"/peer/v1/read", "/peer/v1/write", "/peer/v1/checksums", "/peer/v1/io/write"} {
+		// The block protocol (ALPN ukai-blk/1): block I/O, forwarded I/O,
+		// ping.
+		pc := peer.NewClient(peerAddr, peer.ClientConfig{TLS: conf, Timeout: 5 * time.Second})
+		ref := peer.Ref{ID: strings.Repeat("0", 32), Gen: 1}
+		ctx := context.Background()
+		for op, err := range map[string]error{
+			"write":         pc.WriteAt(ctx, ref, make([]byte, 4096), 0, false),
+			"read":          pc.ReadAt(ctx, ref, make([]byte, 4096), 0),
+			"forward write": pc.ForwardWrite(ctx, ref, make([]byte, 4096), 0, false),
+		} {
+			if !errors.Is(err, peer.ErrUnavailable) {
+				t.Errorf("%s: block protocol %s: %v, want refused", name, op, err)
+			}
+		}
+		if _, err := pc.Ping(ctx); err == nil {
+			t.Errorf("%s: block protocol ping answered", name)
+		}
+		pc.Close()
+		// The HTTP/2 side: streamed checksums and ranges.
+		for _, path := range []string{"/peer/v1/checksums", "/peer/v1/range"} {
 			c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: conf}}
 			req, _ := http.NewRequestWithContext(context.Background(), http.MethodPost, "https://"+peerAddr+path, nil)
 			if resp, err := c.Do(req); err == nil {
@@ -168,8 +189,13 @@ func TestSecuredCluster(t *testing.T) {
 				t.Errorf("%s: %s answered %d", name, path, resp.StatusCode)
 			}
 		}
-		// Cleartext is refused too.
-		if resp, err := http.Get("http://" + peerAddr + "/peer/v1/read"); err == nil && resp.StatusCode < 400 {
+		// Cleartext is refused too, on both protocols.
+		plain := peer.NewClient(peerAddr, peer.ClientConfig{Timeout: 5 * time.Second})
+		if err := plain.WriteAt(context.Background(), peer.Ref{ID: strings.Repeat("0", 32), Gen: 1}, make([]byte, 4096), 0, false); !errors.Is(err, peer.ErrUnavailable) {
+			t.Errorf("cleartext block protocol write: %v, want refused", err)
+		}
+		plain.Close()
+		if resp, err := http.Get("http://" + peerAddr + "/peer/v1/range"); err == nil && resp.StatusCode < 400 {
 			t.Errorf("cleartext request to the data transport answered %d", resp.StatusCode)
 		}
 	}
