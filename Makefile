@@ -64,7 +64,8 @@ bench: deps build
 	@cat integration/out/bench.md
 
 # Every parser the target has (PDU header and data segment, login/text
-# keys, CHAP, CDBs, a live session fed garbage) and the metadata decoders.
+# keys, CHAP, CDBs, a live session fed garbage), the peer block protocol
+# (frame headers, a live connection fed garbage) and the metadata decoders.
 # Their corpora are checked in under testdata/fuzz and run by every go test.
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzReadPDU$$' -fuzztime 60s ./target/iscsi/
@@ -72,6 +73,9 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzCHAPStep$$' -fuzztime 30s ./target/iscsi/
 	$(GO) test -run '^$$' -fuzz '^FuzzSession$$' -fuzztime 60s ./target/iscsi/
 	$(GO) test -run '^$$' -fuzz '^FuzzExecute$$' -fuzztime 60s ./target/scsi/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeReq$$' -fuzztime 30s ./cluster/peer/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeResp$$' -fuzztime 30s ./cluster/peer/
+	$(GO) test -run '^$$' -fuzz '^FuzzBlkSession$$' -fuzztime 60s ./cluster/peer/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeChunk$$' -fuzztime 30s ./placement/
 	$(GO) test -run '^$$' -fuzz '^FuzzParseWindow$$' -fuzztime 30s ./placement/
 

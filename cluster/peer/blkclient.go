@@ -61,34 +61,67 @@ type blkConn struct {
 	dead    chan struct{}
 }
 
+// dialing is a connection attempt the callers that need one share.
+type dialing struct {
+	done chan struct{}
+	bc   *blkConn
+	err  error
+}
+
 // blk returns the live block connection, dialling one if there is none.
+// Callers arriving while a dial runs wait for it (or for their ctx); the
+// dial itself runs under the client's timeout, not a caller's context.
 func (c *Client) blk(ctx context.Context) (*blkConn, error) {
 	if bc := c.cur.Load(); bc != nil {
 		return bc, nil
 	}
 	c.dialMu.Lock()
-	defer c.dialMu.Unlock()
 	if bc := c.cur.Load(); bc != nil {
+		c.dialMu.Unlock()
 		return bc, nil
 	}
 	if c.closed.Load() {
+		c.dialMu.Unlock()
 		return nil, errClosed
 	}
-	dctx, cancel := context.WithTimeout(ctx, c.timeout)
+	d := c.dial
+	if d == nil {
+		d = &dialing{done: make(chan struct{})}
+		c.dial = d
+		go c.dialShared(d)
+	}
+	c.dialMu.Unlock()
+	select {
+	case <-d.done:
+		return d.bc, d.err
+	case <-ctx.Done():
+		return nil, context.Cause(ctx)
+	}
+}
+
+func (c *Client) dialShared(d *dialing) {
+	ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
 	defer cancel()
-	bc, err := c.dialBlk(dctx)
-	if err != nil {
-		if ctx.Err() == nil && dctx.Err() != nil {
-			err = fmt.Errorf("connect: %w", errTimeout)
+	bc, err := c.dialBlk(ctx)
+	if err != nil && ctx.Err() != nil {
+		err = fmt.Errorf("connect: %w", errTimeout)
+	}
+	c.dialMu.Lock()
+	c.dial = nil
+	if err == nil {
+		if c.closed.Load() {
+			err = errClosed
+		} else {
+			c.cur.Store(bc)
 		}
-		return nil, err
 	}
-	c.cur.Store(bc)
-	if c.closed.Load() { // Close ran meanwhile
-		bc.fail(errClosed)
-		return nil, errClosed
+	c.dialMu.Unlock()
+	if err != nil && bc != nil {
+		bc.fail(err)
+		bc = nil
 	}
-	return bc, nil
+	d.bc, d.err = bc, err
+	close(d.done)
 }
 
 func (c *Client) dialBlk(ctx context.Context) (*blkConn, error) {
@@ -357,9 +390,6 @@ func (c *Client) roundTrip(ctx context.Context, h reqHdr, data, p []byte) error 
 	if err != nil {
 		if ctx.Err() != nil {
 			return fmt.Errorf("peer %s: %s: %w", c.addr, name, context.Cause(ctx))
-		}
-		if dl, ok := ctx.Deadline(); ok && !time.Now().Before(dl) { // the connection's deadline was the caller's
-			return fmt.Errorf("peer %s: %s: %w", c.addr, name, context.DeadlineExceeded)
 		}
 		return fmt.Errorf("peer %s: %s: %w: %v", c.addr, name, ErrUnavailable, err)
 	}

@@ -55,6 +55,7 @@ type Client struct {
 
 	tls    *tls.Config // block connections' (ALPN blkALPN); nil: cleartext
 	dialMu sync.Mutex
+	dial   *dialing // under dialMu: the dial in progress
 	cur    atomic.Pointer[blkConn]
 }
 
