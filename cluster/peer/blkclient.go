@@ -309,11 +309,7 @@ func (bc *blkConn) flush() error {
 		bc.spareB = bufs
 		var err error
 		if len(bufs) > 0 {
-			bc.nc.SetWriteDeadline(time.Now().Add(bc.c.timeout))
-			_, err = bufs.WriteTo(bc.w)
-			if err == nil && bc.bw != nil {
-				err = bc.bw.Flush()
-			}
+			err = sendBatch(bc.nc, bc.w, bc.bw, bufs, bc.c.timeout)
 		}
 		clear(bc.spareB[:cap(bc.spareB)])
 		clear(batch)

@@ -429,12 +429,7 @@ func (sc *srvConn) flush() bool {
 		}
 		sc.spareB = bufs
 		if !sc.broken {
-			sc.nc.SetWriteDeadline(time.Now().Add(bodyTimeout))
-			_, err := bufs.WriteTo(sc.w)
-			if err == nil && sc.bw != nil {
-				err = sc.bw.Flush()
-			}
-			if err != nil {
+			if err := sendBatch(sc.nc, sc.w, sc.bw, bufs, bodyTimeout); err != nil {
 				sc.broken = true
 				sc.nc.Close() // ends read
 			}

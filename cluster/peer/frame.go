@@ -1,9 +1,13 @@
 package peer
 
 import (
+	"bufio"
 	"encoding/binary"
 	"fmt"
+	"io"
 	"math"
+	"net"
+	"time"
 )
 
 // The block protocol: the framed binary wire the hot path (block reads,
@@ -201,4 +205,17 @@ func decodeResp(b []byte) (respHdr, error) {
 		return h, fmt.Errorf("bad sense key %#x", h.sense[0])
 	}
 	return h, nil
+}
+
+// sendBatch writes bufs to w (nc, or bw over nc) within d: one writev on
+// a TCP connection; over TLS, bw gathers the pieces and is flushed.
+func sendBatch(nc net.Conn, w io.Writer, bw *bufio.Writer, bufs net.Buffers, d time.Duration) error {
+	nc.SetWriteDeadline(time.Now().Add(d))
+	if _, err := bufs.WriteTo(w); err != nil {
+		return err
+	}
+	if bw != nil {
+		return bw.Flush()
+	}
+	return nil
 }
