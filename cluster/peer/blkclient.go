@@ -48,17 +48,26 @@ type blkConn struct {
 	w  io.Writer
 	bw *bufio.Writer // non-nil when w buffers (TLS): flushed after each batch
 
-	wmu    sync.Mutex  // held while a batch is sent, by the writer or a caller
-	spareQ []*bcall    // under wmu: the queue's next backing array
-	spareB net.Buffers // under wmu
+	out *outbox[*bcall]
 
 	mu      sync.Mutex
 	pending map[uint32]*bcall
-	queue   []*bcall
 	tag     uint32
 	err     error // the connection failed; set once
-	wake    chan struct{}
 	dead    chan struct{}
+}
+
+// frameCall adds k's header and payload to a batch unless its caller took
+// it back first.
+func frameCall(k *bcall, bufs net.Buffers) net.Buffers {
+	if !k.state.CompareAndSwap(stQueued, stTaken) {
+		return bufs
+	}
+	bufs = append(bufs, k.hdr[:])
+	if len(k.data) > 0 {
+		bufs = append(bufs, k.data)
+	}
+	return bufs
 }
 
 // dialing is a connection attempt the callers that need one share.
@@ -130,7 +139,8 @@ func (c *Client) dialBlk(ctx context.Context) (*blkConn, error) {
 	if err != nil {
 		return nil, err
 	}
-	bc := &blkConn{c: c, nc: nc, pending: map[uint32]*bcall{}, wake: make(chan struct{}, 1), dead: make(chan struct{})}
+	bc := &blkConn{c: c, nc: nc, pending: map[uint32]*bcall{}, dead: make(chan struct{})}
+	bc.out = newOutbox(frameCall, func(bufs net.Buffers) error { return sendBatch(bc.nc, bc.w, bc.bw, bufs, c.timeout) }, nil)
 	if c.tls != nil {
 		tc := tls.Client(nc, c.tls)
 		if err := tc.HandshakeContext(ctx); err != nil {
@@ -180,7 +190,6 @@ func (bc *blkConn) fail(err error) {
 	bc.err = err
 	calls := bc.pending
 	bc.pending = nil
-	bc.queue = nil
 	close(bc.dead)
 	bc.mu.Unlock()
 	bc.c.cur.CompareAndSwap(bc, nil)
@@ -192,7 +201,7 @@ func (bc *blkConn) fail(err error) {
 	}
 }
 
-// send queues k; false when the connection already failed.
+// send queues k; an error when the connection already failed.
 func (bc *blkConn) send(k *bcall) error {
 	bc.mu.Lock()
 	if bc.err != nil {
@@ -204,21 +213,11 @@ func (bc *blkConn) send(k *bcall) error {
 	k.tag = bc.tag
 	putTag(&k.hdr, k.tag)
 	bc.pending[k.tag] = k
-	bc.queue = append(bc.queue, k)
 	bc.mu.Unlock()
-	// Nobody sending: send it from here, a goroutine hop less. Otherwise
-	// the writer takes it with whatever else queued meanwhile.
-	if bc.wmu.TryLock() {
-		err := bc.flush()
-		bc.wmu.Unlock()
-		if err != nil {
-			bc.fail(fmt.Errorf("send: %w", err))
-		}
-		return nil
-	}
-	select {
-	case bc.wake <- struct{}{}:
-	default:
+	// Sent from here when nobody is sending, a goroutine hop less; a
+	// failure reaches k through pending.
+	if err := bc.out.push(k); err != nil {
+		bc.fail(fmt.Errorf("send: %w", err))
 	}
 	return nil
 }
@@ -241,10 +240,9 @@ func (bc *blkConn) abandon(k *bcall) bool {
 		return false
 	}
 	if !k.state.CompareAndSwap(stQueued, stAbandoned) {
-		// The writer has it: wait until it is done with the buffers, and
-		// tell the server to stop working on it.
-		bc.wmu.Lock()
-		bc.wmu.Unlock()
+		// A batch took it: wait until it is out, and tell the server to
+		// stop working on it.
+		bc.out.idle()
 		bc.cancel(k.tag)
 	}
 	return true
@@ -256,66 +254,26 @@ func (bc *blkConn) cancel(tag uint32) {
 	h := reqHdr{op: opCancel, tag: tag, id: pingID}
 	h.encode(&k.hdr)
 	bc.mu.Lock()
-	if bc.err != nil {
-		bc.mu.Unlock()
+	failed := bc.err != nil
+	bc.mu.Unlock()
+	if failed {
 		return
 	}
-	bc.queue = append(bc.queue, k)
-	bc.mu.Unlock()
-	select {
-	case bc.wake <- struct{}{}:
-	default:
+	if err := bc.out.push(k); err != nil {
+		bc.fail(fmt.Errorf("send: %w", err))
 	}
 }
 
 func (bc *blkConn) writer() {
 	for {
 		select {
-		case <-bc.wake:
+		case <-bc.out.wake:
 		case <-bc.dead:
 			return
 		}
-		bc.wmu.Lock()
-		err := bc.flush()
-		bc.wmu.Unlock()
-		if err != nil {
+		if err := bc.out.flush(); err != nil {
 			bc.fail(fmt.Errorf("send: %w", err))
 			return
-		}
-	}
-}
-
-// flush sends everything queued, a batch per writev; the caller holds
-// wmu.
-func (bc *blkConn) flush() error {
-	for {
-		bc.mu.Lock()
-		batch := bc.queue
-		if len(batch) == 0 {
-			bc.mu.Unlock()
-			return nil
-		}
-		bc.queue = bc.spareQ[:0]
-		bc.mu.Unlock()
-		bufs := bc.spareB[:0]
-		for _, k := range batch {
-			if k.state.CompareAndSwap(stQueued, stTaken) {
-				bufs = append(bufs, k.hdr[:])
-				if len(k.data) > 0 {
-					bufs = append(bufs, k.data)
-				}
-			}
-		}
-		bc.spareB = bufs
-		var err error
-		if len(bufs) > 0 {
-			err = sendBatch(bc.nc, bc.w, bc.bw, bufs, bc.c.timeout)
-		}
-		clear(bc.spareB[:cap(bc.spareB)])
-		clear(batch)
-		bc.spareQ = batch
-		if err != nil {
-			return err
 		}
 	}
 }
@@ -413,9 +371,8 @@ func (c *Client) roundTrip(ctx context.Context, h reqHdr, data, p []byte) error 
 		<-k.done
 	}
 	if k.err != nil {
-		if k.state.Load() == stTaken { // the writer may still hold data
-			bc.wmu.Lock()
-			bc.wmu.Unlock()
+		if k.state.Load() == stTaken { // a batch may still hold data
+			bc.out.idle()
 		}
 		return fmt.Errorf("peer %s: %s: %w: %v", c.addr, name, ErrUnavailable, k.err)
 	}

@@ -227,26 +227,21 @@ type srvConn struct {
 	idle    atomic.Int32
 	wg      sync.WaitGroup // workers
 
-	wmu    sync.Mutex  // held while answers are sent, by the writer or a worker
-	spareQ []*blkJob   // under wmu
-	spareB net.Buffers // under wmu
-	broken bool        // under wmu: a send failed
+	out    *outbox[*blkJob]
+	broken bool // a send failed; only write touches it (one batch at a time)
 
 	mu      sync.Mutex
 	running map[uint32]context.CancelFunc // by tag
-	out     []*blkJob
-	dead    bool
-	wake    chan struct{}
 }
 
 func (s *Server) serveBlk(nc net.Conn, br *bufio.Reader, bw *bufio.Writer) {
 	ctx, cancel := context.WithCancel(s.base)
 	sc := &srvConn{s: s, nc: nc, br: br, bw: bw, w: nc, ctx: ctx, cancel: cancel,
-		jobs: make(chan *blkJob, s.cfg.MaxInflight), wake: make(chan struct{}, 1),
-		running: map[uint32]context.CancelFunc{}}
+		jobs: make(chan *blkJob, s.cfg.MaxInflight), running: map[uint32]context.CancelFunc{}}
 	if bw != nil {
 		sc.w = bw
 	}
+	sc.out = newOutbox(frameAnswer, sc.write, sc.sent)
 	stop := context.AfterFunc(ctx, s.budget.wakeAll)
 	defer stop()
 	wdone := make(chan struct{})
@@ -259,14 +254,8 @@ func (s *Server) serveBlk(nc net.Conn, br *bufio.Reader, bw *bufio.Writer) {
 		s.log.Debug("block connection", "remote", nc.RemoteAddr().String(), "err", err)
 	}
 	close(sc.jobs)
-	sc.wg.Wait() // the jobs left run (their context is cancelled if the client went away)
-	sc.mu.Lock()
-	sc.dead = true
-	sc.mu.Unlock()
-	select {
-	case sc.wake <- struct{}{}:
-	default:
-	}
+	sc.wg.Wait()       // the jobs left run (their context is cancelled if the client went away)
+	close(sc.out.wake) // nothing queues any more: the writer sends what is left and ends
 	<-wdone
 	cancel()
 	nc.Close()
@@ -373,76 +362,47 @@ func (sc *srvConn) cancelJob(tag uint32) {
 	}
 }
 
-func (sc *srvConn) queue(j *blkJob) {
-	sc.mu.Lock()
-	if sc.dead {
-		sc.mu.Unlock()
-		sc.s.release(j)
-		return
-	}
-	sc.out = append(sc.out, j)
-	sc.mu.Unlock()
-	if sc.wmu.TryLock() { // nobody sending: send it from here
-		sc.flush()
-		sc.wmu.Unlock()
-		return
-	}
-	select {
-	case sc.wake <- struct{}{}:
-	default:
-	}
-}
+// queue sends j's answer, from here if nobody is sending.
+func (sc *srvConn) queue(j *blkJob) { sc.out.push(j) }
 
 // writer sends the answers the workers did not send themselves.
 func (sc *srvConn) writer() {
-	for range sc.wake {
-		sc.wmu.Lock()
-		done := sc.flush()
-		sc.wmu.Unlock()
-		if done {
-			return
-		}
+	for range sc.out.wake {
+		sc.out.flush()
 	}
+	sc.out.flush()
 }
 
-// flush sends the answers ready, every one ready at once in one writev,
-// and reports whether the connection is done (dead, nothing left). The
-// caller holds wmu.
-func (sc *srvConn) flush() bool {
-	for {
-		sc.mu.Lock()
-		batch := sc.out
-		if len(batch) == 0 {
-			dead := sc.dead
-			sc.mu.Unlock()
-			return dead
+// frameAnswer adds j's answer header and payload to a batch.
+func frameAnswer(j *blkJob, bufs net.Buffers) net.Buffers {
+	j.resp.encode(&j.hb)
+	bufs = append(bufs, j.hb[:])
+	if len(j.data) > 0 {
+		bufs = append(bufs, j.data)
+	}
+	return bufs
+}
+
+// write sends a batch of answers; after a failure it drops them (the
+// connection is closed, which ends read) so the jobs are still released.
+func (sc *srvConn) write(bufs net.Buffers) error {
+	if sc.broken {
+		return nil
+	}
+	if err := sendBatch(sc.nc, sc.w, sc.bw, bufs, bodyTimeout); err != nil {
+		sc.broken = true
+		sc.nc.Close()
+	}
+	return nil
+}
+
+// sent releases what a batch's jobs held.
+func (sc *srvConn) sent(batch []*blkJob) {
+	for _, j := range batch {
+		if j.h.op == opRead && j.resp.code == codeOK {
+			sc.s.bytesOut.Add(int64(len(j.data)))
 		}
-		sc.out = sc.spareQ[:0]
-		sc.mu.Unlock()
-		bufs := sc.spareB[:0]
-		for _, j := range batch {
-			j.resp.encode(&j.hb)
-			bufs = append(bufs, j.hb[:])
-			if len(j.data) > 0 {
-				bufs = append(bufs, j.data)
-			}
-		}
-		sc.spareB = bufs
-		if !sc.broken {
-			if err := sendBatch(sc.nc, sc.w, sc.bw, bufs, bodyTimeout); err != nil {
-				sc.broken = true
-				sc.nc.Close() // ends read
-			}
-		}
-		for _, j := range batch {
-			if j.h.op == opRead && j.resp.code == codeOK {
-				sc.s.bytesOut.Add(int64(len(j.data)))
-			}
-			sc.s.release(j)
-		}
-		clear(sc.spareB[:cap(sc.spareB)])
-		clear(batch)
-		sc.spareQ = batch
+		sc.s.release(j)
 	}
 }
 
