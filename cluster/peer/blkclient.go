@@ -387,24 +387,30 @@ func (c *Client) roundTrip(ctx context.Context, h reqHdr, data, p []byte) error 
 
 // respErr maps an error answer to the package's errors.
 func respErr(addr, name string, fwd bool, h respHdr, msg string) error {
-	code := int(h.code)
-	var sentinel error
-	switch {
+	switch code := int(h.code); {
 	case code == 421 && fwd:
-		sentinel = ErrNotOwner
+		return fmt.Errorf("peer %s: %s: %w: %s", addr, name, ErrNotOwner, msg)
 	case code == 404 && fwd && h.flags&rflagForward == 0:
 		return fmt.Errorf("peer %s: %s: %w: %v: %s", addr, name, ErrUnavailable, errNoForwarding, msg)
 	case code == 404 && fwd:
-		sentinel = ErrUnknownImage
+		return fmt.Errorf("peer %s: %s: %w: %s", addr, name, ErrUnknownImage, msg)
+	case code == 500 && fwd && h.flags&rflagSense != 0:
+		return &ForwardedError{Key: h.sense[0], ASC: h.sense[1], ASCQ: h.sense[2],
+			Msg: fmt.Sprintf("peer %s: %s: remote error: %s", addr, name, msg)}
+	}
+	return codeErr(addr, name, int(h.code), msg)
+}
+
+// codeErr maps a status code of either protocol and its message.
+func codeErr(addr, name string, code int, msg string) error {
+	var sentinel error
+	switch {
 	case code == 404:
 		sentinel = ErrNoCopy
 	case code == 409:
 		sentinel = ErrStaleGeneration
 	case code == 400:
 		sentinel = ErrBadRequest
-	case code == 500 && fwd && h.flags&rflagSense != 0:
-		return &ForwardedError{Key: h.sense[0], ASC: h.sense[1], ASCQ: h.sense[2],
-			Msg: fmt.Sprintf("peer %s: %s: remote error: %s", addr, name, msg)}
 	case code == 500:
 		return fmt.Errorf("peer %s: %s: remote error: %s", addr, name, msg)
 	case code >= 500:

@@ -181,23 +181,7 @@ func (k *call) fail(err error) error {
 
 // statusErr maps an error status (or a trailer status) and its message.
 func (k *call) statusErr(code int, msg string) error {
-	msg = strings.TrimSpace(msg)
-	var sentinel error
-	switch {
-	case code == http.StatusNotFound:
-		sentinel = ErrNoCopy
-	case code == http.StatusConflict:
-		sentinel = ErrStaleGeneration
-	case code == http.StatusBadRequest:
-		sentinel = ErrBadRequest
-	case code == http.StatusInternalServerError:
-		return fmt.Errorf("peer %s: %s: remote error: %s", k.c.addr, k.op, msg)
-	case code >= 500:
-		sentinel = ErrUnavailable
-	default:
-		return fmt.Errorf("peer %s: %s: %w: unexpected status %d: %s", k.c.addr, k.op, ErrUnavailable, code, msg)
-	}
-	return fmt.Errorf("peer %s: %s: %w: %s", k.c.addr, k.op, sentinel, msg)
+	return codeErr(k.c.addr, k.op, code, strings.TrimSpace(msg))
 }
 
 func (c *Client) checkIO(op string, n int) error {
