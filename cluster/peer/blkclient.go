@@ -332,7 +332,7 @@ func (bc *blkConn) reader() {
 // (reads), or an error mapped like the HTTP endpoints' statuses.
 func (c *Client) roundTrip(ctx context.Context, h reqHdr, data, p []byte) error {
 	name := opNames[h.op]
-	fwd := h.op >= opFwdRead
+	fwd := isForward(h.op)
 	if c.closed.Load() {
 		return fmt.Errorf("peer %s: %s: %w: %v", c.addr, name, ErrUnavailable, errClosed)
 	}

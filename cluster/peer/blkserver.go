@@ -308,8 +308,7 @@ func (sc *srvConn) read() error {
 			_, err := io.ReadFull(sc.br, *j.buf)
 			sc.nc.SetReadDeadline(time.Time{})
 			if err != nil {
-				s.bufs.put(j.buf)
-				s.budget.give(j.held)
+				s.release(j)
 				<-s.sem
 				return fmt.Errorf("%s payload: %w", opNames[h.op], err)
 			}
@@ -342,9 +341,7 @@ func (sc *srvConn) worker() {
 		sc.s.exec(j.ctx, j)
 		<-sc.s.sem
 		sc.mu.Lock()
-		if sc.running[j.h.tag] != nil {
-			delete(sc.running, j.h.tag)
-		}
+		delete(sc.running, j.h.tag)
 		sc.mu.Unlock()
 		j.cancel()
 		sc.queue(j)
@@ -418,15 +415,10 @@ func (s *Server) release(j *blkJob) {
 
 // exec serves one request and fills in its answer.
 func (s *Server) exec(ctx context.Context, j *blkJob) {
-	h := j.h
-	fwd := h.op >= opFwdRead
-	if j.bad != nil {
-		s.finish(ctx, j, j.bad, fwd && s.cfg.Volumes != nil)
-		return
-	}
-	var err error
+	fwd := isForward(j.h.op)
+	err := j.bad
 	switch {
-	case h.op == opPing:
+	case err != nil, j.h.op == opPing:
 	case fwd:
 		err = s.execFwd(ctx, j)
 	default:

@@ -153,6 +153,10 @@ func decodeReq(b []byte) (reqHdr, error) {
 
 func hasPayload(op byte) bool { return op == opWrite || op == opFwdWrite }
 
+// isForward reports whether op is forwarded I/O (served by the image's
+// owner through ServerConfig.Volumes).
+func isForward(op byte) bool { return op >= opFwdRead && op <= opFwdUnmap }
+
 // respHdr is a response header:
 //
 //	0  magic 0xb2     1  flags     2  code (uint16, an HTTP status)
