@@ -208,7 +208,6 @@ type blkJob struct {
 	held   int64   // bytes taken from the budget
 	resp   respHdr
 	hb     [respHdrLen]byte
-	msg    []byte
 	data   []byte // answer payload
 }
 
@@ -284,7 +283,7 @@ func (sc *srvConn) read() error {
 		}
 		j := &blkJob{h: h, bad: err}
 		if err == nil && h.op == opPing { // answered at once, whatever the load
-			s.finish(sc.ctx, j, nil, false)
+			sc.finish(j, nil, false)
 			sc.queue(j)
 			continue
 		}
@@ -331,14 +330,14 @@ func (sc *srvConn) read() error {
 
 func (sc *srvConn) answerBroken(tag uint32, err error) {
 	j := &blkJob{h: reqHdr{tag: tag}}
-	sc.s.finish(sc.ctx, j, fmt.Errorf("%w: %v", ErrBadRequest, err), false)
+	sc.finish(j, fmt.Errorf("%w: %v", ErrBadRequest, err), false)
 	sc.queue(j)
 }
 
 func (sc *srvConn) worker() {
 	defer sc.wg.Done()
 	for j := range sc.jobs {
-		sc.s.exec(j.ctx, j)
+		sc.exec(j)
 		<-sc.s.sem
 		sc.mu.Lock()
 		delete(sc.running, j.h.tag)
@@ -414,7 +413,8 @@ func (s *Server) release(j *blkJob) {
 }
 
 // exec serves one request and fills in its answer.
-func (s *Server) exec(ctx context.Context, j *blkJob) {
+func (sc *srvConn) exec(j *blkJob) {
+	s, ctx := sc.s, j.ctx
 	fwd := isForward(j.h.op)
 	err := j.bad
 	switch {
@@ -424,7 +424,7 @@ func (s *Server) exec(ctx context.Context, j *blkJob) {
 	default:
 		err = s.execCopy(ctx, j)
 	}
-	s.finish(ctx, j, err, fwd && s.cfg.Volumes != nil)
+	sc.finish(j, err, fwd && s.cfg.Volumes != nil)
 }
 
 func (s *Server) execCopy(ctx context.Context, j *blkJob) error {
@@ -512,7 +512,7 @@ func (s *Server) execFwd(ctx context.Context, j *blkJob) error {
 
 // finish fills in j's answer for err. fwd marks the answer of a server
 // that serves forwarded I/O.
-func (s *Server) finish(ctx context.Context, j *blkJob, err error, fwd bool) {
+func (sc *srvConn) finish(j *blkJob, err error, fwd bool) {
 	j.resp = respHdr{tag: j.h.tag, code: codeOK}
 	if fwd {
 		j.resp.flags |= rflagForward
@@ -522,7 +522,7 @@ func (s *Server) finish(ctx context.Context, j *blkJob, err error, fwd bool) {
 		return
 	}
 	j.data = nil
-	code := s.status(ctx, err)
+	code := sc.s.status(sc.ctx, err)
 	if errors.Is(err, errNoForwarding) {
 		code = 404
 	}
@@ -530,15 +530,11 @@ func (s *Server) finish(ctx context.Context, j *blkJob, err error, fwd bool) {
 	if int(j.h.op) < len(opNames) {
 		name = opNames[j.h.op]
 	}
-	if code >= 500 {
-		s.log.Warn("request failed", "op", name, "id", j.h.id, "status", code, "err", err)
-	} else {
-		s.log.Debug("request refused", "op", name, "id", j.h.id, "status", code, "err", err)
-	}
-	var sc SenseCarrier
-	if fwd && code == 500 && errors.As(err, &sc) {
+	sc.s.logRefused(name, sc.nc.RemoteAddr().String(), j.h.id, code, err)
+	var carrier SenseCarrier
+	if fwd && code == 500 && errors.As(err, &carrier) {
 		j.resp.flags |= rflagSense
-		j.resp.sense[0], j.resp.sense[1], j.resp.sense[2] = sc.SCSISense()
+		j.resp.sense[0], j.resp.sense[1], j.resp.sense[2] = carrier.SCSISense()
 		j.resp.sense[0] &= 0x0f
 	}
 	msg := err.Error()
@@ -546,8 +542,7 @@ func (s *Server) finish(ctx context.Context, j *blkJob, err error, fwd bool) {
 		msg = msg[:maxMsg]
 	}
 	j.resp.code = uint16(code)
-	j.msg = []byte(msg)
-	j.data = j.msg
+	j.data = []byte(msg)
 	j.resp.n = uint32(len(j.data))
 }
 

@@ -144,8 +144,8 @@ func (c *Client) sample(d time.Duration) {
 	}
 }
 
-// call is one request: its context, whose timeout can be re-armed for
-// streamed responses, and error mapping.
+// call is one streamed HTTP/2 request: its context, whose timeout is
+// re-armed for each block, and error mapping.
 type call struct {
 	c      *Client
 	op     string
@@ -153,11 +153,10 @@ type call struct {
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 	timer  *time.Timer
-	start  time.Time
 }
 
 func (c *Client) begin(ctx context.Context, op string) *call {
-	k := &call{c: c, op: op, parent: ctx, start: time.Now()}
+	k := &call{c: c, op: op, parent: ctx}
 	k.ctx, k.cancel = context.WithCancelCause(ctx)
 	k.timer = time.AfterFunc(c.timeout, func() { k.cancel(errTimeout) })
 	return k

@@ -260,13 +260,19 @@ func (s *Server) handle(name string, fn op) http.HandlerFunc {
 	}
 }
 
+// logRefused logs a request answered with an error: a warning for the
+// server's own failures (5xx), a debug line for refused requests.
+func (s *Server) logRefused(op, remote, id string, code int, err error) {
+	if code >= 500 {
+		s.log.Warn("request failed", "op", op, "remote", remote, "id", id, "status", code, "err", err)
+	} else {
+		s.log.Debug("request refused", "op", op, "remote", remote, "id", id, "status", code, "err", err)
+	}
+}
+
 // reply answers a request that failed before anything was written.
 func (s *Server) reply(w http.ResponseWriter, r *http.Request, name string, code int, err error) {
-	if code >= 500 {
-		s.log.Warn("request failed", "op", name, "remote", r.RemoteAddr, "id", r.Header.Get(hID), "status", code, "err", err)
-	} else {
-		s.log.Debug("request refused", "op", name, "remote", r.RemoteAddr, "id", r.Header.Get(hID), "status", code, "err", err)
-	}
+	s.logRefused(name, r.RemoteAddr, r.Header.Get(hID), code, err)
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.WriteHeader(code)
 	io.WriteString(w, err.Error())
