@@ -117,13 +117,27 @@ func (c *FileCopy) ReadAt(_ context.Context, p []byte, off int64) error {
 	return nil
 }
 
+// writeChunk bounds one pwrite. Linux (ext4 with large folios, 6.16 and
+// later) gives the page cache folios as large as the write that created
+// them, up to 2 MiB, and every later small write into a large folio walks
+// all of its buffer heads: measured here (kernel 6.18, ext4), a random 4
+// KiB pwrite into data written in 4 MiB pieces took 11-13 us, into data
+// written in 64 KiB pieces 3.4-3.6 us, while rewriting sequentially in
+// 64 KiB pieces still ran at 8.6-9.6 GB/s. VMs write images in large
+// pieces (installs, copies, syncs) and then randomly in small ones.
+const writeChunk = 64 << 10
+
 // WriteAt implements Copy.
 func (c *FileCopy) WriteAt(ctx context.Context, p []byte, off int64, durable bool) error {
 	if size := c.size.Load(); off+int64(len(p)) > size {
 		return fmt.Errorf("write %s: %d bytes at %d beyond size %d", c.f.Name(), len(p), off, size)
 	}
-	if _, err := c.f.WriteAt(p, off); err != nil {
-		return fmt.Errorf("write %s at %d: %w", c.f.Name(), off, err)
+	// One pwrite per writeChunk at most (see there).
+	for done := 0; done < len(p); done += writeChunk {
+		end := min(done+writeChunk, len(p))
+		if _, err := c.f.WriteAt(p[done:end], off+int64(done)); err != nil {
+			return fmt.Errorf("write %s at %d: %w", c.f.Name(), off+int64(done), err)
+		}
 	}
 	if durable {
 		return c.Sync(ctx)

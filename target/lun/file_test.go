@@ -83,3 +83,75 @@ func TestFileCopyHole(t *testing.T) {
 		t.Fatalf("holes: [0,1M) %v, [0,2M) %v, [1M,+4K) %v, [3M,4M) %v", c.Hole(0, 1<<20), c.Hole(0, 2<<20), c.Hole(1<<20, 4096), c.Hole(3<<20, 1<<20))
 	}
 }
+
+// TestFileCopyLargeWrites: writes longer than writeChunk, split into
+// several pwrites, land whole, at any offset and up to the end of the
+// file; a write past the end writes nothing.
+func TestFileCopyLargeWrites(t *testing.T) {
+	const size = 4 << 20
+	fc, err := CreateFile(filepath.Join(t.TempDir(), "img"), size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fc.Close()
+	ctx := context.Background()
+	want := make([]byte, size)
+	for i, w := range []struct {
+		off int64
+		n   int
+	}{{0, writeChunk + 512}, {512, 3*writeChunk + 1000}, {size - 2*writeChunk - 4096, 2*writeChunk + 4096}, {1 << 20, 1 << 20}} {
+		p := bytes.Repeat([]byte{byte(i + 1)}, w.n)
+		for k := range p {
+			p[k] ^= byte(k * 7)
+		}
+		if err := fc.WriteAt(ctx, p, w.off, false); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[w.off:], p)
+	}
+	if err := fc.WriteAt(ctx, make([]byte, 2*writeChunk), size-writeChunk, false); err == nil {
+		t.Fatal("a write past the end succeeded")
+	}
+	got := make([]byte, size)
+	if err := fc.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("read back differs: %v", err)
+	}
+}
+
+// BenchmarkSmallWriteAfterLargeWrites: random 4 KiB writes into data
+// first written in 4 MiB pieces, through FileCopy (pwrites of at most
+// writeChunk) and through the plain file (one pwrite per piece): on
+// kernels that give the page cache large folios, the second pays for
+// walking them (see writeChunk).
+func BenchmarkSmallWriteAfterLargeWrites(b *testing.B) {
+	const size = 256 << 20
+	for _, mode := range []string{"FileCopy", "one-pwrite"} {
+		b.Run(mode, func(b *testing.B) {
+			fc, err := CreateFile(filepath.Join(b.TempDir(), "img"), size)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer fc.Close()
+			ctx := context.Background()
+			piece := bytes.Repeat([]byte{1}, 4<<20)
+			for off := int64(0); off < size; off += int64(len(piece)) {
+				if mode == "FileCopy" {
+					err = fc.WriteAt(ctx, piece, off, false)
+				} else {
+					_, err = fc.f.WriteAt(piece, off)
+				}
+				if err != nil {
+					b.Fatal(err)
+				}
+			}
+			p := make([]byte, 4096)
+			b.SetBytes(4096)
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				if err := fc.WriteAt(ctx, p, int64(i*7919%(size/4096))*4096, false); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
