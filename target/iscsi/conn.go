@@ -131,13 +131,16 @@ type conn struct {
 	closeReason atomic.Pointer[string]
 
 	// writer state
+	sending    sync.Mutex // held while a batch is written (drain): by the writer or a command's goroutine (kick)
+	wbatch     []*outPDU  // under sending
+	wvec       net.Buffers
 	wmu        sync.Mutex
 	wcond      *sync.Cond
 	wq         []*outPDU
 	wstop      bool
 	wdone      chan struct{}
 	werr       error
-	statSN     uint32 // writer-owned once the writer runs
+	statSN     uint32 // under sending once the writer runs
 	hdrDigest  bool
 	dataDigest bool
 
@@ -694,8 +697,8 @@ func (c *conn) execute(t *task) {
 // finish queues t's response unless it was aborted.
 func (c *conn) finish(t *task, res scsi.Result) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	if t.aborted {
+		c.mu.Unlock()
 		res.Release()
 		return
 	}
@@ -706,7 +709,9 @@ func (c *conn) finish(t *task, res scsi.Result) {
 	// The data-in buffer goes back to the LU once the last PDU that
 	// carries it is written (or dropped).
 	out[len(out)-1].after = res.Release
-	c.enqueue(out...)
+	c.push(out...)
+	c.mu.Unlock()
+	c.kick()
 }
 
 // buildResponse makes the Data-In PDUs and/or SCSI Response for t.
@@ -996,16 +1001,37 @@ func (c *conn) abortLocked(t *task) {
 
 // enqueue hands PDUs to the writer; it never blocks.
 func (c *conn) enqueue(os ...*outPDU) {
+	if c.push(os...) {
+		c.wcond.Signal()
+	}
+}
+
+// push queues PDUs; false (and the PDUs freed) once the writer stopped
+// or the socket failed.
+func (c *conn) push(os ...*outPDU) bool {
 	c.wmu.Lock()
 	if c.wstop || c.werr != nil {
 		c.wmu.Unlock()
 		for _, o := range os {
 			c.srv.freeOut(o)
 		}
-		return
+		return false
 	}
 	c.wq = append(c.wq, os...)
 	c.wmu.Unlock()
+	return true
+}
+
+// kick writes what is queued from the calling goroutine when no batch is
+// being written (a command's response then costs no hand-over to the
+// writer goroutine); otherwise it wakes the writer. Never call it with
+// c.mu held: the write may block on a slow initiator.
+func (c *conn) kick() {
+	if c.sending.TryLock() {
+		c.drain()
+		c.sending.Unlock()
+		return
+	}
 	c.wcond.Signal()
 }
 
@@ -1021,28 +1047,44 @@ func (c *conn) stopWriter() {
 
 func (c *conn) writer() {
 	defer close(c.wdone)
-	var batch []*outPDU
-	var vec net.Buffers
 	for {
 		c.wmu.Lock()
 		for len(c.wq) == 0 && !c.wstop {
 			c.wcond.Wait()
 		}
-		if len(c.wq) == 0 {
+		stop := len(c.wq) == 0
+		c.wmu.Unlock()
+		if stop {
+			return
+		}
+		c.sending.Lock()
+		c.drain()
+		c.sending.Unlock()
+	}
+}
+
+// drain writes the queue, one vectored write per batch, until it is
+// empty; the caller holds sending.
+func (c *conn) drain() {
+	for {
+		c.wmu.Lock()
+		batch := c.wq
+		if len(batch) == 0 {
 			c.wmu.Unlock()
 			return
 		}
-		batch, c.wq = c.wq, batch[:0]
+		c.wq = c.wbatch[:0]
 		broken := c.werr != nil
 		c.wmu.Unlock()
 		var err error
 		if !broken {
-			vec, err = c.writeBatch(batch, vec[:0])
+			c.wvec, err = c.writeBatch(batch, c.wvec[:0])
 		}
 		for i, o := range batch {
 			c.srv.freeOut(o)
 			batch[i] = nil
 		}
+		c.wbatch = batch
 		if err != nil {
 			c.wmu.Lock()
 			c.werr = err
