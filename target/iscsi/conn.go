@@ -148,8 +148,12 @@ type conn struct {
 	tasks   map[uint32]*task
 	r2ts    map[uint32]*task // by TTT; reader-owned
 	nextTTT uint32
-	cmdWG   sync.WaitGroup // command and TMF goroutines
+	cmdWG   sync.WaitGroup // commands in flight and TMF goroutines
 	bgWG    sync.WaitGroup // keepalive
+
+	// Executors: long-lived goroutines that run the commands (launch).
+	execq    chan *task
+	execIdle atomic.Int32 // executors waiting for a command, minus claims
 
 	text textState
 
@@ -179,6 +183,7 @@ func newConn(s *Server, nc net.Conn) *conn {
 		wdone:  make(chan struct{}),
 		tasks:  map[uint32]*task{},
 		r2ts:   map[uint32]*task{},
+		execq:  make(chan *task, 64),
 	}
 	c.wcond = sync.NewCond(&c.wmu)
 	return c
@@ -282,6 +287,7 @@ func (c *conn) teardown(err error) {
 		c.nc.Close()
 	}
 	c.cmdWG.Wait()
+	close(c.execq) // the reader is done: no more launches
 	c.bgWG.Wait()
 	c.stopWriter()
 	c.nc.Close()
@@ -649,11 +655,25 @@ func (c *conn) dataSeqError(t *task, h *bhs, format string, args ...any) error {
 	return nil
 }
 
-// launch hands t to the LU in its own goroutine.
+// launch hands t to an idle executor, or to a new one when none is idle
+// (there are as many as commands ever ran at once). Executors live as
+// long as the connection: no goroutine to start, and no stack to grow,
+// per command. Only the reader launches.
 func (c *conn) launch(t *task) {
 	t.started = true
 	c.cmdWG.Add(1)
-	go c.execute(t)
+	if c.execIdle.Add(-1) < 0 { // none idle to claim
+		c.execIdle.Add(1)
+		go c.executor()
+	}
+	c.execq <- t
+}
+
+func (c *conn) executor() {
+	for t := range c.execq {
+		c.execute(t)
+		c.execIdle.Add(1)
+	}
 }
 
 func (c *conn) execute(t *task) {
