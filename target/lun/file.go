@@ -33,6 +33,7 @@ type Copy interface {
 type FileCopy struct {
 	f    *os.File
 	size atomic.Int64
+	zsum atomic.Pointer[zeroSum] // Checksum of a hole
 }
 
 // Grow extends the file to size bytes (the new part reads as zeros); a

@@ -3,6 +3,7 @@ package lun
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"os"
 	"path/filepath"
 	"testing"
@@ -153,5 +154,47 @@ func BenchmarkSmallWriteAfterLargeWrites(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// TestChecksumHoles: the checksum of a range is the SHA-256 of what it
+// reads, whether the range is a hole (answered without reading), data,
+// or partly both; a hole's sum is remembered per length, never reused for
+// another length.
+func TestChecksumHoles(t *testing.T) {
+	const size = 8 << 20
+	fc, err := CreateFile(filepath.Join(t.TempDir(), "img"), size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fc.Close()
+	ctx := context.Background()
+	data := bytes.Repeat([]byte("ukai"), 256<<10) // 1 MiB
+	if err := fc.WriteAt(ctx, data, 5<<20, true); err != nil {
+		t.Fatal(err)
+	}
+	if !fc.Hole(0, 4<<20) || fc.Hole(4<<20, 4<<20) {
+		t.Skip("file system without SEEK_DATA holes: the fast path is not taken")
+	}
+	for _, r := range []struct{ off, n int64 }{
+		{0, 4 << 20}, {4 << 20, 4 << 20}, {0, 1 << 20}, {0, 4 << 20}, {5 << 20, 1 << 20}, {4<<20 + 512, 1000}, {6 << 20, 2 << 20}, {6 << 20, 3 << 20},
+	} {
+		got, err := fc.Checksum(ctx, r.off, r.n)
+		if r.off+r.n > size {
+			if err == nil {
+				t.Errorf("checksum of [%d, +%d), past the end: %x, want an error", r.off, r.n, got)
+			}
+			continue
+		}
+		buf := make([]byte, r.n)
+		if err := fc.ReadAt(ctx, buf, r.off); err != nil {
+			t.Fatal(err)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := sha256.Sum256(buf); got != want {
+			t.Errorf("checksum of [%d, +%d) = %x, want %x", r.off, r.n, got, want)
+		}
 	}
 }
