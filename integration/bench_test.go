@@ -47,6 +47,28 @@ func cpuSeconds(pids []int) float64 {
 	return float64(ticks) / 100 // USER_HZ
 }
 
+// machineTicks is the machine's busy and total CPU time in ticks, from
+// /proc/stat (busy: everything but idle, iowait and steal).
+func machineTicks() (busy, total int64) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	for i, v := range f[1:] {
+		n, _ := strconv.ParseInt(v, 10, 64)
+		if i >= 8 { // guest time is already in user
+			break
+		}
+		total += n
+		if i != 3 && i != 4 && i != 7 { // idle, iowait, steal
+			busy += n
+		}
+	}
+	return busy, total
+}
+
 var qemuBenchRE = regexp.MustCompile(`Run completed in ([0-9.]+) seconds`)
 
 // qemuImgBench runs a sequential qemu-img bench and returns MB/s.
@@ -161,19 +183,24 @@ func TestBench(t *testing.T) {
 		{"rand write 4 KiB QD16", "IOPS", func(tg benchTarget) float64 { return fioNBD(t, tg, "randwrite", 16, false) }, rnd},
 	}
 	vals := make([][][]float64, len(rows))
-	cpu := make([][][]float64, len(rows)) // CPU seconds of the target per GB moved
+	cpu := make([][][]float64, len(rows))  // CPU seconds of the target per GB moved
+	busy := make([][][]float64, len(rows)) // the machine's busy fraction during the run
 	for i := range vals {
 		vals[i] = make([][]float64, len(targets))
 		cpu[i] = make([][]float64, len(targets))
+		busy[i] = make([][]float64, len(targets))
 	}
 	var syncMBs, ddMBs []float64
 	for r := 0; r < *benchRounds; r++ {
 		for i, rw := range rows {
 			for j, tg := range targets {
 				c0 := cpuSeconds(tg.pids)
+				b0, t0 := machineTicks()
 				v := rw.fn(tg)
+				b1, t1 := machineTicks()
 				vals[i][j] = append(vals[i][j], v)
 				cpu[i][j] = append(cpu[i][j], (cpuSeconds(tg.pids)-c0)/(rw.bytes(v)/1e9))
+				busy[i][j] = append(busy[i][j], float64(b1-b0)/float64(max(t1-t0, 1)))
 			}
 		}
 		s, d := benchSync(t, c, r, rawPath)
@@ -185,8 +212,8 @@ func TestBench(t *testing.T) {
 	for _, tg := range targets {
 		b.WriteString(" " + tg.name + " |")
 	}
-	b.WriteString(" ukai/raw | ukai/tgtd | 2 copies/tgtd | remote/tgtd | 2 copies/ukai | CPU s/GB tgtd, ukai, 2 copies, remote |\n|---|---|")
-	for range len(targets) + 6 {
+	b.WriteString(" ukai/raw | ukai/tgtd | 2 copies/tgtd | remote/tgtd | 2 copies/ukai | CPU s/GB tgtd, ukai, 2 copies, remote | machine busy % raw, tgtd, ukai, 2 copies, remote |\n|---|---|")
+	for range len(targets) + 7 {
 		b.WriteString("---|")
 	}
 	b.WriteString("\n")
@@ -197,8 +224,9 @@ func TestBench(t *testing.T) {
 			m[j] = median(vals[i][j])
 			fmt.Fprintf(&b, " %.0f |", m[j])
 		}
-		fmt.Fprintf(&b, " %.2f | %.2f | %.2f | %.2f | %.2f | %.2f, %.2f, %.2f, %.2f |\n", m[2]/m[0], m[2]/m[1], m[3]/m[1], m[4]/m[1], m[3]/m[2],
-			median(cpu[i][1]), median(cpu[i][2]), median(cpu[i][3]), median(cpu[i][4]))
+		fmt.Fprintf(&b, " %.2f | %.2f | %.2f | %.2f | %.2f | %.2f, %.2f, %.2f, %.2f | %.0f, %.0f, %.0f, %.0f, %.0f |\n", m[2]/m[0], m[2]/m[1], m[3]/m[1], m[4]/m[1], m[3]/m[2],
+			median(cpu[i][1]), median(cpu[i][2]), median(cpu[i][3]), median(cpu[i][4]),
+			100*median(busy[i][0]), 100*median(busy[i][1]), 100*median(busy[i][2]), 100*median(busy[i][3]), 100*median(busy[i][4]))
 	}
 	fmt.Fprintf(&b, "\nsync of a fully written 256 MiB image to a new location (loopback): %.0f MB/s; dd of the same bytes on the same disk (bs=4M, fdatasync): %.0f MB/s; ratio %.2f\n",
 		median(syncMBs), median(ddMBs), median(syncMBs)/median(ddMBs))
