@@ -186,11 +186,11 @@ func TestChecksumHoles(t *testing.T) {
 			}
 			continue
 		}
+		if err != nil {
+			t.Fatalf("checksum of [%d, +%d): %v", r.off, r.n, err)
+		}
 		buf := make([]byte, r.n)
 		if err := fc.ReadAt(ctx, buf, r.off); err != nil {
-			t.Fatal(err)
-		}
-		if err != nil {
 			t.Fatal(err)
 		}
 		if want := sha256.Sum256(buf); got != want {
