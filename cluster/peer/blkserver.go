@@ -429,13 +429,9 @@ func (sc *srvConn) exec(j *blkJob) {
 
 func (s *Server) execCopy(ctx context.Context, j *blkJob) error {
 	h := j.h
-	ref := Ref{ID: h.id, Gen: h.gen}
-	l, err := s.st.Open(ref)
+	l, err := s.open(Ref{ID: h.id, Gen: h.gen})
 	if err != nil {
-		return fmt.Errorf("open %s: %w", ref, err)
-	}
-	if l.Copy == nil || l.Size <= 0 || l.BlockSize < Align || l.BlockSize > maxBlockSize {
-		return fmt.Errorf("open %s: store returned a bad geometry (size %d, block size %d)", ref, l.Size, l.BlockSize)
+		return err
 	}
 	switch h.op {
 	case opRead:

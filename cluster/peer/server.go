@@ -293,14 +293,24 @@ func (s *Server) serve(ctx context.Context, w http.ResponseWriter, r *http.Reque
 		return context.Cause(ctx)
 	}
 	defer func() { <-s.sem }()
-	l, err := s.st.Open(ref)
+	l, err := s.open(ref)
 	if err != nil {
-		return fmt.Errorf("open %s: %w", ref, err)
-	}
-	if l.Copy == nil || l.Size <= 0 || l.BlockSize < Align || l.BlockSize > maxBlockSize {
-		return fmt.Errorf("open %s: store returned a bad geometry (size %d, block size %d)", ref, l.Size, l.BlockSize)
+		return err
 	}
 	return fn(ctx, w, r, l)
+}
+
+// open opens the local copy of ref through the store and checks the
+// geometry the store reports.
+func (s *Server) open(ref Ref) (Local, error) {
+	l, err := s.st.Open(ref)
+	if err != nil {
+		return Local{}, fmt.Errorf("open %s: %w", ref, err)
+	}
+	if l.Copy == nil || l.Size <= 0 || l.BlockSize < Align || l.BlockSize > maxBlockSize {
+		return Local{}, fmt.Errorf("open %s: store returned a bad geometry (size %d, block size %d)", ref, l.Size, l.BlockSize)
+	}
+	return l, nil
 }
 
 func (s *Server) status(ctx context.Context, err error) int {
