@@ -401,14 +401,7 @@ func TestForwardRefused(t *testing.T) {
 		{"fua on an unmap", [][]byte{with(func(h *reqHdr) { h.op, h.flags = opFwdUnmap, flagFUA }).bytes()}},
 		{"unaligned write", [][]byte{with(func(h *reqHdr) { h.op, h.n = opFwdWrite, 1000 }).bytes(), make([]byte, 1000)}},
 	} {
-		tag := uint32(100 + i)
-		tc.parts[0] = append([]byte(nil), tc.parts[0]...)
-		putTag((*[reqHdrLen]byte)(tc.parts[0]), tag)
-		rb.send(tc.parts...)
-		h, msg, err := rb.recv()
-		if err != nil || h.tag != tag || h.code != 400 || h.flags&rflagForward == 0 {
-			t.Errorf("%s: answer %+v %q %v, want 400 for tag %d from a forwarding server", tc.name, h, msg, err, tag)
-		}
+		rb.refused(tc.name, uint32(100+i), rflagForward, tc.parts...)
 	}
 	// A write cut short is never applied.
 	rb2 := dialRawBlk(t, addr)

@@ -234,6 +234,20 @@ func (r *rawBlk) recv() (respHdr, []byte, error) {
 	return h, p, err
 }
 
+// refused sends a malformed request (parts[0] its header, copied and
+// given tag) and reports an error unless the answer is a 400 for that tag
+// with the response flags want set; the connection must go on.
+func (r *rawBlk) refused(name string, tag uint32, want byte, parts ...[]byte) {
+	r.t.Helper()
+	parts[0] = append([]byte(nil), parts[0]...)
+	putTag((*[reqHdrLen]byte)(parts[0]), tag)
+	r.send(parts...)
+	h, msg, err := r.recv()
+	if err != nil || h.tag != tag || h.code != 400 || h.flags&want != want {
+		r.t.Errorf("%s: answer %+v %q %v, want 400 for tag %d with flags %#x", name, h, msg, err, tag, want)
+	}
+}
+
 // closed reports whether the server ended the connection (after any
 // answers still buffered).
 func (r *rawBlk) closed() bool {
