@@ -51,7 +51,16 @@ type Config struct {
 	// ReadOnly write-protects the LU (WP in MODE SENSE, DATA PROTECT
 	// on writes).
 	ReadOnly bool
+	// MaxRegistrations bounds the persistent reservation registrations
+	// (one per I_T nexus) the LU keeps; a REGISTER past it answers
+	// INSUFFICIENT REGISTRATION RESOURCES. 0 means
+	// DefaultMaxRegistrations.
+	MaxRegistrations int
 }
+
+// DefaultMaxRegistrations is the default bound on persistent reservation
+// registrations per LU: far above the one per host path clusters use.
+const DefaultMaxRegistrations = 256
 
 // maxUnmapDescriptors is the VPD B0 MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT.
 const maxUnmapDescriptors = 1024
@@ -181,6 +190,9 @@ func NewLU(cfg Config, be Backend, log *slog.Logger) (*LU, error) {
 	}
 	if cfg.MaxTransferBlocks != 0 && uint64(cfg.MaxTransferBlocks)*uint64(bs) > 1<<32-1 {
 		return nil, fmt.Errorf("scsi: max transfer %d blocks exceeds 4 GiB", cfg.MaxTransferBlocks)
+	}
+	if cfg.MaxRegistrations <= 0 {
+		cfg.MaxRegistrations = DefaultMaxRegistrations
 	}
 	lu := &LU{cfg: cfg, be: be, log: log, bs: bs}
 	for 1<<lu.shift != bs {

@@ -45,7 +45,7 @@ type resvState struct {
 
 	// Persistent reservations.
 	gen     uint32
-	keys    map[NexusID]uint64 // registrations
+	keys    map[NexusID]uint64 // registrations, at most Config.MaxRegistrations
 	prHeld  bool
 	prType  byte
 	prOwner NexusID // meaningless for the all-registrants types
@@ -262,7 +262,9 @@ func (lu *LU) uaLocked(n NexusID, ascq uint16) {
 // persistentReserveOut implements PERSISTENT RESERVE OUT: REGISTER,
 // REGISTER AND IGNORE EXISTING KEY, RESERVE, RELEASE, CLEAR, PREEMPT
 // (and PREEMPT AND ABORT, without aborting tasks). Scope is LU only;
-// APTPL, SPEC_I_PT and ALL_TG_PT are not supported.
+// APTPL, SPEC_I_PT and ALL_TG_PT are not supported. A new registration
+// past Config.MaxRegistrations answers ILLEGAL REQUEST, INSUFFICIENT
+// REGISTRATION RESOURCES (SPC-4 5.15.7).
 func (lu *LU) persistentReserveOut(cmd *Command) Result {
 	cdb := cmd.CDB
 	sa := cdb[1] & 0x1f
@@ -308,6 +310,9 @@ func (lu *LU) persistentReserveOut(cmd *Command) Result {
 		}
 		if !registered {
 			if sakey != 0 {
+				if len(r.keys) >= lu.cfg.MaxRegistrations {
+					return sense(SenseIllegalRequest, ascInsufficientRegs)
+				}
 				r.keys[n] = sakey
 				r.gen++
 			}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -1128,4 +1129,45 @@ func TestPRINReadFullStatus(t *testing.T) {
 	if tid[0] != 0x45 || !strings.HasPrefix(string(tid[4:]), "iqn.a,i,0x000000000001\x00") {
 		t.Fatalf("TransportID: % x", tid)
 	}
+}
+
+// Registrations per LU are bounded: past MaxRegistrations, REGISTER (and
+// REGISTER AND IGNORE EXISTING KEY) of a new nexus answers INSUFFICIENT
+// REGISTRATION RESOURCES (SPC-4 5.15.7), while registered nexuses may
+// still change or drop their key and a freed slot can be taken again.
+func TestPRRegistrationsBounded(t *testing.T) {
+	lu, _ := newLU(t, testConfig())
+	nex := func(i int) NexusID {
+		n := NexusID(fmt.Sprintf("iqn.flood,i,0x%012x,tgt", i))
+		run(lu, n, cdbTUR(), nil) // its power-on unit attention
+		return n
+	}
+	for i := range DefaultMaxRegistrations {
+		sa := byte(proutRegister)
+		if i%2 == 1 {
+			sa = proutRegisterIgnore
+		}
+		wantGood(t, run(lu, nex(i), proutCDB(sa, 0), proutData(0, uint64(i+1))))
+	}
+	over := nex(DefaultMaxRegistrations)
+	wantSense(t, run(lu, over, proutCDB(proutRegister, 0), proutData(0, 7)), SenseIllegalRequest, 0x55, 0x04)
+	wantSense(t, run(lu, over, proutCDB(proutRegisterIgnore, 0), proutData(0, 7)), SenseIllegalRequest, 0x55, 0x04)
+	keys := prin(t, lu, nex(0), prinReadKeys)
+	if n := binary.BigEndian.Uint32(keys[4:8]) / 8; n != DefaultMaxRegistrations {
+		t.Fatalf("%d registrations, want %d", n, DefaultMaxRegistrations)
+	}
+	// A registered nexus changes its key; unregistering frees a slot.
+	wantGood(t, run(lu, nex(0), proutCDB(proutRegister, 0), proutData(1, 99)))
+	wantGood(t, run(lu, nex(1), proutCDB(proutRegister, 0), proutData(2, 0)))
+	wantGood(t, run(lu, over, proutCDB(proutRegister, 0), proutData(0, 7)))
+	// An unregistered nexus registering key 0 takes no slot: still GOOD.
+	wantGood(t, run(lu, nex(DefaultMaxRegistrations+1), proutCDB(proutRegister, 0), proutData(0, 0)))
+
+	// The bound is configurable.
+	cfg := testConfig()
+	cfg.MaxRegistrations = 2
+	lu, _ = readyLU(t, cfg)
+	wantGood(t, run(lu, nexA, proutCDB(proutRegister, 0), proutData(0, 1)))
+	wantGood(t, run(lu, nexB, proutCDB(proutRegister, 0), proutData(0, 2)))
+	wantSense(t, run(lu, nex(3), proutCDB(proutRegister, 0), proutData(0, 3)), SenseIllegalRequest, 0x55, 0x04)
 }

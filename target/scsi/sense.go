@@ -29,6 +29,7 @@ const (
 	ascCapacityChanged       = 0x2a09
 	ascSavingNotSupported    = 0x3900
 	ascInsufficientResources = 0x5503
+	ascInsufficientRegs      = 0x5504 // INSUFFICIENT REGISTRATION RESOURCES
 )
 
 // senseCode is a sense key with its ASC/ASCQ.
