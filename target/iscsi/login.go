@@ -255,6 +255,25 @@ func (ls *loginState) step(p *pdu) (*outPDU, bool, *loginError) {
 			respTransit, respNSG = true, nsg
 		}
 	}
+	// Before full feature phase, the target declares the limits it holds
+	// stricter than the RFC defaults for keys the initiator left out (the
+	// stricter values are in force whatever the initiator answers), and
+	// waits one more exchange for its answers. An initiator going from
+	// the security stage straight to full feature phase is led through
+	// the operational stage for that. Discovery sessions carry no data.
+	if respTransit && respNSG == stageFullFeature && !ls.discovery {
+		switch ls.stage {
+		case stageOperational:
+			if d := ls.neg.declare(); len(d) > 0 {
+				out = append(out, d...)
+				respTransit = false
+			}
+		case stageSecurity:
+			if len(ls.neg.undeclared()) > 0 {
+				respNSG = stageOperational
+			}
+		}
+	}
 	// Our MaxRecvDataSegmentLength is declared in the operational stage
 	// only; an initiator that skips it sends at most the 8192 default.
 	if !ls.declared && ls.stage == stageOperational {

@@ -163,10 +163,68 @@ type negotiator struct {
 	lim  limits
 	p    params
 	seen map[string]bool
+	// declared are the keys the target offered itself (declare): the
+	// initiator's values for them are answers, not offers.
+	declared map[string]bool
 }
 
+// newNegotiator starts with the values in force for keys the initiator
+// never sends: each is the outcome of negotiating the target's limit
+// against the RFC default (RFC 7143 13: the lower value of MaxBurstLength
+// and FirstBurstLength, ImmediateData ANDed, InitialR2T ORed), not the RFC
+// default alone, so a target stricter than the defaults stays so.
 func newNegotiator(lim limits) *negotiator {
-	return &negotiator{lim: lim, p: rfcDefaults(lim.MaxRecvDataSegmentLength), seen: map[string]bool{}}
+	p := rfcDefaults(lim.MaxRecvDataSegmentLength)
+	p.MaxBurstLength = min(p.MaxBurstLength, lim.MaxBurstLength)
+	p.FirstBurstLength = min(p.FirstBurstLength, lim.FirstBurstLength, p.MaxBurstLength)
+	p.ImmediateData = p.ImmediateData && lim.ImmediateData
+	p.InitialR2T = p.InitialR2T || lim.InitialR2T
+	p.MaxOutstandingR2T = min(p.MaxOutstandingR2T, lim.MaxOutstandingR2T)
+	return &negotiator{lim: lim, p: p, seen: map[string]bool{}, declared: map[string]bool{}}
+}
+
+// rfcDefaultKeys are the keys whose RFC default the target may be stricter
+// than, in the order declare offers them.
+var rfcDefaultKeys = []string{"ImmediateData", "MaxBurstLength", "FirstBurstLength"}
+
+// undeclared returns the keys the initiator has not sent (nor had
+// declared to it) for which the target's own limit is stricter than the
+// RFC default, with the value in force. (A FirstBurstLength lowered only
+// by a negotiated MaxBurstLength needs no declaration: both sides know.)
+func (n *negotiator) undeclared() []KeyValue {
+	def := rfcDefaults(0)
+	var out []KeyValue
+	for _, k := range rfcDefaultKeys {
+		if n.seen[k] || n.declared[k] {
+			continue
+		}
+		switch k {
+		case "ImmediateData":
+			if !n.lim.ImmediateData && def.ImmediateData {
+				out = append(out, KeyValue{k, yesNo(n.p.ImmediateData)})
+			}
+		case "MaxBurstLength":
+			if n.lim.MaxBurstLength < def.MaxBurstLength {
+				out = append(out, KeyValue{k, itoa(n.p.MaxBurstLength)})
+			}
+		case "FirstBurstLength":
+			if n.lim.FirstBurstLength < def.FirstBurstLength {
+				out = append(out, KeyValue{k, itoa(n.p.FirstBurstLength)})
+			}
+		}
+	}
+	return out
+}
+
+// declare returns the keys undeclared reports and marks them offered: the
+// target sends them so the initiator knows the limits in force; the
+// initiator's next values for them are answers.
+func (n *negotiator) declare() []KeyValue {
+	out := n.undeclared()
+	for _, kv := range out {
+		n.declared[kv.Key] = true
+	}
+	return out
 }
 
 // Keys the login layer consumes itself (declarative, no response).
@@ -196,7 +254,8 @@ func (n *negotiator) negotiate(kvs []KeyValue, skip func(key string) bool) ([]Ke
 		if kv.Value == valNotUnderstood || kv.Value == valReject || kv.Value == valIrrelevant {
 			continue // an answer to something we never offered
 		}
-		if v, ok := n.one(kv.Key, kv.Value); ok {
+		v, ok := n.one(kv.Key, kv.Value)
+		if ok && !n.declared[kv.Key] {
 			out = append(out, KeyValue{kv.Key, v})
 		}
 	}

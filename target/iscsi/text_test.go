@@ -159,3 +159,53 @@ func FuzzParseText(f *testing.F) {
 		}
 	})
 }
+
+// TestNegotiationOmittedKeys: keys the initiator leaves out still end at
+// the target's limits (RFC 7143: the lower of both sides, the initiator's
+// side being the RFC default; ImmediateData ANDed), and the target
+// declares the ones stricter than the RFC defaults.
+func TestNegotiationOmittedKeys(t *testing.T) {
+	lim := testLimits()
+	lim.FirstBurstLength = 4096
+	lim.MaxBurstLength = 16384
+	lim.ImmediateData = false
+	n := newNegotiator(lim)
+	if _, err := n.negotiate([]KeyValue{{"HeaderDigest", "None"}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if n.p.FirstBurstLength != 4096 || n.p.MaxBurstLength != 16384 || n.p.ImmediateData {
+		t.Errorf("omitted keys: FirstBurstLength %d MaxBurstLength %d ImmediateData %v, want 4096 16384 false",
+			n.p.FirstBurstLength, n.p.MaxBurstLength, n.p.ImmediateData)
+	}
+	decl := n.declare()
+	want := []KeyValue{{"ImmediateData", "No"}, {"MaxBurstLength", "16384"}, {"FirstBurstLength", "4096"}}
+	if !slices.Equal(decl, want) {
+		t.Errorf("declared %v, want %v", decl, want)
+	}
+	if again := n.declare(); len(again) != 0 {
+		t.Errorf("declared twice: %v", again)
+	}
+	// The initiator's answers are answers: no response, and an answer
+	// above what we declared does not raise the limit.
+	out, err := n.negotiate([]KeyValue{{"ImmediateData", "Yes"}, {"MaxBurstLength", "262144"}, {"FirstBurstLength", "2048"}}, nil)
+	if err != nil || len(out) != 0 {
+		t.Errorf("answers to our declarations answered: %v %v", out, err)
+	}
+	if n.p.FirstBurstLength != 2048 || n.p.MaxBurstLength != 16384 || n.p.ImmediateData {
+		t.Errorf("after answers: %+v", n.p)
+	}
+
+	// Limits at or above the RFC defaults: nothing to declare, RFC
+	// defaults in force.
+	n = newNegotiator(testLimits())
+	n.negotiate(nil, nil)
+	if d := n.declare(); len(d) != 0 || n.p.FirstBurstLength != 65536 || n.p.MaxBurstLength != 262144 || !n.p.ImmediateData {
+		t.Errorf("default limits: declared %v params %+v", d, n.p)
+	}
+	// A key the initiator did send is not declared again.
+	n = newNegotiator(lim)
+	n.negotiate([]KeyValue{{"ImmediateData", "Yes"}, {"FirstBurstLength", "1024"}}, nil)
+	if d := n.declare(); !slices.Equal(d, []KeyValue{{"MaxBurstLength", "16384"}}) || n.p.FirstBurstLength != 1024 || n.p.ImmediateData {
+		t.Errorf("partly offered: declared %v params %+v", d, n.p)
+	}
+}
