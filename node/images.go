@@ -356,6 +356,9 @@ func (n *Node) apply(ctx context.Context, s *served, img meta.Image, force bool)
 		n.log.Warn("ownership of the image moved to another node", "image", img.Name, "owner", img.Owner)
 		s.owned.Store(false)
 	}
+	// The version first, then the maps: out-of-sync records the volume
+	// makes while the maps are read survive their install.
+	at := s.vol.MapVersion()
 	reps, maps, err := n.replicas(ctx, s, img, false)
 	if err != nil {
 		return fmt.Errorf("image %s: %w", img.Name, err)
@@ -368,14 +371,14 @@ func (n *Node) apply(ctx context.Context, s *served, img meta.Image, force bool)
 				return fmt.Errorf("image %s: %w", img.Name, err)
 			}
 		}
-		if err := s.vol.Grow(img.Size, reps, maps); err != nil {
+		if err := s.vol.Grow(img.Size, reps, maps, at); err != nil {
 			return fmt.Errorf("image %s: %w", img.Name, err)
 		}
 		if err := s.lu.Resize(img.Size); err != nil {
 			return fmt.Errorf("image %s: %w", img.Name, err)
 		}
 		n.log.Info("image grown", "image", img.Name, "size", img.Size)
-	} else if err := s.vol.SetReplicas(reps, maps); err != nil {
+	} else if err := s.vol.SetReplicas(reps, maps, at); err != nil {
 		return fmt.Errorf("image %s: %w", img.Name, err)
 	}
 	s.mu.Lock()

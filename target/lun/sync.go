@@ -113,9 +113,7 @@ func (v *Volume) SyncBlock(ctx context.Context, b int64, dst string) (SyncResult
 		return SyncResult{}, fmt.Errorf("record block %d of %s in sync: %w", b, dst, err)
 	}
 	v.mu.Lock()
-	if m, ok := v.maps[dst]; ok {
-		m.Set(b, placement.InSync)
-	}
+	v.setStatesLocked(dst, []int64{b}, placement.InSync)
 	v.mu.Unlock()
 	return res, nil
 }

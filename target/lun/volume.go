@@ -76,6 +76,64 @@ type Volume struct {
 	// in-sync copies (some copies took it, and the others could not be
 	// recorded out of sync); guarded by mu. ReconcileSuspects repairs them.
 	suspect map[int64]bool
+
+	// seq numbers the out-of-sync records this volume made (stored
+	// first, then applied here); marked keeps the last one of each
+	// (node, block) until the block is in sync again. Maps read from the
+	// catalog before such a record must not undo it when they are
+	// installed (SetReplicas): a write that failed on a copy between the
+	// read and the install would otherwise make the copy in sync again in
+	// memory, and a read could return data older than an acknowledged
+	// write. (An in-sync record undone that way is only synced again.)
+	// Guarded by mu.
+	seq    uint64
+	marked map[string]map[int64]uint64
+
+	// owed holds, per node, blocks written to its copy whose flush failed
+	// and that are not recorded out of sync yet: no flush answers GOOD
+	// until they are (a copy that failed a flush may have lost them,
+	// even if its next flush works). Guarded by mu.
+	owed map[string]map[int64]bool
+
+	// fenced says which remote copies were fenced (Fencer) since this
+	// volume last saw a write to them fail, or since it started: a sync or
+	// a reconcile fences a copy first unless it is, so that no write sent
+	// before can land after the block is copied. Guarded by mu.
+	fenced map[string]bool
+}
+
+// MapVersion orders block maps read from the catalog against the state
+// changes a volume makes: read it before reading the maps, and pass it to
+// SetReplicas or Grow with them.
+type MapVersion uint64
+
+// MapVersion returns the volume's current version (see MapVersion).
+func (v *Volume) MapVersion() MapVersion {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	return MapVersion(v.seq)
+}
+
+// setStatesLocked records in memory a change already stored: blocks of
+// node's copy are now in state s. The caller holds mu.
+func (v *Volume) setStatesLocked(node string, blocks []int64, s placement.SyncState) {
+	v.seq++
+	mk := v.marked[node]
+	if mk == nil && s == placement.OutOfSync {
+		mk = map[int64]uint64{}
+		v.marked[node] = mk
+	}
+	m := v.maps[node]
+	for _, b := range blocks {
+		if s == placement.OutOfSync {
+			mk[b] = v.seq
+		} else if mk != nil {
+			delete(mk, b)
+		}
+		if m != nil {
+			m.Set(b, s)
+		}
+	}
 }
 
 // touch notes foreground I/O (the synchronizer yields to it).
@@ -101,9 +159,11 @@ func NewVolume(cfg Config, replicas []*Replica, maps map[string]*placement.Block
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	v := &Volume{cfg: cfg, store: store}
+	v := &Volume{cfg: cfg, store: store,
+		dirty: map[string]map[int64]bool{}, failedAt: map[string]time.Time{},
+		marked: map[string]map[int64]uint64{}, owed: map[string]map[int64]bool{}, fenced: map[string]bool{}}
 	v.size.Store(cfg.Size)
-	if err := v.SetReplicas(replicas, maps); err != nil {
+	if err := v.SetReplicas(replicas, maps, 0); err != nil {
 		return nil, err
 	}
 	return v, nil
@@ -123,16 +183,16 @@ func (v *Volume) Blocks() int64 { return (v.size.Load() + v.cfg.BlockSize - 1) /
 func (v *Volume) Size() int64 { return v.size.Load() }
 
 // Grow makes the volume size bytes long, with the copies' block maps of
-// the new length (every copy must already cover the new size). No I/O runs
-// meanwhile. A smaller size is refused.
-func (v *Volume) Grow(size int64, replicas []*Replica, maps map[string]*placement.BlockMap) error {
+// the new length (every copy must already cover the new size), read at
+// version readAt. No I/O runs meanwhile. A smaller size is refused.
+func (v *Volume) Grow(size int64, replicas []*Replica, maps map[string]*placement.BlockMap, readAt MapVersion) error {
 	return v.Exclusively(func() error {
 		old := v.size.Load()
 		if size < old {
 			return fmt.Errorf("volume is %d bytes: cannot shrink to %d", old, size)
 		}
 		v.size.Store(size)
-		if err := v.SetReplicas(replicas, maps); err != nil {
+		if err := v.SetReplicas(replicas, maps, readAt); err != nil {
 			v.size.Store(old)
 			return err
 		}
@@ -152,8 +212,10 @@ func (v *Volume) ReadHeld(ctx context.Context, p []byte, off int64) error {
 
 // SetReplicas replaces the copies and block maps (a location was added or
 // removed, or the maps changed in the catalog). Replicas not in the new
-// set are closed.
-func (v *Volume) SetReplicas(replicas []*Replica, maps map[string]*placement.BlockMap) error {
+// set are closed. readAt is the MapVersion read before the maps were: the
+// state changes this volume made after it are applied on top of them, so
+// a copy recorded out of sync meanwhile stays out of sync.
+func (v *Volume) SetReplicas(replicas []*Replica, maps map[string]*placement.BlockMap, readAt MapVersion) error {
 	for _, r := range replicas {
 		m, ok := maps[r.Node]
 		if !ok || m.Len() != v.Blocks() {
@@ -167,9 +229,24 @@ func (v *Volume) SetReplicas(replicas []*Replica, maps map[string]*placement.Blo
 	for n, m := range maps {
 		v.maps[n] = m.Clone()
 	}
-	if v.dirty == nil {
-		v.dirty = map[string]map[int64]bool{}
-		v.failedAt = map[string]time.Time{}
+	for n, mk := range v.marked {
+		m := v.maps[n]
+		for b, seq := range mk {
+			switch {
+			case seq <= uint64(readAt):
+				delete(mk, b) // stored before the maps were read: they have it
+			case m != nil && b < m.Len():
+				m.Set(b, placement.OutOfSync)
+			}
+		}
+		if len(mk) == 0 || m == nil {
+			delete(v.marked, n)
+		}
+	}
+	for n := range v.fenced {
+		if !slices.ContainsFunc(replicas, func(r *Replica) bool { return r.Node == n }) {
+			delete(v.fenced, n)
+		}
 	}
 	v.mu.Unlock()
 	for _, o := range old {
@@ -317,6 +394,13 @@ func (v *Volume) readOrder(b int64) []*Replica {
 		}
 	}
 	slices.SortStableFunc(out, func(a, c *Replica) int {
+		// A copy whose flush of the block failed is the last resort.
+		if oa, oc := v.owed[a.Node][b], v.owed[c.Node][b]; oa != oc {
+			if oc {
+				return -1
+			}
+			return 1
+		}
 		if a.Local != c.Local {
 			if a.Local {
 				return -1
@@ -425,11 +509,7 @@ func (v *Volume) markOutOfSync(ctx context.Context, nodes []string, blocks []int
 			return fmt.Errorf("mark %d blocks of %s out of sync: %w", len(blocks), n, err)
 		}
 		v.mu.Lock()
-		if m, ok := v.maps[n]; ok {
-			for _, b := range blocks {
-				m.Set(b, placement.OutOfSync)
-			}
-		}
+		v.setStatesLocked(n, blocks, placement.OutOfSync)
 		v.mu.Unlock()
 		v.cfg.Log.Warn("copy marked out of sync", "node", n, "blocks", len(blocks))
 	}
@@ -610,7 +690,10 @@ func (v *Volume) noteDirty(ok map[int64][]string) {
 
 // Flush implements scsi.Backend: every in-sync copy syncs in parallel; a
 // copy that fails is recorded out of sync for the blocks written to it
-// since its last successful sync.
+// since its last successful sync. Until that record is stored, every
+// flush fails: a copy whose flush failed may have lost those blocks (its
+// node restarted, say) even when its next flush works, so answering GOOD
+// to the initiator's retry would acknowledge data one in-sync copy lacks.
 func (v *Volume) Flush(ctx context.Context) error {
 	v.mu.Lock()
 	reps := slices.Clone(v.replicas)
@@ -636,23 +719,58 @@ func (v *Volume) Flush(ctx context.Context) error {
 		}()
 	}
 	wg.Wait()
-	ok, failed := map[int64][]string{}, map[int64][]string{}
+	// Blocks dirty on a copy that failed are owed an out-of-sync record
+	// when another copy has them durably; blocks no copy synced stay
+	// dirty (nothing better holds them) and this flush fails.
+	synced := map[int64]bool{}
 	for i, r := range reps {
-		for b := range dirty[r.Node] {
-			if errs[i] == nil {
-				ok[b] = append(ok[b], r.Node)
-			} else {
-				failed[b] = append(failed[b], r.Node)
+		if errs[i] == nil {
+			for b := range dirty[r.Node] {
+				synced[b] = true
 			}
 		}
 	}
-	for b := range failed {
-		if _, seen := ok[b]; !seen {
-			ok[b] = nil
+	unsynced := 0
+	v.mu.Lock()
+	for i, r := range reps {
+		if errs[i] == nil {
+			continue
+		}
+		for b := range dirty[r.Node] {
+			if synced[b] {
+				if v.owed[r.Node] == nil {
+					v.owed[r.Node] = map[int64]bool{}
+				}
+				v.owed[r.Node][b] = true
+			} else {
+				unsynced++
+				if v.dirty[r.Node] == nil {
+					v.dirty[r.Node] = map[int64]bool{}
+				}
+				v.dirty[r.Node][b] = true
+			}
 		}
 	}
-	if err := v.settle(ctx, "flush", ok, failed); err != nil {
-		return err
+	owed := map[string][]int64{}
+	for n, bs := range v.owed {
+		for b := range bs {
+			owed[n] = append(owed[n], b)
+		}
+	}
+	v.mu.Unlock()
+	for n, bs := range owed {
+		slices.Sort(bs)
+		if err := v.markOutOfSync(ctx, []string{n}, bs); err != nil {
+			return &scsi.SenseError{Key: scsi.SenseMediumError, ASC: 0x0c, ASCQ: 0x00, Err: fmt.Errorf("flush: %w", err)}
+		}
+		v.mu.Lock()
+		for _, b := range bs {
+			delete(v.owed[n], b)
+		}
+		if len(v.owed[n]) == 0 {
+			delete(v.owed, n)
+		}
+		v.mu.Unlock()
 	}
 	// A flush must reach MinCopies copies even when nothing was dirty.
 	good := 0
@@ -664,6 +782,10 @@ func (v *Volume) Flush(ctx context.Context) error {
 	if good < v.minCopies() {
 		return &scsi.SenseError{Key: scsi.SenseMediumError, ASC: 0x0c, ASCQ: 0x00,
 			Err: fmt.Errorf("flush reached %d copies, fewer than min_copies %d: %v", good, v.minCopies(), errors.Join(errs...))}
+	}
+	if unsynced > 0 {
+		return &scsi.SenseError{Key: scsi.SenseMediumError, ASC: 0x0c, ASCQ: 0x00,
+			Err: fmt.Errorf("flush: %d written blocks reached no copy durably: %v", unsynced, errors.Join(errs...))}
 	}
 	return nil
 }

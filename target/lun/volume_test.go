@@ -67,9 +67,21 @@ type memMaps struct {
 	mu   sync.Mutex
 	maps map[string]*placement.BlockMap
 	fail bool
+	// hook, when set, runs after a change is stored, before the call
+	// returns (outside mu).
+	hook func()
+}
+
+func (m *memMaps) setFail(f bool) {
+	m.mu.Lock()
+	m.fail = f
+	m.mu.Unlock()
 }
 
 func (m *memMaps) SetBlockStates(_ context.Context, node string, blocks []int64, s placement.SyncState) error {
+	if m.hook != nil {
+		defer m.hook()
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.fail {
@@ -448,13 +460,13 @@ func TestVolumeGrowsOnline(t *testing.T) {
 		maps[n] = placement.NewBlockMap(5, placement.InSync)
 		r.store.maps[n] = r.store.maps[n].Resized(5, placement.InSync)
 	}
-	if err := r.v.Grow(5<<16, reps, map[string]*placement.BlockMap{"a": placement.NewBlockMap(4, placement.InSync), "b": maps["b"]}); err == nil || r.v.Size() != 3<<16 {
+	if err := r.v.Grow(5<<16, reps, map[string]*placement.BlockMap{"a": placement.NewBlockMap(4, placement.InSync), "b": maps["b"]}, r.v.MapVersion()); err == nil || r.v.Size() != 3<<16 {
 		t.Fatalf("a map of the wrong length was taken (err %v, size %d)", err, r.v.Size())
 	}
-	if err := r.v.Grow(5<<16, reps, maps); err != nil || r.v.Size() != 5<<16 || r.v.Blocks() != 5 {
+	if err := r.v.Grow(5<<16, reps, maps, r.v.MapVersion()); err != nil || r.v.Size() != 5<<16 || r.v.Blocks() != 5 {
 		t.Fatalf("grow: %v, size %d", err, r.v.Size())
 	}
-	if err := r.v.Grow(4<<16, reps, maps); err == nil {
+	if err := r.v.Grow(4<<16, reps, maps, r.v.MapVersion()); err == nil {
 		t.Fatal("shrink accepted")
 	}
 	if err := r.v.WriteAt(ctx, pattern(1<<16, 9), 4<<16, true); err != nil {
@@ -504,5 +516,139 @@ func TestBeforeWriteSense(t *testing.T) {
 		if got[0] != 0 {
 			t.Fatal("a copy was written although the hook refused")
 		}
+	}
+}
+
+// A record change installs block maps read from the catalog. A copy
+// recorded out of sync after they were read (a write failed on it) stays
+// out of sync: a local-first read must not return the data it missed.
+func TestInstalledMapsKeepNewerOutOfSync(t *testing.T) {
+	const bs = 64 << 10
+	ctx := context.Background()
+	r := newRig(t, 4*bs, bs, 1, "local", "remote")
+	old := pattern(bs, 1)
+	if err := r.v.WriteAt(ctx, old, bs, true); err != nil {
+		t.Fatal(err)
+	}
+	// The node reads the version, then the maps (all in sync).
+	at := r.v.MapVersion()
+	read := map[string]*placement.BlockMap{}
+	for n, m := range r.store.maps {
+		read[n] = m.Clone()
+	}
+	// Meanwhile a write fails on the local copy: recorded out of sync
+	// and acknowledged.
+	r.copies["local"].fail.Store(true)
+	want := pattern(bs, 2)
+	if err := r.v.WriteAt(ctx, want, bs, true); err != nil {
+		t.Fatal(err)
+	}
+	r.copies["local"].fail.Store(false)
+	if r.store.get("local", 1) != placement.OutOfSync {
+		t.Fatal("the failed copy was not recorded out of sync")
+	}
+	// The maps read before are installed.
+	if err := r.v.SetReplicas(r.reps, read, at); err != nil {
+		t.Fatal(err)
+	}
+	if st := r.v.State("local", 1); st != placement.OutOfSync {
+		t.Fatalf("after installing maps read before the failure, the copy is %v, want out of sync", st)
+	}
+	got := make([]byte, bs)
+	if err := r.v.ReadAt(ctx, got, bs); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("read returned data older than an acknowledged write")
+	}
+	// Maps read after the record are taken as they are (here: the block
+	// synced in the catalog by someone else).
+	at = r.v.MapVersion()
+	fresh := map[string]*placement.BlockMap{}
+	for n, m := range r.store.maps {
+		fresh[n] = m.Clone()
+	}
+	fresh["local"].Set(1, placement.InSync)
+	if err := r.v.SetReplicas(r.reps, fresh, at); err != nil {
+		t.Fatal(err)
+	}
+	if st := r.v.State("local", 1); st != placement.InSync {
+		t.Fatalf("maps read after the record: block is %v, want in sync", st)
+	}
+}
+
+// The install may also come while the out-of-sync record is being stored:
+// the record lands on the maps installed.
+func TestInstallDuringOutOfSyncRecord(t *testing.T) {
+	const bs = 64 << 10
+	ctx := context.Background()
+	r := newRig(t, 4*bs, bs, 1, "local", "remote")
+	at := r.v.MapVersion()
+	read := map[string]*placement.BlockMap{}
+	for n, m := range r.store.maps {
+		read[n] = m.Clone()
+	}
+	installed := false
+	r.store.hook = func() {
+		if !installed {
+			installed = true
+			if err := r.v.SetReplicas(r.reps, read, at); err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	r.copies["local"].fail.Store(true)
+	want := pattern(bs, 3)
+	if err := r.v.WriteAt(ctx, want, 2*bs, true); err != nil {
+		t.Fatal(err)
+	}
+	r.copies["local"].fail.Store(false)
+	if !installed {
+		t.Fatal("the store hook did not run")
+	}
+	if st := r.v.State("local", 2); st != placement.OutOfSync {
+		t.Fatalf("block is %v after an install during its record, want out of sync", st)
+	}
+}
+
+// A flush that failed on a copy while the metadata store is unreachable is
+// not forgotten: the initiator's retry fails too until the copy is recorded
+// out of sync, even once the copy answers again (it may have restarted
+// without the data).
+func TestFailedFlushIsNotForgotten(t *testing.T) {
+	const bs = 64 << 10
+	ctx := context.Background()
+	r := newRig(t, 8*bs, bs, 1, "n1", "n2")
+	if err := r.v.WriteAt(ctx, pattern(2*bs, 1), 3*bs, false); err != nil {
+		t.Fatal(err)
+	}
+	r.copies["n2"].fail.Store(true)
+	r.store.setFail(true)
+	if err := r.v.Flush(ctx); err == nil {
+		t.Fatal("flush answered GOOD with a copy failed and the store unreachable")
+	}
+	r.copies["n2"].fail.Store(false)
+	r.v.noteResult("n2", nil) // n2 answers again
+	if err := r.v.Flush(ctx); err == nil {
+		t.Fatal("the retry answered GOOD though n2's failed flush is not recorded")
+	}
+	r.store.setFail(false)
+	if err := r.v.Flush(ctx); err != nil {
+		t.Fatalf("flush with the store back: %v", err)
+	}
+	for b := int64(0); b < 8; b++ {
+		want := placement.InSync
+		if b == 3 || b == 4 {
+			want = placement.OutOfSync
+		}
+		if got := r.store.get("n2", b); got != want {
+			t.Fatalf("block %d of n2 is %v in the store, want %v", b, got, want)
+		}
+		if got := r.v.State("n2", b); got != want {
+			t.Fatalf("block %d of n2 is %v in memory, want %v", b, got, want)
+		}
+	}
+	if err := r.v.Flush(ctx); err != nil {
+		t.Fatalf("a flush after the record: %v", err)
 	}
 }
