@@ -47,6 +47,11 @@ type CHAPConfig struct {
 	Logger     *slog.Logger
 	// Rand is the challenge randomness (crypto/rand by default).
 	Rand io.Reader
+	// Discovery, when set, requires CHAP on discovery sessions with its
+	// CHAPUser and CHAPSecret (any initiator name; Initiator is ignored),
+	// and answers mutual CHAP with MutualUser and MutualSecret when
+	// those are set. Nil: discovery sessions need no authentication.
+	Discovery *Export
 }
 
 // CHAP limits (RFC 7143 12.1.3).
@@ -59,10 +64,17 @@ const (
 
 // NewCHAPAuthenticator returns an Authenticator that admits initiators
 // from cfg.ACL, with one-way or mutual CHAP (MD5) where the export has
-// CHAP credentials. Discovery sessions need no CHAP; SendTargets shows an
-// initiator only the targets exported to it.
+// CHAP credentials. Discovery sessions need CHAP only with cfg.Discovery;
+// SendTargets shows an initiator only the targets exported to it.
+//
+// A login the access list refuses (initiator not listed, target without
+// export under RequireACL, export without a secret) is not refused at
+// once: it gets a CHAP exchange that fails at its end with 02/01, exactly
+// as a wrong secret does (and as the login layer answers an unknown
+// target), so an initiator cannot tell which targets exist or whom they
+// admit. The true reason is logged at info.
 func NewCHAPAuthenticator(cfg CHAPConfig) Authenticator {
-	a := &chapAuth{acl: cfg.ACL, requireACL: cfg.RequireACL, log: cfg.Logger, rnd: cfg.Rand}
+	a := &chapAuth{acl: cfg.ACL, requireACL: cfg.RequireACL, log: cfg.Logger, rnd: cfg.Rand, discovery: cfg.Discovery}
 	if a.log == nil {
 		a.log = slog.New(slog.DiscardHandler)
 	}
@@ -78,6 +90,7 @@ type chapAuth struct {
 	log        *slog.Logger
 	rndMu      sync.Mutex
 	rnd        io.Reader
+	discovery  *Export
 }
 
 func (a *chapAuth) exports(target string) ([]Export, bool) {
@@ -116,27 +129,50 @@ func (a *chapAuth) Visible(initiator, target string) bool {
 // Begin starts the security stage of one login.
 func (a *chapAuth) Begin(ctx context.Context, info LoginInfo) (AuthExchange, error) {
 	if info.Discovery {
-		return noneExchange{}, nil
+		if a.discovery == nil {
+			return noneExchange{}, nil
+		}
+		return &chapExchange{a: a, info: info, exp: *a.discovery}, nil
 	}
 	exps, ok := a.exports(info.TargetName)
 	if !ok {
 		if a.requireACL {
-			return nil, a.refuse(info, "target has no export", ErrNotAuthorized)
+			return a.refused(info, "target has no export"), nil
 		}
 		return noneExchange{}, nil
 	}
 	exp, found := findExport(exps, info.InitiatorName)
 	if !found {
-		return nil, a.refuse(info, "initiator not on the export list", ErrNotAuthorized)
+		return a.refused(info, "initiator not on the export list"), nil
 	}
 	if exp.CHAPUser == "" {
 		return noneExchange{}, nil
 	}
 	if exp.CHAPSecret == "" {
 		a.log.Warn("iscsi chap: export has a CHAP user but no secret", "initiator", info.InitiatorName, "target", info.TargetName)
-		return nil, a.refuse(info, "export has no CHAP secret", ErrAuthFailed)
+		return a.refused(info, "export has no CHAP secret"), nil
 	}
 	return &chapExchange{a: a, info: info, exp: exp}, nil
+}
+
+// refused returns the exchange of a login refused for reason: CHAP with a
+// random secret nobody knows, failing at its end like a wrong secret.
+func (a *chapAuth) refused(info LoginInfo, reason string) AuthExchange {
+	secret := make([]byte, 16)
+	if err := a.random(secret); err != nil {
+		secret = nil // the exchange fails anyway
+	}
+	return &chapExchange{a: a, info: info, refusal: reason,
+		exp: Export{CHAPUser: "\x00refused", CHAPSecret: string(secret)}}
+}
+
+// RefusedExchange returns an AuthExchange for a login that must fail
+// without telling the initiator why (an unknown target): it runs a CHAP
+// exchange to its end and fails it with ErrAuthFailed, as a wrong secret
+// does; reason is logged to log at info.
+func RefusedExchange(log *slog.Logger, info LoginInfo, reason string) AuthExchange {
+	a := NewCHAPAuthenticator(CHAPConfig{Logger: log}).(*chapAuth)
+	return a.refused(info, reason)
 }
 
 // refuse logs a refused login and returns the error for it (never
@@ -181,12 +217,22 @@ type chapExchange struct {
 	state     int
 	id        byte
 	challenge []byte
+	// refusal, when set, is why the login is refused whatever the
+	// initiator answers (see chapAuth.refused).
+	refusal string
 }
 
 func (e *chapExchange) Methods() []string { return []string{"CHAP"} }
 
+// Refusal implements the login layer's refusalReason: the true reason of
+// a login refused regardless of the exchange ("" for a real exchange).
+func (e *chapExchange) Refusal() string { return e.refusal }
+
 func (e *chapExchange) fail(reason string) error {
 	e.state = chapFailed
+	if e.refusal != "" {
+		reason = e.refusal
+	}
 	return e.a.refuse(e.info, reason, ErrAuthFailed)
 }
 
@@ -264,6 +310,9 @@ func (e *chapExchange) stepResponse(keys map[string]string) ([]KeyValue, bool, e
 	want := chapResponse(e.id, []byte(e.exp.CHAPSecret), e.challenge)
 	userOK := subtle.ConstantTimeCompare([]byte(user), []byte(e.exp.CHAPUser))
 	respOK := subtle.ConstantTimeCompare(resp, want[:])
+	if e.refusal != "" {
+		return nil, false, e.fail(e.refusal)
+	}
 	if userOK&respOK != 1 {
 		if userOK != 1 {
 			return nil, false, e.fail("wrong CHAP user")

@@ -97,6 +97,10 @@ func (c *conn) login() error {
 		}
 		resp, done, lerr := ls.step(p)
 		if lerr != nil {
+			if r, ok := ls.auth.(refusalReason); ok && r.Refusal() != "" && !strings.Contains(lerr.msg, r.Refusal()) {
+				// What the initiator is not told, the log says.
+				lerr.msg += " (refused: " + r.Refusal() + ")"
+			}
 			rp := ls.response(p, nil, false, 0)
 			rp.hdr[36] = byte(lerr.status >> 8)
 			rp.hdr[37] = byte(lerr.status)
@@ -294,6 +298,13 @@ func (ls *loginState) step(p *pdu) (*outPDU, bool, *loginError) {
 	return resp, false, nil
 }
 
+// refusalReason is an AuthExchange of a login refused whatever the
+// initiator sends (RefusedExchange); Refusal is the true reason, for the
+// log only.
+type refusalReason interface {
+	Refusal() string
+}
+
 func authErr(err error) *loginError {
 	if errors.Is(err, ErrNotAuthorized) {
 		return loginErr(statusNotAuthorized, "%v", err)
@@ -333,6 +344,7 @@ func (ls *loginState) begin(kvs []KeyValue) *loginError {
 		}
 		return loginErr(statusTooManyConns, "MaxConnections=1")
 	}
+	unknown := false
 	if !ls.discovery {
 		tn, ok := get("TargetName")
 		if !ok || tn == "" {
@@ -340,20 +352,32 @@ func (ls *loginState) begin(kvs []KeyValue) *loginError {
 		}
 		lu, found := c.srv.targets.LookupTarget(tn)
 		if !found || lu == nil {
-			return loginErr(statusNotFound, "target %q", tn)
+			if c.srv.cfg.Authenticator == nil {
+				return loginErr(statusNotFound, "target %q", tn)
+			}
+			// With authentication on, an unknown target is answered as
+			// a refused login is: it must not be told from a target
+			// that exists but refuses this initiator.
+			unknown = true
 		}
 		ls.targetName, ls.lu = tn, lu
 	}
 	if a := c.srv.cfg.Authenticator; a != nil {
-		ctx, cancel := context.WithTimeout(c.ctx, c.srv.cfg.LoginTimeout)
-		ex, err := a.Begin(ctx, LoginInfo{
+		info := LoginInfo{
 			InitiatorName: ls.initiatorName,
 			ISID:          ls.isid,
 			TargetName:    ls.targetName,
 			Discovery:     ls.discovery,
 			RemoteAddr:    c.nc.RemoteAddr(),
-		})
+		}
+		// Begin runs for an unknown target too (the same access list
+		// lookup, the same time), its answer unused.
+		ctx, cancel := context.WithTimeout(c.ctx, c.srv.cfg.LoginTimeout)
+		ex, err := a.Begin(ctx, info)
 		cancel()
+		if unknown {
+			ex, err = RefusedExchange(c.log, info, "unknown target"), nil
+		}
 		if err != nil {
 			return authErr(err)
 		}
