@@ -58,18 +58,28 @@ def read_token(path):
 
 
 class Client(object):
-    def __init__(self, addresses, token=None, ca_file=None, timeout=60):
+    def __init__(self, addresses, token=None, ca_file=None, timeout=60,
+                 allow_insecure=False):
+        """addresses must be https:// URLs unless allow_insecure (then a
+        bare host:port means http://): the token and CHAP secrets travel
+        in these requests."""
         if not addresses:
             raise UkaiError(None, "no ukai API address configured")
-        self.addresses = [self._base(a) for a in addresses]
+        self.addresses = [self._base(a, allow_insecure) for a in addresses]
         self.token = token
         self.verify = ca_file if ca_file else True
         self.timeout = timeout
         self.session = requests.Session()
 
     @staticmethod
-    def _base(addr):
+    def _base(addr, allow_insecure=False):
         addr = addr.strip().rstrip("/")
+        if addr.lower().startswith("https://"):
+            return addr
+        if not allow_insecure:
+            raise UkaiError(None, "API address %s is not https://: refused (the token and CHAP "
+                                  "secrets would travel in cleartext; set "
+                                  "ukai_api_allow_insecure = True to allow it)" % addr)
         if "://" not in addr:
             addr = "http://" + addr
         return addr

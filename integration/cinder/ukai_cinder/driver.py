@@ -43,9 +43,14 @@ from ukai_cinder import client as ukai_client
 LOG = logging.getLogger(__name__)
 
 ukai_opts = [
-    cfg.ListOpt('ukai_api_addresses', default=['127.0.0.1:7700'],
-                help='ukai control API addresses (host:port or URL), tried '
+    cfg.ListOpt('ukai_api_addresses', default=['https://127.0.0.1:7700'],
+                help='ukai control API addresses (https:// URLs), tried '
                      'in order: any node serves the whole API.'),
+    cfg.BoolOpt('ukai_api_allow_insecure', default=False,
+                help='Allow API addresses without https:// (cleartext '
+                     'HTTP: the bearer token and the CHAP secrets the '
+                     'driver sends travel unencrypted). Only for a test '
+                     'cluster on loopback.'),
     cfg.StrOpt('ukai_token_file',
                help='File holding the bearer token of the ukai API (not '
                     'world-readable).'),
@@ -84,6 +89,9 @@ CONF = cfg.CONF
 CONF.register_opts(ukai_opts, group=configuration.SHARED_CONF_GROUP)
 
 SPEC_PREFIX = 'ukai:'
+# Random bytes of a volume's CHAP secret (given in hex): RFC 7143 12.1.3
+# asks for at least 96 bits of randomness.
+CHAP_SECRET_BYTES = 16
 SPECS = ('replicas', 'locations', 'min_copies', 'block_size', 'sync_window',
          'sync_tz', 'max_rate', 'follow_vm')
 
@@ -120,7 +128,8 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
                 token = ukai_client.read_token(conf.ukai_token_file)
             self.client = ukai_client.Client(
                 conf.ukai_api_addresses, token=token,
-                ca_file=conf.ukai_ca_file, timeout=conf.ukai_api_timeout)
+                ca_file=conf.ukai_ca_file, timeout=conf.ukai_api_timeout,
+                allow_insecure=conf.ukai_api_allow_insecure)
         except (OSError, ukai_client.UkaiError) as e:
             raise exception.VolumeDriverException(
                 message=_('ukai driver setup: %s') % e)
@@ -298,7 +307,7 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
         if not self.configuration.ukai_chap or volume.get('provider_auth'):
             return None
         user = 'ukai-' + secrets.token_hex(6)
-        secret = secrets.token_hex(8)
+        secret = secrets.token_hex(CHAP_SECRET_BYTES)
         return {'provider_auth': 'CHAP %s %s' % (user, secret)}
 
     def ensure_export(self, context, volume):

@@ -187,7 +187,17 @@ class UkaiDriverTestCase(test.TestCase):
         method, user, secret = upd['provider_auth'].split()
         self.assertEqual('CHAP', method)
         self.assertTrue(user.startswith('ukai-'))
-        self.assertEqual(16, len(secret))
+        # At least 16 random bytes from the secrets module, in hex (no
+        # character iscsiadm or a libiscsi URL could misread).
+        self.assertGreaterEqual(len(secret), 32)
+        int(secret, 16)
+        real = ukai_driver.secrets.token_hex
+        with mock.patch.object(ukai_driver.secrets, 'token_hex', side_effect=real) as tok:
+            other = self.driver.create_export(self.ctx, fake_volume.fake_volume_obj(self.ctx), {})
+        secret = other['provider_auth'].split()[2]
+        nbytes = max(c.args[0] for c in tok.call_args_list)
+        self.assertGreaterEqual(nbytes, 16)
+        self.assertEqual(2 * nbytes, len(secret))
         self.assertNotEqual(upd, self.driver.create_export(self.ctx, vol, {}))
         self.assertIsNone(self.driver.create_export(self.ctx, self.volume, {}))
 
@@ -352,26 +362,49 @@ class UkaiClientTestCase(test.TestCase):
         s.close()
         self.live = '127.0.0.1:%d' % self.srv.server_address[1]
 
+    def test_cleartext_api_refused_unless_allowed(self):
+        for addr in (self.live, 'http://' + self.live, 'HTTP://10.0.0.1:7700'):
+            e = self.assertRaises(ukai_client.UkaiError, ukai_client.Client, [addr])
+            self.assertIn('ukai_api_allow_insecure', str(e))
+        # One cleartext address among https ones is refused too.
+        self.assertRaises(ukai_client.UkaiError, ukai_client.Client,
+                          ['https://10.0.0.1:7700', 'http://10.0.0.2:7700'])
+        c = ukai_client.Client(['https://10.0.0.1:7700', 'HTTPS://10.0.0.2:7700/'])
+        self.assertEqual(['https://10.0.0.1:7700', 'HTTPS://10.0.0.2:7700'], c.addresses)
+        c = ukai_client.Client([self.live], allow_insecure=True)
+        self.assertEqual('v1', c.version()['api'])
+        # The driver: refused at setup, with the option's name.
+        d = ukai_driver.UkaiISCSIDriver(configuration=make_config(ukai_api_addresses=[self.live]))
+        e = self.assertRaises(exception.VolumeDriverException, d.do_setup, None)
+        self.assertIn('ukai_api_allow_insecure', str(e))
+        d = ukai_driver.UkaiISCSIDriver(configuration=make_config(ukai_api_addresses=[self.live],
+                                                                  ukai_api_allow_insecure=True))
+        d.do_setup(None)
+        d.check_for_setup_error()
+        # The default address is https.
+        self.assertTrue(all(a.startswith('https://') for a in
+                            make_config().ukai_api_addresses))
+
     def test_first_address_that_answers_serves(self):
-        c = ukai_client.Client([self.dead, self.live], token='tok')
+        c = ukai_client.Client([self.dead, self.live], token='tok', allow_insecure=True)
         self.assertEqual('v1', c.version()['api'])
         self.assertEqual('Bearer tok', _API.seen[0][2])
 
     def test_an_error_answer_is_final_and_keeps_ukais_words(self):
-        c = ukai_client.Client([self.live, self.dead])
+        c = ukai_client.Client([self.live, self.dead], allow_insecure=True)
         e = self.assertRaises(ukai_client.UkaiError, c.delete_image, 'v1')
         self.assertEqual(409, e.status)
         self.assertIn('has snapshots (s1)', str(e))
         self.assertEqual(1, len(_API.seen))
 
     def test_nobody_answers(self):
-        c = ukai_client.Client([self.dead])
+        c = ukai_client.Client([self.dead], allow_insecure=True)
         e = self.assertRaises(ukai_client.UkaiError, c.version)
         self.assertIsNone(e.status)
         self.assertIn(self.dead, str(e))
 
     def test_read_data_leaves_holes_for_zeros(self):
-        c = ukai_client.Client([self.live])
+        c = ukai_client.Client([self.live], allow_insecure=True)
         with tempfile.TemporaryDirectory() as d:
             p = os.path.join(d, 'out')
             with open(p, 'wb') as f:
@@ -393,10 +426,12 @@ class UkaiClientTestCase(test.TestCase):
             self.assertEqual('tok', ukai_client.read_token(p))
 
     def test_driver_setup_reports_an_unreachable_cluster(self):
-        d = ukai_driver.UkaiISCSIDriver(configuration=make_config(ukai_api_addresses=[self.dead]))
+        d = ukai_driver.UkaiISCSIDriver(configuration=make_config(ukai_api_addresses=[self.dead],
+                                                                  ukai_api_allow_insecure=True))
         d.do_setup(None)
         e = self.assertRaises(exception.VolumeBackendAPIException, d.check_for_setup_error)
         self.assertIn('unreachable', str(e))
-        d = ukai_driver.UkaiISCSIDriver(configuration=make_config(ukai_api_addresses=[self.live]))
+        d = ukai_driver.UkaiISCSIDriver(configuration=make_config(ukai_api_addresses=[self.live],
+                                                                  ukai_api_allow_insecure=True))
         d.do_setup(None)
         d.check_for_setup_error()
