@@ -77,6 +77,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeResp$$' -fuzztime 30s ./cluster/peer/
 	$(GO) test -run '^$$' -fuzz '^FuzzBlkSession$$' -fuzztime 60s ./cluster/peer/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeChunk$$' -fuzztime 30s ./placement/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeChunkAt$$' -fuzztime 30s ./placement/
 	$(GO) test -run '^$$' -fuzz '^FuzzParseWindow$$' -fuzztime 30s ./placement/
 
 # Consul and three nodes on loopback; an image written and read over iSCSI.

@@ -182,8 +182,13 @@ func (m *BlockMap) DecodeChunk(c int, data []byte) error {
 	if k <= 0 {
 		return fmt.Errorf("%w: bad block count", ErrMalformed)
 	}
+	// The chunk number is checked against the map before it is used: it
+	// comes from a key, and a map is never sized or indexed by one.
+	if c < 0 || c > 0 && c >= NumChunks(m.n) {
+		return fmt.Errorf("%w: chunk %d outside a map of %d blocks (%d chunks)", ErrMalformed, c, m.n, NumChunks(m.n))
+	}
 	start := int64(c) * ChunkBlocks
-	if c < 0 || start >= m.n && m.n > 0 || cnt != uint64(min(start+ChunkBlocks, m.n)-start) {
+	if cnt != uint64(min(start+ChunkBlocks, m.n)-start) {
 		return fmt.Errorf("%w: chunk %d covers %d blocks, image map expects %d", ErrMalformed, c, cnt, min(start+ChunkBlocks, m.n)-start)
 	}
 	p := data[6+k:]

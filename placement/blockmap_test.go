@@ -1,7 +1,9 @@
 package placement
 
 import (
+	"encoding/binary"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"testing"
 )
@@ -107,6 +109,59 @@ func FuzzDecodeChunk(f *testing.F) {
 			if err := again.DecodeChunk(0, out.EncodeChunk(0)); err != nil || !again.Equal(out) {
 				t.Fatalf("re-encoding a decoded chunk failed: %v", err)
 			}
+		}
+	})
+}
+
+// A chunk number outside the map is refused before any block is touched,
+// whatever the chunk claims to cover (a chunk number from a key is not
+// trusted), and never panics.
+func TestDecodeChunkOutsideMap(t *testing.T) {
+	for _, tc := range []struct {
+		n int64
+		c int
+	}{
+		{0, 1}, {0, 999999}, {3, 1}, {3, 999999}, {ChunkBlocks, 1}, {ChunkBlocks + 1, 2},
+		{3, -1}, {3, 1 << 43}, {3, 1<<62 + 5}, {0, 1 << 43},
+	} {
+		m := NewBlockMap(tc.n, InSync)
+		// A chunk saying it covers whatever the chunk number would need.
+		for _, cnt := range []int64{1, ChunkBlocks, -int64(tc.c) * ChunkBlocks, tc.n - int64(tc.c)*ChunkBlocks} {
+			data := append([]byte("UKBM\x01\x01"), binary.AppendUvarint(nil, uint64(cnt))...)
+			data = append(data, byte(OutOfSync))
+			data = binary.AppendUvarint(data, uint64(cnt))
+			err := func() (err error) {
+				defer func() {
+					if r := recover(); r != nil {
+						err = fmt.Errorf("panic: %v", r)
+					}
+				}()
+				return m.DecodeChunk(tc.c, data)
+			}()
+			if !errors.Is(err, ErrMalformed) {
+				t.Errorf("map of %d blocks, chunk %d claiming %d blocks: %v, want ErrMalformed", tc.n, tc.c, cnt, err)
+			}
+		}
+		if m.Count(InSync) != tc.n {
+			t.Errorf("map of %d blocks changed by refused chunks", tc.n)
+		}
+	}
+}
+
+// FuzzDecodeChunkAt decodes any chunk as any chunk number into a map of
+// any length: it never panics, and succeeds only for a chunk of the map.
+func FuzzDecodeChunkAt(f *testing.F) {
+	m := NewBlockMap(ChunkBlocks+5, InSync)
+	m.Set(ChunkBlocks+1, OutOfSync)
+	f.Add(m.EncodeChunk(1), 1, uint32(ChunkBlocks+5))
+	f.Add(m.EncodeChunk(1), 999999, uint32(7))
+	f.Add(NewBlockMap(0, InSync).EncodeChunk(0), 3, uint32(0))
+	f.Fuzz(func(t *testing.T, data []byte, c int, n uint32) {
+		blocks := int64(n % (2*ChunkBlocks + 9))
+		out := NewBlockMap(blocks, InSync)
+		err := out.DecodeChunk(c, data)
+		if err == nil && (c < 0 || c > 0 && c >= NumChunks(blocks)) {
+			t.Fatalf("chunk %d decoded into a map of %d blocks (%d chunks)", c, blocks, NumChunks(blocks))
 		}
 	})
 }

@@ -56,6 +56,14 @@ func TestContract(t *testing.T) {
 	})
 }
 
+// The catalog over Consul reports and ignores values written by hand.
+func TestCatalogMalformedValues(t *testing.T) {
+	addr := consultest.StartAgent(t)
+	kvtest.RunCatalog(t, func(t *testing.T) meta.KV {
+		return newKV(t, consulkv.Config{Address: addr})
+	})
+}
+
 func TestNewValidatesAddress(t *testing.T) {
 	for _, a := range []string{"ftp://x:1", "http://", "host:1/path"} {
 		if _, err := consulkv.New(consulkv.Config{Address: a}); err == nil {

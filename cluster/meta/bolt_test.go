@@ -30,3 +30,14 @@ func TestBoltLockedByOtherOpen(t *testing.T) {
 		t.Fatal("a second open of the same store succeeded")
 	}
 }
+
+func TestBoltCatalogMalformedValues(t *testing.T) {
+	kvtest.RunCatalog(t, func(t *testing.T) meta.KV {
+		kv, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { kv.Close() })
+		return kv
+	})
+}

@@ -43,6 +43,20 @@ func (e *MalformedError) Unwrap() error { return e.Err }
 type Catalog struct {
 	kv     KV
 	prefix string
+	// report is told of values a read skipped (see OnMalformed).
+	report func(*MalformedError)
+}
+
+// OnMalformed sets fn to be told of every value a read reported and
+// ignored without failing (a block map chunk outside its image's record,
+// a key that is not a chunk's), so that the operator sees its key. fn must
+// not call the catalog. Set it before the catalog is used.
+func (c *Catalog) OnMalformed(fn func(*MalformedError)) { c.report = fn }
+
+func (c *Catalog) reportMalformed(key string, err error) {
+	if c.report != nil {
+		c.report(&MalformedError{Key: key, Err: err})
+	}
 }
 
 // NewCatalog returns a catalog over kv; prefix is "" or ends with '/'.
@@ -65,6 +79,30 @@ func (c *Catalog) mapPrefix(id, node string) string {
 }
 func (c *Catalog) chunkKey(id, node string, chunk int) string {
 	return fmt.Sprintf("%s%06d", c.mapPrefix(id, node), chunk)
+}
+
+// maxChunkKey bounds the chunk numbers parseChunkKey accepts (far beyond
+// any image: 2^20 chunks of 2^20 blocks), so that no arithmetic on one
+// overflows.
+const maxChunkKey = 1 << 20
+
+// parseChunkKey parses the last part of a chunk key: exactly what
+// chunkKey writes ("%06d"), nothing else.
+func parseChunkKey(s string) (int, bool) {
+	if len(s) < 6 || len(s) > 7 {
+		return 0, false
+	}
+	ch := 0
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return 0, false
+		}
+		ch = ch*10 + int(s[i]-'0')
+	}
+	if ch > maxChunkKey || fmt.Sprintf("%06d", ch) != s {
+		return 0, false
+	}
+	return ch, true
 }
 
 // NewImageID returns a fresh random image id.
@@ -233,8 +271,16 @@ func (c *Catalog) DeleteImage(ctx context.Context, img Image, index uint64) erro
 // BlockMap reads the block map of node's copy of img. A map stored longer
 // than the record says (an image being grown: the maps grow first, the
 // record last) is read up to the record's length.
+//
+// The record sizes the map, never a key: a chunk past the record's last
+// one is not read. The run of full chunks a grow in progress leaves right
+// after it is expected; any other (a chunk number no grow explains, a key
+// that is not a chunk's) is reported to OnMalformed and ignored. A chunk
+// inside the record that is missing or malformed fails the read: it is
+// never taken as in sync.
 func (c *Catalog) BlockMap(ctx context.Context, img Image, node string) (*placement.BlockMap, error) {
-	entries, _, err := c.kv.List(ctx, c.mapPrefix(img.ID, node))
+	prefix := c.mapPrefix(img.ID, node)
+	entries, _, err := c.kv.List(ctx, prefix)
 	if err != nil {
 		return nil, fmt.Errorf("read block map of %q on %s: %w", img.Name, node, err)
 	}
@@ -242,23 +288,41 @@ func (c *Catalog) BlockMap(ctx context.Context, img Image, node string) (*placem
 	want := placement.NumChunks(blocks)
 	stored := blocks
 	chunks := map[int][]byte{}
+	full := map[int]bool{} // chunk covers ChunkBlocks blocks (for the grow check)
+	var beyond []Entry
 	for _, e := range entries {
-		var ch int
-		if _, err := fmt.Sscanf(strings.TrimPrefix(e.Key, c.mapPrefix(img.ID, node)), "%06d", &ch); err != nil || ch < 0 {
-			return nil, &MalformedError{Key: e.Key, Err: errors.New("unexpected block map chunk key")}
+		ch, ok := parseChunkKey(strings.TrimPrefix(e.Key, prefix))
+		if !ok {
+			c.reportMalformed(e.Key, errors.New("not a block map chunk key: ignored"))
+			continue
 		}
 		n, err := placement.ChunkLen(e.Value)
+		if ch >= want {
+			if err == nil && n == placement.ChunkBlocks {
+				full[ch] = true
+			}
+			beyond = append(beyond, e)
+			continue
+		}
 		if err != nil {
 			return nil, &MalformedError{Key: e.Key, Err: err}
 		}
+		full[ch] = n == placement.ChunkBlocks
 		stored = max(stored, int64(ch)*placement.ChunkBlocks+n)
 		chunks[ch] = e.Value
 	}
+	for _, e := range beyond {
+		ch, _ := parseChunkKey(strings.TrimPrefix(e.Key, prefix))
+		grown := want > 0
+		for k := want - 1; grown && k < ch; k++ {
+			grown = full[k]
+		}
+		if !grown {
+			c.reportMalformed(e.Key, fmt.Errorf("block map chunk %d beyond the %d chunks of the image's %d blocks: ignored", ch, want, blocks))
+		}
+	}
 	bm := placement.NewBlockMap(stored, placement.OutOfSync)
 	for ch, v := range chunks {
-		if ch >= placement.NumChunks(stored) {
-			return nil, &MalformedError{Key: c.chunkKey(img.ID, node, ch), Err: errors.New("block map chunk beyond the map's end")}
-		}
 		if err := bm.DecodeChunk(ch, v); err != nil {
 			return nil, &MalformedError{Key: c.chunkKey(img.ID, node, ch), Err: err}
 		}

@@ -130,6 +130,22 @@ func ValidateName(name string) error {
 	return nil
 }
 
+// ValidateID checks that id is an image id as NewImageID makes them:
+// exactly 32 lowercase hex digits. An id names files in every node's data
+// dir (images/<id>.img) and keys in the store, so nothing else is taken
+// from a record, a request or a key: "../x" would be a path.
+func ValidateID(id string) error {
+	if len(id) != 32 {
+		return fmt.Errorf("%w: image id %q: want 32 lowercase hex digits", ErrInvalid, id)
+	}
+	for i := 0; i < len(id); i++ {
+		if c := id[i]; !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+			return fmt.Errorf("%w: image id %q: want 32 lowercase hex digits", ErrInvalid, id)
+		}
+	}
+	return nil
+}
+
 // ValidateGeometry checks size and block size.
 func ValidateGeometry(size, blockSize int64) error {
 	if blockSize < MinBlockSize || blockSize > MaxBlockSize || blockSize&(blockSize-1) != 0 {
@@ -155,8 +171,8 @@ func (img *Image) Validate() error {
 	if err := ValidateGeometry(img.Size, img.BlockSize); err != nil {
 		return err
 	}
-	if len(img.ID) != 32 {
-		return errors.New("missing or malformed id")
+	if err := ValidateID(img.ID); err != nil {
+		return err
 	}
 	if len(img.Locations) == 0 {
 		return fmt.Errorf("%w: no locations", ErrInvalid)
@@ -169,16 +185,16 @@ func (img *Image) Validate() error {
 		seen[l] = true
 	}
 	if img.Origin != nil {
-		if err := ValidateName(img.Origin.Name); err != nil || len(img.Origin.ID) != 32 {
-			return fmt.Errorf("%w: malformed origin", ErrInvalid)
+		if err := ValidateName(img.Origin.Name); err != nil || ValidateID(img.Origin.ID) != nil {
+			return fmt.Errorf("%w: malformed origin %q (id %q)", ErrInvalid, img.Origin.Name, img.Origin.ID)
 		}
 		if len(img.Snapshots) > 0 {
 			return fmt.Errorf("%w: a snapshot has no snapshots", ErrInvalid)
 		}
 	}
 	for _, sn := range img.Snapshots {
-		if err := ValidateName(sn.Name); err != nil || len(sn.ID) != 32 {
-			return fmt.Errorf("%w: malformed snapshot reference %q", ErrInvalid, sn.Name)
+		if err := ValidateName(sn.Name); err != nil || ValidateID(sn.ID) != nil {
+			return fmt.Errorf("%w: malformed snapshot reference %q (id %q)", ErrInvalid, sn.Name, sn.ID)
 		}
 	}
 	if img.MinCopies < 1 || img.MinCopies > len(img.Locations) {

@@ -271,6 +271,11 @@ func (c *Catalog) GrowImage(ctx context.Context, name string, size int64) (Image
 				case errors.Is(err, ErrNotFound):
 				case err != nil:
 					return Image{}, fmt.Errorf("grow the block map of %q on %s: %w", name, node, err)
+				case ch >= placement.NumChunks(img.Blocks()):
+					// Past the record's chunks: a stray, or left by a
+					// grow that did not finish; the new blocks are in
+					// sync whatever it says.
+					idx = e.ModifyIndex
 				default:
 					idx = e.ModifyIndex
 					n, err := placement.ChunkLen(e.Value)
@@ -281,7 +286,7 @@ func (c *Catalog) GrowImage(ctx context.Context, name string, size int64) (Image
 					if err := old.DecodeChunk(ch, e.Value); err != nil {
 						return Image{}, &MalformedError{Key: key, Err: err}
 					}
-					for b := int64(ch) * placement.ChunkBlocks; b < min(old.Len(), blocks); b++ {
+					for b := int64(ch) * placement.ChunkBlocks; b < min(img.Blocks(), blocks); b++ {
 						m.Set(b, old.Get(b))
 					}
 				}

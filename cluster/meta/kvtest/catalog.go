@@ -1,0 +1,191 @@
+package kvtest
+
+import (
+	"errors"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/ukai-storage/ukai/cluster/meta"
+	"github.com/ukai-storage/ukai/placement"
+)
+
+// RunCatalog runs the catalog over a store holding values written into it
+// by hand (Consul edited with `consul kv put`, a restored or hostile
+// backup): each must be reported with its key and ignored, never followed
+// (an id is never taken as a path, a chunk key never sizes a map). newKV
+// returns an empty store, as for Run.
+func RunCatalog(t *testing.T, newKV func(t *testing.T) meta.KV) {
+	tests := []struct {
+		name string
+		fn   func(t *testing.T, c *meta.Catalog, p string)
+	}{
+		{"HostileImageIDs", testHostileImageIDs},
+		{"ChunkBeyondRecord", testChunkBeyondRecord},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			p := "kvtest/catalog/" + tc.name + "/"
+			tc.fn(t, meta.NewCatalog(newKV(t), p), p)
+		})
+	}
+}
+
+// reports collects what the catalog reported and ignored.
+type reports struct {
+	mu   sync.Mutex
+	keys []string
+}
+
+func (r *reports) add(e *meta.MalformedError) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.keys = append(r.keys, e.Key)
+}
+
+func (r *reports) has(key string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Contains(r.keys, key)
+}
+
+// testHostileImageIDs: a record whose id (or origin's, or a snapshot's)
+// is not 32 lowercase hex digits is malformed, whatever else it says.
+func testHostileImageIDs(t *testing.T, c *meta.Catalog, p string) {
+	cx := ctx(t)
+	good, err := c.CreateImage(cx, meta.Image{Name: "good", Size: 1 << 20, BlockSize: 1 << 20, Locations: []string{"n1"}}, placement.InSync)
+	if err != nil {
+		t.Fatal(err)
+	}
+	traversal := strings.Repeat("../", 8) + "tmp/ukai" // 32 bytes: the length check alone let it through
+	upper := strings.ToUpper(meta.NewImageID())
+	rec := func(name, id, extra string) string {
+		return `{"version":1,"id":"` + id + `","name":"` + name + `","size":1048576,"block_size":1048576,` +
+			`"created":"2026-11-28T13:00:00Z","locations":["n1"],"min_copies":1` + extra + `}`
+	}
+	hostile := map[string]string{
+		"traversal":    rec("traversal", traversal, ""),
+		"upper":        rec("upper", upper, ""),
+		"nul":          rec("nul", strings.Repeat("a", 31)+`\u0000`, ""),
+		"bad-origin":   rec("bad-origin", meta.NewImageID(), `,"origin":{"name":"good","id":"`+traversal+`"}`),
+		"bad-snapshot": rec("bad-snapshot", meta.NewImageID(), `,"snapshots":[{"name":"s1","id":"`+traversal+`"}]`),
+	}
+	for name, v := range hostile {
+		if err := c.KV().CAS(cx, p+"images/"+name, []byte(v), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	imgs, _, bad, err := c.ListImages(cx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(imgs) != 1 || imgs[0].ID != good.ID {
+		t.Errorf("ListImages returned %d records, want only %q: %+v", len(imgs), good.Name, imgs)
+	}
+	var badKeys []string
+	for _, e := range bad {
+		var me *meta.MalformedError
+		if !errors.As(e, &me) {
+			t.Fatalf("ListImages reported %v, not a MalformedError", e)
+		}
+		badKeys = append(badKeys, me.Key)
+	}
+	for name := range hostile {
+		if !slices.Contains(badKeys, p+"images/"+name) {
+			t.Errorf("record %s with a malformed id not reported (reported: %v)", name, badKeys)
+		}
+		var me *meta.MalformedError
+		if img, _, err := c.GetImage(cx, name); !errors.As(err, &me) || me.Key != p+"images/"+name {
+			t.Errorf("GetImage(%s) = %+v, %v; want a MalformedError naming its key", name, img, err)
+		}
+		if e, err := c.KV().Get(cx, p+"images/"+name); err != nil || string(e.Value) != hostile[name] {
+			t.Errorf("malformed record %s rewritten: %q %v", name, e.Value, err)
+		}
+	}
+	// Creating one is refused before anything is written.
+	for _, id := range []string{traversal, upper} {
+		if _, err := c.CreateImage(cx, meta.Image{ID: id, Name: "made", Size: 1 << 20, BlockSize: 1 << 20, Locations: []string{"n1"}}, placement.InSync); !errors.Is(err, meta.ErrInvalid) {
+			t.Errorf("CreateImage with id %q: %v, want ErrInvalid", id, err)
+		}
+	}
+	if es, _, _ := c.KV().List(cx, p+"blockmaps/"); len(es) != 1 {
+		t.Errorf("block maps written for refused ids: %d keys", len(es))
+	}
+}
+
+// testChunkBeyondRecord: a chunk stored past the record's last chunk (an
+// absurd chunk number, a key that only looks like one) is reported and
+// ignored; the map is sized by the record, never by a key.
+func testChunkBeyondRecord(t *testing.T, c *meta.Catalog, p string) {
+	cx := ctx(t)
+	var r reports
+	c.OnMalformed(r.add)
+	img, err := c.CreateImage(cx, meta.Image{Name: "img", Size: 3 << 20, BlockSize: 1 << 20, Locations: []string{"n1"}}, placement.InSync)
+	if err != nil {
+		t.Fatal(err)
+	}
+	one := placement.NewBlockMap(1, placement.OutOfSync).EncodeChunk(0)
+	full := placement.NewBlockMap(placement.ChunkBlocks, placement.OutOfSync).EncodeChunk(0)
+	mp := p + "blockmaps/" + img.ID + "/n1/"
+	hostile := map[string][]byte{
+		mp + "999999":      one,  // 2^40 blocks, if the key sized the map
+		mp + "99999999999": full, // parsed as 999999 by a six-digit scan
+		mp + "000001":      full, // right after the last chunk, but that one is not full: no grow explains it
+		mp + "00000x":      one,  // not a chunk key
+	}
+	for k, v := range hostile {
+		if err := c.KV().CAS(cx, k, v, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bm, err := c.BlockMap(cx, img, "n1")
+	if err != nil {
+		t.Fatalf("BlockMap with stray chunks: %v (they must be reported and ignored)", err)
+	}
+	if bm.Len() != img.Blocks() || bm.Count(placement.InSync) != img.Blocks() {
+		t.Fatalf("map read as %d blocks, %d in sync; want the record's %d, all in sync", bm.Len(), bm.Count(placement.InSync), img.Blocks())
+	}
+	for k := range hostile {
+		if !r.has(k) {
+			t.Errorf("stray chunk %s not reported (reported: %v)", k, r.keys)
+		}
+	}
+	// Updates go through the record's chunks only and leave the strays as they are.
+	if err := c.SetBlockStates(cx, img, "n1", []int64{2}, placement.OutOfSync); err != nil {
+		t.Fatal(err)
+	}
+	if bm, err := c.BlockMap(cx, img, "n1"); err != nil || bm.Len() != 3 || bm.Get(2) != placement.OutOfSync {
+		t.Fatalf("after an update: %v %v", bm, err)
+	}
+	for k, v := range hostile {
+		if e, err := c.KV().Get(cx, k); err != nil || string(e.Value) != string(v) {
+			t.Errorf("stray chunk %s rewritten: %v", k, err)
+		}
+	}
+	// Growing over a stray chunk: the new blocks are in sync, whatever it said.
+	grown, err := c.GrowImage(cx, "img", (placement.ChunkBlocks+2)<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bm, err = c.BlockMap(cx, grown, "n1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bm.Len() != placement.ChunkBlocks+2 || bm.Get(2) != placement.OutOfSync || bm.Count(placement.OutOfSync) != 1 {
+		t.Fatalf("grown over a stray chunk: %d blocks, %d out of sync; want %d, only block 2", bm.Len(), bm.Count(placement.OutOfSync), placement.ChunkBlocks+2)
+	}
+	img = grown
+	// A chunk inside the record that is missing or corrupt still fails the read.
+	e, err := c.KV().Get(cx, mp+"000000")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.KV().CAS(cx, mp+"000000", []byte("garbage"), e.ModifyIndex); err != nil {
+		t.Fatal(err)
+	}
+	var me *meta.MalformedError
+	if _, err := c.BlockMap(cx, img, "n1"); !errors.As(err, &me) || me.Key != mp+"000000" {
+		t.Fatalf("corrupt chunk inside the record: %v", err)
+	}
+}
