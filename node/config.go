@@ -75,6 +75,20 @@ type ISCSIConfig struct {
 	// stored in the metadata store: protect it with Consul ACLs and TLS).
 	CHAPSecretStore string `mapstructure:"chap_secret_store"`
 	CHAPSecretsDir  string `mapstructure:"chap_secrets_dir"`
+	// DiscoveryCHAP, when its user is set, requires CHAP on discovery
+	// (SendTargets) sessions.
+	DiscoveryCHAP DiscoveryCHAPConfig `mapstructure:"discovery_chap"`
+}
+
+// DiscoveryCHAPConfig is CHAP for discovery sessions: the initiator proves
+// itself with User and the secret in SecretFile; with MutualUser and
+// MutualSecretFile the node proves itself to an initiator that asks.
+// Secret files must not be world-readable.
+type DiscoveryCHAPConfig struct {
+	User             string `mapstructure:"user"`
+	SecretFile       string `mapstructure:"secret_file"`
+	MutualUser       string `mapstructure:"mutual_user"`
+	MutualSecretFile string `mapstructure:"mutual_secret_file"`
 }
 
 // TLSConfig is mutual TLS between nodes (data transport) and, with
@@ -199,6 +213,11 @@ var defaults = map[string]any{
 	"gossip.gossip_interval":          time.Duration(0),
 	"gossip.suspicion_mult":           0,
 	"log.level":                       "info",
+	// CHAP for discovery sessions (all four empty: none).
+	"iscsi.discovery_chap.user":               "",
+	"iscsi.discovery_chap.secret_file":        "",
+	"iscsi.discovery_chap.mutual_user":        "",
+	"iscsi.discovery_chap.mutual_secret_file": "",
 }
 
 // Flags registers the serve flags, one per key, on fs.
@@ -363,6 +382,24 @@ func (c *Config) Validate() error {
 	if d := c.ISCSI.CHAPSecretsDir; d != "" {
 		if st, err := os.Stat(d); err != nil || !st.IsDir() {
 			bad("iscsi.chap_secrets_dir", "%s is not a directory", d)
+		}
+	}
+	if dc := c.ISCSI.DiscoveryCHAP; dc != (DiscoveryCHAPConfig{}) {
+		if dc.User == "" || dc.SecretFile == "" {
+			bad("iscsi.discovery_chap", "user and secret_file go together")
+		}
+		if (dc.MutualUser == "") != (dc.MutualSecretFile == "") {
+			bad("iscsi.discovery_chap", "mutual_user and mutual_secret_file go together")
+		}
+		for key, f := range map[string]string{"iscsi.discovery_chap.secret_file": dc.SecretFile, "iscsi.discovery_chap.mutual_secret_file": dc.MutualSecretFile} {
+			if f == "" {
+				continue
+			}
+			if st, err := os.Stat(f); err != nil {
+				bad(key, "%v", err)
+			} else if st.Mode().Perm()&0o004 != 0 {
+				bad(key, "%s is world-readable: it holds a secret (chmod o-r)", f)
+			}
 		}
 	}
 	if (c.TLS.CA == "") != (c.TLS.Cert == "") || (c.TLS.Cert == "") != (c.TLS.Key == "") {

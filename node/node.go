@@ -96,7 +96,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 	n.loadCachedExports()
 	n.target, err = iscsi.NewServer(iscsi.Config{
 		Listen: cfg.ISCSI.Listen, Logger: log.With("component", "iscsi"),
-		Authenticator: iscsi.NewCHAPAuthenticator(iscsi.CHAPConfig{ACL: nodeACL{n}, RequireACL: cfg.ISCSI.RequireACL, Logger: log.With("component", "iscsi-auth")}),
+		Authenticator: iscsi.NewCHAPAuthenticator(iscsi.CHAPConfig{ACL: nodeACL{n}, RequireACL: cfg.ISCSI.RequireACL, Logger: log.With("component", "iscsi-auth"), Discovery: n.sec.discovery}),
 	}, n)
 	if err == nil {
 		err = n.target.Listen()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -25,6 +26,9 @@ type security struct {
 	apiServer  *tls.Config
 	apiClient  *tls.Config
 	token      string
+	// discovery is the CHAP of discovery sessions (iscsi.discovery_chap);
+	// nil: none.
+	discovery *iscsi.Export
 }
 
 func loadSecurity(cfg Config) (security, error) {
@@ -61,7 +65,40 @@ func loadSecurity(cfg Config) (security, error) {
 			return sec, fmt.Errorf("api.token_file %s is empty", cfg.API.TokenFile)
 		}
 	}
+	if dc := cfg.ISCSI.DiscoveryCHAP; dc.User != "" {
+		e := &iscsi.Export{CHAPUser: dc.User, MutualUser: dc.MutualUser}
+		var err error
+		if e.CHAPSecret, err = readCHAPSecret(dc.SecretFile); err != nil {
+			return sec, fmt.Errorf("iscsi.discovery_chap.secret_file: %w", err)
+		}
+		if dc.MutualSecretFile != "" {
+			if e.MutualSecret, err = readCHAPSecret(dc.MutualSecretFile); err != nil {
+				return sec, fmt.Errorf("iscsi.discovery_chap.mutual_secret_file: %w", err)
+			}
+			if e.MutualSecret == e.CHAPSecret {
+				return sec, errors.New("iscsi.discovery_chap.mutual_secret_file: the same secret as secret_file (RFC 7143 forbids one secret for both directions)")
+			}
+		}
+		sec.discovery = e
+	}
 	return sec, nil
+}
+
+// readCHAPSecret reads a CHAP secret file (refused when world-readable or
+// empty; a final newline is not part of the secret).
+func readCHAPSecret(path string) (string, error) {
+	if err := tlsutil.CheckSecretFile(path); err != nil {
+		return "", err
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	s := strings.TrimRight(string(b), "\r\n")
+	if s == "" {
+		return "", fmt.Errorf("%s is empty", path)
+	}
+	return s, nil
 }
 
 // apiClient returns a client for another node's control API, with the
