@@ -1,6 +1,7 @@
 package iscsi
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -94,6 +95,8 @@ type task struct {
 
 	// Data-out state, owned by the reader goroutine.
 	buf         []byte
+	held        int64        // write buffer budget taken for buf
+	dataSince   atomic.Int64 // unix nanos of the last Data-Out progress while waiting for data; 0 once launched
 	received    uint32
 	inUnsol     bool   // unsolicited Data-Out still expected
 	unsolLeft   uint32 // bytes of unsolicited data still allowed
@@ -137,6 +140,9 @@ type conn struct {
 	wmu        sync.Mutex
 	wcond      *sync.Cond
 	wq         []*outPDU
+	wqBytes    atomic.Int64 // queued (or being written) response bytes; changed under wmu
+	wspace     *sync.Cond   // on wmu: wqBytes went down, or the writer stopped
+	wqWaiters  int          // readers waiting on wspace (under wmu)
 	wstop      bool
 	wdone      chan struct{}
 	werr       error
@@ -154,6 +160,8 @@ type conn struct {
 	// Executors: long-lived goroutines that run the commands (launch).
 	execq    chan *task
 	execIdle atomic.Int32 // executors waiting for a command, minus claims
+
+	immActive atomic.Int32 // immediate SCSI commands accepted and not yet answered
 
 	text textState
 
@@ -186,6 +194,7 @@ func newConn(s *Server, nc net.Conn) *conn {
 		execq:  make(chan *task, 64),
 	}
 	c.wcond = sync.NewCond(&c.wmu)
+	c.wspace = sync.NewCond(&c.wmu)
 	return c
 }
 
@@ -232,6 +241,10 @@ func (c *conn) run() {
 	if c.srv.cfg.NopInterval > 0 {
 		c.bgWG.Add(1)
 		go c.keepalive(c.srv.cfg.NopInterval)
+	}
+	if !c.sess.discovery {
+		c.bgWG.Add(1)
+		go c.watchDataOut(c.srv.cfg.DataOutTimeout)
 	}
 	err := c.serve()
 	c.teardown(err)
@@ -314,6 +327,11 @@ func waitGroupCtx(ctx context.Context, wg *sync.WaitGroup) {
 func (c *conn) serve() error {
 	var p pdu
 	for {
+		if c.wqBytes.Load() > c.srv.cfg.ResponseQueue {
+			if err := c.waitQueue(); err != nil {
+				return err
+			}
+		}
 		if err := c.pr.readHeader(&p); err != nil {
 			if c.closing.Load() {
 				return errShutdown
@@ -404,6 +422,11 @@ func (c *conn) handleSCSICmd(p *pdu) error {
 	if !ok {
 		return c.pr.discardData(h)
 	}
+	if h.immediate() {
+		// Immediate commands take no CmdSN window slot: count them
+		// here (release gives them back).
+		c.immActive.Add(1)
+	}
 	fl := h.flags()
 	t := &task{
 		itt:       h.itt(),
@@ -442,6 +465,9 @@ func (c *conn) handleSCSICmd(p *pdu) error {
 		c.reject(h, rejectTaskInProgress)
 		return nil
 	}
+	if t.immediate && c.immActive.Load() > int32(c.srv.cfg.QueueDepth) {
+		return c.refuse(t, h, scsi.Result{Status: scsi.StatusTaskSetFull})
+	}
 
 	if !t.write || t.edtl == 0 {
 		if dataLen > 0 || fl&flagFinal == 0 {
@@ -460,15 +486,7 @@ func (c *conn) handleSCSICmd(p *pdu) error {
 
 	// Write command.
 	if t.edtl > c.srv.cfg.MaxTransferLength {
-		if err := c.pr.discardData(h); err != nil {
-			return err
-		}
-		// Later unsolicited Data-Out for this ITT is discarded as unknown.
-		c.startTask(t)
-		c.finish(t, scsi.Result{Status: scsi.StatusCheckCondition, Sense: fixedSense(scsi.SenseIllegalRequest, 0x24, 0x00)})
-		close(t.done)
-		t.cancel()
-		return nil
+		return c.refuse(t, h, scsi.Result{Status: scsi.StatusCheckCondition, Sense: fixedSense(scsi.SenseIllegalRequest, 0x24, 0x00)})
 	}
 	firstBurst := min(c.p.FirstBurstLength, t.edtl)
 	if dataLen > 0 && (!c.p.ImmediateData || dataLen > firstBurst) {
@@ -479,19 +497,26 @@ func (c *conn) handleSCSICmd(p *pdu) error {
 		c.reject(h, rejectProtocolError)
 		return nil
 	}
+	// The buffer exists only once the budget allows it.
+	if status, ok := c.reserveWrite(t); !ok {
+		return c.refuse(t, h, scsi.Result{Status: status})
+	}
 	t.buf = c.srv.bufs.get(int(t.edtl))
 	if err := c.pr.readData(h, t.buf[:dataLen]); err != nil {
-		c.srv.bufs.put(t.buf)
+		c.freeBuf(t)
 		return err
 	}
 	t.received = dataLen
 	if fl&flagFinal == 0 {
 		if c.p.InitialR2T {
-			c.srv.bufs.put(t.buf)
+			c.freeBuf(t)
 			return protoErrf("ITT %#x: unsolicited data announced with InitialR2T=Yes", t.itt)
 		}
 		t.inUnsol = true
 		t.unsolLeft = firstBurst - dataLen
+	}
+	if t.received < t.edtl {
+		t.dataSince.Store(time.Now().UnixNano())
 	}
 	c.startTask(t)
 	if t.inUnsol {
@@ -502,11 +527,63 @@ func (c *conn) handleSCSICmd(p *pdu) error {
 	return nil
 }
 
-// release frees the CmdSN window slot of a SCSI command (immediate
-// commands never took one).
+// release frees the CmdSN window slot of a SCSI command, or its count
+// among the immediate commands.
 func (c *conn) release(immediate bool) {
-	if !immediate {
-		c.sess.done()
+	if immediate {
+		c.immActive.Add(-1)
+		return
+	}
+	c.sess.done()
+}
+
+// refuse ends t at once with res, its data discarded. Unsolicited
+// Data-Out the initiator still sends for it is dropped as unknown.
+func (c *conn) refuse(t *task, h *bhs, res scsi.Result) error {
+	if err := c.pr.discardData(h); err != nil {
+		return err
+	}
+	c.startTask(t)
+	c.finish(t, res)
+	close(t.done)
+	t.cancel()
+	return nil
+}
+
+// reserveWrite takes t's Expected Data Transfer Length from the write
+// buffer budgets of the session and of the server, before the buffer is
+// allocated. Refused, it returns the status to answer: TASK SET FULL
+// when the session holds its share (it has commands in the task set),
+// BUSY when the server is out. Only the reader reserves, so the
+// session's check and add cannot race.
+func (c *conn) reserveWrite(t *task) (byte, bool) {
+	n := int64(t.edtl)
+	ss := c.sess
+	if ss.writeHeld.Load()+n > c.srv.cfg.SessionWriteBuffer {
+		c.log.Debug("iscsi write refused: session write buffers full", "itt", t.itt, "held", ss.writeHeld.Load(), "edtl", n)
+		return scsi.StatusTaskSetFull, false
+	}
+	if c.srv.writeHeld.Add(n) > c.srv.cfg.WriteBuffer {
+		c.srv.writeHeld.Add(-n)
+		c.log.Debug("iscsi write refused: server write buffers full", "itt", t.itt, "edtl", n)
+		return scsi.StatusBusy, false
+	}
+	ss.writeHeld.Add(n)
+	t.held = n
+	return 0, true
+}
+
+// freeBuf returns t's write buffer to the pool and its bytes to the
+// budgets.
+func (c *conn) freeBuf(t *task) {
+	if t.buf != nil {
+		c.srv.bufs.put(t.buf)
+		t.buf = nil
+	}
+	if t.held != 0 {
+		c.sess.writeHeld.Add(-t.held)
+		c.srv.writeHeld.Add(-t.held)
+		t.held = 0
 	}
 }
 
@@ -584,6 +661,7 @@ func (c *conn) handleDataOut(p *pdu) error {
 		if err := c.pr.readData(h, t.buf[off:off+n]); err != nil {
 			return err
 		}
+		t.dataSince.Store(time.Now().UnixNano())
 		t.received += n
 		t.unsolLeft -= n
 		t.unsolDataSN++
@@ -619,6 +697,7 @@ func (c *conn) handleDataOut(p *pdu) error {
 	if err := c.pr.readData(h, t.buf[off:off+n]); err != nil {
 		return err
 	}
+	t.dataSince.Store(time.Now().UnixNano())
 	r.got += n
 	r.dataSN++
 	t.received += n
@@ -661,6 +740,7 @@ func (c *conn) dataSeqError(t *task, h *bhs, format string, args ...any) error {
 // per command. Only the reader launches.
 func (c *conn) launch(t *task) {
 	t.started = true
+	t.dataSince.Store(0)
 	c.cmdWG.Add(1)
 	if c.execIdle.Add(-1) < 0 { // none idle to claim
 		c.execIdle.Add(1)
@@ -690,10 +770,7 @@ func (c *conn) execute(t *task) {
 		cmd.DataOut = t.buf[:t.received]
 	}
 	res := c.sess.lu.Execute(t.ctx, cmd)
-	if t.buf != nil {
-		c.srv.bufs.put(t.buf)
-		t.buf = nil
-	}
+	c.freeBuf(t)
 	if t.ctx.Err() != nil || resultAborted(&res) {
 		res.Release()
 		c.mu.Lock()
@@ -840,13 +917,17 @@ func (c *conn) handleNop(p *pdu) error {
 		return c.pr.discardData(h)
 	}
 	var data []byte
-	if n := h.dataLen(); n > 0 {
+	if n := h.dataLen(); n > int(c.p.MaxXmitDataSegmentLength) {
+		// Echo what the initiator accepts, holding no more than that.
+		all, err := c.pr.readScratch(h)
+		if err != nil {
+			return err
+		}
+		data = bytes.Clone(all[:c.p.MaxXmitDataSegmentLength])
+	} else if n > 0 {
 		data = make([]byte, n)
 		if err := c.pr.readData(h, data); err != nil {
 			return err
-		}
-		if len(data) > int(c.p.MaxXmitDataSegmentLength) {
-			data = data[:c.p.MaxXmitDataSegmentLength]
 		}
 	}
 	o := c.srv.newOut()
@@ -895,6 +976,72 @@ func (c *conn) keepalive(every time.Duration) {
 			c.enqueue(o)
 		}
 	}
+}
+
+// watchDataOut drops the connection when a write command has waited
+// longer than timeout for Data-Out (since its arrival or its last
+// Data-Out PDU). At ERL 0 the data cannot be asked for again; the
+// initiator sees the connection end, logs in again and retries, as
+// after its own timeouts.
+func (c *conn) watchDataOut(timeout time.Duration) {
+	defer c.bgWG.Done()
+	tk := time.NewTicker(max(timeout/4, 10*time.Millisecond))
+	defer tk.Stop()
+	for {
+		select {
+		case <-c.ctx.Done():
+			return
+		case now := <-tk.C:
+			var late *task
+			c.mu.Lock()
+			for _, t := range c.tasks {
+				if since := t.dataSince.Load(); since != 0 && now.UnixNano()-since > int64(timeout) {
+					late = t
+					break
+				}
+			}
+			c.mu.Unlock()
+			if late != nil {
+				c.log.Warn("iscsi Data-Out timeout, dropping connection", "initiator", c.sess.initiatorName, "target", c.sess.targetName, "itt", late.itt, "timeout", timeout)
+				c.abort("Data-Out timeout")
+				return
+			}
+		}
+	}
+}
+
+// errQueueFull ends a connection whose responses are not read.
+var errQueueFull = errors.New("initiator does not read its responses")
+
+// waitQueue holds the reader while more than cfg.ResponseQueue bytes of
+// responses wait for the initiator, so one that sends requests without
+// reading the answers cannot make them pile up. A queue still over the
+// bound after WriteTimeout ends the connection.
+func (c *conn) waitQueue() error {
+	limit := c.srv.cfg.ResponseQueue
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.wqBytes.Load() <= limit {
+		return nil
+	}
+	c.log.Debug("iscsi response queue full, reading paused", "queued", c.wqBytes.Load())
+	expired := false
+	tm := time.AfterFunc(c.srv.cfg.WriteTimeout, func() {
+		c.wmu.Lock()
+		expired = true
+		c.wspace.Broadcast()
+		c.wmu.Unlock()
+	})
+	c.wqWaiters++
+	for c.wqBytes.Load() > limit && c.werr == nil && !c.wstop && !expired {
+		c.wspace.Wait()
+	}
+	c.wqWaiters--
+	tm.Stop()
+	if q := c.wqBytes.Load(); q > limit && c.werr == nil && !c.wstop {
+		return fmt.Errorf("%w: %d bytes queued for %v", errQueueFull, q, c.srv.cfg.WriteTimeout)
+	}
+	return nil
 }
 
 func (c *conn) handleLogout(p *pdu) error {
@@ -1011,10 +1158,7 @@ func (c *conn) abortLocked(t *task) {
 	t.r2ts = nil
 	t.inUnsol = false
 	if !t.started {
-		if t.buf != nil {
-			c.srv.bufs.put(t.buf)
-			t.buf = nil
-		}
+		c.freeBuf(t)
 		close(t.done)
 	}
 }
@@ -1025,6 +1169,10 @@ func (c *conn) enqueue(os ...*outPDU) {
 		c.wcond.Signal()
 	}
 }
+
+// queuedSize is what o counts against cfg.ResponseQueue: its data and
+// about what the PDU itself takes.
+func queuedSize(o *outPDU) int64 { return int64(len(o.data)) + 128 }
 
 // push queues PDUs; false (and the PDUs freed) once the writer stopped
 // or the socket failed.
@@ -1037,9 +1185,26 @@ func (c *conn) push(os ...*outPDU) bool {
 		}
 		return false
 	}
+	var n int64
+	for _, o := range os {
+		n += queuedSize(o)
+	}
+	c.wqBytes.Add(n)
 	c.wq = append(c.wq, os...)
 	c.wmu.Unlock()
 	return true
+}
+
+// dequeued takes n written (or dropped) bytes off the queue count and
+// wakes a reader waiting for room (wmu held).
+func (c *conn) dequeuedLocked(n int64) {
+	if n == 0 {
+		return
+	}
+	c.wqBytes.Add(-n)
+	if c.wqWaiters > 0 {
+		c.wspace.Broadcast()
+	}
 }
 
 // kick writes what is queued from the calling goroutine when no batch is
@@ -1060,6 +1225,7 @@ func (c *conn) kick() {
 func (c *conn) stopWriter() {
 	c.wmu.Lock()
 	c.wstop = true
+	c.wspace.Broadcast()
 	c.wmu.Unlock()
 	c.wcond.Signal()
 	<-c.wdone
@@ -1086,8 +1252,11 @@ func (c *conn) writer() {
 // drain writes the queue, one vectored write per batch, until it is
 // empty; the caller holds sending.
 func (c *conn) drain() {
+	var written int64 // bytes of the last batch, counted until written
 	for {
 		c.wmu.Lock()
+		c.dequeuedLocked(written)
+		written = 0
 		batch := c.wq
 		if len(batch) == 0 {
 			c.wmu.Unlock()
@@ -1101,6 +1270,7 @@ func (c *conn) drain() {
 			c.wvec, err = c.writeBatch(batch, c.wvec[:0])
 		}
 		for i, o := range batch {
+			written += queuedSize(o)
 			c.srv.freeOut(o)
 			batch[i] = nil
 		}
@@ -1110,11 +1280,21 @@ func (c *conn) drain() {
 			c.werr = err
 			q := c.wq
 			c.wq = nil
+			for _, o := range q {
+				written += queuedSize(o)
+			}
+			c.dequeuedLocked(written)
+			written = 0
+			c.wspace.Broadcast()
 			c.wmu.Unlock()
 			for _, o := range q {
 				c.srv.freeOut(o)
 			}
-			if !c.closing.Load() {
+			switch {
+			case c.closing.Load():
+			case errors.Is(err, os.ErrDeadlineExceeded):
+				c.log.Warn("iscsi initiator stopped reading, dropping connection", "initiator", c.sess.initiatorName, "err", err)
+			default:
 				c.log.Debug("iscsi write failed", "err", err)
 			}
 			c.abort("write failed")

@@ -224,14 +224,21 @@ func (pr *pduReader) readData(h *bhs, dst []byte) error {
 
 // discardData reads and drops the data segment announced by h.
 func (pr *pduReader) discardData(h *bhs) error {
+	_, err := pr.readScratch(h)
+	return err
+}
+
+// readScratch reads the data segment into the reader's scratch buffer,
+// valid until the next read.
+func (pr *pduReader) readScratch(h *bhs) ([]byte, error) {
 	n := h.dataLen()
 	if n == 0 {
-		return nil
+		return nil, nil
 	}
 	if cap(pr.scratch) < n {
 		pr.scratch = make([]byte, n)
 	}
-	return pr.readData(h, pr.scratch[:n])
+	return pr.scratch[:n], pr.readData(h, pr.scratch[:n])
 }
 
 // readPDU reads one whole PDU, its data in a freshly allocated slice.

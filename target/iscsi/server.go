@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -70,10 +71,45 @@ type Config struct {
 	// dropped. Default 0: no target-initiated pings.
 	NopInterval time.Duration
 
+	// Resource bounds against initiators that misbehave or attack; the
+	// answers they get are in docs/security.md.
+
+	// MaxConnections caps the connections of the portal, logged in or
+	// not (default 1024); MaxConnectionsPerAddress caps them per source
+	// IP address (default 64). A connection over either is closed at
+	// once.
+	MaxConnections           int
+	MaxConnectionsPerAddress int
+	// DataOutTimeout bounds how long a write command waits for its
+	// Data-Out (default 30s); the connection is then dropped.
+	DataOutTimeout time.Duration
+	// SessionWriteBuffer bounds the write (Data-Out) buffers one session
+	// holds, from the command's arrival until it completes (default 64
+	// MiB, at least MaxTransferLength); a write over it gets TASK SET
+	// FULL. WriteBuffer bounds them for the whole server (default 1 GiB,
+	// at least SessionWriteBuffer); a write over it gets BUSY.
+	SessionWriteBuffer int64
+	WriteBuffer        int64
+	// ResponseQueue bounds the bytes of responses queued for one
+	// connection (default 16 MiB): over it, no more requests are read
+	// from the initiator until the queue drains, and a connection whose
+	// queue does not drain within WriteTimeout is dropped.
+	ResponseQueue int64
+
 	// Authenticator authenticates logins and filters discovery. Nil lets
 	// everyone in with AuthMethod=None.
 	Authenticator Authenticator
 }
+
+// Defaults of the resource bounds.
+const (
+	defaultMaxConnections           = 1024
+	defaultMaxConnectionsPerAddress = 64
+	defaultDataOutTimeout           = 30 * time.Second
+	defaultSessionWriteBuffer       = 64 << 20
+	defaultWriteBuffer              = 1 << 30
+	defaultResponseQueue            = 16 << 20
+)
 
 func (c *Config) setDefaults() error {
 	if c.Listen == "" {
@@ -115,6 +151,30 @@ func (c *Config) setDefaults() error {
 	}
 	if c.WriteTimeout <= 0 {
 		c.WriteTimeout = 60 * time.Second
+	}
+	if c.MaxConnections <= 0 {
+		c.MaxConnections = defaultMaxConnections
+	}
+	if c.MaxConnectionsPerAddress <= 0 {
+		c.MaxConnectionsPerAddress = defaultMaxConnectionsPerAddress
+	}
+	if c.DataOutTimeout <= 0 {
+		c.DataOutTimeout = defaultDataOutTimeout
+	}
+	if c.SessionWriteBuffer <= 0 {
+		c.SessionWriteBuffer = max(defaultSessionWriteBuffer, int64(c.MaxTransferLength))
+	}
+	if c.WriteBuffer <= 0 {
+		c.WriteBuffer = max(defaultWriteBuffer, c.SessionWriteBuffer)
+	}
+	if c.ResponseQueue <= 0 {
+		c.ResponseQueue = defaultResponseQueue
+	}
+	if c.SessionWriteBuffer < int64(c.MaxTransferLength) {
+		return fmt.Errorf("iscsi: SessionWriteBuffer %d smaller than MaxTransferLength %d: the largest write could never run", c.SessionWriteBuffer, c.MaxTransferLength)
+	}
+	if c.WriteBuffer < c.SessionWriteBuffer {
+		return fmt.Errorf("iscsi: WriteBuffer %d smaller than SessionWriteBuffer %d", c.WriteBuffer, c.SessionWriteBuffer)
 	}
 	return nil
 }
@@ -163,11 +223,14 @@ type Server struct {
 	closed   bool
 	sessions map[uint16]*session
 	conns    map[*conn]struct{}
+	perAddr  map[string]int // connections per source IP address
+	refused  refusals
 	nextTSIH uint16
 	closeCtx context.Context // set by Close: in-flight commands may run until it is done
 
-	bufs bufPool   // write (Data-Out) buffers
-	outs sync.Pool // *outPDU
+	bufs      bufPool      // write (Data-Out) buffers
+	writeHeld atomic.Int64 // bytes of write buffers held, bounded by cfg.WriteBuffer
+	outs      sync.Pool    // *outPDU
 
 	wg       sync.WaitGroup // connection goroutines
 	serving  chan struct{}  // closed when Close is called
@@ -190,6 +253,7 @@ func NewServer(cfg Config, t Targets) (*Server, error) {
 		log:      cfg.Logger.With("component", "iscsi"),
 		sessions: map[uint16]*session{},
 		conns:    map[*conn]struct{}{},
+		perAddr:  map[string]int{},
 		serving:  make(chan struct{}),
 		baseCtx:  ctx,
 		baseStop: cancel,
@@ -294,6 +358,16 @@ func (s *Server) startConn(nc net.Conn) bool {
 	if s.closed {
 		return false
 	}
+	addr := sourceAddr(nc.RemoteAddr())
+	switch {
+	case len(s.conns) >= s.cfg.MaxConnections:
+		s.refuseLocked(nc, "portal connection limit", s.cfg.MaxConnections)
+		return false
+	case s.perAddr[addr] >= s.cfg.MaxConnectionsPerAddress:
+		s.refuseLocked(nc, "per-address connection limit", s.cfg.MaxConnectionsPerAddress)
+		return false
+	}
+	s.perAddr[addr]++
 	if tc, ok := nc.(*net.TCPConn); ok {
 		tc.SetNoDelay(true)
 		tc.SetKeepAlive(true)
@@ -307,6 +381,9 @@ func (s *Server) startConn(nc net.Conn) bool {
 		c.run()
 		s.mu.Lock()
 		delete(s.conns, c)
+		if s.perAddr[addr]--; s.perAddr[addr] <= 0 {
+			delete(s.perAddr, addr)
+		}
 		s.mu.Unlock()
 	}()
 	return true
@@ -475,4 +552,46 @@ func (s *Server) targetAddress(local net.Addr) string {
 		}
 	}
 	return addr + "," + strconv.Itoa(int(s.cfg.PortalGroupTag))
+}
+
+// connCount is the number of connections, logged in or not.
+func (s *Server) connCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns)
+}
+
+// sourceAddr is the IP address a connection comes from.
+func sourceAddr(a net.Addr) string {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		return ta.IP.String()
+	}
+	host, _, err := net.SplitHostPort(a.String())
+	if err != nil {
+		return a.String()
+	}
+	return host
+}
+
+// refusals rate-limits the log of refused connections: a flood of them
+// must not flood the log.
+type refusals struct {
+	last   time.Time
+	missed int // refusals not logged since last
+}
+
+const refusalLogEvery = 10 * time.Second
+
+// refuseLocked logs a connection refused for reason (s.mu held): at
+// warn at most once per refusalLogEvery, with the count of those not
+// logged meanwhile; the others at debug. The caller closes it.
+func (s *Server) refuseLocked(nc net.Conn, reason string, limit int) {
+	now := time.Now()
+	if now.Sub(s.refused.last) < refusalLogEvery {
+		s.refused.missed++
+		s.log.Debug("iscsi connection refused", "remote", nc.RemoteAddr().String(), "reason", reason, "limit", limit)
+		return
+	}
+	s.log.Warn("iscsi connection refused", "remote", nc.RemoteAddr().String(), "reason", reason, "limit", limit, "refused_since_last_log", s.refused.missed)
+	s.refused.last, s.refused.missed = now, 0
 }

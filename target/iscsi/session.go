@@ -73,6 +73,9 @@ type session struct {
 
 	conn     atomic.Pointer[conn]
 	commands atomic.Uint64
+	// writeHeld is the bytes of write buffers the session holds,
+	// bounded by Config.SessionWriteBuffer.
+	writeHeld atomic.Int64
 }
 
 func nexusID(initiator string, isid [6]byte, target string) scsi.NexusID {
