@@ -162,3 +162,36 @@ func TestDiscoveryCHAP(t *testing.T) {
 		t.Errorf("discovery without discovery CHAP: status %04x", st)
 	}
 }
+
+// TestDiscoveryCHAPLibiscsi: libiscsi's iscsi-ls discovers with the
+// discovery CHAP credentials of its URL, one-way and mutual, and is
+// refused without them or with wrong ones.
+func TestDiscoveryCHAPLibiscsi(t *testing.T) {
+	needTool(t, "iscsi-ls")
+	acl := staticACL{iqnPrefix + ":disk1": {{Initiator: cliIni1}}}
+	a := NewCHAPAuthenticator(CHAPConfig{ACL: acl, RequireACL: true, Logger: testLogger(t),
+		Discovery: &Export{CHAPUser: "disc", CHAPSecret: "discoverysecret1", MutualUser: "portal", MutualSecret: "portalsecret0001"}})
+	_, addr, _ := startServer(t, Config{Authenticator: a}, "disk1", "disk2")
+	for _, c := range []struct {
+		name, cred, args string
+		ok               bool
+	}{
+		{"one-way", "disc%discoverysecret1@", "", true},
+		{"mutual", "disc%discoverysecret1@", "?target_user=portal&target_password=portalsecret0001", true},
+		{"no credentials", "", "", false},
+		{"wrong secret", "disc%wrongsecret00@", "", false},
+		{"wrong user", "other%discoverysecret1@", "", false},
+		{"mutual wrong target secret", "disc%discoverysecret1@", "?target_user=portal&target_password=wrongsecret00", false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			out, err := run(t, 20*time.Second, "iscsi-ls", "-i", cliIni1, "iscsi://"+c.cred+addr+c.args)
+			listed := strings.Contains(out, iqnPrefix+":disk1")
+			if c.ok && (err != nil || !listed || strings.Contains(out, iqnPrefix+":disk2")) {
+				t.Fatalf("iscsi-ls: %v\n%s", err, out)
+			}
+			if !c.ok && (err == nil || listed) {
+				t.Fatalf("iscsi-ls without the right discovery CHAP listed targets: %v\n%s", err, out)
+			}
+		})
+	}
+}
