@@ -89,6 +89,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 		prefix = cfg.Consul.Prefix
 	}
 	n.cat = meta.NewCatalog(n.kv, prefix)
+	n.cat.OnMalformed(func(e *meta.MalformedError) { log.Warn("ignoring malformed metadata", "key", e.Key, "err", e.Err) })
 
 	if n.sec, err = loadSecurity(cfg); err != nil {
 		return nil, err
@@ -106,7 +107,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 	}
 	closers = append(closers, func() { n.target.Close(context.Background()) })
 	if cfg.Peer.Listen != "" {
-		n.peerSrv, err = peer.NewServer(peer.ServerConfig{Listen: cfg.Peer.Listen, TLS: n.sec.peerServer, Logger: log.With("component", "peer"), Volumes: ownerVolumes{n}}, n.pstore)
+		n.peerSrv, err = peer.NewServer(peer.ServerConfig{Listen: cfg.Peer.Listen, TLS: n.sec.peerServer, Logger: log.With("component", "peer"), Volumes: ownerVolumes{n}, Member: n.isMember}, n.pstore)
 		if err == nil {
 			err = n.peerSrv.Listen()
 		}

@@ -34,7 +34,7 @@ func (n *Node) replicas(ctx context.Context, s *served, img meta.Image, cached b
 			maps[loc] = bm
 		}
 		if loc == n.cfg.Node.Name {
-			reps = append(reps, &lun.Replica{Node: loc, Copy: localCopy{s.local}, Local: true})
+			reps = append(reps, &lun.Replica{Node: loc, Copy: ownCopy{localCopy{s.local}, n.peerSrv, ref}, Local: true})
 			continue
 		}
 		c := n.peerClient(loc)
@@ -53,12 +53,36 @@ type localCopy struct{ *lun.FileCopy }
 
 func (localCopy) Close() error { return nil }
 
+// ownCopy is the owner's view of its local copy: a lun.Fencer through the
+// node's peer server, so that a sync or reconcile into it waits for, and
+// then refuses, writes a former owner sent to it.
+type ownCopy struct {
+	localCopy
+	srv *peer.Server
+	ref peer.Ref
+}
+
+func (o ownCopy) Fence(ctx context.Context) error {
+	if o.srv == nil {
+		return nil
+	}
+	return o.srv.Fence(ctx, peer.Ref{ID: o.ref.ID, Gen: o.ref.Gen})
+}
+
 // remoteCopy adds block checksums computed on the peer.
 type remoteCopy struct {
 	lun.Copy
 	c   *peer.Client
 	ref peer.Ref
 	bs  int64
+}
+
+// Fence implements lun.Fencer (the peer copy's epoch).
+func (r remoteCopy) Fence(ctx context.Context) error {
+	if f, ok := r.Copy.(lun.Fencer); ok {
+		return f.Fence(ctx)
+	}
+	return nil
 }
 
 func (r remoteCopy) Checksum(ctx context.Context, off, n int64) ([32]byte, error) {
@@ -117,33 +141,94 @@ type peerStore struct {
 	n      *Node
 	mu     sync.Mutex
 	floors map[string]uint64
+	// refresh serializes the catalog reads that check a generation newer
+	// than this node's record (one at a time per node: a peer that sends
+	// made-up generations costs one read at a time, not one each).
+	refresh sync.Mutex
 }
 
-// Open implements peer.Store.
-func (p *peerStore) Open(ref peer.Ref) (peer.Local, error) {
-	p.n.mu.RLock()
-	var s *served
-	for _, c := range p.n.served {
-		if c.record().ID == ref.ID {
-			s = c
-			break
-		}
-	}
-	p.n.mu.RUnlock()
+// Open implements peer.Store. Reads need the image's generation or a
+// newer one. Writes, unmaps, syncs and fences need more: the generation
+// the image's record holds and, when the caller's certificate names it,
+// the record's owner. A generation newer than this node's record is
+// checked against the catalog (a new owner writes before this node saw
+// its record), never taken on its word: the floor only rises to what the
+// catalog says, so a made-up generation can neither land a write nor
+// fence the real owner off.
+func (p *peerStore) Open(ctx context.Context, ref peer.Ref, caller peer.Caller, a peer.Access) (peer.Local, error) {
+	s := p.n.servedByID(ref.ID)
 	if s == nil || s.local == nil {
 		return peer.Local{}, fmt.Errorf("image %s: %w", ref.ID, peer.ErrNoCopy)
 	}
 	img := s.record()
+	if a == peer.AccessWrite && (ref.Gen > img.Generation || caller.Node != "" && caller.Node != img.Owner) {
+		cur, err := p.current(ctx, img)
+		if err != nil {
+			return peer.Local{}, fmt.Errorf("image %s: generation %d from %s is not this node's record's (%d), and the catalog cannot say: %w (%v)",
+				ref.ID, ref.Gen, callerName(caller), img.Generation, peer.ErrForbidden, err)
+		}
+		img.Generation, img.Owner = max(img.Generation, cur.Generation), cur.Owner
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	floor := max(p.floors[ref.ID], img.Generation)
 	if ref.Gen < floor {
 		return peer.Local{}, fmt.Errorf("image %s: generation %d, this copy has seen %d: %w", ref.ID, ref.Gen, floor, peer.ErrStaleGeneration)
 	}
-	p.floors[ref.ID] = ref.Gen
+	if a == peer.AccessWrite {
+		switch {
+		case ref.Gen != img.Generation:
+			return peer.Local{}, fmt.Errorf("image %s: generation %d from %s, the record holds %d: %w", ref.ID, ref.Gen, callerName(caller), img.Generation, peer.ErrForbidden)
+		case caller.Node != "" && caller.Node != img.Owner:
+			return peer.Local{}, fmt.Errorf("image %s: %s is not its owner (%q): %w", ref.ID, callerName(caller), img.Owner, peer.ErrForbidden)
+		}
+		p.floors[ref.ID] = ref.Gen
+	}
 	// The file may be longer than the record says: an online grow
 	// extends the copies before the record.
 	return peer.Local{Copy: localCopy{s.local}, Size: max(img.Size, s.local.Size()), BlockSize: img.BlockSize}, nil
+}
+
+// current reads img's record from the catalog, one read at a time.
+func (p *peerStore) current(ctx context.Context, img meta.Image) (meta.Image, error) {
+	p.refresh.Lock()
+	defer p.refresh.Unlock()
+	cur, _, err := p.n.cat.GetImage(ctx, img.Name)
+	if err != nil {
+		return meta.Image{}, err
+	}
+	if cur.ID != img.ID {
+		return meta.Image{}, fmt.Errorf("image %q is now id %s", img.Name, cur.ID)
+	}
+	return cur, nil
+}
+
+func callerName(c peer.Caller) string {
+	if c.Node != "" {
+		return "node " + c.Node + " (" + c.Addr + ")"
+	}
+	return c.Addr
+}
+
+// servedByID returns the served image with that id, or nil.
+func (n *Node) servedByID(id string) *served {
+	n.mu.RLock()
+	defer n.mu.RUnlock()
+	for _, c := range n.served {
+		if c.record().ID == id {
+			return c
+		}
+	}
+	return nil
+}
+
+// isMember says whether name is a node of the membership (alive or not).
+func (n *Node) isMember(name string) bool {
+	if n.members == nil {
+		return false
+	}
+	_, ok := n.members.Member(name)
+	return ok
 }
 
 // peerFloor is the newest generation a peer request for image id carried

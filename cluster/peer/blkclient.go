@@ -409,6 +409,10 @@ func codeErr(addr, name string, code int, msg string) error {
 		sentinel = ErrNoCopy
 	case code == 409:
 		sentinel = ErrStaleGeneration
+	case code == 403:
+		sentinel = ErrForbidden
+	case code == 412:
+		sentinel = ErrStaleEpoch
 	case code == 400:
 		sentinel = ErrBadRequest
 	case code == 500:

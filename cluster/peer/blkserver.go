@@ -229,6 +229,8 @@ type srvConn struct {
 	out    *outbox[*blkJob]
 	broken bool // a send failed; only write touches it (one batch at a time)
 
+	caller Caller // who is on the other end, as verified
+
 	mu      sync.Mutex
 	running map[uint32]context.CancelFunc // by tag
 }
@@ -237,6 +239,11 @@ func (s *Server) serveBlk(nc net.Conn, br *bufio.Reader, bw *bufio.Writer) {
 	ctx, cancel := context.WithCancel(s.base)
 	sc := &srvConn{s: s, nc: nc, br: br, bw: bw, w: nc, ctx: ctx, cancel: cancel,
 		jobs: make(chan *blkJob, s.cfg.MaxInflight), running: map[uint32]context.CancelFunc{}}
+	sc.caller.Addr = nc.RemoteAddr().String()
+	if tc, ok := nc.(*tls.Conn); ok {
+		cs := tc.ConnectionState()
+		sc.caller.Node = certNode(&cs)
+	}
 	if bw != nil {
 		sc.w = bw
 	}
@@ -420,18 +427,35 @@ func (sc *srvConn) exec(j *blkJob) {
 	switch {
 	case err != nil, j.h.op == opPing:
 	case fwd:
-		err = s.execFwd(ctx, j)
+		err = s.execFwd(ctx, j, sc.caller)
 	default:
-		err = s.execCopy(ctx, j)
+		err = s.execCopy(ctx, j, sc.caller)
 	}
 	sc.finish(j, err, fwd && s.cfg.Volumes != nil)
 }
 
-func (s *Server) execCopy(ctx context.Context, j *blkJob) error {
+func (s *Server) execCopy(ctx context.Context, j *blkJob, caller Caller) error {
 	h := j.h
-	l, err := s.open(Ref{ID: h.id, Gen: h.gen})
+	a := AccessWrite
+	if h.op == opRead {
+		a = AccessRead
+	}
+	ref := Ref{ID: h.id, Gen: h.gen, Epoch: h.epoch}
+	l, err := s.open(ctx, ref, caller, a)
 	if err != nil {
 		return err
+	}
+	switch h.op {
+	case opWrite, opUnmap:
+		// Checked against the fence and counted in flight until applied,
+		// so that a fence waits for it.
+		leave, err := s.gates.get(h.id).enter(h.gen, h.epoch)
+		if err != nil {
+			return fmt.Errorf("%s %s: %w", opNames[h.op], ref, err)
+		}
+		defer leave()
+	case opFence:
+		return s.gates.get(h.id).fence(ctx, h.gen, h.epoch)
 	}
 	switch h.op {
 	case opRead:
@@ -462,10 +486,13 @@ func (s *Server) execCopy(ctx context.Context, j *blkJob) error {
 	return nil
 }
 
-func (s *Server) execFwd(ctx context.Context, j *blkJob) error {
+func (s *Server) execFwd(ctx context.Context, j *blkJob, caller Caller) error {
 	h := j.h
 	if s.cfg.Volumes == nil {
 		return errNoForwarding
+	}
+	if s.blkTLS != nil && (caller.Node == "" || s.cfg.Member != nil && !s.cfg.Member(caller.Node)) {
+		return fmt.Errorf("%w: forwarded I/O from %q, not a cluster member", ErrForbidden, caller.Node)
 	}
 	if h.op != opFwdFlush {
 		// The image size is the Backend's business: here alignment, MaxIO

@@ -210,7 +210,7 @@ func (c *Client) WriteAt(ctx context.Context, ref Ref, p []byte, off int64, dura
 	if err := c.checkIO("write", len(p)); err != nil {
 		return err
 	}
-	h := reqHdr{op: opWrite, id: ref.ID, gen: ref.Gen, off: off, n: int64(len(p))}
+	h := reqHdr{op: opWrite, id: ref.ID, gen: ref.Gen, epoch: ref.Epoch, off: off, n: int64(len(p))}
 	if durable {
 		h.flags = flagFUA
 	}
@@ -224,7 +224,14 @@ func (c *Client) Sync(ctx context.Context, ref Ref) error {
 
 // Unmap deallocates [off, off+n) on the peer's copy.
 func (c *Client) Unmap(ctx context.Context, ref Ref, off, n int64) error {
-	return c.roundTrip(ctx, reqHdr{op: opUnmap, id: ref.ID, gen: ref.Gen, off: off, n: n}, nil, nil)
+	return c.roundTrip(ctx, reqHdr{op: opUnmap, id: ref.ID, gen: ref.Gen, epoch: ref.Epoch, off: off, n: n}, nil, nil)
+}
+
+// Fence makes the peer's copy refuse writes and unmaps older than
+// (ref.Gen, ref.Epoch) from now on; it returns once those it already
+// accepted are applied.
+func (c *Client) Fence(ctx context.Context, ref Ref) error {
+	return c.roundTrip(ctx, reqHdr{op: opFence, id: ref.ID, gen: ref.Gen, epoch: ref.Epoch}, nil, nil)
 }
 
 // pingID fills the image id field of a ping.

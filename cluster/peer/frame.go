@@ -17,10 +17,12 @@ import (
 const (
 	// blkPreface opens a cleartext block connection, from the client and
 	// back from the server; over TLS, ALPN blkALPN says the same.
-	blkPreface = "UKAIBLK1"
-	blkALPN    = "ukai-blk/1"
+	// Version 2 added the writer's epoch to the request header and the
+	// fence operation: a version 1 peer is refused at the preface/ALPN.
+	blkPreface = "UKAIBLK2"
+	blkALPN    = "ukai-blk/2"
 
-	reqHdrLen  = 64
+	reqHdrLen  = 72
 	respHdrLen = 16
 	reqMagic   = 0xb1
 	respMagic  = 0xb2
@@ -42,13 +44,17 @@ const (
 	// opCancel: the client gave up on the request with this tag; the
 	// server cancels its context. It has no answer.
 	opCancel
-	opLast = opCancel
+	// opFence: from now on the copy refuses writes and unmaps of the
+	// image older than (generation, epoch), and answers once those it
+	// already accepted are done.
+	opFence
+	opLast = opFence
 )
 
 var opNames = [...]string{
 	opPing: "ping", opRead: "read", opWrite: "write", opSync: "sync", opUnmap: "unmap",
 	opFwdRead: "forward read", opFwdWrite: "forward write", opFwdFlush: "forward flush", opFwdUnmap: "forward unmap",
-	opCancel: "cancel",
+	opCancel: "cancel", opFence: "fence",
 }
 
 // Request flags.
@@ -75,6 +81,8 @@ const (
 //	16 offset (uint64, at most MaxInt64)
 //	24 length (uint64, at most MaxInt64; of the payload for writes)
 //	32 image id (32 ASCII hex digits)
+//	64 epoch (uint64): the writer's epoch of the copy (writes, unmaps,
+//	   fences; 0 in the other operations)
 //
 // A write's payload (length bytes) follows its header; no other request
 // has a payload. Ping and cancel carry an all-zero id.
@@ -86,6 +94,7 @@ type reqHdr struct {
 	off   int64
 	n     int64
 	id    string
+	epoch uint64
 }
 
 func (h *reqHdr) encode(b *[reqHdrLen]byte) {
@@ -94,7 +103,8 @@ func (h *reqHdr) encode(b *[reqHdrLen]byte) {
 	binary.BigEndian.PutUint64(b[8:], h.gen)
 	binary.BigEndian.PutUint64(b[16:], uint64(h.off))
 	binary.BigEndian.PutUint64(b[24:], uint64(h.n))
-	copy(b[32:], h.id)
+	copy(b[32:64], h.id)
+	binary.BigEndian.PutUint64(b[64:], h.epoch)
 }
 
 // frameError is a header that breaks the framing: the connection cannot
@@ -133,13 +143,14 @@ func decodeReq(b []byte) (reqHdr, error) {
 	if b[3] != 0 || h.flags&^flagFUA != 0 {
 		return h, fmt.Errorf("%w: reserved bits set (%#x %#x)", ErrBadRequest, b[2], b[3])
 	}
+	h.epoch = binary.BigEndian.Uint64(b[64:])
 	id := b[32:64]
 	h.id = string(id)
 	if !validID(h.id) {
 		return h, fmt.Errorf("%w: image id %q is not 32 hex digits", ErrBadRequest, id)
 	}
 	switch h.op {
-	case opPing, opSync, opFwdFlush, opCancel:
+	case opPing, opSync, opFwdFlush, opCancel, opFence:
 		if h.off != 0 || h.n != 0 || h.flags != 0 {
 			return h, fmt.Errorf("%w: %s with offset, length or flags", ErrBadRequest, opNames[h.op])
 		}

@@ -22,6 +22,9 @@ func TestFrameRoundTrip(t *testing.T) {
 		case opPing, opCancel:
 			h.id = pingID
 		}
+		if op == opWrite || op == opUnmap || op == opFence {
+			h.epoch = 0x1122334455667788
+		}
 		got, err := decodeReq(h.bytes())
 		if err != nil || got != h {
 			t.Errorf("%s: %+v %v, want %+v", opNames[op], got, err, h)

@@ -22,8 +22,9 @@ import (
 
 // memStore is a Store over real lun.FileCopy temp files.
 type memStore struct {
-	mu   sync.Mutex
-	imgs map[string]*image
+	mu      sync.Mutex
+	imgs    map[string]*image
+	callers []Caller // every Open's caller, in order
 }
 
 type image struct {
@@ -35,9 +36,10 @@ type image struct {
 
 func newStore() *memStore { return &memStore{imgs: map[string]*image{}} }
 
-func (s *memStore) Open(ref Ref) (Local, error) {
+func (s *memStore) Open(_ context.Context, ref Ref, caller Caller, _ Access) (Local, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.callers = append(s.callers, caller)
 	im, ok := s.imgs[ref.ID]
 	if !ok {
 		return Local{}, fmt.Errorf("image %s: %w", ref.ID, ErrNoCopy)

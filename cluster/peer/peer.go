@@ -1,6 +1,7 @@
 package peer
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"math/bits"
@@ -15,19 +16,46 @@ import (
 type Ref struct {
 	ID  string // 32 hex digits
 	Gen uint64
+	// Epoch is the writer's epoch of the copy, carried by writes, unmaps
+	// and fences: a fence at (Gen, Epoch) makes the copy refuse every
+	// later write or unmap with an older (Gen, Epoch), so a write that
+	// timed out on its way cannot land after the block was synced.
+	Epoch uint64
 }
 
 func (r Ref) String() string { return fmt.Sprintf("%s@%d", r.ID, r.Gen) }
 
+// Caller is who sent a request, as far as the transport verified it.
+type Caller struct {
+	// Node is the node name (CommonName) of the client's certificate,
+	// verified against the cluster CA; "" on a cleartext connection.
+	Node string
+	// Addr is the remote address, for logs.
+	Addr string
+}
+
+// Access is what a request does to a copy.
+type Access int
+
+const (
+	// AccessRead: reads, checksums, ranges.
+	AccessRead Access = iota
+	// AccessWrite: writes, unmaps, syncs and fences: only the image's
+	// owner may.
+	AccessWrite
+)
+
 // Store is the node's side: the copies it holds.
 type Store interface {
-	// Open returns the node's copy of image ref.ID and the image geometry.
-	// It returns an error wrapping ErrNoCopy if the node holds no copy of
-	// that id, ErrStaleGeneration if ref.Gen is older than the newest
-	// generation the node has seen for it (the Store tracks that; the
-	// server calls Open for every request). The Store keeps ownership of
-	// the copy: the server never closes it.
-	Open(ref Ref) (Local, error)
+	// Open returns the node's copy of image ref.ID and the image geometry
+	// for a request of caller. It returns an error wrapping ErrNoCopy if
+	// the node holds no copy of that id, ErrStaleGeneration if ref.Gen is
+	// older than the image's generation, ErrForbidden if the caller may
+	// not do that (AccessWrite: it is not the image's current owner, or
+	// ref.Gen is not the generation the image's record holds). The server
+	// calls Open for every request. The Store keeps ownership of the
+	// copy: the server never closes it.
+	Open(ctx context.Context, ref Ref, caller Caller, a Access) (Local, error)
 }
 
 // Local is a node's copy of an image and the image geometry.
@@ -54,6 +82,13 @@ var (
 	// ErrBadRequest: the request is malformed, unaligned, out of range or
 	// too large (HTTP 400).
 	ErrBadRequest = errors.New("bad peer request")
+	// ErrForbidden: the caller may not do that to the copy: it is not the
+	// image's owner, not a cluster member, or its generation is not the
+	// record's (HTTP 403).
+	ErrForbidden = errors.New("peer refused the request: not the image's owner")
+	// ErrStaleEpoch: a write or unmap older than the copy's last fence
+	// (HTTP 412). The writer treats the copy as failed for those blocks.
+	ErrStaleEpoch = errors.New("write older than the copy's last fence")
 )
 
 const (

@@ -2,18 +2,35 @@ package peer
 
 import (
 	"context"
+	"sync/atomic"
+	"time"
 
 	"github.com/ukai-storage/ukai/target/lun"
 )
 
 // RemoteCopy adapts a client to lun.Copy for image ref, so a volume treats
 // local and remote copies alike. Close is a no-op: the client belongs to
-// whoever created it.
-func RemoteCopy(c *Client, ref Ref) lun.Copy { return &remoteCopy{c: c, ref: ref} }
+// whoever created it. It is a lun.Fencer: writes and unmaps carry its
+// epoch, which Fence raises.
+func RemoteCopy(c *Client, ref Ref) lun.Copy {
+	r := &remoteCopy{c: c, ref: ref}
+	// The epoch starts at the clock so that a copy made later (a record
+	// change, the owner restarted) starts above every epoch an earlier one
+	// of this generation fenced at.
+	r.epoch.Store(uint64(time.Now().UnixNano()))
+	return r
+}
 
 type remoteCopy struct {
-	c   *Client
-	ref Ref
+	c     *Client
+	ref   Ref
+	epoch atomic.Uint64
+}
+
+func (r *remoteCopy) now() Ref {
+	ref := r.ref
+	ref.Epoch = r.epoch.Load()
+	return ref
 }
 
 func (r *remoteCopy) ReadAt(ctx context.Context, p []byte, off int64) error {
@@ -21,13 +38,20 @@ func (r *remoteCopy) ReadAt(ctx context.Context, p []byte, off int64) error {
 }
 
 func (r *remoteCopy) WriteAt(ctx context.Context, p []byte, off int64, durable bool) error {
-	return r.c.WriteAt(ctx, r.ref, p, off, durable)
+	return r.c.WriteAt(ctx, r.now(), p, off, durable)
 }
 
 func (r *remoteCopy) Sync(ctx context.Context) error { return r.c.Sync(ctx, r.ref) }
 
 func (r *remoteCopy) Unmap(ctx context.Context, off, n int64) error {
-	return r.c.Unmap(ctx, r.ref, off, n)
+	return r.c.Unmap(ctx, r.now(), off, n)
+}
+
+// Fence implements lun.Fencer: a new epoch, and the copy fenced at it.
+func (r *remoteCopy) Fence(ctx context.Context) error {
+	ref := r.ref
+	ref.Epoch = r.epoch.Add(1)
+	return r.c.Fence(ctx, ref)
 }
 
 func (r *remoteCopy) Close() error { return nil }

@@ -36,6 +36,11 @@ type ServerConfig struct {
 	// owns (the /peer/v1/io/ endpoints); nil: those endpoints answer 404
 	// "not supported".
 	Volumes Volumes
+	// Member, when set, says whether a node name is a member of the
+	// cluster: with TLS, forwarded I/O is served only for a client whose
+	// verified certificate names a member (a certificate of the cluster
+	// CA issued to anything else is refused).
+	Member func(node string) bool
 }
 
 const (
@@ -76,6 +81,8 @@ type Server struct {
 
 	bytesIn  atomic.Int64 // block data received (writes)
 	bytesOut atomic.Int64 // block data sent (reads, ranges)
+
+	gates gates // per image: the fence floor and the writes in flight
 }
 
 // Stats are the data bytes a server moved since it started.
@@ -293,17 +300,32 @@ func (s *Server) serve(ctx context.Context, w http.ResponseWriter, r *http.Reque
 		return context.Cause(ctx)
 	}
 	defer func() { <-s.sem }()
-	l, err := s.open(ref)
+	l, err := s.open(ctx, ref, httpCaller(r), AccessRead)
 	if err != nil {
 		return err
 	}
 	return fn(ctx, w, r, l)
 }
 
-// open opens the local copy of ref through the store and checks the
-// geometry the store reports.
-func (s *Server) open(ref Ref) (Local, error) {
-	l, err := s.st.Open(ref)
+// httpCaller is the verified node behind an HTTP/2 request.
+func httpCaller(r *http.Request) Caller {
+	return Caller{Node: certNode(r.TLS), Addr: r.RemoteAddr}
+}
+
+// certNode is the node name of a verified client certificate: its
+// CommonName ("" without one). The server's TLS configuration verified it
+// against the cluster CA during the handshake.
+func certNode(cs *tls.ConnectionState) string {
+	if cs == nil || len(cs.VerifiedChains) == 0 || len(cs.PeerCertificates) == 0 {
+		return ""
+	}
+	return cs.PeerCertificates[0].Subject.CommonName
+}
+
+// open opens the local copy of ref through the store for caller and
+// checks the geometry the store reports.
+func (s *Server) open(ctx context.Context, ref Ref, caller Caller, a Access) (Local, error) {
+	l, err := s.st.Open(ctx, ref, caller, a)
 	if err != nil {
 		return Local{}, fmt.Errorf("open %s: %w", ref, err)
 	}
@@ -321,6 +343,10 @@ func (s *Server) status(ctx context.Context, err error) int {
 		return http.StatusNotFound
 	case errors.Is(err, ErrStaleGeneration):
 		return http.StatusConflict
+	case errors.Is(err, ErrForbidden):
+		return http.StatusForbidden
+	case errors.Is(err, ErrStaleEpoch):
+		return http.StatusPreconditionFailed
 	case errors.Is(err, ErrBadRequest):
 		return http.StatusBadRequest
 	case errors.Is(context.Cause(s.base), errServerClosing), errors.Is(err, ErrUnavailable):

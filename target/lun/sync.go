@@ -74,6 +74,11 @@ func (v *Volume) SyncBlock(ctx context.Context, b int64, dst string) (SyncResult
 	if !v.alive(dst) {
 		return SyncResult{}, fmt.Errorf("node %s is dead", dst)
 	}
+	// A write sent to dst before (one that timed out, or a former
+	// owner's) must not land after the copy below.
+	if err := v.fence(ctx, d); err != nil {
+		return SyncResult{}, fmt.Errorf("sync block %d to %s: %w", b, dst, err)
+	}
 	off, n := v.blockRange(b)
 	var srcs []*Replica
 	for _, r := range v.readOrder(b) {
@@ -220,9 +225,24 @@ func (v *Volume) ReconcileBlock(ctx context.Context, b int64) (int, error) {
 	}
 	unlock := v.locks.exclusive(b)
 	defer unlock()
-	reps := v.readOrder(b)
-	if len(reps) < 2 {
+	all := v.readOrder(b)
+	if len(all) < 2 {
 		return 0, nil
+	}
+	// Writes a former owner (or this one, timed out) sent to any copy
+	// must not land after the copies are made equal.
+	var reps []*Replica
+	var bad []string
+	for _, r := range all {
+		if err := v.fence(ctx, r); err != nil {
+			v.cfg.Log.Warn("reconcile: cannot fence a copy", "node", r.Node, "block", b, "err", err)
+			bad = append(bad, r.Node)
+			continue
+		}
+		reps = append(reps, r)
+	}
+	if len(reps) == 0 {
+		return 0, fmt.Errorf("reconcile block %d: no copy could be fenced", b)
 	}
 	off, n := v.blockRange(b)
 	src := reps[0]
@@ -231,7 +251,6 @@ func (v *Volume) ReconcileBlock(ctx context.Context, b int64) (int, error) {
 		return 0, fmt.Errorf("reconcile block %d: read %s: %w", b, src.Node, err)
 	}
 	want := sha256.Sum256(buf)
-	var bad []string
 	rewritten := 0
 	for _, r := range reps[1:] {
 		cctx, cancel := context.WithTimeout(ctx, v.cfg.CopyTimeout)

@@ -95,11 +95,50 @@ type Volume struct {
 	// even if its next flush works). Guarded by mu.
 	owed map[string]map[int64]bool
 
-	// fenced says which remote copies were fenced (Fencer) since this
-	// volume last saw a write to them fail, or since it started: a sync or
-	// a reconcile fences a copy first unless it is, so that no write sent
-	// before can land after the block is copied. Guarded by mu.
-	fenced map[string]bool
+	// writeFails counts, per node, the writes and unmaps to its copy that
+	// failed (a timed-out one may still land); fencedAt is the count a
+	// copy was last fenced at (Fencer). A sync or a reconcile fences a
+	// copy first unless it was fenced since its last failure, so that no
+	// write sent before can land after the block is copied. Guarded by
+	// mu.
+	writeFails map[string]uint64
+	fencedAt   map[string]uint64
+}
+
+// Fencer is a copy that can order the writes sent to it before against
+// the ones after (see cluster/peer: a remote copy). Fence returns once no
+// write sent before it can be applied any more.
+type Fencer interface {
+	Fence(ctx context.Context) error
+}
+
+// fence fences r's copy unless it was fenced since its last failed write.
+// The caller holds the blocks it is about to copy or compare.
+func (v *Volume) fence(ctx context.Context, r *Replica) error {
+	f, ok := r.Copy.(Fencer)
+	if !ok {
+		return nil
+	}
+	v.mu.RLock()
+	fails := v.writeFails[r.Node]
+	at, done := v.fencedAt[r.Node]
+	v.mu.RUnlock()
+	if done && at == fails {
+		return nil
+	}
+	cctx, cancel := context.WithTimeout(ctx, v.cfg.CopyTimeout)
+	defer cancel()
+	if err := f.Fence(cctx); err != nil {
+		return fmt.Errorf("fence the copy on %s: %w", r.Node, err)
+	}
+	v.mu.Lock()
+	// Failures counted after fails may have sent writes after the fence:
+	// the next sync fences again.
+	if cur, ok := v.fencedAt[r.Node]; !ok || cur < fails {
+		v.fencedAt[r.Node] = fails
+	}
+	v.mu.Unlock()
+	return nil
 }
 
 // MapVersion orders block maps read from the catalog against the state
@@ -161,7 +200,8 @@ func NewVolume(cfg Config, replicas []*Replica, maps map[string]*placement.Block
 	}
 	v := &Volume{cfg: cfg, store: store,
 		dirty: map[string]map[int64]bool{}, failedAt: map[string]time.Time{},
-		marked: map[string]map[int64]uint64{}, owed: map[string]map[int64]bool{}, fenced: map[string]bool{}}
+		marked: map[string]map[int64]uint64{}, owed: map[string]map[int64]bool{},
+		writeFails: map[string]uint64{}, fencedAt: map[string]uint64{}}
 	v.size.Store(cfg.Size)
 	if err := v.SetReplicas(replicas, maps, 0); err != nil {
 		return nil, err
@@ -243,9 +283,9 @@ func (v *Volume) SetReplicas(replicas []*Replica, maps map[string]*placement.Blo
 			delete(v.marked, n)
 		}
 	}
-	for n := range v.fenced {
+	for n := range v.fencedAt {
 		if !slices.ContainsFunc(replicas, func(r *Replica) bool { return r.Node == n }) {
-			delete(v.fenced, n)
+			delete(v.fencedAt, n) // a copy that comes back is fenced anew
 		}
 	}
 	v.mu.Unlock()
@@ -580,6 +620,9 @@ func (v *Volume) fanOut(ctx context.Context, ps []piece, op func(ctx context.Con
 		if errs[i] == nil {
 			ok[o.pc.block] = append(ok[o.pc.block], o.r.Node)
 		} else {
+			v.mu.Lock()
+			v.writeFails[o.r.Node]++
+			v.mu.Unlock()
 			failed[o.pc.block] = append(failed[o.pc.block], o.r.Node)
 			v.cfg.Log.Warn("write to copy failed", "node", o.r.Node, "block", o.pc.block, "err", errs[i])
 		}
