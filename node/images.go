@@ -108,24 +108,55 @@ func sleep(ctx context.Context, d time.Duration) {
 
 func (n *Node) iqn(image string) string { return n.cfg.ISCSI.IQNPrefix + ":" + image }
 
-func (n *Node) imagePath(img meta.Image) string {
-	return filepath.Join(n.imgDir, img.ID+".img")
+// idPath is the file of image id with extension ext in the images dir:
+// the one place a path is built from an id. Records are validated where
+// they are decoded; this refuses anything but 32 lowercase hex digits
+// again, so that no record, request or cached file can make the node
+// create, open or remove a file outside its data dir.
+func (n *Node) idPath(id, ext string) (string, error) {
+	if err := meta.ValidateID(id); err != nil {
+		return "", err
+	}
+	return filepath.Join(n.imgDir, id+ext), nil
 }
+
+// imagePath is the data file of img's copy on this node.
+func (n *Node) imagePath(img meta.Image) (string, error) { return n.idPath(img.ID, ".img") }
 
 // recordPath is the image record cached beside the data file, so the node
 // can serve its images at start while the metadata store is unreachable.
-func (n *Node) recordPath(id string) string { return filepath.Join(n.imgDir, id+".json") }
+func (n *Node) recordPath(id string) (string, error) { return n.idPath(id, ".json") }
+
+// removeCopy removes the data file and cached record of image id; files
+// already gone are not an error.
+func (n *Node) removeCopy(id string) error {
+	var errs []error
+	for _, ext := range []string{".img", ".json"} {
+		p, err := n.idPath(id, ext)
+		if err == nil {
+			err = os.Remove(p)
+		}
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
 
 func (n *Node) cacheRecord(img meta.Image) error {
 	b, err := json.Marshal(img)
 	if err != nil {
 		return err
 	}
-	tmp := n.recordPath(img.ID) + ".tmp"
+	path, err := n.recordPath(img.ID)
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
 	if err := os.WriteFile(tmp, b, 0o600); err != nil {
 		return fmt.Errorf("cache record of %s: %w", img.Name, err)
 	}
-	return os.Rename(tmp, n.recordPath(img.ID))
+	return os.Rename(tmp, path)
 }
 
 // exportCached exports every image whose record is cached in the data dir
@@ -208,7 +239,10 @@ func (n *Node) reconcile(ctx context.Context) error {
 // recorded out of sync everywhere before an empty file takes its place, so
 // zeros are never served as data.
 func (n *Node) openLocal(ctx context.Context, img meta.Image) (*lun.FileCopy, error) {
-	path := n.imagePath(img)
+	path, err := n.imagePath(img)
+	if err != nil {
+		return nil, err
+	}
 	c, err := lun.OpenFile(path, img.Size)
 	if err == nil || !errors.Is(err, os.ErrNotExist) {
 		return c, err
@@ -244,7 +278,10 @@ func (n *Node) export(ctx context.Context, img meta.Image, cached bool) error {
 	if img.HasLocation(n.cfg.Node.Name) {
 		var err error
 		if cached {
-			s.local, err = lun.OpenFile(n.imagePath(img), img.Size)
+			var path string
+			if path, err = n.imagePath(img); err == nil {
+				s.local, err = lun.OpenFile(path, img.Size)
+			}
 		} else {
 			s.local, err = n.openLocal(ctx, img)
 		}
@@ -342,8 +379,7 @@ func (n *Node) apply(ctx context.Context, s *served, img meta.Image, force bool)
 		defer func(c *lun.FileCopy, id string) {
 			s.vol.Drain()
 			c.Close()
-			os.Remove(n.imagePath(img))
-			os.Remove(n.recordPath(id))
+			n.removeCopy(id)
 		}(s.local, img.ID)
 		s.local = nil
 	}
@@ -403,15 +439,11 @@ func (n *Node) withdraw(s *served, deleted bool) error {
 	err := s.close()
 	if s.local != nil {
 		if deleted {
-			for _, p := range []string{n.imagePath(img), n.recordPath(img.ID)} {
-				if rerr := os.Remove(p); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
-					err = errors.Join(err, rerr)
-				}
-			}
+			err = errors.Join(err, n.removeCopy(img.ID))
 			n.log.Info("image deleted", "image", img.Name, "id", img.ID)
 		} else {
 			n.log.Error("the record of an image this node holds vanished without a delete; its target is withdrawn, its data kept",
-				"image", img.Name, "id", img.ID, "file", n.imagePath(img))
+				"image", img.Name, "id", img.ID)
 		}
 	}
 	if err != nil {
@@ -525,10 +557,10 @@ func (n *Node) prepareCopyOn(ctx context.Context, node string, img meta.Image) e
 // PrepareCopy implements api.Service: create this node's empty sparse copy
 // of a new image (idempotent for the same size).
 func (n *Node) PrepareCopy(_ context.Context, id string, size int64) error {
-	if err := checkImageID(id); err != nil {
+	path, err := n.imagePath(meta.Image{ID: id})
+	if err != nil {
 		return err
 	}
-	path := n.imagePath(meta.Image{ID: id})
 	if st, err := os.Stat(path); err == nil {
 		if st.Size() != size {
 			return fmt.Errorf("%w: a copy of image id %s with another size exists", meta.ErrConflict, id)
@@ -542,15 +574,7 @@ func (n *Node) PrepareCopy(_ context.Context, id string, size int64) error {
 	return f.Close()
 }
 
-func checkImageID(id string) error {
-	if len(id) != 32 {
-		return fmt.Errorf("%w: image id %q", meta.ErrInvalid, id)
-	}
-	if _, err := hex.DecodeString(id); err != nil {
-		return fmt.Errorf("%w: image id %q", meta.ErrInvalid, id)
-	}
-	return nil
-}
+func checkImageID(id string) error { return meta.ValidateID(id) }
 
 // openForGrow opens an image file that no served image holds open.
 func openForGrow(path string) (*lun.FileCopy, error) { return lun.OpenFile(path, 0) }

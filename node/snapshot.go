@@ -751,7 +751,11 @@ func (n *Node) GrowCopy(_ context.Context, id string, size int64) error {
 	if local != nil {
 		return local.Grow(size)
 	}
-	c, err := openForGrow(n.imagePath(meta.Image{ID: id}))
+	path, err := n.imagePath(meta.Image{ID: id})
+	if err != nil {
+		return err
+	}
+	c, err := openForGrow(path)
 	if err != nil {
 		return err
 	}
