@@ -31,6 +31,7 @@ is an annotated example.`,
 				return err
 			}
 			log := cfg.Logger()
+			cfg.WarnUnsafe(log) // insecure: true, every start
 			n, err := node.New(cmd.Context(), cfg, log, a.version)
 			if err != nil {
 				return err

@@ -264,6 +264,11 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 		{"bad backend", base("metadata:\n  backend: etcd\n"), "metadata.backend", nil},
 		{"bad iqn", base(""), "iscsi.iqn_prefix", []string{"UKAI_ISCSI_IQN_PREFIX=not-an-iqn"}},
 		{"port clash", strings.Replace(base(""), "iscsi:\n  listen: 127.0.0.1:", "iscsi:\n  listen: "+busy.Addr().String()+"\n  #", 1), "address already in use", nil},
+		// Beyond loopback without protection: refused before anything
+		// listens (the wildcard is never bound).
+		{"api without token", strings.Replace(base(""), "api:\n  listen: 127.0.0.1:", "api:\n  listen: 0.0.0.0:", 1), "api.token_file", nil},
+		{"peer without tls", base(""), "tls.ca, tls.cert and tls.key", []string{fmt.Sprintf("UKAI_PEER_LISTEN=0.0.0.0:%d", freePort(t))}},
+		{"gossip without key", base(""), "gossip.secret_key", []string{fmt.Sprintf("UKAI_GOSSIP_BIND=0.0.0.0:%d", freePort(t))}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

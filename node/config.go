@@ -35,6 +35,11 @@ type Config struct {
 	TLS       TLSConfig       `mapstructure:"tls"`
 	Gossip    GossipConfig    `mapstructure:"gossip"`
 	Log       LogConfig       `mapstructure:"log"`
+	// Insecure lets a node listen beyond loopback without the protection
+	// each listener needs (api.token_file, tls.*, gossip.secret_key);
+	// without it such a node refuses to start. Every start with it logs a
+	// warning per unsafe setting (UnsafeSettings).
+	Insecure bool `mapstructure:"insecure"`
 }
 
 // NodeConfig names the node and its storage.
@@ -213,6 +218,7 @@ var defaults = map[string]any{
 	"gossip.gossip_interval":          time.Duration(0),
 	"gossip.suspicion_mult":           0,
 	"log.level":                       "info",
+	"insecure":                        false,
 	// CHAP for discovery sessions (all four empty: none).
 	"iscsi.discovery_chap.user":               "",
 	"iscsi.discovery_chap.secret_file":        "",
@@ -450,6 +456,11 @@ func (c *Config) Validate() error {
 	if _, err := parseLevel(c.Log.Level); err != nil {
 		bad("log.level", "%v", err)
 	}
+	if !c.Insecure {
+		for _, u := range c.UnsafeSettings() {
+			bad(u.Key, "%s is not a loopback address: set %s (%s), or insecure: true to start anyway", u.Addr, u.Missing, u.Risk)
+		}
+	}
 	return errors.Join(errs...)
 }
 
@@ -509,4 +520,56 @@ func parseLevel(s string) (slog.Level, error) {
 func (c *Config) Logger() *slog.Logger {
 	l, _ := parseLevel(c.Log.Level)
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l})).With("node", c.Node.Name)
+}
+
+// Unsafe is a listener beyond loopback without the protection it needs.
+type Unsafe struct {
+	Key     string // the listener's key: "api.listen"
+	Addr    string
+	Missing string // the keys that would protect it: "api.token_file"
+	Risk    string // what anyone who reaches the address can do
+}
+
+func (u Unsafe) String() string {
+	return fmt.Sprintf("%s %s is not a loopback address and %s is not set: %s", u.Key, u.Addr, u.Missing, u.Risk)
+}
+
+// UnsafeSettings lists the listeners bound beyond loopback (wildcards
+// 0.0.0.0 and :: included) without their protection: the API without
+// api.token_file, the data transport without tls.*, gossip without
+// gossip.secret_key. Validate refuses them unless Insecure is set.
+func (c *Config) UnsafeSettings() []Unsafe {
+	var out []Unsafe
+	if !isLoopback(c.API.Listen) && c.API.TokenFile == "" {
+		out = append(out, Unsafe{"api.listen", c.API.Listen, "api.token_file",
+			"anyone who reaches it can create, read, overwrite and delete every image"})
+	}
+	if c.Peer.Listen != "" && !isLoopback(c.Peer.Listen) && c.TLS.Cert == "" {
+		out = append(out, Unsafe{"peer.listen", c.Peer.Listen, "tls.ca, tls.cert and tls.key",
+			"anyone who reaches it can read and write every block of every image, in clear"})
+	}
+	if c.Gossip.Bind != "" && !isLoopback(c.Gossip.Bind) && c.Gossip.SecretKey == "" {
+		out = append(out, Unsafe{"gossip.bind", c.Gossip.Bind, "gossip.secret_key",
+			"anyone who reaches it can join the cluster and announce false node addresses"})
+	}
+	return out
+}
+
+// WarnUnsafe logs a warning per unsafe setting (insecure: true lets the
+// node start with them); nothing for a safe configuration.
+func (c *Config) WarnUnsafe(log *slog.Logger) {
+	for _, u := range c.UnsafeSettings() {
+		log.Warn("UNSAFE SETTING, allowed by insecure: true", "key", u.Key, "address", u.Addr, "missing", u.Missing, "risk", u.Risk)
+	}
+}
+
+// isLoopback reports whether the IP:port a binds only loopback. Wildcards
+// (0.0.0.0, ::), an empty host and anything unparsable are not.
+func isLoopback(a string) bool {
+	host, _, err := net.SplitHostPort(a)
+	if err != nil {
+		return false
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }

@@ -1,6 +1,9 @@
 package node
 
 import (
+	"bytes"
+	"encoding/base64"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -88,5 +91,83 @@ func TestExampleConfigsLoad(t *testing.T) {
 		if _, err := LoadConfig(f, nil); err != nil {
 			t.Errorf("%s: %v", f, err)
 		}
+	}
+}
+
+// A listener on a non-loopback address (wildcards included) without its
+// protection is refused with the keys named, unless insecure: true, which
+// loads and names every unsafe setting for the start-up warning.
+func TestUnsafeSettingsRefused(t *testing.T) {
+	dir := t.TempDir()
+	secret := func(name string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	tlsKeys := "tls:\n  ca: " + secret("ca.pem") + "\n  cert: " + secret("n1.pem") + "\n  key: " + secret("n1-key.pem") + "\n"
+	token := "  token_file: " + secret("api.token") + "\n"
+	gossipKey := "  secret_key: " + base64.StdEncoding.EncodeToString(make([]byte, 32)) + "\n"
+	ok := "node:\n  name: n1\n  data_dir: " + dir + "\n"
+	for _, tc := range []struct {
+		name, body string
+		want       []string // in the error; nil: loads
+	}{
+		{"api wildcard", ok + "api:\n  listen: 0.0.0.0:7700\n", []string{"api.listen", "api.token_file"}},
+		{"api v6 wildcard", ok + "api:\n  listen: '[::]:7700'\n", []string{"api.listen", "api.token_file"}},
+		{"api address", ok + "api:\n  listen: 10.0.0.11:7700\n", []string{"api.listen", "api.token_file", "insecure: true"}},
+		{"peer wildcard", ok + "peer:\n  listen: 0.0.0.0:7800\n", []string{"peer.listen", "tls.ca, tls.cert and tls.key"}},
+		{"peer address", ok + "peer:\n  listen: 192.168.1.5:7800\n", []string{"peer.listen", "tls.ca"}},
+		{"gossip wildcard", ok + "gossip:\n  bind: 0.0.0.0:7946\n", []string{"gossip.bind", "gossip.secret_key"}},
+		{"gossip v6", ok + "gossip:\n  bind: '[fd00::1]:7946'\n", []string{"gossip.bind", "gossip.secret_key"}},
+		{"insecure false", ok + "insecure: false\napi:\n  listen: 0.0.0.0:7700\n", []string{"api.token_file"}},
+		{"all three", ok + "api:\n  listen: 0.0.0.0:7700\npeer:\n  listen: 0.0.0.0:7800\ngossip:\n  bind: 0.0.0.0:7946\n", []string{"api.token_file", "tls.ca", "gossip.secret_key"}},
+		{"protected", ok + tlsKeys + "api:\n  listen: 0.0.0.0:7700\n" + token + "peer:\n  listen: 0.0.0.0:7800\ngossip:\n  bind: 0.0.0.0:7946\n" + gossipKey, nil},
+		{"loopback", ok + "api:\n  listen: 127.0.0.2:7700\npeer:\n  listen: '[::1]:7800'\ngossip:\n  bind: 127.0.0.1:7946\n", nil},
+	} {
+		_, err := LoadConfig(writeCfg(t, tc.body), nil)
+		if tc.want == nil {
+			if err != nil {
+				t.Errorf("%s: refused: %v", tc.name, err)
+			}
+			continue
+		}
+		if err == nil {
+			t.Errorf("%s: loaded, want it refused naming %v", tc.name, tc.want)
+			continue
+		}
+		for _, w := range tc.want {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("%s: error %q does not mention %q", tc.name, err, w)
+			}
+		}
+	}
+
+	// insecure: true loads, and every start names each unsafe setting.
+	c, err := LoadConfig(writeCfg(t, ok+"insecure: true\napi:\n  listen: 0.0.0.0:7700\npeer:\n  listen: 10.0.0.11:7800\ngossip:\n  bind: '[::]:7946'\n"), nil)
+	if err != nil {
+		t.Fatalf("insecure: true refused: %v", err)
+	}
+	var buf bytes.Buffer
+	c.WarnUnsafe(slog.New(slog.NewTextHandler(&buf, nil)))
+	out := buf.String()
+	for _, w := range []string{"api.listen", "api.token_file", "peer.listen", "tls.ca", "gossip.bind", "gossip.secret_key", "insecure"} {
+		if !strings.Contains(out, w) {
+			t.Errorf("start-up warning does not name %q:\n%s", w, out)
+		}
+	}
+	if n := strings.Count(out, "level=WARN"); n != 3 {
+		t.Errorf("%d warnings, want one per unsafe setting (3):\n%s", n, out)
+	}
+	// A safe configuration warns about nothing.
+	c, err = LoadConfig(writeCfg(t, ok+"insecure: true\n"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf.Reset()
+	c.WarnUnsafe(slog.New(slog.NewTextHandler(&buf, nil)))
+	if buf.Len() != 0 {
+		t.Errorf("warnings for a loopback-only node:\n%s", buf.String())
 	}
 }
