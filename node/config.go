@@ -83,6 +83,18 @@ type ISCSIConfig struct {
 	// DiscoveryCHAP, when its user is set, requires CHAP on discovery
 	// (SendTargets) sessions.
 	DiscoveryCHAP DiscoveryCHAPConfig `mapstructure:"discovery_chap"`
+
+	// Resource bounds of the portal (docs/security.md): connections in
+	// all and per source IP address; how long a login and a write's
+	// Data-Out may take; write buffers held per session and per node,
+	// in MiB; responses queued per connection, in MiB.
+	MaxConnections           int           `mapstructure:"max_connections"`
+	MaxConnectionsPerAddress int           `mapstructure:"max_connections_per_address"`
+	LoginTimeout             time.Duration `mapstructure:"login_timeout"`
+	DataOutTimeout           time.Duration `mapstructure:"data_out_timeout"`
+	SessionWriteBufferMiB    int           `mapstructure:"session_write_buffer_mib"`
+	WriteBufferMiB           int           `mapstructure:"write_buffer_mib"`
+	ResponseQueueMiB         int           `mapstructure:"response_queue_mib"`
 }
 
 // DiscoveryCHAPConfig is CHAP for discovery sessions: the initiator proves
@@ -219,6 +231,14 @@ var defaults = map[string]any{
 	"gossip.suspicion_mult":           0,
 	"log.level":                       "info",
 	"insecure":                        false,
+	// Resource bounds of the iSCSI portal (docs/security.md).
+	"iscsi.max_connections":             1024,
+	"iscsi.max_connections_per_address": 64,
+	"iscsi.login_timeout":               15 * time.Second,
+	"iscsi.data_out_timeout":            30 * time.Second,
+	"iscsi.session_write_buffer_mib":    64,
+	"iscsi.write_buffer_mib":            1024,
+	"iscsi.response_queue_mib":          16,
 	// CHAP for discovery sessions (all four empty: none).
 	"iscsi.discovery_chap.user":               "",
 	"iscsi.discovery_chap.secret_file":        "",
@@ -336,6 +356,7 @@ func (c *Config) Validate() error {
 	if !iqnRE.MatchString(c.ISCSI.IQNPrefix) {
 		bad("iscsi.iqn_prefix", "%q is not an IQN like iqn.2026-11.com.example or iqn.2026-11.com.example:storage", c.ISCSI.IQNPrefix)
 	}
+	checkISCSILimits(&c.ISCSI, bad)
 	switch c.Metadata.Backend {
 	case "embedded":
 	case "consul":
@@ -521,6 +542,36 @@ func (c *Config) Logger() *slog.Logger {
 	l, _ := parseLevel(c.Log.Level)
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l})).With("node", c.Node.Name)
 }
+
+// checkISCSILimits validates the portal's resource bounds.
+func checkISCSILimits(c *ISCSIConfig, bad func(key, format string, args ...any)) {
+	if c.MaxConnections < 1 {
+		bad("iscsi.max_connections", "%d: must be at least 1", c.MaxConnections)
+	}
+	if c.MaxConnectionsPerAddress < 1 || c.MaxConnectionsPerAddress > c.MaxConnections {
+		bad("iscsi.max_connections_per_address", "%d: must be between 1 and iscsi.max_connections (%d)", c.MaxConnectionsPerAddress, c.MaxConnections)
+	}
+	if c.LoginTimeout < time.Second {
+		bad("iscsi.login_timeout", "%v: must be at least 1s", c.LoginTimeout)
+	}
+	if c.DataOutTimeout < time.Second {
+		bad("iscsi.data_out_timeout", "%v: must be at least 1s", c.DataOutTimeout)
+	}
+	// A session must be able to hold the largest write the target takes.
+	if c.SessionWriteBufferMiB < iscsiMaxTransferMiB || c.SessionWriteBufferMiB > 1<<20 {
+		bad("iscsi.session_write_buffer_mib", "%d: must be between %d (the largest write) and 1048576", c.SessionWriteBufferMiB, iscsiMaxTransferMiB)
+	}
+	if c.WriteBufferMiB < c.SessionWriteBufferMiB || c.WriteBufferMiB > 1<<20 {
+		bad("iscsi.write_buffer_mib", "%d: must be between iscsi.session_write_buffer_mib (%d) and 1048576", c.WriteBufferMiB, c.SessionWriteBufferMiB)
+	}
+	if c.ResponseQueueMiB < 1 || c.ResponseQueueMiB > 1<<20 {
+		bad("iscsi.response_queue_mib", "%d: must be between 1 and 1048576", c.ResponseQueueMiB)
+	}
+}
+
+// iscsiMaxTransferMiB is the largest write the portal buffers (the iscsi
+// package's default MaxTransferLength).
+const iscsiMaxTransferMiB = 32
 
 // Unsafe is a listener beyond loopback without the protection it needs.
 type Unsafe struct {

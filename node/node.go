@@ -95,10 +95,10 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 		return nil, err
 	}
 	n.loadCachedExports()
-	n.target, err = iscsi.NewServer(iscsi.Config{
-		Listen: cfg.ISCSI.Listen, Logger: log.With("component", "iscsi"),
-		Authenticator: iscsi.NewCHAPAuthenticator(iscsi.CHAPConfig{ACL: nodeACL{n}, RequireACL: cfg.ISCSI.RequireACL, Logger: log.With("component", "iscsi-auth"), Discovery: n.sec.discovery}),
-	}, n)
+	icfg := cfg.ISCSI.iscsiConfig()
+	icfg.Logger = log.With("component", "iscsi")
+	icfg.Authenticator = iscsi.NewCHAPAuthenticator(iscsi.CHAPConfig{ACL: nodeACL{n}, RequireACL: cfg.ISCSI.RequireACL, Logger: log.With("component", "iscsi-auth"), Discovery: n.sec.discovery})
+	n.target, err = iscsi.NewServer(icfg, n)
 	if err == nil {
 		err = n.target.Listen()
 	}
