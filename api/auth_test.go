@@ -232,3 +232,57 @@ func TestErrorClient(t *testing.T) {
 		t.Errorf("SyncImage: %v", err)
 	}
 }
+
+// The profiler (Options.Pprof) is behind the token like every endpoint:
+// heap and goroutine dumps show memory contents, and a CPU profile or
+// trace runs as long as the caller asks.
+func TestPprofBehindToken(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	get := func(h http.Handler, path, auth string) int {
+		t.Helper()
+		srv := httptest.NewServer(h)
+		defer srv.Close()
+		req, _ := http.NewRequest(http.MethodGet, srv.URL+path, nil)
+		if auth != "" {
+			req.Header.Set("Authorization", auth)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	svc := &memService{images: map[string]Image{}}
+	paths := []string{"/debug/pprof/", "/debug/pprof/heap", "/debug/pprof/goroutine?debug=2", "/debug/pprof/cmdline", "/debug/pprof/symbol", "/debug/pprof/profile?seconds=1", "/debug/pprof/trace?seconds=1"}
+	h := NewServerHandler(svc, "test", log, Options{Token: []byte(testToken), Pprof: true})
+	for _, p := range paths {
+		for _, auth := range []string{"", "Bearer wrong", "Basic " + testToken} {
+			if code := get(h, p, auth); code != http.StatusUnauthorized {
+				t.Errorf("GET %s with %q: %d, want 401", p, auth, code)
+			}
+		}
+	}
+	for _, p := range paths[:5] {
+		if code := get(h, p, "Bearer "+testToken); code != http.StatusOK {
+			t.Errorf("GET %s with the token: %d, want 200", p, code)
+		}
+	}
+	if code := get(h, "/v1/version", ""); code != http.StatusOK {
+		t.Errorf("/v1/version without a token: %d, want 200 (it stays open)", code)
+	}
+	if code := get(h, "/v1/images", ""); code != http.StatusUnauthorized {
+		t.Errorf("/v1/images without a token: %d, want 401", code)
+	}
+	// Off: no profiler, token or not.
+	off := NewServerHandler(svc, "test", log, Options{Token: []byte(testToken)})
+	if code := get(off, "/debug/pprof/", "Bearer "+testToken); code != http.StatusNotFound {
+		t.Errorf("profiler off: %d, want 404", code)
+	}
+	// No token configured (a loopback API): the API and the profiler are open alike.
+	open := NewServerHandler(svc, "test", log, Options{Pprof: true})
+	if code := get(open, "/debug/pprof/cmdline", ""); code != http.StatusOK {
+		t.Errorf("profiler without a configured token: %d, want 200", code)
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/http/pprof"
 	"strconv"
 	"time"
 
@@ -99,6 +100,39 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 		writeError(w, http.StatusNotFound, fmt.Errorf("no such API endpoint: %s %s", r.Method, r.URL.Path))
 	})
 	return h.logged(mux)
+}
+
+// Options is what a node's API serves besides NewHandler's endpoints.
+type Options struct {
+	// Token, when not empty, is required on every request (RequireToken):
+	// the profiler's too.
+	Token []byte
+	// Pprof adds Go's profiler under /debug/pprof/. It sits behind the
+	// token like everything else: heap and goroutine dumps show memory
+	// contents, and a CPU profile or trace runs as long as the caller
+	// asks.
+	Pprof bool
+}
+
+// NewServerHandler returns the handler a node serves: NewHandler over svc,
+// with the profiler when o.Pprof, the whole behind RequireToken when
+// o.Token is set.
+func NewServerHandler(svc Service, version string, log *slog.Logger, o Options) http.Handler {
+	h := NewHandler(svc, version, log)
+	if o.Pprof {
+		mux := http.NewServeMux()
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		mux.Handle("/", h)
+		h = mux
+	}
+	if len(o.Token) > 0 {
+		h = RequireToken(h, o.Token)
+	}
+	return h
 }
 
 type handler struct {

@@ -200,3 +200,41 @@ func TestSecuredCluster(t *testing.T) {
 		}
 	}
 }
+
+// api.pprof: true serves the profiler behind the API token like every
+// other path: without the token it answers 401.
+func TestPprofNeedsToken(t *testing.T) {
+	n := newClusterNode(t, "n1", clusterOpts{extra: ""})
+	token := filepath.Join(n.dir, "token")
+	if err := os.WriteFile(token, []byte("pprof-test-token\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, _ := os.ReadFile(n.cfgPath)
+	s := strings.Replace(string(cfg), "api:\n  listen: "+n.api+"\n", "api:\n  listen: "+n.api+"\n  token_file: "+token+"\n  pprof: true\n", 1)
+	if s == string(cfg) {
+		t.Fatal("config not rewritten")
+	}
+	os.WriteFile(n.cfgPath, []byte(s), 0o600)
+	n.cliArgs = []string{"--token-file", token}
+	n.start()
+	for _, path := range []string{"/debug/pprof/", "/debug/pprof/goroutine?debug=2", "/debug/pprof/cmdline", "/debug/pprof/symbol"} {
+		for _, auth := range []string{"", "Bearer wrong", "Bearer pprof-test-token"} {
+			req, _ := http.NewRequest(http.MethodGet, "http://"+n.api+path, nil)
+			if auth != "" {
+				req.Header.Set("Authorization", auth)
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			want := http.StatusUnauthorized
+			if auth == "Bearer pprof-test-token" {
+				want = http.StatusOK
+			}
+			if resp.StatusCode != want {
+				t.Errorf("GET %s with %q: %d, want %d", path, auth, resp.StatusCode, want)
+			}
+		}
+	}
+}

@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"sync"
@@ -121,19 +120,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 		return nil, fmt.Errorf("api.listen %s: %w", cfg.API.Listen, err)
 	}
 	closers = append(closers, func() { n.apiLn.Close() })
-	handler := api.NewHandler(n, version, log.With("component", "api"))
-	if n.sec.token != "" {
-		handler = api.RequireToken(handler, []byte(n.sec.token))
-	}
-	if cfg.API.Pprof {
-		mux := http.NewServeMux()
-		mux.HandleFunc("/debug/pprof/", pprof.Index)
-		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-		mux.Handle("/", handler)
-		handler = mux
-	}
+	handler := api.NewServerHandler(n, version, log.With("component", "api"), api.Options{Token: []byte(n.sec.token), Pprof: cfg.API.Pprof})
 	n.apiSrv = &http.Server{
 		TLSConfig:         n.sec.apiServer,
 		Handler:           handler,
