@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -201,6 +203,58 @@ func TestCorruptMetadataIsReportedNotFatal(t *testing.T) {
 		if _, _, err := n.cli("version"); err != nil {
 			t.Fatalf("%s died:\n%s", n.name, n.logs)
 		}
+	}
+}
+
+// A record whose id is a path, written into Consul by hand, is reported
+// with its key and ignored: the node creates, opens or overwrites nothing
+// outside its data dir for it (the id would make data_dir/images/<id>.img
+// and <id>.json land in a directory beside data_dir).
+func TestHostileImageIDStaysInDataDir(t *testing.T) {
+	c := newCluster(t, "n1")
+	n1 := c.nodes[0]
+	outside := filepath.Join(n1.dir, "outside") // data/images/../../outside
+	if err := os.MkdirAll(outside, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	// A file the id points at, of the size the record says, so that
+	// nothing but the id stands between the node and it.
+	victim := filepath.Join(outside, "victimvictimvictim.img")
+	if err := os.WriteFile(victim, []byte("precious"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(victim, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	id := "../../outside/victimvictimvictim" // 32 bytes, as long as an id
+	rec := `{"version":1,"id":"` + id + `","name":"evil","size":1048576,"block_size":1048576,` +
+		`"created":"2026-11-28T13:00:00Z","locations":["n1"],"min_copies":1,"generation":1}`
+	consulPut(t, c.consul.Addr, "ukai/images/evil", []byte(rec))
+	n1.mustCLI("image", "create", "after", "--size", "8M")
+	waitFor(t, 15*time.Second, "n1 to report ukai/images/evil", func() bool {
+		_, err := os.Stat(filepath.Join(outside, "victimvictimvictim.json"))
+		return err == nil || strings.Contains(n1.logs.String(), "ukai/images/evil")
+	})
+	_, errOut, err := n1.cli("image", "list")
+	if err != nil || !strings.Contains(errOut, "ukai/images/evil") {
+		t.Errorf("image list does not report ukai/images/evil: %v\n%s", err, errOut)
+	}
+	waitFor(t, 15*time.Second, "n1 to export after", func() bool {
+		return strings.Contains(n1.mustCLI("node", "info"), "after")
+	})
+	ents, _ := os.ReadDir(outside)
+	var names []string
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	if len(names) != 1 || names[0] != "victimvictimvictim.img" {
+		t.Errorf("files outside data_dir: %v, want only the victim", names)
+	}
+	if b, err := os.ReadFile(victim); err != nil || len(b) != 1<<20 || string(b[:8]) != "precious" {
+		t.Errorf("the file the id points at was changed: %d bytes, %v", len(b), err)
+	}
+	if _, _, err := n1.cli("version"); err != nil {
+		t.Fatalf("n1 died:\n%s", n1.logs)
 	}
 }
 
