@@ -72,6 +72,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseText$$' -fuzztime 30s ./target/iscsi/
 	$(GO) test -run '^$$' -fuzz '^FuzzCHAPStep$$' -fuzztime 30s ./target/iscsi/
 	$(GO) test -run '^$$' -fuzz '^FuzzSession$$' -fuzztime 60s ./target/iscsi/
+	$(GO) test -run '^$$' -fuzz '^FuzzSessionLimits$$' -fuzztime 60s ./target/iscsi/
 	$(GO) test -run '^$$' -fuzz '^FuzzExecute$$' -fuzztime 60s ./target/scsi/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeReq$$' -fuzztime 30s ./cluster/peer/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeResp$$' -fuzztime 30s ./cluster/peer/

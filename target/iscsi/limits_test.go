@@ -1,6 +1,7 @@
 package iscsi
 
 import (
+	"bytes"
 	"errors"
 	"io"
 	"log/slog"
@@ -395,4 +396,106 @@ func TestConnectionLimits(t *testing.T) {
 
 func logTo(w io.Writer) *slog.Logger {
 	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+// FuzzSessionLimits sends arbitrary bytes on a session of a target with
+// small bounds (queue depth, write buffers, response queue, Data-Out
+// timeout), so fuzzed input runs into them. Whatever it sends, the write
+// buffer budget is all given back once the connection is gone (no leak
+// that would starve later sessions), and a new session works.
+func FuzzSessionLimits(f *testing.F) {
+	var seed []byte
+	add := func(ps ...*pdu) {
+		seed = seed[:0]
+		for _, p := range ps {
+			seed = append(seed, p.marshal(false, false)...)
+		}
+		f.Add(bytes.Clone(seed))
+	}
+	write := func(itt uint32, immediate, final bool, data []byte) *pdu {
+		p := &pdu{}
+		p.h[0] = opSCSICmd
+		if immediate {
+			p.h[0] |= flagImmediate
+		}
+		p.h[1] = 0x01 | flagWrite
+		if final {
+			p.h[1] |= flagFinal
+		}
+		p.h.setU32(offITT, itt)
+		p.h.setU32(offEDTL, 64<<10)
+		p.h.setU32(offCmdSN, 1+itt)
+		copy(p.h[32:48], write10(itt*128, 128))
+		p.data = data
+		return p
+	}
+	// Immediate writes without their data: past the session's budget.
+	var ws []*pdu
+	for i := range 6 {
+		ws = append(ws, write(uint32(i), true, true, nil))
+	}
+	add(ws...)
+	// Unsolicited data announced, partly sent.
+	d := &pdu{}
+	d.h[0] = opDataOut
+	d.h.setU32(offITT, 1)
+	d.h.setU32(offTTT, reservedTag)
+	d.h.setU32(offBufOff, 4096)
+	d.data = make([]byte, 4096)
+	add(write(1, false, false, make([]byte, 4096)), d)
+	// NOP-Outs whose answers overflow the response queue.
+	var nops []*pdu
+	for i := range 8 {
+		n := &pdu{}
+		n.h[0] = opNopOut | flagImmediate
+		n.h[1] = flagFinal
+		n.h.setU32(offITT, uint32(i+100))
+		n.h.setU32(offTTT, reservedTag)
+		n.data = make([]byte, 8192)
+		nops = append(nops, n)
+	}
+	add(nops...)
+	// Immediate commands past the queue depth.
+	var turs []*pdu
+	for i := range 12 {
+		p := &pdu{}
+		p.h[0] = opSCSICmd | flagImmediate
+		p.h[1] = flagFinal
+		p.h.setU32(offITT, uint32(i+200))
+		turs = append(turs, p)
+	}
+	add(turs...)
+
+	s, addr, _ := startServer(f, Config{
+		QueueDepth: 8, MaxRecvDataSegmentLength: 8192, MaxTransferLength: 64 << 10,
+		SessionWriteBuffer: 128 << 10, WriteBuffer: 192 << 10, ResponseQueue: 16 << 10,
+		DataOutTimeout: time.Second, WriteTimeout: time.Second,
+		Logger: slog.New(slog.DiscardHandler),
+	}, "disk1")
+	f.Fuzz(func(t *testing.T, b []byte) {
+		c := dialTest(t, addr)
+		c.login(t, iqnPrefix+":disk1", []KeyValue{{"InitialR2T", "No"}, {"MaxRecvDataSegmentLength", "8192"}})
+		c.nc.SetWriteDeadline(time.Now().Add(2 * time.Second))
+		c.nc.Write(b)
+		c.nc.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+		buf := make([]byte, 4096)
+		for {
+			if _, err := c.nc.Read(buf); err != nil {
+				break
+			}
+		}
+		c.nc.Close()
+		deadline := time.Now().Add(5 * time.Second)
+		for s.writeHeld.Load() != 0 && time.Now().Before(deadline) {
+			time.Sleep(time.Millisecond)
+		}
+		if n := s.writeHeld.Load(); n != 0 {
+			t.Fatalf("%d bytes of write budget still held after the connection closed", n)
+		}
+		ok := dialTest(t, addr)
+		ok.isid = [6]byte{0x80, 4, 4, 4, 4, 4}
+		ok.login(t, iqnPrefix+":disk1", nil)
+		ok.nop(t, []byte("x"))
+		ok.nc.Close()
+	})
 }
