@@ -83,6 +83,26 @@ type Server struct {
 	bytesOut atomic.Int64 // block data sent (reads, ranges)
 
 	gates gates // per image: the fence floor and the writes in flight
+
+	forbidLog rateLog // warnings of refused writes
+}
+
+// rateLog lets one log line through per second and counts the others.
+type rateLog struct {
+	mu      sync.Mutex
+	last    time.Time
+	dropped int
+}
+
+func (r *rateLog) allow(now time.Time) (dropped int, ok bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if now.Sub(r.last) < time.Second {
+		r.dropped++
+		return 0, false
+	}
+	dropped, r.dropped, r.last = r.dropped, 0, now
+	return dropped, true
 }
 
 // Stats are the data bytes a server moved since it started.
@@ -270,9 +290,19 @@ func (s *Server) handle(name string, fn op) http.HandlerFunc {
 // logRefused logs a request answered with an error: a warning for the
 // server's own failures (5xx), a debug line for refused requests.
 func (s *Server) logRefused(op, remote, id string, code int, err error) {
-	if code >= 500 {
+	switch {
+	case code >= 500:
 		s.log.Warn("request failed", "op", op, "remote", remote, "id", id, "status", code, "err", err)
-	} else {
+	case code == http.StatusForbidden:
+		// Somebody without the authority tried to change a copy: worth a
+		// warning, at most one a second (the rest counted) so a flood of
+		// them does not flood the log.
+		if n, ok := s.forbidLog.allow(time.Now()); ok {
+			s.log.Warn("request refused: no authority over the copy", "op", op, "remote", remote, "id", id, "status", code, "err", err, "not_logged_since", n)
+		} else {
+			s.log.Debug("request refused", "op", op, "remote", remote, "id", id, "status", code, "err", err)
+		}
+	default:
 		s.log.Debug("request refused", "op", op, "remote", remote, "id", id, "status", code, "err", err)
 	}
 }
