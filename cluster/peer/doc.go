@@ -7,9 +7,9 @@
 // Two protocols share the peer port, told apart when a connection opens
 // (over TLS by ALPN, in cleartext by the first eight bytes):
 //
-//   - the block protocol (ALPN "ukai-blk/1", cleartext preface
-//     "UKAIBLK1" sent by both ends) carries every block request: read,
-//     write, sync, unmap, the forwarded I/O and ping;
+//   - the block protocol (ALPN "ukai-blk/2", cleartext preface
+//     "UKAIBLK2" sent by both ends) carries every block request: read,
+//     write, sync, unmap, fence, the forwarded I/O and ping;
 //   - HTTP/2 from the standard library (ALPN "h2", or h2c with prior
 //     knowledge) carries the streamed transfers of whole block ranges:
 //     checksums and block data for synchronization.
@@ -20,10 +20,11 @@
 // # Block protocol
 //
 // Requests and answers are frames with a fixed binary header (frame.go):
-// a request is 64 bytes (magic 0xb1, operation, flags (FUA), a reserved
+// a request is 72 bytes (magic 0xb1, operation, flags (FUA), a reserved
 // byte, a 32-bit tag, the generation, offset and length as 64-bit
-// big-endian numbers, the image id as its 32 hex digits) followed, for a
-// write, by exactly length bytes of data; an answer is 16 bytes (magic
+// big-endian numbers, the image id as its 32 hex digits, the writer's
+// epoch as a 64-bit number) followed, for a write, by exactly length
+// bytes of data; an answer is 16 bytes (magic
 // 0xb2, flags, an HTTP-like status code, the tag, the payload length and
 // a SCSI sense) followed by the read's data or an error message (at most
 // 1 KiB). Tags match answers to requests, which complete in any order,
