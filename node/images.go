@@ -130,6 +130,9 @@ func (n *Node) recordPath(id string) (string, error) { return n.idPath(id, ".jso
 // removeCopy removes the data file and cached record of image id; files
 // already gone are not an error.
 func (n *Node) removeCopy(id string) error {
+	if n.peerSrv != nil {
+		n.peerSrv.Forget(id) // its fence goes with the copy
+	}
 	var errs []error
 	for _, ext := range []string{".img", ".json"} {
 		p, err := n.idPath(id, ext)

@@ -94,6 +94,12 @@ func FuzzBlkSession(f *testing.F) {
 	f.Add(reqHdr{op: opRead, tag: 2, gen: 1, n: 4096, id: ref.ID}.bytes())
 	f.Add(append(reqHdr{op: opRead, tag: 2, gen: 1, n: 4096, id: ref.ID}.bytes(), reqHdr{op: opCancel, tag: 2, id: pingID}.bytes()...))
 	f.Add(reqHdr{op: opSync, tag: 3, gen: 0, id: ref.ID}.bytes())
+	// A fence, then a write older and one newer than it.
+	fenceSeed := reqHdr{op: opFence, tag: 4, gen: 1, epoch: 9, id: ref.ID}.bytes()
+	fenceSeed = append(fenceSeed, reqHdr{op: opWrite, tag: 5, gen: 1, epoch: 8, n: 512, id: ref.ID}.bytes()...)
+	fenceSeed = append(fenceSeed, make([]byte, 512)...)
+	fenceSeed = append(fenceSeed, reqHdr{op: opWrite, tag: 6, gen: 1, epoch: 9, n: 512, id: ref.ID}.bytes()...)
+	f.Add(append(fenceSeed, make([]byte, 512)...))
 	f.Add([]byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"))
 	f.Add(bytes.Repeat([]byte{reqMagic}, 300))
 	f.Fuzz(func(t *testing.T, b []byte) {
