@@ -58,16 +58,16 @@ func (g *gate) enter(gen, n uint64) (leave func(), err error) {
 }
 
 // fence raises the floor to (gen, n) and waits, within ctx, until no
-// write older than it is being applied. A fence older than the floor is
-// refused: it comes from a writer that was fenced off itself.
+// write older than it is being applied. A fence older than the floor
+// (the same owner's fences arriving out of order) leaves the floor where
+// it is: it only waits for the writes older than itself. (An older
+// generation never gets here: the Store refuses it first.)
 func (g *gate) fence(ctx context.Context, gen, n uint64) error {
 	e := epoch{gen, n}
 	g.mu.Lock()
-	if e.less(g.floor) {
-		g.mu.Unlock()
-		return fmt.Errorf("%w: fence at %d/%d, fenced at %d/%d already", ErrStaleEpoch, gen, n, g.floor.gen, g.floor.n)
+	if g.floor.less(e) {
+		g.floor = e
 	}
-	g.floor = e
 	for {
 		older := false
 		for k := range g.inflight {

@@ -103,6 +103,9 @@ type Volume struct {
 	// mu.
 	writeFails map[string]uint64
 	fencedAt   map[string]uint64
+	// fenceMu makes the sync workers that find a copy unfenced send one
+	// fence, not one each.
+	fenceMu sync.Mutex
 }
 
 // Fencer is a copy that can order the writes sent to it before against
@@ -119,6 +122,8 @@ func (v *Volume) fence(ctx context.Context, r *Replica) error {
 	if !ok {
 		return nil
 	}
+	v.fenceMu.Lock()
+	defer v.fenceMu.Unlock()
 	v.mu.RLock()
 	fails := v.writeFails[r.Node]
 	at, done := v.fencedAt[r.Node]

@@ -652,3 +652,62 @@ func TestFailedFlushIsNotForgotten(t *testing.T) {
 		t.Fatalf("a flush after the record: %v", err)
 	}
 }
+
+// fencing is a faulty copy that counts its fences.
+type fencing struct {
+	*faulty
+	fences atomic.Int32
+}
+
+func (f *fencing) Fence(context.Context) error { f.fences.Add(1); return nil }
+
+// A copy is fenced once before the first sync into it, again only after a
+// write to it failed, and the sync workers that find it unfenced together
+// send one fence between them.
+func TestSyncFencesOncePerFailure(t *testing.T) {
+	const bs = 64 << 10
+	ctx := context.Background()
+	r := newRig(t, 8*bs, bs, 1, "a", "b")
+	fb := &fencing{faulty: r.copies["b"]}
+	r.reps[1].Copy = fb
+	if err := r.v.SetReplicas(r.reps, r.store.maps, r.v.MapVersion()); err != nil {
+		t.Fatal(err)
+	}
+	fb.fail.Store(true)
+	if err := r.v.WriteAt(ctx, pattern(8*bs, 1), 0, true); err != nil {
+		t.Fatal(err)
+	}
+	fb.fail.Store(false)
+	var wg sync.WaitGroup
+	for b := int64(0); b < 8; b++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := r.v.SyncBlock(ctx, b, "b"); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if n := fb.fences.Load(); n != 1 {
+		t.Fatalf("%d fences for 8 blocks synced after one failure, want 1", n)
+	}
+	// No failure since: the next syncs do not fence.
+	fb.fail.Store(true)
+	r.v.WriteAt(ctx, pattern(bs, 2), 0, true)
+	fb.fail.Store(false)
+	r.v.noteResult("b", nil)
+	if _, err := r.v.SyncBlock(ctx, 0, "b"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.v.SyncBlock(ctx, 0, "b"); err != nil {
+		t.Fatal(err)
+	}
+	if n := fb.fences.Load(); n != 2 {
+		t.Fatalf("%d fences after a second failure, want 2", n)
+	}
+	got := make([]byte, bs)
+	if err := fb.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, pattern(bs, 2)) {
+		t.Fatalf("the synced copy does not hold the last write (%v)", err)
+	}
+}
