@@ -232,8 +232,8 @@ var defaults = map[string]any{
 	"log.level":                       "info",
 	"insecure":                        false,
 	// Resource bounds of the iSCSI portal (docs/security.md).
-	"iscsi.max_connections":             1024,
-	"iscsi.max_connections_per_address": 64,
+	"iscsi.max_connections":             4096,
+	"iscsi.max_connections_per_address": 512,
 	"iscsi.login_timeout":               15 * time.Second,
 	"iscsi.data_out_timeout":            30 * time.Second,
 	"iscsi.session_write_buffer_mib":    64,

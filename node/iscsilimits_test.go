@@ -16,7 +16,7 @@ func TestISCSILimitsConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	ic := c.ISCSI.iscsiConfig()
-	if ic.MaxConnections != 1024 || ic.MaxConnectionsPerAddress != 64 || ic.LoginTimeout != 15*time.Second ||
+	if ic.MaxConnections != 4096 || ic.MaxConnectionsPerAddress != 512 || ic.LoginTimeout != 15*time.Second ||
 		ic.DataOutTimeout != 30*time.Second || ic.SessionWriteBuffer != 64<<20 || ic.WriteBuffer != 1<<30 || ic.ResponseQueue != 16<<20 {
 		t.Fatalf("defaults: %+v", ic)
 	}

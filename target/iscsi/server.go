@@ -75,9 +75,9 @@ type Config struct {
 	// answers they get are in docs/security.md.
 
 	// MaxConnections caps the connections of the portal, logged in or
-	// not (default 1024); MaxConnectionsPerAddress caps them per source
-	// IP address (default 64). A connection over either is closed at
-	// once.
+	// not (default 4096); MaxConnectionsPerAddress caps them per source
+	// IP address (default 512: a hypervisor opens a session per VM
+	// disk). A connection over either is closed at once.
 	MaxConnections           int
 	MaxConnectionsPerAddress int
 	// DataOutTimeout bounds how long a write command waits for its
@@ -103,8 +103,8 @@ type Config struct {
 
 // Defaults of the resource bounds.
 const (
-	defaultMaxConnections           = 1024
-	defaultMaxConnectionsPerAddress = 64
+	defaultMaxConnections           = 4096
+	defaultMaxConnectionsPerAddress = 512
 	defaultDataOutTimeout           = 30 * time.Second
 	defaultSessionWriteBuffer       = 64 << 20
 	defaultWriteBuffer              = 1 << 30
