@@ -145,6 +145,9 @@ type peerStore struct {
 	// than this node's record (one at a time per node: a peer that sends
 	// made-up generations costs one read at a time, not one each).
 	refresh sync.Mutex
+	// latest is the generation and owner of the newest record current
+	// read, by id (guarded by mu): at most one per copy this node holds.
+	latest map[string]meta.Image
 }
 
 // Open implements peer.Store. Reads need the image's generation or a
@@ -161,6 +164,10 @@ func (p *peerStore) Open(ctx context.Context, ref peer.Ref, caller peer.Caller, 
 		return peer.Local{}, fmt.Errorf("image %s: %w", ref.ID, peer.ErrNoCopy)
 	}
 	img := s.record()
+	if seen, ok := p.seen(ref.ID); ok && seen.Generation > img.Generation {
+		// The catalog said so before the watch brought the record here.
+		img.Generation, img.Owner = seen.Generation, seen.Owner
+	}
 	if a == peer.AccessWrite && (ref.Gen > img.Generation || caller.Node != "" && caller.Node != img.Owner) {
 		cur, err := p.current(ctx, img)
 		if err != nil {
@@ -189,10 +196,15 @@ func (p *peerStore) Open(ctx context.Context, ref peer.Ref, caller peer.Caller, 
 	return peer.Local{Copy: localCopy{s.local}, Size: max(img.Size, s.local.Size()), BlockSize: img.BlockSize}, nil
 }
 
-// current reads img's record from the catalog, one read at a time.
+// current reads img's record from the catalog, one read at a time, and
+// remembers it (so that the writes of a new owner that arrive before this
+// node's watch brings its record need one read, not one each).
 func (p *peerStore) current(ctx context.Context, img meta.Image) (meta.Image, error) {
 	p.refresh.Lock()
 	defer p.refresh.Unlock()
+	if seen, ok := p.seen(img.ID); ok && seen.Generation > img.Generation {
+		return seen, nil // read while this caller waited
+	}
 	cur, _, err := p.n.cat.GetImage(ctx, img.Name)
 	if err != nil {
 		return meta.Image{}, err
@@ -200,7 +212,23 @@ func (p *peerStore) current(ctx context.Context, img meta.Image) (meta.Image, er
 	if cur.ID != img.ID {
 		return meta.Image{}, fmt.Errorf("image %q is now id %s", img.Name, cur.ID)
 	}
+	p.mu.Lock()
+	if p.latest == nil {
+		p.latest = map[string]meta.Image{}
+	}
+	if old, ok := p.latest[cur.ID]; !ok || old.Generation <= cur.Generation {
+		p.latest[cur.ID] = meta.Image{ID: cur.ID, Generation: cur.Generation, Owner: cur.Owner}
+	}
+	p.mu.Unlock()
 	return cur, nil
+}
+
+// seen returns the newest record of id the catalog gave current.
+func (p *peerStore) seen(id string) (meta.Image, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	img, ok := p.latest[id]
+	return img, ok
 }
 
 func callerName(c peer.Caller) string {

@@ -293,6 +293,11 @@ func (v *Volume) SetReplicas(replicas []*Replica, maps map[string]*placement.Blo
 			delete(v.fencedAt, n) // a copy that comes back is fenced anew
 		}
 	}
+	for n := range v.owed {
+		if _, ok := v.maps[n]; !ok {
+			delete(v.owed, n) // the copy is gone: nothing to record of it
+		}
+	}
 	v.mu.Unlock()
 	for _, o := range old {
 		if !slices.ContainsFunc(replicas, func(r *Replica) bool { return r == o }) {

@@ -711,3 +711,26 @@ func TestSyncFencesOncePerFailure(t *testing.T) {
 		t.Fatalf("the synced copy does not hold the last write (%v)", err)
 	}
 }
+
+// A copy removed from the image takes its owed records with it: flushes
+// do not fail for ever on a copy that is no longer there.
+func TestOwedRecordsGoWithTheCopy(t *testing.T) {
+	const bs = 64 << 10
+	ctx := context.Background()
+	r := newRig(t, 4*bs, bs, 1, "n1", "n2")
+	if err := r.v.WriteAt(ctx, pattern(bs, 1), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	r.copies["n2"].fail.Store(true)
+	r.store.setFail(true)
+	if err := r.v.Flush(ctx); err == nil {
+		t.Fatal("flush answered GOOD with a copy failed and the store unreachable")
+	}
+	at := r.v.MapVersion()
+	if err := r.v.SetReplicas(r.reps[:1], map[string]*placement.BlockMap{"n1": r.store.maps["n1"]}, at); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.v.Flush(ctx); err != nil {
+		t.Fatalf("flush after n2 left the image: %v", err)
+	}
+}
