@@ -17,6 +17,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/ukai-storage/ukai/ratelog"
 )
 
 // ServerConfig configures a peer server.
@@ -84,25 +86,7 @@ type Server struct {
 
 	gates gates // per image: the fence floor and the writes in flight
 
-	forbidLog rateLog // warnings of refused writes
-}
-
-// rateLog lets one log line through per second and counts the others.
-type rateLog struct {
-	mu      sync.Mutex
-	last    time.Time
-	dropped int
-}
-
-func (r *rateLog) allow(now time.Time) (dropped int, ok bool) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if now.Sub(r.last) < time.Second {
-		r.dropped++
-		return 0, false
-	}
-	dropped, r.dropped, r.last = r.dropped, 0, now
-	return dropped, true
+	forbidLog ratelog.Limiter // warnings of refused writes: one a second
 }
 
 // Stats are the data bytes a server moved since it started.
@@ -139,10 +123,11 @@ func NewServer(cfg ServerConfig, st Store) (*Server, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	s := &Server{
-		cfg: cfg,
-		st:  st,
-		log: log.With("component", "peer.server"),
-		sem: make(chan struct{}, cfg.MaxInflight),
+		forbidLog: ratelog.Limiter{Every: time.Second},
+		cfg:       cfg,
+		st:        st,
+		log:       log.With("component", "peer.server"),
+		sem:       make(chan struct{}, cfg.MaxInflight),
 
 		budget: newBudget(maxInflightBytes),
 		conns:  map[net.Conn]struct{}{},
@@ -297,7 +282,7 @@ func (s *Server) logRefused(op, remote, id string, code int, err error) {
 		// Somebody without the authority tried to change a copy: worth a
 		// warning, at most one a second (the rest counted) so a flood of
 		// them does not flood the log.
-		if n, ok := s.forbidLog.allow(time.Now()); ok {
+		if n, ok := s.forbidLog.Allow(time.Now()); ok {
 			s.log.Warn("request refused: no authority over the copy", "op", op, "remote", remote, "id", id, "status", code, "err", err, "not_logged_since", n)
 		} else {
 			s.log.Debug("request refused", "op", op, "remote", remote, "id", id, "status", code, "err", err)

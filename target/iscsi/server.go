@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/ukai-storage/ukai/ratelog"
 	"github.com/ukai-storage/ukai/target/scsi"
 )
 
@@ -223,8 +224,8 @@ type Server struct {
 	closed   bool
 	sessions map[uint16]*session
 	conns    map[*conn]struct{}
-	perAddr  map[string]int // connections per source IP address
-	refused  refusals
+	perAddr  map[string]int  // connections per source IP address
+	refused  ratelog.Limiter // refused connections logged at warn once per refusalLogEvery
 	nextTSIH uint16
 	closeCtx context.Context // set by Close: in-flight commands may run until it is done
 
@@ -254,6 +255,7 @@ func NewServer(cfg Config, t Targets) (*Server, error) {
 		sessions: map[uint16]*session{},
 		conns:    map[*conn]struct{}{},
 		perAddr:  map[string]int{},
+		refused:  ratelog.Limiter{Every: refusalLogEvery},
 		serving:  make(chan struct{}),
 		baseCtx:  ctx,
 		baseStop: cancel,
@@ -573,25 +575,17 @@ func sourceAddr(a net.Addr) string {
 	return host
 }
 
-// refusals rate-limits the log of refused connections: a flood of them
-// must not flood the log.
-type refusals struct {
-	last   time.Time
-	missed int // refusals not logged since last
-}
-
+// refusalLogEvery is how often a refused connection is logged at warn
+// (with the count of those not logged meanwhile); the others go to debug.
 const refusalLogEvery = 10 * time.Second
 
-// refuseLocked logs a connection refused for reason (s.mu held): at
-// warn at most once per refusalLogEvery, with the count of those not
-// logged meanwhile; the others at debug. The caller closes it.
+// refuseLocked logs a connection refused for reason (s.mu held). The
+// caller closes it.
 func (s *Server) refuseLocked(nc net.Conn, reason string, limit int) {
-	now := time.Now()
-	if now.Sub(s.refused.last) < refusalLogEvery {
-		s.refused.missed++
+	missed, ok := s.refused.Allow(time.Now())
+	if !ok {
 		s.log.Debug("iscsi connection refused", "remote", nc.RemoteAddr().String(), "reason", reason, "limit", limit)
 		return
 	}
-	s.log.Warn("iscsi connection refused", "remote", nc.RemoteAddr().String(), "reason", reason, "limit", limit, "refused_since_last_log", s.refused.missed)
-	s.refused.last, s.refused.missed = now, 0
+	s.log.Warn("iscsi connection refused", "remote", nc.RemoteAddr().String(), "reason", reason, "limit", limit, "refused_since_last_log", missed)
 }
