@@ -107,14 +107,7 @@ func TestPeerWritesOnlyFromTheOwnersCertificate(t *testing.T) {
 	n1.mustCLI("image", "export", "owned", "--initiator", ini, "--chap-user", "hv1", "--chap-secret-file", secret)
 	qemu := func(n *node, cmds ...string) {
 		t.Helper()
-		args := []string{"--object", "secret,id=s0,data=chap-secret-0123", "--image-opts"}
-		for _, c := range cmds {
-			args = append(args, "-c", c)
-		}
-		args = append(args, "driver=iscsi,transport=tcp,portal="+n.portal+",target="+n1.prefix+":owned,lun=0,initiator-name="+ini+",user=hv1,password-secret=s0")
-		if out, err := run(t, time.Minute, "qemu-io", args...); err != nil || strings.Contains(out, "failed") {
-			t.Fatalf("qemu-io: %v\n%s", err, out)
-		}
+		qemuIOCHAP(t, n.portal, n1.prefix+":owned", ini, "hv1", "chap-secret-0123", cmds...)
 	}
 	qemu(n1, "write -P 0x5b 0 2M", "flush")
 	waitOwner(t, n1, "owned", "n1")
@@ -122,25 +115,23 @@ func TestPeerWritesOnlyFromTheOwnersCertificate(t *testing.T) {
 	if out, err := exec.Command(ukaiBin, "tls", "issue", "intruder", "--dir", pki, "--host", "127.0.0.1").CombinedOutput(); err != nil {
 		t.Fatalf("tls issue: %v %s", err, out)
 	}
-	client := func(name string) *peer.Client {
+	// client is a data transport client of addr with name's certificate.
+	client := func(name, addr string) *peer.Client {
 		conf, err := tlsutil.Files{CA: filepath.Join(pki, "ca.pem"), Cert: filepath.Join(pki, name+".pem"), Key: filepath.Join(pki, name+"-key.pem")}.ClientConfig("")
 		if err != nil {
 			t.Fatal(err)
 		}
-		c := peer.NewClient(n2.peer, peer.ClientConfig{TLS: conf, Timeout: 5 * time.Second})
+		c := peer.NewClient(addr, peer.ClientConfig{TLS: conf, Timeout: 5 * time.Second})
 		t.Cleanup(func() { c.Close() })
 		return c
 	}
 	// A member that is not the owner, and a stranger with a CA
 	// certificate: refused with any generation, the record's included.
 	want := bytes.Repeat([]byte{0x5b}, 1<<20)
-	forgedWritesRefused(t, client("n2"), ref, want, true)
-	stranger := client("intruder")
-	forgedWritesRefused(t, stranger, ref, want, true)
+	forgedWritesRefused(t, client("n2", n2.peer), ref, want, true)
+	forgedWritesRefused(t, client("intruder", n2.peer), ref, want, true)
 	// Forwarded I/O from outside the membership is refused by the owner.
-	conf, _ := tlsutil.Files{CA: filepath.Join(pki, "ca.pem"), Cert: filepath.Join(pki, "intruder.pem"), Key: filepath.Join(pki, "intruder-key.pem")}.ClientConfig("")
-	fc := peer.NewClient(n1.peer, peer.ClientConfig{TLS: conf, Timeout: 5 * time.Second})
-	defer fc.Close()
+	fc := client("intruder", n1.peer)
 	if err := fc.ForwardWrite(context.Background(), ref, make([]byte, 4096), 0, true); !errors.Is(err, peer.ErrForbidden) {
 		t.Errorf("forwarded write from a certificate outside the membership: %v, want refused", err)
 	}

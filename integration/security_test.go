@@ -62,6 +62,21 @@ func securedCluster(t *testing.T, names []string, labels []map[string]string) (n
 	return nodes, pki, token
 }
 
+// qemuIOCHAP runs qemu-io commands on target through portal as initiator
+// ini with one-way CHAP (user, secret) and fails t unless all of them work.
+func qemuIOCHAP(t *testing.T, portal, target, ini, user, secret string, cmds ...string) {
+	t.Helper()
+	args := []string{"--object", "secret,id=s0,data=" + secret, "--image-opts"}
+	for _, c := range cmds {
+		args = append(args, "-c", c)
+	}
+	args = append(args, "driver=iscsi,transport=tcp,portal="+portal+",target="+target+",lun=0,initiator-name="+ini+",user="+user+",password-secret=s0")
+	out, err := run(t, time.Minute, "qemu-io", args...)
+	if err != nil || strings.Contains(out, "failed") {
+		t.Fatalf("qemu-io with CHAP: %v\n%s", err, out)
+	}
+}
+
 func TestSecuredCluster(t *testing.T) {
 	nodes, pki, _ := securedCluster(t, []string{"n1", "n2"}, nil)
 	dir := t.TempDir()
@@ -121,15 +136,7 @@ func TestSecuredCluster(t *testing.T) {
 	// I/O with CHAP through QEMU, replicated over mutual TLS.
 	qemuCHAP := func(portal string, cmds ...string) {
 		t.Helper()
-		args := []string{"--object", "secret,id=s0,data=chap-secret-0123", "--image-opts"}
-		for _, c := range cmds {
-			args = append(args, "-c", c)
-		}
-		args = append(args, "driver=iscsi,transport=tcp,portal="+portal+",target="+n1.prefix+":sec,lun=0,initiator-name="+ini+",user=hv1,password-secret=s0")
-		out, err := run(t, time.Minute, "qemu-io", args...)
-		if err != nil || strings.Contains(out, "failed") {
-			t.Fatalf("qemu-io with CHAP: %v\n%s", err, out)
-		}
+		qemuIOCHAP(t, portal, n1.prefix+":sec", ini, "hv1", "chap-secret-0123", cmds...)
 	}
 	qemuCHAP(n1.portal, "write -P 0x5e 0 4M", "flush")
 	if l := locations(t, n1, "sec"); l["n1"] != 0 || l["n2"] != 0 {
