@@ -488,6 +488,12 @@ func mediumError(err error) error {
 	return &scsi.SenseError{Key: scsi.SenseMediumError, ASC: 0x11, ASCQ: 0x00, Err: err}
 }
 
+// writeError is a write, unmap or flush that failed: MEDIUM ERROR, WRITE
+// ERROR (0c/00).
+func writeError(err error) error {
+	return &scsi.SenseError{Key: scsi.SenseMediumError, ASC: 0x0c, ASCQ: 0x00, Err: err}
+}
+
 // ReadAt implements scsi.Backend.
 func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) error {
 	v.touch()
@@ -676,13 +682,12 @@ func (v *Volume) settle(ctx context.Context, what string, ok, failed map[int64][
 				}
 			}
 			v.mu.Unlock()
-			return &scsi.SenseError{Key: scsi.SenseMediumError, ASC: 0x0c, ASCQ: 0x00, Err: fmt.Errorf("%s: %w", what, err)}
+			return writeError(fmt.Errorf("%s: %w", what, err))
 		}
 	}
 	if len(short) > 0 {
 		slices.Sort(short)
-		return &scsi.SenseError{Key: scsi.SenseMediumError, ASC: 0x0c, ASCQ: 0x00,
-			Err: fmt.Errorf("%s of block %d reached %d copies, fewer than min_copies %d", what, short[0], len(ok[short[0]]), v.minCopies())}
+		return writeError(fmt.Errorf("%s of block %d reached %d copies, fewer than min_copies %d", what, short[0], len(ok[short[0]]), v.minCopies()))
 	}
 	return nil
 }
@@ -721,7 +726,7 @@ func (v *Volume) beforeWrite(ctx context.Context, ps []piece) error {
 			// The hook chose the sense (NOT READY: retry, say).
 			return &scsi.SenseError{Key: se.Key, ASC: se.ASC, ASCQ: se.ASCQ, Err: fmt.Errorf("before the write: %w", err)}
 		}
-		return &scsi.SenseError{Key: scsi.SenseMediumError, ASC: 0x0c, ASCQ: 0x00, Err: fmt.Errorf("record the write in the activity log: %w", err)}
+		return writeError(fmt.Errorf("record the write in the activity log: %w", err))
 	}
 	return nil
 }
@@ -814,7 +819,7 @@ func (v *Volume) Flush(ctx context.Context) error {
 	for n, bs := range owed {
 		slices.Sort(bs)
 		if err := v.markOutOfSync(ctx, []string{n}, bs); err != nil {
-			return &scsi.SenseError{Key: scsi.SenseMediumError, ASC: 0x0c, ASCQ: 0x00, Err: fmt.Errorf("flush: %w", err)}
+			return writeError(fmt.Errorf("flush: %w", err))
 		}
 		v.mu.Lock()
 		for _, b := range bs {
@@ -833,12 +838,10 @@ func (v *Volume) Flush(ctx context.Context) error {
 		}
 	}
 	if good < v.minCopies() {
-		return &scsi.SenseError{Key: scsi.SenseMediumError, ASC: 0x0c, ASCQ: 0x00,
-			Err: fmt.Errorf("flush reached %d copies, fewer than min_copies %d: %v", good, v.minCopies(), errors.Join(errs...))}
+		return writeError(fmt.Errorf("flush reached %d copies, fewer than min_copies %d: %v", good, v.minCopies(), errors.Join(errs...)))
 	}
 	if unsynced > 0 {
-		return &scsi.SenseError{Key: scsi.SenseMediumError, ASC: 0x0c, ASCQ: 0x00,
-			Err: fmt.Errorf("flush: %d written blocks reached no copy durably: %v", unsynced, errors.Join(errs...))}
+		return writeError(fmt.Errorf("flush: %d written blocks reached no copy durably: %v", unsynced, errors.Join(errs...)))
 	}
 	return nil
 }
