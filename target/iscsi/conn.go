@@ -242,10 +242,6 @@ func (c *conn) run() {
 		c.bgWG.Add(1)
 		go c.keepalive(c.srv.cfg.NopInterval)
 	}
-	if !c.sess.discovery {
-		c.bgWG.Add(1)
-		go c.watchDataOut(c.srv.cfg.DataOutTimeout)
-	}
 	err := c.serve()
 	c.teardown(err)
 }
@@ -978,35 +974,29 @@ func (c *conn) keepalive(every time.Duration) {
 	}
 }
 
-// watchDataOut drops the connection when a write command has waited
-// longer than timeout for Data-Out (since its arrival or its last
+// checkDataOut drops the connection when one of its write commands has
+// waited longer than timeout for Data-Out (since its arrival or its last
 // Data-Out PDU). At ERL 0 the data cannot be asked for again; the
-// initiator sees the connection end, logs in again and retries, as
-// after its own timeouts.
-func (c *conn) watchDataOut(timeout time.Duration) {
-	defer c.bgWG.Done()
-	tk := time.NewTicker(max(timeout/4, 10*time.Millisecond))
-	defer tk.Stop()
-	for {
-		select {
-		case <-c.ctx.Done():
-			return
-		case now := <-tk.C:
-			var late *task
-			c.mu.Lock()
-			for _, t := range c.tasks {
-				if since := t.dataSince.Load(); since != 0 && now.UnixNano()-since > int64(timeout) {
-					late = t
-					break
-				}
-			}
-			c.mu.Unlock()
-			if late != nil {
-				c.log.Warn("iscsi Data-Out timeout, dropping connection", "initiator", c.sess.initiatorName, "target", c.sess.targetName, "itt", late.itt, "timeout", timeout)
-				c.abort("Data-Out timeout")
-				return
-			}
+// initiator sees the connection end, logs in again and retries, as after
+// its own timeouts. The server's sweeper calls it (one goroutine and
+// ticker for the whole portal, not one per connection).
+func (c *conn) checkDataOut(now time.Time, timeout time.Duration) {
+	if c.closing.Load() {
+		return
+	}
+	var late *task
+	c.mu.Lock()
+	for _, t := range c.tasks {
+		if since := t.dataSince.Load(); since != 0 && now.UnixNano()-since > int64(timeout) {
+			late = t
+			break
 		}
+	}
+	c.mu.Unlock()
+	if late != nil {
+		// Tasks exist only after login: c.sess is set.
+		c.log.Warn("iscsi Data-Out timeout, dropping connection", "initiator", c.sess.initiatorName, "target", c.sess.targetName, "itt", late.itt, "timeout", timeout)
+		c.abort("Data-Out timeout")
 	}
 }
 

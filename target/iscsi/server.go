@@ -323,6 +323,13 @@ func (s *Server) Serve(ctx context.Context) error {
 	}
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
+	sweepCtx, endSweep := context.WithCancel(ctx)
+	swept := make(chan struct{})
+	go func() {
+		defer close(swept)
+		s.sweepDataOut(sweepCtx)
+	}()
+	defer func() { endSweep(); <-swept }()
 	var backoff time.Duration
 	for {
 		nc, err := ln.Accept()
@@ -573,6 +580,33 @@ func sourceAddr(a net.Addr) string {
 		return a.String()
 	}
 	return host
+}
+
+// sweepDataOut checks every connection for write commands waiting too
+// long for Data-Out (conn.checkDataOut), every DataOutTimeout/4, until ctx
+// ends.
+func (s *Server) sweepDataOut(ctx context.Context) {
+	timeout := s.cfg.DataOutTimeout
+	tk := time.NewTicker(max(timeout/4, 10*time.Millisecond))
+	defer tk.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.serving:
+			return
+		case now := <-tk.C:
+			s.mu.Lock()
+			conns := make([]*conn, 0, len(s.conns))
+			for c := range s.conns {
+				conns = append(conns, c)
+			}
+			s.mu.Unlock()
+			for _, c := range conns {
+				c.checkDataOut(now, timeout)
+			}
+		}
+	}
 }
 
 // refusalLogEvery is how often a refused connection is logged at warn
