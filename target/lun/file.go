@@ -133,6 +133,9 @@ func (c *FileCopy) WriteAt(ctx context.Context, p []byte, off int64, durable boo
 	if size := c.size.Load(); off+int64(len(p)) > size {
 		return fmt.Errorf("write %s: %d bytes at %d beyond size %d", c.f.Name(), len(p), off, size)
 	}
+	if dropWrite(len(p)) {
+		return nil
+	}
 	// One pwrite per writeChunk at most (see there).
 	for done := 0; done < len(p); done += writeChunk {
 		end := min(done+writeChunk, len(p))
