@@ -34,6 +34,9 @@ type served struct {
 	mu    sync.Mutex // guards img
 	img   meta.Image // the record as last applied
 	owned atomic.Bool
+	// ownedGen is the generation this node took the image with: its
+	// in-sync records are refused once the record has another.
+	ownedGen atomic.Uint64
 	// busy counts syncs and verifies running on the image, which keep
 	// ownership like a session does.
 	busy atomic.Int32

@@ -109,6 +109,7 @@ func (n *Node) acquire(ctx context.Context, s *served) error {
 		}
 		return &scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x00, Err: fmt.Errorf("take ownership: %w", err)}
 	}
+	s.ownedGen.Store(img.Generation)
 	// Fresh block maps and peer references with the new generation.
 	n.reconMu.Lock()
 	err = n.apply(ctx, s, img, true)
@@ -155,6 +156,11 @@ func (n *Node) renew(ctx context.Context, s *served) {
 	switch {
 	case err == nil:
 		s.leaseUntil.Store(img.LeaseExpires.UnixNano())
+		if s.offline.Load() {
+			// Taken offline (the only copy, no record written): the
+			// record names this node, so its generation is this node's.
+			s.ownedGen.Store(img.Generation)
+		}
 	case errors.As(err, new(*scsi.SenseError)):
 		n.log.Error("lost ownership of image to another node: stopping I/O", "image", name, "err", err)
 		s.owned.Store(false)
@@ -430,8 +436,24 @@ type mapStore struct {
 	s *served
 }
 
+// SetBlockStates records out-of-sync blocks unconditionally (a former
+// owner's out-of-sync record costs a sync, never data), and in-sync
+// blocks only while the record still names this node as the owner with
+// the generation it took the image with (meta.SetBlockStatesOwned): a
+// sync that finishes after a handover must not declare a copy in sync
+// that the new owner has been leaving out of its writes.
 func (m *mapStore) SetBlockStates(ctx context.Context, node string, blocks []int64, st placement.SyncState) error {
-	return m.n.cat.SetBlockStates(ctx, m.s.record(), node, blocks, st)
+	if st != placement.InSync {
+		return m.n.cat.SetBlockStates(ctx, m.s.record(), node, blocks, st)
+	}
+	if !m.s.owned.Load() {
+		return errNotOwner("")
+	}
+	err := m.n.cat.SetBlockStatesOwned(ctx, m.s.record(), node, blocks, st, m.n.cfg.Node.Name, m.s.ownedGen.Load())
+	if errors.Is(err, meta.ErrNotOwner) {
+		return fmt.Errorf("%w: %w", err, errNotOwner(""))
+	}
+	return err
 }
 
 // Attach implements api.Service: make node the image's owner now and keep

@@ -225,6 +225,36 @@ func (k *KV) CAS(ctx context.Context, key string, value []byte, index uint64) er
 	return nil
 }
 
+// CASGuarded implements meta.KV as one Consul transaction: check the
+// guard's index, then check-and-set the key. A rolled-back transaction
+// (HTTP 409) is a conflict on one of the two.
+func (k *KV) CASGuarded(ctx context.Context, key string, value []byte, index uint64, guard string, guardIndex uint64) error {
+	if err := checkKey(key); err != nil {
+		return err
+	}
+	if err := checkKey(guard); err != nil {
+		return err
+	}
+	if len(value) > MaxValueSize {
+		return fmt.Errorf("consul kv %s: value of %d bytes exceeds Consul's limit of %d bytes (512 KiB)", key, len(value), MaxValueSize)
+	}
+	rctx, cancel := context.WithTimeout(ctx, k.timeout)
+	defer cancel()
+	ops := api.TxnOps{
+		{KV: &api.KVTxnOp{Verb: api.KVCheckIndex, Key: guard, Index: guardIndex}},
+		{KV: &api.KVTxnOp{Verb: api.KVCAS, Key: key, Value: value, Index: index}},
+	}
+	_, err := k.client.Raw().Write("/v1/txn", ops, nil, k.write(rctx))
+	var se api.StatusError
+	if err == nil {
+		return nil
+	}
+	if !errors.As(err, &se) || se.Code != http.StatusConflict { // 409: rolled back
+		return k.fail(ctx, "cas", key, err)
+	}
+	return fmt.Errorf("%s (guarded by %s at %d): modify index moved: %w", key, guard, guardIndex, meta.ErrConflict)
+}
+
 // DeleteCAS implements meta.KV. It runs as a Consul transaction (check the
 // index, then delete) so a missing key is not silently "deleted"; when the
 // transaction is rolled back (HTTP 409) a Get tells ErrNotFound from ErrConflict.

@@ -159,6 +159,25 @@ func (s *BoltKV) CAS(ctx context.Context, key string, value []byte, index uint64
 	})
 }
 
+// CASGuarded implements KV: both checks and the write in one bolt
+// transaction.
+func (s *BoltKV) CASGuarded(ctx context.Context, key string, value []byte, index uint64, guard string, guardIndex uint64) error {
+	if key == "" || guard == "" {
+		return errors.New("metadata store: empty key")
+	}
+	return s.update(ctx, func(b *bolt.Bucket, next uint64) (bool, error) {
+		if g, exists := currentIndex(b, guard); !exists || g != guardIndex {
+			return false, fmt.Errorf("%s: modify index is no longer %d: %w", guard, guardIndex, ErrConflict)
+		}
+		cur, exists := currentIndex(b, key)
+		if (index == 0 && exists) || (index != 0 && (!exists || cur != index)) {
+			return false, fmt.Errorf("%s: %w", key, ErrConflict)
+		}
+		v := binary.BigEndian.AppendUint64(make([]byte, 0, 8+len(value)), next)
+		return true, b.Put([]byte(key), append(v, value...))
+	})
+}
+
 // DeleteCAS implements KV.
 func (s *BoltKV) DeleteCAS(ctx context.Context, key string, index uint64) error {
 	return s.update(ctx, func(b *bolt.Bucket, _ uint64) (bool, error) {

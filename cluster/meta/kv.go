@@ -42,6 +42,11 @@ type KV interface {
 	// index; index 0 means "only if the key does not exist". On a
 	// mismatch it returns ErrConflict and changes nothing.
 	CAS(ctx context.Context, key string, value []byte, index uint64) error
+	// CASGuarded is CAS that also requires guard's ModifyIndex to be
+	// still guardIndex (a key other writers change: an owner's record),
+	// both checked and the write done atomically. ErrConflict if either
+	// moved.
+	CASGuarded(ctx context.Context, key string, value []byte, index uint64, guard string, guardIndex uint64) error
 	// DeleteCAS deletes key only if its ModifyIndex is still index
 	// (ErrConflict otherwise; ErrNotFound if it is gone).
 	DeleteCAS(ctx context.Context, key string, index uint64) error

@@ -73,6 +73,38 @@ func (c *Catalog) put(ctx context.Context, key string, data []byte) error {
 // rely on that to acknowledge a write only after its failed copies are
 // recorded out of sync.
 func (c *Catalog) SetBlockStates(ctx context.Context, img Image, node string, blocks []int64, s placement.SyncState) error {
+	return c.setBlockStates(ctx, img, node, blocks, s, nil)
+}
+
+// ErrNotOwner: an owner-only record was refused because the image's
+// record names another owner or generation.
+var ErrNotOwner = errors.New("no longer the image's owner")
+
+// SetBlockStatesOwned is SetBlockStates for a record only the owner may
+// make (a copy declared in sync): each chunk is written in one atomic
+// step with a check that the image's record is unchanged since it was
+// read naming owner at generation gen (KV.CASGuarded), and ErrNotOwner
+// once it names another. A new owner's takeover changes the record
+// before the new owner reads the maps, so a former owner's record either
+// lands before that read or not at all. A chaos run (integration/chaos,
+// seed 11) found a former owner's sync, finishing just after a handover,
+// recording a copy in sync that the new owner was leaving out of its
+// writes: two copies then differed, both "in sync".
+func (c *Catalog) SetBlockStatesOwned(ctx context.Context, img Image, node string, blocks []int64, s placement.SyncState, owner string, gen uint64) error {
+	guard := func(ctx context.Context) (string, uint64, error) {
+		cur, idx, err := c.GetImage(ctx, img.Name)
+		if err != nil {
+			return "", 0, err
+		}
+		if cur.ID != img.ID || cur.Owner != owner || cur.Generation != gen {
+			return "", 0, fmt.Errorf("%q: owner %q generation %d, not %q generation %d: %w", img.Name, cur.Owner, cur.Generation, owner, gen, ErrNotOwner)
+		}
+		return c.imageKey(img.Name), idx, nil
+	}
+	return c.setBlockStates(ctx, img, node, blocks, s, guard)
+}
+
+func (c *Catalog) setBlockStates(ctx context.Context, img Image, node string, blocks []int64, s placement.SyncState, guard guardFunc) error {
 	byChunk := map[int][]int64{}
 	for _, b := range blocks {
 		if b < 0 || b >= img.Blocks() {
@@ -82,7 +114,7 @@ func (c *Catalog) SetBlockStates(ctx context.Context, img Image, node string, bl
 		byChunk[ch] = append(byChunk[ch], b)
 	}
 	for ch, bs := range byChunk {
-		if err := c.updateChunk(ctx, img, node, ch, func(m *placement.BlockMap) {
+		if err := c.updateChunk(ctx, img, node, ch, guard, func(m *placement.BlockMap) {
 			for _, b := range bs {
 				m.Set(b, s)
 			}
@@ -93,7 +125,11 @@ func (c *Catalog) SetBlockStates(ctx context.Context, img Image, node string, bl
 	return nil
 }
 
-func (c *Catalog) updateChunk(ctx context.Context, img Image, node string, ch int, fn func(*placement.BlockMap)) error {
+// guardFunc returns the key and index a chunk write is conditioned on,
+// or why it must not happen.
+type guardFunc func(context.Context) (key string, index uint64, err error)
+
+func (c *Catalog) updateChunk(ctx context.Context, img Image, node string, ch int, guard guardFunc, fn func(*placement.BlockMap)) error {
 	key := c.chunkKey(img.ID, node, ch)
 	for range maxCASRetries {
 		e, err := c.kv.Get(ctx, key)
@@ -114,7 +150,15 @@ func (c *Catalog) updateChunk(ctx context.Context, img Image, node string, ch in
 			return &MalformedError{Key: key, Err: err}
 		}
 		fn(m)
-		err = c.kv.CAS(ctx, key, m.EncodeChunk(ch), e.ModifyIndex)
+		if guard == nil {
+			err = c.kv.CAS(ctx, key, m.EncodeChunk(ch), e.ModifyIndex)
+		} else {
+			gkey, gidx, gerr := guard(ctx)
+			if gerr != nil {
+				return gerr
+			}
+			err = c.kv.CASGuarded(ctx, key, m.EncodeChunk(ch), e.ModifyIndex, gkey, gidx)
+		}
 		if err == nil {
 			return nil
 		}

@@ -174,7 +174,7 @@ func run(t *testing.T, rc runConfig) *result {
 		gap: 6 * time.Second, faults: faultKinds, logf: logf}
 	wg.Go(func() { nm.run(runCtx) })
 	if rc.operator {
-		op := &operator{c: c, tl: tl, h: h, rng: rand.New(rand.NewPCG(rc.seed, 2)), images: w.images, gap: 8 * time.Second, logf: logf}
+		op := &operator{c: c, tl: tl, h: h, rng: rand.New(rand.NewPCG(rc.seed, 2)), images: w.images, gap: 5 * time.Second, logf: logf}
 		wg.Go(func() { op.run(runCtx) })
 	}
 	wg.Wait()
@@ -251,9 +251,15 @@ func converge(t *testing.T, c *cluster, w workload) []string {
 			problems = append(problems, fmt.Sprintf("verify %s: %v %v: %s", img.name, err, jerr, out))
 			continue
 		}
-		if len(v.Mismatches) > 0 || len(v.Unreachable) > 0 || err != nil {
-			problems = append(problems, fmt.Sprintf("verify %s (locations %v): %d blocks differ %v, unreachable %v: %v",
-				img.name, last.Locations, len(v.Mismatches), v.Mismatches, v.Unreachable, err))
+		if len(v.Mismatches) > 0 || len(v.Unreachable) > 0 {
+			blocks := make([]int64, 0, len(v.Mismatches))
+			for _, m := range v.Mismatches {
+				blocks = append(blocks, m.Block)
+			}
+			problems = append(problems, fmt.Sprintf("verify %s (locations %v): in-sync copies differ in blocks %v, unreachable %v",
+				img.name, last.Locations, blocks, v.Unreachable))
+		} else if err != nil {
+			problems = append(problems, fmt.Sprintf("verify %s: %v", img.name, firstLine(err.Error())))
 		}
 		t.Logf("converged %s: locations %v, verify compared %d of %d blocks", img.name, last.Locations, v.Compared, v.Blocks)
 	}

@@ -162,28 +162,45 @@ func (s *session) close() {
 }
 
 // do sends one command and collects its answer: the hexdump lines of a
-// read, then the statistics line that ends a successful command; or the
-// line saying it failed. Timeout: no answer in time, or qemu-io exited.
-func (s *session) do(line string, timeout time.Duration) (dump []string, res check.Result, errText string) {
+// read, the line naming the bytes done ("wrote 4096/4096 bytes at offset
+// N", "read ..."), then the statistics line that ends a successful
+// command; or "read failed: ..." / "write failed: ...", which ends a
+// failed one (libiscsi's own "iSCSI ... failed at lba" line before it is
+// only a detail). An answer that does not name this command's offset and
+// length means the session lost track of its commands: indeterminate,
+// like no answer in time or qemu-io exiting.
+func (s *session) do(line, done string, timeout time.Duration) (dump []string, res check.Result, errText string) {
 	if _, err := io.WriteString(s.stdin, line+"\n"); err != nil {
 		return nil, check.Timeout, err.Error()
 	}
 	timer := time.NewTimer(timeout)
 	defer timer.Stop()
+	matched := false
+	var detail string
 	for {
 		select {
 		case l, ok := <-s.lines:
 			if !ok {
-				return nil, check.Timeout, "qemu-io exited"
+				return nil, check.Timeout, "qemu-io exited " + detail
 			}
 			l = strings.TrimLeft(strings.ReplaceAll(l, "qemu-io> ", ""), " ")
 			switch {
+			case strings.HasPrefix(l, "read failed: "), strings.HasPrefix(l, "write failed: "):
+				return nil, check.Failed, strings.TrimSpace(detail + " " + l)
+			case strings.HasPrefix(l, "wrote "), strings.HasPrefix(l, "read "):
+				if l != done {
+					return nil, check.Timeout, fmt.Sprintf("out of step: %q answered %q", line, l)
+				}
+				matched = true
 			case strings.Contains(l, " ops; "):
+				if !matched {
+					return nil, check.Timeout, fmt.Sprintf("out of step: %q answered statistics without %q", line, done)
+				}
 				return dump, check.OK, ""
-			case strings.Contains(l, "failed"):
-				return nil, check.Failed, l
-			case len(l) > 10 && l[8] == ':':
+			case len(l) > 10 && l[8] == ':' && !matched:
 				dump = append(dump, l)
+			default:
+				detail = l
 			}
 		case <-timer.C:
 			return nil, check.Timeout, "no answer in " + timeout.String()
@@ -296,7 +313,7 @@ func (cl *client) one(s *session) check.Result {
 	cell := cl.pickCell()
 	off := int64(cell) * cellSize
 	op := check.Op{Client: cl.name, Key: fmt.Sprintf("%s/%d", cl.img.name, cell)}
-	var line string
+	var line, done string
 	if cl.rng.IntN(2) == 0 {
 		cl.n++
 		op.Kind, op.Value = check.Write, uint64(cl.id)<<32|uint64(cl.n)
@@ -304,12 +321,14 @@ func (cl *client) one(s *session) check.Result {
 			panic(err)
 		}
 		line = fmt.Sprintf("write -s %s %d %d", cl.src, off, cellSize)
+		done = fmt.Sprintf("wrote %d/%d bytes at offset %d", cellSize, cellSize, off)
 	} else {
 		op.Kind = check.Read
 		line = fmt.Sprintf("read -v %d %d", off, cellSize)
+		done = fmt.Sprintf("read %d/%d bytes at offset %d", cellSize, cellSize, off)
 	}
 	start := time.Now()
-	dump, res, errText := s.do(line, cl.w.opTimeout)
+	dump, res, errText := s.do(line, done, cl.w.opTimeout)
 	end := time.Now()
 	op.Start, op.End, op.Result = cl.h.since(start), cl.h.since(end), res
 	if op.Kind == check.Read && res == check.OK {
@@ -331,19 +350,20 @@ func (cl *client) one(s *session) check.Result {
 
 // finalRead reads every cell of an image through one session and records
 // one op per cell, marked "final" for the checker.
-func finalRead(ctx context.Context, c *cluster, h *history, img imageSpec, cells int, n *ukaiNode) error {
-	s, err := openSession(ctx, n, img.name, 30*time.Second)
+func finalRead(ctx context.Context, c *cluster, h *history, img imageSpec, cells int, via *ukaiNode) error {
+	s, err := openSession(ctx, via, img.name, 30*time.Second)
 	if err != nil {
 		return err
 	}
 	defer s.close()
 	start := time.Now()
-	dump, res, errText := s.do(fmt.Sprintf("read -v 0 %d", cells*cellSize), 2*time.Minute)
+	n := cells * cellSize
+	dump, res, errText := s.do(fmt.Sprintf("read -v 0 %d", n), fmt.Sprintf("read %d/%d bytes at offset 0", n, n), 2*time.Minute)
 	end := time.Now()
 	if res != check.OK {
-		return fmt.Errorf("final read of %s through %s: %s", img.name, n.name, errText)
+		return fmt.Errorf("final read of %s through %s: %s", img.name, via.name, errText)
 	}
-	b, err := parseDump(dump, 0, cells*cellSize)
+	b, err := parseDump(dump, 0, n)
 	if err != nil {
 		return fmt.Errorf("final read of %s: %w", img.name, err)
 	}

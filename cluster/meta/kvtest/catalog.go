@@ -1,6 +1,7 @@
 package kvtest
 
 import (
+	"context"
 	"errors"
 	"slices"
 	"strings"
@@ -23,6 +24,7 @@ func RunCatalog(t *testing.T, newKV func(t *testing.T) meta.KV) {
 	}{
 		{"HostileImageIDs", testHostileImageIDs},
 		{"ChunkBeyondRecord", testChunkBeyondRecord},
+		{"FormerOwnerInSyncRecord", testFormerOwnerInSyncRecord},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -187,5 +189,75 @@ func testChunkBeyondRecord(t *testing.T, c *meta.Catalog, p string) {
 	var me *meta.MalformedError
 	if _, err := c.BlockMap(cx, img, "n1"); !errors.As(err, &me) || me.Key != mp+"000000" {
 		t.Fatalf("corrupt chunk inside the record: %v", err)
+	}
+}
+
+// beforeGuarded runs hook once, just before the first guarded write.
+type beforeGuarded struct {
+	meta.KV
+	hook func()
+}
+
+func (k *beforeGuarded) CASGuarded(ctx context.Context, key string, value []byte, index uint64, guard string, guardIndex uint64) error {
+	if h := k.hook; h != nil {
+		k.hook = nil
+		h()
+	}
+	return k.KV.CASGuarded(ctx, key, value, index, guard, guardIndex)
+}
+
+// testFormerOwnerInSyncRecord: a sync by owner A is about to record n2's
+// block 1 in sync, its ownership checked, when B takes the image over
+// (generation 2) and reads the maps. A's record must not land: B would
+// leave n2 out of its writes while n2 is recorded in sync. (Found by a
+// chaos run, where the record landed after the handover.)
+func testFormerOwnerInSyncRecord(t *testing.T, c *meta.Catalog, p string) {
+	cx := ctx(t)
+	img, err := c.CreateImage(cx, meta.Image{Name: "img", Size: 3 << 20, BlockSize: 1 << 20, Locations: []string{"n1", "n2"}}, placement.InSync)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if img, err = c.UpdateImage(cx, "img", func(i *meta.Image) error { i.Owner, i.Generation = "A", 1; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetBlockStates(cx, img, "n2", []int64{1}, placement.OutOfSync); err != nil {
+		t.Fatal(err)
+	}
+	var seenByB *placement.BlockMap
+	kv := &beforeGuarded{KV: c.KV(), hook: func() {
+		// The handover, between A's ownership check and its write.
+		b, err := c.UpdateImage(cx, "img", func(i *meta.Image) error { i.Owner = "B"; i.Generation++; return nil })
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		if seenByB, err = c.BlockMap(cx, b, "n2"); err != nil {
+			t.Error(err)
+		}
+	}}
+	a := meta.NewCatalog(kv, p)
+	err = a.SetBlockStatesOwned(cx, img, "n2", []int64{1}, placement.InSync, "A", 1)
+	if !errors.Is(err, meta.ErrNotOwner) {
+		t.Fatalf("former owner's in-sync record after a takeover: %v, want ErrNotOwner", err)
+	}
+	if seenByB == nil || seenByB.Get(1) != placement.OutOfSync {
+		t.Fatalf("the new owner read %v", seenByB)
+	}
+	bm, err := c.BlockMap(cx, img, "n2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bm.Get(1) != placement.OutOfSync {
+		t.Fatalf("n2 block 1 is %v after the former owner's refused record; want out of sync, as the new owner read it", bm.Get(1))
+	}
+	// The owner of the day records in sync, even while its record moves.
+	if err := c.SetBlockStatesOwned(cx, img, "n2", []int64{1}, placement.InSync, "A", 1); !errors.Is(err, meta.ErrNotOwner) {
+		t.Fatalf("A again: %v, want ErrNotOwner", err)
+	}
+	if err := c.SetBlockStatesOwned(cx, img, "n2", []int64{1}, placement.InSync, "B", 2); err != nil {
+		t.Fatal(err)
+	}
+	if bm, err := c.BlockMap(cx, img, "n2"); err != nil || bm.Get(1) != placement.InSync {
+		t.Fatalf("the owner's own record: %v %v", bm, err)
 	}
 }

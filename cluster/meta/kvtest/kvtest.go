@@ -25,6 +25,7 @@ func Run(t *testing.T, newKV func(t *testing.T) meta.KV) {
 		{"CASIndex", testCASIndex},
 		{"ListPrefixOrder", testListPrefix},
 		{"DeleteCAS", testDeleteCAS},
+		{"CASGuarded", testCASGuarded},
 		{"DeleteTree", testDeleteTree},
 		{"WatchWakes", testWatchWakes},
 		{"WatchCancel", testWatchCancel},
@@ -331,4 +332,41 @@ func testWatchSeesDelete(t *testing.T, kv meta.KV, p string) {
 		}
 	}
 	t.Fatal("Watch never woke up on deletions")
+}
+
+// testCASGuarded: the write lands only while both the key and the guard
+// are where the caller read them; a moved guard or key changes nothing.
+func testCASGuarded(t *testing.T, kv meta.KV, p string) {
+	cx := ctx(t)
+	key, guard := p+"chunk", p+"record"
+	for _, k := range []string{key, guard} {
+		if err := kv.CAS(cx, k, []byte("v1"), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ek, _ := kv.Get(cx, key)
+	eg, _ := kv.Get(cx, guard)
+	if err := kv.CASGuarded(cx, key, []byte("v2"), ek.ModifyIndex, guard, eg.ModifyIndex); err != nil {
+		t.Fatalf("guarded write with both indexes current: %v", err)
+	}
+	ek, _ = kv.Get(cx, key)
+	// The guard moves (a lease renewal, a takeover): refused.
+	if err := kv.CAS(cx, guard, []byte("v2"), eg.ModifyIndex); err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.CASGuarded(cx, key, []byte("v3"), ek.ModifyIndex, guard, eg.ModifyIndex); !errors.Is(err, meta.ErrConflict) {
+		t.Fatalf("guarded write after the guard moved: %v, want ErrConflict", err)
+	}
+	// The key moved: refused too.
+	eg, _ = kv.Get(cx, guard)
+	if err := kv.CASGuarded(cx, key, []byte("v3"), ek.ModifyIndex-1, guard, eg.ModifyIndex); !errors.Is(err, meta.ErrConflict) {
+		t.Fatalf("guarded write with a stale key index: %v, want ErrConflict", err)
+	}
+	// A missing guard: refused.
+	if err := kv.CASGuarded(cx, key, []byte("v3"), ek.ModifyIndex, p+"nosuch", 1); !errors.Is(err, meta.ErrConflict) {
+		t.Fatalf("guarded write with a missing guard: %v, want ErrConflict", err)
+	}
+	if e, err := kv.Get(cx, key); err != nil || string(e.Value) != "v2" {
+		t.Fatalf("key after refused writes: %q %v, want v2", e.Value, err)
+	}
 }
