@@ -416,7 +416,7 @@ func countFaults(tl []event) map[string]int {
 }
 
 // TestChaos is the short form in `make test`: fixed seeds, every fault and
-// operator action, about a minute of faults each. With -chaos.seed it is
+// operator action, 45 s of faults each. With -chaos.seed it is
 // one run of -chaos.duration (make chaos SEED=N DURATION=10m).
 func TestChaos(t *testing.T) {
 	if *flagSeed != 0 {
@@ -431,7 +431,7 @@ func TestChaos(t *testing.T) {
 	}
 	for _, seed := range []uint64{1, 2} {
 		t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
-			if r := run(t, runConfig{seed: seed, duration: 60 * time.Second, nodes: 4, operator: true, clients: 2}); r.failed() {
+			if r := run(t, runConfig{seed: seed, duration: 45 * time.Second, nodes: 4, operator: true, clients: 2}); r.failed() {
 				t.Error(r.report)
 			}
 		})
@@ -443,7 +443,7 @@ func TestChaos(t *testing.T) {
 // target/lun/broken.go), a run without any fault must report violations
 // from the history itself, not only from the end-of-run comparison.
 func TestChaosCatchesBrokenCopy(t *testing.T) {
-	r := run(t, runConfig{seed: 7, duration: 30 * time.Second, nodes: 3, tags: "ukai_broken", faults: []string{}, clients: 2})
+	r := run(t, runConfig{seed: 7, duration: 20 * time.Second, nodes: 3, tags: "ukai_broken", faults: []string{}, clients: 2})
 	if !r.failed() {
 		t.Fatalf("a build that drops every 40th write passed the chaos checks (%d ops)", len(r.ops))
 	}

@@ -257,16 +257,17 @@ type imageSpec struct {
 // a session on a random node, moving to another node now and then (as a
 // VM migrates) and whenever its session fails.
 type client struct {
-	id   int
-	name string
-	img  imageSpec
-	w    workload
-	c    *cluster
-	h    *history
-	rng  *rand.Rand
-	src  string // qemu-io reads a write's bytes from this file
-	n    int    // writes so far
-	logf func(format string, args ...any)
+	id      int
+	name    string
+	img     imageSpec
+	w       workload
+	c       *cluster
+	h       *history
+	rng     *rand.Rand
+	src     string // qemu-io reads a write's bytes from this file
+	n       int    // writes so far
+	failing int    // failed ops in a row
+	logf    func(format string, args ...any)
 }
 
 func (cl *client) run(ctx context.Context) {
@@ -341,8 +342,16 @@ func (cl *client) one(s *session) check.Result {
 			op.Value, op.Unknown = v, !ok
 		}
 	}
-	if res != check.OK {
-		cl.logf("%s via %s: %s %s: %s", cl.name, s.node.name, op.Kind, op.Key, errText)
+	// Log the start and the end of a run of failures, not every one.
+	switch {
+	case res != check.OK && cl.failing == 0:
+		cl.logf("%s via %s: %v %s %v: %s", cl.name, s.node.name, op.Kind, op.Key, res, errText)
+		cl.failing++
+	case res != check.OK:
+		cl.failing++
+	case cl.failing > 0:
+		cl.logf("%s via %s: ok again after %d failed ops", cl.name, s.node.name, cl.failing)
+		cl.failing = 0
 	}
 	cl.h.add(op)
 	return res
