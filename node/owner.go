@@ -117,7 +117,7 @@ func (n *Node) acquire(ctx context.Context, s *served) error {
 	if err != nil {
 		return &scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x00, Err: err}
 	}
-	if previous != "" && previous != n.cfg.Node.Name || previous == n.cfg.Node.Name && !s.everOwned {
+	if mustReconcile(previous, n.cfg.Node.Name, s.everOwned) {
 		// The last owner may have died with writes in flight: make the
 		// copies agree on the blocks it was writing before serving I/O.
 		if err := n.reconcileActivity(ctx, s); err != nil {
@@ -131,6 +131,17 @@ func (n *Node) acquire(ctx context.Context, s *served) error {
 	s.owned.Store(true)
 	n.log.Info("took ownership of image", "image", name, "generation", img.Generation, "previous_owner", previous)
 	return nil
+}
+
+// mustReconcile says whether a node taking an image must first make the
+// copies agree on the blocks of the stored activity log: always, unless
+// this process owned it last and nobody took it since (its own failed
+// writes are in its volume's suspects). A clean release is no exception:
+// it keeps the log when blocks could not be made to agree or writes came
+// in while it flushed (clearActivity), and the successor is the one to
+// repair them. An empty log costs one metadata read.
+func mustReconcile(previous, self string, everOwned bool) bool {
+	return previous != self || !everOwned
 }
 
 // renewLeases keeps the leases of owned images alive, and fences an image
