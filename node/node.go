@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -210,6 +211,13 @@ func (n *Node) shutdown() error {
 	}
 	n.mu.Unlock()
 	err = errors.Join(err, n.kv.Close())
+	if ctx.Err() != nil {
+		// Something ignored the deadline: say what, for the operator
+		// (and the chaos harness, which keeps the log).
+		buf := make([]byte, 4<<20)
+		buf = buf[:runtime.Stack(buf, true)]
+		n.log.Error("shutdown did not finish within its 15 s; the goroutines still running follow", "stacks", string(buf))
+	}
 	n.log.Info("stopped", "err", err)
 	return err
 }

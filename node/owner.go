@@ -447,16 +447,18 @@ type mapStore struct {
 	s *served
 }
 
-// SetBlockStates records out-of-sync blocks unconditionally (a former
-// owner's out-of-sync record costs a sync, never data), and in-sync
-// blocks only while the record still names this node as the owner with
-// the generation it took the image with (meta.SetBlockStatesOwned): a
-// sync that finishes after a handover must not declare a copy in sync
-// that the new owner has been leaving out of its writes.
+// SetBlockStates records block states only while the image's record
+// still names this node as the owner with the generation it took the
+// image with (meta.SetBlockStatesOwned; one more metadata read per record,
+// and records are made only on failures and syncs). In sync: a sync that
+// finishes after a handover must not declare in sync a copy the new owner
+// has been leaving out of its writes. Out of sync too: a former owner
+// whose writes a copy refuses (it has seen the new owner's generation)
+// is the stale one, not the copy; its record would make the new owner
+// stop writing to a good copy, and a few of them left every copy of a
+// block out of sync with nothing to sync from (chaos seed 101). Refused,
+// the write fails and is not acknowledged, as a non-owner's must.
 func (m *mapStore) SetBlockStates(ctx context.Context, node string, blocks []int64, st placement.SyncState) error {
-	if st != placement.InSync {
-		return m.n.cat.SetBlockStates(ctx, m.s.record(), node, blocks, st)
-	}
 	if !m.s.owned.Load() {
 		return errNotOwner("")
 	}
