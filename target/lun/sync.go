@@ -114,12 +114,22 @@ func (v *Volume) SyncBlock(ctx context.Context, b int64, dst string) (SyncResult
 	}
 	// The destination answered: writes may go to it again at once.
 	v.noteResult(dst, nil)
-	if err := v.store.SetBlockStates(ctx, dst, []int64{b}, placement.InSync); err != nil {
-		return SyncResult{}, fmt.Errorf("record block %d of %s in sync: %w", b, dst, err)
-	}
+	// dst holds the block now (under the exclusive lock): from here on it
+	// gets every write to it, even when the record below fails. A failed
+	// record may still have landed (the store answered nothing, or
+	// restarted after committing), and a successor then trusts dst as in
+	// sync: had this owner left dst out of its later writes, dst would be
+	// stale yet "in sync", and a successor's reconciliation would copy
+	// it over the others (chaos seed 101: an acknowledged write undone, a
+	// stale read). An in-sync copy here that the store says is out of
+	// sync only costs a sync; the next map from the store brings it back.
+	err := v.store.SetBlockStates(ctx, dst, []int64{b}, placement.InSync)
 	v.mu.Lock()
 	v.setStatesLocked(dst, []int64{b}, placement.InSync)
 	v.mu.Unlock()
+	if err != nil {
+		return SyncResult{}, fmt.Errorf("record block %d of %s in sync: %w", b, dst, err)
+	}
 	return res, nil
 }
 
