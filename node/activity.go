@@ -129,11 +129,18 @@ func (s *served) noteFlush(at time.Time) {
 
 // clearActivity empties the stored activity log once every block in it
 // was flushed (called when the image is quiet, and on release).
+//
+// Lock order: a write holds its blocks' locks, then takes act.mu (in
+// beforeWrite); so act.mu is never held here while the suspects are
+// reconciled, which takes block locks. Holding it there deadlocked an
+// image for good, every write and sync waiting (chaos seed 102: the node
+// could not even stop).
 func (n *Node) clearActivity(ctx context.Context, s *served) {
 	a := &s.act
 	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.stored == 0 {
+	stored := a.stored
+	a.mu.Unlock()
+	if stored == 0 {
 		return
 	}
 	// A failed write may have left copies different: repair first (the
@@ -143,6 +150,11 @@ func (n *Node) clearActivity(ctx context.Context, s *served) {
 			n.log.Warn("cannot reconcile blocks a failed write may have left different; keeping the activity log", "image", s.record().Name, "err", err)
 			return
 		}
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.stored == 0 || s.vol.HasSuspects() {
+		return // cleared meanwhile, or a write failed since: next time
 	}
 	for _, t := range a.blocks {
 		if !t.Before(a.lastFlush) {
