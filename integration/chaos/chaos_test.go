@@ -397,8 +397,9 @@ func logsAround(r *result, v check.Violation) string {
 	t0 := r.t0
 	var b strings.Builder
 	for _, n := range r.c.nodes {
-		lines := n.logWindow(t0.Add(lo-2*time.Second), t0.Add(hi+2*time.Second), 40)
-		fmt.Fprintf(&b, "  --- %s log, %.3fs to %.3fs (%d lines) ---\n", n.name, (lo - 2*time.Second).Seconds(), (hi + 2*time.Second).Seconds(), len(lines))
+		image, _, _ := strings.Cut(v.Key, "/")
+		lines := n.logWindow(t0.Add(lo-2*time.Second), t0.Add(hi+2*time.Second), "image="+image, 40)
+		fmt.Fprintf(&b, "  --- %s log about %s, %.3fs to %.3fs (the last %d lines) ---\n", n.name, image, (lo - 2*time.Second).Seconds(), (hi + 2*time.Second).Seconds(), len(lines))
 		for _, l := range lines {
 			fmt.Fprintf(&b, "  %s\n", l)
 		}

@@ -316,8 +316,9 @@ func (n *ukaiNode) image(ctx context.Context, name string) (api.Image, error) {
 }
 
 // logWindow returns the lines of the node's log whose time= stamp lies in
-// [from, to], at most max lines.
-func (n *ukaiNode) logWindow(from, to time.Time, max int) []string {
+// [from, to] and that hold the field match (e.g. "image=vm0"), at most max: the last ones, nearest
+// the end of the window (where a violating read completed).
+func (n *ukaiNode) logWindow(from, to time.Time, match string, max int) []string {
 	f, err := os.Open(n.logPath)
 	if err != nil {
 		return nil
@@ -325,11 +326,11 @@ func (n *ukaiNode) logWindow(from, to time.Time, max int) []string {
 	defer f.Close()
 	var lines []string
 	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	sc.Buffer(make([]byte, 1<<20), 8<<20)
 	for sc.Scan() {
 		line := sc.Text()
 		ts, ok := strings.CutPrefix(line, "time=")
-		if !ok {
+		if !ok || !strings.Contains(line, match+" ") && !strings.HasSuffix(line, match) {
 			continue
 		}
 		ts, _, _ = strings.Cut(ts, " ")
@@ -338,9 +339,9 @@ func (n *ukaiNode) logWindow(from, to time.Time, max int) []string {
 			continue
 		}
 		lines = append(lines, line)
-		if len(lines) >= max {
-			break
-		}
+	}
+	if len(lines) > max {
+		lines = lines[len(lines)-max:]
 	}
 	return lines
 }
