@@ -59,6 +59,9 @@ type Volume struct {
 	cfg   Config
 	store MapStore
 	locks blockLocks
+	// ranges orders overlapping writes (see rangeLocks); taken before
+	// the block locks.
+	ranges rangeLocks
 
 	mu       sync.RWMutex
 	replicas []*Replica
@@ -699,6 +702,11 @@ func (v *Volume) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 	if err != nil {
 		return err
 	}
+	unlock, err := v.ranges.lock(ctx, off, off+int64(len(p)))
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	defer v.locks.shared(ps)()
 	if err := v.beforeWrite(ctx, ps); err != nil {
 		return err
@@ -852,6 +860,11 @@ func (v *Volume) Unmap(ctx context.Context, off, n int64) error {
 	if err != nil {
 		return err
 	}
+	unlock, err := v.ranges.lock(ctx, off, off+n)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	defer v.locks.shared(ps)()
 	if err := v.beforeWrite(ctx, ps); err != nil {
 		return err
