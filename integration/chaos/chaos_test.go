@@ -433,8 +433,12 @@ func TestChaos(t *testing.T) {
 		}
 		return
 	}
+	// The seeds run at once, and beside TestChaosCatchesBrokenCopy: the
+	// harness asserts no timing, and two or three clusters on two cores
+	// are more stress, not less (make test: 75 s instead of 175 s).
 	for _, seed := range []uint64{1, 2} {
 		t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
+			t.Parallel()
 			if r := run(t, runConfig{seed: seed, duration: 45 * time.Second, nodes: 4, operator: true, clients: 2}); r.failed() {
 				t.Error(r.report)
 			}
@@ -447,6 +451,7 @@ func TestChaos(t *testing.T) {
 // target/lun/broken.go), a run without any fault must report violations
 // from the history itself, not only from the end-of-run comparison.
 func TestChaosCatchesBrokenCopy(t *testing.T) {
+	t.Parallel()
 	r := run(t, runConfig{seed: 7, duration: 20 * time.Second, nodes: 3, tags: "ukai_broken", faults: []string{}, clients: 2})
 	if !r.failed() {
 		t.Fatalf("a build that drops every 40th write passed the chaos checks (%d ops)", len(r.ops))
