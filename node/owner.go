@@ -302,8 +302,12 @@ func (g *gate) do(ctx context.Context, local func(ctx context.Context) error, fw
 			switch {
 			case ferr == nil:
 				return nil
-			case errors.Is(ferr, peer.ErrNotOwner), errors.Is(ferr, peer.ErrUnavailable), errors.Is(ferr, peer.ErrStaleGeneration):
-				// The owner changed, let go or died: look again.
+			case errors.Is(ferr, peer.ErrNotOwner), errors.Is(ferr, peer.ErrUnavailable), errors.Is(ferr, peer.ErrStaleGeneration),
+				errors.Is(ferr, peer.ErrUnknownImage):
+				// The owner changed, let go or died, or (unknown image)
+				// restarted and has not loaded the image yet: look again.
+				// Chaos runs saw the last one answered HARDWARE ERROR,
+				// which initiators do not retry.
 				n.log.Debug("forwarding to the owner failed; retrying", "image", img.Name, "owner", no.owner, "err", ferr)
 				err = ferr
 			default:
