@@ -101,7 +101,16 @@ func (c *Catalog) SetBlockStatesOwned(ctx context.Context, img Image, node strin
 		}
 		return c.imageKey(img.Name), idx, nil
 	}
-	return c.setBlockStates(ctx, img, node, blocks, s, guard)
+	err := c.setBlockStates(ctx, img, node, blocks, s, guard)
+	var me *MalformedError
+	if s == placement.OutOfSync && errors.As(err, &me) {
+		// The caller's record may be older than a location's removal:
+		// a copy that left the image needs no out-of-sync record.
+		if cur, _, gerr := c.GetImage(ctx, img.Name); gerr == nil && cur.ID == img.ID && !cur.HasLocation(node) {
+			return nil
+		}
+	}
+	return err
 }
 
 func (c *Catalog) setBlockStates(ctx context.Context, img Image, node string, blocks []int64, s placement.SyncState, guard guardFunc) error {
@@ -176,6 +185,20 @@ func (c *Catalog) AddLocation(ctx context.Context, name, node string) (Image, er
 	if !NodeNameRE.MatchString(node) {
 		return Image{}, fmt.Errorf("%w: node name %q", ErrInvalid, node)
 	}
+	for range maxCASRetries {
+		img, err := c.addLocation(ctx, name, node)
+		if !errors.Is(err, errGrownMeanwhile) {
+			return img, err
+		}
+	}
+	return Image{}, fmt.Errorf("add location %s to %q: the image kept growing: %w", node, name, ErrConflict)
+}
+
+// errGrownMeanwhile: the image grew between the new location's map and
+// its record update; the map is too short, so the whole step is redone.
+var errGrownMeanwhile = errors.New("image grown meanwhile")
+
+func (c *Catalog) addLocation(ctx context.Context, name, node string) (Image, error) {
 	img, _, err := c.GetImage(ctx, name)
 	if err != nil {
 		return Image{}, err
@@ -196,6 +219,13 @@ func (c *Catalog) AddLocation(ctx context.Context, name, node string) (Image, er
 	return c.UpdateImage(ctx, name, func(i *Image) error {
 		if i.ID != img.ID {
 			return fmt.Errorf("image %q was recreated meanwhile: %w", name, ErrConflict)
+		}
+		if i.Blocks() != img.Blocks() {
+			// A grow ran between the map above and this update (it
+			// extended only the locations it saw): a map shorter than
+			// the record is malformed, and the image unusable (chaos
+			// seed 104, a resize during a location add).
+			return errGrownMeanwhile
 		}
 		if !i.HasLocation(node) {
 			i.Locations = append(i.Locations, node)

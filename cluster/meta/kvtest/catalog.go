@@ -25,6 +25,8 @@ func RunCatalog(t *testing.T, newKV func(t *testing.T) meta.KV) {
 		{"HostileImageIDs", testHostileImageIDs},
 		{"ChunkBeyondRecord", testChunkBeyondRecord},
 		{"FormerOwnerInSyncRecord", testFormerOwnerInSyncRecord},
+		{"GrowDuringAddLocation", testGrowDuringAddLocation},
+		{"RecordForRemovedLocation", testRecordForRemovedLocation},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -259,5 +261,79 @@ func testFormerOwnerInSyncRecord(t *testing.T, c *meta.Catalog, p string) {
 	}
 	if bm, err := c.BlockMap(cx, img, "n2"); err != nil || bm.Get(1) != placement.InSync {
 		t.Fatalf("the owner's own record: %v %v", bm, err)
+	}
+}
+
+// afterCAS runs hook once, right after the first successful CAS of a key
+// with the given prefix.
+type afterCAS struct {
+	meta.KV
+	prefix string
+	hook   func()
+}
+
+func (k *afterCAS) CAS(ctx context.Context, key string, value []byte, index uint64) error {
+	err := k.KV.CAS(ctx, key, value, index)
+	if h := k.hook; err == nil && h != nil && strings.HasPrefix(key, k.prefix) {
+		k.hook = nil
+		h()
+	}
+	return err
+}
+
+// testGrowDuringAddLocation: an image grows between a new location's
+// block map and the record naming it. The map must not stay shorter than
+// the record (a malformed image nobody can write to; chaos seed 104).
+func testGrowDuringAddLocation(t *testing.T, c *meta.Catalog, p string) {
+	cx := ctx(t)
+	img, err := c.CreateImage(cx, meta.Image{Name: "img", Size: 3 << 20, BlockSize: 1 << 20, Locations: []string{"n1"}}, placement.InSync)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv := &afterCAS{KV: c.KV(), prefix: p + "blockmaps/" + img.ID + "/n2/", hook: func() {
+		if _, err := c.GrowImage(cx, "img", 5<<20); err != nil {
+			t.Errorf("grow during the add: %v", err)
+		}
+	}}
+	added, err := meta.NewCatalog(kv, p).AddLocation(cx, "img", "n2")
+	if err != nil {
+		t.Fatalf("add location while the image grew: %v", err)
+	}
+	if kv.hook != nil {
+		t.Fatal("test setup: the grow did not run")
+	}
+	if added.Size != 5<<20 || !added.HasLocation("n2") {
+		t.Fatalf("after the add: size %d, locations %v", added.Size, added.Locations)
+	}
+	bm, err := c.BlockMap(cx, added, "n2")
+	if err != nil {
+		t.Fatalf("the new location's map after a grow during the add: %v", err)
+	}
+	if bm.Len() != 5 || bm.Count(placement.OutOfSync) != 5 {
+		t.Fatalf("the new location's map: %d blocks, %d out of sync; want 5, all out of sync", bm.Len(), bm.Count(placement.OutOfSync))
+	}
+}
+
+// testRecordForRemovedLocation: an owner whose record still lists a
+// location that was removed meanwhile (its map deleted) records a failed
+// write to it: out of sync needs no record for a copy that left (no
+// "malformed" error failing the write); in sync is refused.
+func testRecordForRemovedLocation(t *testing.T, c *meta.Catalog, p string) {
+	cx := ctx(t)
+	img, err := c.CreateImage(cx, meta.Image{Name: "img", Size: 3 << 20, BlockSize: 1 << 20, Locations: []string{"n1", "n2"}}, placement.InSync)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if img, err = c.UpdateImage(cx, "img", func(i *meta.Image) error { i.Owner, i.Generation = "A", 1; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.RemoveLocation(cx, "img", "n2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetBlockStatesOwned(cx, img, "n2", []int64{1}, placement.OutOfSync, "A", 1); err != nil {
+		t.Fatalf("out-of-sync record for a removed location: %v, want none needed", err)
+	}
+	if err := c.SetBlockStatesOwned(cx, img, "n2", []int64{1}, placement.InSync, "A", 1); err == nil {
+		t.Fatal("in-sync record for a removed location accepted")
 	}
 }
