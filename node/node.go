@@ -190,6 +190,14 @@ func (n *Node) shutdown() error {
 	n.log.Info("shutting down")
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
+	// Something that ignores the deadline may never return: say what
+	// still runs when the deadline passes, not after (which may be never).
+	dump := time.AfterFunc(16*time.Second, func() {
+		buf := make([]byte, 4<<20)
+		buf = buf[:runtime.Stack(buf, true)]
+		n.log.Error("shutdown did not finish within its 15 s; the goroutines still running follow", "stacks", string(buf))
+	})
+	defer dump.Stop()
 	err := n.apiSrv.Shutdown(ctx)
 	err = errors.Join(err, n.target.Close(ctx))
 	// Hand back the images this node owns, their copies flushed.
@@ -211,13 +219,6 @@ func (n *Node) shutdown() error {
 	}
 	n.mu.Unlock()
 	err = errors.Join(err, n.kv.Close())
-	if ctx.Err() != nil {
-		// Something ignored the deadline: say what, for the operator
-		// (and the chaos harness, which keeps the log).
-		buf := make([]byte, 4<<20)
-		buf = buf[:runtime.Stack(buf, true)]
-		n.log.Error("shutdown did not finish within its 15 s; the goroutines still running follow", "stacks", string(buf))
-	}
 	n.log.Info("stopped", "err", err)
 	return err
 }

@@ -463,9 +463,9 @@ type mapStore struct {
 // block out of sync with nothing to sync from (chaos seed 101). Refused,
 // the write fails and is not acknowledged, as a non-owner's must.
 func (m *mapStore) SetBlockStates(ctx context.Context, node string, blocks []int64, st placement.SyncState) error {
-	if !m.s.owned.Load() {
-		return errNotOwner("")
-	}
+	// No shortcut on s.owned: a takeover's reconciliation records before
+	// owned is set, and writes still in flight while a release clears it
+	// must record what they did; the stored record decides.
 	err := m.n.cat.SetBlockStatesOwned(ctx, m.s.record(), node, blocks, st, m.n.cfg.Node.Name, m.s.ownedGen.Load())
 	if errors.Is(err, meta.ErrNotOwner) {
 		return fmt.Errorf("%w: %w", err, errNotOwner(""))

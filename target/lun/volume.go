@@ -494,6 +494,12 @@ func mediumError(err error) error {
 // writeError is a write, unmap or flush that failed: MEDIUM ERROR, WRITE
 // ERROR (0c/00).
 func writeError(err error) error {
+	if se, ok := scsi.AsSense(err); ok && se.Key == scsi.SenseNotReady {
+		// The store refused the record because this node no longer owns
+		// the image (04/0a): the initiator retries that, through the
+		// new owner; MEDIUM ERROR it would not.
+		return err
+	}
 	return &scsi.SenseError{Key: scsi.SenseMediumError, ASC: 0x0c, ASCQ: 0x00, Err: err}
 }
 

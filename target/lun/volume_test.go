@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"path/filepath"
 	"sync"
@@ -881,5 +882,30 @@ func TestDisjointWritesInOneBlockStayParallel(t *testing.T) {
 	}
 	if err := <-slow; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// notOwnerStore refuses every record as a store does once another node
+// owns the image.
+type notOwnerStore struct{}
+
+func (notOwnerStore) SetBlockStates(context.Context, string, []int64, placement.SyncState) error {
+	return fmt.Errorf("record: %w", &scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x0a, Err: errors.New("not the owner")})
+}
+
+// TestRefusedRecordIsNotReady: a write whose out-of-sync record the store
+// refuses because this node no longer owns the image fails with the
+// store's NOT READY 04/0a, which initiators retry (through the new
+// owner), not MEDIUM ERROR, which they report to the VM.
+func TestRefusedRecordIsNotReady(t *testing.T) {
+	const bs = 64 << 10
+	ctx := context.Background()
+	r := newRig(t, 4*bs, bs, 1, "a", "b")
+	r.v.store = notOwnerStore{}
+	r.copies["b"].fail.Store(true)
+	err := r.v.WriteAt(ctx, pattern(4096, 3), 0, true)
+	se, ok := scsi.AsSense(err)
+	if !ok || se.Key != scsi.SenseNotReady || se.ASC != 0x04 || se.ASCQ != 0x0a {
+		t.Fatalf("write whose record was refused: %v, want NOT READY 04/0a", err)
 	}
 }
