@@ -204,11 +204,8 @@ func (k *KV) List(ctx context.Context, prefix string) ([]meta.Entry, uint64, err
 // CAS implements meta.KV: index 0 creates only (Consul's cas=0), otherwise
 // the key's ModifyIndex must still be index.
 func (k *KV) CAS(ctx context.Context, key string, value []byte, index uint64) error {
-	if err := checkKey(key); err != nil {
+	if err := checkWrite(key, value); err != nil {
 		return err
-	}
-	if len(value) > MaxValueSize {
-		return fmt.Errorf("consul kv %s: value of %d bytes exceeds Consul's limit of %d bytes (512 KiB)", key, len(value), MaxValueSize)
 	}
 	rctx, cancel := context.WithTimeout(ctx, k.timeout)
 	defer cancel()
@@ -229,30 +226,49 @@ func (k *KV) CAS(ctx context.Context, key string, value []byte, index uint64) er
 // guard's index, then check-and-set the key. A rolled-back transaction
 // (HTTP 409) is a conflict on one of the two.
 func (k *KV) CASGuarded(ctx context.Context, key string, value []byte, index uint64, guard string, guardIndex uint64) error {
-	if err := checkKey(key); err != nil {
+	if err := checkWrite(key, value); err != nil {
 		return err
 	}
 	if err := checkKey(guard); err != nil {
 		return err
 	}
+	rolledBack, err := k.txn(ctx, "cas", key, api.TxnOps{
+		{KV: &api.KVTxnOp{Verb: api.KVCheckIndex, Key: guard, Index: guardIndex}},
+		{KV: &api.KVTxnOp{Verb: api.KVCAS, Key: key, Value: value, Index: index}},
+	})
+	if rolledBack {
+		return fmt.Errorf("%s (guarded by %s at %d): modify index moved: %w", key, guard, guardIndex, meta.ErrConflict)
+	}
+	return err
+}
+
+// checkWrite checks a key and a value before they are sent.
+func checkWrite(key string, value []byte) error {
+	if err := checkKey(key); err != nil {
+		return err
+	}
 	if len(value) > MaxValueSize {
 		return fmt.Errorf("consul kv %s: value of %d bytes exceeds Consul's limit of %d bytes (512 KiB)", key, len(value), MaxValueSize)
 	}
+	return nil
+}
+
+// txn runs ops as one Consul transaction. rolledBack: Consul answered 409,
+// one of the checks failed and nothing changed.
+func (k *KV) txn(ctx context.Context, what, key string, ops api.TxnOps) (rolledBack bool, err error) {
 	rctx, cancel := context.WithTimeout(ctx, k.timeout)
 	defer cancel()
-	ops := api.TxnOps{
-		{KV: &api.KVTxnOp{Verb: api.KVCheckIndex, Key: guard, Index: guardIndex}},
-		{KV: &api.KVTxnOp{Verb: api.KVCAS, Key: key, Value: value, Index: index}},
-	}
-	_, err := k.client.Raw().Write("/v1/txn", ops, nil, k.write(rctx))
+	// Raw, not Txn(): the latter drops the HTTP status of failures.
+	_, err = k.client.Raw().Write("/v1/txn", ops, nil, k.write(rctx))
 	var se api.StatusError
-	if err == nil {
-		return nil
+	switch {
+	case err == nil:
+		return false, nil
+	case errors.As(err, &se) && se.Code == http.StatusConflict:
+		return true, nil
+	default:
+		return false, k.fail(ctx, what, key, err)
 	}
-	if !errors.As(err, &se) || se.Code != http.StatusConflict { // 409: rolled back
-		return k.fail(ctx, "cas", key, err)
-	}
-	return fmt.Errorf("%s (guarded by %s at %d): modify index moved: %w", key, guard, guardIndex, meta.ErrConflict)
 }
 
 // DeleteCAS implements meta.KV. It runs as a Consul transaction (check the
@@ -262,20 +278,12 @@ func (k *KV) DeleteCAS(ctx context.Context, key string, index uint64) error {
 	if err := checkKey(key); err != nil {
 		return err
 	}
-	rctx, cancel := context.WithTimeout(ctx, k.timeout)
-	defer cancel()
-	ops := api.TxnOps{
+	rolledBack, err := k.txn(ctx, "delete", key, api.TxnOps{
 		{KV: &api.KVTxnOp{Verb: api.KVCheckIndex, Key: key, Index: index}},
 		{KV: &api.KVTxnOp{Verb: api.KVDelete, Key: key}},
-	}
-	// Raw, not Txn(): the latter drops the HTTP status of failures.
-	_, err := k.client.Raw().Write("/v1/txn", ops, nil, k.write(rctx))
-	var se api.StatusError
-	if err == nil {
-		return nil
-	}
-	if !errors.As(err, &se) || se.Code != http.StatusConflict { // 409: rolled back
-		return k.fail(ctx, "delete", key, err)
+	})
+	if !rolledBack {
+		return err
 	}
 	if _, err := k.Get(ctx, key); err != nil {
 		return err // ErrNotFound, or why the check failed

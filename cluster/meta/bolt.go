@@ -150,13 +150,19 @@ func (s *BoltKV) CAS(ctx context.Context, key string, value []byte, index uint64
 		return errors.New("metadata store: empty key")
 	}
 	return s.update(ctx, func(b *bolt.Bucket, next uint64) (bool, error) {
-		cur, exists := currentIndex(b, key)
-		if (index == 0 && exists) || (index != 0 && (!exists || cur != index)) {
-			return false, fmt.Errorf("%s: %w", key, ErrConflict)
-		}
-		v := binary.BigEndian.AppendUint64(make([]byte, 0, 8+len(value)), next)
-		return true, b.Put([]byte(key), append(v, value...))
+		return putIfIndex(b, key, value, index, next)
 	})
+}
+
+// putIfIndex writes value at key with index next if key's index is still
+// index (0: only if key does not exist).
+func putIfIndex(b *bolt.Bucket, key string, value []byte, index, next uint64) (bool, error) {
+	cur, exists := currentIndex(b, key)
+	if (index == 0 && exists) || (index != 0 && (!exists || cur != index)) {
+		return false, fmt.Errorf("%s: %w", key, ErrConflict)
+	}
+	v := binary.BigEndian.AppendUint64(make([]byte, 0, 8+len(value)), next)
+	return true, b.Put([]byte(key), append(v, value...))
 }
 
 // CASGuarded implements KV: both checks and the write in one bolt
@@ -169,12 +175,7 @@ func (s *BoltKV) CASGuarded(ctx context.Context, key string, value []byte, index
 		if g, exists := currentIndex(b, guard); !exists || g != guardIndex {
 			return false, fmt.Errorf("%s: modify index is no longer %d: %w", guard, guardIndex, ErrConflict)
 		}
-		cur, exists := currentIndex(b, key)
-		if (index == 0 && exists) || (index != 0 && (!exists || cur != index)) {
-			return false, fmt.Errorf("%s: %w", key, ErrConflict)
-		}
-		v := binary.BigEndian.AppendUint64(make([]byte, 0, 8+len(value)), next)
-		return true, b.Put([]byte(key), append(v, value...))
+		return putIfIndex(b, key, value, index, next)
 	})
 }
 

@@ -411,10 +411,7 @@ func (s *Server) Close(ctx context.Context) error {
 			s.ln.Close()
 		}
 	}
-	conns := make([]*conn, 0, len(s.conns))
-	for c := range s.conns {
-		conns = append(conns, c)
-	}
+	conns := s.connsLocked()
 	s.mu.Unlock()
 	for _, c := range conns {
 		c.shutdown("server closing")
@@ -582,6 +579,16 @@ func sourceAddr(a net.Addr) string {
 	return host
 }
 
+// connsLocked lists the open connections (s.mu held), so that they can
+// be acted on after s.mu is let go.
+func (s *Server) connsLocked() []*conn {
+	conns := make([]*conn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	return conns
+}
+
 // sweepDataOut checks every connection for write commands waiting too
 // long for Data-Out (conn.checkDataOut), every DataOutTimeout/4, until ctx
 // ends.
@@ -597,10 +604,7 @@ func (s *Server) sweepDataOut(ctx context.Context) {
 			return
 		case now := <-tk.C:
 			s.mu.Lock()
-			conns := make([]*conn, 0, len(s.conns))
-			for c := range s.conns {
-				conns = append(conns, c)
-			}
+			conns := s.connsLocked()
 			s.mu.Unlock()
 			for _, c := range conns {
 				c.checkDataOut(now, timeout)
