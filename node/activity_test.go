@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ukai-storage/ukai/cluster/meta"
+	"github.com/ukai-storage/ukai/cluster/meta/kvtest"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/lun"
 )
@@ -39,19 +39,8 @@ func (f *failing) WriteAt(ctx context.Context, p []byte, off int64, durable bool
 func TestClearActivityDoesNotDeadlockWrites(t *testing.T) {
 	ctx := context.Background()
 	const bs = 64 << 10
-	kv, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer kv.Close()
-	cat := meta.NewCatalog(kv, "ukai/")
-	img, err := cat.CreateImage(ctx, meta.Image{Name: "vm1", Size: 4 * bs, BlockSize: bs, Locations: []string{"n1", "n2"}}, placement.InSync)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if img, err = cat.UpdateImage(ctx, "vm1", func(i *meta.Image) error { i.Owner, i.Generation = "n1", 1; return nil }); err != nil {
-		t.Fatal(err)
-	}
+	cat := testCatalog(t)
+	img := kvtest.OwnedImage(t, cat, "vm1", 4*bs, bs, "n1", "n1", "n2")
 	n := &Node{cfg: Config{Node: NodeConfig{Name: "n1"}}, cat: cat, log: slog.New(slog.DiscardHandler)}
 	s := &served{img: img}
 	s.owned.Store(true)

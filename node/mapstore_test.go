@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/ukai-storage/ukai/cluster/meta"
+	"github.com/ukai-storage/ukai/cluster/meta/kvtest"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/scsi"
 )
@@ -21,19 +22,8 @@ import (
 // acknowledged) and the maps stay as the new owner read them.
 func TestFormerOwnerRecordsNothing(t *testing.T) {
 	ctx := context.Background()
-	kv, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer kv.Close()
-	cat := meta.NewCatalog(kv, "ukai/")
-	img, err := cat.CreateImage(ctx, meta.Image{Name: "vm1", Size: 4 << 20, BlockSize: 1 << 20, Locations: []string{"n1", "n2"}}, placement.InSync)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if img, err = cat.UpdateImage(ctx, "vm1", func(i *meta.Image) error { i.Owner, i.Generation = "n1", 1; return nil }); err != nil {
-		t.Fatal(err)
-	}
+	cat := testCatalog(t)
+	img := kvtest.OwnedImage(t, cat, "vm1", 4<<20, 1<<20, "n1", "n1", "n2")
 	n := &Node{cfg: Config{Node: NodeConfig{Name: "n1"}}, cat: cat}
 	s := &served{img: img}
 	s.owned.Store(true)
@@ -70,4 +60,15 @@ func TestFormerOwnerRecordsNothing(t *testing.T) {
 			t.Errorf("%s block %d is %v after the former owner's refused record, want %v", tc.node, tc.block, got, tc.want)
 		}
 	}
+}
+
+// testCatalog is a catalog over an embedded store in a temporary dir.
+func testCatalog(t *testing.T) *meta.Catalog {
+	t.Helper()
+	kv, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { kv.Close() })
+	return meta.NewCatalog(kv, "ukai/")
 }

@@ -215,13 +215,7 @@ func (k *beforeGuarded) CASGuarded(ctx context.Context, key string, value []byte
 // chaos run, where the record landed after the handover.)
 func testFormerOwnerInSyncRecord(t *testing.T, c *meta.Catalog, p string) {
 	cx := ctx(t)
-	img, err := c.CreateImage(cx, meta.Image{Name: "img", Size: 3 << 20, BlockSize: 1 << 20, Locations: []string{"n1", "n2"}}, placement.InSync)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if img, err = c.UpdateImage(cx, "img", func(i *meta.Image) error { i.Owner, i.Generation = "A", 1; return nil }); err != nil {
-		t.Fatal(err)
-	}
+	img := OwnedImage(t, c, "img", 3<<20, 1<<20, "A", "n1", "n2")
 	if err := c.SetBlockStates(cx, img, "n2", []int64{1}, placement.OutOfSync); err != nil {
 		t.Fatal(err)
 	}
@@ -238,7 +232,7 @@ func testFormerOwnerInSyncRecord(t *testing.T, c *meta.Catalog, p string) {
 		}
 	}}
 	a := meta.NewCatalog(kv, p)
-	err = a.SetBlockStatesOwned(cx, img, "n2", []int64{1}, placement.InSync, "A", 1)
+	err := a.SetBlockStatesOwned(cx, img, "n2", []int64{1}, placement.InSync, "A", 1)
 	if !errors.Is(err, meta.ErrNotOwner) {
 		t.Fatalf("former owner's in-sync record after a takeover: %v, want ErrNotOwner", err)
 	}
@@ -320,13 +314,7 @@ func testGrowDuringAddLocation(t *testing.T, c *meta.Catalog, p string) {
 // "malformed" error failing the write); in sync is refused.
 func testRecordForRemovedLocation(t *testing.T, c *meta.Catalog, p string) {
 	cx := ctx(t)
-	img, err := c.CreateImage(cx, meta.Image{Name: "img", Size: 3 << 20, BlockSize: 1 << 20, Locations: []string{"n1", "n2"}}, placement.InSync)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if img, err = c.UpdateImage(cx, "img", func(i *meta.Image) error { i.Owner, i.Generation = "A", 1; return nil }); err != nil {
-		t.Fatal(err)
-	}
+	img := OwnedImage(t, c, "img", 3<<20, 1<<20, "A", "n1", "n2")
 	if _, err := c.RemoveLocation(cx, "img", "n2"); err != nil {
 		t.Fatal(err)
 	}
@@ -336,4 +324,19 @@ func testRecordForRemovedLocation(t *testing.T, c *meta.Catalog, p string) {
 	if err := c.SetBlockStatesOwned(cx, img, "n2", []int64{1}, placement.InSync, "A", 1); err == nil {
 		t.Fatal("in-sync record for a removed location accepted")
 	}
+}
+
+// OwnedImage creates image name on c with a copy on each of locations,
+// every block in sync, owned by owner at generation 1.
+func OwnedImage(t testing.TB, c *meta.Catalog, name string, size, blockSize int64, owner string, locations ...string) meta.Image {
+	t.Helper()
+	cx := context.Background()
+	if _, err := c.CreateImage(cx, meta.Image{Name: name, Size: size, BlockSize: blockSize, Locations: locations}, placement.InSync); err != nil {
+		t.Fatal(err)
+	}
+	img, err := c.UpdateImage(cx, name, func(i *meta.Image) error { i.Owner, i.Generation = owner, 1; return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img
 }
