@@ -80,16 +80,20 @@ func (c *Catalog) SetBlockStates(ctx context.Context, img Image, node string, bl
 // record names another owner or generation.
 var ErrNotOwner = errors.New("no longer the image's owner")
 
-// SetBlockStatesOwned is SetBlockStates for a record only the owner may
-// make (a copy declared in sync): each chunk is written in one atomic
-// step with a check that the image's record is unchanged since it was
-// read naming owner at generation gen (KV.CASGuarded), and ErrNotOwner
-// once it names another. A new owner's takeover changes the record
-// before the new owner reads the maps, so a former owner's record either
-// lands before that read or not at all. A chaos run (integration/chaos,
-// seed 11) found a former owner's sync, finishing just after a handover,
-// recording a copy in sync that the new owner was leaving out of its
-// writes: two copies then differed, both "in sync".
+// errCopyGone: the record no longer lists the copy a record was for.
+var errCopyGone = errors.New("the copy is no longer a location of the image")
+
+// SetBlockStatesOwned is SetBlockStates for the owner of the day: each
+// chunk is written in one atomic step with a check that the image's
+// record is unchanged since it was read naming owner at generation gen
+// (KV.CASGuarded), and ErrNotOwner once it names another. A new owner's
+// takeover changes the record before the new owner reads the maps, so a
+// former owner's record either lands before that read or not at all
+// (chaos seeds 11 and 101: a former owner declared in sync a copy the new
+// owner was leaving out of its writes, and marked out of sync the copies
+// refusing its stale generation). A copy that left the image needs no
+// out-of-sync record (the caller's record may be older than the removal);
+// an in-sync one is refused.
 func (c *Catalog) SetBlockStatesOwned(ctx context.Context, img Image, node string, blocks []int64, s placement.SyncState, owner string, gen uint64) error {
 	guard := func(ctx context.Context) (string, uint64, error) {
 		cur, idx, err := c.GetImage(ctx, img.Name)
@@ -99,16 +103,14 @@ func (c *Catalog) SetBlockStatesOwned(ctx context.Context, img Image, node strin
 		if cur.ID != img.ID || cur.Owner != owner || cur.Generation != gen {
 			return "", 0, fmt.Errorf("%q: owner %q generation %d, not %q generation %d: %w", img.Name, cur.Owner, cur.Generation, owner, gen, ErrNotOwner)
 		}
+		if !cur.HasLocation(node) {
+			return "", 0, fmt.Errorf("%q on %s: %w", img.Name, node, errCopyGone)
+		}
 		return c.imageKey(img.Name), idx, nil
 	}
 	err := c.setBlockStates(ctx, img, node, blocks, s, guard)
-	var me *MalformedError
-	if s == placement.OutOfSync && errors.As(err, &me) {
-		// The caller's record may be older than a location's removal:
-		// a copy that left the image needs no out-of-sync record.
-		if cur, _, gerr := c.GetImage(ctx, img.Name); gerr == nil && cur.ID == img.ID && !cur.HasLocation(node) {
-			return nil
-		}
+	if s == placement.OutOfSync && errors.Is(err, errCopyGone) {
+		return nil
 	}
 	return err
 }
@@ -141,6 +143,17 @@ type guardFunc func(context.Context) (key string, index uint64, err error)
 func (c *Catalog) updateChunk(ctx context.Context, img Image, node string, ch int, guard guardFunc, fn func(*placement.BlockMap)) error {
 	key := c.chunkKey(img.ID, node, ch)
 	for range maxCASRetries {
+		// The guard first: it may say the write is not to be made at all
+		// (another owner, a copy that left the image), before the chunk
+		// is looked for. The write below checks both indexes at once.
+		var gkey string
+		var gidx uint64
+		if guard != nil {
+			var err error
+			if gkey, gidx, err = guard(ctx); err != nil {
+				return err
+			}
+		}
 		e, err := c.kv.Get(ctx, key)
 		if err != nil {
 			if errors.Is(err, ErrNotFound) {
@@ -162,10 +175,6 @@ func (c *Catalog) updateChunk(ctx context.Context, img Image, node string, ch in
 		if guard == nil {
 			err = c.kv.CAS(ctx, key, m.EncodeChunk(ch), e.ModifyIndex)
 		} else {
-			gkey, gidx, gerr := guard(ctx)
-			if gerr != nil {
-				return gerr
-			}
 			err = c.kv.CASGuarded(ctx, key, m.EncodeChunk(ch), e.ModifyIndex, gkey, gidx)
 		}
 		if err == nil {
