@@ -85,6 +85,13 @@ func TestOwnerKilledUnderLoadIsTakenOver(t *testing.T) {
 	waitFor(t, 30*time.Second, "the load to be under way", func() bool { return stats(t, n1).PeerBytesIn+stats(t, n2).PeerBytesIn > 8<<20 })
 	start := time.Now()
 	n1.kill9()
+	// The membership sees n1 die, a survivor destroys its ownership
+	// session, and the lock is free after its delay (1.1 lease TTL).
+	waitFor(t, 20*time.Second, "another node to own the image", func() bool {
+		m := n3.imageJSON("tk", false)
+		return m["owner"] != "n1" && m["owner"] != "" && m["owner"] != nil
+	})
+	t.Logf("taken over %v after the owner was killed", time.Since(start).Round(time.Millisecond))
 	if err := wait(); err != nil {
 		t.Fatalf("the load saw an error while the owner died: %v\n%s", err, out)
 	}

@@ -336,11 +336,17 @@ func ptSessions(t *testing.T, n *node) int {
 // with refused connections and once with a black hole.
 func TestPartition(t *testing.T) {
 	for _, mode := range partitionModes {
-		t.Run(mode.name, func(t *testing.T) { testPartition(t, mode) })
+		t.Run(mode.name, func(t *testing.T) { testPartition(t, mode, 0) })
 	}
+	// The node that takes over has a clock minutes ahead: a design that
+	// compared its clock with the owner's lease would take over at once,
+	// while the cut owner still serves. Nothing may change.
+	t.Run("blackhole-clock-ahead", func(t *testing.T) { testPartition(t, partitionModes[1], 5*time.Minute) })
 }
 
-func testPartition(t *testing.T, mode partitionMode) {
+// testPartition runs the partition scenario; n2 (the node that takes
+// over) runs with its clock shifted by skew.
+func testPartition(t *testing.T, mode partitionMode, skew time.Duration) {
 	const (
 		img      = "pp"
 		leaseTTL = 4 * time.Second
@@ -362,7 +368,11 @@ func testPartition(t *testing.T, mode partitionMode) {
 	setPeerAdvertise(t, n1, peerPx.addr)
 	ptEnablePprof(t, n1)
 	n1.start()
-	n2 := newClusterNode(t, "n2", clusterOpts{consul: consul.Addr, join: []string{n1.gossip}, labels: map[string]string{"zone": "a"}, extra: extra})
+	n2extra := extra
+	if skew != 0 {
+		n2extra = fmt.Sprintf("owner:\n  lease_ttl: %v\n  clock_offset: %v\n", leaseTTL, skew)
+	}
+	n2 := newClusterNode(t, "n2", clusterOpts{consul: consul.Addr, join: []string{n1.gossip}, labels: map[string]string{"zone": "a"}, extra: n2extra})
 	// n1's own connections to n2's copy (and only those: n3 still reaches
 	// n2) go through a gate.
 	gate := newSourceGate(t, n2.peer, n1.cmd.Process.Pid)

@@ -130,11 +130,17 @@ type PeerConfig struct {
 
 // OwnerConfig tunes image ownership.
 type OwnerConfig struct {
-	// LeaseTTL is how long an owner's hold on an image lasts without
-	// renewal; another node can take a dead owner's image over after it
-	// (plus a margin for clock skew). The owner renews every TTL/3 and
-	// stops doing I/O if it could not renew for a TTL.
+	// LeaseTTL is the TTL of the node's ownership session in the
+	// metadata store (docs/ownership.md). The node renews it every TTL/3
+	// and stops doing I/O on every image it owns when it could not renew
+	// for a TTL; the store frees a dead node's locks after 1-2 TTLs
+	// (sooner when the membership saw it die) and hands them to nobody
+	// for a lock delay of 1.1 TTL. Consul refuses TTLs under its server's
+	// session_ttl_min (10 s unless lowered).
 	LeaseTTL time.Duration `mapstructure:"lease_ttl"`
+	// ClockOffset shifts this node's clock (tests: a node minutes ahead
+	// must change nothing, since no decision compares two nodes' clocks).
+	ClockOffset time.Duration `mapstructure:"clock_offset"`
 }
 
 // PlacementConfig tunes the placement executor.
@@ -209,6 +215,7 @@ var defaults = map[string]any{
 	"metadata.backend":                "embedded",
 	"peer.listen":                     "",
 	"owner.lease_ttl":                 10 * time.Second,
+	"owner.clock_offset":              time.Duration(0),
 	"placement.replace_after":         time.Duration(0),
 	"peer.advertise":                  "",
 	"peer.timeout":                    10 * time.Second,
@@ -398,8 +405,9 @@ func (c *Config) Validate() error {
 			bad("peer.listen", "same address as the API or the iSCSI portal")
 		}
 	}
-	if c.Owner.LeaseTTL < 3*time.Second {
-		bad("owner.lease_ttl", "%v: must be at least 3s", c.Owner.LeaseTTL)
+	if c.Owner.LeaseTTL < 3*time.Second || c.Owner.LeaseTTL > 50*time.Second {
+		// Its lock delay (1.1 TTL) must stay within Consul's 60 s.
+		bad("owner.lease_ttl", "%v: must be between 3s and 50s", c.Owner.LeaseTTL)
 	}
 	switch c.ISCSI.CHAPSecretStore {
 	case "file", "consul":

@@ -40,16 +40,21 @@ type served struct {
 	// busy counts syncs and verifies running on the image, which keep
 	// ownership like a session does.
 	busy atomic.Int32
-	// leaseUntil is the ownership lease's end (unix nanos) as last
-	// renewed; everOwned: this process owned the image before.
-	leaseUntil atomic.Int64
-	everOwned  bool // guarded by the node's ownMu
-	offline    atomic.Bool
-	act        activity
+	// sess is the ownership session the image was taken with (guarded
+	// by mu): I/O stops once it is no longer valid.
+	sess string
+	// everOwned: this process owned the image before; nextAcquire: no
+	// attempt on its free lock before then (both guarded by ownMu).
+	everOwned   bool
+	nextAcquire time.Time
+	offline     atomic.Bool
+	act         activity
 	// cow caches the copy-on-write maps of the image's snapshots.
 	cow cowState
-	// planning: the placement executor is working on the image.
+	// planning: the placement executor is working on the image;
+	// idleMark: its last plan found nothing to do (see planMark).
 	planning atomic.Bool
+	idleMark atomic.Pointer[planMark]
 	// fromCache: exported from the cached record with only the local copy
 	// (guarded by the node's reconMu).
 	fromCache bool
@@ -62,6 +67,18 @@ func (s *served) close() error {
 		err = errors.Join(err, s.local.Close())
 	}
 	return err
+}
+
+func (s *served) session() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.sess
+}
+
+func (s *served) setSession(id string) {
+	s.mu.Lock()
+	s.sess = id
+	s.mu.Unlock()
 }
 
 func (s *served) record() meta.Image {
@@ -190,53 +207,138 @@ func (n *Node) exportCached(ctx context.Context) {
 	}
 }
 
-// reconcile makes the served set match the catalog: every image is
-// exported (with its copies wherever they are), records that changed are
-// applied, images whose record is gone are withdrawn, and a local copy is
-// removed only when the image was deleted on purpose (a tombstone exists).
-// It changes nothing when the catalog cannot be read.
+// known is what the node remembers of an image record it listed: enough
+// to skip an unchanged record without decoding it, and to answer
+// discovery for images it does not serve.
+type known struct {
+	rev      uint64
+	snapshot bool
+	retry    bool // applying it failed: apply again on the next reconcile
+}
+
+// reconcile brings the served set in line with the catalog, at a cost
+// proportional to what changed: a record whose ModifyIndex is the one
+// last applied is skipped undecoded; a changed one is applied if the
+// image is served here, exported if this node holds a copy of it, owns it
+// or has it attached, and otherwise only remembered (its export waits for
+// a login or an operation here: exportLazily). Images whose record is
+// gone are withdrawn; a local copy is removed only when the image was
+// deleted on purpose (a tombstone exists). It changes nothing when the
+// catalog cannot be read.
 func (n *Node) reconcile(ctx context.Context) error {
 	n.reconMu.Lock()
 	defer n.reconMu.Unlock()
-	imgs, _, bad, err := n.cat.ListImages(ctx)
+	prefix := n.cat.ImagesPrefix()
+	entries, _, err := n.kv.List(ctx, prefix)
 	if err != nil {
-		return err
+		return fmt.Errorf("list images: %w", err)
 	}
-	for _, b := range bad {
-		n.log.Warn("skipping unreadable image record", "err", b)
-	}
-	want := map[string]meta.Image{}
-	for _, img := range imgs {
-		want[img.Name] = img
-	}
+	self := n.cfg.Node.Name
 	var errs []error
+	listed := make(map[string]bool, len(entries))
+	for _, e := range entries {
+		name := strings.TrimPrefix(e.Key, prefix)
+		listed[name] = true
+		if k, ok := n.knownImage(name); ok && k.rev == e.ModifyIndex && !k.retry {
+			continue
+		}
+		img, err := n.cat.ImageFromEntry(e)
+		if err != nil {
+			n.log.Warn("skipping unreadable image record", "err", err)
+			n.setKnown(name, nil)
+			listed[name] = false
+			continue
+		}
+		n.mu.RLock()
+		s := n.served[name]
+		n.mu.RUnlock()
+		if s != nil && s.record().ID != img.ID {
+			// Deleted and created again under the same name.
+			if err := n.withdrawChecked(ctx, s); err != nil {
+				errs = append(errs, err)
+				n.setKnown(name, &known{rev: e.ModifyIndex, snapshot: img.IsSnapshot(), retry: true})
+				continue
+			}
+			s = nil
+		}
+		switch {
+		case s != nil:
+			err = n.apply(ctx, s, img, false)
+		case img.HasLocation(self) || img.Owner == self || img.Attached == self:
+			err = n.export(ctx, img, false)
+		}
+		n.setKnown(name, &known{rev: e.ModifyIndex, snapshot: img.IsSnapshot(), retry: err != nil})
+		errs = append(errs, err)
+	}
+	n.knownMu.Lock()
+	for name := range n.known {
+		if !listed[name] {
+			delete(n.known, name)
+		}
+	}
+	n.knownMu.Unlock()
 	n.mu.RLock()
 	var gone []*served
 	for name, s := range n.served {
-		if w, ok := want[name]; !ok || w.ID != s.record().ID {
+		if !listed[name] {
 			gone = append(gone, s)
 		}
 	}
 	n.mu.RUnlock()
 	for _, s := range gone {
-		deleted, err := n.cat.Tombstoned(ctx, s.record().ID)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		errs = append(errs, n.withdraw(s, deleted))
-	}
-	for _, img := range want {
-		n.mu.RLock()
-		s, ok := n.served[img.Name]
-		n.mu.RUnlock()
-		if !ok {
-			errs = append(errs, n.export(ctx, img, false))
-			continue
-		}
-		errs = append(errs, n.apply(ctx, s, img, false))
+		errs = append(errs, n.withdrawChecked(ctx, s))
 	}
 	return errors.Join(errs...)
+}
+
+func (n *Node) knownImage(name string) (known, bool) {
+	n.knownMu.Lock()
+	defer n.knownMu.Unlock()
+	k, ok := n.known[name]
+	return k, ok
+}
+
+// setKnown remembers k for name (nil: forgets it).
+func (n *Node) setKnown(name string, k *known) {
+	n.knownMu.Lock()
+	defer n.knownMu.Unlock()
+	if k == nil {
+		delete(n.known, name)
+		return
+	}
+	n.known[name] = *k
+}
+
+// withdrawChecked withdraws a served image whose record is gone, removing
+// its local copy only if a tombstone says it was deleted on purpose.
+func (n *Node) withdrawChecked(ctx context.Context, s *served) error {
+	deleted, err := n.cat.Tombstoned(ctx, s.record().ID)
+	if err != nil {
+		return err
+	}
+	return n.withdraw(s, deleted)
+}
+
+// exportLazily exports an image this node neither holds a copy of nor
+// owns, when it is first needed here (an iSCSI login, an operation): its
+// record is read and the image served from then on.
+func (n *Node) exportLazily(ctx context.Context, name string) (*served, error) {
+	img, _, err := n.cat.GetImage(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	n.reconMu.Lock()
+	defer n.reconMu.Unlock()
+	if err := n.export(ctx, img, false); err != nil {
+		return nil, err
+	}
+	n.setKnown(name, &known{rev: img.Rev, snapshot: img.IsSnapshot()})
+	n.mu.RLock()
+	defer n.mu.RUnlock()
+	if s := n.served[name]; s != nil {
+		return s, nil
+	}
+	return nil, fmt.Errorf("%q: %w", name, meta.ErrImageNotFound)
 }
 
 // openLocal opens this node's copy of img, creating it when the node is a
@@ -346,6 +448,7 @@ func (n *Node) export(ctx context.Context, img meta.Image, cached bool) error {
 	}
 	n.mu.Lock()
 	n.served[img.Name] = s
+	n.byID[img.ID] = s
 	n.mu.Unlock()
 	n.log.Info("image exported", "image", img.Name, "id", img.ID, "iqn", n.iqn(img.Name), "locations", img.Locations, "local_copy", s.local != nil)
 	return nil
@@ -440,6 +543,9 @@ func (n *Node) withdraw(s *served, deleted bool) error {
 	if n.served[img.Name] == s {
 		delete(n.served, img.Name)
 	}
+	if n.byID[img.ID] == s {
+		delete(n.byID, img.ID)
+	}
 	n.mu.Unlock()
 	n.target.DropTarget(n.iqn(img.Name))
 	err := s.close()
@@ -458,28 +564,55 @@ func (n *Node) withdraw(s *served, deleted bool) error {
 	return nil
 }
 
-// LookupTarget implements iscsi.Targets.
+// LookupTarget implements iscsi.Targets: an image not served here yet is
+// exported on its first login.
 func (n *Node) LookupTarget(iqn string) (*scsi.LU, bool) {
+	name, ok := strings.CutPrefix(iqn, n.cfg.ISCSI.IQNPrefix+":")
+	if !ok || meta.ValidateName(name) != nil {
+		return nil, false
+	}
 	n.mu.RLock()
-	defer n.mu.RUnlock()
-	for name, s := range n.served {
-		if n.iqn(name) == iqn && !s.record().IsSnapshot() {
-			return s.lu, true
+	s := n.served[name]
+	n.mu.RUnlock()
+	if s == nil {
+		if _, listed := n.knownImage(name); !listed {
+			return nil, false
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), lazyExportTimeout)
+		defer cancel()
+		var err error
+		if s, err = n.exportLazily(ctx, name); err != nil {
+			n.log.Warn("cannot export image for a login", "image", name, "err", err)
+			return nil, false
 		}
 	}
-	return nil, false
+	if s.record().IsSnapshot() {
+		return nil, false
+	}
+	return s.lu, true
 }
 
-// TargetNames implements iscsi.Targets.
+// lazyExportTimeout bounds the catalog reads of an export on login.
+const lazyExportTimeout = 10 * time.Second
+
+// TargetNames implements iscsi.Targets: every image of the catalog as
+// last listed, served here or not.
 func (n *Node) TargetNames() []string {
-	n.mu.RLock()
-	defer n.mu.RUnlock()
-	out := make([]string, 0, len(n.served))
-	for name, s := range n.served {
-		if !s.record().IsSnapshot() {
+	n.knownMu.Lock()
+	out := make([]string, 0, len(n.known))
+	for name, k := range n.known {
+		if !k.snapshot {
 			out = append(out, n.iqn(name))
 		}
 	}
+	n.knownMu.Unlock()
+	n.mu.RLock()
+	for name, s := range n.served {
+		if _, ok := n.knownImage(name); !ok && !s.record().IsSnapshot() {
+			out = append(out, n.iqn(name)) // exported from the cache, catalog not read yet
+		}
+	}
+	n.mu.RUnlock()
 	sort.Strings(out)
 	return out
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/ukai-storage/ukai/cluster/membership"
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/cluster/peer"
+	"github.com/ukai-storage/ukai/ownership"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/iscsi"
 )
@@ -41,6 +42,10 @@ type Node struct {
 
 	mu     sync.RWMutex
 	served map[string]*served // by image name
+	byID   map[string]*served // the same, by image id (the per-I/O lookup)
+
+	knownMu sync.Mutex       // a leaf
+	known   map[string]known // image records as last listed, by name
 
 	storeMu sync.Mutex
 	storeOK bool // last metadata access succeeded
@@ -53,9 +58,14 @@ type Node struct {
 	peers   map[string]*peer.Client // by data address
 
 	now           func() time.Time // the clock placement decides by (tests move it)
+	clock         ownership.Clock  // the clock ownership decides by (owner.clock_offset)
+	session       *ownership.Session
+	loops         sync.WaitGroup // the background loops Run starts; joined before the store closes
 	limits        limiters
-	syncBytes     atomic.Int64 // bytes copied by syncs since start
-	rounds        atomic.Int64 // placement rounds run
+	syncBytes     atomic.Int64  // bytes copied by syncs since start
+	rounds        atomic.Int64  // placement rounds run
+	memberEpoch   atomic.Uint64 // membership changes seen (planMark)
+	policyEpoch   atomic.Uint64 // policy changes seen (planMark)
 	exportsMu     sync.RWMutex
 	exports       map[string][]meta.Export // by image name
 	exportsLoaded bool
@@ -66,7 +76,7 @@ type Node struct {
 // New opens the node's stores, binds its listeners and joins the cluster;
 // nothing is served until Run. Errors name the configuration key at fault.
 func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *Node, err error) {
-	n := &Node{cfg: cfg, log: log, version: version, started: time.Now(), served: map[string]*served{}, storeOK: true, peers: map[string]*peer.Client{}, now: time.Now}
+	n := &Node{cfg: cfg, log: log, version: version, started: time.Now(), served: map[string]*served{}, byID: map[string]*served{}, known: map[string]known{}, storeOK: true, peers: map[string]*peer.Client{}, now: time.Now}
 	n.pstore = &peerStore{n: n, floors: map[string]uint64{}}
 	var closers []func()
 	defer func() {
@@ -90,6 +100,18 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 	}
 	n.cat = meta.NewCatalog(n.kv, prefix)
 	n.cat.OnMalformed(func(e *meta.MalformedError) { log.Warn("ignoring malformed metadata", "key", e.Key, "err", e.Err) })
+	n.clock = offsetClock(cfg.Owner.ClockOffset)
+	n.now = n.clock.Now
+	n.session = ownership.NewSession(ownership.SessionConfig{
+		Store:     n.kv,
+		Name:      "ukai:" + cfg.Node.Name,
+		TTL:       cfg.Owner.LeaseTTL,
+		LockDelay: ownership.LockDelayFor(cfg.Owner.LeaseTTL),
+		Path:      filepath.Join(cfg.Node.DataDir, "ownership-session"),
+		Clock:     n.clock,
+		Log:       log.With("component", "ownership"),
+		OnLost:    n.sessionLost,
+	})
 
 	if n.sec, err = loadSecurity(cfg); err != nil {
 		return nil, err
@@ -149,14 +171,21 @@ func (n *Node) Run(ctx context.Context) error {
 	// cached records, even while the metadata store is unreachable; the
 	// reconcile loop then brings the set in line with the catalog.
 	n.exportCached(ctx)
+	// The session outlives the other loops: shutdown releases the owned
+	// images with it.
+	sessCtx, stopSession := context.WithCancel(context.WithoutCancel(ctx))
+	var sessDone sync.WaitGroup
+	sessDone.Go(func() { n.session.Run(sessCtx) })
+	defer func() { stopSession(); sessDone.Wait() }()
+	loopCtx, stopLoops := context.WithCancel(ctx)
+	defer stopLoops()
 	errc := make(chan error, 3)
 	go func() { errc <- n.target.Serve(ctx) }()
 	if n.peerSrv != nil {
 		go func() { errc <- n.peerSrv.Serve(ctx) }()
 	}
-	go n.releaseIdle(ctx)
-	go n.renewLeases(ctx)
-	go n.placementLoop(ctx)
+	n.loops.Go(func() { n.releaseIdle(loopCtx) })
+	n.loops.Go(func() { n.placementLoop(loopCtx) })
 	go func() {
 		serve := func() error { return n.apiSrv.Serve(n.apiLn) }
 		if n.sec.apiServer != nil {
@@ -168,11 +197,13 @@ func (n *Node) Run(ctx context.Context) error {
 		}
 		errc <- nil
 	}()
-	go n.watch(ctx)
-	go n.watchExports(ctx)
+	n.loops.Go(func() { n.watch(loopCtx) })
+	n.loops.Go(func() { n.watchExports(loopCtx) })
+	n.loops.Go(func() { n.watchPolicies(loopCtx) })
 	if n.members != nil {
-		go n.refreshMeta(ctx)
-		go n.reconnect(ctx)
+		n.loops.Go(func() { n.watchMembers(loopCtx) })
+		n.loops.Go(func() { n.refreshMeta(loopCtx) })
+		n.loops.Go(func() { n.reconnect(loopCtx) })
 	}
 	n.log.Info("ukai node serving", "version", n.version, "iscsi", n.target.Addr().String(), "api", n.apiLn.Addr().String(),
 		"data_dir", n.cfg.Node.DataDir, "metadata", n.cfg.Metadata.Backend, "gossip", n.cfg.Gossip.Bind)
@@ -183,10 +214,13 @@ func (n *Node) Run(ctx context.Context) error {
 	case runErr = <-errc:
 		n.log.Error("a listener failed; shutting down", "err", runErr)
 	}
-	return errors.Join(runErr, n.shutdown())
+	return errors.Join(runErr, n.shutdown(stopLoops))
 }
 
-func (n *Node) shutdown() error {
+// shutdown stops the node: no new I/O (API, portal), the loops stopped
+// and joined, the owned images released (their locks freed at once), the
+// session given up, then the images and the store closed.
+func (n *Node) shutdown(stopLoops context.CancelFunc) error {
 	n.log.Info("shutting down")
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
@@ -200,9 +234,14 @@ func (n *Node) shutdown() error {
 	defer dump.Stop()
 	err := n.apiSrv.Shutdown(ctx)
 	err = errors.Join(err, n.target.Close(ctx))
+	stopLoops()
+	n.loops.Wait()
 	// Hand back the images this node owns, their copies flushed.
 	for _, s := range n.servedImages(true) {
 		n.release(ctx, s)
+	}
+	if cerr := n.session.Close(ctx); cerr != nil {
+		n.log.Warn("cannot give up the ownership session; its locks are freed when its TTL runs out", "err", cerr)
 	}
 	if n.peerSrv != nil {
 		err = errors.Join(err, n.peerSrv.Close(ctx))
@@ -217,6 +256,7 @@ func (n *Node) shutdown() error {
 		}
 		delete(n.served, name)
 	}
+	clear(n.byID)
 	n.mu.Unlock()
 	err = errors.Join(err, n.kv.Close())
 	n.log.Info("stopped", "err", err)
@@ -264,3 +304,16 @@ func every(ctx context.Context, d time.Duration, fn func()) {
 		}
 	}
 }
+
+// offsetClock is the system clock shifted by d (owner.clock_offset).
+func offsetClock(d time.Duration) ownership.Clock {
+	if d == 0 {
+		return ownership.SystemClock{}
+	}
+	return shiftedClock(d)
+}
+
+type shiftedClock time.Duration
+
+// Now keeps the monotonic reading (Add does), so durations are unchanged.
+func (c shiftedClock) Now() time.Time { return time.Now().Add(time.Duration(c)) }

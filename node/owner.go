@@ -10,26 +10,27 @@ import (
 	"github.com/ukai-storage/ukai/cluster/membership"
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/cluster/peer"
+	"github.com/ukai-storage/ukai/ownership"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/scsi"
 )
 
-// Ownership. One node at a time does an image's I/O: its owner, named in
-// the record, holding a lease (LeaseExpires) it renews every TTL/3. A node
-// takes ownership on the first I/O it is asked to do (or to synchronize or
-// verify) when the image has no owner, or its owner is this node, or the
-// owner's lease expired more than leaseMargin ago; each change of owner
-// increments the image's generation, which every request to a peer copy
-// carries, so a copy refuses a stale owner. An owner that cannot renew its
-// lease for a TTL stops doing I/O (it fences itself) before anyone can take
-// over. The owner gives the image up after it has had no iSCSI session and
-// no sync for idleRelease.
+// Ownership. One node at a time does an image's I/O: the node whose
+// session holds the image's ownership lock (package ownership has the
+// rule, docs/ownership.md the design). A node takes the lock on the first
+// I/O it is asked to do (or to synchronize or verify) when it is free;
+// forwards the I/O to the holder while the holder lives; and destroys
+// the session of a holder the membership saw die, so that the store
+// frees the lock after its lock delay. Each change of owner increments
+// the image's generation, which every request to a peer copy carries, so
+// a copy refuses a stale owner. The owner gives the image up after it has
+// had no iSCSI session and no sync for idleRelease.
 
 const (
 	idleRelease = 5 * time.Second
-	// leaseMargin covers clock skew between nodes: a lease is taken over
-	// only this long after it expired by the taker's clock.
-	leaseMargin = time.Second
+	// acquireBackoff spaces the attempts on a free lock the store
+	// refuses (its lock delay runs): each attempt is a Raft write.
+	acquireBackoff = time.Second
 )
 
 // notOwnerError says which node owns the image.
@@ -77,37 +78,90 @@ func (n *Node) acquire(ctx context.Context, s *served) error {
 	if n.mayServe(s) {
 		return nil
 	}
-	name := s.record().Name
-	if rec := s.record(); onlyLocalCopy(rec, n.cfg.Node.Name) && (rec.Owner == "" || rec.Owner == n.cfg.Node.Name) {
-		// This node holds the only copy: it may serve it even while the
-		// metadata store is unreachable (no other copy can diverge).
-		if err := n.cat.KV().Ping(ctx); err != nil {
-			s.offline.Store(true)
-			s.owned.Store(true)
-			n.log.Warn("metadata store unreachable: serving the image's only copy without recording ownership", "image", name)
-			return nil
-		}
+	rec := s.record()
+	self := n.cfg.Node.Name
+	in := ownership.Input{
+		Self:           self,
+		Session:        n.session.Ensure(ctx),
+		StoreReachable: true,
+		OnlyLocalCopy:  onlyLocalCopy(rec, self) && (rec.Owner == "" || rec.Owner == self),
 	}
-	now := n.now()
-	var previous string
-	img, err := n.cat.UpdateImage(ctx, name, func(i *meta.Image) error {
-		if i.Owner != "" && i.Owner != n.cfg.Node.Name && now.Before(i.LeaseExpires.Add(leaseMargin)) {
-			return errNotOwner(i.Owner)
-		}
-		previous = i.Owner
-		if i.Owner != n.cfg.Node.Name {
-			i.Owner = n.cfg.Node.Name
-			i.Generation++
-		}
-		i.LeaseExpires = now.Add(n.cfg.Owner.LeaseTTL)
+	if in.Session == "" && !in.OnlyLocalCopy {
+		// Wait whatever the lock says: no store read (a node cut from
+		// the store answers at once).
+		return notReady(errors.New("take ownership: this node has no valid ownership session (the metadata store does not answer its renewals)"))
+	}
+	var err error
+	in.LockSession, in.LockNode, err = n.cat.OwnershipLock(ctx, rec.ID)
+	switch {
+	case errors.Is(err, meta.ErrUnavailable):
+		in.StoreReachable = false
+	case err != nil:
+		return notReady(fmt.Errorf("take ownership: %w", err))
+	}
+	in.HolderDead = in.LockNode != "" && n.dead(in.LockNode)
+	switch act := ownership.Decide(in); act {
+	case ownership.Offline:
+		s.offline.Store(true)
+		s.owned.Store(true)
+		n.log.Warn("metadata store unreachable: serving the image's only copy without recording ownership", "image", rec.Name)
 		return nil
-	})
-	if err != nil {
-		var se *scsi.SenseError
-		if errors.As(err, &se) {
-			return err
+	case ownership.Wait:
+		if !in.StoreReachable {
+			return notReady(fmt.Errorf("take ownership: the metadata store is unreachable"))
 		}
-		return &scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x00, Err: fmt.Errorf("take ownership: %w", err)}
+		return notReady(errors.New("take ownership: this node has no valid ownership session (the metadata store does not answer its renewals)"))
+	case ownership.Forward:
+		return errNotOwner(in.LockNode)
+	case ownership.Break:
+		if err := n.kv.DestroySession(ctx, in.LockSession); err != nil {
+			return notReady(fmt.Errorf("free the ownership lock of dead node %s: %w", in.LockNode, err))
+		}
+		n.log.Warn("destroyed the ownership session of a node the membership saw die: its locks are free after the lock delay",
+			"image", rec.Name, "node", in.LockNode, "session", in.LockSession)
+		return errNotOwner(in.LockNode)
+	case ownership.Acquire:
+		if time.Now().Before(s.nextAcquire) {
+			return errNotOwner(in.LockNode)
+		}
+		ok, err := n.cat.AcquireOwnership(ctx, rec.ID, self, in.Session)
+		if err != nil {
+			return notReady(fmt.Errorf("take ownership: %w", err))
+		}
+		if !ok {
+			s.nextAcquire = time.Now().Add(acquireBackoff)
+			return errNotOwner(in.LockNode)
+		}
+	case ownership.Take:
+	default:
+		return notReady(fmt.Errorf("take ownership: unexpected decision %v", act))
+	}
+	return n.take(ctx, s, in.Session)
+}
+
+// take records this node as the owner of an image whose lock its session
+// holds (a new owner raises the generation), brings the copies in line
+// and starts serving. The caller holds ownMu.
+func (n *Node) take(ctx context.Context, s *served, session string) error {
+	name := s.record().Name
+	self := n.cfg.Node.Name
+	var previous string
+	img, _, err := n.cat.GetImage(ctx, name)
+	if err == nil {
+		previous = img.Owner
+	}
+	if err == nil && img.Owner != self {
+		img, err = n.cat.UpdateImage(ctx, name, func(i *meta.Image) error {
+			previous = i.Owner
+			if i.Owner != self {
+				i.Owner = self
+				i.Generation++
+			}
+			return nil
+		})
+	}
+	if err != nil {
+		return notReady(fmt.Errorf("take ownership: %w", err))
 	}
 	s.ownedGen.Store(img.Generation)
 	// Fresh block maps and peer references with the new generation.
@@ -115,22 +169,37 @@ func (n *Node) acquire(ctx context.Context, s *served) error {
 	err = n.apply(ctx, s, img, true)
 	n.reconMu.Unlock()
 	if err != nil {
-		return &scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x00, Err: err}
+		return notReady(err)
 	}
-	if mustReconcile(previous, n.cfg.Node.Name, s.everOwned) {
+	if mustReconcile(previous, self, s.everOwned) {
 		// The last owner may have died with writes in flight: make the
 		// copies agree on the blocks it was writing before serving I/O.
 		if err := n.reconcileActivity(ctx, s); err != nil {
-			return &scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x00, Err: fmt.Errorf("reconcile the previous owner's writes: %w", err)}
+			return notReady(fmt.Errorf("reconcile the previous owner's writes: %w", err))
 		}
 	}
 	s.cow.reset()
-	s.leaseUntil.Store(img.LeaseExpires.UnixNano())
+	s.setSession(session)
 	s.everOwned = true
 	s.offline.Store(false)
 	s.owned.Store(true)
 	n.log.Info("took ownership of image", "image", name, "generation", img.Generation, "previous_owner", previous)
 	return nil
+}
+
+// notReady is a retryable NOT READY for err.
+func notReady(err error) error {
+	return &scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x00, Err: err}
+}
+
+// dead says whether the membership saw node die (dead or left; unknown
+// and suspected nodes are not dead).
+func (n *Node) dead(node string) bool {
+	if n.members == nil || node == n.cfg.Node.Name {
+		return false
+	}
+	m, ok := n.members.Member(node)
+	return ok && (m.State == membership.StateDead || m.State == membership.StateLeft)
 }
 
 // mustReconcile says whether a node taking an image must first make the
@@ -144,52 +213,44 @@ func mustReconcile(previous, self string, everOwned bool) bool {
 	return previous != self || !everOwned
 }
 
-// renewLeases keeps the leases of owned images alive, and fences an image
-// whose lease could not be renewed in time.
-func (n *Node) renewLeases(ctx context.Context) {
-	every(ctx, n.cfg.Owner.LeaseTTL/3, func() {
-		for _, s := range n.servedImages(true) {
-			n.renew(ctx, s)
+// sessionLost fences every image owned under a session the store
+// invalidated.
+func (n *Node) sessionLost(id string) {
+	for _, s := range n.servedImages(true) {
+		if s.session() == id && !s.offline.Load() {
+			n.log.Error("ownership session lost: stopping I/O on the image", "image", s.record().Name)
+			s.owned.Store(false)
 		}
-	})
+	}
 }
 
-func (n *Node) renew(ctx context.Context, s *served) {
-	name := s.record().Name
-	now := n.now()
-	img, err := n.cat.UpdateImage(ctx, name, func(i *meta.Image) error {
-		if i.Owner != n.cfg.Node.Name {
-			return errNotOwner(i.Owner)
-		}
-		i.LeaseExpires = now.Add(n.cfg.Owner.LeaseTTL)
-		return nil
-	})
-	switch {
-	case err == nil:
-		s.leaseUntil.Store(img.LeaseExpires.UnixNano())
-		if s.offline.Load() {
-			// Taken offline (the only copy, no record written): the
-			// record names this node, so its generation is this node's.
-			s.ownedGen.Store(img.Generation)
-		}
-	case errors.As(err, new(*scsi.SenseError)):
-		n.log.Error("lost ownership of image to another node: stopping I/O", "image", name, "err", err)
+// settleOffline turns an image served offline (its only copy here, taken
+// while the store was unreachable) into a recorded ownership once the
+// store and the session are back; if another node holds the lock, the
+// image is fenced.
+func (n *Node) settleOffline(ctx context.Context, s *served) {
+	n.ownMu.Lock()
+	defer n.ownMu.Unlock()
+	if !s.offline.Load() {
+		return
+	}
+	session := n.session.Ensure(ctx)
+	if session == "" {
+		return
+	}
+	rec := s.record()
+	ok, err := n.cat.AcquireOwnership(ctx, rec.ID, n.cfg.Node.Name, session)
+	if err != nil {
+		return // still offline
+	}
+	if !ok {
+		n.log.Error("another node holds the ownership lock of an image served offline here: stopping I/O", "image", rec.Name)
+		s.offline.Store(false)
 		s.owned.Store(false)
-	case s.offline.Load():
-		// Still offline: the generation floor guards it (see mayServe).
-	case onlyLocalCopy(s.record(), n.cfg.Node.Name):
-		// The only copy is here: keep serving without the store; a newer
-		// owner could only write through this node's copy, which fences
-		// this one (see mayServe).
-		n.log.Warn("cannot renew the ownership lease of an image whose only copy is here: serving on, fenced by generation", "image", name, "err", err)
-		s.offline.Store(true)
-	default:
-		if n.now().UnixNano() > s.leaseUntil.Load()-int64(n.cfg.Owner.LeaseTTL/3) {
-			n.log.Error("cannot renew the ownership lease: fencing the image (no I/O until ownership is back)", "image", name, "err", err)
-			s.owned.Store(false)
-		} else {
-			n.log.Warn("cannot renew the ownership lease; retrying", "image", name, "err", err)
-		}
+		return
+	}
+	if err := n.take(ctx, s, session); err != nil {
+		n.log.Warn("cannot record the ownership of an image served offline; still offline", "image", rec.Name, "err", err)
 	}
 }
 
@@ -202,6 +263,9 @@ func (n *Node) releaseIdle(ctx context.Context) {
 			active[si.Target] = true
 		}
 		for _, s := range n.servedImages(true) {
+			if s.offline.Load() {
+				n.settleOffline(ctx, s)
+			}
 			img := s.record()
 			if active[n.iqn(img.Name)] || s.busy.Load() > 0 || img.Attached == n.cfg.Node.Name || n.originOwnedHere(img) {
 				delete(idle, img.ID)
@@ -224,7 +288,11 @@ func (n *Node) releaseIdle(ctx context.Context) {
 	})
 }
 
-// release flushes the copies and clears the owner.
+// release flushes the copies, frees the ownership lock and clears the
+// owner in the record. The lock goes first: once it is free, any node may
+// take the image (and rewrites the record); a record still naming this
+// node is only out of date. A lock that cannot be freed keeps the image
+// owned here.
 func (n *Node) release(ctx context.Context, s *served) {
 	n.ownMu.Lock()
 	defer n.ownMu.Unlock()
@@ -237,18 +305,24 @@ func (n *Node) release(ctx context.Context, s *served) {
 	s.noteFlush(start)
 	n.clearActivity(ctx, s)
 	s.owned.Store(false)
+	if !s.offline.Load() {
+		if err := n.cat.ReleaseOwnership(ctx, s.record().ID, n.cfg.Node.Name, s.session()); err != nil {
+			n.log.Warn("cannot release ownership; keeping it", "image", name, "err", err)
+			s.owned.Store(true)
+			return
+		}
+	}
+	s.offline.Store(false)
 	s.cow.reset()
 	_, err := n.cat.UpdateImage(ctx, name, func(i *meta.Image) error {
 		if i.Owner != n.cfg.Node.Name {
 			return errSkip
 		}
 		i.Owner = ""
-		i.LeaseExpires = time.Time{}
 		return nil
 	})
 	if err != nil && !errors.Is(err, errSkip) {
-		n.log.Warn("cannot release ownership", "image", name, "err", err)
-		return
+		n.log.Warn("released the ownership lock; the record still names this node", "image", name, "err", err)
 	}
 	n.log.Info("released ownership of idle image", "image", name)
 }
@@ -373,15 +447,7 @@ type ownerVolumes struct{ n *Node }
 // image it owns, through its volume; anyone else answers ErrNotOwner.
 func (o ownerVolumes) Volume(ctx context.Context, ref peer.Ref) (peer.Backend, error) {
 	n := o.n
-	n.mu.RLock()
-	var s *served
-	for _, c := range n.served {
-		if c.record().ID == ref.ID {
-			s = c
-			break
-		}
-	}
-	n.mu.RUnlock()
+	s := n.servedByID(ref.ID)
 	if s == nil {
 		return nil, fmt.Errorf("image %s: %w", ref.ID, peer.ErrUnknownImage)
 	}
@@ -557,11 +623,12 @@ func (n *Node) Release(ctx context.Context, name string) error {
 }
 
 // mayServe says whether this node may do s's I/O now: it owns the image,
-// its lease has not run out (renewals failing), and no copy has seen a
-// newer owner's generation. An image whose only copy is here, taken while
-// the metadata store was unreachable (offline), is not bound by the lease:
-// a newer owner can only reach it through this node's copy, which raises
-// the generation floor and fences it.
+// the session it took the image with is still valid by this node's clock
+// (renewed less than a TTL ago), and no copy has seen a newer owner's
+// generation. An image whose only copy is here, taken while the metadata
+// store was unreachable (offline), is not bound by the session: a newer
+// owner can only reach it through this node's copy, which raises the
+// generation floor and fences it.
 func (n *Node) mayServe(s *served) bool {
 	if !s.owned.Load() {
 		return false
@@ -572,7 +639,7 @@ func (n *Node) mayServe(s *served) bool {
 		s.owned.Store(false)
 		return false
 	}
-	return s.offline.Load() || n.now().UnixNano() < s.leaseUntil.Load()
+	return s.offline.Load() || n.session.Valid(s.session())
 }
 
 // onlyLocalCopy says whether node holds the image's only copy.

@@ -13,6 +13,7 @@ import (
 	"github.com/ukai-storage/ukai/cluster/membership"
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/placement"
+	"github.com/ukai-storage/ukai/target/lun"
 )
 
 // The placement executor: every few seconds each node plans the images it
@@ -156,6 +157,37 @@ func (n *Node) shouldAct(s *served) bool {
 	return false
 }
 
+// planMark is what an image's last plan saw when it found nothing to do:
+// every copy in sync on a live node, no action. Until one of these moves
+// (or planSweep passes) planning it again would find the same, so the
+// idle cost of the executor does not grow with the images a node holds.
+type planMark struct {
+	rev            uint64         // the record
+	maps           lun.MapVersion // the volume's out-of-sync records
+	member, policy uint64         // membership and policy epochs
+	at             time.Time
+}
+
+// planSweep re-plans idle images now and then anyway (labels and free
+// space in the membership change without an epoch).
+const planSweep = 5 * time.Minute
+
+// markFor is the mark of s as of now.
+func (n *Node) markFor(s *served) planMark {
+	return planMark{rev: s.record().Rev, maps: s.vol.MapVersion(), member: n.memberEpoch.Load(), policy: n.policyEpoch.Load(), at: time.Now()}
+}
+
+// idle says whether s's last plan found nothing to do and nothing it
+// depends on moved since.
+func (n *Node) idle(s *served) bool {
+	last := s.idleMark.Load()
+	if last == nil || time.Since(last.at) > planSweep {
+		return false
+	}
+	now := n.markFor(s)
+	return now.rev == last.rev && now.maps == last.maps && now.member == last.member && now.policy == last.policy
+}
+
 // placementLoop runs the executor.
 func (n *Node) placementLoop(ctx context.Context) {
 	every(ctx, 2*time.Second, func() {
@@ -164,7 +196,7 @@ func (n *Node) placementLoop(ctx context.Context) {
 			if ctx.Err() != nil {
 				return
 			}
-			if s.busy.Load() > 0 || !n.shouldAct(s) || !s.planning.CompareAndSwap(false, true) {
+			if s.busy.Load() > 0 || n.idle(s) || !n.shouldAct(s) || !s.planning.CompareAndSwap(false, true) {
 				continue
 			}
 			// Each image plans on its own: a long, rate-capped sync of
@@ -181,6 +213,8 @@ func (n *Node) placementLoop(ctx context.Context) {
 
 // executePlan plans s and runs the plan's actions in order.
 func (n *Node) executePlan(ctx context.Context, s *served) error {
+	mark := n.markFor(s)
+	s.idleMark.Store(nil)
 	st, err := n.planState(ctx, s)
 	if err != nil {
 		return err
@@ -188,6 +222,9 @@ func (n *Node) executePlan(ctx context.Context, s *served) error {
 	img := s.record()
 	actions := placement.PlanImage(st, img.Name)
 	n.setPlan(img.Name, actions)
+	if settled(st, actions) {
+		s.idleMark.Store(&mark)
+	}
 	for _, a := range actions {
 		switch a.Kind {
 		case placement.AddLocation:
@@ -220,6 +257,69 @@ func (n *Node) executePlan(ctx context.Context, s *served) error {
 		}
 	}
 	return n.finishRelocation(ctx, s)
+}
+
+// settled says whether a plan found nothing to do on a quiet image: no
+// action but waits or refusals, every copy in sync, every location alive.
+func settled(st placement.State, actions []placement.Action) bool {
+	for _, a := range actions {
+		if a.Kind != placement.Wait && a.Kind != placement.Refuse {
+			return false
+		}
+	}
+	if len(st.Images) != 1 {
+		return false
+	}
+	is := st.Images[0]
+	if is.Policy.Relocate != nil {
+		return false
+	}
+	alive := map[string]bool{}
+	for _, ni := range st.Nodes {
+		alive[ni.Name] = ni.Alive
+	}
+	for _, loc := range is.Locations {
+		bm := is.Maps[loc]
+		if !alive[loc] || bm == nil || bm.Count(placement.InSync) != bm.Len() {
+			return false
+		}
+	}
+	return true
+}
+
+// watchPolicies bumps the policy epoch whenever an operator's decision
+// changes (one blocking query; see planMark).
+func (n *Node) watchPolicies(ctx context.Context) {
+	var idx uint64
+	for ctx.Err() == nil {
+		next, err := n.kv.Watch(ctx, n.cat.PoliciesPrefix(), idx)
+		if err != nil {
+			sleep(ctx, time.Second)
+			continue
+		}
+		if next != idx {
+			n.policyEpoch.Add(1)
+		}
+		idx = next
+	}
+}
+
+// watchMembers bumps the membership epoch when a node joins, leaves or
+// dies (see planMark).
+func (n *Node) watchMembers(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev, ok := <-n.members.Events():
+			if !ok {
+				return
+			}
+			if ev.Type != membership.EventUpdate {
+				n.memberEpoch.Add(1)
+			}
+		}
+	}
 }
 
 // finishRelocation clears a relocation the planner says is done (the new

@@ -242,12 +242,7 @@ func callerName(c peer.Caller) string {
 func (n *Node) servedByID(id string) *served {
 	n.mu.RLock()
 	defer n.mu.RUnlock()
-	for _, c := range n.served {
-		if c.record().ID == id {
-			return c
-		}
-	}
-	return nil
+	return n.byID[id]
 }
 
 // isMember says whether name is a node of the membership (alive or not).

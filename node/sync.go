@@ -29,7 +29,7 @@ func (n *Node) servedByName(ctx context.Context, name string) (*served, error) {
 	if ok {
 		return s, nil
 	}
-	// Maybe just created elsewhere: reconcile once.
+	// Maybe just created elsewhere, or changed: reconcile once.
 	if err := n.reconcile(ctx); err != nil {
 		return nil, err
 	}
@@ -37,7 +37,8 @@ func (n *Node) servedByName(ctx context.Context, name string) (*served, error) {
 	s, ok = n.served[name]
 	n.mu.RUnlock()
 	if !ok {
-		return nil, fmt.Errorf("%q: %w", name, meta.ErrImageNotFound)
+		// Not held here: served from now on (exportLazily).
+		return n.exportLazily(ctx, name)
 	}
 	return s, nil
 }

@@ -446,7 +446,7 @@ func checkPrefix(p string) error {
 }
 
 func entry(p *api.KVPair) meta.Entry {
-	return meta.Entry{Key: p.Key, Value: p.Value, ModifyIndex: p.ModifyIndex}
+	return meta.Entry{Key: p.Key, Value: p.Value, ModifyIndex: p.ModifyIndex, Session: p.Session}
 }
 
 func entries(ps api.KVPairs) []meta.Entry {

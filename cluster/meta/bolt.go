@@ -26,6 +26,9 @@ type BoltKV struct {
 
 	mu      sync.Mutex
 	changed chan struct{} // closed and replaced on every change
+
+	lmu   sync.Mutex // guards locks; taken before a bolt transaction, never inside one
+	locks boltLocks
 }
 
 // OpenBolt opens (or creates) the store at path.
@@ -49,7 +52,9 @@ func OpenBolt(path string) (*BoltKV, error) {
 		db.Close()
 		return nil, fmt.Errorf("init metadata store %s: %w", path, err)
 	}
-	return &BoltKV{db: db, changed: make(chan struct{})}, nil
+	return &BoltKV{db: db, changed: make(chan struct{}), locks: boltLocks{
+		sessions: map[string]*boltSession{}, holder: map[string]string{}, delayed: map[string]time.Time{},
+	}}, nil
 }
 
 func decodeEntry(k, v []byte) (Entry, error) {
@@ -82,6 +87,7 @@ func (s *BoltKV) Get(ctx context.Context, key string) (Entry, error) {
 		e, err = decodeEntry([]byte(key), v)
 		return err
 	})
+	e.Session = s.lockHolder(key)
 	return e, err
 }
 
@@ -105,6 +111,11 @@ func (s *BoltKV) List(ctx context.Context, prefix string) ([]Entry, uint64, erro
 		}
 		return nil
 	})
+	// Not inside the transaction: Acquire holds lmu while it opens one,
+	// and a write transaction may wait for readers (remap).
+	for i := range out {
+		out[i].Session = s.lockHolder(out[i].Key)
+	}
 	return out, idx, err
 }
 

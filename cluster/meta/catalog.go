@@ -37,6 +37,7 @@ func (e *MalformedError) Unwrap() error { return e.Err }
 //	<prefix>images/<name>                      JSON Image record
 //	<prefix>blockmaps/<image id>/<node>/<chunk> block map chunk (placement.EncodeChunk)
 //	<prefix>tombstones/<image id>              JSON Tombstone: the image was deleted on purpose
+//	<prefix>owners/<image id>                  ownership lock (meta.Locker), value: the node that took it
 //
 // Block maps are keyed by image id, so a recreated image never sees the
 // maps of a deleted one.
@@ -157,6 +158,21 @@ func (c *Catalog) CreateImage(ctx context.Context, img Image, initial placement.
 	return img, nil
 }
 
+// ImageFromEntry decodes an entry listed under ImagesPrefix (a
+// *MalformedError naming its key when it is not a valid record of the
+// image its key names).
+func (c *Catalog) ImageFromEntry(e Entry) (Image, error) {
+	img, err := decodeImage(e.Value)
+	if err == nil && c.imageKey(img.Name) != e.Key {
+		err = fmt.Errorf("record names image %q", img.Name)
+	}
+	if err != nil {
+		return Image{}, &MalformedError{Key: e.Key, Err: err}
+	}
+	img.Rev = e.ModifyIndex
+	return img, nil
+}
+
 // GetImage returns the record of name and its ModifyIndex.
 func (c *Catalog) GetImage(ctx context.Context, name string) (Image, uint64, error) {
 	e, err := c.kv.Get(ctx, c.imageKey(name))
@@ -187,15 +203,11 @@ func (c *Catalog) ListImages(ctx context.Context) ([]Image, uint64, []error, err
 	var imgs []Image
 	var bad []error
 	for _, e := range entries {
-		img, err := decodeImage(e.Value)
-		if err == nil && c.imageKey(img.Name) != e.Key {
-			err = fmt.Errorf("record names image %q", img.Name)
-		}
+		img, err := c.ImageFromEntry(e)
 		if err != nil {
-			bad = append(bad, &MalformedError{Key: e.Key, Err: err})
+			bad = append(bad, err)
 			continue
 		}
-		img.Rev = e.ModifyIndex
 		imgs = append(imgs, img)
 	}
 	return imgs, idx, bad, nil
@@ -258,7 +270,7 @@ func (c *Catalog) DeleteImage(ctx context.Context, img Image, index uint64) erro
 	if err := c.kv.DeleteTree(ctx, c.exportPrefix(img.Name)); err != nil {
 		return fmt.Errorf("delete exports of %q: %w", img.Name, err)
 	}
-	for _, key := range []string{c.imagePolicyKey(img.Name), c.syncPolicyKey(ImageScope(img.Name)), c.activityKey(img.ID)} {
+	for _, key := range []string{c.imagePolicyKey(img.Name), c.syncPolicyKey(ImageScope(img.Name)), c.activityKey(img.ID), c.ownerKey(img.ID)} {
 		if e, err := c.kv.Get(ctx, key); err == nil {
 			if err := c.kv.DeleteCAS(ctx, key, e.ModifyIndex); err != nil && !errors.Is(err, ErrNotFound) {
 				return fmt.Errorf("delete %s: %w", key, err)

@@ -47,11 +47,11 @@ type Image struct {
 	Generation uint64 `json:"generation"`
 	// Owner is the node that serves the image's I/O: it alone writes the
 	// copies, updates the block maps and synchronizes. Empty: nobody.
+	// It is written only when ownership changes hands; holding it is
+	// holding the image's ownership lock (owners/<id>, see owner.go).
+	// Records of earlier versions carried a lease_expires the owner
+	// rewrote every few seconds; it is ignored.
 	Owner string `json:"owner,omitempty"`
-	// LeaseExpires bounds Owner's hold: the owner renews it; another node
-	// may take the image over only after it passed. The owner stops doing
-	// I/O when it could not renew in time (it fences itself).
-	LeaseExpires time.Time `json:"lease_expires,omitzero"`
 	// Attached is the node an orchestrator attached the image to
 	// (`ukai image attach`): it keeps ownership until detached, even
 	// without sessions.

@@ -6,6 +6,7 @@ package meta
 import (
 	"context"
 	"errors"
+	"time"
 )
 
 // Errors a KV returns; callers test them with errors.Is.
@@ -17,6 +18,9 @@ var (
 	// ErrUnavailable means the store cannot be reached now; the operation
 	// may be retried later.
 	ErrUnavailable = errors.New("metadata store unavailable")
+	// ErrSessionGone means a session was invalidated (not renewed within
+	// its TTL, or destroyed): the locks it held are released.
+	ErrSessionGone = errors.New("session invalidated")
 )
 
 // Entry is one key with its value and the index of its last change.
@@ -24,6 +28,8 @@ type Entry struct {
 	Key         string
 	Value       []byte
 	ModifyIndex uint64
+	// Session is the session holding the key's lock, "" when none does.
+	Session string
 }
 
 // KV is a versioned key-value store. Keys are '/'-separated paths. Every
@@ -62,4 +68,35 @@ type KV interface {
 	Ping(ctx context.Context) error
 	// Close releases the store.
 	Close() error
+
+	Locker
+}
+
+// Locker is the store's own lock service, on which image ownership rests
+// (docs/ownership.md). A process holds one session, renews it, and holds
+// locks on keys with it. The store, not the holder's clock, decides when
+// a session that stopped renewing is invalidated; its locks are then
+// released and nobody may take them for the session's lock delay. No
+// decision compares the clocks of two nodes.
+type Locker interface {
+	// CreateSession starts a session named name. The store invalidates it
+	// when it was not renewed for ttl (no sooner; Consul waits up to 2×ttl),
+	// releases its locks and refuses to give them to anyone for lockDelay.
+	CreateSession(ctx context.Context, name string, ttl, lockDelay time.Duration) (string, error)
+	// RenewSession restarts the session's TTL. ErrSessionGone when it was
+	// invalidated.
+	RenewSession(ctx context.Context, id string) error
+	// DestroySession invalidates the session now, as if its TTL ran out
+	// (its locks released, the lock delay applies). A session already
+	// gone is not an error.
+	DestroySession(ctx context.Context, id string) error
+	// Acquire sets key to value and makes session its lock holder, unless
+	// another session holds it or its lock delay runs; it reports whether
+	// session holds the lock now. The holder acquiring again keeps it and
+	// updates the value. ErrSessionGone when session is invalid.
+	Acquire(ctx context.Context, key string, value []byte, session string) (bool, error)
+	// Release sets key to value and frees its lock if session holds it
+	// (no lock delay: the holder let go on purpose); it reports whether
+	// session held it.
+	Release(ctx context.Context, key string, value []byte, session string) (bool, error)
 }

@@ -40,6 +40,9 @@ type SyncScope string
 func DefaultScope() SyncScope                        { return "default" }
 func NodeScope(node string) SyncScope                { return SyncScope("nodes/" + node) }
 func ImageScope(image string) SyncScope              { return SyncScope("images/" + image) }
+// PoliciesPrefix is the key prefix of the operator's decisions, for watches.
+func (c *Catalog) PoliciesPrefix() string { return c.prefix + "policies/" }
+
 func (c *Catalog) imagePolicyKey(name string) string { return c.prefix + "policies/images/" + name }
 func (c *Catalog) syncPolicyKey(s SyncScope) string  { return c.prefix + "policies/sync/" + string(s) }
 

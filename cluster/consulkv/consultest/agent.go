@@ -91,6 +91,8 @@ func Start(t testing.TB, opts ...Option) *Agent {
 			"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1",
 			"-node", "ukai-test-" + strconv.Itoa(ports[0]),
 			"-log-level", "warn",
+			// Lease TTLs of a few seconds in tests (default minimum 10 s).
+			"-hcl", `session_ttl_min = "1s"`,
 		}
 		for _, o := range opts {
 			o(a)
@@ -302,4 +304,15 @@ func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// Pid is the agent process's id (0 when it is not running), for CPU
+// measurements.
+func (a *Agent) Pid() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.cmd == nil || a.cmd.Process == nil {
+		return 0
+	}
+	return a.cmd.Process.Pid
 }

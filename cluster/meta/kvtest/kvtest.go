@@ -35,6 +35,7 @@ func Run(t *testing.T, newKV func(t *testing.T) meta.KV) {
 		{"ListEmpty", testListEmpty},
 		{"WatchSeesDelete", testWatchSeesDelete},
 	}
+	tests = append(tests, lockTests...)
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			tc.fn(t, newKV(t), "kvtest/"+tc.name+"/")
