@@ -286,7 +286,11 @@ func TestConsulOutageKeepsIOGoing(t *testing.T) {
 		_, _, err := n1.cli("image", "create", "other", "--size", "8M")
 		return err == nil
 	})
-	t.Cleanup(func() { if t.Failed() { t.Logf("n1 logs:\n%s", n1.logs) } })
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("n1 logs:\n%s", n1.logs)
+		}
+	})
 	qemuIO(t, n1.url("other"), "write -P 3 0 1M", "read -P 3 0 1M")
 	qemuIO(t, url, "read -P 0x22 4M 4M")
 }

@@ -37,9 +37,10 @@ type syncPolicyRecord struct {
 type SyncScope string
 
 // Sync policy scopes.
-func DefaultScope() SyncScope                        { return "default" }
-func NodeScope(node string) SyncScope                { return SyncScope("nodes/" + node) }
-func ImageScope(image string) SyncScope              { return SyncScope("images/" + image) }
+func DefaultScope() SyncScope           { return "default" }
+func NodeScope(node string) SyncScope   { return SyncScope("nodes/" + node) }
+func ImageScope(image string) SyncScope { return SyncScope("images/" + image) }
+
 // PoliciesPrefix is the key prefix of the operator's decisions, for watches.
 func (c *Catalog) PoliciesPrefix() string { return c.prefix + "policies/" }
 
