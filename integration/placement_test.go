@@ -57,6 +57,13 @@ func TestReplicaCountUpAndDown(t *testing.T) {
 
 func TestRelocateUnderVerifiedLoad(t *testing.T) {
 	c := newCluster(t, "n1", "n2", "n3")
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, n := range c.nodes {
+				t.Logf("%s logs:\n%s", n.name, n.logs)
+			}
+		}
+	})
 	n1, n3 := c.nodes[0], c.nodes[2]
 	n1.mustCLI("image", "create", "vm", "--size", "128M", "--block-size", "1M")
 	qemuIO(t, n1.url("vm"), "write -P 0x21 0 128M", "flush")

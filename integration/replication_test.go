@@ -71,6 +71,13 @@ func TestReplicatedImageSurvivesLossOfACopy(t *testing.T) {
 
 func TestLocationRemoveRefusedThenRelocate(t *testing.T) {
 	c := newCluster(t, "n1", "n2", "n3")
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, n := range c.nodes {
+				t.Logf("%s logs:\n%s", n.name, n.logs)
+			}
+		}
+	})
 	n1, n3 := c.nodes[0], c.nodes[2]
 	n1.mustCLI("image", "create", "mv", "--size", "16M", "--block-size", "1M")
 	qemuIO(t, n1.url("mv"), "write -P 0x42 0 16M", "flush")

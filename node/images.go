@@ -87,34 +87,29 @@ func (s *served) record() meta.Image {
 	return s.img
 }
 
-// watch reconciles whenever image records change, and retries with
-// backoff while the store is unreachable.
+// resyncEvery is how often the node lists every record (reconcile) on
+// top of its doorbells: a safety net, and how a node that serves an image
+// the record does not name (a login without a copy) hears of changes its
+// I/O path did not bring.
+const resyncEvery = 10 * time.Minute
+
+// watch keeps the served set in line with the catalog (meta.Follow): a
+// full reconcile at start and every resyncEvery, and in between a read of
+// each record whose doorbell rang.
 func (n *Node) watch(ctx context.Context) {
-	var idx uint64
-	backoff := time.Second
-	for ctx.Err() == nil {
-		err := n.reconcile(ctx)
-		n.noteStore(err)
-		if err != nil && ctx.Err() == nil {
-			if !errors.Is(err, meta.ErrUnavailable) {
+	meta.Follow(ctx, meta.FollowConfig{
+		Catalog: n.cat,
+		Node:    n.cfg.Node.Name,
+		Resync:  resyncEvery,
+		Full:    n.reconcile,
+		Changed: n.refresh,
+		Result: func(err error) {
+			n.noteStore(err)
+			if err != nil && ctx.Err() == nil && !errors.Is(err, meta.ErrUnavailable) {
 				n.log.Warn("reconcile failed", "err", err)
 			}
-			sleep(ctx, backoff)
-			backoff = min(2*backoff, 30*time.Second)
-			continue
-		}
-		backoff = time.Second
-		next, err := n.kv.Watch(ctx, n.cat.ImagesPrefix(), idx)
-		if err != nil {
-			if ctx.Err() == nil {
-				n.noteStore(err)
-				sleep(ctx, backoff)
-				backoff = min(2*backoff, 30*time.Second)
-			}
-			continue
-		}
-		idx = next
-	}
+		},
+	})
 }
 
 func sleep(ctx context.Context, d time.Duration) {
@@ -233,7 +228,6 @@ func (n *Node) reconcile(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("list images: %w", err)
 	}
-	self := n.cfg.Node.Name
 	var errs []error
 	listed := make(map[string]bool, len(entries))
 	for _, e := range entries {
@@ -249,26 +243,7 @@ func (n *Node) reconcile(ctx context.Context) error {
 			listed[name] = false
 			continue
 		}
-		n.mu.RLock()
-		s := n.served[name]
-		n.mu.RUnlock()
-		if s != nil && s.record().ID != img.ID {
-			// Deleted and created again under the same name.
-			if err := n.withdrawChecked(ctx, s); err != nil {
-				errs = append(errs, err)
-				n.setKnown(name, &known{rev: e.ModifyIndex, snapshot: img.IsSnapshot(), retry: true})
-				continue
-			}
-			s = nil
-		}
-		switch {
-		case s != nil:
-			err = n.apply(ctx, s, img, false)
-		case img.HasLocation(self) || img.Owner == self || img.Attached == self:
-			err = n.export(ctx, img, false)
-		}
-		n.setKnown(name, &known{rev: e.ModifyIndex, snapshot: img.IsSnapshot(), retry: err != nil})
-		errs = append(errs, err)
+		errs = append(errs, n.applyRecord(ctx, img))
 	}
 	n.knownMu.Lock()
 	for name := range n.known {
@@ -307,6 +282,65 @@ func (n *Node) setKnown(name string, k *known) {
 		return
 	}
 	n.known[name] = *k
+}
+
+// applyRecord brings the served set in line with one record read from
+// the catalog (see reconcile). The caller holds reconMu.
+func (n *Node) applyRecord(ctx context.Context, img meta.Image) error {
+	self := n.cfg.Node.Name
+	n.mu.RLock()
+	s := n.served[img.Name]
+	n.mu.RUnlock()
+	if s != nil && s.record().ID != img.ID {
+		// Deleted and created again under the same name.
+		if err := n.withdrawChecked(ctx, s); err != nil {
+			n.setKnown(img.Name, &known{rev: img.Rev, snapshot: img.IsSnapshot(), retry: true})
+			return err
+		}
+		s = nil
+	}
+	var err error
+	switch {
+	case s != nil:
+		err = n.apply(ctx, s, img, false)
+	case concerns(img, self):
+		err = n.export(ctx, img, false)
+	}
+	n.setKnown(img.Name, &known{rev: img.Rev, snapshot: img.IsSnapshot(), retry: err != nil})
+	return err
+}
+
+// concerns says whether the record names node (a copy, the owner, the
+// node it is attached to): such a node serves the image and hears of its
+// changes (its doorbell rings).
+func concerns(img meta.Image, node string) bool {
+	return img.HasLocation(node) || img.Owner == node || img.Attached == node
+}
+
+// refresh reads the record of name and applies it (a doorbell rang, or
+// this node changed it). It reports whether the record still concerns
+// this node.
+func (n *Node) refresh(ctx context.Context, name string) (bool, error) {
+	img, _, err := n.cat.GetImage(ctx, name)
+	n.reconMu.Lock()
+	defer n.reconMu.Unlock()
+	if errors.Is(err, meta.ErrImageNotFound) {
+		n.setKnown(name, nil)
+		n.mu.RLock()
+		s := n.served[name]
+		n.mu.RUnlock()
+		if s != nil {
+			return false, n.withdrawChecked(ctx, s)
+		}
+		return false, nil
+	}
+	if err != nil {
+		return true, err
+	}
+	if k, ok := n.knownImage(name); ok && k.rev > img.Rev {
+		return true, nil // older than what this node applied
+	}
+	return concerns(img, n.cfg.Node.Name), n.applyRecord(ctx, img)
 }
 
 // withdrawChecked withdraws a served image whose record is gone, removing
@@ -500,6 +534,15 @@ func (n *Node) apply(ctx context.Context, s *served, img meta.Image, force bool)
 	if img.Owner != n.cfg.Node.Name && s.owned.Load() {
 		n.log.Warn("ownership of the image moved to another node", "image", img.Name, "owner", img.Owner)
 		s.owned.Store(false)
+		if !s.offline.Load() {
+			// The record deposed this node (its copy was removed, with a
+			// new generation the copies now require): the lock must go
+			// too, or nobody could take the image. After a takeover the
+			// lock is the taker's already, and this does nothing.
+			if err := n.cat.ReleaseOwnership(ctx, img.ID, n.cfg.Node.Name, s.session()); err != nil {
+				n.log.Warn("cannot release the ownership lock of an image this node no longer owns; it is freed when its session ends", "image", img.Name, "err", err)
+			}
+		}
 	}
 	// The version first, then the maps: out-of-sync records the volume
 	// makes while the maps are read survive their install.
@@ -575,9 +618,6 @@ func (n *Node) LookupTarget(iqn string) (*scsi.LU, bool) {
 	s := n.served[name]
 	n.mu.RUnlock()
 	if s == nil {
-		if _, listed := n.knownImage(name); !listed {
-			return nil, false
-		}
 		ctx, cancel := context.WithTimeout(context.Background(), lazyExportTimeout)
 		defer cancel()
 		var err error
@@ -595,24 +635,36 @@ func (n *Node) LookupTarget(iqn string) (*scsi.LU, bool) {
 // lazyExportTimeout bounds the catalog reads of an export on login.
 const lazyExportTimeout = 10 * time.Second
 
-// TargetNames implements iscsi.Targets: every image of the catalog as
-// last listed, served here or not.
+// TargetNames implements iscsi.Targets: every image of the catalog (read
+// now: discovery is rare, and images created elsewhere reach this node's
+// own list only when they concern it), or, with the store unreachable,
+// the images this node knows of.
 func (n *Node) TargetNames() []string {
-	n.knownMu.Lock()
-	out := make([]string, 0, len(n.known))
-	for name, k := range n.known {
-		if !k.snapshot {
+	set := map[string]bool{}
+	ctx, cancel := context.WithTimeout(context.Background(), lazyExportTimeout)
+	defer cancel()
+	if imgs, _, _, err := n.cat.ListImages(ctx); err == nil {
+		for _, img := range imgs {
+			set[img.Name] = !img.IsSnapshot()
+		}
+	} else {
+		n.knownMu.Lock()
+		for name, k := range n.known {
+			set[name] = !k.snapshot
+		}
+		n.knownMu.Unlock()
+		n.mu.RLock()
+		for name, s := range n.served {
+			set[name] = !s.record().IsSnapshot()
+		}
+		n.mu.RUnlock()
+	}
+	out := make([]string, 0, len(set))
+	for name, target := range set {
+		if target {
 			out = append(out, n.iqn(name))
 		}
 	}
-	n.knownMu.Unlock()
-	n.mu.RLock()
-	for name, s := range n.served {
-		if _, ok := n.knownImage(name); !ok && !s.record().IsSnapshot() {
-			out = append(out, n.iqn(name)) // exported from the cache, catalog not read yet
-		}
-	}
-	n.mu.RUnlock()
 	sort.Strings(out)
 	return out
 }
@@ -672,7 +724,7 @@ func (n *Node) createImage(ctx context.Context, req api.CreateImageRequest) (api
 	if err != nil {
 		return api.Image{}, err
 	}
-	if err := n.reconcile(ctx); err != nil {
+	if _, err := n.refresh(ctx, created.Name); err != nil {
 		n.log.Warn("reconcile after create", "err", err)
 	}
 	return n.GetImage(ctx, created.Name, false)
@@ -818,5 +870,6 @@ func (n *Node) DeleteImage(ctx context.Context, name string) error {
 	if err := n.cat.DeleteImage(ctx, img, idx); err != nil {
 		return err
 	}
-	return n.reconcile(ctx)
+	_, err = n.refresh(ctx, name)
+	return err
 }

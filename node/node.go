@@ -23,7 +23,16 @@ import (
 	"github.com/ukai-storage/ukai/target/iscsi"
 )
 
-// Node is one running ukai daemon.
+// Node is one running ukai daemon. The rules it runs live in their own
+// packages (ownership: who does an image's I/O; placement: where copies
+// go; meta: the catalog and the doorbells it follows); Node wires them to
+// the volumes, the portal and the API, and runs their loops (Run), all
+// joined before the images and the store close.
+//
+// Lock order: ownMu → reconMu → mu → served.mu. knownMu, storeMu,
+// peersMu, exportsMu, planMu, the peer store's locks and an image's
+// activity and copy-on-write locks are leaves: nothing is locked while
+// one of them is held.
 type Node struct {
 	cfg     Config
 	log     *slog.Logger

@@ -426,8 +426,10 @@ func (n *Node) snapshot(ctx context.Context, s *served, name string) (api.Snapsh
 		return api.Snapshot{}, fmt.Errorf("snapshot %s of %s: %w", snap.Name, img.Name, err)
 	}
 	n.log.Info("snapshot taken", "image", img.Name, "snapshot", snap.Name, "io_paused", paused, "took", time.Since(start))
-	if err := n.reconcile(ctx); err != nil {
-		n.log.Warn("reconcile after snapshot", "err", err)
+	for _, name := range []string{img.Name, snap.Name} {
+		if _, err := n.refresh(ctx, name); err != nil {
+			n.log.Warn("reconcile after snapshot", "image", name, "err", err)
+		}
 	}
 	d, err := n.describeSnapshot(ctx, snap)
 	d.IOPausedUS = paused.Microseconds()
@@ -513,7 +515,11 @@ func (n *Node) DeleteSnapshot(ctx context.Context, image, name string) error {
 	if err := n.cat.DeleteImage(ctx, snap, 0); err != nil {
 		return err
 	}
-	return n.reconcile(ctx)
+	if _, err := n.refresh(ctx, image); err != nil {
+		return err
+	}
+	_, err = n.refresh(ctx, name)
+	return err
 }
 
 // unlistSnapshot removes snap from its origin's record (and from this
@@ -714,7 +720,7 @@ func (n *Node) ResizeImage(ctx context.Context, name string, size int64) (api.Im
 	if _, err := n.cat.GrowImage(ctx, name, size); err != nil {
 		return api.Image{}, err
 	}
-	if err := n.reconcile(ctx); err != nil {
+	if _, err := n.refresh(ctx, name); err != nil {
 		n.log.Warn("reconcile after resize", "err", err)
 	}
 	return n.GetImage(ctx, name, false)

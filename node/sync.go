@@ -29,8 +29,8 @@ func (n *Node) servedByName(ctx context.Context, name string) (*served, error) {
 	if ok {
 		return s, nil
 	}
-	// Maybe just created elsewhere, or changed: reconcile once.
-	if err := n.reconcile(ctx); err != nil {
+	// Maybe just created elsewhere, or changed: read its record.
+	if _, err := n.refresh(ctx, name); err != nil {
 		return nil, err
 	}
 	n.mu.RLock()
@@ -339,7 +339,7 @@ func (n *Node) AddLocation(ctx context.Context, name, node string) (api.Image, e
 	if _, err := n.cat.AddLocation(ctx, name, node); err != nil {
 		return api.Image{}, err
 	}
-	if err := n.reconcile(ctx); err != nil {
+	if _, err := n.refresh(ctx, name); err != nil {
 		n.log.Warn("reconcile after location add", "err", err)
 	}
 	return n.GetImage(ctx, name, false)
@@ -372,7 +372,7 @@ func (n *Node) RemoveLocation(ctx context.Context, name, node string) (api.Image
 	if err != nil {
 		return api.Image{}, err
 	}
-	if err := n.reconcile(ctx); err != nil {
+	if _, err := n.refresh(ctx, name); err != nil {
 		n.log.Warn("reconcile after location remove", "err", err)
 	}
 	return n.GetImage(ctx, name, false)

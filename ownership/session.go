@@ -60,13 +60,13 @@ func LockDelayFor(ttl time.Duration) time.Duration { return ttl + ttl/10 }
 type Session struct {
 	cfg SessionConfig
 
-	try sync.Mutex // one attempt to create or renew at a time (Run, Ensure)
+	try chan struct{} // one attempt to create or renew at a time (Run, Ensure); capacity 1
 
 	mu         sync.Mutex
 	id         string
 	validUntil time.Time // by cfg.Clock: last successful renewal sent + TTL
 	failing    bool      // renewals failing (logged once)
-	lastTry    time.Time // the last attempt to create or renew began
+	lastEnsure time.Time // Ensure's last own attempt
 }
 
 // NewSession returns a Session; Run creates (or reuses) and renews it.
@@ -80,7 +80,7 @@ func NewSession(cfg SessionConfig) *Session {
 	if cfg.OnLost == nil {
 		cfg.OnLost = func(string) {}
 	}
-	return &Session{cfg: cfg}
+	return &Session{cfg: cfg, try: make(chan struct{}, 1)}
 }
 
 // Current returns the session id while the node may act on it: the last
@@ -120,15 +120,16 @@ func (s *Session) Run(ctx context.Context) {
 
 // attempt creates the session when there is none, else renews it.
 func (s *Session) attempt(ctx context.Context) error {
-	s.try.Lock()
-	defer s.try.Unlock()
+	if !s.lockTry(ctx) {
+		return ctx.Err()
+	}
+	defer s.unlockTry()
 	return s.attemptLocked(ctx)
 }
 
 func (s *Session) attemptLocked(ctx context.Context) error {
 	s.mu.Lock()
 	id := s.id
-	s.lastTry = s.cfg.Clock.Now()
 	s.mu.Unlock()
 	if id == "" {
 		return s.start(ctx)
@@ -141,25 +142,31 @@ func (s *Session) attemptLocked(ctx context.Context) error {
 // session, e.g. right after the store came back, need not wait for Run's
 // next round), and returns the session if that worked, "" if not.
 //
-// It never waits behind an attempt already running, makes at most one
-// attempt per ensureEvery, and bounds it by ensureTimeout: I/O on a node
-// cut from the store gets its NOT READY at once, not after a timeout.
+// It waits at most ensureTimeout, for an attempt already running or for
+// its own; and it makes at most one attempt of its own per ensureEvery:
+// I/O on a node cut from the store gets its NOT READY quickly.
 func (s *Session) Ensure(ctx context.Context) string {
 	if id := s.Current(); id != "" {
 		return id
 	}
-	if !s.try.TryLock() {
-		return ""
+	ctx, cancel := context.WithTimeout(ctx, ensureTimeout)
+	defer cancel()
+	if !s.lockTry(ctx) {
+		return s.Current() // the attempt that held it may have worked
 	}
-	defer s.try.Unlock()
+	defer s.unlockTry()
+	if id := s.Current(); id != "" {
+		return id
+	}
 	s.mu.Lock()
-	recent := !s.lastTry.IsZero() && s.cfg.Clock.Now().Sub(s.lastTry) < ensureEvery
+	recent := !s.lastEnsure.IsZero() && s.cfg.Clock.Now().Sub(s.lastEnsure) < ensureEvery
+	if !recent {
+		s.lastEnsure = s.cfg.Clock.Now()
+	}
 	s.mu.Unlock()
 	if recent {
 		return ""
 	}
-	ctx, cancel := context.WithTimeout(ctx, ensureTimeout)
-	defer cancel()
 	_ = s.attemptLocked(ctx)
 	return s.Current()
 }
@@ -168,6 +175,17 @@ const (
 	ensureEvery   = time.Second
 	ensureTimeout = time.Second
 )
+
+func (s *Session) lockTry(ctx context.Context) bool {
+	select {
+	case s.try <- struct{}{}:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+func (s *Session) unlockTry() { <-s.try }
 
 // start reuses the saved session or creates one.
 func (s *Session) start(ctx context.Context) error {

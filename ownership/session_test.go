@@ -31,6 +31,9 @@ type cutStore struct {
 // CreateSession keeps the store's session 10× the TTL, so that it
 // outlives a cut longer than the node's TTL (Consul waits up to 2×).
 func (c *cutStore) CreateSession(ctx context.Context, name string, ttl, delay time.Duration) (string, error) {
+	if c.cut.Load() {
+		return "", meta.ErrUnavailable
+	}
 	return c.BoltKV.CreateSession(ctx, name, 10*ttl, delay)
 }
 
@@ -150,5 +153,32 @@ func TestSessionReusedAfterRestart(t *testing.T) {
 	waitFor(t, 5*time.Second, "a new session", func() bool { return s3.Current() != "" })
 	if s3.Current() == id {
 		t.Fatal("a closed session was reused")
+	}
+}
+
+// I/O that finds the node without a session gets an answer within about
+// a second while the store is cut, and a session at once when it is back,
+// without waiting for Run's next round.
+func TestSessionEnsure(t *testing.T) {
+	st := &cutStore{BoltKV: openStore(t)}
+	st.cut.Store(true)
+	s := NewSession(SessionConfig{Store: st, Name: "ukai:n1", TTL: 30 * time.Second, LockDelay: 0})
+	run(t, s)
+	for range 3 {
+		start := time.Now()
+		if id := s.Ensure(context.Background()); id != "" {
+			t.Fatalf("Ensure with the store cut: %q", id)
+		}
+		if el := time.Since(start); el > 2*time.Second {
+			t.Fatalf("Ensure with the store cut took %v", el)
+		}
+	}
+	st.cut.Store(false)
+	// Ensure's own attempts are one a second at most: past that, the
+	// first call must find the store back (Run retries every second too,
+	// so its attempt may be the one that worked).
+	time.Sleep(ensureEvery)
+	if id := s.Ensure(context.Background()); id == "" {
+		t.Fatal("Ensure found no session once the store answered")
 	}
 }

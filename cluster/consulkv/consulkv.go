@@ -291,6 +291,44 @@ func (k *KV) DeleteCAS(ctx context.Context, key string, index uint64) error {
 	return fmt.Errorf("%s: modify index is no longer %d: %w", key, index, meta.ErrConflict)
 }
 
+// CASTouch implements meta.KV as one Consul transaction: the check-and-set
+// (or check-index and delete) and a set of every touched key. A rolled
+// back transaction is a conflict, or a missing key for a delete (told
+// apart by a read, as DeleteCAS does).
+func (k *KV) CASTouch(ctx context.Context, key string, value []byte, index uint64, touch []string) error {
+	if err := checkWrite(key, value); err != nil {
+		return err
+	}
+	var ops api.TxnOps
+	if value == nil {
+		ops = api.TxnOps{
+			{KV: &api.KVTxnOp{Verb: api.KVCheckIndex, Key: key, Index: index}},
+			{KV: &api.KVTxnOp{Verb: api.KVDelete, Key: key}},
+		}
+	} else {
+		ops = api.TxnOps{{KV: &api.KVTxnOp{Verb: api.KVCAS, Key: key, Value: value, Index: index}}}
+	}
+	for _, t := range touch {
+		if err := checkKey(t); err != nil {
+			return err
+		}
+		ops = append(ops, &api.TxnOp{KV: &api.KVTxnOp{Verb: api.KVSet, Key: t, Value: meta.TouchValue()}})
+	}
+	rolledBack, err := k.txn(ctx, "cas", key, ops)
+	if !rolledBack {
+		return err
+	}
+	if value == nil {
+		if _, err := k.Get(ctx, key); err != nil {
+			return err
+		}
+	}
+	if index == 0 {
+		return fmt.Errorf("%s: already exists: %w", key, meta.ErrConflict)
+	}
+	return fmt.Errorf("%s: modify index is no longer %d: %w", key, index, meta.ErrConflict)
+}
+
 // DeleteTree implements meta.KV. An empty prefix is refused: the Consul
 // KV store is usually shared with other users.
 func (k *KV) DeleteTree(ctx context.Context, prefix string) error {

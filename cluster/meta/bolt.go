@@ -190,6 +190,38 @@ func (s *BoltKV) CASGuarded(ctx context.Context, key string, value []byte, index
 	})
 }
 
+// CASTouch implements KV: one bolt transaction.
+func (s *BoltKV) CASTouch(ctx context.Context, key string, value []byte, index uint64, touch []string) error {
+	if key == "" {
+		return errors.New("metadata store: empty key")
+	}
+	return s.update(ctx, func(b *bolt.Bucket, next uint64) (bool, error) {
+		if value == nil {
+			cur, exists := currentIndex(b, key)
+			if !exists {
+				return false, fmt.Errorf("%s: %w", key, ErrNotFound)
+			}
+			if cur != index {
+				return false, fmt.Errorf("%s: %w", key, ErrConflict)
+			}
+			if err := b.Delete([]byte(key)); err != nil {
+				return false, err
+			}
+		} else if _, err := putIfIndex(b, key, value, index, next); err != nil {
+			return false, err
+		}
+		for _, t := range touch {
+			if t == "" {
+				return false, errors.New("metadata store: empty key")
+			}
+			if _, err := putIfIndex(b, t, TouchValue(), mustIndex(b, t), next); err != nil {
+				return false, err
+			}
+		}
+		return true, nil
+	})
+}
+
 // DeleteCAS implements KV.
 func (s *BoltKV) DeleteCAS(ctx context.Context, key string, index uint64) error {
 	return s.update(ctx, func(b *bolt.Bucket, _ uint64) (bool, error) {

@@ -38,6 +38,7 @@ func (e *MalformedError) Unwrap() error { return e.Err }
 //	<prefix>blockmaps/<image id>/<node>/<chunk> block map chunk (placement.EncodeChunk)
 //	<prefix>tombstones/<image id>              JSON Tombstone: the image was deleted on purpose
 //	<prefix>owners/<image id>                  ownership lock (meta.Locker), value: the node that took it
+//	<prefix>doorbells/<node>/<name>            touched with every change of the record of name that concerns node
 //
 // Block maps are keyed by image id, so a recreated image never sees the
 // maps of a deleted one.
@@ -148,7 +149,7 @@ func (c *Catalog) CreateImage(ctx context.Context, img Image, initial placement.
 	if err != nil {
 		return Image{}, err
 	}
-	if err := c.kv.CAS(ctx, c.imageKey(img.Name), data, 0); err != nil {
+	if err := c.kv.CASTouch(ctx, c.imageKey(img.Name), data, 0, c.bells(img)); err != nil {
 		_ = c.kv.DeleteTree(ctx, c.prefix+"blockmaps/"+img.ID+"/")
 		if errors.Is(err, ErrConflict) {
 			return Image{}, fmt.Errorf("%q: %w", img.Name, ErrImageExists)
@@ -256,7 +257,7 @@ func (c *Catalog) DeleteImage(ctx context.Context, img Image, index uint64) erro
 	if err := c.kv.CAS(ctx, c.tombstoneKey(img.ID), ts, 0); err != nil && !errors.Is(err, ErrConflict) {
 		return fmt.Errorf("delete image %q: write tombstone: %w", img.Name, err)
 	}
-	if err := c.kv.DeleteCAS(ctx, c.imageKey(img.Name), index); err != nil {
+	if err := c.kv.CASTouch(ctx, c.imageKey(img.Name), nil, index, c.bells(img)); err != nil {
 		if errors.Is(err, ErrNotFound) {
 			return fmt.Errorf("%q: %w", img.Name, ErrImageNotFound)
 		}

@@ -5,6 +5,7 @@ package meta
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"time"
 )
@@ -56,6 +57,12 @@ type KV interface {
 	// DeleteCAS deletes key only if its ModifyIndex is still index
 	// (ErrConflict otherwise; ErrNotFound if it is gone).
 	DeleteCAS(ctx context.Context, key string, index uint64) error
+	// CASTouch is CAS (value nil: DeleteCAS) that also writes every key
+	// of touch with a new value (TouchValue: Consul keeps the index of a
+	// key set to the value it holds), all in one atomic step: a change
+	// and the doorbells of whoever must hear of it. Nothing is written
+	// when the check fails.
+	CASTouch(ctx context.Context, key string, value []byte, index uint64, touch []string) error
 	// DeleteTree deletes every key under prefix.
 	DeleteTree(ctx context.Context, prefix string) error
 	// Watch blocks until a key under prefix changed after index, then
@@ -99,4 +106,11 @@ type Locker interface {
 	// (no lock delay: the holder let go on purpose); it reports whether
 	// session held it.
 	Release(ctx context.Context, key string, value []byte, session string) (bool, error)
+}
+
+// TouchValue is a fresh value for a touched key (CASTouch).
+func TouchValue() []byte {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return b[:]
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/ukai-storage/ukai/placement"
 )
@@ -22,6 +23,8 @@ func (c *Catalog) UpdateImage(ctx context.Context, name string, fn func(*Image) 
 		if err != nil {
 			return Image{}, err
 		}
+		before := img
+		before.Locations = slices.Clone(img.Locations)
 		if err := fn(&img); err != nil {
 			return Image{}, err
 		}
@@ -32,7 +35,7 @@ func (c *Catalog) UpdateImage(ctx context.Context, name string, fn func(*Image) 
 		if err != nil {
 			return Image{}, err
 		}
-		err = c.kv.CAS(ctx, c.imageKey(name), data, idx)
+		err = c.kv.CASTouch(ctx, c.imageKey(name), data, idx, c.bells(before, img))
 		if err == nil {
 			img.Rev = idx + 1 // the store's new index is at least this
 			return img, nil

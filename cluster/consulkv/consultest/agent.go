@@ -316,3 +316,9 @@ func (a *Agent) Pid() int {
 	}
 	return a.cmd.Process.Pid
 }
+
+// WithHCL adds agent configuration (e.g. limits for a test that opens
+// many connections from one address).
+func WithHCL(hcl string) Option {
+	return func(a *Agent) { a.args = append(a.args, "-hcl", hcl) }
+}

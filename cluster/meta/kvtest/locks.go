@@ -20,6 +20,7 @@ var lockTests = []struct {
 	{"LockDelayAfterDestroy", testLockDelayAfterDestroy},
 	{"SessionGone", testSessionGone},
 	{"SessionTTL", testSessionTTL},
+	{"CASTouch", testCASTouch},
 }
 
 func newSession(t *testing.T, kv meta.KV, name string, ttl, delay time.Duration) string {
@@ -187,5 +188,56 @@ func testSessionTTL(t *testing.T, kv meta.KV, p string) {
 	}
 	if err := kv.RenewSession(c, left); !errors.Is(err, meta.ErrSessionGone) {
 		t.Fatalf("renewing an expired session: %v, want ErrSessionGone", err)
+	}
+}
+
+// CASTouch: the change and its doorbells land together or not at all.
+func testCASTouch(t *testing.T, kv meta.KV, p string) {
+	c := ctx(t)
+	key, bells := p+"rec", []string{p + "bells/a/rec", p + "bells/b/rec"}
+	index := func(k string) uint64 {
+		e, err := kv.Get(c, k)
+		if errors.Is(err, meta.ErrNotFound) {
+			return 0
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return e.ModifyIndex
+	}
+	if err := kv.CASTouch(c, key, []byte("v1"), 0, bells); err != nil {
+		t.Fatalf("create with touches: %v", err)
+	}
+	r1, a1, b1 := index(key), index(bells[0]), index(bells[1])
+	if r1 == 0 || a1 == 0 || b1 == 0 {
+		t.Fatalf("after create: record %d, bells %d %d", r1, a1, b1)
+	}
+	if err := kv.CASTouch(c, key, []byte("v2"), 0, bells); !errors.Is(err, meta.ErrConflict) {
+		t.Fatalf("second create: %v, want ErrConflict", err)
+	}
+	if err := kv.CASTouch(c, key, []byte("v2"), r1+1000, bells[:1]); !errors.Is(err, meta.ErrConflict) {
+		t.Fatalf("update with a wrong index: %v, want ErrConflict", err)
+	}
+	if index(bells[0]) != a1 || index(bells[1]) != b1 || index(key) != r1 {
+		t.Fatal("a refused CASTouch touched something")
+	}
+	if err := kv.CASTouch(c, key, []byte("v2"), r1, bells[:1]); err != nil {
+		t.Fatalf("update: %v", err)
+	}
+	if index(bells[0]) <= a1 || index(bells[1]) != b1 {
+		t.Fatalf("update touched bells %d→%d and %d→%d, want only the first", a1, index(bells[0]), b1, index(bells[1]))
+	}
+	if err := kv.CASTouch(c, key, nil, index(key)+1000, bells); !errors.Is(err, meta.ErrConflict) {
+		t.Fatalf("delete with a wrong index: %v, want ErrConflict", err)
+	}
+	b2 := index(bells[1])
+	if err := kv.CASTouch(c, key, nil, index(key), bells); err != nil {
+		t.Fatalf("delete: %v", err)
+	}
+	if index(key) != 0 || index(bells[1]) <= b2 {
+		t.Fatalf("after delete: record %d, bell %d (was %d)", index(key), index(bells[1]), b2)
+	}
+	if err := kv.CASTouch(c, key, nil, 5, bells); !errors.Is(err, meta.ErrNotFound) {
+		t.Fatalf("delete of a missing key: %v, want ErrNotFound", err)
 	}
 }
