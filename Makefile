@@ -68,8 +68,12 @@ chaos: deps consul build
 	$(GO) test -count=1 -timeout 0 -v -run 'TestChaos$$' ./integration/chaos/ -args -chaos.seed=$(SEED) -chaos.duration=$(DURATION)
 
 # Speed: ukai vs tgtd vs the raw file, interleaved, one table.
-bench: deps build
-	$(GO) test -count=1 -tags bench -timeout 60m -v -run 'TestBench$$|TestBenchMemory|TestBenchSyncImpact' ./integration/ -args -bench-report=$(CURDIR)/integration/out/bench.md
+# Then the control plane: idle cost against images (3 real nodes, 30 to
+# 3000 images), a simulation of 10 to 100 nodes against one Consul, and
+# the CPU per GB of 4 KiB writes to a remote copy.
+bench: deps consul build
+	$(GO) test -count=1 -tags bench -timeout 90m -v -run 'TestBench$$|TestBenchMemory|TestBenchSyncImpact|TestBenchScale|TestBenchControlPlaneSim' ./integration/ -args -bench-report=$(CURDIR)/integration/out/bench.md
+	$(GO) test -count=1 -run '^$$' -bench 'BenchmarkRemoteWrite4KCPU' -benchtime 200000x ./cluster/peer/ | tee -a integration/out/bench.md
 	@cat integration/out/bench.md
 
 # Every parser the target has (PDU header and data segment, login/text

@@ -231,6 +231,10 @@ func TestHostileImageIDStaysInDataDir(t *testing.T) {
 		`"created":"2026-11-28T13:00:00Z","locations":["n1"],"min_copies":1,"generation":1}`
 	consulPut(t, c.consul.Addr, "ukai/images/evil", []byte(rec))
 	n1.mustCLI("image", "create", "after", "--size", "8M")
+	// A record written by hand rings no doorbell: the node reads it at its
+	// next full listing (at start, then every 10 minutes).
+	n1.stop()
+	n1.start()
 	waitFor(t, 15*time.Second, "n1 to report ukai/images/evil", func() bool {
 		_, err := os.Stat(filepath.Join(outside, "victimvictimvictim.json"))
 		return err == nil || strings.Contains(n1.logs.String(), "ukai/images/evil")
