@@ -201,11 +201,6 @@ func (c *Client) VerifyImage(ctx context.Context, image string) (VerifyResult, e
 	return r, c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(image)+"/verify", struct{}{}, &r)
 }
 
-// PrepareCopy asks the node to create its empty copy of a new image.
-func (c *Client) PrepareCopy(ctx context.Context, id string, size int64) error {
-	return c.do(ctx, http.MethodPost, "/v1/internal/copies", PrepareCopyRequest{ID: id, Size: size}, nil)
-}
-
 // SyncImage runs a sync and calls progress for every line the node
 // streams; it returns the error of the final line, if any.
 func (c *Client) SyncImage(ctx context.Context, image string, req SyncRequest, progress func(SyncProgress)) error {
@@ -295,11 +290,6 @@ func (c *Client) Detach(ctx context.Context, image string) (Image, error) {
 	return img, c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(image)+"/detach", struct{}{}, &img)
 }
 
-// Release asks the node to give up ownership of the image now.
-func (c *Client) Release(ctx context.Context, image string) error {
-	return c.do(ctx, http.MethodPost, "/v1/internal/images/"+url.PathEscape(image)+"/release", struct{}{}, nil)
-}
-
 // Export allows an initiator to log in to image.
 func (c *Client) Export(ctx context.Context, image string, req ExportRequest) error {
 	return c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(image)+"/exports", req, nil)
@@ -332,11 +322,6 @@ func (c *Client) DeleteSnapshot(ctx context.Context, image, snapshot string) err
 func (c *Client) ResizeImage(ctx context.Context, image string, size int64) (Image, error) {
 	var img Image
 	return img, c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(image)+"/resize", ResizeRequest{Size: size}, &img)
-}
-
-// GrowCopy asks the node to extend its copy of image id before a resize.
-func (c *Client) GrowCopy(ctx context.Context, id string, size int64) error {
-	return c.do(ctx, http.MethodPost, "/v1/internal/copies", PrepareCopyRequest{ID: id, Size: size, Grow: true}, nil)
 }
 
 // ReadData streams the image (or snapshot) into w, calling start with its

@@ -35,7 +35,6 @@ type Service interface {
 	// summary) before it returns.
 	SyncImage(ctx context.Context, image string, req SyncRequest, progress func(SyncProgress)) error
 	VerifyImage(ctx context.Context, image string) (VerifyResult, error)
-	PrepareCopy(ctx context.Context, id string, size int64) error
 	SetImagePolicy(ctx context.Context, image string, req ImagePolicyRequest) (placement.ImagePolicy, error)
 	Relocate(ctx context.Context, image string, req RelocateRequest) (placement.ImagePolicy, error)
 	PlanImage(ctx context.Context, image string) ([]placement.Action, error)
@@ -44,14 +43,12 @@ type Service interface {
 	Stats(ctx context.Context) (Stats, error)
 	Attach(ctx context.Context, image, node string) (Image, error)
 	Detach(ctx context.Context, image string) (Image, error)
-	Release(ctx context.Context, image string) error
 	Export(ctx context.Context, image string, req ExportRequest) error
 	Unexport(ctx context.Context, image, initiator string) error
 	CreateSnapshot(ctx context.Context, image string, req SnapshotRequest) (Snapshot, error)
 	ListSnapshots(ctx context.Context, image string) ([]Snapshot, error)
 	DeleteSnapshot(ctx context.Context, image, snapshot string) error
 	ResizeImage(ctx context.Context, image string, size int64) (Image, error)
-	GrowCopy(ctx context.Context, id string, size int64) error
 	// ReadData streams the whole image (or snapshot) to w; it calls start
 	// with the size before the first byte.
 	ReadData(ctx context.Context, image string, start func(size int64), w io.Writer) error
@@ -78,7 +75,6 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 	mux.HandleFunc("DELETE /v1/images/{name}/locations/{node}", h.removeLocation)
 	mux.HandleFunc("POST /v1/images/{name}/sync", h.syncImage)
 	mux.HandleFunc("POST /v1/images/{name}/verify", h.verifyImage)
-	mux.HandleFunc("POST /v1/internal/copies", h.prepareCopy)
 	mux.HandleFunc("PUT /v1/images/{name}/policy", h.setImagePolicy)
 	mux.HandleFunc("POST /v1/images/{name}/relocate", h.relocate)
 	mux.HandleFunc("GET /v1/images/{name}/plan", h.plan)
@@ -89,7 +85,6 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 	mux.HandleFunc("POST /v1/images/{name}/exports", h.export)
 	mux.HandleFunc("DELETE /v1/images/{name}/exports/{initiator}", h.unexport)
 	mux.HandleFunc("POST /v1/images/{name}/detach", h.detach)
-	mux.HandleFunc("POST /v1/internal/images/{name}/release", h.release)
 	mux.HandleFunc("POST /v1/images/{name}/snapshots", h.createSnapshot)
 	mux.HandleFunc("GET /v1/images/{name}/snapshots", h.listSnapshots)
 	mux.HandleFunc("DELETE /v1/images/{name}/snapshots/{snapshot}", h.deleteSnapshot)
@@ -356,24 +351,6 @@ func (h *handler) verifyImage(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, res)
 }
 
-func (h *handler) prepareCopy(w http.ResponseWriter, r *http.Request) {
-	var req PrepareCopyRequest
-	if !decodeBody(w, r, &req) {
-		return
-	}
-	var err error
-	if req.Grow {
-		err = h.svc.GrowCopy(r.Context(), req.ID, req.Size)
-	} else {
-		err = h.svc.PrepareCopy(r.Context(), req.ID, req.Size)
-	}
-	if err != nil {
-		h.fail(w, r, err)
-		return
-	}
-	w.WriteHeader(http.StatusNoContent)
-}
-
 func (h *handler) createSnapshot(w http.ResponseWriter, r *http.Request) {
 	var req SnapshotRequest
 	if !decodeBody(w, r, &req) {
@@ -517,14 +494,6 @@ func (h *handler) attach(w http.ResponseWriter, r *http.Request) {
 func (h *handler) detach(w http.ResponseWriter, r *http.Request) {
 	img, err := h.svc.Detach(r.Context(), r.PathValue("name"))
 	h.answer(w, r, img, err)
-}
-
-func (h *handler) release(w http.ResponseWriter, r *http.Request) {
-	if err := h.svc.Release(r.Context(), r.PathValue("name")); err != nil {
-		h.fail(w, r, err)
-		return
-	}
-	w.WriteHeader(http.StatusNoContent)
 }
 
 func (h *handler) export(w http.ResponseWriter, r *http.Request) {

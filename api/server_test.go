@@ -58,7 +58,6 @@ func (m *memService) SyncImage(_ context.Context, _ string, _ SyncRequest, p fun
 func (m *memService) VerifyImage(context.Context, string) (VerifyResult, error) {
 	return VerifyResult{}, nil
 }
-func (m *memService) PrepareCopy(context.Context, string, int64) error { return nil }
 func (m *memService) SetImagePolicy(context.Context, string, ImagePolicyRequest) (placement.ImagePolicy, error) {
 	return placement.ImagePolicy{}, fmt.Errorf("%w: spread_by zone needs 3 zones, 2 exist", meta.ErrInvalid)
 }
@@ -70,7 +69,6 @@ func (m *memService) SetSyncPolicy(context.Context, SyncPolicyRequest) error    
 func (m *memService) SyncPolicies(context.Context) (SyncPolicies, error)            { return SyncPolicies{}, nil }
 func (m *memService) Attach(context.Context, string, string) (Image, error)         { return Image{}, nil }
 func (m *memService) Detach(context.Context, string) (Image, error)                 { return Image{}, nil }
-func (m *memService) Release(context.Context, string) error                         { return nil }
 func (m *memService) Export(context.Context, string, ExportRequest) error           { return nil }
 func (m *memService) Unexport(context.Context, string, string) error                { return nil }
 func (m *memService) Stats(context.Context) (Stats, error)                          { return Stats{Node: "n1"}, nil }
@@ -82,7 +80,6 @@ func (m *memService) DeleteSnapshot(context.Context, string, string) error      
 func (m *memService) ResizeImage(context.Context, string, int64) (Image, error) {
 	return Image{}, errors.New("not here")
 }
-func (m *memService) GrowCopy(context.Context, string, int64) error { return nil }
 func (m *memService) ReadData(_ context.Context, _ string, start func(int64), w io.Writer) error {
 	start(4)
 	_, err := w.Write([]byte("data"))

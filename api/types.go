@@ -59,15 +59,6 @@ type DataWritten struct {
 	Bytes int64 `json:"bytes"`
 }
 
-// PrepareCopyRequest is POST /v1/internal/copies: a node creates its empty
-// copy of a new image before the record names it.
-type PrepareCopyRequest struct {
-	ID   string `json:"id"`
-	Size int64  `json:"size"`
-	// Grow extends an existing copy instead (online resize).
-	Grow bool `json:"grow,omitempty"`
-}
-
 // LocationRequest is POST /v1/images/{name}/locations.
 type LocationRequest struct {
 	Node string `json:"node"`

@@ -735,17 +735,17 @@ func (n *Node) prepareCopyOn(ctx context.Context, node string, img meta.Image) e
 	if node == n.cfg.Node.Name {
 		return n.PrepareCopy(ctx, img.ID, img.Size)
 	}
-	m, err := n.peerMember(node)
+	c, err := n.controlClient(node)
 	if err != nil {
-		return err
+		return fmt.Errorf("prepare the copy on %s: %w", node, err)
 	}
-	if err := n.apiClient(m.Meta.API).PrepareCopy(ctx, img.ID, img.Size); err != nil {
+	if err := c.PrepareCopy(ctx, img.ID, img.Size); err != nil {
 		return fmt.Errorf("prepare the copy on %s: %w", node, err)
 	}
 	return nil
 }
 
-// PrepareCopy implements api.Service: create this node's empty sparse copy
+// PrepareCopy implements peer.Control: create this node's empty sparse copy
 // of a new image (idempotent for the same size).
 func (n *Node) PrepareCopy(_ context.Context, id string, size int64) error {
 	path, err := n.imagePath(meta.Image{ID: id})

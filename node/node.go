@@ -138,7 +138,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 	}
 	closers = append(closers, func() { n.target.Close(context.Background()) })
 	if cfg.Peer.Listen != "" {
-		n.peerSrv, err = peer.NewServer(peer.ServerConfig{Listen: cfg.Peer.Listen, TLS: n.sec.peerServer, Logger: log.With("component", "peer"), Volumes: ownerVolumes{n}, Member: n.isMember}, n.pstore)
+		n.peerSrv, err = peer.NewServer(peer.ServerConfig{Listen: cfg.Peer.Listen, TLS: n.sec.peerServer, Logger: log.With("component", "peer"), Volumes: ownerVolumes{n}, Member: n.isMember, Control: n}, n.pstore)
 		if err == nil {
 			err = n.peerSrv.Listen()
 		}

@@ -53,6 +53,19 @@ func (n *Node) alive(node string) bool {
 	return ok && m.State == membership.StateAlive
 }
 
+// controlClient is the data-transport client of a live node, for the
+// control calls (peer.Control).
+func (n *Node) controlClient(node string) (*peer.Client, error) {
+	if _, err := n.peerMember(node); err != nil {
+		return nil, err
+	}
+	c := n.peerClient(node)
+	if c == nil {
+		return nil, fmt.Errorf("node %s has no data transport address", node)
+	}
+	return c, nil
+}
+
 // peerMember returns a live node's membership entry.
 func (n *Node) peerMember(node string) (membership.Member, error) {
 	if n.members == nil {
@@ -564,9 +577,9 @@ func (n *Node) Attach(ctx context.Context, name, node string) (api.Image, error)
 		return api.Image{}, err
 	}
 	if img.Owner != "" && img.Owner != n.cfg.Node.Name {
-		if m, err := n.peerMember(img.Owner); err == nil {
-			if err := n.apiClient(m.Meta.API).Release(ctx, name); err != nil {
-				n.log.Warn("the current owner did not hand over; waiting for its lease", "image", name, "owner", img.Owner, "err", err)
+		if c, err := n.controlClient(img.Owner); err == nil {
+			if err := c.Release(ctx, name); err != nil {
+				n.log.Warn("the current owner did not hand over; waiting until its lock is free", "image", name, "owner", img.Owner, "err", err)
 			}
 		}
 	}
@@ -596,7 +609,7 @@ func (n *Node) Detach(ctx context.Context, name string) (api.Image, error) {
 	return n.GetImage(ctx, name, false)
 }
 
-// Release implements api.Service: give up ownership of the image now (a
+// Release implements peer.Control: give up ownership of the image now (a
 // handover asked by the node it is attached to).
 func (n *Node) Release(ctx context.Context, name string) error {
 	s, err := n.servedByName(ctx, name)

@@ -730,17 +730,17 @@ func (n *Node) growCopyOn(ctx context.Context, node, id string, size int64) erro
 	if node == n.cfg.Node.Name {
 		return n.GrowCopy(ctx, id, size)
 	}
-	m, err := n.peerMember(node)
+	c, err := n.controlClient(node)
 	if err != nil {
 		return fmt.Errorf("grow the copy on %s: %w", node, err)
 	}
-	if err := n.apiClient(m.Meta.API).GrowCopy(ctx, id, size); err != nil {
+	if err := c.GrowCopy(ctx, id, size); err != nil {
 		return fmt.Errorf("grow the copy on %s: %w", node, err)
 	}
 	return nil
 }
 
-// GrowCopy implements api.Service: extend this node's copy of image id to
+// GrowCopy implements peer.Control: extend this node's copy of image id to
 // size bytes (zeros), before the record says so.
 func (n *Node) GrowCopy(_ context.Context, id string, size int64) error {
 	if err := checkImageID(id); err != nil {

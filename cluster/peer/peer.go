@@ -7,7 +7,7 @@ import (
 	"math/bits"
 	"sync"
 
-	"github.com/ukai-storage/ukai/target/lun"
+	"github.com/ukai-storage/ukai/target/blockdev"
 )
 
 // Ref identifies the image a request is for: a peer never applies a
@@ -60,7 +60,7 @@ type Store interface {
 
 // Local is a node's copy of an image and the image geometry.
 type Local struct {
-	Copy      lun.Copy
+	Copy      blockdev.Copy
 	Size      int64 // bytes
 	BlockSize int64 // bytes
 }

@@ -5,14 +5,14 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/ukai-storage/ukai/target/lun"
+	"github.com/ukai-storage/ukai/target/blockdev"
 )
 
-// RemoteCopy adapts a client to lun.Copy for image ref, so a volume treats
+// RemoteCopy adapts a client to blockdev.Copy for image ref, so a volume treats
 // local and remote copies alike. Close is a no-op: the client belongs to
-// whoever created it. It is a lun.Fencer: writes and unmaps carry its
+// whoever created it. It is a blockdev.Fencer: writes and unmaps carry its
 // epoch, which Fence raises.
-func RemoteCopy(c *Client, ref Ref) lun.Copy {
+func RemoteCopy(c *Client, ref Ref) blockdev.Copy {
 	r := &remoteCopy{c: c, ref: ref}
 	// The epoch starts at the clock so that a copy made later (a record
 	// change, the owner restarted) starts above every epoch an earlier one
@@ -47,7 +47,7 @@ func (r *remoteCopy) Unmap(ctx context.Context, off, n int64) error {
 	return r.c.Unmap(ctx, r.now(), off, n)
 }
 
-// Fence implements lun.Fencer: a new epoch, and the copy fenced at it.
+// Fence implements blockdev.Fencer: a new epoch, and the copy fenced at it.
 func (r *remoteCopy) Fence(ctx context.Context) error {
 	ref := r.ref
 	ref.Epoch = r.epoch.Add(1)

@@ -43,6 +43,9 @@ type ServerConfig struct {
 	// verified certificate names a member (a certificate of the cluster
 	// CA issued to anything else is refused).
 	Member func(node string) bool
+	// Control serves the control calls of other nodes (prepare and grow
+	// a copy, release an image); nil: they answer 404.
+	Control Control
 }
 
 const (
@@ -137,6 +140,7 @@ func NewServer(cfg ServerConfig, st Store) (*Server, error) {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET "+pathChecksums, s.handle("checksums", s.checksums))
 	mux.HandleFunc("GET "+pathRange, s.handle("range", s.readRange))
+	mux.HandleFunc("POST "+pathControl+"{op}", s.control)
 
 	s.srv = &http.Server{
 		Handler:           mux,

@@ -13,21 +13,13 @@ import (
 	"sync/atomic"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ukai-storage/ukai/target/blockdev"
 )
 
-// Copy is one copy of an image: byte-addressed, thread-safe storage.
-// Methods honour ctx where the medium can block.
-type Copy interface {
-	ReadAt(ctx context.Context, p []byte, off int64) error
-	// WriteAt writes p at off; with durable it is on stable storage when
-	// WriteAt returns.
-	WriteAt(ctx context.Context, p []byte, off int64, durable bool) error
-	// Sync makes every completed write durable.
-	Sync(ctx context.Context) error
-	// Unmap deallocates [off, off+n): reads return zeros, space is freed.
-	Unmap(ctx context.Context, off, n int64) error
-	Close() error
-}
+// Copy is one copy of an image (blockdev.Copy: the data transport
+// implements it for remote copies without importing this package).
+type Copy = blockdev.Copy
 
 // FileCopy is a copy kept in a sparse file on the node's file system.
 type FileCopy struct {

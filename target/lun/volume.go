@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/ukai-storage/ukai/placement"
+	"github.com/ukai-storage/ukai/target/blockdev"
 	"github.com/ukai-storage/ukai/target/scsi"
 )
 
@@ -111,12 +112,8 @@ type Volume struct {
 	fenceMu sync.Mutex
 }
 
-// Fencer is a copy that can order the writes sent to it before against
-// the ones after (see cluster/peer: a remote copy). Fence returns once no
-// write sent before it can be applied any more.
-type Fencer interface {
-	Fence(ctx context.Context) error
-}
+// Fencer is a copy that can be fenced (blockdev.Fencer).
+type Fencer = blockdev.Fencer
 
 // fence fences r's copy unless it was fenced since its last failed write.
 // The caller holds the blocks it is about to copy or compare.
