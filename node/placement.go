@@ -188,25 +188,44 @@ func (n *Node) idle(s *served) bool {
 	return now.rev == last.rev && now.maps == last.maps && now.member == last.member && now.policy == last.policy
 }
 
-// placementLoop runs the executor.
+// maxPlanning bounds the images the executor works on at once: each
+// plan reads the catalog, so a burst of new images does not become a
+// burst of store requests.
+const maxPlanning = 32
+
+// placementLoop runs the executor; it returns once every plan it started
+// has ended.
 func (n *Node) placementLoop(ctx context.Context) {
+	var plans sync.WaitGroup
+	defer plans.Wait()
+	slots := make(chan struct{}, maxPlanning)
 	every(ctx, 2*time.Second, func() {
 		n.rounds.Add(1)
 		for _, s := range n.servedImages(false) {
 			if ctx.Err() != nil {
 				return
 			}
-			if s.busy.Load() > 0 || n.idle(s) || !n.shouldAct(s) || !s.planning.CompareAndSwap(false, true) {
+			if s.busy.Load() > 0 || n.idle(s) || !n.shouldAct(s) {
+				continue
+			}
+			select {
+			case slots <- struct{}{}:
+			default:
+				return // all slots busy: the rest next round
+			}
+			if !s.planning.CompareAndSwap(false, true) {
+				<-slots
 				continue
 			}
 			// Each image plans on its own: a long, rate-capped sync of
 			// one image does not hold up the others.
-			go func() {
+			plans.Go(func() {
+				defer func() { <-slots }()
 				defer s.planning.Store(false)
 				if err := n.executePlan(ctx, s); err != nil && ctx.Err() == nil {
 					n.log.Warn("placement step failed", "image", s.record().Name, "err", err)
 				}
-			}()
+			})
 		}
 	})
 }
