@@ -13,7 +13,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/ukai-storage/ukai/placement"
 )
 
 // Client talks to one node's control API.
@@ -242,21 +241,21 @@ func (c *Client) SyncImage(ctx context.Context, image string, req SyncRequest, p
 }
 
 // SetImagePolicy changes the image's desired state.
-func (c *Client) SetImagePolicy(ctx context.Context, image string, req ImagePolicyRequest) (placement.ImagePolicy, error) {
-	var p placement.ImagePolicy
+func (c *Client) SetImagePolicy(ctx context.Context, image string, req ImagePolicyRequest) (ImagePolicy, error) {
+	var p ImagePolicy
 	return p, c.do(ctx, http.MethodPut, "/v1/images/"+url.PathEscape(image)+"/policy", req, &p)
 }
 
 // Relocate starts or cancels a relocation.
-func (c *Client) Relocate(ctx context.Context, image string, req RelocateRequest) (placement.ImagePolicy, error) {
-	var p placement.ImagePolicy
+func (c *Client) Relocate(ctx context.Context, image string, req RelocateRequest) (ImagePolicy, error) {
+	var p ImagePolicy
 	return p, c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(image)+"/relocate", req, &p)
 }
 
 // PlanImage returns what the planner would do now.
-func (c *Client) PlanImage(ctx context.Context, image string) ([]placement.Action, error) {
+func (c *Client) PlanImage(ctx context.Context, image string) ([]Action, error) {
 	var r struct {
-		Actions []placement.Action `json:"actions"`
+		Actions []Action `json:"actions"`
 	}
 	return r.Actions, c.do(ctx, http.MethodGet, "/v1/images/"+url.PathEscape(image)+"/plan", nil, &r)
 }

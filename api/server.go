@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/ukai-storage/ukai/cluster/meta"
-	"github.com/ukai-storage/ukai/placement"
 )
 
 // Service is what the API serves; the node implements it. Errors wrapping
@@ -35,9 +34,9 @@ type Service interface {
 	// summary) before it returns.
 	SyncImage(ctx context.Context, image string, req SyncRequest, progress func(SyncProgress)) error
 	VerifyImage(ctx context.Context, image string) (VerifyResult, error)
-	SetImagePolicy(ctx context.Context, image string, req ImagePolicyRequest) (placement.ImagePolicy, error)
-	Relocate(ctx context.Context, image string, req RelocateRequest) (placement.ImagePolicy, error)
-	PlanImage(ctx context.Context, image string) ([]placement.Action, error)
+	SetImagePolicy(ctx context.Context, image string, req ImagePolicyRequest) (ImagePolicy, error)
+	Relocate(ctx context.Context, image string, req RelocateRequest) (ImagePolicy, error)
+	PlanImage(ctx context.Context, image string) ([]Action, error)
 	SetSyncPolicy(ctx context.Context, req SyncPolicyRequest) error
 	SyncPolicies(ctx context.Context) (SyncPolicies, error)
 	Stats(ctx context.Context) (Stats, error)
@@ -455,9 +454,9 @@ func (h *handler) relocate(w http.ResponseWriter, r *http.Request) {
 func (h *handler) plan(w http.ResponseWriter, r *http.Request) {
 	a, err := h.svc.PlanImage(r.Context(), r.PathValue("name"))
 	if a == nil {
-		a = []placement.Action{}
+		a = []Action{}
 	}
-	h.answer(w, r, map[string][]placement.Action{"actions": a}, err)
+	h.answer(w, r, map[string][]Action{"actions": a}, err)
 }
 
 func (h *handler) setSyncPolicy(w http.ResponseWriter, r *http.Request) {

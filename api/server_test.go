@@ -12,7 +12,6 @@ import (
 	"testing"
 
 	"github.com/ukai-storage/ukai/cluster/meta"
-	"github.com/ukai-storage/ukai/placement"
 )
 
 // memService is a small in-memory Service: enough to exercise the HTTP
@@ -58,20 +57,20 @@ func (m *memService) SyncImage(_ context.Context, _ string, _ SyncRequest, p fun
 func (m *memService) VerifyImage(context.Context, string) (VerifyResult, error) {
 	return VerifyResult{}, nil
 }
-func (m *memService) SetImagePolicy(context.Context, string, ImagePolicyRequest) (placement.ImagePolicy, error) {
-	return placement.ImagePolicy{}, fmt.Errorf("%w: spread_by zone needs 3 zones, 2 exist", meta.ErrInvalid)
+func (m *memService) SetImagePolicy(context.Context, string, ImagePolicyRequest) (ImagePolicy, error) {
+	return ImagePolicy{}, fmt.Errorf("%w: spread_by zone needs 3 zones, 2 exist", meta.ErrInvalid)
 }
-func (m *memService) Relocate(context.Context, string, RelocateRequest) (placement.ImagePolicy, error) {
-	return placement.ImagePolicy{}, nil
+func (m *memService) Relocate(context.Context, string, RelocateRequest) (ImagePolicy, error) {
+	return ImagePolicy{}, nil
 }
-func (m *memService) PlanImage(context.Context, string) ([]placement.Action, error) { return nil, nil }
-func (m *memService) SetSyncPolicy(context.Context, SyncPolicyRequest) error        { return nil }
-func (m *memService) SyncPolicies(context.Context) (SyncPolicies, error)            { return SyncPolicies{}, nil }
-func (m *memService) Attach(context.Context, string, string) (Image, error)         { return Image{}, nil }
-func (m *memService) Detach(context.Context, string) (Image, error)                 { return Image{}, nil }
-func (m *memService) Export(context.Context, string, ExportRequest) error           { return nil }
-func (m *memService) Unexport(context.Context, string, string) error                { return nil }
-func (m *memService) Stats(context.Context) (Stats, error)                          { return Stats{Node: "n1"}, nil }
+func (m *memService) PlanImage(context.Context, string) ([]Action, error)    { return nil, nil }
+func (m *memService) SetSyncPolicy(context.Context, SyncPolicyRequest) error { return nil }
+func (m *memService) SyncPolicies(context.Context) (SyncPolicies, error)     { return SyncPolicies{}, nil }
+func (m *memService) Attach(context.Context, string, string) (Image, error)  { return Image{}, nil }
+func (m *memService) Detach(context.Context, string) (Image, error)          { return Image{}, nil }
+func (m *memService) Export(context.Context, string, ExportRequest) error    { return nil }
+func (m *memService) Unexport(context.Context, string, string) error         { return nil }
+func (m *memService) Stats(context.Context) (Stats, error)                   { return Stats{Node: "n1"}, nil }
 func (m *memService) CreateSnapshot(context.Context, string, SnapshotRequest) (Snapshot, error) {
 	return Snapshot{}, errors.New("not here")
 }

@@ -6,7 +6,6 @@ package api
 import (
 	"time"
 
-	"github.com/ukai-storage/ukai/placement"
 )
 
 // CreateImageRequest is the body of POST /v1/images.
@@ -102,9 +101,9 @@ type SyncPolicyRequest struct {
 
 // SyncPolicies is GET /v1/policies/sync.
 type SyncPolicies struct {
-	Default  *placement.SyncPolicy           `json:"default,omitempty"`
-	Nodes    map[string]placement.SyncPolicy `json:"nodes"`
-	Images   map[string]placement.SyncPolicy `json:"images"`
+	Default  *SyncPolicy           `json:"default,omitempty"`
+	Nodes    map[string]SyncPolicy `json:"nodes"`
+	Images   map[string]SyncPolicy `json:"images"`
 	Problems []string                        `json:"problems,omitempty"`
 }
 
@@ -166,12 +165,12 @@ type Image struct {
 	// Exports lists who may log in (no secrets).
 	Exports []ExportInfo `json:"exports,omitempty"`
 	// Policy is the desired state; Plan what the planner last decided.
-	Policy *placement.ImagePolicy `json:"policy,omitempty"`
+	Policy *ImagePolicy `json:"policy,omitempty"`
 	// SnapshotOf is set on a snapshot: the image it was taken of.
 	SnapshotOf string `json:"snapshot_of,omitempty"`
 	// Snapshots of this image.
 	Snapshots []string           `json:"snapshots,omitempty"`
-	Plan      []placement.Action `json:"plan,omitempty"`
+	Plan      []Action `json:"plan,omitempty"`
 	Locations []Location         `json:"locations"`
 	// BlockMap, only with ?blocks=true: one entry per block mapping each
 	// location's node to its state.
@@ -267,4 +266,61 @@ type ExportInfo struct {
 	CHAPUser   string `json:"chap_user,omitempty"`
 	MutualUser string `json:"mutual_user,omitempty"`
 	SecretIn   string `json:"secret_in,omitempty"` // "consul" or "file:<name>"
+}
+
+// The operator's placement decisions and the executor's plan, as the API
+// carries them (the same JSON as the placement package stores; the API
+// has its own types so that its clients do not depend on the planner).
+
+// ImagePolicy is an image's placement policy.
+type ImagePolicy struct {
+	Replicas     int               `json:"replicas,omitempty"`
+	Locations    []string          `json:"locations,omitempty"`
+	PreferLabels map[string]string `json:"prefer_labels,omitempty"`
+	SpreadBy     string            `json:"spread_by,omitempty"`
+	Relocate     *Relocation       `json:"relocate,omitempty"`
+}
+
+// Relocation is a relocation under way.
+type Relocation struct {
+	To      string    `json:"to"`
+	From    string    `json:"from,omitempty"`
+	Started time.Time `json:"started"`
+}
+
+// Window is a daily sync window, minutes after midnight (End < Start
+// wraps past midnight).
+type Window struct {
+	Start int `json:"start"`
+	End   int `json:"end"`
+}
+
+// SyncPolicy says when and how fast synchronization may run.
+type SyncPolicy struct {
+	Windows []Window     `json:"windows,omitempty"`
+	TZ      string       `json:"tz,omitempty"`
+	MaxRate int64        `json:"max_rate,omitempty"`
+	AllOf   []SyncPolicy `json:"all_of,omitempty"`
+}
+
+// Action kinds of a plan.
+const (
+	ActionAddLocation    = "add_location"
+	ActionSync           = "sync"
+	ActionRemoveLocation = "remove_location"
+	ActionWait           = "wait"
+	ActionRefuse         = "refuse"
+)
+
+// Action is one step of an image's placement plan.
+type Action struct {
+	Kind     string    `json:"kind"`
+	Image    string    `json:"image"`
+	Node     string    `json:"node,omitempty"`
+	From     int64     `json:"from_block,omitempty"`
+	To       int64     `json:"to_block,omitempty"`
+	Rate     int64     `json:"rate,omitempty"`
+	Deadline time.Time `json:"deadline,omitzero"`
+	Until    time.Time `json:"until,omitzero"`
+	Reason   string    `json:"reason"`
 }

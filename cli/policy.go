@@ -10,7 +10,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/ukai-storage/ukai/api"
-	"github.com/ukai-storage/ukai/placement"
 )
 
 func (a *app) imageSetCmd() *cobra.Command {
@@ -67,7 +66,7 @@ func (a *app) imageSetCmd() *cobra.Command {
 	return cmd
 }
 
-func policyString(p placement.ImagePolicy) string {
+func policyString(p api.ImagePolicy) string {
 	var parts []string
 	if p.Replicas > 0 {
 		parts = append(parts, fmt.Sprintf("replicas %d", p.Replicas))
@@ -150,14 +149,14 @@ func (a *app) imagePlanCmd() *cobra.Command {
 	return cmd
 }
 
-func printActions(a *app, acts []placement.Action) {
+func printActions(a *app, acts []api.Action) {
 	tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
 	for _, ac := range acts {
 		what := string(ac.Kind)
 		if ac.Node != "" {
 			what += " " + ac.Node
 		}
-		if ac.Kind == placement.Sync {
+		if ac.Kind == api.ActionSync {
 			what += fmt.Sprintf(" blocks %d-%d", ac.From, ac.To)
 			if ac.Rate > 0 {
 				what += " at " + FormatSize(ac.Rate) + "/s"
@@ -239,7 +238,7 @@ func (a *app) policyCmd() *cobra.Command {
 			}
 			tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "SCOPE\tWINDOWS\tTZ\tMAX RATE")
-			row := func(scope string, sp placement.SyncPolicy) {
+			row := func(scope string, sp api.SyncPolicy) {
 				var ws []string
 				for _, w := range sp.Windows {
 					ws = append(ws, fmt.Sprintf("%02d:%02d-%02d:%02d", w.Start/60, w.Start%60, w.End/60, w.End%60))

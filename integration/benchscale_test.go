@@ -147,8 +147,19 @@ func TestBenchScale(t *testing.T) {
 		}
 		created = target
 		setup := time.Since(start)
-		// Let the watches and placement rounds the creations caused end.
-		time.Sleep(10 * time.Second)
+		// Let the work the creations caused end (the placement executor
+		// plans each new image once, 32 at a time): until the nodes' CPU
+		// over 5 s stops falling, at most 3 minutes.
+		prev := -1.0
+		for end := time.Now().Add(3 * time.Minute); time.Now().Before(end); {
+			u := cpuSeconds(pids)
+			time.Sleep(5 * time.Second)
+			r := (cpuSeconds(pids) - u) / 5
+			if prev >= 0 && r >= prev*0.8 {
+				break
+			}
+			prev = r
+		}
 		const window = 30 * time.Second
 		i0, u0, c0 := consulCommitIndex(t, c.consul.Addr), cpuSeconds(pids), cpuSeconds([]int{c.consul.Pid()})
 		maxConns := 0

@@ -622,7 +622,9 @@ func (n *Node) LookupTarget(iqn string) (*scsi.LU, bool) {
 		defer cancel()
 		var err error
 		if s, err = n.exportLazily(ctx, name); err != nil {
-			n.log.Warn("cannot export image for a login", "image", name, "err", err)
+			if !errors.Is(err, meta.ErrImageNotFound) {
+				n.log.Warn("cannot export image for a login", "image", name, "err", err)
+			}
 			return nil, false
 		}
 	}
@@ -817,10 +819,11 @@ func (n *Node) describe(ctx context.Context, img meta.Image, blocks bool) (api.I
 		out.Snapshots = append(out.Snapshots, sn.Name)
 	}
 	if pol, _, err := n.cat.ImagePolicy(ctx, img.Name); err == nil && !reflect.DeepEqual(pol, placement.ImagePolicy{}) {
-		out.Policy = &pol
+		ap := apiImagePolicy(pol)
+		out.Policy = &ap
 	}
 	n.planMu.Lock()
-	out.Plan = n.plans[img.Name]
+	out.Plan = apiActions(n.plans[img.Name])
 	n.planMu.Unlock()
 	out.Exports = n.exportInfos(img.Name)
 	maps := make([]*placement.BlockMap, len(img.Locations))

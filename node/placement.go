@@ -387,17 +387,29 @@ func (n *Node) setPlan(name string, actions []placement.Action) {
 }
 
 // PlanImage implements api.Service: what the planner would do now, and why.
-func (n *Node) PlanImage(ctx context.Context, name string) ([]placement.Action, error) {
+func (n *Node) PlanImage(ctx context.Context, name string) ([]api.Action, error) {
 	st, err := n.planStateByName(ctx, name)
 	if err != nil {
 		return nil, err
 	}
-	return placement.PlanImage(st, name), nil
+	return apiActions(placement.PlanImage(st, name)), nil
 }
 
-// SetImagePolicy implements api.Service: merge the request into the
-// image's policy, refusing an impossible one with the reason.
-func (n *Node) SetImagePolicy(ctx context.Context, name string, req api.ImagePolicyRequest) (placement.ImagePolicy, error) {
+// SetImagePolicy implements api.Service (setImagePolicy).
+func (n *Node) SetImagePolicy(ctx context.Context, name string, req api.ImagePolicyRequest) (api.ImagePolicy, error) {
+	p, err := n.setImagePolicy(ctx, name, req)
+	return apiImagePolicy(p), err
+}
+
+// Relocate implements api.Service (relocate).
+func (n *Node) Relocate(ctx context.Context, name string, req api.RelocateRequest) (api.ImagePolicy, error) {
+	p, err := n.relocate(ctx, name, req)
+	return apiImagePolicy(p), err
+}
+
+// setImagePolicy merges the request into the image's policy, refusing an
+// impossible one with the reason.
+func (n *Node) setImagePolicy(ctx context.Context, name string, req api.ImagePolicyRequest) (placement.ImagePolicy, error) {
 	st, err := n.planStateByName(ctx, name)
 	if err != nil {
 		return placement.ImagePolicy{}, err
@@ -431,8 +443,8 @@ func (n *Node) SetImagePolicy(ctx context.Context, name string, req api.ImagePol
 	})
 }
 
-// Relocate implements api.Service: start (or cancel) a follow-the-VM move.
-func (n *Node) Relocate(ctx context.Context, name string, req api.RelocateRequest) (placement.ImagePolicy, error) {
+// relocate starts (or cancels) a follow-the-VM move.
+func (n *Node) relocate(ctx context.Context, name string, req api.RelocateRequest) (placement.ImagePolicy, error) {
 	st, err := n.planStateByName(ctx, name)
 	if err != nil {
 		return placement.ImagePolicy{}, err
@@ -501,7 +513,11 @@ func (n *Node) SyncPolicies(ctx context.Context) (api.SyncPolicies, error) {
 	if err != nil {
 		return api.SyncPolicies{}, err
 	}
-	out := api.SyncPolicies{Default: def, Nodes: nodes, Images: images}
+	out := api.SyncPolicies{Nodes: apiSyncPolicies(nodes), Images: apiSyncPolicies(images)}
+	if def != nil {
+		d := apiSyncPolicy(*def)
+		out.Default = &d
+	}
 	for _, b := range bad {
 		out.Problems = append(out.Problems, b.Error())
 	}
