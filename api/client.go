@@ -12,7 +12,6 @@ import (
 	"net/url"
 	"strings"
 	"time"
-
 )
 
 // Client talks to one node's control API.

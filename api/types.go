@@ -5,7 +5,6 @@ package api
 
 import (
 	"time"
-
 )
 
 // CreateImageRequest is the body of POST /v1/images.
@@ -104,7 +103,7 @@ type SyncPolicies struct {
 	Default  *SyncPolicy           `json:"default,omitempty"`
 	Nodes    map[string]SyncPolicy `json:"nodes"`
 	Images   map[string]SyncPolicy `json:"images"`
-	Problems []string                        `json:"problems,omitempty"`
+	Problems []string              `json:"problems,omitempty"`
 }
 
 // Stats is GET /v1/stats: what this node moved since it started.
@@ -169,9 +168,9 @@ type Image struct {
 	// SnapshotOf is set on a snapshot: the image it was taken of.
 	SnapshotOf string `json:"snapshot_of,omitempty"`
 	// Snapshots of this image.
-	Snapshots []string           `json:"snapshots,omitempty"`
-	Plan      []Action `json:"plan,omitempty"`
-	Locations []Location         `json:"locations"`
+	Snapshots []string   `json:"snapshots,omitempty"`
+	Plan      []Action   `json:"plan,omitempty"`
+	Locations []Location `json:"locations"`
 	// BlockMap, only with ?blocks=true: one entry per block mapping each
 	// location's node to its state.
 	BlockMap []map[string]BlockState `json:"blocks,omitempty"`
