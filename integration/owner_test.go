@@ -115,3 +115,29 @@ func TestOwnerKilledUnderLoadIsTakenOver(t *testing.T) {
 		t.Fatalf("verify after n1's return: %s", out)
 	}
 }
+
+// An owner killed and restarted within its session's TTL takes its saved
+// session back, so its locks are still its own: I/O the other nodes
+// forward to it must make it serve again (it takes the image back on the
+// first forwarded command), not bounce between "ask the holder" and "I am
+// not the owner" until the forwarder gives up.
+func TestOwnerRestartedWithinTTLServesForwardedIO(t *testing.T) {
+	c := newCluster(t, "n1", "n2")
+	n1, n2 := c.nodes[0], c.nodes[1]
+	c.waitState(c.nodes, "n2", "alive", 20*time.Second)
+	n1.mustCLI("image", "create", "rs", "--size", "16M", "--block-size", "1M", "--locations", "n1,n2")
+	qemuIO(t, n1.url("rs"), "write -P 0x31 0 4M")
+	waitOwner(t, n2, "rs", "n1")
+	n1.kill9()
+	n1.start()
+	waitFor(t, 20*time.Second, "n1 to take its saved session back", func() bool {
+		return strings.Contains(n1.logs.String(), "ownership session of the previous process still valid")
+	})
+	c.waitState([]*node{n2}, "n1", "alive", 20*time.Second)
+	start := time.Now()
+	qemuIO(t, n2.url("rs"), "read -P 0x31 0 4M", "write -P 0x32 4M 4M", "read -P 0x32 4M 4M")
+	t.Logf("I/O through n2 served %v after n1's restart", time.Since(start).Round(time.Millisecond))
+	if m := n2.imageJSON("rs", false); m["owner"] != "n1" {
+		t.Fatalf("owner after the restart: %v, want n1 (it kept its lock)", m["owner"])
+	}
+}

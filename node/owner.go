@@ -149,7 +149,18 @@ func (n *Node) acquire(ctx context.Context, s *served) error {
 	default:
 		return notReady(fmt.Errorf("take ownership: unexpected decision %v", act))
 	}
-	return n.take(ctx, s, in.Session)
+	if err := n.take(ctx, s, in.Session); err != nil {
+		// A lock held without owning would keep everyone else out (they
+		// forward to the holder): let it go. Chaos seed 110: a takeover
+		// whose record write failed left its lock held, and the image
+		// could not be verified through any other node.
+		s.owned.Store(false)
+		if rerr := n.cat.ReleaseOwnership(context.WithoutCancel(ctx), rec.ID, self, in.Session); rerr != nil {
+			n.log.Warn("cannot release the ownership lock of an image this node failed to take", "image", rec.Name, "err", rerr)
+		}
+		return err
+	}
+	return nil
 }
 
 // take records this node as the owner of an image whose lock its session
@@ -464,14 +475,30 @@ func (o ownerVolumes) Volume(ctx context.Context, ref peer.Ref) (peer.Backend, e
 	if s == nil {
 		return nil, fmt.Errorf("image %s: %w", ref.ID, peer.ErrUnknownImage)
 	}
-	if !n.mayServe(s) {
+	if !n.mayServe(s) && !n.holdsLock(ctx, s) {
 		return nil, fmt.Errorf("image %s: %w", s.record().Name, peer.ErrNotOwner)
+	}
+	if err := n.acquire(ctx, s); err != nil {
+		return nil, fmt.Errorf("image %s: %w (%v)", s.record().Name, peer.ErrNotOwner, err)
 	}
 	if img := s.record(); ref.Gen < img.Generation {
 		// The forwarder's record is older than ours: it re-reads.
 		n.log.Debug("forwarded I/O with an older generation", "image", img.Name, "gen", ref.Gen, "ours", img.Generation)
 	}
 	return ownedBackend{n: n, s: s}, nil
+}
+
+// holdsLock says whether this node's session holds s's ownership lock
+// without the node owning the image yet (a restart that kept its session,
+// a takeover that has not finished): forwarded I/O then takes it, since
+// the others forward to the lock's holder.
+func (n *Node) holdsLock(ctx context.Context, s *served) bool {
+	sess := n.session.Current()
+	if sess == "" {
+		return false
+	}
+	ls, _, err := n.cat.OwnershipLock(ctx, s.record().ID)
+	return err == nil && ls == sess
 }
 
 // ownedBackend runs I/O on the owner's volume (its own, and forwarded).

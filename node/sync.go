@@ -43,18 +43,23 @@ func (n *Node) servedByName(ctx context.Context, name string) (*served, error) {
 	return s, nil
 }
 
-// remoteOwner returns the API client of the image's owner when a live
-// node other than this one owns it: operations on the image's data run
-// there.
+// remoteOwner returns the API client of the image's owner, the node whose
+// session holds its ownership lock, when that is a live node other than
+// this one: operations on the image's data run there (it takes the image
+// if it holds the lock without owning it yet).
 func (n *Node) remoteOwner(ctx context.Context, name string) (*api.Client, error) {
 	img, _, err := n.cat.GetImage(ctx, name)
 	if err != nil {
 		return nil, err
 	}
-	if img.Owner == "" || img.Owner == n.cfg.Node.Name || !n.alive(img.Owner) {
+	session, holder, err := n.cat.OwnershipLock(ctx, img.ID)
+	if err != nil {
+		return nil, err
+	}
+	if session == "" || holder == "" || holder == n.cfg.Node.Name || !n.alive(holder) {
 		return nil, nil
 	}
-	m, err := n.peerMember(img.Owner)
+	m, err := n.peerMember(holder)
 	if err != nil {
 		return nil, nil
 	}
