@@ -909,3 +909,48 @@ func TestRefusedRecordIsNotReady(t *testing.T) {
 		t.Fatalf("write whose record was refused: %v, want NOT READY 04/0a", err)
 	}
 }
+
+// A write that reached one copy and could not record the other out of
+// sync leaves the block suspect: the next reads must all return the same
+// data, whichever copy serves them (chaos seed 110 read the new value
+// from one copy, then the old one from the other).
+func TestSuspectBlockReadsAgree(t *testing.T) {
+	const bs = 64 << 10
+	r := newRig(t, 4*bs, bs, 1, "n1", "n2")
+	ctx := context.Background()
+	old := pattern(bs, 1)
+	if err := r.v.WriteAt(ctx, old, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	// n1 (the local copy, read first) misses the write; its out-of-sync
+	// record fails: the write is not acknowledged, and n2 holds the new
+	// data while both copies are in sync.
+	r.copies["n1"].fail.Store(true)
+	r.store.setFail(true)
+	if err := r.v.WriteAt(ctx, pattern(bs, 2), 0, false); err == nil {
+		t.Fatal("a write whose failed copy could not be recorded was acknowledged")
+	}
+	r.copies["n1"].fail.Store(false)
+	r.store.setFail(false)
+	if !r.v.HasSuspects() {
+		t.Fatal("the block is not suspect")
+	}
+	first := make([]byte, bs)
+	if err := r.v.ReadAt(ctx, first, 0); err != nil {
+		t.Fatal(err)
+	}
+	// Whichever copy serves the next read, it returns what the first did:
+	// both copies now hold it.
+	for _, n := range []string{"n1", "n2"} {
+		got := make([]byte, bs)
+		if err := r.copies[n].FileCopy.ReadAt(ctx, got, 0); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, first) {
+			t.Fatalf("after the first read, copy %s holds other data than that read returned", n)
+		}
+	}
+	if r.v.HasSuspects() {
+		t.Fatal("the block is still suspect after its copies were made to agree")
+	}
+}
