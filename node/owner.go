@@ -102,7 +102,7 @@ func (n *Node) acquire(ctx context.Context, s *served) error {
 	if in.Session == "" && !in.OnlyLocalCopy {
 		// Wait whatever the lock says: no store read (a node cut from
 		// the store answers at once).
-		return notReady(errors.New("take ownership: this node has no valid ownership session (the metadata store does not answer its renewals)"))
+		return notReady(errNoSession)
 	}
 	var err error
 	in.LockSession, in.LockNode, err = n.cat.OwnershipLock(ctx, rec.ID)
@@ -123,7 +123,7 @@ func (n *Node) acquire(ctx context.Context, s *served) error {
 		if !in.StoreReachable {
 			return notReady(fmt.Errorf("take ownership: the metadata store is unreachable"))
 		}
-		return notReady(errors.New("take ownership: this node has no valid ownership session (the metadata store does not answer its renewals)"))
+		return notReady(errNoSession)
 	case ownership.Forward:
 		return errNotOwner(in.LockNode)
 	case ownership.Break:
@@ -210,6 +210,9 @@ func (n *Node) take(ctx context.Context, s *served, session string) error {
 	n.log.Info("took ownership of image", "image", name, "generation", img.Generation, "previous_owner", previous)
 	return nil
 }
+
+// errNoSession: the node cannot take anything (Decide's Wait).
+var errNoSession = errors.New("take ownership: this node has no valid ownership session (the metadata store does not answer its renewals)")
 
 // notReady is a retryable NOT READY for err.
 func notReady(err error) error {

@@ -79,7 +79,7 @@ func (n *Node) ensureSnapshots(ctx context.Context, s *served) error {
 			return err
 		}
 		if err := n.acquireWait(ctx, sn); err != nil {
-			return &scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x00, Err: err}
+			return notReady(err)
 		}
 	}
 	return nil
