@@ -66,7 +66,7 @@ type Session struct {
 	id         string
 	validUntil time.Time // by cfg.Clock: last successful renewal sent + TTL
 	failing    bool      // renewals failing (logged once)
-	lastEnsure time.Time // Ensure's last own attempt
+	lastFail   time.Time // when the last attempt (Run's or Ensure's) failed
 }
 
 // NewSession returns a Session; Run creates (or reuses) and renews it.
@@ -131,10 +131,18 @@ func (s *Session) attemptLocked(ctx context.Context) error {
 	s.mu.Lock()
 	id := s.id
 	s.mu.Unlock()
+	var err error
 	if id == "" {
-		return s.start(ctx)
+		err = s.start(ctx)
+	} else {
+		err = s.renew(ctx, id)
 	}
-	return s.renew(ctx, id)
+	if err != nil {
+		s.mu.Lock()
+		s.lastFail = s.cfg.Clock.Now()
+		s.mu.Unlock()
+	}
+	return err
 }
 
 // Ensure returns the session if valid now; otherwise it makes one attempt
@@ -142,9 +150,15 @@ func (s *Session) attemptLocked(ctx context.Context) error {
 // session, e.g. right after the store came back, need not wait for Run's
 // next round), and returns the session if that worked, "" if not.
 //
-// It waits at most ensureTimeout, for an attempt already running or for
-// its own; and it makes at most one attempt of its own per ensureEvery:
-// I/O on a node cut from the store gets its NOT READY quickly.
+// An attempt already running (Run's, or another Ensure's) is waited for
+// rather than raced: up to ensureTimeout, about as long as one request to
+// the store may take. A store that just came back can hold a renewal for
+// a second or more while it elects a leader; with a 1 s wait, a write
+// that came 7 ms before such a renewal answered failed NOT READY although
+// the store already took other requests (CI, TestConsulOutageKeepsIOGoing).
+// After an attempt failed, Ensure makes none of its own for ensureEvery:
+// I/O on a node whose store refuses connections gets its NOT READY at
+// once, and a cut store sees at most about one attempt a second from it.
 func (s *Session) Ensure(ctx context.Context) string {
 	if id := s.Current(); id != "" {
 		return id
@@ -159,10 +173,7 @@ func (s *Session) Ensure(ctx context.Context) string {
 		return id
 	}
 	s.mu.Lock()
-	recent := !s.lastEnsure.IsZero() && s.cfg.Clock.Now().Sub(s.lastEnsure) < ensureEvery
-	if !recent {
-		s.lastEnsure = s.cfg.Clock.Now()
-	}
+	recent := !s.lastFail.IsZero() && s.cfg.Clock.Now().Sub(s.lastFail) < ensureEvery
 	s.mu.Unlock()
 	if recent {
 		return ""
@@ -173,7 +184,7 @@ func (s *Session) Ensure(ctx context.Context) string {
 
 const (
 	ensureEvery   = time.Second
-	ensureTimeout = time.Second
+	ensureTimeout = 5 * time.Second
 )
 
 func (s *Session) lockTry(ctx context.Context) bool {

@@ -25,7 +25,8 @@ func openStore(t *testing.T) *meta.BoltKV {
 // it were unreachable.
 type cutStore struct {
 	*meta.BoltKV
-	cut atomic.Bool
+	cut  atomic.Bool
+	slow atomic.Int64 // a renewal takes this long (a store electing a leader)
 }
 
 // CreateSession keeps the store's session 10× the TTL, so that it
@@ -40,6 +41,13 @@ func (c *cutStore) CreateSession(ctx context.Context, name string, ttl, delay ti
 func (c *cutStore) RenewSession(ctx context.Context, id string) error {
 	if c.cut.Load() {
 		return meta.ErrUnavailable
+	}
+	if d := time.Duration(c.slow.Load()); d > 0 {
+		select {
+		case <-time.After(d):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
 	}
 	return c.BoltKV.RenewSession(ctx, id)
 }
@@ -180,5 +188,30 @@ func TestSessionEnsure(t *testing.T) {
 	time.Sleep(ensureEvery)
 	if id := s.Ensure(context.Background()); id == "" {
 		t.Fatal("Ensure found no session once the store answered")
+	}
+}
+
+// I/O that comes while a renewal is on its way to a store that answers
+// slowly (Consul just restarted and electing) waits for that renewal
+// instead of failing just before it lands (CI saw a write fail NOT READY
+// 7 ms before the renewal answered, after a 1 s wait).
+func TestSessionEnsureWaitsForSlowRenewal(t *testing.T) {
+	st := &cutStore{BoltKV: openStore(t)}
+	// Validity counts from a renewal's send: the TTL must outlast it.
+	const ttl = 3 * time.Second
+	s := NewSession(SessionConfig{Store: st, Name: "ukai:n1", TTL: ttl, LockDelay: 0})
+	run(t, s)
+	waitFor(t, 5*time.Second, "a session", func() bool { return s.Current() != "" })
+	id := s.Current()
+	st.cut.Store(true)
+	waitFor(t, 5*time.Second, "the session to lapse", func() bool { return s.Current() == "" })
+	st.slow.Store(int64(2 * time.Second))
+	st.cut.Store(false)
+	// Past the last refusal: whichever attempt comes first (Run's retry
+	// or Ensure's own), it takes 2 s and works.
+	time.Sleep(ensureEvery)
+	start := time.Now()
+	if got := s.Ensure(context.Background()); got != id {
+		t.Fatalf("Ensure during a slow renewal returned %q after %v, want %s", got, time.Since(start), id)
 	}
 }
