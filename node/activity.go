@@ -65,6 +65,14 @@ func (n *Node) beforeWrite(ctx context.Context, s *served, blocks []int64) error
 	if len(added) == 0 {
 		return nil
 	}
+	if !s.offline.Load() && !n.session.Valid(s.session()) {
+		// A write that waited past this node's session (a paused
+		// process) must not replace the log a new owner writes.
+		for _, b := range added {
+			delete(a.blocks, b)
+		}
+		return notReady(fmt.Errorf("record the write in the activity log: %w", errDeposed))
+	}
 	// A block is in the log only once the stored log says so: if storing
 	// fails, the write fails before any copy is touched, and the next
 	// write to the block tries again.

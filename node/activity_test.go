@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/cluster/meta/kvtest"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/lun"
@@ -41,10 +42,12 @@ func TestClearActivityDoesNotDeadlockWrites(t *testing.T) {
 	const bs = 64 << 10
 	cat := testCatalog(t)
 	img := kvtest.OwnedImage(t, cat, "vm1", 4*bs, bs, "n1", "n1", "n2")
-	n := &Node{cfg: Config{Node: NodeConfig{Name: "n1"}}, cat: cat, log: slog.New(slog.DiscardHandler)}
+	n := &Node{cfg: Config{Node: NodeConfig{Name: "n1"}}, cat: cat, log: slog.New(slog.DiscardHandler),
+		session: testSession(t, cat.KV().(meta.Locker))}
 	s := &served{img: img}
 	s.owned.Store(true)
 	s.ownedGen.Store(1)
+	s.setSession(n.session.Current())
 	var reps []*lun.Replica
 	maps := map[string]*placement.BlockMap{}
 	var n2 *failing

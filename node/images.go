@@ -37,6 +37,10 @@ type served struct {
 	// ownedGen is the generation this node took the image with: its
 	// in-sync records are refused once the record has another.
 	ownedGen atomic.Uint64
+	// io counts the I/O this node does as the owner (its initiators' and
+	// forwarded), from the ownership check to the end: a release waits
+	// for it (see beginIO).
+	io atomic.Int64
 	// busy counts syncs and verifies running on the image, which keep
 	// ownership like a session does.
 	busy atomic.Int32
@@ -68,6 +72,23 @@ func (s *served) close() error {
 	}
 	return err
 }
+
+// beginIO counts an I/O that passed the ownership check in; false when
+// the image stopped being owned meanwhile (the caller checks again). The
+// count goes up before owned is read, and a release clears owned before
+// it reads the count: either the I/O sees the release, or the release
+// waits for the I/O. Without it, an I/O that passed the check just
+// before a release could land after the next owner's writes.
+func (s *served) beginIO() bool {
+	s.io.Add(1)
+	if !s.owned.Load() {
+		s.io.Add(-1)
+		return false
+	}
+	return true
+}
+
+func (s *served) endIO() { s.io.Add(-1) }
 
 func (s *served) session() string {
 	s.mu.Lock()

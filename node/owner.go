@@ -115,6 +115,7 @@ func (n *Node) acquire(ctx context.Context, s *served) error {
 	in.HolderDead = in.LockNode != "" && n.dead(in.LockNode)
 	switch act := ownership.Decide(in); act {
 	case ownership.Offline:
+		s.ownedGen.Store(rec.Generation)
 		s.offline.Store(true)
 		s.owned.Store(true)
 		n.log.Warn("metadata store unreachable: serving the image's only copy without recording ownership", "image", rec.Name)
@@ -188,12 +189,20 @@ func (n *Node) take(ctx context.Context, s *served, session string) error {
 		return notReady(fmt.Errorf("take ownership: %w", err))
 	}
 	s.ownedGen.Store(img.Generation)
+	// The session first: the reconciliation below writes to the local
+	// copy, which checks it (ownCopy).
+	s.setSession(session)
 	// Fresh block maps and peer references with the new generation.
 	n.reconMu.Lock()
 	err = n.apply(ctx, s, img, true)
 	n.reconMu.Unlock()
 	if err != nil {
 		return notReady(err)
+	}
+	// Whatever a former owner (or this node, before a release) sent to
+	// the copies lands before this, or never.
+	if bad := s.vol.FenceAll(ctx); len(bad) > 0 {
+		n.log.Warn("took the image without fencing the copies on some nodes (unreachable): writes a former owner sent them may still land; the reconciliation records its logged blocks out of sync there", "image", name, "nodes", bad)
 	}
 	if mustReconcile(previous, self, s.everOwned) {
 		// The last owner may have died with writes in flight: make the
@@ -203,7 +212,6 @@ func (n *Node) take(ctx context.Context, s *served, session string) error {
 		}
 	}
 	s.cow.reset()
-	s.setSession(session)
 	s.everOwned = true
 	s.offline.Store(false)
 	s.owned.Store(true)
@@ -321,17 +329,37 @@ func (n *Node) releaseIdle(ctx context.Context) {
 // node is only out of date. A lock that cannot be freed keeps the image
 // owned here.
 func (n *Node) release(ctx context.Context, s *served) {
+	name := s.record().Name
+	// No new I/O from here (beginIO); the I/O already past its ownership
+	// check ends before the flush, so that nothing lands after the lock
+	// is free. ownMu is not held while waiting: that I/O may need it (a
+	// write takes the image's snapshots).
+	n.ownMu.Lock()
+	if !s.owned.Load() {
+		n.ownMu.Unlock()
+		return
+	}
+	s.owned.Store(false)
+	n.ownMu.Unlock()
+	err := waitIO(ctx, s, releaseDrain)
 	n.ownMu.Lock()
 	defer n.ownMu.Unlock()
-	name := s.record().Name
+	if s.owned.Load() {
+		return // new I/O took it again meanwhile
+	}
+	if err != nil {
+		n.log.Warn("I/O still running; keeping ownership", "image", name, "err", err)
+		s.owned.Store(true)
+		return
+	}
 	start := time.Now()
 	if err := s.vol.Flush(ctx); err != nil {
 		n.log.Warn("flush before releasing ownership failed; keeping it", "image", name, "err", err)
+		s.owned.Store(true)
 		return
 	}
 	s.noteFlush(start)
 	n.clearActivity(ctx, s)
-	s.owned.Store(false)
 	if !s.offline.Load() {
 		if err := n.cat.ReleaseOwnership(ctx, s.record().ID, n.cfg.Node.Name, s.session()); err != nil {
 			n.log.Warn("cannot release ownership; keeping it", "image", name, "err", err)
@@ -341,7 +369,7 @@ func (n *Node) release(ctx context.Context, s *served) {
 	}
 	s.offline.Store(false)
 	s.cow.reset()
-	_, err := n.cat.UpdateImage(ctx, name, func(i *meta.Image) error {
+	_, err = n.cat.UpdateImage(ctx, name, func(i *meta.Image) error {
 		if i.Owner != n.cfg.Node.Name {
 			return errSkip
 		}
@@ -355,6 +383,24 @@ func (n *Node) release(ctx context.Context, s *served) {
 }
 
 var errSkip = errors.New("nothing to do")
+
+// releaseDrain bounds how long a release waits for the I/O in flight.
+const releaseDrain = 10 * time.Second
+
+// waitIO waits until no I/O counted in by beginIO runs on s, for at most d.
+func waitIO(ctx context.Context, s *served, d time.Duration) error {
+	deadline := time.Now().Add(d)
+	for s.io.Load() > 0 {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%d I/O still running after %v", s.io.Load(), d)
+		}
+		sleep(ctx, 5*time.Millisecond)
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
 
 // originOwnedHere says whether img is a snapshot whose origin this node
 // owns: the snapshot stays owned with it (its owner preserves into it).
@@ -391,6 +437,10 @@ func (g *gate) do(ctx context.Context, local func(ctx context.Context) error, fw
 	for {
 		err := n.acquire(ctx, s)
 		if err == nil {
+			if !s.beginIO() {
+				continue // released meanwhile: acquire again or forward
+			}
+			defer s.endIO()
 			return local(ctx)
 		}
 		var no *notOwnerError
@@ -488,7 +538,35 @@ func (o ownerVolumes) Volume(ctx context.Context, ref peer.Ref) (peer.Backend, e
 		// The forwarder's record is older than ours: it re-reads.
 		n.log.Debug("forwarded I/O with an older generation", "image", img.Name, "gen", ref.Gen, "ours", img.Generation)
 	}
-	return ownedBackend{n: n, s: s}, nil
+	return countedBackend{ownedBackend{n: n, s: s}}, nil
+}
+
+// countedBackend is the owner's backend for one forwarded I/O: counted in
+// (served.beginIO) for the time it runs, so that a release waits for it.
+type countedBackend struct{ b ownedBackend }
+
+func (c countedBackend) run(fn func() error) error {
+	if !c.b.s.beginIO() {
+		return fmt.Errorf("image %s: %w (released)", c.b.s.record().Name, peer.ErrNotOwner)
+	}
+	defer c.b.s.endIO()
+	return fn()
+}
+
+func (c countedBackend) ReadAt(ctx context.Context, p []byte, off int64) error {
+	return c.run(func() error { return c.b.ReadAt(ctx, p, off) })
+}
+
+func (c countedBackend) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
+	return c.run(func() error { return c.b.WriteAt(ctx, p, off, fua) })
+}
+
+func (c countedBackend) Flush(ctx context.Context) error {
+	return c.run(func() error { return c.b.Flush(ctx) })
+}
+
+func (c countedBackend) Unmap(ctx context.Context, off, n int64) error {
+	return c.run(func() error { return c.b.Unmap(ctx, off, n) })
 }
 
 // holdsLock says whether this node's session holds s's ownership lock

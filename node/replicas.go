@@ -34,7 +34,7 @@ func (n *Node) replicas(ctx context.Context, s *served, img meta.Image, cached b
 			maps[loc] = bm
 		}
 		if loc == n.cfg.Node.Name {
-			reps = append(reps, &lun.Replica{Node: loc, Copy: ownCopy{localCopy{s.local}, n.peerSrv, ref}, Local: true})
+			reps = append(reps, &lun.Replica{Node: loc, Copy: ownCopy{localCopy{s.local}, n, s}, Local: true})
 			continue
 		}
 		c := n.peerClient(loc)
@@ -53,20 +53,74 @@ type localCopy struct{ *lun.FileCopy }
 
 func (localCopy) Close() error { return nil }
 
-// ownCopy is the owner's view of its local copy: a lun.Fencer through the
-// node's peer server, so that a sync or reconcile into it waits for, and
-// then refuses, writes a former owner sent to it.
+// ownCopy is the owner's view of its local copy. Its writes and unmaps
+// pass the checks a peer's would, at the moment they land rather than when
+// the I/O began: the session the node owns the image with must still be
+// valid by its own clock, and the copy's gate (peer.Server.Admit) must not
+// have seen a newer owner. A write passes the owner's checks once, at the
+// start (acquire); it may then wait (a block lock, the activity log's
+// record, a paused process) while the image changes hands. Chaos seed 111
+// saw such a write land on the deposed owner's copy after the new owner
+// had written the block there, a copy recorded in sync: a read 3 s after
+// two newer acknowledged writes returned the older value. Refused, the
+// write fails and the copy is recorded out of sync, which the deposed
+// owner's records cannot be: it is not acknowledged.
+//
+// Fence fences the same gate, so that a sync or reconcile into the copy
+// waits for, and then refuses, writes a former owner sent to it.
 type ownCopy struct {
 	localCopy
-	srv *peer.Server
-	ref peer.Ref
+	n *Node
+	s *served
+}
+
+// errDeposed refuses a local write of a node that may no longer own the
+// image.
+var errDeposed = errors.New("this node's ownership session is no longer valid")
+
+// ref is the copy as the owner writes it: the generation it took the
+// image with.
+func (o ownCopy) ref() peer.Ref {
+	return peer.Ref{ID: o.s.record().ID, Gen: o.s.ownedGen.Load()}
+}
+
+func (o ownCopy) admit(ctx context.Context) (leave func(), err error) {
+	if !o.s.offline.Load() && !o.n.session.Valid(o.s.session()) {
+		return nil, fmt.Errorf("local copy of %s: %w", o.s.record().Name, errDeposed)
+	}
+	if o.n.peerSrv == nil {
+		return func() {}, nil
+	}
+	leave, err = o.n.peerSrv.Admit(ctx, o.ref())
+	if err != nil {
+		return nil, fmt.Errorf("local copy of %s: %w", o.s.record().Name, err)
+	}
+	return leave, nil
+}
+
+func (o ownCopy) WriteAt(ctx context.Context, p []byte, off int64, durable bool) error {
+	leave, err := o.admit(ctx)
+	if err != nil {
+		return err
+	}
+	defer leave()
+	return o.localCopy.WriteAt(ctx, p, off, durable)
+}
+
+func (o ownCopy) Unmap(ctx context.Context, off, n int64) error {
+	leave, err := o.admit(ctx)
+	if err != nil {
+		return err
+	}
+	defer leave()
+	return o.localCopy.Unmap(ctx, off, n)
 }
 
 func (o ownCopy) Fence(ctx context.Context) error {
-	if o.srv == nil {
+	if o.n.peerSrv == nil {
 		return nil
 	}
-	return o.srv.Fence(ctx, peer.Ref{ID: o.ref.ID, Gen: o.ref.Gen})
+	return o.n.peerSrv.Fence(ctx, o.ref())
 }
 
 // remoteCopy adds block checksums computed on the peer.

@@ -449,7 +449,7 @@ func (s *Server) execCopy(ctx context.Context, j *blkJob, caller Caller) error {
 	case opWrite, opUnmap:
 		// Checked against the fence and counted in flight until applied,
 		// so that a fence waits for it.
-		leave, err := s.gates.get(h.id).enter(h.gen, h.epoch)
+		leave, err := s.gates.get(h.id).enter(ctx, h.gen, h.epoch)
 		if err != nil {
 			return fmt.Errorf("%s %s: %w", opNames[h.op], ref, err)
 		}

@@ -211,3 +211,53 @@ func TestFenceWaitsForAdmittedWrites(t *testing.T) {
 		t.Fatalf("fence once the write is applied: %v", err)
 	}
 }
+
+// The first write of a newer generation (a new owner) waits for the
+// writes of older generations the copy admitted, and older ones are
+// refused after it: the generation check at a request's start and the
+// write's landing are apart, and a former owner's write admitted first
+// must not land after the new owner's (chaos seed 111, on the owner's own
+// copy, which Admit guards).
+func TestNewerGenerationFencesOlderWrites(t *testing.T) {
+	ctx := context.Background()
+	st := newStore()
+	ref, fc := st.addFile(t, 1<<20, 64<<10)
+	srv, addr := startServer(t, st, ServerConfig{})
+	c := newClient(t, addr, ClientConfig{Timeout: 5 * time.Second})
+	old := Ref{ID: ref.ID, Gen: 1}
+	leave, err := srv.Admit(ctx, old) // a former owner's local write, admitted
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		done <- c.WriteAt(ctx, Ref{ID: ref.ID, Gen: 2, Epoch: 7}, bytes.Repeat([]byte{2}, 4096), 0, false)
+	}()
+	select {
+	case err := <-done:
+		t.Fatalf("the new owner's write landed while an older one was being applied: %v", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	// The former owner's write lands, then the new owner's.
+	if err := fc.WriteAt(ctx, bytes.Repeat([]byte{1}, 4096), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	leave()
+	if err := <-done; err != nil {
+		t.Fatalf("the new owner's write once the older one landed: %v", err)
+	}
+	if _, err := srv.Admit(ctx, old); !errors.Is(err, ErrStaleGeneration) {
+		t.Fatalf("an older generation's write after a newer one's: %v, want %v", err, ErrStaleGeneration)
+	}
+	got := make([]byte, 4096)
+	fc.ReadAt(ctx, got, 0)
+	if !bytes.Equal(got, bytes.Repeat([]byte{2}, 4096)) {
+		t.Fatalf("the copy holds %d, want the new owner's 2", got[0])
+	}
+	// The new owner's own local writes (epoch 0) pass its fence.
+	l2, err := srv.Admit(ctx, Ref{ID: ref.ID, Gen: 2})
+	if err != nil {
+		t.Fatalf("a write of the current generation: %v", err)
+	}
+	l2()
+}

@@ -146,6 +146,55 @@ func (v *Volume) fence(ctx context.Context, r *Replica) error {
 	return nil
 }
 
+// FenceAll fences every copy that can be fenced, in parallel, whatever its
+// past failures, and returns the nodes whose copies could not be. A new
+// owner does it before it reads the activity log and serves: a former
+// owner's write admitted at a copy lands before the fence answers, one
+// that arrives later is refused, so nothing the former owner sent lands
+// after the new owner's first read or write.
+func (v *Volume) FenceAll(ctx context.Context) []string {
+	v.mu.RLock()
+	reps := slices.Clone(v.replicas)
+	v.mu.RUnlock()
+	v.fenceMu.Lock()
+	defer v.fenceMu.Unlock()
+	var (
+		wg  sync.WaitGroup
+		bmu sync.Mutex
+		bad []string
+	)
+	for _, r := range reps {
+		f, ok := r.Copy.(Fencer)
+		if !ok {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			v.mu.RLock()
+			fails := v.writeFails[r.Node]
+			v.mu.RUnlock()
+			cctx, cancel := context.WithTimeout(ctx, v.cfg.CopyTimeout)
+			defer cancel()
+			if err := f.Fence(cctx); err != nil {
+				v.cfg.Log.Warn("cannot fence a copy", "node", r.Node, "err", err)
+				bmu.Lock()
+				bad = append(bad, r.Node)
+				bmu.Unlock()
+				return
+			}
+			v.mu.Lock()
+			if cur, ok := v.fencedAt[r.Node]; !ok || cur < fails {
+				v.fencedAt[r.Node] = fails
+			}
+			v.mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	slices.Sort(bad)
+	return bad
+}
+
 // MapVersion orders block maps read from the catalog against the state
 // changes a volume makes: read it before reading the maps, and pass it to
 // SetReplicas or Grow with them.

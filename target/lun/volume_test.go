@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -952,5 +953,40 @@ func TestSuspectBlockReadsAgree(t *testing.T) {
 	}
 	if r.v.HasSuspects() {
 		t.Fatal("the block is still suspect after its copies were made to agree")
+	}
+}
+
+// fenceable is a copy that counts its fences and can refuse them.
+type fenceable struct {
+	*faulty
+	fences atomic.Int32
+	refuse bool
+}
+
+func (f *fenceable) Fence(context.Context) error {
+	if f.refuse {
+		return errors.New("unreachable")
+	}
+	f.fences.Add(1)
+	return nil
+}
+
+// FenceAll fences every copy that can be fenced, even ones fenced since
+// their last failure (a new owner cannot know what its predecessor sent),
+// and names the copies it could not fence.
+func TestFenceAll(t *testing.T) {
+	r := newRig(t, 4<<16, 1<<16, 1, "n1", "n2", "n3")
+	ok := &fenceable{faulty: r.copies["n2"]}
+	down := &fenceable{faulty: r.copies["n3"], refuse: true}
+	r.reps[1].Copy, r.reps[2].Copy = ok, down
+	ctx := context.Background()
+	for want := int32(1); want <= 2; want++ {
+		bad := r.v.FenceAll(ctx)
+		if !slices.Equal(bad, []string{"n3"}) {
+			t.Fatalf("FenceAll could not fence %v, want [n3]", bad)
+		}
+		if got := ok.fences.Load(); got != want {
+			t.Fatalf("after %d FenceAll the reachable copy was fenced %d times", want, got)
+		}
 	}
 }

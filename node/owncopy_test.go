@@ -1,0 +1,172 @@
+package node
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/ukai-storage/ukai/cluster/meta"
+	"github.com/ukai-storage/ukai/cluster/meta/kvtest"
+	"github.com/ukai-storage/ukai/cluster/peer"
+	"github.com/ukai-storage/ukai/ownership"
+	"github.com/ukai-storage/ukai/placement"
+	"github.com/ukai-storage/ukai/target/lun"
+)
+
+// ownedCopy is node n1 owning image name (its only copy here) under a
+// valid session, and the owner's view of its local copy.
+func ownedCopy(t *testing.T, name string) (*Node, *served, ownCopy, *lun.FileCopy) {
+	t.Helper()
+	const bs = 64 << 10
+	kv, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { kv.Close() })
+	cat := meta.NewCatalog(kv, "ukai/")
+	img := kvtest.OwnedImage(t, cat, name, 4*bs, bs, "n1", "n1", "n2")
+	sess := testSession(t, kv)
+	n := &Node{cfg: Config{Node: NodeConfig{Name: "n1"}}, cat: cat, kv: kv, log: slog.New(slog.DiscardHandler), session: sess}
+	n.pstore = &peerStore{n: n, floors: map[string]uint64{}}
+	if n.peerSrv, err = peer.NewServer(peer.ServerConfig{Listen: "127.0.0.1:0"}, n.pstore); err != nil {
+		t.Fatal(err)
+	}
+	fc, err := lun.CreateFile(filepath.Join(t.TempDir(), name+".img"), 4*bs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fc.Close() })
+	s := &served{img: img, local: fc}
+	s.ownedGen.Store(img.Generation)
+	s.setSession(sess.Current())
+	s.owned.Store(true)
+	return n, s, ownCopy{localCopy{fc}, n, s}, fc
+}
+
+// testSession is a running ownership session of n1 in kv.
+func testSession(t *testing.T, kv meta.Locker) *ownership.Session {
+	t.Helper()
+	sess := ownership.NewSession(ownership.SessionConfig{Store: kv, Name: "ukai:n1", TTL: 5 * time.Second})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { sess.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	for sess.Current() == "" {
+		time.Sleep(10 * time.Millisecond)
+	}
+	return sess
+}
+
+func fill(b byte) []byte { return bytes.Repeat([]byte{b}, 4096) }
+
+func holds(t *testing.T, fc *lun.FileCopy, want byte) {
+	t.Helper()
+	got := make([]byte, 4096)
+	if err := fc.ReadAt(context.Background(), got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, fill(want)) {
+		t.Fatalf("the copy holds %d, want %d", got[0], want)
+	}
+}
+
+// An owner's write is checked once, when it starts; it may then wait (a
+// block lock, the activity log's record, a paused process) while the
+// image changes hands. Chaos seed 111 saw such a write land on the
+// deposed owner's own copy after the new owner had written the block
+// there: a copy recorded in sync with older data, and a stale read. The
+// local copy now checks again when the write lands: a newer owner's write
+// seen on the copy, or the session lapsed, refuses it.
+func TestDeposedOwnerCannotWriteItsCopy(t *testing.T) {
+	ctx := context.Background()
+	t.Run("newer-owner-wrote", func(t *testing.T) {
+		n, s, oc, fc := ownedCopy(t, "vm1")
+		if err := oc.WriteAt(ctx, fill(1), 0, false); err != nil {
+			t.Fatalf("the owner's write: %v", err)
+		}
+		// The new owner's write reaches this copy through the peer server.
+		leave, err := n.peerSrv.Admit(ctx, peer.Ref{ID: s.record().ID, Gen: s.ownedGen.Load() + 1, Epoch: 5})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := fc.WriteAt(ctx, fill(2), 0, false); err != nil {
+			t.Fatal(err)
+		}
+		leave()
+		// The deposed owner's write that waited lands now.
+		if err := oc.WriteAt(ctx, fill(3), 0, false); !errors.Is(err, peer.ErrStaleGeneration) {
+			t.Fatalf("the deposed owner's write: %v, want %v", err, peer.ErrStaleGeneration)
+		}
+		if err := oc.Unmap(ctx, 0, 4096); !errors.Is(err, peer.ErrStaleGeneration) {
+			t.Fatalf("the deposed owner's unmap: %v, want %v", err, peer.ErrStaleGeneration)
+		}
+		holds(t, fc, 2)
+	})
+	t.Run("session-lapsed", func(t *testing.T) {
+		_, s, oc, fc := ownedCopy(t, "vm2")
+		if err := oc.WriteAt(ctx, fill(1), 0, false); err != nil {
+			t.Fatalf("the owner's write: %v", err)
+		}
+		// The session the image was taken with is gone (this process was
+		// paused past its TTL, or the store ended it).
+		s.setSession("a-session-that-ended")
+		if err := oc.WriteAt(ctx, fill(3), 0, false); !errors.Is(err, errDeposed) {
+			t.Fatalf("a write under a lapsed session: %v, want %v", err, errDeposed)
+		}
+		holds(t, fc, 1)
+		// Served offline (its only copy, the store unreachable), the
+		// session does not bind it.
+		s.offline.Store(true)
+		if err := oc.WriteAt(ctx, fill(4), 0, false); err != nil {
+			t.Fatalf("an offline owner's write: %v", err)
+		}
+		holds(t, fc, 4)
+	})
+}
+
+// A release waits for the I/O already past its ownership check: before,
+// it flushed and freed the lock while such a write could still be on its
+// way to the copies, to land after the next owner's.
+func TestReleaseWaitsForIOInFlight(t *testing.T) {
+	ctx := context.Background()
+	n, s, oc, _ := ownedCopy(t, "vm1")
+	img := s.record()
+	ok, err := n.cat.AcquireOwnership(ctx, img.ID, "n1", s.session())
+	if err != nil || !ok {
+		t.Fatalf("acquire: %v %v", ok, err)
+	}
+	maps := map[string]*placement.BlockMap{"n1": placement.NewBlockMap(img.Blocks(), placement.InSync)}
+	s.vol, err = lun.NewVolume(lun.Config{Size: img.Size, BlockSize: img.BlockSize, MinCopies: 1, CopyTimeout: time.Second},
+		[]*lun.Replica{{Node: "n1", Copy: oc, Local: true}}, maps, &mapStore{n: n, s: s})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !s.beginIO() {
+		t.Fatal("beginIO on an owned image")
+	}
+	released := make(chan struct{})
+	go func() { n.release(ctx, s); close(released) }()
+	for s.owned.Load() {
+		time.Sleep(time.Millisecond)
+	}
+	if s.beginIO() {
+		t.Fatal("new I/O counted in while a release runs")
+	}
+	select {
+	case <-released:
+		t.Fatal("the release ended with an I/O in flight")
+	case <-time.After(300 * time.Millisecond):
+	}
+	if ls, _, err := n.cat.OwnershipLock(ctx, img.ID); err != nil || ls != s.session() {
+		t.Fatalf("the lock was freed with an I/O in flight: holder %q, %v", ls, err)
+	}
+	s.endIO()
+	<-released
+	if ls, _, err := n.cat.OwnershipLock(ctx, img.ID); err != nil || ls != "" {
+		t.Fatalf("after the I/O ended the release kept the lock: holder %q, %v", ls, err)
+	}
+}
