@@ -66,7 +66,7 @@ type Session struct {
 	id         string
 	validUntil time.Time // by cfg.Clock: last successful renewal sent + TTL
 	failing    bool      // renewals failing (logged once)
-	lastFail   time.Time // when the last attempt (Run's or Ensure's) failed
+	lastEnsure time.Time // Ensure's last own attempt
 }
 
 // NewSession returns a Session; Run creates (or reuses) and renews it.
@@ -131,18 +131,10 @@ func (s *Session) attemptLocked(ctx context.Context) error {
 	s.mu.Lock()
 	id := s.id
 	s.mu.Unlock()
-	var err error
 	if id == "" {
-		err = s.start(ctx)
-	} else {
-		err = s.renew(ctx, id)
+		return s.start(ctx)
 	}
-	if err != nil {
-		s.mu.Lock()
-		s.lastFail = s.cfg.Clock.Now()
-		s.mu.Unlock()
-	}
-	return err
+	return s.renew(ctx, id)
 }
 
 // Ensure returns the session if valid now; otherwise it makes one attempt
@@ -156,9 +148,12 @@ func (s *Session) attemptLocked(ctx context.Context) error {
 // a second or more while it elects a leader; with a 1 s wait, a write
 // that came 7 ms before such a renewal answered failed NOT READY although
 // the store already took other requests (CI, TestConsulOutageKeepsIOGoing).
-// After an attempt failed, Ensure makes none of its own for ensureEvery:
-// I/O on a node whose store refuses connections gets its NOT READY at
-// once, and a cut store sees at most about one attempt a second from it.
+// Ensure makes at most one attempt of its own per ensureEvery: I/O on a
+// node whose store refuses connections gets its NOT READY at once, and a
+// cut store sees at most about one attempt a second from it. Its own, not
+// Run's: an attempt of Run's that failed when a partition healed (its
+// connection closed) must not keep the first I/O after the heal from
+// trying (chaos seed 2: `image verify` refused right after the heal).
 func (s *Session) Ensure(ctx context.Context) string {
 	if id := s.Current(); id != "" {
 		return id
@@ -173,7 +168,10 @@ func (s *Session) Ensure(ctx context.Context) string {
 		return id
 	}
 	s.mu.Lock()
-	recent := !s.lastFail.IsZero() && s.cfg.Clock.Now().Sub(s.lastFail) < ensureEvery
+	recent := !s.lastEnsure.IsZero() && s.cfg.Clock.Now().Sub(s.lastEnsure) < ensureEvery
+	if !recent {
+		s.lastEnsure = s.cfg.Clock.Now()
+	}
 	s.mu.Unlock()
 	if recent {
 		return ""
