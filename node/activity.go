@@ -2,9 +2,12 @@ package node
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
+
+	"github.com/ukai-storage/ukai/cluster/meta"
 )
 
 // activityMax bounds the activity log: when it is full of blocks written
@@ -121,7 +124,10 @@ func (n *Node) storeActivity(ctx context.Context, s *served) error {
 	for b := range a.blocks {
 		list = append(list, b)
 	}
-	if err := n.cat.SetActivity(ctx, s.record(), n.cfg.Node.Name, list); err != nil {
+	if err := n.cat.SetActivity(ctx, s.record(), n.cfg.Node.Name, s.session(), list); err != nil {
+		if errors.Is(err, meta.ErrNotOwner) {
+			return notReady(err) // the image moved: the initiator retries there
+		}
 		return err
 	}
 	a.stored = len(list)

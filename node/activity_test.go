@@ -48,6 +48,9 @@ func TestClearActivityDoesNotDeadlockWrites(t *testing.T) {
 	s.owned.Store(true)
 	s.ownedGen.Store(1)
 	s.setSession(n.session.Current())
+	if ok, err := cat.AcquireOwnership(ctx, img.ID, "n1", s.session()); !ok || err != nil {
+		t.Fatalf("acquire: %v %v", ok, err)
+	}
 	var reps []*lun.Replica
 	maps := map[string]*placement.BlockMap{}
 	var n2 *failing

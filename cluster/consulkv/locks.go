@@ -112,3 +112,25 @@ func (k *KV) sessionGone(ctx context.Context, id string) (bool, error) {
 	}
 	return se == nil, nil
 }
+
+// PutLocked implements meta.Locker: one transaction that checks lock's
+// holder and sets key.
+func (k *KV) PutLocked(ctx context.Context, key string, value []byte, lock, session string) error {
+	if err := checkWrite(key, value); err != nil {
+		return err
+	}
+	if err := checkKey(lock); err != nil {
+		return err
+	}
+	if session == "" {
+		return fmt.Errorf("%s: no session: %w", key, meta.ErrLockLost)
+	}
+	rolledBack, err := k.txn(ctx, "put", key, api.TxnOps{
+		{KV: &api.KVTxnOp{Verb: api.KVCheckSession, Key: lock, Session: session}},
+		{KV: &api.KVTxnOp{Verb: api.KVSet, Key: key, Value: value}},
+	})
+	if rolledBack {
+		return fmt.Errorf("%s: %s is not held by session %s: %w", key, lock, session, meta.ErrLockLost)
+	}
+	return err
+}

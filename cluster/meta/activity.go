@@ -44,8 +44,12 @@ func (c *Catalog) Activity(ctx context.Context, img Image) ([]int64, error) {
 }
 
 // SetActivity replaces img's activity log with blocks (owner names the
-// writer, for operators reading the key).
-func (c *Catalog) SetActivity(ctx context.Context, img Image, owner string, blocks []int64) error {
+// writer, for operators reading the key), only while session holds the
+// image's ownership lock (KV.PutLocked; ErrNotOwner otherwise): a node
+// that lost the image, whose write waited past its session, cannot
+// replace the log its successor keeps. Same cost as a plain write: one
+// transaction.
+func (c *Catalog) SetActivity(ctx context.Context, img Image, owner, session string, blocks []int64) error {
 	key := c.activityKey(img.ID)
 	blocks = slices.Clone(blocks)
 	slices.Sort(blocks)
@@ -53,7 +57,10 @@ func (c *Catalog) SetActivity(ctx context.Context, img Image, owner string, bloc
 	if err != nil {
 		return err
 	}
-	if err := c.put(ctx, key, data); err != nil {
+	if err := c.kv.PutLocked(ctx, key, data, c.ownerKey(img.ID), session); err != nil {
+		if errors.Is(err, ErrLockLost) {
+			return fmt.Errorf("activity log of %q: %w: %w", img.Name, ErrNotOwner, err)
+		}
 		return fmt.Errorf("activity log of %q: %w", img.Name, err)
 	}
 	return nil

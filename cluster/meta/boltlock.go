@@ -162,6 +162,21 @@ func (s *BoltKV) Release(ctx context.Context, key string, value []byte, session 
 	return true, nil
 }
 
+// PutLocked implements Locker.
+func (s *BoltKV) PutLocked(ctx context.Context, key string, value []byte, lock, session string) error {
+	if key == "" || lock == "" {
+		return errors.New("metadata store: empty key")
+	}
+	s.lmu.Lock()
+	defer s.lmu.Unlock()
+	if session == "" || s.locks.holder[lock] != session {
+		return fmt.Errorf("%s: %s is not held by session %q: %w", key, lock, session, ErrLockLost)
+	}
+	return s.update(ctx, func(b *bolt.Bucket, next uint64) (bool, error) {
+		return putIfIndex(b, key, value, mustIndex(b, key), next)
+	})
+}
+
 // mustIndex is key's index for putIfIndex: its ModifyIndex, 0 if absent.
 func mustIndex(b *bolt.Bucket, key string) uint64 {
 	idx, _ := currentIndex(b, key)

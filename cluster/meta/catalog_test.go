@@ -5,6 +5,7 @@ import (
 	"errors"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/placement"
@@ -154,7 +155,18 @@ func TestPoliciesAndActivity(t *testing.T) {
 	if _, ok, _ := c.SyncPolicy(ctx, meta.NodeScope("n1")); ok {
 		t.Fatal("cleared policy still there")
 	}
-	if err := c.SetActivity(ctx, img, "n1", []int64{5, 2, 7}); err != nil {
+	// The activity log is written only under the image's ownership lock.
+	sess, err := c.KV().CreateSession(ctx, "ukai:n1", 30*time.Second, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetActivity(ctx, img, "n1", sess, []int64{1}); !errors.Is(err, meta.ErrNotOwner) {
+		t.Fatalf("activity log without the ownership lock: %v, want %v", err, meta.ErrNotOwner)
+	}
+	if ok, err := c.AcquireOwnership(ctx, img.ID, "n1", sess); !ok || err != nil {
+		t.Fatalf("acquire: %v %v", ok, err)
+	}
+	if err := c.SetActivity(ctx, img, "n1", sess, []int64{5, 2, 7}); err != nil {
 		t.Fatal(err)
 	}
 	if bs, err := c.Activity(ctx, img); err != nil || len(bs) != 3 || bs[0] != 2 {

@@ -22,6 +22,9 @@ var (
 	// ErrSessionGone means a session was invalidated (not renewed within
 	// its TTL, or destroyed): the locks it held are released.
 	ErrSessionGone = errors.New("session invalidated")
+	// ErrLockLost means a write conditioned on holding a lock (PutLocked)
+	// was refused: the session does not hold it.
+	ErrLockLost = errors.New("lock not held by the session")
 )
 
 // Entry is one key with its value and the index of its last change.
@@ -106,6 +109,11 @@ type Locker interface {
 	// (no lock delay: the holder let go on purpose); it reports whether
 	// session held it.
 	Release(ctx context.Context, key string, value []byte, session string) (bool, error)
+	// PutLocked sets key to value only while session holds lock, in one
+	// atomic step (Consul: a transaction with check-session); ErrLockLost
+	// otherwise. What only an image's owner may write is written so: a
+	// node that lost the lock cannot overwrite its successor's.
+	PutLocked(ctx context.Context, key string, value []byte, lock, session string) error
 }
 
 // TouchValue is a fresh value for a touched key (CASTouch).

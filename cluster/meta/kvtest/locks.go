@@ -21,6 +21,7 @@ var lockTests = []struct {
 	{"SessionGone", testSessionGone},
 	{"SessionTTL", testSessionTTL},
 	{"CASTouch", testCASTouch},
+	{"PutLocked", testPutLocked},
 }
 
 func newSession(t *testing.T, kv meta.KV, name string, ttl, delay time.Duration) string {
@@ -239,5 +240,40 @@ func testCASTouch(t *testing.T, kv meta.KV, p string) {
 	}
 	if err := kv.CASTouch(c, key, nil, 5, bells); !errors.Is(err, meta.ErrNotFound) {
 		t.Fatalf("delete of a missing key: %v, want ErrNotFound", err)
+	}
+}
+
+// PutLocked writes only while the session holds the lock: not for
+// another session, not after a release, not without a session; a refused
+// write changes nothing.
+func testPutLocked(t *testing.T, kv meta.KV, p string) {
+	c := ctx(t)
+	s1 := newSession(t, kv, "a", 30*time.Second, 0)
+	s2 := newSession(t, kv, "b", 30*time.Second, 0)
+	lock, key := p+"lock", p+"data"
+	if err := kv.PutLocked(c, key, []byte("x"), lock, s1); !errors.Is(err, meta.ErrLockLost) {
+		t.Fatalf("put under a lock nobody holds: %v, want %v", err, meta.ErrLockLost)
+	}
+	if ok, err := kv.Acquire(c, lock, []byte("a"), s1); !ok || err != nil {
+		t.Fatalf("acquire: %v %v", ok, err)
+	}
+	if err := kv.PutLocked(c, key, []byte("v1"), lock, s1); err != nil {
+		t.Fatalf("put by the holder: %v", err)
+	}
+	if err := kv.PutLocked(c, key, []byte("v2"), lock, s2); !errors.Is(err, meta.ErrLockLost) {
+		t.Fatalf("put by another session: %v, want %v", err, meta.ErrLockLost)
+	}
+	if err := kv.PutLocked(c, key, []byte("v2"), lock, ""); !errors.Is(err, meta.ErrLockLost) {
+		t.Fatalf("put without a session: %v, want %v", err, meta.ErrLockLost)
+	}
+	if ok, err := kv.Release(c, lock, []byte("a"), s1); !ok || err != nil {
+		t.Fatalf("release: %v %v", ok, err)
+	}
+	if err := kv.PutLocked(c, key, []byte("v3"), lock, s1); !errors.Is(err, meta.ErrLockLost) {
+		t.Fatalf("put after the release: %v, want %v", err, meta.ErrLockLost)
+	}
+	e, err := kv.Get(c, key)
+	if err != nil || string(e.Value) != "v1" {
+		t.Fatalf("value %q (%v), want v1: a refused put changed it", e.Value, err)
 	}
 }
