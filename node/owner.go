@@ -500,14 +500,8 @@ func (g *gate) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error
 }
 
 func (g *gate) Flush(ctx context.Context) error {
-	return g.do(ctx, func(ctx context.Context) error {
-		start := time.Now()
-		if err := g.s.vol.Flush(ctx); err != nil {
-			return err
-		}
-		g.s.noteFlush(start)
-		return nil
-	}, func(ctx context.Context, c *peer.Client, ref peer.Ref) error { return c.ForwardFlush(ctx, ref) })
+	return g.do(ctx, ownedBackend{n: g.n, s: g.s}.Flush,
+		func(ctx context.Context, c *peer.Client, ref peer.Ref) error { return c.ForwardFlush(ctx, ref) })
 }
 
 func (g *gate) Unmap(ctx context.Context, off, length int64) error {
@@ -614,12 +608,29 @@ func (b ownedBackend) WriteAt(ctx context.Context, p []byte, off int64, fua bool
 	if err := b.n.ensureSnapshots(ctx, b.s); err != nil {
 		return err
 	}
-	return b.s.vol.WriteAt(ctx, p, off, fua)
+	return b.lapsed(b.s.vol.WriteAt(ctx, p, off, fua))
+}
+
+// lapsed turns the failure of an I/O during which this node stopped being
+// allowed to serve the image (its session lapsed, a release began, a
+// newer owner showed up) into NOT READY, which initiators retry (on the
+// next owner, if another node took it). Otherwise a write its own copy
+// refused for that reason was answered MEDIUM ERROR, "reached 0 copies",
+// which they do not retry (chaos seed 113).
+func (b ownedBackend) lapsed(err error) error {
+	if err == nil || b.n.mayServe(b.s) {
+		return err
+	}
+	var se *scsi.SenseError
+	if errors.As(err, &se) && se.Key == scsi.SenseNotReady {
+		return err
+	}
+	return notReady(fmt.Errorf("this node stopped owning the image during the I/O: %w", err))
 }
 func (b ownedBackend) Flush(ctx context.Context) error {
 	start := time.Now()
 	if err := b.s.vol.Flush(ctx); err != nil {
-		return err
+		return b.lapsed(err)
 	}
 	b.s.noteFlush(start)
 	return nil
@@ -629,7 +640,7 @@ func (b ownedBackend) Unmap(ctx context.Context, off, n int64) error {
 	if err := b.n.ensureSnapshots(ctx, b.s); err != nil {
 		return err
 	}
-	return b.s.vol.Unmap(ctx, off, n)
+	return b.lapsed(b.s.vol.Unmap(ctx, off, n))
 }
 
 // mapStore records block states of one image in the catalog.

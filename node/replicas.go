@@ -34,7 +34,7 @@ func (n *Node) replicas(ctx context.Context, s *served, img meta.Image, cached b
 			maps[loc] = bm
 		}
 		if loc == n.cfg.Node.Name {
-			reps = append(reps, &lun.Replica{Node: loc, Copy: ownCopy{localCopy{s.local}, n, s}, Local: true})
+			reps = append(reps, &lun.Replica{Node: loc, Copy: ownCopy{localCopy{s.local}, n, s, img.ID}, Local: true})
 			continue
 		}
 		c := n.peerClient(loc)
@@ -70,8 +70,9 @@ func (localCopy) Close() error { return nil }
 // waits for, and then refuses, writes a former owner sent to it.
 type ownCopy struct {
 	localCopy
-	n *Node
-	s *served
+	n  *Node
+	s  *served
+	id string // the image's id (a served image keeps it)
 }
 
 // errDeposed refuses a local write of a node that may no longer own the
@@ -81,7 +82,7 @@ var errDeposed = errors.New("this node's ownership session is no longer valid")
 // ref is the copy as the owner writes it: the generation it took the
 // image with.
 func (o ownCopy) ref() peer.Ref {
-	return peer.Ref{ID: o.s.record().ID, Gen: o.s.ownedGen.Load()}
+	return peer.Ref{ID: o.id, Gen: o.s.ownedGen.Load()}
 }
 
 func (o ownCopy) admit(ctx context.Context) (leave func(), err error) {

@@ -33,7 +33,8 @@ type gate struct {
 	mu       sync.Mutex
 	floor    epoch
 	inflight map[epoch]int // writes being applied, by epoch
-	changed  chan struct{} // closed (and replaced) when a count drops to 0
+	changed  chan struct{} // closed (and replaced) when a count drops to 0 while someone waits
+	waiters  int           // drainLocked calls waiting on changed
 }
 
 // enter admits a write of (gen, n) unless it is older than the fence; the
@@ -73,8 +74,10 @@ func (g *gate) enter(ctx context.Context, gen, n uint64) (leave func(), err erro
 		defer g.mu.Unlock()
 		if g.inflight[e]--; g.inflight[e] == 0 {
 			delete(g.inflight, e)
-			close(g.changed)
-			g.changed = make(chan struct{})
+			if g.waiters > 0 { // a channel per write costs the owner's local writes 0.2 us
+				close(g.changed)
+				g.changed = make(chan struct{})
+			}
 		}
 	}, nil
 }
@@ -123,14 +126,17 @@ func (g *gate) drainLocked(ctx context.Context, e epoch) error {
 			return nil
 		}
 		ch := g.changed
+		g.waiters++
 		g.mu.Unlock()
 		select {
 		case <-ch:
 		case <-ctx.Done():
 			g.mu.Lock()
+			g.waiters--
 			return fmt.Errorf("fence: writes before it still being applied: %w", context.Cause(ctx))
 		}
 		g.mu.Lock()
+		g.waiters--
 	}
 }
 
