@@ -227,3 +227,31 @@ func TestWriteAfterOwnershipLapsedIsNotReady(t *testing.T) {
 		t.Fatalf("a write after the session lapsed: %v, want NOT READY", err)
 	}
 }
+
+// A release that cannot finish keeps the image only if nobody took it
+// meanwhile: a record naming another owner (or generation) applied during
+// the release is not undone.
+func TestKeepOwnedAfterFailedRelease(t *testing.T) {
+	n, s, _, _ := ownedCopy(t, "vm1")
+	gen := s.ownedGen.Load()
+	for _, tc := range []struct {
+		owner string
+		gen   uint64
+		want  bool
+	}{
+		{"n1", gen, true},
+		{"n2", gen + 1, false},
+		{"n1", gen + 1, false},
+	} {
+		img := s.record()
+		img.Owner, img.Generation = tc.owner, tc.gen
+		s.mu.Lock()
+		s.img = img
+		s.mu.Unlock()
+		s.owned.Store(false)
+		n.keepOwned(s)
+		if s.owned.Load() != tc.want {
+			t.Errorf("record owner %s generation %d (took %d): owned %v, want %v", tc.owner, tc.gen, gen, s.owned.Load(), tc.want)
+		}
+	}
+}

@@ -349,13 +349,13 @@ func (n *Node) release(ctx context.Context, s *served) {
 	}
 	if err != nil {
 		n.log.Warn("I/O still running; keeping ownership", "image", name, "err", err)
-		s.owned.Store(true)
+		n.keepOwned(s)
 		return
 	}
 	start := time.Now()
 	if err := s.vol.Flush(ctx); err != nil {
 		n.log.Warn("flush before releasing ownership failed; keeping it", "image", name, "err", err)
-		s.owned.Store(true)
+		n.keepOwned(s)
 		return
 	}
 	s.noteFlush(start)
@@ -363,7 +363,7 @@ func (n *Node) release(ctx context.Context, s *served) {
 	if !s.offline.Load() {
 		if err := n.cat.ReleaseOwnership(ctx, s.record().ID, n.cfg.Node.Name, s.session()); err != nil {
 			n.log.Warn("cannot release ownership; keeping it", "image", name, "err", err)
-			s.owned.Store(true)
+			n.keepOwned(s)
 			return
 		}
 	}
@@ -383,6 +383,15 @@ func (n *Node) release(ctx context.Context, s *served) {
 }
 
 var errSkip = errors.New("nothing to do")
+
+// keepOwned undoes a release that could not finish, unless the image was
+// taken from this node meanwhile (a record naming another owner or
+// generation was applied; a lost session is mayServe's to judge).
+func (n *Node) keepOwned(s *served) {
+	if rec := s.record(); rec.Owner == n.cfg.Node.Name && rec.Generation == s.ownedGen.Load() || s.offline.Load() {
+		s.owned.Store(true)
+	}
+}
 
 // releaseDrain bounds how long a release waits for the I/O in flight.
 const releaseDrain = 10 * time.Second
