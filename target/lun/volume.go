@@ -81,17 +81,23 @@ type Volume struct {
 	// recorded out of sync); guarded by mu. ReconcileSuspects repairs them.
 	suspect map[int64]bool
 
-	// seq numbers the out-of-sync records this volume made (stored
+	// seq numbers the block-state records this volume made (stored
 	// first, then applied here); marked keeps the last one of each
-	// (node, block) until the block is in sync again. Maps read from the
-	// catalog before such a record must not undo it when they are
-	// installed (SetReplicas): a write that failed on a copy between the
-	// read and the install would otherwise make the copy in sync again in
-	// memory, and a read could return data older than an acknowledged
-	// write. (An in-sync record undone that way is only synced again.)
-	// Guarded by mu.
+	// (node, block), with its state, until maps read after it are
+	// installed. Maps read from the catalog before such a record must not
+	// undo it when they are installed (SetReplicas, Grow). Out of sync: a
+	// write that failed on a copy between the read and the install would
+	// otherwise make the copy in sync again in memory, and a read could
+	// return data older than an acknowledged write. In sync too (chaos
+	// seed 114): a sync recorded between the read and the install was
+	// undone in memory only, the owner then left the copy out of its
+	// writes without recording anything, the catalog still said in sync,
+	// and the next owner read the copy: every write acknowledged in
+	// between was lost. The marks cost one entry per block changed since
+	// the last install (a full resync of a 100 GiB image in 4 MiB blocks
+	// between two installs: 25,600). Guarded by mu.
 	seq    uint64
-	marked map[string]map[int64]uint64
+	marked map[string]map[int64]mark
 
 	// owed holds, per node, blocks written to its copy whose flush failed
 	// and that are not recorded out of sync yet: no flush answers GOOD
@@ -207,22 +213,24 @@ func (v *Volume) MapVersion() MapVersion {
 	return MapVersion(v.seq)
 }
 
+// mark is a block-state record this volume made (see Volume.marked).
+type mark struct {
+	seq   uint64
+	state placement.SyncState
+}
+
 // setStatesLocked records in memory a change already stored: blocks of
 // node's copy are now in state s. The caller holds mu.
 func (v *Volume) setStatesLocked(node string, blocks []int64, s placement.SyncState) {
 	v.seq++
 	mk := v.marked[node]
-	if mk == nil && s == placement.OutOfSync {
-		mk = map[int64]uint64{}
+	if mk == nil {
+		mk = map[int64]mark{}
 		v.marked[node] = mk
 	}
 	m := v.maps[node]
 	for _, b := range blocks {
-		if s == placement.OutOfSync {
-			mk[b] = v.seq
-		} else if mk != nil {
-			delete(mk, b)
-		}
+		mk[b] = mark{v.seq, s}
 		if m != nil {
 			m.Set(b, s)
 		}
@@ -254,7 +262,7 @@ func NewVolume(cfg Config, replicas []*Replica, maps map[string]*placement.Block
 	}
 	v := &Volume{cfg: cfg, store: store,
 		dirty: map[string]map[int64]bool{}, failedAt: map[string]time.Time{},
-		marked: map[string]map[int64]uint64{}, owed: map[string]map[int64]bool{},
+		marked: map[string]map[int64]mark{}, owed: map[string]map[int64]bool{},
 		writeFails: map[string]uint64{}, fencedAt: map[string]uint64{}}
 	v.size.Store(cfg.Size)
 	if err := v.SetReplicas(replicas, maps, 0); err != nil {
@@ -325,12 +333,12 @@ func (v *Volume) SetReplicas(replicas []*Replica, maps map[string]*placement.Blo
 	}
 	for n, mk := range v.marked {
 		m := v.maps[n]
-		for b, seq := range mk {
+		for b, k := range mk {
 			switch {
-			case seq <= uint64(readAt):
+			case k.seq <= uint64(readAt):
 				delete(mk, b) // stored before the maps were read: they have it
 			case m != nil && b < m.Len():
-				m.Set(b, placement.OutOfSync)
+				m.Set(b, k.state)
 			}
 		}
 		if len(mk) == 0 || m == nil {

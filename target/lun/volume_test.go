@@ -579,6 +579,59 @@ func TestInstalledMapsKeepNewerOutOfSync(t *testing.T) {
 	}
 }
 
+// Maps read before a sync recorded a copy in sync must not make it out of
+// sync again in memory when they are installed: the owner would leave the
+// copy out of its writes without recording anything, the catalog would
+// still say in sync, and the next owner would read the copy (chaos seed
+// 114: every write acknowledged between a grow's map install and a
+// handover was lost).
+func TestInstalledMapsKeepNewerInSync(t *testing.T) {
+	const bs = 64 << 10
+	ctx := context.Background()
+	r := newRig(t, 4*bs, bs, 1, "local", "remote")
+	r.copies["remote"].fail.Store(true)
+	if err := r.v.WriteAt(ctx, pattern(bs, 1), bs, true); err != nil {
+		t.Fatal(err)
+	}
+	r.copies["remote"].fail.Store(false)
+	if r.store.get("remote", 1) != placement.OutOfSync {
+		t.Fatal("test setup: the failed copy was not recorded out of sync")
+	}
+	// The node reads the version, then the maps (remote out of sync).
+	at := r.v.MapVersion()
+	read := map[string]*placement.BlockMap{}
+	for n, m := range r.store.maps {
+		read[n] = m.Clone()
+	}
+	// Meanwhile the synchronizer brings the block to the copy.
+	if _, err := r.v.SyncBlock(ctx, 1, "remote"); err != nil {
+		t.Fatal(err)
+	}
+	if r.store.get("remote", 1) != placement.InSync {
+		t.Fatal("test setup: the sync was not recorded")
+	}
+	// The maps read before are installed, then a write comes.
+	if err := r.v.SetReplicas(r.reps, read, at); err != nil {
+		t.Fatal(err)
+	}
+	want := pattern(bs, 2)
+	if err := r.v.WriteAt(ctx, want, bs, true); err != nil {
+		t.Fatal(err)
+	}
+	if r.store.get("remote", 1) == placement.InSync {
+		got := make([]byte, bs)
+		if err := r.copies["remote"].FileCopy.ReadAt(ctx, got, bs); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Fatal("the catalog says the copy is in sync, but it misses an acknowledged write")
+		}
+	}
+	if st := r.v.State("remote", 1); st != placement.InSync {
+		t.Fatalf("after installing maps read before the sync, the copy is %v, want in sync", st)
+	}
+}
+
 // The install may also come while the out-of-sync record is being stored:
 // the record lands on the maps installed.
 func TestInstallDuringOutOfSyncRecord(t *testing.T) {
