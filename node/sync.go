@@ -56,11 +56,16 @@ func (n *Node) remoteOwner(ctx context.Context, name string) (*api.Client, error
 	if err != nil {
 		return nil, err
 	}
-	if session == "" || holder == "" || holder == n.cfg.Node.Name || !n.alive(holder) {
+	// The rule I/O follows (ownership.Decide): the holder is asked unless
+	// the membership saw it die. A holder only suspected is asked too:
+	// deciding locally would answer "served by" it. (Chaos seed 115 saw
+	// that answer to an `image verify` right after partitions healed; its
+	// logs do not say whether suspicion was the cause.)
+	if session == "" || holder == "" || holder == n.cfg.Node.Name || n.dead(holder) || n.members == nil {
 		return nil, nil
 	}
-	m, err := n.peerMember(holder)
-	if err != nil {
+	m, ok := n.members.Member(holder)
+	if !ok || m.Meta.API == "" {
 		return nil, nil
 	}
 	return n.apiClient(m.Meta.API), nil
