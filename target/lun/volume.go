@@ -137,6 +137,15 @@ func (v *Volume) fence(ctx context.Context, r *Replica) error {
 	if done && at == fails {
 		return nil
 	}
+	return v.fenceNow(ctx, r, f)
+}
+
+// fenceNow fences r's copy (f) within the copy timeout and notes the
+// failures it covers. The caller holds fenceMu.
+func (v *Volume) fenceNow(ctx context.Context, r *Replica, f Fencer) error {
+	v.mu.RLock()
+	fails := v.writeFails[r.Node]
+	v.mu.RUnlock()
 	cctx, cancel := context.WithTimeout(ctx, v.cfg.CopyTimeout)
 	defer cancel()
 	if err := f.Fence(cctx); err != nil {
@@ -177,23 +186,12 @@ func (v *Volume) FenceAll(ctx context.Context) []string {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			v.mu.RLock()
-			fails := v.writeFails[r.Node]
-			v.mu.RUnlock()
-			cctx, cancel := context.WithTimeout(ctx, v.cfg.CopyTimeout)
-			defer cancel()
-			if err := f.Fence(cctx); err != nil {
+			if err := v.fenceNow(ctx, r, f); err != nil {
 				v.cfg.Log.Warn("cannot fence a copy", "node", r.Node, "err", err)
 				bmu.Lock()
 				bad = append(bad, r.Node)
 				bmu.Unlock()
-				return
 			}
-			v.mu.Lock()
-			if cur, ok := v.fencedAt[r.Node]; !ok || cur < fails {
-				v.fencedAt[r.Node] = fails
-			}
-			v.mu.Unlock()
 		}()
 	}
 	wg.Wait()
