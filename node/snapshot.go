@@ -746,16 +746,8 @@ func (n *Node) GrowCopy(_ context.Context, id string, size int64) error {
 	if err := checkImageID(id); err != nil {
 		return err
 	}
-	n.mu.RLock()
-	var local interface{ Grow(int64) error }
-	for _, s := range n.served {
-		if s.record().ID == id && s.local != nil {
-			local = s.local
-		}
-	}
-	n.mu.RUnlock()
-	if local != nil {
-		return local.Grow(size)
+	if s := n.servedByID(id); s != nil && s.local != nil {
+		return s.local.Grow(size)
 	}
 	path, err := n.imagePath(meta.Image{ID: id})
 	if err != nil {
