@@ -18,6 +18,7 @@ import (
 
 	"github.com/ukai-storage/ukai/api"
 	"github.com/ukai-storage/ukai/cluster/meta"
+	"github.com/ukai-storage/ukai/node/activity"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/lun"
 	"github.com/ukai-storage/ukai/target/scsi"
@@ -52,7 +53,7 @@ type served struct {
 	everOwned   bool
 	nextAcquire time.Time
 	offline     atomic.Bool
-	act         activity
+	act         *activity.Log // its volume's writes, for a successor
 	// cow caches the copy-on-write maps of the image's snapshots.
 	cow cowState
 	// planning: the placement executor is working on the image;
@@ -474,6 +475,7 @@ func (n *Node) export(ctx context.Context, img meta.Image, cached bool) error {
 		}
 		return fmt.Errorf("image %s: %w", img.Name, err)
 	}
+	s.act = n.newActivity(s)
 	var devID [16]byte
 	if b, err := hex.DecodeString(img.ID); err == nil {
 		copy(devID[:], b)

@@ -206,6 +206,7 @@ func withVolume(t testing.TB, n *Node, s *served, oc ownCopy) {
 	}
 	t.Cleanup(func() { vol.Close() })
 	s.vol = vol
+	s.act = n.newActivity(s)
 }
 
 // A write its own copy refused because this node stopped owning the image

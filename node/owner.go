@@ -207,7 +207,7 @@ func (n *Node) take(ctx context.Context, s *served, session string) error {
 	if mustReconcile(previous, self, s.everOwned) {
 		// The last owner may have died with writes in flight: make the
 		// copies agree on the blocks it was writing before serving I/O.
-		if err := n.reconcileActivity(ctx, s); err != nil {
+		if err := s.act.Reconcile(ctx); err != nil {
 			return notReady(fmt.Errorf("reconcile the previous owner's writes: %w", err))
 		}
 	}
@@ -242,7 +242,7 @@ func (n *Node) dead(node string) bool {
 // this process owned it last and nobody took it since (its own failed
 // writes are in its volume's suspects). A clean release is no exception:
 // it keeps the log when blocks could not be made to agree or writes came
-// in while it flushed (clearActivity), and the successor is the one to
+// in while it flushed (activity.Log.Clear), and the successor is the one to
 // repair them. An empty log costs one metadata read.
 func mustReconcile(previous, self string, everOwned bool) bool {
 	return previous != self || !everOwned
@@ -305,7 +305,7 @@ func (n *Node) releaseIdle(ctx context.Context) {
 			if active[n.iqn(img.Name)] || s.busy.Load() > 0 || img.Attached == n.cfg.Node.Name || n.originOwnedHere(img) {
 				delete(idle, img.ID)
 				if s.vol.QuietFor(2 * time.Second) {
-					n.clearActivity(ctx, s)
+					s.act.Clear(ctx)
 				}
 				continue
 			}
@@ -358,8 +358,8 @@ func (n *Node) release(ctx context.Context, s *served) {
 		n.keepOwned(s)
 		return
 	}
-	s.noteFlush(start)
-	n.clearActivity(ctx, s)
+	s.act.Flushed(start)
+	s.act.Clear(ctx)
 	if !s.offline.Load() {
 		if err := n.cat.ReleaseOwnership(ctx, s.record().ID, n.cfg.Node.Name, s.session()); err != nil {
 			n.log.Warn("cannot release ownership; keeping it", "image", name, "err", err)
@@ -641,7 +641,7 @@ func (b ownedBackend) Flush(ctx context.Context) error {
 	if err := b.s.vol.Flush(ctx); err != nil {
 		return b.lapsed(err)
 	}
-	b.s.noteFlush(start)
+	b.s.act.Flushed(start)
 	return nil
 }
 func (b ownedBackend) Unmap(ctx context.Context, off, n int64) error {

@@ -1,16 +1,13 @@
-package node
+package activity
 
 import (
 	"context"
 	"errors"
-	"log/slog"
 	"path/filepath"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/ukai-storage/ukai/cluster/meta"
-	"github.com/ukai-storage/ukai/cluster/meta/kvtest"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/lun"
 )
@@ -28,29 +25,28 @@ func (f *failing) WriteAt(ctx context.Context, p []byte, off int64, durable bool
 	return f.Copy.WriteAt(ctx, p, off, durable)
 }
 
-// TestClearActivityDoesNotDeadlockWrites: clearing the activity log
-// reconciles suspect blocks, which takes their block locks, while a write
-// holds its block lock and then takes the activity lock (beforeWrite).
-// clearActivity held the activity lock across the reconciliation: the
-// image then hung for good, every write and sync waiting, and the node
-// could not stop (found by chaos seed 102). Here a write is held right
-// after it took its block lock; clearActivity starts; once it holds the
-// activity lock (or had 500 ms to take it) the write goes on: both must
-// finish.
-func TestClearActivityDoesNotDeadlockWrites(t *testing.T) {
+// refusing is a block-map store that refuses records while refuse is set
+// (as the catalog refuses an owner whose generation is not the record's).
+type refusing struct{ refuse atomic.Bool }
+
+func (r *refusing) SetBlockStates(context.Context, string, []int64, placement.SyncState) error {
+	if r.refuse.Load() {
+		return errors.New("record refused")
+	}
+	return nil
+}
+
+// TestClearDoesNotDeadlockWrites: clearing the log reconciles suspect
+// blocks, which takes their block locks, while a write holds its block
+// lock and then takes the log's lock (Before). Clear held the log's lock
+// across the reconciliation: the image then hung for good, every write
+// and sync waiting, and the node could not stop (found by chaos seed
+// 102). Here a write is held right after it took its block lock; Clear
+// starts; once it holds the log's lock (or had 500 ms to take it) the
+// write goes on: both must finish. Real volume and file copies.
+func TestClearDoesNotDeadlockWrites(t *testing.T) {
 	ctx := context.Background()
 	const bs = 64 << 10
-	cat := testCatalog(t)
-	img := kvtest.OwnedImage(t, cat, "vm1", 4*bs, bs, "n1", "n1", "n2")
-	n := &Node{cfg: Config{Node: NodeConfig{Name: "n1"}}, cat: cat, log: slog.New(slog.DiscardHandler),
-		session: testSession(t, cat.KV().(meta.Locker))}
-	s := &served{img: img}
-	s.owned.Store(true)
-	s.ownedGen.Store(1)
-	s.setSession(n.session.Current())
-	if ok, err := cat.AcquireOwnership(ctx, img.ID, "n1", s.session()); !ok || err != nil {
-		t.Fatalf("acquire: %v %v", ok, err)
-	}
 	var reps []*lun.Replica
 	maps := map[string]*placement.BlockMap{}
 	var n2 *failing
@@ -68,34 +64,36 @@ func TestClearActivityDoesNotDeadlockWrites(t *testing.T) {
 	}
 	entered, proceed := make(chan struct{}, 1), make(chan struct{})
 	var hold atomic.Bool
+	var l *Log
+	ms := &refusing{}
 	vol, err := lun.NewVolume(lun.Config{Size: 4 * bs, BlockSize: bs, MinCopies: 1, CopyTimeout: time.Second,
 		BeforeWrite: func(ctx context.Context, blocks []int64) error {
 			if hold.Load() {
 				entered <- struct{}{}
 				<-proceed
 			}
-			return n.beforeWrite(ctx, s, blocks)
-		}}, reps, maps, &mapStore{n: n, s: s})
+			return l.Before(ctx, blocks)
+		}}, reps, maps, ms)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer vol.Close()
-	s.vol = vol
+	l = New(Config{Volume: vol, Store: &store{}, Held: func() bool { return true }})
 
 	// A suspect block: n2's write fails and its out-of-sync record is
-	// refused (a generation this node does not hold), so the write fails
-	// and block 1 may differ between the copies. The activity log holds it.
+	// refused, so the write fails and block 1 may differ between the
+	// copies. The log holds it.
 	n2.fail.Store(true)
-	s.ownedGen.Store(99)
+	ms.refuse.Store(true)
 	if err := vol.WriteAt(ctx, make([]byte, 4096), bs, true); err == nil {
 		t.Fatal("test setup: the write with a refused record succeeded")
 	}
 	n2.fail.Store(false)
-	s.ownedGen.Store(1)
-	if !vol.HasSuspects() || s.act.stored == 0 {
-		t.Fatalf("test setup: suspects %v, activity log of %d blocks", vol.HasSuspects(), s.act.stored)
+	ms.refuse.Store(false)
+	if !vol.HasSuspects() || l.Stored() == 0 {
+		t.Fatalf("test setup: suspects %v, activity log of %d blocks", vol.HasSuspects(), l.Stored())
 	}
-	s.noteFlush(time.Now().Add(time.Hour))
+	l.Flushed(time.Now().Add(time.Hour))
 
 	// A write to block 1, held right after it took the block's lock.
 	hold.Store(true)
@@ -104,23 +102,23 @@ func TestClearActivityDoesNotDeadlockWrites(t *testing.T) {
 	<-entered
 	hold.Store(false)
 	cleared := make(chan struct{})
-	go func() { n.clearActivity(ctx, s); close(cleared) }()
+	go func() { l.Clear(ctx); close(cleared) }()
 	for deadline := time.Now().Add(500 * time.Millisecond); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
-		if !s.act.mu.TryLock() {
-			break // clearActivity holds it: the hazard is set up
+		if !l.mu.TryLock() {
+			break // Clear holds it: the hazard is set up
 		}
-		s.act.mu.Unlock()
+		l.mu.Unlock()
 	}
 	close(proceed)
 	timeout := time.After(10 * time.Second)
 	for _, c := range []struct {
 		what string
 		done <-chan struct{}
-	}{{"the write", waitErr(t, wrote)}, {"clearActivity", cleared}} {
+	}{{"the write", waitErr(t, wrote)}, {"Clear", cleared}} {
 		select {
 		case <-c.done:
 		case <-timeout:
-			t.Fatalf("%s did not finish in 10 s: a write and the activity log's clearing deadlock", c.what)
+			t.Fatalf("%s did not finish in 10 s: a write and the log's clearing deadlock", c.what)
 		}
 	}
 	if vol.HasSuspects() {
