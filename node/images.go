@@ -56,10 +56,6 @@ type served struct {
 	act         *activity.Log // its volume's writes, for a successor
 	// cow caches the copy-on-write maps of the image's snapshots.
 	cow cowState
-	// planning: the placement executor is working on the image;
-	// idleMark: its last plan found nothing to do (see planMark).
-	planning atomic.Bool
-	idleMark atomic.Pointer[planMark]
 	// fromCache: exported from the cached record with only the local copy
 	// (guarded by the node's reconMu).
 	fromCache bool
@@ -845,9 +841,7 @@ func (n *Node) describe(ctx context.Context, img meta.Image, blocks bool) (api.I
 		ap := apiImagePolicy(pol)
 		out.Policy = &ap
 	}
-	n.planMu.Lock()
-	out.Plan = apiActions(n.plans[img.Name])
-	n.planMu.Unlock()
+	out.Plan = apiActions(n.exec.LastPlan(img.Name))
 	out.Exports = n.exportInfos(img.Name)
 	maps := make([]*placement.BlockMap, len(img.Locations))
 	for i, loc := range img.Locations {

@@ -18,8 +18,8 @@ import (
 	"github.com/ukai-storage/ukai/cluster/membership"
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/cluster/peer"
+	"github.com/ukai-storage/ukai/node/executor"
 	"github.com/ukai-storage/ukai/ownership"
-	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/iscsi"
 )
 
@@ -30,7 +30,7 @@ import (
 // joined before the images and the store close.
 //
 // Lock order: ownMu → reconMu → mu → served.mu. knownMu, storeMu,
-// peersMu, exportsMu, planMu, the peer store's locks and an image's
+// peersMu, exportsMu, the peer store's locks and an image's
 // activity and copy-on-write locks are leaves: nothing is locked while
 // one of them is held.
 type Node struct {
@@ -69,17 +69,12 @@ type Node struct {
 	now           func() time.Time // the clock placement decides by (tests move it)
 	clock         ownership.Clock  // the clock ownership decides by (owner.clock_offset)
 	session       *ownership.Session
-	loops         sync.WaitGroup // the background loops Run starts; joined before the store closes
-	limits        limiters
-	syncBytes     atomic.Int64  // bytes copied by syncs since start
-	rounds        atomic.Int64  // placement rounds run
-	memberEpoch   atomic.Uint64 // membership changes seen (planMark)
-	policyEpoch   atomic.Uint64 // policy changes seen (planMark)
+	loops         sync.WaitGroup     // the background loops Run starts; joined before the store closes
+	exec          *executor.Executor // placement
+	syncBytes     atomic.Int64       // bytes copied by syncs since start
 	exportsMu     sync.RWMutex
 	exports       map[string][]meta.Export // by image name
 	exportsLoaded bool
-	planMu        sync.Mutex
-	plans         map[string][]placement.Action // last plan per image
 }
 
 // New opens the node's stores, binds its listeners and joins the cluster;
@@ -122,6 +117,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 		OnLost:    n.sessionLost,
 	})
 
+	n.exec = n.newExecutor()
 	if n.sec, err = loadSecurity(cfg); err != nil {
 		return nil, err
 	}
@@ -194,7 +190,7 @@ func (n *Node) Run(ctx context.Context) error {
 		go func() { errc <- n.peerSrv.Serve(ctx) }()
 	}
 	n.loops.Go(func() { n.releaseIdle(loopCtx) })
-	n.loops.Go(func() { n.placementLoop(loopCtx) })
+	n.loops.Go(func() { n.exec.Run(loopCtx) })
 	go func() {
 		serve := func() error { return n.apiSrv.Serve(n.apiLn) }
 		if n.sec.apiServer != nil {
@@ -208,7 +204,6 @@ func (n *Node) Run(ctx context.Context) error {
 	}()
 	n.loops.Go(func() { n.watch(loopCtx) })
 	n.loops.Go(func() { n.watchExports(loopCtx) })
-	n.loops.Go(func() { n.watchPolicies(loopCtx) })
 	if n.members != nil {
 		n.loops.Go(func() { n.watchMembers(loopCtx) })
 		n.loops.Go(func() { n.refreshMeta(loopCtx) })

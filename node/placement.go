@@ -2,129 +2,45 @@ package node
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"sync"
-	"time"
-
-	"golang.org/x/time/rate"
 
 	"github.com/ukai-storage/ukai/api"
 	"github.com/ukai-storage/ukai/cluster/membership"
 	"github.com/ukai-storage/ukai/cluster/meta"
+	"github.com/ukai-storage/ukai/node/executor"
 	"github.com/ukai-storage/ukai/placement"
-	"github.com/ukai-storage/ukai/target/lun"
 )
 
-// The placement executor: every few seconds each node plans the images it
-// is responsible for (those it owns, and unowned ones whose first live
-// location it is) with the pure planner of package placement, and runs the
-// plan: add a location, sync block ranges inside the sync window under the
-// rate caps, remove a location once every block has another in-sync copy.
+// The placement executor runs in package executor; the node is its Host
+// (the images it serves, the membership, and the actions: add or remove
+// a location, sync) and the API's entry to it.
 
-// limiters holds the token buckets that cap copy traffic: one per image
-// and one per node (shared by all images syncing from or to it).
-type limiters struct {
-	mu sync.Mutex
-	m  map[string]*rate.Limiter
+// newExecutor returns the node's placement executor.
+func (n *Node) newExecutor() *executor.Executor {
+	return executor.New(executor.Config{
+		Self: n.cfg.Node.Name, Catalog: n.cat, Host: execHost{n},
+		ReplaceAfter: n.cfg.Placement.ReplaceAfter, Now: n.now,
+		Log: n.log.With("component", "placement"),
+	})
 }
 
-// get returns the limiter of key at rate r bytes/s (nil when r is 0:
-// unlimited); burst is one block, so over any interval the copied bytes
-// stay within one block of r times the interval.
-func (l *limiters) get(key string, r int64, burst int64) *rate.Limiter {
-	if r <= 0 {
-		return nil
+// execHost is the node as the executor's Host.
+type execHost struct{ n *Node }
+
+func (h execHost) Images() []executor.Image {
+	ss := h.n.servedImages(false)
+	out := make([]executor.Image, len(ss))
+	for i, s := range ss {
+		out[i] = s
 	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.m == nil {
-		l.m = map[string]*rate.Limiter{}
-	}
-	lim, ok := l.m[key]
-	if !ok {
-		lim = rate.NewLimiter(rate.Limit(r), int(burst))
-		l.m[key] = lim
-		return lim
-	}
-	if lim.Limit() != rate.Limit(r) {
-		lim.SetLimit(rate.Limit(r))
-	}
-	if lim.Burst() < int(burst) {
-		lim.SetBurst(int(burst))
-	}
-	return lim
+	return out
 }
 
-// pacer waits, after each block copied, until the caps allow its bytes.
-type pacer []*rate.Limiter
+func (h execHost) Alive(node string) bool { return h.n.alive(node) }
 
-func (p pacer) wait(ctx context.Context, n int64) error {
-	for _, l := range p {
-		if l == nil {
-			continue
-		}
-		for n > 0 {
-			k := min(n, int64(l.Burst()))
-			if err := l.WaitN(ctx, int(k)); err != nil {
-				return err
-			}
-			n -= k
-		}
-	}
-	return nil
-}
-
-// planState builds the planner's input for one image.
-func (n *Node) planState(ctx context.Context, s *served) (placement.State, error) {
-	img := s.record()
-	st := placement.State{Now: n.now(), ReplaceAfter: n.cfg.Placement.ReplaceAfter, PerNode: map[string]placement.SyncPolicy{}}
-	def, nodes, images, bad, err := n.cat.SyncPolicies(ctx)
-	if err != nil {
-		return st, err
-	}
-	for _, b := range bad {
-		n.log.Warn("ignoring unreadable sync policy", "err", b)
-	}
-	if def != nil {
-		st.Default = *def
-	}
-	st.PerNode = nodes
-	pol, _, err := n.cat.ImagePolicy(ctx, img.Name)
-	if err != nil {
-		return st, err
-	}
-	is := placement.ImageState{Name: img.Name, Size: img.Size, BlockSize: img.BlockSize, Locations: img.Locations, Policy: pol, Maps: map[string]*placement.BlockMap{}}
-	if p, ok := images[img.Name]; ok {
-		is.Sync = &p
-	}
-	if s.owned.Load() {
-		is.Maps = s.vol.MapsSnapshot()
-	} else {
-		for _, loc := range img.Locations {
-			bm, err := n.cat.BlockMap(ctx, img, loc)
-			if err != nil {
-				return st, err
-			}
-			is.Maps[loc] = bm
-		}
-	}
-	st.Images = []placement.ImageState{is}
-	st.Nodes = n.nodeInfos()
-	return st, nil
-}
-
-// planStateByName is planState for an image named by the operator.
-func (n *Node) planStateByName(ctx context.Context, name string) (placement.State, error) {
-	s, err := n.servedByName(ctx, name)
-	if err != nil {
-		return placement.State{}, err
-	}
-	return n.planState(ctx, s)
-}
-
-// nodeInfos is the membership as the planner sees it.
-func (n *Node) nodeInfos() []placement.NodeInfo {
+// Nodes is the membership as the planner sees it.
+func (h execHost) Nodes() []placement.NodeInfo {
+	n := h.n
 	if n.members == nil {
 		_, free := n.diskSpace()
 		return []placement.NodeInfo{{Name: n.cfg.Node.Name, Alive: true, Labels: n.cfg.Node.Labels, Free: free}}
@@ -140,191 +56,30 @@ func (n *Node) nodeInfos() []placement.NodeInfo {
 	return out
 }
 
-// shouldAct says whether this node plans and executes s now.
-func (n *Node) shouldAct(s *served) bool {
-	if s.owned.Load() {
-		return true
-	}
-	img := s.record()
-	if img.Owner != "" && n.alive(img.Owner) {
-		return false
-	}
-	for _, l := range img.Locations {
-		if n.alive(l) {
-			return l == n.cfg.Node.Name
-		}
-	}
-	return false
+func (h execHost) AddLocation(ctx context.Context, image, node string) error {
+	_, err := h.n.AddLocation(ctx, image, node)
+	return err
 }
 
-// planMark is what an image's last plan saw when it found nothing to do:
-// every copy in sync on a live node, no action. Until one of these moves
-// (or planSweep passes) planning it again would find the same, so the
-// idle cost of the executor does not grow with the images a node holds.
-type planMark struct {
-	rev            uint64         // the record
-	maps           lun.MapVersion // the volume's out-of-sync records
-	member, policy uint64         // membership and policy epochs
-	at             time.Time
+func (h execHost) RemoveLocation(ctx context.Context, image, node string) error {
+	_, err := h.n.RemoveLocation(ctx, image, node)
+	return err
 }
 
-// planSweep re-plans idle images now and then anyway (labels and free
-// space in the membership change without an epoch).
-const planSweep = 5 * time.Minute
-
-// markFor is the mark of s as of now.
-func (n *Node) markFor(s *served) planMark {
-	return planMark{rev: s.record().Rev, maps: s.vol.MapVersion(), member: n.memberEpoch.Load(), policy: n.policyEpoch.Load(), at: time.Now()}
+func (h execHost) Sync(ctx context.Context, img executor.Image, from, to int64, node string, pace executor.Pacer) error {
+	return h.n.syncServed(ctx, img.(*served), syncOpts{from: from, to: to, only: node, pace: pace}, nil)
 }
 
-// idle says whether s's last plan found nothing to do and nothing it
-// depends on moved since.
-func (n *Node) idle(s *served) bool {
-	last := s.idleMark.Load()
-	if last == nil || time.Since(last.at) > planSweep {
-		return false
-	}
-	now := n.markFor(s)
-	return now.rev == last.rev && now.maps == last.maps && now.member == last.member && now.policy == last.policy
+// The executor's view of a served image.
+func (s *served) Record() meta.Image { return s.record() }
+func (s *served) Owned() bool        { return s.owned.Load() }
+func (s *served) Busy() bool         { return s.busy.Load() > 0 }
+func (s *served) Maps() map[string]*placement.BlockMap {
+	return s.vol.MapsSnapshot()
 }
+func (s *served) MapVersion() uint64 { return uint64(s.vol.MapVersion()) }
 
-// maxPlanning bounds the images the executor works on at once: each
-// plan reads the catalog, so a burst of new images does not become a
-// burst of store requests.
-const maxPlanning = 32
-
-// placementLoop runs the executor; it returns once every plan it started
-// has ended.
-func (n *Node) placementLoop(ctx context.Context) {
-	var plans sync.WaitGroup
-	defer plans.Wait()
-	slots := make(chan struct{}, maxPlanning)
-	every(ctx, 2*time.Second, func() {
-		n.rounds.Add(1)
-		for _, s := range n.servedImages(false) {
-			if ctx.Err() != nil {
-				return
-			}
-			if s.busy.Load() > 0 || n.idle(s) || !n.shouldAct(s) {
-				continue
-			}
-			select {
-			case slots <- struct{}{}:
-			default:
-				return // all slots busy: the rest next round
-			}
-			if !s.planning.CompareAndSwap(false, true) {
-				<-slots
-				continue
-			}
-			// Each image plans on its own: a long, rate-capped sync of
-			// one image does not hold up the others.
-			plans.Go(func() {
-				defer func() { <-slots }()
-				defer s.planning.Store(false)
-				if err := n.executePlan(ctx, s); err != nil && ctx.Err() == nil {
-					n.log.Warn("placement step failed", "image", s.record().Name, "err", err)
-				}
-			})
-		}
-	})
-}
-
-// executePlan plans s and runs the plan's actions in order.
-func (n *Node) executePlan(ctx context.Context, s *served) error {
-	mark := n.markFor(s)
-	s.idleMark.Store(nil)
-	st, err := n.planState(ctx, s)
-	if err != nil {
-		return err
-	}
-	img := s.record()
-	actions := placement.PlanImage(st, img.Name)
-	n.setPlan(img.Name, actions)
-	if settled(st, actions) {
-		s.idleMark.Store(&mark)
-	}
-	for _, a := range actions {
-		switch a.Kind {
-		case placement.AddLocation:
-			n.log.Info("placement: adding a copy", "image", img.Name, "node", a.Node, "reason", a.Reason)
-			if _, err := n.AddLocation(ctx, img.Name, a.Node); err != nil {
-				return fmt.Errorf("add %s: %w", a.Node, err)
-			}
-		case placement.Sync:
-			sctx := ctx
-			if !a.Deadline.IsZero() {
-				var cancel context.CancelFunc
-				sctx, cancel = context.WithDeadline(ctx, a.Deadline)
-				defer cancel()
-			}
-			err := n.syncServed(sctx, s, syncOpts{from: a.From, to: a.To, only: a.Node, pace: n.pacerFor(st, img, a)}, nil)
-			if err != nil && errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
-				n.log.Info("placement: sync window closed; resuming at the next one", "image", img.Name, "node", a.Node)
-				return nil
-			}
-			if err != nil {
-				return fmt.Errorf("sync %s: %w", a.Node, err)
-			}
-		case placement.RemoveLocation:
-			n.log.Info("placement: removing a copy", "image", img.Name, "node", a.Node, "reason", a.Reason)
-			if _, err := n.RemoveLocation(ctx, img.Name, a.Node); err != nil {
-				return fmt.Errorf("remove %s: %w", a.Node, err)
-			}
-		case placement.Wait, placement.Refuse:
-			n.log.Debug("placement", "image", img.Name, "kind", a.Kind, "reason", a.Reason)
-		}
-	}
-	return n.finishRelocation(ctx, s)
-}
-
-// settled says whether a plan found nothing to do on a quiet image: no
-// action but waits or refusals, every copy in sync, every location alive.
-func settled(st placement.State, actions []placement.Action) bool {
-	for _, a := range actions {
-		if a.Kind != placement.Wait && a.Kind != placement.Refuse {
-			return false
-		}
-	}
-	if len(st.Images) != 1 {
-		return false
-	}
-	is := st.Images[0]
-	if is.Policy.Relocate != nil {
-		return false
-	}
-	alive := map[string]bool{}
-	for _, ni := range st.Nodes {
-		alive[ni.Name] = ni.Alive
-	}
-	for _, loc := range is.Locations {
-		bm := is.Maps[loc]
-		if !alive[loc] || bm == nil || bm.Count(placement.InSync) != bm.Len() {
-			return false
-		}
-	}
-	return true
-}
-
-// watchPolicies bumps the policy epoch whenever an operator's decision
-// changes (one blocking query; see planMark).
-func (n *Node) watchPolicies(ctx context.Context) {
-	var idx uint64
-	for ctx.Err() == nil {
-		next, err := n.kv.Watch(ctx, n.cat.PoliciesPrefix(), idx)
-		if err != nil {
-			sleep(ctx, time.Second)
-			continue
-		}
-		if next != idx {
-			n.policyEpoch.Add(1)
-		}
-		idx = next
-	}
-}
-
-// watchMembers bumps the membership epoch when a node joins, leaves or
-// dies (see planMark).
+// watchMembers tells the executor when a node joins, leaves or dies.
 func (n *Node) watchMembers(ctx context.Context) {
 	for {
 		select {
@@ -335,55 +90,20 @@ func (n *Node) watchMembers(ctx context.Context) {
 				return
 			}
 			if ev.Type != membership.EventUpdate {
-				n.memberEpoch.Add(1)
+				n.exec.MembersChanged()
 			}
 		}
 	}
 }
 
-// finishRelocation clears a relocation the planner says is done (the new
-// copy in sync, the old one gone).
-func (n *Node) finishRelocation(ctx context.Context, s *served) error {
-	st, err := n.planState(ctx, s)
+// planStateByName is the planner's input for an image named by the
+// operator.
+func (n *Node) planStateByName(ctx context.Context, name string) (placement.State, error) {
+	s, err := n.servedByName(ctx, name)
 	if err != nil {
-		return err
+		return placement.State{}, err
 	}
-	is := st.Images[0]
-	if is.Policy.Relocate == nil || !placement.RelocationDone(is) {
-		return nil
-	}
-	r := is.Policy.Relocate
-	_, err = n.cat.UpdateImagePolicy(ctx, is.Name, func(p *placement.ImagePolicy) error {
-		p.Relocate = nil
-		return nil
-	})
-	if err == nil {
-		n.log.Info("relocation finished", "image", is.Name, "to", r.To, "from", r.From)
-	}
-	return err
-}
-
-// pacerFor returns the caps that apply to a sync action: the planner's
-// rate for the action (its share of the node caps and the image cap) on
-// the image's own bucket, and each node's cap on that node's bucket.
-func (n *Node) pacerFor(st placement.State, img meta.Image, a placement.Action) pacer {
-	var p pacer
-	p = append(p, n.limits.get("image/"+img.Name, a.Rate, img.BlockSize))
-	for node, pol := range st.PerNode {
-		if node == a.Node || (len(img.Locations) > 0 && node == n.cfg.Node.Name) {
-			p = append(p, n.limits.get("node/"+node, pol.MaxRate, img.BlockSize))
-		}
-	}
-	return p
-}
-
-func (n *Node) setPlan(name string, actions []placement.Action) {
-	n.planMu.Lock()
-	defer n.planMu.Unlock()
-	if n.plans == nil {
-		n.plans = map[string][]placement.Action{}
-	}
-	n.plans[name] = actions
+	return n.exec.State(ctx, s)
 }
 
 // PlanImage implements api.Service: what the planner would do now, and why.
@@ -526,7 +246,7 @@ func (n *Node) SyncPolicies(ctx context.Context) (api.SyncPolicies, error) {
 
 // Stats implements api.Service.
 func (n *Node) Stats(context.Context) (api.Stats, error) {
-	st := api.Stats{Node: n.cfg.Node.Name, SyncBytes: n.syncBytes.Load(), PlacementRounds: n.rounds.Load()}
+	st := api.Stats{Node: n.cfg.Node.Name, SyncBytes: n.syncBytes.Load(), PlacementRounds: n.exec.Rounds()}
 	if n.peerSrv != nil {
 		ps := n.peerSrv.Stats()
 		st.PeerBytesIn, st.PeerBytesOut = ps.BytesIn, ps.BytesOut

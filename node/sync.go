@@ -11,6 +11,7 @@ import (
 
 	"github.com/ukai-storage/ukai/api"
 	"github.com/ukai-storage/ukai/cluster/meta"
+	"github.com/ukai-storage/ukai/node/executor"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/lun"
 )
@@ -96,18 +97,18 @@ func (n *Node) SyncImage(ctx context.Context, name string, req api.SyncRequest, 
 		return err
 	}
 	img := s.record()
-	st, err := n.planState(ctx, s)
+	st, err := n.exec.State(ctx, s)
 	if err != nil {
 		return err
 	}
 	// The rate caps always hold; the window is overridden only with --now.
-	var pace pacer
+	var pace executor.Pacer
 	for _, loc := range img.Locations {
 		pol := placement.EffectiveSync(st, st.Images[0], loc)
 		if open, _, opens := pol.Open(st.Now); !open && !req.Now {
 			return fmt.Errorf("%w: outside the sync window of %q (it opens at %s); use --now to sync anyway", meta.ErrInvalid, name, opens.Format(time.RFC3339))
 		}
-		pace = append(pace, n.pacerFor(st, img, placement.Action{Node: loc, Rate: imageRate(st)})...)
+		pace = append(pace, n.exec.Pacer(st, img, placement.Action{Node: loc, Rate: imageRate(st)})...)
 	}
 	return n.syncServed(ctx, s, syncOpts{from: req.FromBlock, to: req.ToBlock, pace: pace}, progress)
 }
@@ -130,7 +131,7 @@ type syncJob struct {
 type syncOpts struct {
 	from, to int64 // to 0: the end
 	only     string
-	pace     pacer
+	pace     executor.Pacer
 }
 
 func (n *Node) syncServed(ctx context.Context, s *served, o syncOpts, progress func(api.SyncProgress)) error {
@@ -221,7 +222,7 @@ func (n *Node) syncServed(ctx context.Context, s *served, o syncOpts, progress f
 					copied.Add(1)
 					bytes.Add(res.Bytes)
 					n.syncBytes.Add(res.Bytes)
-					if err := o.pace.wait(ctx, res.Bytes); err != nil && ctx.Err() == nil {
+					if err := o.pace.Wait(ctx, res.Bytes); err != nil && ctx.Err() == nil {
 						mu.Lock()
 						errs = append(errs, err)
 						mu.Unlock()

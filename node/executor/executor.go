@@ -1,0 +1,440 @@
+// Package executor is the placement executor: every few seconds it plans
+// the images this node is responsible for (those it owns, and unowned
+// ones whose first live location it is) with the pure planner of package
+// placement, and has the node carry out the plan: add a location, sync
+// block ranges inside the sync window under the rate caps, remove a
+// location once every block has another in-sync copy, end a relocation
+// the planner says is done.
+//
+// It owns the executor's loop, the per-image planning state (a plan in
+// progress, the mark of an idle image), the token buckets that cap copy
+// traffic, the last plan of each image (shown by `ukai image info`) and
+// the epochs of membership and policy changes. It decides nothing itself
+// (package placement does) and does no data I/O (the Host does).
+//
+// Lock order: Executor.mu and the limiters' mu are leaves; nothing else
+// is locked while one is held, and the Host is never called with one held.
+package executor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ukai-storage/ukai/cluster/meta"
+	"github.com/ukai-storage/ukai/placement"
+)
+
+// Image is one image the node serves, as the executor sees it.
+type Image interface {
+	// Record is the image's record as last applied.
+	Record() meta.Image
+	// Owned says whether this node owns the image now.
+	Owned() bool
+	// Busy says whether a sync, verify or snapshot runs on it (the
+	// executor leaves it alone meanwhile).
+	Busy() bool
+	// Maps are the owner's own block maps (asked only while Owned), more
+	// current than the catalog's.
+	Maps() map[string]*placement.BlockMap
+	// MapVersion changes whenever the owner's maps do.
+	MapVersion() uint64
+}
+
+// Host carries out what a plan decides.
+type Host interface {
+	// Images are the images the node serves now.
+	Images() []Image
+	// Alive says whether a node is alive in the membership.
+	Alive(node string) bool
+	// Nodes is the membership as the planner sees it.
+	Nodes() []placement.NodeInfo
+	AddLocation(ctx context.Context, image, node string) error
+	RemoveLocation(ctx context.Context, image, node string) error
+	// Sync copies blocks [from, to) (to 0: the end) of img to node's
+	// copy where it is not in sync, each copied block paced by pace.
+	Sync(ctx context.Context, img Image, from, to int64, node string, pace Pacer) error
+}
+
+// Config is what an Executor needs. Catalog and Host are required.
+type Config struct {
+	// Self is this node's name.
+	Self    string
+	Catalog *meta.Catalog
+	Host    Host
+	// ReplaceAfter is how long a location stays dead before the planner
+	// replaces its copy.
+	ReplaceAfter time.Duration
+	// Interval between rounds (default 2 s).
+	Interval time.Duration
+	// Now is the clock plans decide by (sync windows, dead since); default
+	// time.Now.
+	Now func() time.Time
+	Log *slog.Logger
+}
+
+// MaxPlanning bounds the images the executor works on at once: each plan
+// reads the catalog, so a burst of new images does not become a burst of
+// store requests.
+const MaxPlanning = 32
+
+// Sweep: idle images are planned again now and then anyway (labels and
+// free space in the membership change without an epoch).
+const Sweep = 5 * time.Minute
+
+// Executor runs the plans of one node.
+type Executor struct {
+	cfg    Config
+	limits limiters
+	rounds atomic.Int64
+	member atomic.Uint64 // membership changes seen (see mark)
+	policy atomic.Uint64 // policy changes seen (see mark)
+
+	mu     sync.Mutex
+	images map[string]*imageState // by image id
+	plans  map[string][]placement.Action
+}
+
+// imageState is the executor's state of one image (guarded by mu).
+type imageState struct {
+	planning bool
+	idle     *mark // the last plan found nothing to do
+}
+
+// New returns an executor; Run starts it.
+func New(cfg Config) *Executor {
+	if cfg.Interval <= 0 {
+		cfg.Interval = 2 * time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	return &Executor{cfg: cfg, images: map[string]*imageState{}, plans: map[string][]placement.Action{}}
+}
+
+// Rounds is the number of rounds run since start.
+func (e *Executor) Rounds() int64 { return e.rounds.Load() }
+
+// MembersChanged notes that a node joined, left or died.
+func (e *Executor) MembersChanged() { e.member.Add(1) }
+
+// LastPlan is the last plan made for image name.
+func (e *Executor) LastPlan(name string) []placement.Action {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.plans[name]
+}
+
+// mark is what an image's last plan saw when it found nothing to do:
+// every copy in sync on a live node, no action. Until one of these moves
+// (or Sweep passes) planning it again would find the same, so the idle
+// cost of the executor does not grow with the images a node holds.
+type mark struct {
+	rev            uint64 // the record
+	maps           uint64 // the owner's block maps
+	member, policy uint64 // membership and policy epochs
+	at             time.Time
+}
+
+func (e *Executor) markOf(img Image) mark {
+	return mark{rev: img.Record().Rev, maps: img.MapVersion(), member: e.member.Load(), policy: e.policy.Load(), at: time.Now()}
+}
+
+// idle says whether img's last plan found nothing to do and nothing it
+// depends on moved since; the caller holds mu.
+func (e *Executor) idle(st *imageState, img Image) bool {
+	last := st.idle
+	if last == nil || time.Since(last.at) > Sweep {
+		return false
+	}
+	now := e.markOf(img)
+	return now.rev == last.rev && now.maps == last.maps && now.member == last.member && now.policy == last.policy
+}
+
+// Run runs rounds every Interval and follows policy changes until ctx
+// ends; it returns once every plan it started has ended.
+func (e *Executor) Run(ctx context.Context) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() { e.watchPolicies(ctx) })
+	slots := make(chan struct{}, MaxPlanning)
+	t := time.NewTicker(e.cfg.Interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			e.round(ctx, slots, &wg)
+		}
+	}
+}
+
+// round starts a plan for every image that needs one, as slots allow.
+func (e *Executor) round(ctx context.Context, slots chan struct{}, wg *sync.WaitGroup) {
+	e.rounds.Add(1)
+	images := e.cfg.Host.Images()
+	e.forget(images)
+	for _, img := range images {
+		if ctx.Err() != nil {
+			return
+		}
+		if img.Busy() || !ShouldAct(img.Record(), img.Owned(), e.cfg.Self, e.cfg.Host.Alive) {
+			continue
+		}
+		id := img.Record().ID
+		e.mu.Lock()
+		st := e.images[id]
+		if st == nil {
+			st = &imageState{}
+			e.images[id] = st
+		}
+		skip := st.planning || e.idle(st, img)
+		e.mu.Unlock()
+		if skip {
+			continue
+		}
+		select {
+		case slots <- struct{}{}:
+		default:
+			return // all slots busy: the rest next round
+		}
+		e.mu.Lock()
+		st.planning = true
+		e.mu.Unlock()
+		// Each image plans on its own: a long, rate-capped sync of one
+		// image does not hold up the others.
+		wg.Go(func() {
+			defer func() {
+				e.mu.Lock()
+				st.planning = false
+				e.mu.Unlock()
+				<-slots
+			}()
+			if err := e.execute(ctx, st, img); err != nil && ctx.Err() == nil {
+				e.cfg.Log.Warn("placement step failed", "image", img.Record().Name, "err", err)
+			}
+		})
+	}
+}
+
+// forget drops the state of images no longer served.
+func (e *Executor) forget(images []Image) {
+	ids := make(map[string]bool, len(images))
+	for _, img := range images {
+		ids[img.Record().ID] = true
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for id, st := range e.images {
+		if !ids[id] && !st.planning {
+			delete(e.images, id)
+		}
+	}
+	names := make(map[string]bool, len(images))
+	for _, img := range images {
+		names[img.Record().Name] = true
+	}
+	for name := range e.plans {
+		if !names[name] {
+			delete(e.plans, name)
+		}
+	}
+}
+
+// ShouldAct says whether node self plans and executes an image now: it
+// owns it, or nobody alive does and self is its first live location.
+func ShouldAct(img meta.Image, owned bool, self string, alive func(string) bool) bool {
+	if owned {
+		return true
+	}
+	if img.Owner != "" && alive(img.Owner) {
+		return false
+	}
+	for _, l := range img.Locations {
+		if alive(l) {
+			return l == self
+		}
+	}
+	return false
+}
+
+// execute plans img and runs the plan's actions in order.
+func (e *Executor) execute(ctx context.Context, st *imageState, img Image) error {
+	m := e.markOf(img)
+	e.mu.Lock()
+	st.idle = nil
+	e.mu.Unlock()
+	state, err := e.State(ctx, img)
+	if err != nil {
+		return err
+	}
+	rec := img.Record()
+	actions := placement.PlanImage(state, rec.Name)
+	e.mu.Lock()
+	e.plans[rec.Name] = actions
+	if Settled(state, actions) {
+		st.idle = &m
+	}
+	e.mu.Unlock()
+	for _, a := range actions {
+		switch a.Kind {
+		case placement.AddLocation:
+			e.cfg.Log.Info("placement: adding a copy", "image", rec.Name, "node", a.Node, "reason", a.Reason)
+			if err := e.cfg.Host.AddLocation(ctx, rec.Name, a.Node); err != nil {
+				return fmt.Errorf("add %s: %w", a.Node, err)
+			}
+		case placement.Sync:
+			if done, err := e.sync(ctx, state, img, a); err != nil {
+				return fmt.Errorf("sync %s: %w", a.Node, err)
+			} else if !done {
+				e.cfg.Log.Info("placement: sync window closed; resuming at the next one", "image", rec.Name, "node", a.Node)
+				return nil
+			}
+		case placement.RemoveLocation:
+			e.cfg.Log.Info("placement: removing a copy", "image", rec.Name, "node", a.Node, "reason", a.Reason)
+			if err := e.cfg.Host.RemoveLocation(ctx, rec.Name, a.Node); err != nil {
+				return fmt.Errorf("remove %s: %w", a.Node, err)
+			}
+		case placement.Wait, placement.Refuse:
+			e.cfg.Log.Debug("placement", "image", rec.Name, "kind", a.Kind, "reason", a.Reason)
+		}
+	}
+	return e.finishRelocation(ctx, img)
+}
+
+// sync runs one sync action until its window's deadline; done is false
+// when the window closed first.
+func (e *Executor) sync(ctx context.Context, st placement.State, img Image, a placement.Action) (done bool, err error) {
+	sctx := ctx
+	if !a.Deadline.IsZero() {
+		var cancel context.CancelFunc
+		sctx, cancel = context.WithDeadline(ctx, a.Deadline)
+		defer cancel()
+	}
+	err = e.cfg.Host.Sync(sctx, img, a.From, a.To, a.Node, e.Pacer(st, img.Record(), a))
+	if err != nil && errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+// Settled says whether a plan found nothing to do on a quiet image: no
+// action but waits or refusals, every copy in sync, every location alive.
+func Settled(st placement.State, actions []placement.Action) bool {
+	for _, a := range actions {
+		if a.Kind != placement.Wait && a.Kind != placement.Refuse {
+			return false
+		}
+	}
+	if len(st.Images) != 1 {
+		return false
+	}
+	is := st.Images[0]
+	if is.Policy.Relocate != nil {
+		return false
+	}
+	alive := map[string]bool{}
+	for _, ni := range st.Nodes {
+		alive[ni.Name] = ni.Alive
+	}
+	for _, loc := range is.Locations {
+		bm := is.Maps[loc]
+		if !alive[loc] || bm == nil || bm.Count(placement.InSync) != bm.Len() {
+			return false
+		}
+	}
+	return true
+}
+
+// State builds the planner's input for one image: the policies, the
+// image's block maps (the owner's own when this node owns it, else the
+// catalog's) and the membership.
+func (e *Executor) State(ctx context.Context, img Image) (placement.State, error) {
+	rec := img.Record()
+	cat := e.cfg.Catalog
+	st := placement.State{Now: e.cfg.Now(), ReplaceAfter: e.cfg.ReplaceAfter, PerNode: map[string]placement.SyncPolicy{}}
+	def, nodes, images, bad, err := cat.SyncPolicies(ctx)
+	if err != nil {
+		return st, err
+	}
+	for _, b := range bad {
+		e.cfg.Log.Warn("ignoring unreadable sync policy", "err", b)
+	}
+	if def != nil {
+		st.Default = *def
+	}
+	st.PerNode = nodes
+	pol, _, err := cat.ImagePolicy(ctx, rec.Name)
+	if err != nil {
+		return st, err
+	}
+	is := placement.ImageState{Name: rec.Name, Size: rec.Size, BlockSize: rec.BlockSize, Locations: rec.Locations, Policy: pol, Maps: map[string]*placement.BlockMap{}}
+	if p, ok := images[rec.Name]; ok {
+		is.Sync = &p
+	}
+	if img.Owned() {
+		is.Maps = img.Maps()
+	} else {
+		for _, loc := range rec.Locations {
+			bm, err := cat.BlockMap(ctx, rec, loc)
+			if err != nil {
+				return st, err
+			}
+			is.Maps[loc] = bm
+		}
+	}
+	st.Images = []placement.ImageState{is}
+	st.Nodes = e.cfg.Host.Nodes()
+	return st, nil
+}
+
+// finishRelocation clears a relocation the planner says is done (the new
+// copy in sync, the old one gone).
+func (e *Executor) finishRelocation(ctx context.Context, img Image) error {
+	st, err := e.State(ctx, img)
+	if err != nil {
+		return err
+	}
+	is := st.Images[0]
+	if is.Policy.Relocate == nil || !placement.RelocationDone(is) {
+		return nil
+	}
+	r := is.Policy.Relocate
+	_, err = e.cfg.Catalog.UpdateImagePolicy(ctx, is.Name, func(p *placement.ImagePolicy) error {
+		p.Relocate = nil
+		return nil
+	})
+	if err == nil {
+		e.cfg.Log.Info("relocation finished", "image", is.Name, "to", r.To, "from", r.From)
+	}
+	return err
+}
+
+// watchPolicies bumps the policy epoch whenever an operator's decision
+// changes (one blocking query; see mark).
+func (e *Executor) watchPolicies(ctx context.Context) {
+	kv := e.cfg.Catalog.KV()
+	var idx uint64
+	for ctx.Err() == nil {
+		next, err := kv.Watch(ctx, e.cfg.Catalog.PoliciesPrefix(), idx)
+		if err != nil {
+			select {
+			case <-ctx.Done():
+			case <-time.After(time.Second):
+			}
+			continue
+		}
+		if next != idx {
+			e.policy.Add(1)
+		}
+		idx = next
+	}
+}

@@ -1,0 +1,249 @@
+package executor
+
+import (
+	"context"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/time/rate"
+
+	"github.com/ukai-storage/ukai/cluster/meta"
+	"github.com/ukai-storage/ukai/cluster/meta/kvtest"
+	"github.com/ukai-storage/ukai/placement"
+)
+
+func TestShouldAct(t *testing.T) {
+	alive := func(n string) bool { return n != "dead" }
+	tests := []struct {
+		name  string
+		img   meta.Image
+		owned bool
+		want  bool
+	}{
+		{"owned here", meta.Image{Owner: "n2", Locations: []string{"n2"}}, true, true},
+		{"owned by a live node", meta.Image{Owner: "n2", Locations: []string{"n1", "n2"}}, false, false},
+		{"unowned, first location", meta.Image{Locations: []string{"n1", "n2"}}, false, true},
+		{"unowned, second location", meta.Image{Locations: []string{"n2", "n1"}}, false, false},
+		{"unowned, first live location", meta.Image{Locations: []string{"dead", "n1"}}, false, true},
+		{"owner dead, first live location", meta.Image{Owner: "dead", Locations: []string{"dead", "n1"}}, false, true},
+		{"not a location", meta.Image{Locations: []string{"n2"}}, false, false},
+		{"no live location", meta.Image{Locations: []string{"dead"}}, false, false},
+	}
+	for _, tc := range tests {
+		if got := ShouldAct(tc.img, tc.owned, "n1", alive); got != tc.want {
+			t.Errorf("%s: ShouldAct = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
+func TestSettled(t *testing.T) {
+	inSync := placement.NewBlockMap(4, placement.InSync)
+	behind := placement.NewBlockMap(4, placement.InSync)
+	behind.Set(2, placement.OutOfSync)
+	nodes := []placement.NodeInfo{{Name: "n1", Alive: true}, {Name: "n2", Alive: true}, {Name: "n3"}}
+	state := func(p placement.ImagePolicy, maps map[string]*placement.BlockMap, locs ...string) placement.State {
+		return placement.State{Nodes: nodes, Images: []placement.ImageState{{Name: "vm", Locations: locs, Policy: p, Maps: maps}}}
+	}
+	both := map[string]*placement.BlockMap{"n1": inSync, "n2": inSync}
+	tests := []struct {
+		name    string
+		st      placement.State
+		actions []placement.Action
+		want    bool
+	}{
+		{"all in sync, no action", state(placement.ImagePolicy{}, both, "n1", "n2"), nil, true},
+		{"waits only", state(placement.ImagePolicy{}, both, "n1", "n2"), []placement.Action{{Kind: placement.Wait}, {Kind: placement.Refuse}}, true},
+		{"an action", state(placement.ImagePolicy{}, both, "n1", "n2"), []placement.Action{{Kind: placement.Sync}}, false},
+		{"a copy behind", state(placement.ImagePolicy{}, map[string]*placement.BlockMap{"n1": inSync, "n2": behind}, "n1", "n2"), nil, false},
+		{"a dead location", state(placement.ImagePolicy{}, map[string]*placement.BlockMap{"n1": inSync, "n3": inSync}, "n1", "n3"), nil, false},
+		{"a map missing", state(placement.ImagePolicy{}, map[string]*placement.BlockMap{"n1": inSync}, "n1", "n2"), nil, false},
+		{"a relocation", state(placement.ImagePolicy{Relocate: &placement.Relocation{To: "n2"}}, both, "n1", "n2"), nil, false},
+	}
+	for _, tc := range tests {
+		if got := Settled(tc.st, tc.actions); got != tc.want {
+			t.Errorf("%s: Settled = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
+// TestPacerTakesFromEveryCap: a copy under an image cap and a node cap
+// takes its bytes from both. The pacer counted the bytes down once for
+// all its caps, so only the first cap ever applied.
+func TestPacerTakesFromEveryCap(t *testing.T) {
+	at := time.Now()
+	a := rate.NewLimiter(1<<20, 1<<20)
+	b := rate.NewLimiter(1<<20, 1<<20)
+	if err := (Pacer{a, nil, b}).Wait(context.Background(), 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	for i, l := range []*rate.Limiter{a, b} {
+		// Less than a millisecond of refill may have passed.
+		if got := l.TokensAt(at); got > (1<<20)-(64<<10)+2048 {
+			t.Errorf("cap %d: %.0f tokens left after 64 KiB, want about %d", i, got, (1<<20)-(64<<10))
+		}
+	}
+}
+
+// image is a served image as the test controls it.
+type image struct {
+	rec   meta.Image
+	owned bool
+	busy  atomic.Bool
+	ver   atomic.Uint64
+}
+
+func (i *image) Record() meta.Image { return i.rec }
+func (i *image) Owned() bool        { return i.owned }
+func (i *image) Busy() bool         { return i.busy.Load() }
+func (i *image) Maps() map[string]*placement.BlockMap {
+	return map[string]*placement.BlockMap{}
+}
+func (i *image) MapVersion() uint64 { return i.ver.Load() }
+
+// host records what the executor asks of it.
+type host struct {
+	mu     sync.Mutex
+	images []Image
+	nodes  []placement.NodeInfo
+	plans  int // State calls (Nodes is read once per State)
+	syncs  []string
+}
+
+func (h *host) Images() []Image { h.mu.Lock(); defer h.mu.Unlock(); return h.images }
+func (h *host) Alive(node string) bool {
+	for _, n := range h.nodes {
+		if n.Name == node {
+			return n.Alive
+		}
+	}
+	return false
+}
+func (h *host) Nodes() []placement.NodeInfo {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.plans++
+	return h.nodes
+}
+func (h *host) AddLocation(context.Context, string, string) error    { return nil }
+func (h *host) RemoveLocation(context.Context, string, string) error { return nil }
+func (h *host) Sync(_ context.Context, img Image, from, to int64, node string, _ Pacer) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.syncs = append(h.syncs, node)
+	return nil
+}
+func (h *host) counts() (int, int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.plans, len(h.syncs)
+}
+
+func testCatalog(t *testing.T) *meta.Catalog {
+	t.Helper()
+	kv, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { kv.Close() })
+	return meta.NewCatalog(kv, "ukai/")
+}
+
+// runRound runs one round and waits for the plans it started.
+func runRound(e *Executor) {
+	var wg sync.WaitGroup
+	e.round(context.Background(), make(chan struct{}, MaxPlanning), &wg)
+	wg.Wait()
+}
+
+// TestIdleImageIsNotPlannedAgain: the executor's idle cost does not grow
+// with the images a node holds. A settled image is planned once, then
+// again only when something it depends on moves: its record, its owner's
+// maps, the membership or a policy.
+func TestIdleImageIsNotPlannedAgain(t *testing.T) {
+	ctx := context.Background()
+	cat := testCatalog(t)
+	rec := kvtest.OwnedImage(t, cat, "vm1", 4<<16, 1<<16, "", "n1", "n2")
+	img := &image{rec: rec}
+	h := &host{images: []Image{img}, nodes: []placement.NodeInfo{{Name: "n1", Alive: true}, {Name: "n2", Alive: true}}}
+	e := New(Config{Self: "n1", Catalog: cat, Host: h})
+
+	plansAfter := func(what string, want int) {
+		t.Helper()
+		runRound(e)
+		if got, _ := h.counts(); got != want {
+			t.Fatalf("%s: %d plans, want %d", what, got, want)
+		}
+	}
+	plansAfter("first round", 2) // plan + the relocation check
+	plansAfter("idle round", 2)
+	plansAfter("idle round", 2)
+	img.ver.Add(1)
+	plansAfter("maps changed", 4)
+	plansAfter("idle round", 4)
+	e.MembersChanged()
+	plansAfter("membership changed", 6)
+	e.policy.Add(1) // what watchPolicies does on a policy change
+	plansAfter("policy changed", 8)
+	img.busy.Store(true)
+	img.ver.Add(1)
+	plansAfter("busy", 8)
+	img.busy.Store(false)
+	plansAfter("no longer busy", 10)
+
+	// A copy falls behind: the next plan syncs it, and a plan with an
+	// action does not mark the image idle.
+	if err := cat.SetBlockStates(ctx, rec, "n2", []int64{1, 2}, placement.OutOfSync); err != nil {
+		t.Fatal(err)
+	}
+	img.rec, _, _ = cat.GetImage(ctx, "vm1")
+	img.ver.Add(1) // the owner's out-of-sync record moves its maps
+	runRound(e)
+	runRound(e)
+	if _, syncs := h.counts(); syncs != 2 {
+		t.Fatalf("%d syncs of the copy behind in two rounds, want 2 (one per round)", syncs)
+	}
+	if h.syncs[0] != "n2" {
+		t.Fatalf("synced %v, want n2", h.syncs)
+	}
+	if plan := e.LastPlan("vm1"); len(plan) == 0 || plan[0].Kind != placement.Sync {
+		t.Fatalf("last plan %v, want a sync", plan)
+	}
+}
+
+// TestOnlyResponsibleNodeActs: an unowned image is planned by its first
+// live location only; an image a live node owns, by its owner only.
+func TestOnlyResponsibleNodeActs(t *testing.T) {
+	cat := testCatalog(t)
+	rec := kvtest.OwnedImage(t, cat, "vm1", 4<<16, 1<<16, "", "n1", "n2")
+	for _, tc := range []struct {
+		self string
+		want int
+	}{{"n1", 2}, {"n2", 0}} {
+		h := &host{images: []Image{&image{rec: rec}}, nodes: []placement.NodeInfo{{Name: "n1", Alive: true}, {Name: "n2", Alive: true}}}
+		runRound(New(Config{Self: tc.self, Catalog: cat, Host: h}))
+		if got, _ := h.counts(); got != tc.want {
+			t.Errorf("%s: %d plans, want %d", tc.self, got, tc.want)
+		}
+	}
+}
+
+// TestForgetsImagesNoLongerServed: the executor's per-image state does
+// not outlive the image.
+func TestForgetsImagesNoLongerServed(t *testing.T) {
+	cat := testCatalog(t)
+	rec := kvtest.OwnedImage(t, cat, "vm1", 4<<16, 1<<16, "", "n1")
+	h := &host{images: []Image{&image{rec: rec}}, nodes: []placement.NodeInfo{{Name: "n1", Alive: true}}}
+	e := New(Config{Self: "n1", Catalog: cat, Host: h})
+	runRound(e)
+	if len(e.images) != 1 || e.LastPlan("vm1") == nil && len(e.plans) != 1 {
+		t.Fatalf("after a round: %d image states, %d plans", len(e.images), len(e.plans))
+	}
+	h.images = nil
+	runRound(e)
+	if len(e.images) != 0 || len(e.plans) != 0 {
+		t.Fatalf("after the image went: %d image states, %d plans kept", len(e.images), len(e.plans))
+	}
+}
