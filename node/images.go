@@ -19,6 +19,7 @@ import (
 	"github.com/ukai-storage/ukai/api"
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/node/activity"
+	"github.com/ukai-storage/ukai/node/cow"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/lun"
 	"github.com/ukai-storage/ukai/target/scsi"
@@ -55,10 +56,16 @@ type served struct {
 	offline     atomic.Bool
 	act         *activity.Log // its volume's writes, for a successor
 	// cow caches the copy-on-write maps of the image's snapshots.
-	cow cowState
+	cow *cow.Maps
 	// fromCache: exported from the cached record with only the local copy
 	// (guarded by the node's reconMu).
 	fromCache bool
+}
+
+// newServed returns img as served here, before its copies and volume are
+// set up.
+func (n *Node) newServed(img meta.Image) *served {
+	return &served{img: img, cow: cow.New(n.cat, cowHost{n})}
 }
 
 // close closes the volume and the local copy (synced).
@@ -434,7 +441,7 @@ func (n *Node) export(ctx context.Context, img meta.Image, cached bool) error {
 	if ok {
 		return nil
 	}
-	s := &served{img: img}
+	s := n.newServed(img)
 	if img.HasLocation(n.cfg.Node.Name) {
 		var err error
 		if cached {

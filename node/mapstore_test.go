@@ -25,7 +25,7 @@ func TestFormerOwnerRecordsNothing(t *testing.T) {
 	cat := testCatalog(t)
 	img := kvtest.OwnedImage(t, cat, "vm1", 4<<20, 1<<20, "n1", "n1", "n2")
 	n := &Node{cfg: Config{Node: NodeConfig{Name: "n1"}}, cat: cat}
-	s := &served{img: img}
+	s := n.newServed(img)
 	s.owned.Store(true)
 	s.ownedGen.Store(1)
 	m := &mapStore{n: n, s: s}

@@ -41,7 +41,8 @@ func ownedCopy(t testing.TB, name string) (*Node, *served, ownCopy, *lun.FileCop
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { fc.Close() })
-	s := &served{img: img, local: fc}
+	s := n.newServed(img)
+	s.local = fc
 	s.ownedGen.Store(img.Generation)
 	s.setSession(sess.Current())
 	s.owned.Store(true)

@@ -211,7 +211,7 @@ func (n *Node) take(ctx context.Context, s *served, session string) error {
 			return notReady(fmt.Errorf("reconcile the previous owner's writes: %w", err))
 		}
 	}
-	s.cow.reset()
+	s.cow.Reset()
 	s.everOwned = true
 	s.offline.Store(false)
 	s.owned.Store(true)
@@ -368,7 +368,7 @@ func (n *Node) release(ctx context.Context, s *served) {
 		}
 	}
 	s.offline.Store(false)
-	s.cow.reset()
+	s.cow.Reset()
 	_, err = n.cat.UpdateImage(ctx, name, func(i *meta.Image) error {
 		if i.Owner != n.cfg.Node.Name {
 			return errSkip

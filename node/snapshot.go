@@ -5,50 +5,88 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"sync"
 	"time"
 
 	"github.com/ukai-storage/ukai/api"
 	"github.com/ukai-storage/ukai/cluster/meta"
+	"github.com/ukai-storage/ukai/node/cow"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/scsi"
 )
 
-// Snapshots. A snapshot is an image of its own (record with Origin, its
-// own copies on the origin's locations at the time, its own block maps)
-// that is never exported over iSCSI. It starts empty: its copy-on-write
-// map (meta.CowNode) says every block is still the origin's. Before the
-// origin's owner changes a block for the first time after the snapshot,
-// it reads the block (it holds it: the write is waiting in BeforeWrite),
-// writes it to the snapshot's copies, and records the block as the
-// snapshot's in the map; only then does the write go on. Reading the
-// snapshot takes each block from the snapshot when the map says so, else
-// from the origin. All of this runs on the origin's owner, which also
-// owns the snapshot while it preserves blocks into it.
+// Snapshots: creating, listing, deleting and cloning them, on the
+// origin's owner. What a snapshot is and how blocks are preserved into it
+// before they change is package cow's (see its doc).
 
-// cowState is the origin owner's cache of its snapshots' copy-on-write
-// maps. mu serializes preserving: a block is preserved once per snapshot
-// even when two writes to it run at once.
-type cowState struct {
-	mu   sync.Mutex
-	maps map[string]*placement.BlockMap // by snapshot id
+// The copy-on-write rules live in package cow; the node serves it the
+// images (cowImage) and their ownership (cowHost).
+
+// cowImage is a served image as package cow sees it.
+type cowImage struct {
+	n *Node
+	s *served
 }
 
-// reset drops the cache (ownership changed: the maps are read again).
-func (c *cowState) reset() {
-	c.mu.Lock()
-	c.maps = nil
-	c.mu.Unlock()
+func (c cowImage) Record() meta.Image { return c.s.record() }
+func (c cowImage) ReadAt(ctx context.Context, p []byte, off int64) error {
+	return c.s.vol.ReadAt(ctx, p, off)
+}
+func (c cowImage) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
+	return c.s.vol.WriteAt(ctx, p, off, fua)
+}
+func (c cowImage) ReadHeld(ctx context.Context, p []byte, off int64) error {
+	return c.s.vol.ReadHeld(ctx, p, off)
 }
 
-var errSnapshotGone = errors.New("snapshot no longer exists")
+// Hole: this node's copy is in sync at block b and holds a hole there.
+func (c cowImage) Hole(b int64) bool {
+	img := c.s.record()
+	if c.s.local == nil || c.s.vol.State(c.n.cfg.Node.Name, b) != placement.InSync {
+		return false
+	}
+	off := b * img.BlockSize
+	return c.s.local.Hole(off, min(img.BlockSize, img.Size-off))
+}
 
-// errSnapshotNotReady: a write needs a snapshot this node does not own
-// (yet); the initiator retries, and the gate takes ownership of the
-// snapshots before the retry holds any block.
-func errSnapshotNotReady(name string) error {
-	return &scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x01,
-		Err: fmt.Errorf("snapshot %s is not ready on this node yet", name)}
+// cowHost is the node as package cow's Host.
+type cowHost struct{ n *Node }
+
+func (h cowHost) Snapshot(ref meta.SnapshotRef) cow.Image {
+	if sn := h.n.servedSnapshot(ref); sn != nil {
+		return cowImage{h.n, sn}
+	}
+	return nil
+}
+func (h cowHost) Ready(img cow.Image) bool { return h.n.mayServe(img.(cowImage).s) }
+func (h cowHost) Hold(img cow.Image) func() {
+	s := img.(cowImage).s
+	s.busy.Add(1)
+	return func() { s.busy.Add(-1) }
+}
+
+// preserve copies blocks of s into its snapshots before they change (the
+// volume's BeforeWrite; see cow.Maps.Preserve).
+func (n *Node) preserve(ctx context.Context, s *served, blocks []int64) error {
+	return s.cow.Preserve(ctx, cowImage{n, s}, blocks)
+}
+
+// readSnapshot reads p at off of snapshot sn of s as it was when taken.
+// This node owns s, and must still own it with the same generation at
+// every block.
+func (n *Node) readSnapshot(ctx context.Context, s, sn *served, p []byte, off int64) error {
+	gen := s.record().Generation
+	return s.cow.Read(ctx, cowImage{n, s}, cowImage{n, sn}, p, off, func() error {
+		if !n.mayServe(s) || s.record().Generation != gen {
+			return errNotOwner(s.record().Owner)
+		}
+		return nil
+	})
+}
+
+// snapshotHole says whether block b of snapshot sn of s is zeros without
+// reading it (cow.Maps.Hole).
+func (n *Node) snapshotHole(ctx context.Context, s, sn *served, b int64) bool {
+	return s.cow.Hole(ctx, cowImage{n, s}, cowImage{n, sn}, b)
 }
 
 // servedSnapshot returns the served snapshot of ref as this node has it,
@@ -72,7 +110,7 @@ func (n *Node) ensureSnapshots(ctx context.Context, s *served) error {
 			continue
 		}
 		sn, err := n.snapshotServed(ctx, ref)
-		if errors.Is(err, errSnapshotGone) {
+		if errors.Is(err, cow.ErrGone) {
 			continue
 		}
 		if err != nil {
@@ -89,110 +127,15 @@ func (n *Node) ensureSnapshots(ctx context.Context, s *served) error {
 func (n *Node) snapshotServed(ctx context.Context, ref meta.SnapshotRef) (*served, error) {
 	sn, err := n.servedByName(ctx, ref.Name)
 	if errors.Is(err, meta.ErrImageNotFound) {
-		return nil, errSnapshotGone
+		return nil, cow.ErrGone
 	}
 	if err != nil {
 		return nil, err
 	}
 	if sn.record().ID != ref.ID {
-		return nil, errSnapshotGone
+		return nil, cow.ErrGone
 	}
 	return sn, nil
-}
-
-// cowMapLocked returns the copy-on-write map of snapshot sn (cached);
-// the caller holds s.cow.mu.
-func (n *Node) cowMapLocked(ctx context.Context, s, sn *served) (*placement.BlockMap, error) {
-	id := sn.record().ID
-	if m, ok := s.cow.maps[id]; ok {
-		return m, nil
-	}
-	m, err := n.cat.BlockMap(ctx, sn.record(), meta.CowNode)
-	if err != nil {
-		return nil, fmt.Errorf("copy-on-write map of snapshot %s: %w", sn.record().Name, err)
-	}
-	if s.cow.maps == nil {
-		s.cow.maps = map[string]*placement.BlockMap{}
-	}
-	s.cow.maps[id] = m
-	return m, nil
-}
-
-// stillListed re-reads the origin's record: is the snapshot still one of
-// its snapshots?
-func (n *Node) stillListed(ctx context.Context, origin string, id string) bool {
-	img, _, err := n.cat.GetImage(ctx, origin)
-	return err != nil || img.HasSnapshot(id)
-}
-
-// preserve copies blocks of s into every snapshot that still shares them
-// with s, before they change. The caller (the volume's BeforeWrite) holds
-// the blocks: no write to them runs meanwhile.
-func (n *Node) preserve(ctx context.Context, s *served, blocks []int64) error {
-	img := s.record()
-	if len(img.Snapshots) == 0 {
-		return nil
-	}
-	s.cow.mu.Lock()
-	defer s.cow.mu.Unlock()
-	// Read again under the lock: a delete may have unlisted one meanwhile.
-	for _, ref := range s.record().Snapshots {
-		err := n.preserveInto(ctx, s, ref, blocks)
-		if err != nil && !n.stillListed(ctx, img.Name, ref.ID) {
-			continue // deleted meanwhile: nothing to keep
-		}
-		if err != nil {
-			return fmt.Errorf("preserve blocks for snapshot %s: %w", ref.Name, err)
-		}
-	}
-	return nil
-}
-
-func (n *Node) preserveInto(ctx context.Context, s *served, ref meta.SnapshotRef, blocks []int64) error {
-	sn := n.servedSnapshot(ref)
-	if sn == nil {
-		return errSnapshotNotReady(ref.Name)
-	}
-	m, err := n.cowMapLocked(ctx, s, sn)
-	if err != nil {
-		return err
-	}
-	var todo []int64
-	for _, b := range blocks {
-		if b < m.Len() && m.Get(b) != placement.InSync && !slices.Contains(todo, b) {
-			todo = append(todo, b)
-		}
-	}
-	if len(todo) == 0 {
-		return nil
-	}
-	if !n.mayServe(sn) {
-		return errSnapshotNotReady(ref.Name)
-	}
-	sn.busy.Add(1)
-	defer sn.busy.Add(-1)
-	snap := sn.record()
-	buf := make([]byte, snap.BlockSize)
-	for _, b := range todo {
-		off := b * snap.BlockSize
-		p := buf[:min(snap.BlockSize, snap.Size-off)]
-		if err := s.vol.ReadHeld(ctx, p, off); err != nil {
-			return fmt.Errorf("read block %d: %w", b, err)
-		}
-		if scsi.AllZero(p) {
-			continue // the snapshot's copies are zeros there already
-		}
-		if err := sn.vol.WriteAt(ctx, p, off, true); err != nil {
-			return fmt.Errorf("write block %d: %w", b, err)
-		}
-	}
-	if err := n.cat.SetBlockStates(ctx, snap, meta.CowNode, todo, placement.InSync); err != nil {
-		return err
-	}
-	for _, b := range todo {
-		m.Set(b, placement.InSync)
-	}
-	return nil
 }
 
 // acquireWait takes ownership of s, waiting up to takeoverWait for another
@@ -214,98 +157,6 @@ func (n *Node) acquireWait(ctx context.Context, s *served) error {
 			n.reconMu.Unlock()
 		}
 	}
-}
-
-// holeAt says whether block b of served image x reads as zeros without
-// reading it: this node's copy is in sync there and holds a hole.
-func (n *Node) holeAt(x *served, b int64) bool {
-	img := x.record()
-	if x.local == nil || x.vol.State(n.cfg.Node.Name, b) != placement.InSync {
-		return false
-	}
-	off := b * img.BlockSize
-	return x.local.Hole(off, min(img.BlockSize, img.Size-off))
-}
-
-// snapshotHole says whether block b of snapshot sn of s is all zeros as
-// far as this node's copies tell, without reading it (clones of thin
-// images copy only their data). False when in doubt.
-func (n *Node) snapshotHole(ctx context.Context, s, sn *served, b int64) bool {
-	s.cow.mu.Lock()
-	m, err := n.cowMapLocked(ctx, s, sn)
-	mine := err == nil && m.Get(b) == placement.InSync
-	s.cow.mu.Unlock()
-	if err != nil {
-		return false
-	}
-	if mine {
-		return n.holeAt(sn, b)
-	}
-	// Still the origin's: a hole there now; if the block got preserved
-	// meanwhile, the snapshot's copy decides.
-	if !n.holeAt(s, b) {
-		return false
-	}
-	s.cow.mu.Lock()
-	mine = m.Get(b) == placement.InSync
-	s.cow.mu.Unlock()
-	return !mine || n.holeAt(sn, b)
-}
-
-// readSnapshot reads p at off of snapshot sn of s as it was when taken.
-// This node owns s.
-func (n *Node) readSnapshot(ctx context.Context, s, sn *served, p []byte, off int64) error {
-	snap := sn.record()
-	if off < 0 || off+int64(len(p)) > snap.Size {
-		return fmt.Errorf("%w: range %d+%d outside snapshot %s (size %d)", meta.ErrInvalid, off, len(p), snap.Name, snap.Size)
-	}
-	gen := s.record().Generation
-	own := func(b int64) (bool, error) {
-		// Still the owner of the origin (else another node may be
-		// changing it, unseen by this cache), and the snapshot is still
-		// one of its snapshots (else nothing is preserved any more).
-		if !n.mayServe(s) || s.record().Generation != gen {
-			return false, errNotOwner(s.record().Owner)
-		}
-		if !s.record().HasSnapshot(snap.ID) {
-			return false, fmt.Errorf("%w: %s", errSnapshotGone, snap.Name)
-		}
-		s.cow.mu.Lock()
-		defer s.cow.mu.Unlock()
-		m, err := n.cowMapLocked(ctx, s, sn)
-		if err != nil {
-			return false, err
-		}
-		return m.Get(b) == placement.InSync, nil
-	}
-	for done := 0; done < len(p); {
-		o := off + int64(done)
-		b := o / snap.BlockSize
-		l := int(min(int64(len(p)-done), (b+1)*snap.BlockSize-o))
-		q := p[done : done+l]
-		mine, err := own(b)
-		if err != nil {
-			return err
-		}
-		if !mine {
-			if err := s.vol.ReadAt(ctx, q, o); err != nil {
-				return err
-			}
-			// A block is preserved before the origin changes it: if the
-			// map still says "origin's" after the read, the read saw the
-			// data as it was at the snapshot.
-			if mine, err = own(b); err != nil {
-				return err
-			}
-		}
-		if mine {
-			if err := sn.vol.ReadAt(ctx, q, o); err != nil {
-				return err
-			}
-		}
-		done += l
-	}
-	return nil
 }
 
 // ownSnapshot makes this node own snapshot sn (fresh block maps) for
@@ -528,31 +379,34 @@ func (n *Node) unlistSnapshot(ctx context.Context, image string, snap meta.Image
 	n.mu.RLock()
 	s := n.served[image]
 	n.mu.RUnlock()
-	if s != nil {
-		s.cow.mu.Lock()
-		defer s.cow.mu.Unlock()
-	}
-	rec, err := n.cat.UpdateImage(ctx, image, func(i *meta.Image) error {
-		if i.ID != snap.Origin.ID {
-			return errSkip
+	unlist := func() (bool, error) {
+		rec, err := n.cat.UpdateImage(ctx, image, func(i *meta.Image) error {
+			if i.ID != snap.Origin.ID {
+				return errSkip
+			}
+			i.Snapshots = slices.DeleteFunc(i.Snapshots, func(r meta.SnapshotRef) bool { return r.ID == snap.ID })
+			return nil
+		})
+		switch {
+		case err == nil:
+			if s != nil && s.record().ID == rec.ID {
+				s.mu.Lock()
+				s.img.Snapshots = rec.Snapshots
+				s.img.Rev = max(s.img.Rev, rec.Rev)
+				s.mu.Unlock()
+				return true, nil
+			}
+			return false, nil
+		case errors.Is(err, errSkip), errors.Is(err, meta.ErrImageNotFound):
+			return false, nil
 		}
-		i.Snapshots = slices.DeleteFunc(i.Snapshots, func(r meta.SnapshotRef) bool { return r.ID == snap.ID })
-		return nil
-	})
-	switch {
-	case err == nil:
-		if s != nil && s.record().ID == rec.ID {
-			s.mu.Lock()
-			s.img.Snapshots = rec.Snapshots
-			s.img.Rev = max(s.img.Rev, rec.Rev)
-			s.mu.Unlock()
-			delete(s.cow.maps, snap.ID)
-		}
-		return nil
-	case errors.Is(err, errSkip), errors.Is(err, meta.ErrImageNotFound):
-		return nil
+		return false, err
 	}
-	return err
+	if s == nil {
+		_, err := unlist()
+		return err
+	}
+	return s.cow.Unlisting(snap.ID, unlist)
 }
 
 // copyInto fills the new image dst (owned here, fresh: all zeros) from
