@@ -66,6 +66,7 @@ type Session struct {
 	id         string
 	validUntil time.Time // by cfg.Clock: last successful renewal sent + TTL
 	failing    bool      // renewals failing (logged once)
+	gone       bool      // the store said "gone" once; a second answer confirms it
 	lastEnsure time.Time // Ensure's last own attempt
 }
 
@@ -234,16 +235,32 @@ func (s *Session) renew(ctx context.Context, id string) error {
 		if s.failing {
 			s.cfg.Log.Info("ownership session renewed again", "session", id)
 		}
-		s.id, s.validUntil, s.failing = id, sent.Add(s.cfg.TTL), false
+		s.id, s.validUntil, s.failing, s.gone = id, sent.Add(s.cfg.TTL), false, false
 		return nil
 	case errors.Is(err, meta.ErrSessionGone):
-		if s.id == id {
-			s.cfg.Log.Error("the store invalidated this node's ownership session: every image owned under it is fenced", "session", id)
-			s.id, s.validUntil = "", time.Time{}
-			s.mu.Unlock()
-			s.cfg.OnLost(id)
-			s.mu.Lock()
+		if s.id != id {
+			return err
 		}
+		// Believed only when said twice, or once the session's time is
+		// up anyway. Consul answers "not found" for a moment while it
+		// restarts (chaos seed 115: a renewal said gone, the next one,
+		// 1 s later, renewed the same session), and fencing then drops
+		// every image the node owns for nothing. Waiting is safe: a
+		// session that is really gone freed its locks with the lock
+		// delay (1.1 TTL from then), and this node stops by its own
+		// clock TTL after its last renewal that worked was sent, before
+		// anyone else may take them.
+		if !s.gone && sent.Before(s.validUntil) {
+			s.gone = true
+			s.cfg.Log.Warn("the store says this node's ownership session is gone; asking again before fencing", "session", id,
+				"valid_for", s.validUntil.Sub(sent).Round(time.Millisecond))
+			return err
+		}
+		s.cfg.Log.Error("the store invalidated this node's ownership session: every image owned under it is fenced", "session", id)
+		s.id, s.validUntil, s.gone = "", time.Time{}, false
+		s.mu.Unlock()
+		s.cfg.OnLost(id)
+		s.mu.Lock()
 		return err
 	default:
 		if !s.failing {

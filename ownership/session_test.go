@@ -27,6 +27,9 @@ type cutStore struct {
 	*meta.BoltKV
 	cut  atomic.Bool
 	slow atomic.Int64 // a renewal takes this long (a store electing a leader)
+	// gone: the next renewals answer "session gone" (a store restarting);
+	// goneSaid counts those answers.
+	gone, goneSaid atomic.Int32
 }
 
 // CreateSession keeps the store's session 10× the TTL, so that it
@@ -41,6 +44,11 @@ func (c *cutStore) CreateSession(ctx context.Context, name string, ttl, delay ti
 func (c *cutStore) RenewSession(ctx context.Context, id string) error {
 	if c.cut.Load() {
 		return meta.ErrUnavailable
+	}
+	if c.gone.Load() > 0 {
+		c.gone.Add(-1)
+		c.goneSaid.Add(1)
+		return meta.ErrSessionGone
 	}
 	if d := time.Duration(c.slow.Load()); d > 0 {
 		select {
@@ -130,6 +138,58 @@ func TestSessionLostAndReplaced(t *testing.T) {
 	waitFor(t, 5*time.Second, "a new session", func() bool { c := s.Current(); return c != "" && c != id })
 	if s.Valid(id) {
 		t.Fatal("the invalidated session is still valid")
+	}
+}
+
+// One "session gone" from the store, then renewals that work (Consul
+// restarting: chaos seed 115) fence nothing: the node asks again, within
+// its session's time, before it believes it. Said twice, it is believed.
+func TestSessionGoneOnceIsAskedAgain(t *testing.T) {
+	st := &cutStore{BoltKV: openStore(t)}
+	var lost atomic.Int32
+	s := NewSession(SessionConfig{Store: st, Name: "ukai:n1", TTL: 900 * time.Millisecond, LockDelay: LockDelayFor(900 * time.Millisecond),
+		OnLost: func(string) { lost.Add(1) }})
+	run(t, s)
+	waitFor(t, 5*time.Second, "a session", func() bool { return s.Current() != "" })
+	id := s.Current()
+	st.gone.Store(1)
+	waitFor(t, 5*time.Second, "the store to say gone", func() bool { return st.goneSaid.Load() == 1 })
+	if s.Current() != id || lost.Load() != 0 {
+		t.Fatalf("one \"gone\" fenced the node (current %q, OnLost %d times)", s.Current(), lost.Load())
+	}
+	// Renewed since: still the same session, never lost.
+	time.Sleep(time.Second)
+	if s.Current() != id || lost.Load() != 0 {
+		t.Fatalf("after renewals that worked: current %q (want %q), OnLost %d times", s.Current(), id, lost.Load())
+	}
+	// Said twice in a row: lost.
+	st.gone.Store(2)
+	waitFor(t, 5*time.Second, "OnLost", func() bool { return lost.Load() == 1 })
+	if st.goneSaid.Load() != 3 {
+		t.Fatalf("lost after %d \"gone\" answers, want the second of the pair", st.goneSaid.Load()-1)
+	}
+	if s.Valid(id) {
+		t.Fatal("the session said gone twice is still valid")
+	}
+}
+
+// A "gone" that comes after the session's time ran out by the node's own
+// clock is believed at once: there is nothing left to keep.
+func TestSessionGoneAfterLapseIsBelievedAtOnce(t *testing.T) {
+	st := &cutStore{BoltKV: openStore(t)}
+	var lostAt atomic.Int32
+	const ttl = 600 * time.Millisecond
+	s := NewSession(SessionConfig{Store: st, Name: "ukai:n1", TTL: ttl, LockDelay: LockDelayFor(ttl),
+		OnLost: func(string) { lostAt.Store(st.goneSaid.Load()) }})
+	run(t, s)
+	waitFor(t, 5*time.Second, "a session", func() bool { return s.Current() != "" })
+	st.cut.Store(true)
+	waitFor(t, 5*time.Second, "the session to lapse", func() bool { return s.Current() == "" })
+	st.gone.Store(5)
+	st.cut.Store(false)
+	waitFor(t, 5*time.Second, "OnLost", func() bool { return lostAt.Load() != 0 })
+	if got := lostAt.Load(); got != 1 {
+		t.Fatalf("OnLost after %d \"gone\" answers, want 1 (the session had lapsed)", got)
 	}
 }
 
