@@ -3,11 +3,9 @@ package node
 import (
 	"context"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"reflect"
 	"slices"
 	"sort"
@@ -148,77 +146,23 @@ func sleep(ctx context.Context, d time.Duration) {
 
 func (n *Node) iqn(image string) string { return n.cfg.ISCSI.IQNPrefix + ":" + image }
 
-// idPath is the file of image id with extension ext in the images dir:
-// the one place a path is built from an id. Records are validated where
-// they are decoded; this refuses anything but 32 lowercase hex digits
-// again, so that no record, request or cached file can make the node
-// create, open or remove a file outside its data dir.
-func (n *Node) idPath(id, ext string) (string, error) {
-	if err := meta.ValidateID(id); err != nil {
-		return "", err
-	}
-	return filepath.Join(n.imgDir, id+ext), nil
-}
-
-// imagePath is the data file of img's copy on this node.
-func (n *Node) imagePath(img meta.Image) (string, error) { return n.idPath(img.ID, ".img") }
-
-// recordPath is the image record cached beside the data file, so the node
-// can serve its images at start while the metadata store is unreachable.
-func (n *Node) recordPath(id string) (string, error) { return n.idPath(id, ".json") }
-
 // removeCopy removes the data file and cached record of image id; files
 // already gone are not an error.
 func (n *Node) removeCopy(id string) error {
 	if n.peerSrv != nil {
 		n.peerSrv.Forget(id) // its fence goes with the copy
 	}
-	var errs []error
-	for _, ext := range []string{".img", ".json"} {
-		p, err := n.idPath(id, ext)
-		if err == nil {
-			err = os.Remove(p)
-		}
-		if err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
-}
-
-func (n *Node) cacheRecord(img meta.Image) error {
-	b, err := json.Marshal(img)
-	if err != nil {
-		return err
-	}
-	path, err := n.recordPath(img.ID)
-	if err != nil {
-		return err
-	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return fmt.Errorf("cache record of %s: %w", img.Name, err)
-	}
-	return os.Rename(tmp, path)
+	return n.dir.Remove(id)
 }
 
 // exportCached exports every image whose record is cached in the data dir
 // (images this node holds a copy of).
 func (n *Node) exportCached(ctx context.Context) {
-	files, _ := filepath.Glob(filepath.Join(n.imgDir, "*.json"))
-	for _, f := range files {
-		var img meta.Image
-		b, err := os.ReadFile(f)
-		if err == nil {
-			err = json.Unmarshal(b, &img)
-		}
-		if err == nil {
-			err = img.Validate()
-		}
-		if err != nil {
-			n.log.Warn("ignoring unreadable cached image record", "file", f, "err", err)
-			continue
-		}
+	imgs, bad := n.dir.CachedRecords()
+	for _, err := range bad {
+		n.log.Warn("ignoring unreadable cached image record", "err", err)
+	}
+	for _, img := range imgs {
 		n.reconMu.Lock()
 		if err := n.export(ctx, img, true); err != nil {
 			n.log.Warn("cannot export cached image", "image", img.Name, "err", err)
@@ -406,11 +350,7 @@ func (n *Node) exportLazily(ctx context.Context, name string) (*served, error) {
 // recorded out of sync everywhere before an empty file takes its place, so
 // zeros are never served as data.
 func (n *Node) openLocal(ctx context.Context, img meta.Image) (*lun.FileCopy, error) {
-	path, err := n.imagePath(img)
-	if err != nil {
-		return nil, err
-	}
-	c, err := lun.OpenFile(path, img.Size)
+	c, err := n.dir.Open(img.ID, img.Size)
 	if err == nil || !errors.Is(err, os.ErrNotExist) {
 		return c, err
 	}
@@ -419,6 +359,7 @@ func (n *Node) openLocal(ctx context.Context, img meta.Image) (*lun.FileCopy, er
 		return nil, err
 	}
 	if held := bm.Len() - bm.Count(placement.OutOfSync); held > 0 {
+		path, _ := n.dir.ImagePath(img.ID)
 		n.log.Error("the copy of an image this node should hold is missing: recording it out of sync", "image", img.Name, "file", path, "in_sync_blocks", held)
 		all := make([]int64, bm.Len())
 		for i := range all {
@@ -428,7 +369,7 @@ func (n *Node) openLocal(ctx context.Context, img meta.Image) (*lun.FileCopy, er
 			return nil, err
 		}
 	}
-	return lun.CreateFile(path, img.Size)
+	return n.dir.Create(img.ID, img.Size)
 }
 
 // export starts serving img. With cached (start-up from the data dir,
@@ -445,17 +386,14 @@ func (n *Node) export(ctx context.Context, img meta.Image, cached bool) error {
 	if img.HasLocation(n.cfg.Node.Name) {
 		var err error
 		if cached {
-			var path string
-			if path, err = n.imagePath(img); err == nil {
-				s.local, err = lun.OpenFile(path, img.Size)
-			}
+			s.local, err = n.dir.Open(img.ID, img.Size)
 		} else {
 			s.local, err = n.openLocal(ctx, img)
 		}
 		if err != nil {
 			return fmt.Errorf("image %s: %w", img.Name, err)
 		}
-		if err := n.cacheRecord(img); err != nil {
+		if err := n.dir.CacheRecord(img); err != nil {
 			s.local.Close()
 			return err
 		}
@@ -553,7 +491,7 @@ func (n *Node) apply(ctx context.Context, s *served, img meta.Image, force bool)
 		s.local = nil
 	}
 	if hasLocal {
-		if err := n.cacheRecord(img); err != nil {
+		if err := n.dir.CacheRecord(img); err != nil {
 			return err
 		}
 	}
@@ -776,27 +714,8 @@ func (n *Node) prepareCopyOn(ctx context.Context, node string, img meta.Image) e
 // PrepareCopy implements peer.Control: create this node's empty sparse copy
 // of a new image (idempotent for the same size).
 func (n *Node) PrepareCopy(_ context.Context, id string, size int64) error {
-	path, err := n.imagePath(meta.Image{ID: id})
-	if err != nil {
-		return err
-	}
-	if st, err := os.Stat(path); err == nil {
-		if st.Size() != size {
-			return fmt.Errorf("%w: a copy of image id %s with another size exists", meta.ErrConflict, id)
-		}
-		return nil
-	}
-	f, err := lun.CreateFile(path, size)
-	if err != nil {
-		return err
-	}
-	return f.Close()
+	return n.dir.Prepare(id, size)
 }
-
-func checkImageID(id string) error { return meta.ValidateID(id) }
-
-// openForGrow opens an image file that no served image holds open.
-func openForGrow(path string) (*lun.FileCopy, error) { return lun.OpenFile(path, 0) }
 
 // ListImages implements api.Service.
 func (n *Node) ListImages(ctx context.Context) (api.ImageList, error) {

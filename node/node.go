@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"os"
 	"path/filepath"
 	"runtime"
 	"sync"
@@ -18,6 +17,7 @@ import (
 	"github.com/ukai-storage/ukai/cluster/membership"
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/cluster/peer"
+	"github.com/ukai-storage/ukai/node/datadir"
 	"github.com/ukai-storage/ukai/node/executor"
 	"github.com/ukai-storage/ukai/ownership"
 	"github.com/ukai-storage/ukai/target/iscsi"
@@ -46,8 +46,8 @@ type Node struct {
 	target  *iscsi.Server
 	apiLn   net.Listener
 	apiSrv  *http.Server
-	imgDir  string
-	reconMu sync.Mutex // one reconcile at a time
+	dir     *datadir.Dir // this node's copies and cached records
+	reconMu sync.Mutex   // one reconcile at a time
 
 	mu     sync.RWMutex
 	served map[string]*served // by image name
@@ -90,8 +90,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 			}
 		}
 	}()
-	n.imgDir = filepath.Join(cfg.Node.DataDir, "images")
-	if err := os.MkdirAll(n.imgDir, 0o700); err != nil {
+	if n.dir, err = datadir.Open(filepath.Join(cfg.Node.DataDir, "images")); err != nil {
 		return nil, fmt.Errorf("node.data_dir: %w", err)
 	}
 	if n.kv, err = openStore(ctx, cfg, log); err != nil {

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/ukai-storage/ukai/cluster/meta"
+	"github.com/ukai-storage/ukai/node/datadir"
 )
 
 // No path is built from an id that is not 32 lowercase hex digits: a
@@ -16,10 +17,11 @@ import (
 // outside the images dir is created or removed.
 func TestPathsFromIDsStayInDataDir(t *testing.T) {
 	top := t.TempDir()
-	n := &Node{imgDir: filepath.Join(top, "data", "images")}
-	if err := os.MkdirAll(n.imgDir, 0o700); err != nil {
+	dir, err := datadir.Open(filepath.Join(top, "data", "images"))
+	if err != nil {
 		t.Fatal(err)
 	}
+	n := &Node{dir: dir}
 	outside := filepath.Join(top, "outside")
 	if err := os.MkdirAll(outside, 0o700); err != nil {
 		t.Fatal(err)
@@ -32,8 +34,8 @@ func TestPathsFromIDsStayInDataDir(t *testing.T) {
 	ctx := context.Background()
 	for _, id := range []string{traversal, strings.ToUpper(meta.NewImageID()), "", strings.Repeat("0", 31) + "/"} {
 		img := meta.Image{ID: id, Name: "evil", Size: 1 << 20, BlockSize: 1 << 20, Locations: []string{"n1"}}
-		if err := n.cacheRecord(img); !errors.Is(err, meta.ErrInvalid) {
-			t.Errorf("cacheRecord with id %q: %v, want ErrInvalid", id, err)
+		if err := n.dir.CacheRecord(img); !errors.Is(err, meta.ErrInvalid) {
+			t.Errorf("CacheRecord with id %q: %v, want ErrInvalid", id, err)
 		}
 		if err := n.PrepareCopy(ctx, id, 1<<20); !errors.Is(err, meta.ErrInvalid) {
 			t.Errorf("PrepareCopy with id %q: %v, want ErrInvalid", id, err)
@@ -45,7 +47,7 @@ func TestPathsFromIDsStayInDataDir(t *testing.T) {
 			t.Errorf("removeCopy with id %q: %v, want ErrInvalid", id, err)
 		}
 	}
-	for _, dir := range []string{outside, n.imgDir} {
+	for _, dir := range []string{outside, n.dir.Path()} {
 		ents, _ := os.ReadDir(dir)
 		for _, e := range ents {
 			if e.Name() != "victimvictimvictim.img" {

@@ -597,20 +597,11 @@ func (n *Node) growCopyOn(ctx context.Context, node, id string, size int64) erro
 // GrowCopy implements peer.Control: extend this node's copy of image id to
 // size bytes (zeros), before the record says so.
 func (n *Node) GrowCopy(_ context.Context, id string, size int64) error {
-	if err := checkImageID(id); err != nil {
+	if err := meta.ValidateID(id); err != nil {
 		return err
 	}
 	if s := n.servedByID(id); s != nil && s.local != nil {
 		return s.local.Grow(size)
 	}
-	path, err := n.imagePath(meta.Image{ID: id})
-	if err != nil {
-		return err
-	}
-	c, err := openForGrow(path)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	return c.Grow(size)
+	return n.dir.Grow(id, size)
 }
