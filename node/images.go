@@ -56,7 +56,7 @@ type served struct {
 	// cow caches the copy-on-write maps of the image's snapshots.
 	cow *cow.Maps
 	// fromCache: exported from the cached record with only the local copy
-	// (guarded by the node's reconMu).
+	// (guarded by the reconciler's lock).
 	fromCache bool
 }
 
@@ -118,14 +118,14 @@ const resyncEvery = 10 * time.Minute
 
 // watch keeps the served set in line with the catalog (meta.Follow): a
 // full reconcile at start and every resyncEvery, and in between a read of
-// each record whose doorbell rang.
+// each record whose doorbell rang (package reconcile).
 func (n *Node) watch(ctx context.Context) {
 	meta.Follow(ctx, meta.FollowConfig{
 		Catalog: n.cat,
 		Node:    n.cfg.Node.Name,
 		Resync:  resyncEvery,
-		Full:    n.reconcile,
-		Changed: n.refresh,
+		Full:    n.recon.Full,
+		Changed: n.recon.Refresh,
 		Result: func(err error) {
 			n.noteStore(err)
 			if err != nil && ctx.Err() == nil && !errors.Is(err, meta.ErrUnavailable) {
@@ -163,153 +163,12 @@ func (n *Node) exportCached(ctx context.Context) {
 		n.log.Warn("ignoring unreadable cached image record", "err", err)
 	}
 	for _, img := range imgs {
-		n.reconMu.Lock()
-		if err := n.export(ctx, img, true); err != nil {
-			n.log.Warn("cannot export cached image", "image", img.Name, "err", err)
-		}
-		n.reconMu.Unlock()
+		n.recon.Do(func() {
+			if err := n.export(ctx, img, true); err != nil {
+				n.log.Warn("cannot export cached image", "image", img.Name, "err", err)
+			}
+		})
 	}
-}
-
-// known is what the node remembers of an image record it listed: enough
-// to skip an unchanged record without decoding it, and to answer
-// discovery for images it does not serve.
-type known struct {
-	rev      uint64
-	snapshot bool
-	retry    bool // applying it failed: apply again on the next reconcile
-}
-
-// reconcile brings the served set in line with the catalog, at a cost
-// proportional to what changed: a record whose ModifyIndex is the one
-// last applied is skipped undecoded; a changed one is applied if the
-// image is served here, exported if this node holds a copy of it, owns it
-// or has it attached, and otherwise only remembered (its export waits for
-// a login or an operation here: exportLazily). Images whose record is
-// gone are withdrawn; a local copy is removed only when the image was
-// deleted on purpose (a tombstone exists). It changes nothing when the
-// catalog cannot be read.
-func (n *Node) reconcile(ctx context.Context) error {
-	n.reconMu.Lock()
-	defer n.reconMu.Unlock()
-	prefix := n.cat.ImagesPrefix()
-	entries, _, err := n.kv.List(ctx, prefix)
-	if err != nil {
-		return fmt.Errorf("list images: %w", err)
-	}
-	var errs []error
-	listed := make(map[string]bool, len(entries))
-	for _, e := range entries {
-		name := strings.TrimPrefix(e.Key, prefix)
-		listed[name] = true
-		if k, ok := n.knownImage(name); ok && k.rev == e.ModifyIndex && !k.retry {
-			continue
-		}
-		img, err := n.cat.ImageFromEntry(e)
-		if err != nil {
-			n.log.Warn("skipping unreadable image record", "err", err)
-			n.setKnown(name, nil)
-			listed[name] = false
-			continue
-		}
-		errs = append(errs, n.applyRecord(ctx, img))
-	}
-	n.knownMu.Lock()
-	for name := range n.known {
-		if !listed[name] {
-			delete(n.known, name)
-		}
-	}
-	n.knownMu.Unlock()
-	n.mu.RLock()
-	var gone []*served
-	for name, s := range n.served {
-		if !listed[name] {
-			gone = append(gone, s)
-		}
-	}
-	n.mu.RUnlock()
-	for _, s := range gone {
-		errs = append(errs, n.withdrawChecked(ctx, s))
-	}
-	return errors.Join(errs...)
-}
-
-func (n *Node) knownImage(name string) (known, bool) {
-	n.knownMu.Lock()
-	defer n.knownMu.Unlock()
-	k, ok := n.known[name]
-	return k, ok
-}
-
-// setKnown remembers k for name (nil: forgets it).
-func (n *Node) setKnown(name string, k *known) {
-	n.knownMu.Lock()
-	defer n.knownMu.Unlock()
-	if k == nil {
-		delete(n.known, name)
-		return
-	}
-	n.known[name] = *k
-}
-
-// applyRecord brings the served set in line with one record read from
-// the catalog (see reconcile). The caller holds reconMu.
-func (n *Node) applyRecord(ctx context.Context, img meta.Image) error {
-	self := n.cfg.Node.Name
-	n.mu.RLock()
-	s := n.served[img.Name]
-	n.mu.RUnlock()
-	if s != nil && s.record().ID != img.ID {
-		// Deleted and created again under the same name.
-		if err := n.withdrawChecked(ctx, s); err != nil {
-			n.setKnown(img.Name, &known{rev: img.Rev, snapshot: img.IsSnapshot(), retry: true})
-			return err
-		}
-		s = nil
-	}
-	var err error
-	switch {
-	case s != nil:
-		err = n.apply(ctx, s, img, false)
-	case concerns(img, self):
-		err = n.export(ctx, img, false)
-	}
-	n.setKnown(img.Name, &known{rev: img.Rev, snapshot: img.IsSnapshot(), retry: err != nil})
-	return err
-}
-
-// concerns says whether the record names node (a copy, the owner, the
-// node it is attached to): such a node serves the image and hears of its
-// changes (its doorbell rings).
-func concerns(img meta.Image, node string) bool {
-	return img.HasLocation(node) || img.Owner == node || img.Attached == node
-}
-
-// refresh reads the record of name and applies it (a doorbell rang, or
-// this node changed it). It reports whether the record still concerns
-// this node.
-func (n *Node) refresh(ctx context.Context, name string) (bool, error) {
-	img, _, err := n.cat.GetImage(ctx, name)
-	n.reconMu.Lock()
-	defer n.reconMu.Unlock()
-	if errors.Is(err, meta.ErrImageNotFound) {
-		n.setKnown(name, nil)
-		n.mu.RLock()
-		s := n.served[name]
-		n.mu.RUnlock()
-		if s != nil {
-			return false, n.withdrawChecked(ctx, s)
-		}
-		return false, nil
-	}
-	if err != nil {
-		return true, err
-	}
-	if k, ok := n.knownImage(name); ok && k.rev > img.Rev {
-		return true, nil // older than what this node applied
-	}
-	return concerns(img, n.cfg.Node.Name), n.applyRecord(ctx, img)
 }
 
 // withdrawChecked withdraws a served image whose record is gone, removing
@@ -326,16 +185,9 @@ func (n *Node) withdrawChecked(ctx context.Context, s *served) error {
 // owns, when it is first needed here (an iSCSI login, an operation): its
 // record is read and the image served from then on.
 func (n *Node) exportLazily(ctx context.Context, name string) (*served, error) {
-	img, _, err := n.cat.GetImage(ctx, name)
-	if err != nil {
+	if err := n.recon.ExportLazily(ctx, name); err != nil {
 		return nil, err
 	}
-	n.reconMu.Lock()
-	defer n.reconMu.Unlock()
-	if err := n.export(ctx, img, false); err != nil {
-		return nil, err
-	}
-	n.setKnown(name, &known{rev: img.Rev, snapshot: img.IsSnapshot()})
 	n.mu.RLock()
 	defer n.mu.RUnlock()
 	if s := n.served[name]; s != nil {
@@ -374,7 +226,7 @@ func (n *Node) openLocal(ctx context.Context, img meta.Image) (*lun.FileCopy, er
 
 // export starts serving img. With cached (start-up from the data dir,
 // maybe without the catalog) only the local copy is used until the
-// catalog is readable. The caller holds reconMu.
+// catalog is readable. The caller holds the reconciler's lock.
 func (n *Node) export(ctx context.Context, img meta.Image, cached bool) error {
 	n.mu.RLock()
 	_, ok := n.served[img.Name]
@@ -540,6 +392,14 @@ func (n *Node) apply(ctx context.Context, s *served, img meta.Image, force bool)
 	return nil
 }
 
+// applyNow applies img to s outside a reconcile pass (a takeover, a
+// fresher record read on the I/O path), under the reconciler's lock.
+func (n *Node) applyNow(ctx context.Context, s *served, img meta.Image, force bool) error {
+	var err error
+	n.recon.Do(func() { err = n.apply(ctx, s, img, force) })
+	return err
+}
+
 // withdraw ends the sessions of an image that left the catalog and closes
 // its copies. With deleted (the image has a tombstone) the local data file
 // and cached record are removed; otherwise they are kept and the loss of
@@ -614,11 +474,9 @@ func (n *Node) TargetNames() []string {
 			set[img.Name] = !img.IsSnapshot()
 		}
 	} else {
-		n.knownMu.Lock()
-		for name, k := range n.known {
-			set[name] = !k.snapshot
+		for name, k := range n.recon.Known() {
+			set[name] = !k.Snapshot
 		}
-		n.knownMu.Unlock()
 		n.mu.RLock()
 		for name, s := range n.served {
 			set[name] = !s.record().IsSnapshot()
@@ -690,7 +548,7 @@ func (n *Node) createImage(ctx context.Context, req api.CreateImageRequest) (api
 	if err != nil {
 		return api.Image{}, err
 	}
-	if _, err := n.refresh(ctx, created.Name); err != nil {
+	if _, err := n.recon.Refresh(ctx, created.Name); err != nil {
 		n.log.Warn("reconcile after create", "err", err)
 	}
 	return n.GetImage(ctx, created.Name, false)
@@ -816,6 +674,51 @@ func (n *Node) DeleteImage(ctx context.Context, name string) error {
 	if err := n.cat.DeleteImage(ctx, img, idx); err != nil {
 		return err
 	}
-	_, err = n.refresh(ctx, name)
+	_, err = n.recon.Refresh(ctx, name)
 	return err
+}
+
+// reconHost is the node's served set as package reconcile changes it
+// (every call with the reconciler's lock held).
+type reconHost struct{ n *Node }
+
+func (h reconHost) served(name string) *served {
+	h.n.mu.RLock()
+	defer h.n.mu.RUnlock()
+	return h.n.served[name]
+}
+
+func (h reconHost) ServedID(name string) string {
+	if s := h.served(name); s != nil {
+		return s.record().ID
+	}
+	return ""
+}
+
+func (h reconHost) ServedNames() []string {
+	h.n.mu.RLock()
+	defer h.n.mu.RUnlock()
+	out := make([]string, 0, len(h.n.served))
+	for name := range h.n.served {
+		out = append(out, name)
+	}
+	return out
+}
+
+func (h reconHost) Export(ctx context.Context, img meta.Image) error {
+	return h.n.export(ctx, img, false)
+}
+
+func (h reconHost) Apply(ctx context.Context, img meta.Image) error {
+	if s := h.served(img.Name); s != nil {
+		return h.n.apply(ctx, s, img, false)
+	}
+	return h.n.export(ctx, img, false)
+}
+
+func (h reconHost) Withdraw(ctx context.Context, name string) error {
+	if s := h.served(name); s != nil {
+		return h.n.withdrawChecked(ctx, s)
+	}
+	return nil
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/ukai-storage/ukai/cluster/peer"
 	"github.com/ukai-storage/ukai/node/datadir"
 	"github.com/ukai-storage/ukai/node/executor"
+	"github.com/ukai-storage/ukai/node/reconcile"
 	"github.com/ukai-storage/ukai/ownership"
 	"github.com/ukai-storage/ukai/target/iscsi"
 )
@@ -29,7 +30,7 @@ import (
 // the volumes, the portal and the API, and runs their loops (Run), all
 // joined before the images and the store close.
 //
-// Lock order: ownMu → reconMu → mu → served.mu. knownMu, storeMu,
+// Lock order: ownMu → the reconciler's (recon.Do) → mu → served.mu. storeMu,
 // peersMu, exportsMu, the peer store's locks and an image's
 // activity and copy-on-write locks are leaves: nothing is locked while
 // one of them is held.
@@ -43,18 +44,15 @@ type Node struct {
 	cat     *meta.Catalog
 	members *membership.Agent // nil without gossip
 
-	target  *iscsi.Server
-	apiLn   net.Listener
-	apiSrv  *http.Server
-	dir     *datadir.Dir // this node's copies and cached records
-	reconMu sync.Mutex   // one reconcile at a time
+	target *iscsi.Server
+	apiLn  net.Listener
+	apiSrv *http.Server
+	dir    *datadir.Dir          // this node's copies and cached records
+	recon  *reconcile.Reconciler // the served set in line with the catalog
 
 	mu     sync.RWMutex
 	served map[string]*served // by image name
 	byID   map[string]*served // the same, by image id (the per-I/O lookup)
-
-	knownMu sync.Mutex       // a leaf
-	known   map[string]known // image records as last listed, by name
 
 	storeMu sync.Mutex
 	storeOK bool // last metadata access succeeded
@@ -80,7 +78,7 @@ type Node struct {
 // New opens the node's stores, binds its listeners and joins the cluster;
 // nothing is served until Run. Errors name the configuration key at fault.
 func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *Node, err error) {
-	n := &Node{cfg: cfg, log: log, version: version, started: time.Now(), served: map[string]*served{}, byID: map[string]*served{}, known: map[string]known{}, storeOK: true, peers: map[string]*peer.Client{}, now: time.Now}
+	n := &Node{cfg: cfg, log: log, version: version, started: time.Now(), served: map[string]*served{}, byID: map[string]*served{}, storeOK: true, peers: map[string]*peer.Client{}, now: time.Now}
 	n.pstore = &peerStore{n: n, floors: map[string]uint64{}}
 	var closers []func()
 	defer func() {
@@ -117,6 +115,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 	})
 
 	n.exec = n.newExecutor()
+	n.recon = reconcile.New(reconcile.Config{Catalog: n.cat, Self: cfg.Node.Name, Host: reconHost{n}, Log: log.With("component", "reconcile")})
 	if n.sec, err = loadSecurity(cfg); err != nil {
 		return nil, err
 	}

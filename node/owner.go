@@ -193,9 +193,7 @@ func (n *Node) take(ctx context.Context, s *served, session string) error {
 	// copy, which checks it (ownCopy).
 	s.setSession(session)
 	// Fresh block maps and peer references with the new generation.
-	n.reconMu.Lock()
-	err = n.apply(ctx, s, img, true)
-	n.reconMu.Unlock()
+	err = n.applyNow(ctx, s, img, true)
 	if err != nil {
 		return notReady(err)
 	}
@@ -480,9 +478,7 @@ func (g *gate) do(ctx context.Context, local func(ctx context.Context) error, fw
 		sleep(ctx, 200*time.Millisecond)
 		// Refresh the record (a new owner, or the lease ran out).
 		if img, _, rerr := n.cat.GetImage(ctx, s.record().Name); rerr == nil {
-			n.reconMu.Lock()
-			_ = n.apply(ctx, s, img, false)
-			n.reconMu.Unlock()
+			_ = n.applyNow(ctx, s, img, false)
 		}
 	}
 }
@@ -599,9 +595,7 @@ func (b ownedBackend) inRange(ctx context.Context, off, n int64) {
 		return
 	}
 	if img, _, err := b.n.cat.GetImage(ctx, b.s.record().Name); err == nil && img.ID == b.s.record().ID {
-		b.n.reconMu.Lock()
-		_ = b.n.apply(ctx, b.s, img, false)
-		b.n.reconMu.Unlock()
+		_ = b.n.applyNow(ctx, b.s, img, false)
 	}
 }
 

@@ -152,9 +152,7 @@ func (n *Node) acquireWait(ctx context.Context, s *served) error {
 		}
 		sleep(ctx, 200*time.Millisecond)
 		if img, _, rerr := n.cat.GetImage(ctx, s.record().Name); rerr == nil {
-			n.reconMu.Lock()
-			_ = n.apply(ctx, s, img, false)
-			n.reconMu.Unlock()
+			_ = n.applyNow(ctx, s, img, false)
 		}
 	}
 }
@@ -278,7 +276,7 @@ func (n *Node) snapshot(ctx context.Context, s *served, name string) (api.Snapsh
 	}
 	n.log.Info("snapshot taken", "image", img.Name, "snapshot", snap.Name, "io_paused", paused, "took", time.Since(start))
 	for _, name := range []string{img.Name, snap.Name} {
-		if _, err := n.refresh(ctx, name); err != nil {
+		if _, err := n.recon.Refresh(ctx, name); err != nil {
 			n.log.Warn("reconcile after snapshot", "image", name, "err", err)
 		}
 	}
@@ -366,10 +364,10 @@ func (n *Node) DeleteSnapshot(ctx context.Context, image, name string) error {
 	if err := n.cat.DeleteImage(ctx, snap, 0); err != nil {
 		return err
 	}
-	if _, err := n.refresh(ctx, image); err != nil {
+	if _, err := n.recon.Refresh(ctx, image); err != nil {
 		return err
 	}
-	_, err = n.refresh(ctx, name)
+	_, err = n.recon.Refresh(ctx, name)
 	return err
 }
 
@@ -574,7 +572,7 @@ func (n *Node) ResizeImage(ctx context.Context, name string, size int64) (api.Im
 	if _, err := n.cat.GrowImage(ctx, name, size); err != nil {
 		return api.Image{}, err
 	}
-	if _, err := n.refresh(ctx, name); err != nil {
+	if _, err := n.recon.Refresh(ctx, name); err != nil {
 		n.log.Warn("reconcile after resize", "err", err)
 	}
 	return n.GetImage(ctx, name, false)

@@ -31,7 +31,7 @@ func (n *Node) servedByName(ctx context.Context, name string) (*served, error) {
 		return s, nil
 	}
 	// Maybe just created elsewhere, or changed: read its record.
-	if _, err := n.refresh(ctx, name); err != nil {
+	if _, err := n.recon.Refresh(ctx, name); err != nil {
 		return nil, err
 	}
 	n.mu.RLock()
@@ -350,7 +350,7 @@ func (n *Node) AddLocation(ctx context.Context, name, node string) (api.Image, e
 	if _, err := n.cat.AddLocation(ctx, name, node); err != nil {
 		return api.Image{}, err
 	}
-	if _, err := n.refresh(ctx, name); err != nil {
+	if _, err := n.recon.Refresh(ctx, name); err != nil {
 		n.log.Warn("reconcile after location add", "err", err)
 	}
 	return n.GetImage(ctx, name, false)
@@ -383,7 +383,7 @@ func (n *Node) RemoveLocation(ctx context.Context, name, node string) (api.Image
 	if err != nil {
 		return api.Image{}, err
 	}
-	if _, err := n.refresh(ctx, name); err != nil {
+	if _, err := n.recon.Refresh(ctx, name); err != nil {
 		n.log.Warn("reconcile after location remove", "err", err)
 	}
 	return n.GetImage(ctx, name, false)
