@@ -3,6 +3,7 @@ package executor
 import (
 	"context"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -245,5 +246,29 @@ func TestForgetsImagesNoLongerServed(t *testing.T) {
 	runRound(e)
 	if len(e.images) != 0 || len(e.plans) != 0 {
 		t.Fatalf("after the image went: %d image states, %d plans kept", len(e.images), len(e.plans))
+	}
+}
+
+// A node that does not own an image plans from the catalog: a record it
+// applied before a location was removed must not make the removed
+// location's deleted map read as malformed metadata (chaos seed 117: an
+// operator's `image relocate` through such a node failed "malformed
+// metadata").
+func TestStateOfStaleRecord(t *testing.T) {
+	ctx := context.Background()
+	cat := testCatalog(t)
+	stale := kvtest.OwnedImage(t, cat, "vm1", 4<<16, 1<<16, "", "n1", "n2", "n3")
+	if _, err := cat.RemoveLocation(ctx, "vm1", "n3"); err != nil {
+		t.Fatal(err)
+	}
+	h := &host{nodes: []placement.NodeInfo{{Name: "n1", Alive: true}, {Name: "n2", Alive: true}, {Name: "n3", Alive: true}}}
+	e := New(Config{Self: "n1", Catalog: cat, Host: h})
+	st, err := e.State(ctx, &image{rec: stale})
+	if err != nil {
+		t.Fatalf("planning from a record applied before a location was removed: %v", err)
+	}
+	is := st.Images[0]
+	if !slices.Equal(is.Locations, []string{"n1", "n2"}) || len(is.Maps) != 2 || is.Maps["n3"] != nil {
+		t.Fatalf("state lists %v with maps of %d locations, want n1, n2 as stored now", is.Locations, len(is.Maps))
 	}
 }
