@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/ukai-storage/ukai/api"
 	"github.com/ukai-storage/ukai/cluster/membership"
@@ -19,7 +20,7 @@ import (
 func (n *Node) newExecutor() *executor.Executor {
 	return executor.New(executor.Config{
 		Self: n.cfg.Node.Name, Catalog: n.cat, Host: execHost{n},
-		ReplaceAfter: n.cfg.Placement.ReplaceAfter, Now: n.now,
+		ReplaceAfter: n.cfg.Placement.ReplaceAfter, Now: func() time.Time { return n.now() },
 		Log: n.log.With("component", "placement"),
 	})
 }

@@ -66,7 +66,7 @@ type Session struct {
 	id         string
 	validUntil time.Time // by cfg.Clock: last successful renewal sent + TTL
 	failing    bool      // renewals failing (logged once)
-	gone       bool      // the store said "gone" once; a second answer confirms it
+	gone       bool      // the store said "gone" once: not valid; a second answer confirms it
 	lastEnsure time.Time // Ensure's last own attempt
 }
 
@@ -89,7 +89,7 @@ func NewSession(cfg SessionConfig) *Session {
 func (s *Session) Current() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.id == "" || !s.cfg.Clock.Now().Before(s.validUntil) {
+	if s.id == "" || s.gone || !s.cfg.Clock.Now().Before(s.validUntil) {
 		return ""
 	}
 	return s.id
@@ -208,15 +208,17 @@ func (s *Session) start(ctx context.Context) error {
 			return err
 		}
 	}
+	// The TTL runs from when the request was sent: the store started it
+	// later than that, however long the answer took.
+	sent := s.cfg.Clock.Now()
 	id, err := s.cfg.Store.CreateSession(ctx, s.cfg.Name, s.cfg.TTL, s.cfg.LockDelay)
 	if err != nil {
 		s.cfg.Log.Warn("cannot create the ownership session; retrying", "err", err)
 		return err
 	}
 	s.save(id)
-	sent := s.cfg.Clock.Now()
 	s.mu.Lock()
-	s.id, s.validUntil, s.failing = id, sent.Add(s.cfg.TTL), false
+	s.id, s.validUntil, s.failing, s.gone = id, sent.Add(s.cfg.TTL), false, false
 	s.mu.Unlock()
 	s.cfg.Log.Info("ownership session created", "session", id, "ttl", s.cfg.TTL, "lock_delay", s.cfg.LockDelay)
 	return nil
@@ -241,19 +243,18 @@ func (s *Session) renew(ctx context.Context, id string) error {
 		if s.id != id {
 			return err
 		}
-		// Believed only when said twice, or once the session's time is
-		// up anyway. Consul answers "not found" for a moment while it
-		// restarts (chaos seed 115: a renewal said gone, the next one,
-		// 1 s later, renewed the same session), and fencing then drops
-		// every image the node owns for nothing. Waiting is safe: a
-		// session that is really gone freed its locks with the lock
-		// delay (1.1 TTL from then), and this node stops by its own
-		// clock TTL after its last renewal that worked was sent, before
-		// anyone else may take them.
+		// Believed only when said twice in a row, or once the session's
+		// time is up anyway. Consul answers "not found" for a moment
+		// while it restarts (chaos seed 115: a renewal said gone, the
+		// next one, 1 s later, renewed the same session), and believing
+		// the first answer fenced every image of the node and made it
+		// take each one again. Meanwhile the session is not valid (Current
+		// is ""): no I/O runs under it, initiators get NOT READY and
+		// retry, exactly as when renewals fail; the next answer either
+		// renews it (I/O goes on, nothing retaken) or confirms it gone.
 		if !s.gone && sent.Before(s.validUntil) {
 			s.gone = true
-			s.cfg.Log.Warn("the store says this node's ownership session is gone; asking again before fencing", "session", id,
-				"valid_for", s.validUntil.Sub(sent).Round(time.Millisecond))
+			s.cfg.Log.Warn("the store says this node's ownership session is gone; I/O waits while it is asked again", "session", id)
 			return err
 		}
 		s.cfg.Log.Error("the store invalidated this node's ownership session: every image owned under it is fenced", "session", id)
@@ -281,7 +282,7 @@ func (s *Session) renew(ctx context.Context, id string) error {
 func (s *Session) Close(ctx context.Context) error {
 	s.mu.Lock()
 	id := s.id
-	s.id, s.validUntil = "", time.Time{}
+	s.id, s.validUntil, s.gone = "", time.Time{}, false
 	s.mu.Unlock()
 	if id == "" {
 		return nil

@@ -142,8 +142,9 @@ func TestSessionLostAndReplaced(t *testing.T) {
 }
 
 // One "session gone" from the store, then renewals that work (Consul
-// restarting: chaos seed 115) fence nothing: the node asks again, within
-// its session's time, before it believes it. Said twice, it is believed.
+// restarting: chaos seed 115) fence nothing: the session is not valid
+// meanwhile (no I/O under it), the node asks again, and the renewal that
+// works makes the same session valid again. Said twice, it is believed.
 func TestSessionGoneOnceIsAskedAgain(t *testing.T) {
 	st := &cutStore{BoltKV: openStore(t)}
 	var lost atomic.Int32
@@ -152,15 +153,14 @@ func TestSessionGoneOnceIsAskedAgain(t *testing.T) {
 	run(t, s)
 	waitFor(t, 5*time.Second, "a session", func() bool { return s.Current() != "" })
 	id := s.Current()
+	st.slow.Store(int64(200 * time.Millisecond)) // the renewal after the "gone" answers late
 	st.gone.Store(1)
-	waitFor(t, 5*time.Second, "the store to say gone", func() bool { return st.goneSaid.Load() == 1 })
-	if s.Current() != id || lost.Load() != 0 {
-		t.Fatalf("one \"gone\" fenced the node (current %q, OnLost %d times)", s.Current(), lost.Load())
-	}
-	// Renewed since: still the same session, never lost.
-	time.Sleep(time.Second)
-	if s.Current() != id || lost.Load() != 0 {
-		t.Fatalf("after renewals that worked: current %q (want %q), OnLost %d times", s.Current(), id, lost.Load())
+	// Not valid while in doubt (the next renewal takes 200 ms).
+	waitFor(t, 5*time.Second, "the session not valid after the store said gone", func() bool { return !s.Valid(id) })
+	st.slow.Store(0)
+	waitFor(t, 5*time.Second, "the same session valid again", func() bool { return s.Current() == id })
+	if lost.Load() != 0 {
+		t.Fatalf("one \"gone\" fenced the node (OnLost %d times)", lost.Load())
 	}
 	// Said twice in a row: lost.
 	st.gone.Store(2)

@@ -12,8 +12,9 @@
 // the epochs of membership and policy changes. It decides nothing itself
 // (package placement does) and does no data I/O (the Host does).
 //
-// Lock order: Executor.mu and the limiters' mu are leaves; nothing else
-// is locked while one is held, and the Host is never called with one held.
+// Lock order: Executor.mu and the limiters' mu are leaves: nothing else is
+// locked while one is held (an image's mark is read before mu is taken),
+// and the Host and its images are never called with one held.
 package executor
 
 import (
@@ -148,13 +149,13 @@ func (e *Executor) markOf(img Image) mark {
 }
 
 // idle says whether img's last plan found nothing to do and nothing it
-// depends on moved since; the caller holds mu.
-func (e *Executor) idle(st *imageState, img Image) bool {
+// depends on moved since (now: img's mark as of now); the caller holds
+// mu.
+func (st *imageState) idleAt(now mark) bool {
 	last := st.idle
-	if last == nil || time.Since(last.at) > Sweep {
+	if last == nil || now.at.Sub(last.at) > Sweep {
 		return false
 	}
-	now := e.markOf(img)
 	return now.rev == last.rev && now.maps == last.maps && now.member == last.member && now.policy == last.policy
 }
 
@@ -190,13 +191,14 @@ func (e *Executor) round(ctx context.Context, slots chan struct{}, wg *sync.Wait
 			continue
 		}
 		id := img.Record().ID
+		now := e.markOf(img) // the image's locks, outside mu
 		e.mu.Lock()
 		st := e.images[id]
 		if st == nil {
 			st = &imageState{}
 			e.images[id] = st
 		}
-		skip := st.planning || e.idle(st, img)
+		skip := st.planning || st.idleAt(now)
 		e.mu.Unlock()
 		if skip {
 			continue
