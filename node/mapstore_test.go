@@ -3,7 +3,6 @@ package node
 import (
 	"context"
 	"errors"
-	"path/filepath"
 	"testing"
 
 	"github.com/ukai-storage/ukai/cluster/meta"
@@ -63,12 +62,4 @@ func TestFormerOwnerRecordsNothing(t *testing.T) {
 }
 
 // testCatalog is a catalog over an embedded store in a temporary dir.
-func testCatalog(t *testing.T) *meta.Catalog {
-	t.Helper()
-	kv, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { kv.Close() })
-	return meta.NewCatalog(kv, "ukai/")
-}
+func testCatalog(t *testing.T) *meta.Catalog { return kvtest.BoltCatalog(t) }

@@ -4,11 +4,11 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"path/filepath"
 	"sync"
 	"testing"
 
 	"github.com/ukai-storage/ukai/cluster/meta"
+	"github.com/ukai-storage/ukai/cluster/meta/kvtest"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/scsi"
 )
@@ -70,12 +70,7 @@ func (h *host) Hold(Image) func() {
 func fixture(t *testing.T) (*meta.Catalog, *mem, *mem, *host, *Maps) {
 	t.Helper()
 	ctx := context.Background()
-	kv, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { kv.Close() })
-	cat := meta.NewCatalog(kv, "ukai/")
+	cat := kvtest.BoltCatalog(t)
 	orec, err := cat.CreateImage(ctx, meta.Image{Name: "o", Size: 4 * bs, BlockSize: bs, Locations: []string{"n1"}}, placement.InSync)
 	if err != nil {
 		t.Fatal(err)

@@ -2,7 +2,6 @@ package executor
 
 import (
 	"context"
-	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -142,15 +141,7 @@ func (h *host) counts() (int, int) {
 	return h.plans, len(h.syncs)
 }
 
-func testCatalog(t *testing.T) *meta.Catalog {
-	t.Helper()
-	kv, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { kv.Close() })
-	return meta.NewCatalog(kv, "ukai/")
-}
+func testCatalog(t *testing.T) *meta.Catalog { return kvtest.BoltCatalog(t) }
 
 // runRound runs one round and waits for the plans it started.
 func runRound(e *Executor) {

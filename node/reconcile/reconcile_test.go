@@ -3,12 +3,12 @@ package reconcile
 import (
 	"context"
 	"errors"
-	"path/filepath"
 	"slices"
 	"sort"
 	"testing"
 
 	"github.com/ukai-storage/ukai/cluster/meta"
+	"github.com/ukai-storage/ukai/cluster/meta/kvtest"
 	"github.com/ukai-storage/ukai/placement"
 )
 
@@ -83,12 +83,7 @@ func (h *host) take() []string {
 
 func setup(t *testing.T) (*meta.Catalog, *host, *Reconciler) {
 	t.Helper()
-	kv, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { kv.Close() })
-	cat := meta.NewCatalog(kv, "ukai/")
+	cat := kvtest.BoltCatalog(t)
 	h := &host{served: map[string]string{}, fail: map[string]bool{}}
 	return cat, h, New(Config{Catalog: cat, Self: "n1", Host: h})
 }

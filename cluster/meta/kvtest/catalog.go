@@ -3,6 +3,7 @@ package kvtest
 import (
 	"context"
 	"errors"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -324,6 +325,18 @@ func testRecordForRemovedLocation(t *testing.T, c *meta.Catalog, p string) {
 	if err := c.SetBlockStatesOwned(cx, img, "n2", []int64{1}, placement.InSync, "A", 1); err == nil {
 		t.Fatal("in-sync record for a removed location accepted")
 	}
+}
+
+// BoltCatalog is a catalog over a fresh embedded store (prefix "ukai/"),
+// closed when t ends: the real store, for tests of the packages above it.
+func BoltCatalog(t testing.TB) *meta.Catalog {
+	t.Helper()
+	kv, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { kv.Close() })
+	return meta.NewCatalog(kv, "ukai/")
 }
 
 // OwnedImage creates image name on c with a copy on each of locations,
