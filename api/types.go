@@ -116,6 +116,10 @@ type Stats struct {
 	PlacementRounds int64 `json:"placement_rounds"`
 	Sessions        int   `json:"sessions"`
 	Images          int   `json:"images_exported"`
+	// Settled counts the images whose last plan on this node found every
+	// copy in sync and nothing to do; the executor leaves them alone
+	// until something they depend on moves.
+	Settled int `json:"images_settled"`
 }
 
 // SyncProgress is one line of the NDJSON stream POST .../sync answers.

@@ -300,8 +300,8 @@ func (a *app) statsCmd() *cobra.Command {
 			if output == "json" {
 				return printJSON(a.out, st)
 			}
-			fmt.Fprintf(a.out, "node %s: %d images exported, %d iSCSI sessions; peer data in %s, out %s; synced %s\n",
-				st.Node, st.Images, st.Sessions, FormatSize(st.PeerBytesIn), FormatSize(st.PeerBytesOut), FormatSize(st.SyncBytes))
+			fmt.Fprintf(a.out, "node %s: %d images exported (%d settled here), %d iSCSI sessions; peer data in %s, out %s; synced %s\n",
+				st.Node, st.Images, st.Settled, st.Sessions, FormatSize(st.PeerBytesIn), FormatSize(st.PeerBytesOut), FormatSize(st.SyncBytes))
 			return nil
 		},
 	}

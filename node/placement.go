@@ -247,7 +247,7 @@ func (n *Node) SyncPolicies(ctx context.Context) (api.SyncPolicies, error) {
 
 // Stats implements api.Service.
 func (n *Node) Stats(context.Context) (api.Stats, error) {
-	st := api.Stats{Node: n.cfg.Node.Name, SyncBytes: n.syncBytes.Load(), PlacementRounds: n.exec.Rounds()}
+	st := api.Stats{Node: n.cfg.Node.Name, SyncBytes: n.syncBytes.Load(), PlacementRounds: n.exec.Rounds(), Settled: n.exec.Settled()}
 	if n.peerSrv != nil {
 		ps := n.peerSrv.Stats()
 		st.PeerBytesIn, st.PeerBytesOut = ps.BytesIn, ps.BytesOut

@@ -123,6 +123,21 @@ func New(cfg Config) *Executor {
 // Rounds is the number of rounds run since start.
 func (e *Executor) Rounds() int64 { return e.rounds.Load() }
 
+// Settled is the number of images whose last plan found nothing to do
+// (every copy in sync on a live node): the executor leaves them alone
+// until something they depend on moves.
+func (e *Executor) Settled() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	n := 0
+	for _, st := range e.images {
+		if st.idle != nil {
+			n++
+		}
+	}
+	return n
+}
+
 // MembersChanged notes that a node joined, left or died.
 func (e *Executor) MembersChanged() { e.member.Add(1) }
 

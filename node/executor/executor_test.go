@@ -170,6 +170,9 @@ func TestIdleImageIsNotPlannedAgain(t *testing.T) {
 		}
 	}
 	plansAfter("first round", 2) // plan + the relocation check
+	if e.Settled() != 1 {
+		t.Fatalf("a settled image: Settled() = %d, want 1", e.Settled())
+	}
 	plansAfter("idle round", 2)
 	plansAfter("idle round", 2)
 	img.ver.Add(1)
@@ -199,6 +202,9 @@ func TestIdleImageIsNotPlannedAgain(t *testing.T) {
 	}
 	if h.syncs[0] != "n2" {
 		t.Fatalf("synced %v, want n2", h.syncs)
+	}
+	if e.Settled() != 0 {
+		t.Fatalf("an image with a copy behind counted settled")
 	}
 	if plan := e.LastPlan("vm1"); len(plan) == 0 || plan[0].Kind != placement.Sync {
 		t.Fatalf("last plan %v, want a sync", plan)
