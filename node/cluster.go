@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sort"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -196,12 +195,7 @@ func (n *Node) NodeInfo(ctx context.Context) (api.Node, error) {
 			out.Images = []string{}
 		}
 	}
-	n.mu.RLock()
-	for name := range n.served {
-		out.Exported = append(out.Exported, name)
-	}
-	n.mu.RUnlock()
-	sort.Strings(out.Exported)
+	out.Exported = n.images.Names()
 	for _, s := range n.target.Sessions() {
 		if s.Discovery {
 			continue

@@ -20,7 +20,7 @@ func (n *Node) ReadData(ctx context.Context, name string, start func(int64), w i
 	if err != nil {
 		return err
 	}
-	img := s.record()
+	img := s.Record()
 	read := func(p []byte, off int64) error { return (&gate{n: n, s: s}).ReadAt(ctx, p, off) }
 	if img.IsSnapshot() {
 		if c, err := n.remoteOwner(ctx, img.Origin.Name); err != nil {
@@ -33,7 +33,7 @@ func (n *Node) ReadData(ctx context.Context, name string, start func(int64), w i
 			return err
 		}
 		defer done()
-		if !origin.record().HasSnapshot(img.ID) {
+		if !origin.Record().HasSnapshot(img.ID) {
 			return fmt.Errorf("%w: snapshot %s is no longer listed by %s", meta.ErrImageNotFound, name, img.Origin.Name)
 		}
 		snapDone, err := n.ownSnapshot(ctx, s)
@@ -43,8 +43,8 @@ func (n *Node) ReadData(ctx context.Context, name string, start func(int64), w i
 		defer snapDone()
 		read = func(p []byte, off int64) error { return n.readSnapshot(ctx, origin, s, p, off) }
 	} else {
-		s.busy.Add(1)
-		defer s.busy.Add(-1)
+		s.BeginBusy()
+		defer s.EndBusy()
 	}
 	start(img.Size)
 	buf := make([]byte, min(dataChunk, img.Size))
@@ -69,14 +69,14 @@ func (n *Node) WriteData(ctx context.Context, name string, r io.Reader) (int64, 
 	if err != nil {
 		return 0, err
 	}
-	img := s.record()
+	img := s.Record()
 	if img.IsSnapshot() {
 		return 0, fmt.Errorf("%w: %q is a snapshot: snapshots are read-only", meta.ErrInvalid, name)
 	}
-	s.busy.Add(1)
-	defer s.busy.Add(-1)
+	s.BeginBusy()
+	defer s.EndBusy()
 	g := &gate{n: n, s: s}
-	size := s.vol.Size()
+	size := s.Vol.Size()
 	buf := make([]byte, dataChunk)
 	var done int64
 	src := &endReader{r: r}

@@ -10,104 +10,21 @@ import (
 	"slices"
 	"sort"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/ukai-storage/ukai/api"
 	"github.com/ukai-storage/ukai/cluster/meta"
-	"github.com/ukai-storage/ukai/node/activity"
 	"github.com/ukai-storage/ukai/node/cow"
+	"github.com/ukai-storage/ukai/node/served"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/lun"
 	"github.com/ukai-storage/ukai/target/scsi"
 )
 
-// served is an image this node exports. Every node exports every image:
-// a hypervisor may use any node, and the node reads and writes the image's
-// copies wherever they are. Only the image's owner does I/O (see owner.go).
-type served struct {
-	local *lun.FileCopy // this node's copy; nil when it holds none
-	vol   *lun.Volume
-	lu    *scsi.LU
-
-	mu    sync.Mutex // guards img
-	img   meta.Image // the record as last applied
-	owned atomic.Bool
-	// ownedGen is the generation this node took the image with: its
-	// in-sync records are refused once the record has another.
-	ownedGen atomic.Uint64
-	// io counts the I/O this node does as the owner (its initiators' and
-	// forwarded), from the ownership check to the end: a release waits
-	// for it (see beginIO).
-	io atomic.Int64
-	// busy counts syncs and verifies running on the image, which keep
-	// ownership like a session does.
-	busy atomic.Int32
-	// sess is the ownership session the image was taken with (guarded
-	// by mu): I/O stops once it is no longer valid.
-	sess string
-	// everOwned: this process owned the image before; nextAcquire: no
-	// attempt on its free lock before then (both guarded by ownMu).
-	everOwned   bool
-	nextAcquire time.Time
-	offline     atomic.Bool
-	act         *activity.Log // its volume's writes, for a successor
-	// cow caches the copy-on-write maps of the image's snapshots.
-	cow *cow.Maps
-	// fromCache: exported from the cached record with only the local copy
-	// (guarded by the reconciler's lock).
-	fromCache bool
-}
-
 // newServed returns img as served here, before its copies and volume are
 // set up.
-func (n *Node) newServed(img meta.Image) *served {
-	return &served{img: img, cow: cow.New(n.cat, cowHost{n})}
-}
-
-// close closes the volume and the local copy (synced).
-func (s *served) close() error {
-	err := s.vol.Close()
-	if s.local != nil {
-		err = errors.Join(err, s.local.Close())
-	}
-	return err
-}
-
-// beginIO counts an I/O that passed the ownership check in; false when
-// the image stopped being owned meanwhile (the caller checks again). The
-// count goes up before owned is read, and a release clears owned before
-// it reads the count: either the I/O sees the release, or the release
-// waits for the I/O. Without it, an I/O that passed the check just
-// before a release could land after the next owner's writes.
-func (s *served) beginIO() bool {
-	s.io.Add(1)
-	if !s.owned.Load() {
-		s.io.Add(-1)
-		return false
-	}
-	return true
-}
-
-func (s *served) endIO() { s.io.Add(-1) }
-
-func (s *served) session() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.sess
-}
-
-func (s *served) setSession(id string) {
-	s.mu.Lock()
-	s.sess = id
-	s.mu.Unlock()
-}
-
-func (s *served) record() meta.Image {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.img
+func (n *Node) newServed(img meta.Image) *served.Image {
+	return served.New(img, cow.New(n.cat, cowHost{n}))
 }
 
 // resyncEvery is how often the node lists every record (reconcile) on
@@ -173,8 +90,8 @@ func (n *Node) exportCached(ctx context.Context) {
 
 // withdrawChecked withdraws a served image whose record is gone, removing
 // its local copy only if a tombstone says it was deleted on purpose.
-func (n *Node) withdrawChecked(ctx context.Context, s *served) error {
-	deleted, err := n.cat.Tombstoned(ctx, s.record().ID)
+func (n *Node) withdrawChecked(ctx context.Context, s *served.Image) error {
+	deleted, err := n.cat.Tombstoned(ctx, s.Record().ID)
 	if err != nil {
 		return err
 	}
@@ -184,13 +101,11 @@ func (n *Node) withdrawChecked(ctx context.Context, s *served) error {
 // exportLazily exports an image this node neither holds a copy of nor
 // owns, when it is first needed here (an iSCSI login, an operation): its
 // record is read and the image served from then on.
-func (n *Node) exportLazily(ctx context.Context, name string) (*served, error) {
+func (n *Node) exportLazily(ctx context.Context, name string) (*served.Image, error) {
 	if err := n.recon.ExportLazily(ctx, name); err != nil {
 		return nil, err
 	}
-	n.mu.RLock()
-	defer n.mu.RUnlock()
-	if s := n.served[name]; s != nil {
+	if s := n.images.Get(name); s != nil {
 		return s, nil
 	}
 	return nil, fmt.Errorf("%q: %w", name, meta.ErrImageNotFound)
@@ -228,52 +143,49 @@ func (n *Node) openLocal(ctx context.Context, img meta.Image) (*lun.FileCopy, er
 // maybe without the catalog) only the local copy is used until the
 // catalog is readable. The caller holds the reconciler's lock.
 func (n *Node) export(ctx context.Context, img meta.Image, cached bool) error {
-	n.mu.RLock()
-	_, ok := n.served[img.Name]
-	n.mu.RUnlock()
-	if ok {
+	if n.images.Get(img.Name) != nil {
 		return nil
 	}
 	s := n.newServed(img)
 	if img.HasLocation(n.cfg.Node.Name) {
 		var err error
 		if cached {
-			s.local, err = n.dir.Open(img.ID, img.Size)
+			s.Local, err = n.dir.Open(img.ID, img.Size)
 		} else {
-			s.local, err = n.openLocal(ctx, img)
+			s.Local, err = n.openLocal(ctx, img)
 		}
 		if err != nil {
 			return fmt.Errorf("image %s: %w", img.Name, err)
 		}
 		if err := n.dir.CacheRecord(img); err != nil {
-			s.local.Close()
+			s.Local.Close()
 			return err
 		}
 	}
 	reps, maps, err := n.replicas(ctx, s, img, cached)
 	if err != nil {
-		if s.local != nil {
-			s.local.Close()
+		if s.Local != nil {
+			s.Local.Close()
 		}
 		return fmt.Errorf("image %s: %w", img.Name, err)
 	}
-	s.vol, err = lun.NewVolume(lun.Config{
+	s.Vol, err = lun.NewVolume(lun.Config{
 		Size: img.Size, BlockSize: img.BlockSize, MinCopies: img.MinCopies,
 		CopyTimeout: n.cfg.Peer.Timeout, Alive: n.alive, Log: n.log.With("image", img.Name),
 		BeforeWrite: func(ctx context.Context, blocks []int64) error { return n.beforeWrite(ctx, s, blocks) },
 	}, reps, maps, &mapStore{n: n, s: s})
 	if err != nil {
-		if s.local != nil {
-			s.local.Close()
+		if s.Local != nil {
+			s.Local.Close()
 		}
 		return fmt.Errorf("image %s: %w", img.Name, err)
 	}
-	s.act = n.newActivity(s)
+	s.Act = n.newActivity(s)
 	var devID [16]byte
 	if b, err := hex.DecodeString(img.ID); err == nil {
 		copy(devID[:], b)
 	}
-	s.lu, err = scsi.NewLU(scsi.Config{
+	s.LU, err = scsi.NewLU(scsi.Config{
 		Size:                  img.Size,
 		LogicalBlockSize:      meta.SectorSize,
 		OptimalTransferBlocks: uint32(img.BlockSize / meta.SectorSize),
@@ -286,7 +198,7 @@ func (n *Node) export(ctx context.Context, img meta.Image, cached bool) error {
 		MaxTransferBlocks:     (32 << 20) / meta.SectorSize,
 	}, &gate{n: n, s: s}, n.log.With("image", img.Name))
 	if err != nil {
-		s.close()
+		s.Close()
 		return fmt.Errorf("image %s: %w", img.Name, err)
 	}
 	if cached {
@@ -294,13 +206,10 @@ func (n *Node) export(ctx context.Context, img meta.Image, cached bool) error {
 		// (acquire decides: only an image whose only copy is here may be
 		// served without the catalog), and the first reconcile rebuilds
 		// the copies and maps from the catalog.
-		s.fromCache = true
+		s.FromCache = true
 	}
-	n.mu.Lock()
-	n.served[img.Name] = s
-	n.byID[img.ID] = s
-	n.mu.Unlock()
-	n.log.Info("image exported", "image", img.Name, "id", img.ID, "iqn", n.iqn(img.Name), "locations", img.Locations, "local_copy", s.local != nil)
+	n.images.Add(s)
+	n.log.Info("image exported", "image", img.Name, "id", img.ID, "iqn", n.iqn(img.Name), "locations", img.Locations, "local_copy", s.Local != nil)
 	return nil
 }
 
@@ -309,92 +218,94 @@ func (n *Node) export(ctx context.Context, img meta.Image, cached bool) error {
 // force (or when the image was exported from its cached record) the
 // replicas and block maps are rebuilt from the catalog even if the record
 // did not change.
-func (n *Node) apply(ctx context.Context, s *served, img meta.Image, force bool) error {
-	old := s.record()
+func (n *Node) apply(ctx context.Context, s *served.Image, img meta.Image, force bool) error {
+	old := s.Record()
+	if img.ID != old.ID {
+		// Another image under the same name (deleted and created again):
+		// reconcile withdraws this one and serves that one; a caller that
+		// read the record by name must not graft it onto this one.
+		return fmt.Errorf("image %s: the record read is another image (id %s, serving %s)", img.Name, img.ID, old.ID)
+	}
 	if img.Rev != 0 && old.Rev != 0 && img.Rev < old.Rev && img.ID == old.ID {
 		return nil // older than what this node holds (read before a change it made)
 	}
 	same := old.Generation == img.Generation && old.Owner == img.Owner && old.MinCopies == img.MinCopies &&
 		slices.Equal(old.Locations, img.Locations) && old.SyncPaused == img.SyncPaused && old.Size == img.Size
-	if !force && !s.fromCache && same {
+	if !force && !s.FromCache && same {
 		if !slices.Equal(old.Snapshots, img.Snapshots) {
-			s.mu.Lock()
-			s.img = img
-			s.mu.Unlock()
+			s.SetRecord(img)
 		}
 		return nil
 	}
 	hasLocal := img.HasLocation(n.cfg.Node.Name)
 	switch {
-	case hasLocal && s.local == nil:
+	case hasLocal && s.Local == nil:
 		c, err := n.openLocal(ctx, img)
 		if err != nil {
 			return fmt.Errorf("image %s: %w", img.Name, err)
 		}
-		s.local = c
-	case !hasLocal && s.local != nil:
+		s.Local = c
+	case !hasLocal && s.Local != nil:
 		// This node's copy was removed from the image (relocation): once
 		// the volume no longer uses it, the file goes.
 		defer func(c *lun.FileCopy, id string) {
-			s.vol.Drain()
+			s.Vol.Drain()
 			c.Close()
 			n.removeCopy(id)
-		}(s.local, img.ID)
-		s.local = nil
+		}(s.Local, img.ID)
+		s.Local = nil
 	}
 	if hasLocal {
 		if err := n.dir.CacheRecord(img); err != nil {
 			return err
 		}
 	}
-	if img.Owner != n.cfg.Node.Name && s.owned.Load() {
+	if img.Owner != n.cfg.Node.Name && s.Owned() {
 		n.log.Warn("ownership of the image moved to another node", "image", img.Name, "owner", img.Owner)
-		s.owned.Store(false)
-		if !s.offline.Load() {
+		s.SetOwned(false)
+		if !s.Offline.Load() {
 			// The record deposed this node (its copy was removed, with a
 			// new generation the copies now require): the lock must go
 			// too, or nobody could take the image. After a takeover the
 			// lock is the taker's already, and this does nothing.
-			if err := n.cat.ReleaseOwnership(ctx, img.ID, n.cfg.Node.Name, s.session()); err != nil {
+			if err := n.cat.ReleaseOwnership(ctx, img.ID, n.cfg.Node.Name, s.Session()); err != nil {
 				n.log.Warn("cannot release the ownership lock of an image this node no longer owns; it is freed when its session ends", "image", img.Name, "err", err)
 			}
 		}
 	}
 	// The version first, then the maps: out-of-sync records the volume
 	// makes while the maps are read survive their install.
-	at := s.vol.MapVersion()
+	at := s.Vol.MapVersion()
 	reps, maps, err := n.replicas(ctx, s, img, false)
 	if err != nil {
 		return fmt.Errorf("image %s: %w", img.Name, err)
 	}
-	s.vol.SetMinCopies(img.MinCopies)
-	if img.Size > s.vol.Size() {
+	s.Vol.SetMinCopies(img.MinCopies)
+	if img.Size > s.Vol.Size() {
 		// Grown online: the copies' files are longer already.
-		if s.local != nil {
-			if err := s.local.Grow(img.Size); err != nil {
+		if s.Local != nil {
+			if err := s.Local.Grow(img.Size); err != nil {
 				return fmt.Errorf("image %s: %w", img.Name, err)
 			}
 		}
-		if err := s.vol.Grow(img.Size, reps, maps, at); err != nil {
+		if err := s.Vol.Grow(img.Size, reps, maps, at); err != nil {
 			return fmt.Errorf("image %s: %w", img.Name, err)
 		}
-		if err := s.lu.Resize(img.Size); err != nil {
+		if err := s.LU.Resize(img.Size); err != nil {
 			return fmt.Errorf("image %s: %w", img.Name, err)
 		}
 		n.log.Info("image grown", "image", img.Name, "size", img.Size)
-	} else if err := s.vol.SetReplicas(reps, maps, at); err != nil {
+	} else if err := s.Vol.SetReplicas(reps, maps, at); err != nil {
 		return fmt.Errorf("image %s: %w", img.Name, err)
 	}
-	s.mu.Lock()
-	s.img = img
-	s.mu.Unlock()
-	s.fromCache = false
+	s.SetRecord(img)
+	s.FromCache = false
 	return nil
 }
 
 // applyNow applies img to s outside a reconcile pass (a takeover, a
 // fresher record read on the I/O path), under the reconciler's lock.
-func (n *Node) applyNow(ctx context.Context, s *served, img meta.Image, force bool) error {
+func (n *Node) applyNow(ctx context.Context, s *served.Image, img meta.Image, force bool) error {
 	var err error
 	n.recon.Do(func() { err = n.apply(ctx, s, img, force) })
 	return err
@@ -404,19 +315,12 @@ func (n *Node) applyNow(ctx context.Context, s *served, img meta.Image, force bo
 // its copies. With deleted (the image has a tombstone) the local data file
 // and cached record are removed; otherwise they are kept and the loss of
 // the record is reported.
-func (n *Node) withdraw(s *served, deleted bool) error {
-	img := s.record()
-	n.mu.Lock()
-	if n.served[img.Name] == s {
-		delete(n.served, img.Name)
-	}
-	if n.byID[img.ID] == s {
-		delete(n.byID, img.ID)
-	}
-	n.mu.Unlock()
+func (n *Node) withdraw(s *served.Image, deleted bool) error {
+	img := s.Record()
+	n.images.Remove(s)
 	n.target.DropTarget(n.iqn(img.Name))
-	err := s.close()
-	if s.local != nil {
+	err := s.Close()
+	if s.Local != nil {
 		if deleted {
 			err = errors.Join(err, n.removeCopy(img.ID))
 			n.log.Info("image deleted", "image", img.Name, "id", img.ID)
@@ -438,9 +342,7 @@ func (n *Node) LookupTarget(iqn string) (*scsi.LU, bool) {
 	if !ok || meta.ValidateName(name) != nil {
 		return nil, false
 	}
-	n.mu.RLock()
-	s := n.served[name]
-	n.mu.RUnlock()
+	s := n.images.Get(name)
 	if s == nil {
 		ctx, cancel := context.WithTimeout(context.Background(), lazyExportTimeout)
 		defer cancel()
@@ -452,10 +354,10 @@ func (n *Node) LookupTarget(iqn string) (*scsi.LU, bool) {
 			return nil, false
 		}
 	}
-	if s.record().IsSnapshot() {
+	if s.Record().IsSnapshot() {
 		return nil, false
 	}
-	return s.lu, true
+	return s.LU, true
 }
 
 // lazyExportTimeout bounds the catalog reads of an export on login.
@@ -477,11 +379,9 @@ func (n *Node) TargetNames() []string {
 		for name, k := range n.recon.Known() {
 			set[name] = !k.Snapshot
 		}
-		n.mu.RLock()
-		for name, s := range n.served {
-			set[name] = !s.record().IsSnapshot()
+		for _, s := range n.images.List(false) {
+			set[s.Record().Name] = !s.Record().IsSnapshot()
 		}
-		n.mu.RUnlock()
 	}
 	out := make([]string, 0, len(set))
 	for name, target := range set {
@@ -682,27 +582,17 @@ func (n *Node) DeleteImage(ctx context.Context, name string) error {
 // (every call with the reconciler's lock held).
 type reconHost struct{ n *Node }
 
-func (h reconHost) served(name string) *served {
-	h.n.mu.RLock()
-	defer h.n.mu.RUnlock()
-	return h.n.served[name]
-}
+func (h reconHost) served(name string) *served.Image { return h.n.images.Get(name) }
 
 func (h reconHost) ServedID(name string) string {
 	if s := h.served(name); s != nil {
-		return s.record().ID
+		return s.Record().ID
 	}
 	return ""
 }
 
 func (h reconHost) ServedNames() []string {
-	h.n.mu.RLock()
-	defer h.n.mu.RUnlock()
-	out := make([]string, 0, len(h.n.served))
-	for name := range h.n.served {
-		out = append(out, name)
-	}
-	return out
+	return h.n.images.Names()
 }
 
 func (h reconHost) Export(ctx context.Context, img meta.Image) error {

@@ -7,6 +7,7 @@ import (
 
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/cluster/meta/kvtest"
+	"github.com/ukai-storage/ukai/node/served"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/scsi"
 )
@@ -23,10 +24,10 @@ func TestFormerOwnerRecordsNothing(t *testing.T) {
 	ctx := context.Background()
 	cat := testCatalog(t)
 	img := kvtest.OwnedImage(t, cat, "vm1", 4<<20, 1<<20, "n1", "n1", "n2")
-	n := &Node{cfg: Config{Node: NodeConfig{Name: "n1"}}, cat: cat}
+	n := &Node{cfg: Config{Node: NodeConfig{Name: "n1"}}, cat: cat, images: served.NewSet()}
 	s := n.newServed(img)
-	s.owned.Store(true)
-	s.ownedGen.Store(1)
+	s.SetOwned(true)
+	s.OwnedGen.Store(1)
 	m := &mapStore{n: n, s: s}
 
 	// The owner of the day records.

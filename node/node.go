@@ -20,6 +20,7 @@ import (
 	"github.com/ukai-storage/ukai/node/datadir"
 	"github.com/ukai-storage/ukai/node/executor"
 	"github.com/ukai-storage/ukai/node/reconcile"
+	"github.com/ukai-storage/ukai/node/served"
 	"github.com/ukai-storage/ukai/ownership"
 	"github.com/ukai-storage/ukai/target/iscsi"
 )
@@ -30,7 +31,8 @@ import (
 // the volumes, the portal and the API, and runs their loops (Run), all
 // joined before the images and the store close.
 //
-// Lock order: ownMu → the reconciler's (recon.Do) → mu → served.mu. storeMu,
+// Lock order: ownMu → the reconciler's (recon.Do) → the served set's and
+// images' locks (package served, leaves). storeMu,
 // peersMu, exportsMu, the peer store's locks and an image's
 // activity and copy-on-write locks are leaves: nothing is locked while
 // one of them is held.
@@ -50,9 +52,7 @@ type Node struct {
 	dir    *datadir.Dir          // this node's copies and cached records
 	recon  *reconcile.Reconciler // the served set in line with the catalog
 
-	mu     sync.RWMutex
-	served map[string]*served // by image name
-	byID   map[string]*served // the same, by image id (the per-I/O lookup)
+	images *served.Set // what this node exports, by name and by id
 
 	storeMu sync.Mutex
 	storeOK bool // last metadata access succeeded
@@ -78,7 +78,7 @@ type Node struct {
 // New opens the node's stores, binds its listeners and joins the cluster;
 // nothing is served until Run. Errors name the configuration key at fault.
 func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *Node, err error) {
-	n := &Node{cfg: cfg, log: log, version: version, started: time.Now(), served: map[string]*served{}, byID: map[string]*served{}, storeOK: true, peers: map[string]*peer.Client{}, now: time.Now}
+	n := &Node{cfg: cfg, log: log, version: version, started: time.Now(), images: served.NewSet(), storeOK: true, peers: map[string]*peer.Client{}, now: time.Now}
 	n.pstore = &peerStore{n: n, floors: map[string]uint64{}}
 	var closers []func()
 	defer func() {
@@ -251,15 +251,11 @@ func (n *Node) shutdown(stopLoops context.CancelFunc) error {
 	if n.members != nil {
 		err = errors.Join(err, n.members.Leave(ctx))
 	}
-	n.mu.Lock()
-	for name, s := range n.served {
-		if cerr := s.close(); cerr != nil {
-			err = errors.Join(err, fmt.Errorf("close image %s: %w", name, cerr))
+	for _, s := range n.images.TakeAll() {
+		if cerr := s.Close(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("close image %s: %w", s.Record().Name, cerr))
 		}
-		delete(n.served, name)
 	}
-	clear(n.byID)
-	n.mu.Unlock()
 	err = errors.Join(err, n.kv.Close())
 	n.log.Info("stopped", "err", err)
 	return err
@@ -281,16 +277,8 @@ func (n *Node) noteStore(err error) {
 
 // servedImages returns the exported images, only the owned ones with
 // ownedOnly.
-func (n *Node) servedImages(ownedOnly bool) []*served {
-	n.mu.RLock()
-	defer n.mu.RUnlock()
-	out := make([]*served, 0, len(n.served))
-	for _, s := range n.served {
-		if !ownedOnly || s.owned.Load() {
-			out = append(out, s)
-		}
-	}
-	return out
+func (n *Node) servedImages(ownedOnly bool) []*served.Image {
+	return n.images.List(ownedOnly)
 }
 
 // every runs fn every d until ctx ends.

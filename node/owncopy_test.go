@@ -12,6 +12,7 @@ import (
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/cluster/meta/kvtest"
 	"github.com/ukai-storage/ukai/cluster/peer"
+	"github.com/ukai-storage/ukai/node/served"
 	"github.com/ukai-storage/ukai/ownership"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/lun"
@@ -20,7 +21,7 @@ import (
 
 // ownedCopy is node n1 owning image name (its only copy here) under a
 // valid session, and the owner's view of its local copy.
-func ownedCopy(t testing.TB, name string) (*Node, *served, ownCopy, *lun.FileCopy) {
+func ownedCopy(t testing.TB, name string) (*Node, *served.Image, ownCopy, *lun.FileCopy) {
 	t.Helper()
 	const bs = 64 << 10
 	kv, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
@@ -31,7 +32,7 @@ func ownedCopy(t testing.TB, name string) (*Node, *served, ownCopy, *lun.FileCop
 	cat := meta.NewCatalog(kv, "ukai/")
 	img := kvtest.OwnedImage(t, cat, name, 4*bs, bs, "n1", "n1", "n2")
 	sess := testSession(t, kv)
-	n := &Node{cfg: Config{Node: NodeConfig{Name: "n1"}}, cat: cat, kv: kv, log: slog.New(slog.DiscardHandler), session: sess}
+	n := &Node{cfg: Config{Node: NodeConfig{Name: "n1"}}, cat: cat, kv: kv, images: served.NewSet(), log: slog.New(slog.DiscardHandler), session: sess}
 	n.pstore = &peerStore{n: n, floors: map[string]uint64{}}
 	if n.peerSrv, err = peer.NewServer(peer.ServerConfig{Listen: "127.0.0.1:0"}, n.pstore); err != nil {
 		t.Fatal(err)
@@ -42,10 +43,10 @@ func ownedCopy(t testing.TB, name string) (*Node, *served, ownCopy, *lun.FileCop
 	}
 	t.Cleanup(func() { fc.Close() })
 	s := n.newServed(img)
-	s.local = fc
-	s.ownedGen.Store(img.Generation)
-	s.setSession(sess.Current())
-	s.owned.Store(true)
+	s.Local = fc
+	s.OwnedGen.Store(img.Generation)
+	s.SetSession(sess.Current())
+	s.SetOwned(true)
 	return n, s, ownCopy{localCopy{fc}, n, s, img.ID}, fc
 }
 
@@ -91,7 +92,7 @@ func TestDeposedOwnerCannotWriteItsCopy(t *testing.T) {
 			t.Fatalf("the owner's write: %v", err)
 		}
 		// The new owner's write reaches this copy through the peer server.
-		leave, err := n.peerSrv.Admit(ctx, peer.Ref{ID: s.record().ID, Gen: s.ownedGen.Load() + 1, Epoch: 5})
+		leave, err := n.peerSrv.Admit(ctx, peer.Ref{ID: s.Record().ID, Gen: s.OwnedGen.Load() + 1, Epoch: 5})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -115,14 +116,14 @@ func TestDeposedOwnerCannotWriteItsCopy(t *testing.T) {
 		}
 		// The session the image was taken with is gone (this process was
 		// paused past its TTL, or the store ended it).
-		s.setSession("a-session-that-ended")
+		s.SetSession("a-session-that-ended")
 		if err := oc.WriteAt(ctx, fill(3), 0, false); !errors.Is(err, errDeposed) {
 			t.Fatalf("a write under a lapsed session: %v, want %v", err, errDeposed)
 		}
 		holds(t, fc, 1)
 		// Served offline (its only copy, the store unreachable), the
 		// session does not bind it.
-		s.offline.Store(true)
+		s.Offline.Store(true)
 		if err := oc.WriteAt(ctx, fill(4), 0, false); err != nil {
 			t.Fatalf("an offline owner's write: %v", err)
 		}
@@ -136,21 +137,21 @@ func TestDeposedOwnerCannotWriteItsCopy(t *testing.T) {
 func TestReleaseWaitsForIOInFlight(t *testing.T) {
 	ctx := context.Background()
 	n, s, oc, _ := ownedCopy(t, "vm1")
-	img := s.record()
-	ok, err := n.cat.AcquireOwnership(ctx, img.ID, "n1", s.session())
+	img := s.Record()
+	ok, err := n.cat.AcquireOwnership(ctx, img.ID, "n1", s.Session())
 	if err != nil || !ok {
 		t.Fatalf("acquire: %v %v", ok, err)
 	}
 	withVolume(t, n, s, oc)
-	if !s.beginIO() {
+	if !s.BeginIO() {
 		t.Fatal("beginIO on an owned image")
 	}
 	released := make(chan struct{})
 	go func() { n.release(ctx, s); close(released) }()
-	for s.owned.Load() {
+	for s.Owned() {
 		time.Sleep(time.Millisecond)
 	}
-	if s.beginIO() {
+	if s.BeginIO() {
 		t.Fatal("new I/O counted in while a release runs")
 	}
 	select {
@@ -158,10 +159,10 @@ func TestReleaseWaitsForIOInFlight(t *testing.T) {
 		t.Fatal("the release ended with an I/O in flight")
 	case <-time.After(300 * time.Millisecond):
 	}
-	if ls, _, err := n.cat.OwnershipLock(ctx, img.ID); err != nil || ls != s.session() {
+	if ls, _, err := n.cat.OwnershipLock(ctx, img.ID); err != nil || ls != s.Session() {
 		t.Fatalf("the lock was freed with an I/O in flight: holder %q, %v", ls, err)
 	}
-	s.endIO()
+	s.EndIO()
 	<-released
 	if ls, _, err := n.cat.OwnershipLock(ctx, img.ID); err != nil || ls != "" {
 		t.Fatalf("after the I/O ended the release kept the lock: holder %q, %v", ls, err)
@@ -196,9 +197,9 @@ func BenchmarkLocalWrite4K(b *testing.B) {
 }
 
 // withVolume gives s a volume whose only copy is the owner's local one.
-func withVolume(t testing.TB, n *Node, s *served, oc ownCopy) {
+func withVolume(t testing.TB, n *Node, s *served.Image, oc ownCopy) {
 	t.Helper()
-	img := s.record()
+	img := s.Record()
 	maps := map[string]*placement.BlockMap{"n1": placement.NewBlockMap(img.Blocks(), placement.InSync)}
 	vol, err := lun.NewVolume(lun.Config{Size: img.Size, BlockSize: img.BlockSize, MinCopies: 1, CopyTimeout: time.Second},
 		[]*lun.Replica{{Node: "n1", Copy: oc, Local: true}}, maps, &mapStore{n: n, s: s})
@@ -206,8 +207,8 @@ func withVolume(t testing.TB, n *Node, s *served, oc ownCopy) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { vol.Close() })
-	s.vol = vol
-	s.act = n.newActivity(s)
+	s.Vol = vol
+	s.Act = n.newActivity(s)
 }
 
 // A write its own copy refused because this node stopped owning the image
@@ -222,7 +223,7 @@ func TestWriteAfterOwnershipLapsedIsNotReady(t *testing.T) {
 	if err := b.WriteAt(ctx, fill(1), 0, false); err != nil {
 		t.Fatalf("the owner's write: %v", err)
 	}
-	s.setSession("a-session-that-ended")
+	s.SetSession("a-session-that-ended")
 	err := b.WriteAt(ctx, fill(2), 0, false)
 	var se *scsi.SenseError
 	if !errors.As(err, &se) || se.Key != scsi.SenseNotReady {
@@ -235,7 +236,7 @@ func TestWriteAfterOwnershipLapsedIsNotReady(t *testing.T) {
 // the release is not undone.
 func TestKeepOwnedAfterFailedRelease(t *testing.T) {
 	n, s, _, _ := ownedCopy(t, "vm1")
-	gen := s.ownedGen.Load()
+	gen := s.OwnedGen.Load()
 	for _, tc := range []struct {
 		owner string
 		gen   uint64
@@ -245,15 +246,13 @@ func TestKeepOwnedAfterFailedRelease(t *testing.T) {
 		{"n2", gen + 1, false},
 		{"n1", gen + 1, false},
 	} {
-		img := s.record()
+		img := s.Record()
 		img.Owner, img.Generation = tc.owner, tc.gen
-		s.mu.Lock()
-		s.img = img
-		s.mu.Unlock()
-		s.owned.Store(false)
+		s.SetRecord(img)
+		s.SetOwned(false)
 		n.keepOwned(s)
-		if s.owned.Load() != tc.want {
-			t.Errorf("record owner %s generation %d (took %d): owned %v, want %v", tc.owner, tc.gen, gen, s.owned.Load(), tc.want)
+		if s.Owned() != tc.want {
+			t.Errorf("record owner %s generation %d (took %d): owned %v, want %v", tc.owner, tc.gen, gen, s.Owned(), tc.want)
 		}
 	}
 }

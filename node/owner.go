@@ -10,6 +10,7 @@ import (
 	"github.com/ukai-storage/ukai/cluster/membership"
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/cluster/peer"
+	"github.com/ukai-storage/ukai/node/served"
 	"github.com/ukai-storage/ukai/ownership"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/scsi"
@@ -82,7 +83,7 @@ func (n *Node) peerMember(node string) (membership.Member, error) {
 }
 
 // acquire makes this node the owner of s's image, or says who is.
-func (n *Node) acquire(ctx context.Context, s *served) error {
+func (n *Node) acquire(ctx context.Context, s *served.Image) error {
 	if n.mayServe(s) {
 		return nil
 	}
@@ -91,7 +92,7 @@ func (n *Node) acquire(ctx context.Context, s *served) error {
 	if n.mayServe(s) {
 		return nil
 	}
-	rec := s.record()
+	rec := s.Record()
 	self := n.cfg.Node.Name
 	in := ownership.Input{
 		Self:           self,
@@ -115,9 +116,9 @@ func (n *Node) acquire(ctx context.Context, s *served) error {
 	in.HolderDead = in.LockNode != "" && n.dead(in.LockNode)
 	switch act := ownership.Decide(in); act {
 	case ownership.Offline:
-		s.ownedGen.Store(rec.Generation)
-		s.offline.Store(true)
-		s.owned.Store(true)
+		s.OwnedGen.Store(rec.Generation)
+		s.Offline.Store(true)
+		s.SetOwned(true)
 		n.log.Warn("metadata store unreachable: serving the image's only copy without recording ownership", "image", rec.Name)
 		return nil
 	case ownership.Wait:
@@ -135,7 +136,7 @@ func (n *Node) acquire(ctx context.Context, s *served) error {
 			"image", rec.Name, "node", in.LockNode, "session", in.LockSession)
 		return errNotOwner(in.LockNode)
 	case ownership.Acquire:
-		if time.Now().Before(s.nextAcquire) {
+		if time.Now().Before(s.NextAcquire) {
 			return errNotOwner(in.LockNode)
 		}
 		ok, err := n.cat.AcquireOwnership(ctx, rec.ID, self, in.Session)
@@ -143,7 +144,7 @@ func (n *Node) acquire(ctx context.Context, s *served) error {
 			return notReady(fmt.Errorf("take ownership: %w", err))
 		}
 		if !ok {
-			s.nextAcquire = time.Now().Add(acquireBackoff)
+			s.NextAcquire = time.Now().Add(acquireBackoff)
 			return errNotOwner(in.LockNode)
 		}
 	case ownership.Take:
@@ -155,7 +156,7 @@ func (n *Node) acquire(ctx context.Context, s *served) error {
 		// forward to the holder): let it go. Chaos seed 110: a takeover
 		// whose record write failed left its lock held, and the image
 		// could not be verified through any other node.
-		s.owned.Store(false)
+		s.SetOwned(false)
 		if rerr := n.cat.ReleaseOwnership(context.WithoutCancel(ctx), rec.ID, self, in.Session); rerr != nil {
 			n.log.Warn("cannot release the ownership lock of an image this node failed to take", "image", rec.Name, "err", rerr)
 		}
@@ -167,16 +168,24 @@ func (n *Node) acquire(ctx context.Context, s *served) error {
 // take records this node as the owner of an image whose lock its session
 // holds (a new owner raises the generation), brings the copies in line
 // and starts serving. The caller holds ownMu.
-func (n *Node) take(ctx context.Context, s *served, session string) error {
-	name := s.record().Name
+func (n *Node) take(ctx context.Context, s *served.Image, session string) error {
+	name, id := s.Record().Name, s.Record().ID
 	self := n.cfg.Node.Name
 	var previous string
 	img, _, err := n.cat.GetImage(ctx, name)
+	if err == nil && img.ID != id {
+		// Deleted and created again under the same name: the lock held
+		// is the old image's, which is not this record's.
+		err = fmt.Errorf("%w (created again as %s)", meta.ErrImageNotFound, img.ID)
+	}
 	if err == nil {
 		previous = img.Owner
 	}
 	if err == nil && img.Owner != self {
 		img, err = n.cat.UpdateImage(ctx, name, func(i *meta.Image) error {
+			if i.ID != id {
+				return fmt.Errorf("%w (created again as %s)", meta.ErrImageNotFound, i.ID)
+			}
 			previous = i.Owner
 			if i.Owner != self {
 				i.Owner = self
@@ -188,10 +197,10 @@ func (n *Node) take(ctx context.Context, s *served, session string) error {
 	if err != nil {
 		return notReady(fmt.Errorf("take ownership: %w", err))
 	}
-	s.ownedGen.Store(img.Generation)
+	s.OwnedGen.Store(img.Generation)
 	// The session first: the reconciliation below writes to the local
 	// copy, which checks it (ownCopy).
-	s.setSession(session)
+	s.SetSession(session)
 	// Fresh block maps and peer references with the new generation.
 	err = n.applyNow(ctx, s, img, true)
 	if err != nil {
@@ -199,20 +208,20 @@ func (n *Node) take(ctx context.Context, s *served, session string) error {
 	}
 	// Whatever a former owner (or this node, before a release) sent to
 	// the copies lands before this, or never.
-	if bad := s.vol.FenceAll(ctx); len(bad) > 0 {
+	if bad := s.Vol.FenceAll(ctx); len(bad) > 0 {
 		n.log.Warn("took the image without fencing the copies on some nodes (unreachable): writes a former owner sent them may still land; the reconciliation records its logged blocks out of sync there", "image", name, "nodes", bad)
 	}
-	if mustReconcile(previous, self, s.everOwned) {
+	if mustReconcile(previous, self, s.EverOwned) {
 		// The last owner may have died with writes in flight: make the
 		// copies agree on the blocks it was writing before serving I/O.
-		if err := s.act.Reconcile(ctx); err != nil {
+		if err := s.Act.Reconcile(ctx); err != nil {
 			return notReady(fmt.Errorf("reconcile the previous owner's writes: %w", err))
 		}
 	}
-	s.cow.Reset()
-	s.everOwned = true
-	s.offline.Store(false)
-	s.owned.Store(true)
+	s.Cow.Reset()
+	s.EverOwned = true
+	s.Offline.Store(false)
+	s.SetOwned(true)
 	n.log.Info("took ownership of image", "image", name, "generation", img.Generation, "previous_owner", previous)
 	return nil
 }
@@ -250,9 +259,9 @@ func mustReconcile(previous, self string, everOwned bool) bool {
 // invalidated.
 func (n *Node) sessionLost(id string) {
 	for _, s := range n.servedImages(true) {
-		if s.session() == id && !s.offline.Load() {
-			n.log.Error("ownership session lost: stopping I/O on the image", "image", s.record().Name)
-			s.owned.Store(false)
+		if s.Session() == id && !s.Offline.Load() {
+			n.log.Error("ownership session lost: stopping I/O on the image", "image", s.Record().Name)
+			s.SetOwned(false)
 		}
 	}
 }
@@ -261,25 +270,25 @@ func (n *Node) sessionLost(id string) {
 // while the store was unreachable) into a recorded ownership once the
 // store and the session are back; if another node holds the lock, the
 // image is fenced.
-func (n *Node) settleOffline(ctx context.Context, s *served) {
+func (n *Node) settleOffline(ctx context.Context, s *served.Image) {
 	n.ownMu.Lock()
 	defer n.ownMu.Unlock()
-	if !s.offline.Load() {
+	if !s.Offline.Load() {
 		return
 	}
 	session := n.session.Ensure(ctx)
 	if session == "" {
 		return
 	}
-	rec := s.record()
+	rec := s.Record()
 	ok, err := n.cat.AcquireOwnership(ctx, rec.ID, n.cfg.Node.Name, session)
 	if err != nil {
 		return // still offline
 	}
 	if !ok {
 		n.log.Error("another node holds the ownership lock of an image served offline here: stopping I/O", "image", rec.Name)
-		s.offline.Store(false)
-		s.owned.Store(false)
+		s.Offline.Store(false)
+		s.SetOwned(false)
 		return
 	}
 	if err := n.take(ctx, s, session); err != nil {
@@ -296,14 +305,14 @@ func (n *Node) releaseIdle(ctx context.Context) {
 			active[si.Target] = true
 		}
 		for _, s := range n.servedImages(true) {
-			if s.offline.Load() {
+			if s.Offline.Load() {
 				n.settleOffline(ctx, s)
 			}
-			img := s.record()
-			if active[n.iqn(img.Name)] || s.busy.Load() > 0 || img.Attached == n.cfg.Node.Name || n.originOwnedHere(img) {
+			img := s.Record()
+			if active[n.iqn(img.Name)] || s.Busy() || img.Attached == n.cfg.Node.Name || n.originOwnedHere(img) {
 				delete(idle, img.ID)
-				if s.vol.QuietFor(2 * time.Second) {
-					s.act.Clear(ctx)
+				if s.Vol.QuietFor(2 * time.Second) {
+					s.Act.Clear(ctx)
 				}
 				continue
 			}
@@ -326,23 +335,23 @@ func (n *Node) releaseIdle(ctx context.Context) {
 // take the image (and rewrites the record); a record still naming this
 // node is only out of date. A lock that cannot be freed keeps the image
 // owned here.
-func (n *Node) release(ctx context.Context, s *served) {
-	name := s.record().Name
+func (n *Node) release(ctx context.Context, s *served.Image) {
+	name := s.Record().Name
 	// No new I/O from here (beginIO); the I/O already past its ownership
 	// check ends before the flush, so that nothing lands after the lock
 	// is free. ownMu is not held while waiting: that I/O may need it (a
 	// write takes the image's snapshots).
 	n.ownMu.Lock()
-	if !s.owned.Load() {
+	if !s.Owned() {
 		n.ownMu.Unlock()
 		return
 	}
-	s.owned.Store(false)
+	s.SetOwned(false)
 	n.ownMu.Unlock()
 	err := waitIO(ctx, s, releaseDrain)
 	n.ownMu.Lock()
 	defer n.ownMu.Unlock()
-	if s.owned.Load() {
+	if s.Owned() {
 		return // new I/O took it again meanwhile
 	}
 	if err != nil {
@@ -351,22 +360,22 @@ func (n *Node) release(ctx context.Context, s *served) {
 		return
 	}
 	start := time.Now()
-	if err := s.vol.Flush(ctx); err != nil {
+	if err := s.Vol.Flush(ctx); err != nil {
 		n.log.Warn("flush before releasing ownership failed; keeping it", "image", name, "err", err)
 		n.keepOwned(s)
 		return
 	}
-	s.act.Flushed(start)
-	s.act.Clear(ctx)
-	if !s.offline.Load() {
-		if err := n.cat.ReleaseOwnership(ctx, s.record().ID, n.cfg.Node.Name, s.session()); err != nil {
+	s.Act.Flushed(start)
+	s.Act.Clear(ctx)
+	if !s.Offline.Load() {
+		if err := n.cat.ReleaseOwnership(ctx, s.Record().ID, n.cfg.Node.Name, s.Session()); err != nil {
 			n.log.Warn("cannot release ownership; keeping it", "image", name, "err", err)
 			n.keepOwned(s)
 			return
 		}
 	}
-	s.offline.Store(false)
-	s.cow.Reset()
+	s.Offline.Store(false)
+	s.Cow.Reset()
 	_, err = n.cat.UpdateImage(ctx, name, func(i *meta.Image) error {
 		if i.Owner != n.cfg.Node.Name {
 			return errSkip
@@ -385,9 +394,9 @@ var errSkip = errors.New("nothing to do")
 // keepOwned undoes a release that could not finish, unless the image was
 // taken from this node meanwhile (a record naming another owner or
 // generation was applied; a lost session is mayServe's to judge).
-func (n *Node) keepOwned(s *served) {
-	if rec := s.record(); rec.Owner == n.cfg.Node.Name && rec.Generation == s.ownedGen.Load() || s.offline.Load() {
-		s.owned.Store(true)
+func (n *Node) keepOwned(s *served.Image) {
+	if rec := s.Record(); rec.Owner == n.cfg.Node.Name && rec.Generation == s.OwnedGen.Load() || s.Offline.Load() {
+		s.SetOwned(true)
 	}
 }
 
@@ -395,11 +404,11 @@ func (n *Node) keepOwned(s *served) {
 const releaseDrain = 10 * time.Second
 
 // waitIO waits until no I/O counted in by beginIO runs on s, for at most d.
-func waitIO(ctx context.Context, s *served, d time.Duration) error {
+func waitIO(ctx context.Context, s *served.Image, d time.Duration) error {
 	deadline := time.Now().Add(d)
-	for s.io.Load() > 0 {
+	for s.InFlight() > 0 {
 		if time.Now().After(deadline) {
-			return fmt.Errorf("%d I/O still running after %v", s.io.Load(), d)
+			return fmt.Errorf("%d I/O still running after %v", s.InFlight(), d)
 		}
 		sleep(ctx, 5*time.Millisecond)
 		if err := ctx.Err(); err != nil {
@@ -415,10 +424,8 @@ func (n *Node) originOwnedHere(img meta.Image) bool {
 	if !img.IsSnapshot() {
 		return false
 	}
-	n.mu.RLock()
-	o := n.served[img.Origin.Name]
-	n.mu.RUnlock()
-	return o != nil && o.record().ID == img.Origin.ID && o.owned.Load()
+	o := n.images.Get(img.Origin.Name)
+	return o != nil && o.Record().ID == img.Origin.ID && o.Owned()
 }
 
 // gate is the scsi.Backend of an exported image. On the owner it runs the
@@ -429,7 +436,7 @@ func (n *Node) originOwnedHere(img meta.Image) bool {
 // owner's lease to expire and takes the image over.
 type gate struct {
 	n *Node
-	s *served
+	s *served.Image
 }
 
 // takeoverWait bounds how long an I/O waits for a dead owner's lease.
@@ -444,10 +451,10 @@ func (g *gate) do(ctx context.Context, local func(ctx context.Context) error, fw
 	for {
 		err := n.acquire(ctx, s)
 		if err == nil {
-			if !s.beginIO() {
+			if !s.BeginIO() {
 				continue // released meanwhile: acquire again or forward
 			}
-			defer s.endIO()
+			defer s.EndIO()
 			return local(ctx)
 		}
 		var no *notOwnerError
@@ -455,7 +462,7 @@ func (g *gate) do(ctx context.Context, local func(ctx context.Context) error, fw
 			return err
 		}
 		if c := n.peerClient(no.owner); c != nil && no.owner != n.cfg.Node.Name {
-			img := s.record()
+			img := s.Record()
 			ferr := fwd(ctx, c, peer.Ref{ID: img.ID, Gen: img.Generation})
 			switch {
 			case ferr == nil:
@@ -477,7 +484,7 @@ func (g *gate) do(ctx context.Context, local func(ctx context.Context) error, fw
 		}
 		sleep(ctx, 200*time.Millisecond)
 		// Refresh the record (a new owner, or the lease ran out).
-		if img, _, rerr := n.cat.GetImage(ctx, s.record().Name); rerr == nil {
+		if img, _, rerr := n.cat.GetImage(ctx, s.Record().Name); rerr == nil {
 			_ = n.applyNow(ctx, s, img, false)
 		}
 	}
@@ -493,7 +500,7 @@ func forwardedSense(err error) error {
 }
 
 func (g *gate) ReadAt(ctx context.Context, p []byte, off int64) error {
-	return g.do(ctx, func(ctx context.Context) error { return g.s.vol.ReadAt(ctx, p, off) },
+	return g.do(ctx, func(ctx context.Context) error { return g.s.Vol.ReadAt(ctx, p, off) },
 		func(ctx context.Context, c *peer.Client, ref peer.Ref) error { return c.ForwardRead(ctx, ref, p, off) })
 }
 
@@ -528,12 +535,12 @@ func (o ownerVolumes) Volume(ctx context.Context, ref peer.Ref) (peer.Backend, e
 		return nil, fmt.Errorf("image %s: %w", ref.ID, peer.ErrUnknownImage)
 	}
 	if !n.mayServe(s) && !n.holdsLock(ctx, s) {
-		return nil, fmt.Errorf("image %s: %w", s.record().Name, peer.ErrNotOwner)
+		return nil, fmt.Errorf("image %s: %w", s.Record().Name, peer.ErrNotOwner)
 	}
 	if err := n.acquire(ctx, s); err != nil {
-		return nil, fmt.Errorf("image %s: %w (%v)", s.record().Name, peer.ErrNotOwner, err)
+		return nil, fmt.Errorf("image %s: %w (%v)", s.Record().Name, peer.ErrNotOwner, err)
 	}
-	if img := s.record(); ref.Gen < img.Generation {
+	if img := s.Record(); ref.Gen < img.Generation {
 		// The forwarder's record is older than ours: it re-reads.
 		n.log.Debug("forwarded I/O with an older generation", "image", img.Name, "gen", ref.Gen, "ours", img.Generation)
 	}
@@ -545,10 +552,10 @@ func (o ownerVolumes) Volume(ctx context.Context, ref peer.Ref) (peer.Backend, e
 type countedBackend struct{ b ownedBackend }
 
 func (c countedBackend) run(fn func() error) error {
-	if !c.b.s.beginIO() {
-		return fmt.Errorf("image %s: %w (released)", c.b.s.record().Name, peer.ErrNotOwner)
+	if !c.b.s.BeginIO() {
+		return fmt.Errorf("image %s: %w (released)", c.b.s.Record().Name, peer.ErrNotOwner)
 	}
-	defer c.b.s.endIO()
+	defer c.b.s.EndIO()
 	return fn()
 }
 
@@ -572,36 +579,36 @@ func (c countedBackend) Unmap(ctx context.Context, off, n int64) error {
 // without the node owning the image yet (a restart that kept its session,
 // a takeover that has not finished): forwarded I/O then takes it, since
 // the others forward to the lock's holder.
-func (n *Node) holdsLock(ctx context.Context, s *served) bool {
+func (n *Node) holdsLock(ctx context.Context, s *served.Image) bool {
 	sess := n.session.Current()
 	if sess == "" {
 		return false
 	}
-	ls, _, err := n.cat.OwnershipLock(ctx, s.record().ID)
+	ls, _, err := n.cat.OwnershipLock(ctx, s.Record().ID)
 	return err == nil && ls == sess
 }
 
 // ownedBackend runs I/O on the owner's volume (its own, and forwarded).
 type ownedBackend struct {
 	n *Node
-	s *served
+	s *served.Image
 }
 
 // inRange makes sure [off, off+n) is inside the image as this node knows
 // it: an image grown online may be applied by the node that forwards the
 // I/O before its owner (the record is read again then).
 func (b ownedBackend) inRange(ctx context.Context, off, n int64) {
-	if off+n <= b.s.vol.Size() {
+	if off+n <= b.s.Vol.Size() {
 		return
 	}
-	if img, _, err := b.n.cat.GetImage(ctx, b.s.record().Name); err == nil && img.ID == b.s.record().ID {
+	if img, _, err := b.n.cat.GetImage(ctx, b.s.Record().Name); err == nil && img.ID == b.s.Record().ID {
 		_ = b.n.applyNow(ctx, b.s, img, false)
 	}
 }
 
 func (b ownedBackend) ReadAt(ctx context.Context, p []byte, off int64) error {
 	b.inRange(ctx, off, int64(len(p)))
-	return b.s.vol.ReadAt(ctx, p, off)
+	return b.s.Vol.ReadAt(ctx, p, off)
 }
 
 // WriteAt first makes sure this node owns the image's snapshots, so that
@@ -611,7 +618,7 @@ func (b ownedBackend) WriteAt(ctx context.Context, p []byte, off int64, fua bool
 	if err := b.n.ensureSnapshots(ctx, b.s); err != nil {
 		return err
 	}
-	return b.lapsed(b.s.vol.WriteAt(ctx, p, off, fua))
+	return b.lapsed(b.s.Vol.WriteAt(ctx, p, off, fua))
 }
 
 // lapsed turns the failure of an I/O during which this node stopped being
@@ -632,10 +639,10 @@ func (b ownedBackend) lapsed(err error) error {
 }
 func (b ownedBackend) Flush(ctx context.Context) error {
 	start := time.Now()
-	if err := b.s.vol.Flush(ctx); err != nil {
+	if err := b.s.Vol.Flush(ctx); err != nil {
 		return b.lapsed(err)
 	}
-	b.s.act.Flushed(start)
+	b.s.Act.Flushed(start)
 	return nil
 }
 func (b ownedBackend) Unmap(ctx context.Context, off, n int64) error {
@@ -643,13 +650,13 @@ func (b ownedBackend) Unmap(ctx context.Context, off, n int64) error {
 	if err := b.n.ensureSnapshots(ctx, b.s); err != nil {
 		return err
 	}
-	return b.lapsed(b.s.vol.Unmap(ctx, off, n))
+	return b.lapsed(b.s.Vol.Unmap(ctx, off, n))
 }
 
 // mapStore records block states of one image in the catalog.
 type mapStore struct {
 	n *Node
-	s *served
+	s *served.Image
 }
 
 // SetBlockStates records block states only while the image's record
@@ -667,7 +674,7 @@ func (m *mapStore) SetBlockStates(ctx context.Context, node string, blocks []int
 	// No shortcut on s.owned: a takeover's reconciliation records before
 	// owned is set, and writes still in flight while a release clears it
 	// must record what they did; the stored record decides.
-	err := m.n.cat.SetBlockStatesOwned(ctx, m.s.record(), node, blocks, st, m.n.cfg.Node.Name, m.s.ownedGen.Load())
+	err := m.n.cat.SetBlockStatesOwned(ctx, m.s.Record(), node, blocks, st, m.n.cfg.Node.Name, m.s.OwnedGen.Load())
 	if errors.Is(err, meta.ErrNotOwner) {
 		return fmt.Errorf("%w: %w", err, errNotOwner(""))
 	}
@@ -738,19 +745,17 @@ func (n *Node) Release(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
-	if !s.owned.Load() {
+	if !s.Owned() {
 		return nil
 	}
 	n.release(ctx, s)
-	if s.owned.Load() {
+	if s.Owned() {
 		return fmt.Errorf("image %q: could not release ownership (flush failed)", name)
 	}
 	// The new owner preserves blocks into the snapshots: let them go too.
-	for _, ref := range s.record().Snapshots {
-		n.mu.RLock()
-		sn := n.served[ref.Name]
-		n.mu.RUnlock()
-		if sn != nil && sn.owned.Load() {
+	for _, ref := range s.Record().Snapshots {
+		sn := n.images.Get(ref.Name)
+		if sn != nil && sn.Owned() {
 			n.release(ctx, sn)
 		}
 	}
@@ -764,17 +769,17 @@ func (n *Node) Release(ctx context.Context, name string) error {
 // store was unreachable (offline), is not bound by the session: a newer
 // owner can only reach it through this node's copy, which raises the
 // generation floor and fences it.
-func (n *Node) mayServe(s *served) bool {
-	if !s.owned.Load() {
+func (n *Node) mayServe(s *served.Image) bool {
+	if !s.Owned() {
 		return false
 	}
-	img := s.record()
+	img := s.Record()
 	if n.peerFloor(img.ID) > img.Generation {
 		n.log.Error("a newer owner wrote to this node's copy: fencing the image", "image", img.Name)
-		s.owned.Store(false)
+		s.SetOwned(false)
 		return false
 	}
-	return s.offline.Load() || n.session.Valid(s.session())
+	return s.Offline.Load() || n.session.Valid(s.Session())
 }
 
 // onlyLocalCopy says whether node holds the image's only copy.

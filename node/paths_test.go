@@ -9,6 +9,7 @@ import (
 
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/node/datadir"
+	"github.com/ukai-storage/ukai/node/served"
 )
 
 // The node's entry points that name a copy by id (peer.Control's
@@ -20,7 +21,7 @@ func TestCopyEntryPointsRefuseBadIDs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	n := &Node{dir: dir}
+	n := &Node{dir: dir, images: served.NewSet()}
 	ctx := context.Background()
 	for _, id := range []string{"../../outside/victimvictimvictim", strings.ToUpper(meta.NewImageID()), ""} {
 		if err := n.PrepareCopy(ctx, id, 1<<20); !errors.Is(err, meta.ErrInvalid) {

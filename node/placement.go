@@ -9,6 +9,7 @@ import (
 	"github.com/ukai-storage/ukai/cluster/membership"
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/node/executor"
+	"github.com/ukai-storage/ukai/node/served"
 	"github.com/ukai-storage/ukai/placement"
 )
 
@@ -68,17 +69,10 @@ func (h execHost) RemoveLocation(ctx context.Context, image, node string) error 
 }
 
 func (h execHost) Sync(ctx context.Context, img executor.Image, from, to int64, node string, pace executor.Pacer) error {
-	return h.n.syncServed(ctx, img.(*served), syncOpts{from: from, to: to, only: node, pace: pace}, nil)
+	return h.n.syncServed(ctx, img.(*served.Image), syncOpts{from: from, to: to, only: node, pace: pace}, nil)
 }
 
-// The executor's view of a served image.
-func (s *served) Record() meta.Image { return s.record() }
-func (s *served) Owned() bool        { return s.owned.Load() }
-func (s *served) Busy() bool         { return s.busy.Load() > 0 }
-func (s *served) Maps() map[string]*placement.BlockMap {
-	return s.vol.MapsSnapshot()
-}
-func (s *served) MapVersion() uint64 { return uint64(s.vol.MapVersion()) }
+var _ executor.Image = (*served.Image)(nil)
 
 // watchMembers tells the executor when a node joins, leaves or dies.
 func (n *Node) watchMembers(ctx context.Context) {
@@ -257,8 +251,6 @@ func (n *Node) Stats(context.Context) (api.Stats, error) {
 			st.Sessions++
 		}
 	}
-	n.mu.RLock()
-	st.Images = len(n.served)
-	n.mu.RUnlock()
+	st.Images = n.images.Len()
 	return st, nil
 }

@@ -8,6 +8,7 @@ import (
 
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/cluster/peer"
+	"github.com/ukai-storage/ukai/node/served"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/lun"
 )
@@ -16,7 +17,7 @@ import (
 // local file, or the peer copy through the data transport) and the block
 // maps from the catalog. With cached (catalog maybe unreachable) only the
 // local copy is used, with the map it had: in sync.
-func (n *Node) replicas(ctx context.Context, s *served, img meta.Image, cached bool) ([]*lun.Replica, map[string]*placement.BlockMap, error) {
+func (n *Node) replicas(ctx context.Context, s *served.Image, img meta.Image, cached bool) ([]*lun.Replica, map[string]*placement.BlockMap, error) {
 	var reps []*lun.Replica
 	maps := map[string]*placement.BlockMap{}
 	ref := peer.Ref{ID: img.ID, Gen: img.Generation}
@@ -34,7 +35,7 @@ func (n *Node) replicas(ctx context.Context, s *served, img meta.Image, cached b
 			maps[loc] = bm
 		}
 		if loc == n.cfg.Node.Name {
-			reps = append(reps, &lun.Replica{Node: loc, Copy: ownCopy{localCopy{s.local}, n, s, img.ID}, Local: true})
+			reps = append(reps, &lun.Replica{Node: loc, Copy: ownCopy{localCopy{s.Local}, n, s, img.ID}, Local: true})
 			continue
 		}
 		c := n.peerClient(loc)
@@ -71,7 +72,7 @@ func (localCopy) Close() error { return nil }
 type ownCopy struct {
 	localCopy
 	n  *Node
-	s  *served
+	s  *served.Image
 	id string // the image's id (a served image keeps it)
 }
 
@@ -82,19 +83,19 @@ var errDeposed = errors.New("this node's ownership session is no longer valid")
 // ref is the copy as the owner writes it: the generation it took the
 // image with.
 func (o ownCopy) ref() peer.Ref {
-	return peer.Ref{ID: o.id, Gen: o.s.ownedGen.Load()}
+	return peer.Ref{ID: o.id, Gen: o.s.OwnedGen.Load()}
 }
 
 func (o ownCopy) admit(ctx context.Context) (leave func(), err error) {
-	if !o.s.offline.Load() && !o.n.session.Valid(o.s.session()) {
-		return nil, fmt.Errorf("local copy of %s: %w", o.s.record().Name, errDeposed)
+	if !o.s.Offline.Load() && !o.n.session.Valid(o.s.Session()) {
+		return nil, fmt.Errorf("local copy of %s: %w", o.s.Record().Name, errDeposed)
 	}
 	if o.n.peerSrv == nil {
 		return func() {}, nil
 	}
 	leave, err = o.n.peerSrv.Admit(ctx, o.ref())
 	if err != nil {
-		return nil, fmt.Errorf("local copy of %s: %w", o.s.record().Name, err)
+		return nil, fmt.Errorf("local copy of %s: %w", o.s.Record().Name, err)
 	}
 	return leave, nil
 }
@@ -215,10 +216,10 @@ type peerStore struct {
 // fence the real owner off.
 func (p *peerStore) Open(ctx context.Context, ref peer.Ref, caller peer.Caller, a peer.Access) (peer.Local, error) {
 	s := p.n.servedByID(ref.ID)
-	if s == nil || s.local == nil {
+	if s == nil || s.Local == nil {
 		return peer.Local{}, fmt.Errorf("image %s: %w", ref.ID, peer.ErrNoCopy)
 	}
-	img := s.record()
+	img := s.Record()
 	if seen, ok := p.seen(ref.ID); ok && seen.Generation > img.Generation {
 		// The catalog said so before the watch brought the record here.
 		img.Generation, img.Owner = seen.Generation, seen.Owner
@@ -248,7 +249,7 @@ func (p *peerStore) Open(ctx context.Context, ref peer.Ref, caller peer.Caller, 
 	}
 	// The file may be longer than the record says: an online grow
 	// extends the copies before the record.
-	return peer.Local{Copy: localCopy{s.local}, Size: max(img.Size, s.local.Size()), BlockSize: img.BlockSize}, nil
+	return peer.Local{Copy: localCopy{s.Local}, Size: max(img.Size, s.Local.Size()), BlockSize: img.BlockSize}, nil
 }
 
 // current reads img's record from the catalog, one read at a time, and
@@ -294,10 +295,8 @@ func callerName(c peer.Caller) string {
 }
 
 // servedByID returns the served image with that id, or nil.
-func (n *Node) servedByID(id string) *served {
-	n.mu.RLock()
-	defer n.mu.RUnlock()
-	return n.byID[id]
+func (n *Node) servedByID(id string) *served.Image {
+	return n.images.ByID(id)
 }
 
 // isMember says whether name is a node of the membership (alive or not).

@@ -10,6 +10,7 @@ import (
 	"github.com/ukai-storage/ukai/api"
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/node/cow"
+	"github.com/ukai-storage/ukai/node/served"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/scsi"
 )
@@ -24,28 +25,28 @@ import (
 // cowImage is a served image as package cow sees it.
 type cowImage struct {
 	n *Node
-	s *served
+	s *served.Image
 }
 
-func (c cowImage) Record() meta.Image { return c.s.record() }
+func (c cowImage) Record() meta.Image { return c.s.Record() }
 func (c cowImage) ReadAt(ctx context.Context, p []byte, off int64) error {
-	return c.s.vol.ReadAt(ctx, p, off)
+	return c.s.Vol.ReadAt(ctx, p, off)
 }
 func (c cowImage) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
-	return c.s.vol.WriteAt(ctx, p, off, fua)
+	return c.s.Vol.WriteAt(ctx, p, off, fua)
 }
 func (c cowImage) ReadHeld(ctx context.Context, p []byte, off int64) error {
-	return c.s.vol.ReadHeld(ctx, p, off)
+	return c.s.Vol.ReadHeld(ctx, p, off)
 }
 
 // Hole: this node's copy is in sync at block b and holds a hole there.
 func (c cowImage) Hole(b int64) bool {
-	img := c.s.record()
-	if c.s.local == nil || c.s.vol.State(c.n.cfg.Node.Name, b) != placement.InSync {
+	img := c.s.Record()
+	if c.s.Local == nil || c.s.Vol.State(c.n.cfg.Node.Name, b) != placement.InSync {
 		return false
 	}
 	off := b * img.BlockSize
-	return c.s.local.Hole(off, min(img.BlockSize, img.Size-off))
+	return c.s.Local.Hole(off, min(img.BlockSize, img.Size-off))
 }
 
 // cowHost is the node as package cow's Host.
@@ -60,24 +61,24 @@ func (h cowHost) Snapshot(ref meta.SnapshotRef) cow.Image {
 func (h cowHost) Ready(img cow.Image) bool { return h.n.mayServe(img.(cowImage).s) }
 func (h cowHost) Hold(img cow.Image) func() {
 	s := img.(cowImage).s
-	s.busy.Add(1)
-	return func() { s.busy.Add(-1) }
+	s.BeginBusy()
+	return func() { s.EndBusy() }
 }
 
 // preserve copies blocks of s into its snapshots before they change (the
 // volume's BeforeWrite; see cow.Maps.Preserve).
-func (n *Node) preserve(ctx context.Context, s *served, blocks []int64) error {
-	return s.cow.Preserve(ctx, cowImage{n, s}, blocks)
+func (n *Node) preserve(ctx context.Context, s *served.Image, blocks []int64) error {
+	return s.Cow.Preserve(ctx, cowImage{n, s}, blocks)
 }
 
 // readSnapshot reads p at off of snapshot sn of s as it was when taken.
 // This node owns s, and must still own it with the same generation at
 // every block.
-func (n *Node) readSnapshot(ctx context.Context, s, sn *served, p []byte, off int64) error {
-	gen := s.record().Generation
-	return s.cow.Read(ctx, cowImage{n, s}, cowImage{n, sn}, p, off, func() error {
-		if !n.mayServe(s) || s.record().Generation != gen {
-			return errNotOwner(s.record().Owner)
+func (n *Node) readSnapshot(ctx context.Context, s, sn *served.Image, p []byte, off int64) error {
+	gen := s.Record().Generation
+	return s.Cow.Read(ctx, cowImage{n, s}, cowImage{n, sn}, p, off, func() error {
+		if !n.mayServe(s) || s.Record().Generation != gen {
+			return errNotOwner(s.Record().Owner)
 		}
 		return nil
 	})
@@ -85,16 +86,14 @@ func (n *Node) readSnapshot(ctx context.Context, s, sn *served, p []byte, off in
 
 // snapshotHole says whether block b of snapshot sn of s is zeros without
 // reading it (cow.Maps.Hole).
-func (n *Node) snapshotHole(ctx context.Context, s, sn *served, b int64) bool {
-	return s.cow.Hole(ctx, cowImage{n, s}, cowImage{n, sn}, b)
+func (n *Node) snapshotHole(ctx context.Context, s, sn *served.Image, b int64) bool {
+	return s.Cow.Hole(ctx, cowImage{n, s}, cowImage{n, sn}, b)
 }
 
 // servedSnapshot returns the served snapshot of ref as this node has it,
 // without reconciling (the caller may hold blocks of the origin).
-func (n *Node) servedSnapshot(ref meta.SnapshotRef) *served {
-	n.mu.RLock()
-	defer n.mu.RUnlock()
-	if sn := n.served[ref.Name]; sn != nil && sn.record().ID == ref.ID {
+func (n *Node) servedSnapshot(ref meta.SnapshotRef) *served.Image {
+	if sn := n.images.Get(ref.Name); sn != nil && sn.Record().ID == ref.ID {
 		return sn
 	}
 	return nil
@@ -103,8 +102,8 @@ func (n *Node) servedSnapshot(ref meta.SnapshotRef) *served {
 // ensureSnapshots makes this node own the snapshots of s (which it owns)
 // before a write to s takes its blocks, so preserving never waits for
 // ownership with blocks held.
-func (n *Node) ensureSnapshots(ctx context.Context, s *served) error {
-	for _, ref := range s.record().Snapshots {
+func (n *Node) ensureSnapshots(ctx context.Context, s *served.Image) error {
+	for _, ref := range s.Record().Snapshots {
 		sn := n.servedSnapshot(ref)
 		if sn != nil && n.mayServe(sn) {
 			continue
@@ -124,7 +123,7 @@ func (n *Node) ensureSnapshots(ctx context.Context, s *served) error {
 }
 
 // snapshotServed returns the served snapshot of ref.
-func (n *Node) snapshotServed(ctx context.Context, ref meta.SnapshotRef) (*served, error) {
+func (n *Node) snapshotServed(ctx context.Context, ref meta.SnapshotRef) (*served.Image, error) {
 	sn, err := n.servedByName(ctx, ref.Name)
 	if errors.Is(err, meta.ErrImageNotFound) {
 		return nil, cow.ErrGone
@@ -132,7 +131,7 @@ func (n *Node) snapshotServed(ctx context.Context, ref meta.SnapshotRef) (*serve
 	if err != nil {
 		return nil, err
 	}
-	if sn.record().ID != ref.ID {
+	if sn.Record().ID != ref.ID {
 		return nil, cow.ErrGone
 	}
 	return sn, nil
@@ -140,7 +139,7 @@ func (n *Node) snapshotServed(ctx context.Context, ref meta.SnapshotRef) (*serve
 
 // acquireWait takes ownership of s, waiting up to takeoverWait for another
 // owner to let go or for its lease to run out.
-func (n *Node) acquireWait(ctx context.Context, s *served) error {
+func (n *Node) acquireWait(ctx context.Context, s *served.Image) error {
 	deadline := time.Now().Add(takeoverWait)
 	for {
 		err := n.acquire(ctx, s)
@@ -148,10 +147,10 @@ func (n *Node) acquireWait(ctx context.Context, s *served) error {
 			return nil
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
-			return fmt.Errorf("take ownership of %s: %w", s.record().Name, err)
+			return fmt.Errorf("take ownership of %s: %w", s.Record().Name, err)
 		}
 		sleep(ctx, 200*time.Millisecond)
-		if img, _, rerr := n.cat.GetImage(ctx, s.record().Name); rerr == nil {
+		if img, _, rerr := n.cat.GetImage(ctx, s.Record().Name); rerr == nil {
 			_ = n.applyNow(ctx, s, img, false)
 		}
 	}
@@ -159,32 +158,32 @@ func (n *Node) acquireWait(ctx context.Context, s *served) error {
 
 // ownSnapshot makes this node own snapshot sn (fresh block maps) for
 // reading it, and marks it busy; done ends that.
-func (n *Node) ownSnapshot(ctx context.Context, sn *served) (done func(), err error) {
-	sn.busy.Add(1)
+func (n *Node) ownSnapshot(ctx context.Context, sn *served.Image) (done func(), err error) {
+	sn.BeginBusy()
 	if err := n.acquireWait(ctx, sn); err != nil {
-		sn.busy.Add(-1)
+		sn.EndBusy()
 		return nil, err
 	}
-	return func() { sn.busy.Add(-1) }, nil
+	return func() { sn.EndBusy() }, nil
 }
 
 // ownOrigin makes this node the owner of image name (it must not be a
 // snapshot) for an operation on its snapshots, and marks it busy; done
 // ends that.
-func (n *Node) ownOrigin(ctx context.Context, name string) (s *served, done func(), err error) {
+func (n *Node) ownOrigin(ctx context.Context, name string) (s *served.Image, done func(), err error) {
 	s, err = n.servedByName(ctx, name)
 	if err != nil {
 		return nil, nil, err
 	}
-	if s.record().IsSnapshot() {
+	if s.Record().IsSnapshot() {
 		return nil, nil, fmt.Errorf("%w: %q is a snapshot", meta.ErrInvalid, name)
 	}
-	s.busy.Add(1)
+	s.BeginBusy()
 	if err := n.acquireWait(ctx, s); err != nil {
-		s.busy.Add(-1)
+		s.EndBusy()
 		return nil, nil, err
 	}
-	return s, func() { s.busy.Add(-1) }, nil
+	return s, func() { s.EndBusy() }, nil
 }
 
 // CreateSnapshot implements api.Service. It runs on the image's owner
@@ -211,8 +210,8 @@ func (n *Node) CreateSnapshot(ctx context.Context, image string, req api.Snapsho
 	return n.snapshot(ctx, s, req.Name)
 }
 
-func (n *Node) snapshot(ctx context.Context, s *served, name string) (api.Snapshot, error) {
-	img := s.record()
+func (n *Node) snapshot(ctx context.Context, s *served.Image, name string) (api.Snapshot, error) {
+	img := s.Record()
 	if _, _, err := n.cat.GetImage(ctx, name); err == nil {
 		return api.Snapshot{}, fmt.Errorf("%q: %w", name, meta.ErrImageExists)
 	} else if !errors.Is(err, meta.ErrImageNotFound) {
@@ -237,7 +236,7 @@ func (n *Node) snapshot(ctx context.Context, s *served, name string) (api.Snapsh
 	}
 	start := time.Now()
 	var paused time.Duration
-	err = s.vol.Exclusively(func() error {
+	err = s.Vol.Exclusively(func() error {
 		// No write runs now: the snapshot is the image as the writes
 		// acknowledged so far left it.
 		held := time.Now()
@@ -255,10 +254,7 @@ func (n *Node) snapshot(ctx context.Context, s *served, name string) (api.Snapsh
 		if err != nil {
 			return err
 		}
-		s.mu.Lock()
-		s.img.Snapshots = rec.Snapshots
-		s.img.Rev = max(s.img.Rev, rec.Rev)
-		s.mu.Unlock()
+		s.SetSnapshots(rec)
 		return nil
 	})
 	if err != nil {
@@ -374,9 +370,7 @@ func (n *Node) DeleteSnapshot(ctx context.Context, image, name string) error {
 // unlistSnapshot removes snap from its origin's record (and from this
 // node's copy of it, between two preservations).
 func (n *Node) unlistSnapshot(ctx context.Context, image string, snap meta.Image) error {
-	n.mu.RLock()
-	s := n.served[image]
-	n.mu.RUnlock()
+	s := n.images.Get(image)
 	unlist := func() (bool, error) {
 		rec, err := n.cat.UpdateImage(ctx, image, func(i *meta.Image) error {
 			if i.ID != snap.Origin.ID {
@@ -387,11 +381,8 @@ func (n *Node) unlistSnapshot(ctx context.Context, image string, snap meta.Image
 		})
 		switch {
 		case err == nil:
-			if s != nil && s.record().ID == rec.ID {
-				s.mu.Lock()
-				s.img.Snapshots = rec.Snapshots
-				s.img.Rev = max(s.img.Rev, rec.Rev)
-				s.mu.Unlock()
+			if s != nil && s.Record().ID == rec.ID {
+				s.SetSnapshots(rec)
 				return true, nil
 			}
 			return false, nil
@@ -404,14 +395,14 @@ func (n *Node) unlistSnapshot(ctx context.Context, image string, snap meta.Image
 		_, err := unlist()
 		return err
 	}
-	return s.cow.Unlisting(snap.ID, unlist)
+	return s.Cow.Unlisting(snap.ID, unlist)
 }
 
 // copyInto fills the new image dst (owned here, fresh: all zeros) from
 // read, block by block, skipping blocks of zeros (hole: known to be zeros
 // without reading; may be nil).
-func (n *Node) copyInto(ctx context.Context, dst *served, size int64, read func(p []byte, off int64) error, hole func(off, n int64) bool) error {
-	img := dst.record()
+func (n *Node) copyInto(ctx context.Context, dst *served.Image, size int64, read func(p []byte, off int64) error, hole func(off, n int64) bool) error {
+	img := dst.Record()
 	buf := make([]byte, img.BlockSize)
 	for off := int64(0); off < size; off += img.BlockSize {
 		p := buf[:min(img.BlockSize, size-off)]
@@ -424,11 +415,11 @@ func (n *Node) copyInto(ctx context.Context, dst *served, size int64, read func(
 		if scsi.AllZero(p) {
 			continue
 		}
-		if err := dst.vol.WriteAt(ctx, p, off, false); err != nil {
+		if err := dst.Vol.WriteAt(ctx, p, off, false); err != nil {
 			return fmt.Errorf("write at %d: %w", off, err)
 		}
 	}
-	return dst.vol.Flush(ctx)
+	return dst.Vol.Flush(ctx)
 }
 
 // createCopy creates image req.Name from req.Source, a snapshot (its
@@ -468,7 +459,7 @@ func (n *Node) createCopy(ctx context.Context, req api.CreateImageRequest) (api.
 		return api.Image{}, err
 	}
 	defer done()
-	sn := (*served)(nil)
+	sn := (*served.Image)(nil)
 	if src.IsSnapshot() {
 		if sn, err = n.snapshotServed(ctx, meta.SnapshotRef{Name: src.Name, ID: src.ID}); err != nil {
 			return api.Image{}, fmt.Errorf("source %s: %w", src.Name, err)
@@ -510,12 +501,12 @@ func (n *Node) createCopy(ctx context.Context, req api.CreateImageRequest) (api.
 		if err != nil {
 			return err
 		}
-		dst.busy.Add(1)
-		defer dst.busy.Add(-1)
+		dst.BeginBusy()
+		defer dst.EndBusy()
 		if err := n.acquireWait(ctx, dst); err != nil {
 			return err
 		}
-		snap := sn.record()
+		snap := sn.Record()
 		return n.copyInto(ctx, dst, src.Size, func(p []byte, off int64) error { return n.readSnapshot(ctx, s, sn, p, off) },
 			func(off, length int64) bool {
 				// Whole snapshot blocks only: dst may have another block size.
@@ -598,8 +589,8 @@ func (n *Node) GrowCopy(_ context.Context, id string, size int64) error {
 	if err := meta.ValidateID(id); err != nil {
 		return err
 	}
-	if s := n.servedByID(id); s != nil && s.local != nil {
-		return s.local.Grow(size)
+	if s := n.servedByID(id); s != nil && s.Local != nil {
+		return s.Local.Grow(size)
 	}
 	return n.dir.Grow(id, size)
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/ukai-storage/ukai/api"
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/node/executor"
+	"github.com/ukai-storage/ukai/node/served"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/lun"
 )
@@ -20,24 +21,19 @@ import (
 const syncWorkers = 8
 
 // servedByName returns the served image of that name, or ErrImageNotFound.
-func (n *Node) servedByName(ctx context.Context, name string) (*served, error) {
+func (n *Node) servedByName(ctx context.Context, name string) (*served.Image, error) {
 	if err := meta.ValidateName(name); err != nil {
 		return nil, err
 	}
-	n.mu.RLock()
-	s, ok := n.served[name]
-	n.mu.RUnlock()
-	if ok {
+	if s := n.images.Get(name); s != nil {
 		return s, nil
 	}
 	// Maybe just created elsewhere, or changed: read its record.
 	if _, err := n.recon.Refresh(ctx, name); err != nil {
 		return nil, err
 	}
-	n.mu.RLock()
-	s, ok = n.served[name]
-	n.mu.RUnlock()
-	if !ok {
+	s := n.images.Get(name)
+	if s == nil {
 		// Not held here: served from now on (exportLazily).
 		return n.exportLazily(ctx, name)
 	}
@@ -96,7 +92,7 @@ func (n *Node) SyncImage(ctx context.Context, name string, req api.SyncRequest, 
 	if err != nil {
 		return err
 	}
-	img := s.record()
+	img := s.Record()
 	st, err := n.exec.State(ctx, s)
 	if err != nil {
 		return err
@@ -134,13 +130,13 @@ type syncOpts struct {
 	pace     executor.Pacer
 }
 
-func (n *Node) syncServed(ctx context.Context, s *served, o syncOpts, progress func(api.SyncProgress)) error {
-	s.busy.Add(1)
-	defer s.busy.Add(-1)
+func (n *Node) syncServed(ctx context.Context, s *served.Image, o syncOpts, progress func(api.SyncProgress)) error {
+	s.BeginBusy()
+	defer s.EndBusy()
 	if err := n.acquire(ctx, s); err != nil {
 		return err
 	}
-	img := s.record()
+	img := s.Record()
 	blocks := img.Blocks()
 	from, to := o.from, o.to
 	if to == 0 {
@@ -149,7 +145,7 @@ func (n *Node) syncServed(ctx context.Context, s *served, o syncOpts, progress f
 	if from < 0 || to > blocks || from >= to {
 		return fmt.Errorf("%w: block range [%d, %d) outside the image's %d blocks", meta.ErrInvalid, from, to, blocks)
 	}
-	maps := s.vol.MapsSnapshot()
+	maps := s.Vol.MapsSnapshot()
 	var jobs []syncJob
 	var skipped []string
 	for _, loc := range img.Locations {
@@ -186,7 +182,7 @@ func (n *Node) syncServed(ctx context.Context, s *served, o syncOpts, progress f
 		}
 		if final {
 			p.Final = true
-			for _, m := range s.vol.MapsSnapshot() {
+			for _, m := range s.Vol.MapsSnapshot() {
 				p.OutOfSync += m.Count(placement.OutOfSync) + m.Count(placement.Syncing)
 			}
 			if len(errs) > 0 {
@@ -266,10 +262,8 @@ const yieldWait = 100 * time.Millisecond
 // foregroundQuiet reports whether no initiator I/O started on any image of
 // this node within d.
 func (n *Node) foregroundQuiet(d time.Duration) bool {
-	n.mu.RLock()
-	defer n.mu.RUnlock()
-	for _, s := range n.served {
-		if !s.vol.QuietFor(d) {
+	for _, s := range n.images.List(false) {
+		if !s.Vol.QuietFor(d) {
 			return false
 		}
 	}
@@ -277,16 +271,16 @@ func (n *Node) foregroundQuiet(d time.Duration) bool {
 }
 
 // syncYielding syncs one block, giving way to VM I/O on this node.
-func (n *Node) syncYielding(ctx context.Context, s *served, j syncJob, yield *sync.Mutex) (lun.SyncResult, error) {
+func (n *Node) syncYielding(ctx context.Context, s *served.Image, j syncJob, yield *sync.Mutex) (lun.SyncResult, error) {
 	if n.foregroundQuiet(5 * time.Millisecond) {
-		return s.vol.SyncBlock(ctx, j.block, j.node)
+		return s.Vol.SyncBlock(ctx, j.block, j.node)
 	}
 	yield.Lock()
 	defer yield.Unlock()
 	for deadline := time.Now().Add(yieldWait); time.Now().Before(deadline) && !n.foregroundQuiet(time.Millisecond); {
 		sleep(ctx, time.Millisecond)
 	}
-	return s.vol.SyncBlock(ctx, j.block, j.node)
+	return s.Vol.SyncBlock(ctx, j.block, j.node)
 }
 
 // VerifyImage implements api.Service: compare the checksums of every
@@ -301,15 +295,15 @@ func (n *Node) VerifyImage(ctx context.Context, name string) (api.VerifyResult, 
 	if err != nil {
 		return api.VerifyResult{}, err
 	}
-	s.busy.Add(1)
-	defer s.busy.Add(-1)
+	s.BeginBusy()
+	defer s.EndBusy()
 	if err := n.acquire(ctx, s); err != nil {
 		return api.VerifyResult{}, err
 	}
-	res := api.VerifyResult{Blocks: s.vol.Blocks(), Mismatches: []api.Mismatch{}}
+	res := api.VerifyResult{Blocks: s.Vol.Blocks(), Mismatches: []api.Mismatch{}}
 	unreachable := map[string]bool{}
 	for b := int64(0); b < res.Blocks; b++ {
-		mm, un, err := s.vol.VerifyBlock(ctx, b)
+		mm, un, err := s.Vol.VerifyBlock(ctx, b)
 		if err != nil {
 			return api.VerifyResult{}, err
 		}
@@ -324,8 +318,8 @@ func (n *Node) VerifyImage(ctx context.Context, name string) (api.VerifyResult, 
 			res.Mismatches = append(res.Mismatches, m)
 		}
 		inSync := 0
-		for _, loc := range s.record().Locations {
-			if s.vol.State(loc, b) == placement.InSync {
+		for _, loc := range s.Record().Locations {
+			if s.Vol.State(loc, b) == placement.InSync {
 				inSync++
 			}
 		}
@@ -376,7 +370,7 @@ func (n *Node) RemoveLocation(ctx context.Context, name, node string) (api.Image
 		return err
 	}
 	if n.mayServe(s) {
-		err = s.vol.Exclusively(remove)
+		err = s.Vol.Exclusively(remove)
 	} else {
 		err = remove()
 	}
