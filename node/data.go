@@ -21,7 +21,7 @@ func (n *Node) ReadData(ctx context.Context, name string, start func(int64), w i
 		return err
 	}
 	img := s.Record()
-	read := func(p []byte, off int64) error { return (&gate{n: n, s: s}).ReadAt(ctx, p, off) }
+	read := func(p []byte, off int64) error { return n.router.Backend(s).ReadAt(ctx, p, off) }
 	if img.IsSnapshot() {
 		if c, err := n.remoteOwner(ctx, img.Origin.Name); err != nil {
 			return err
@@ -75,7 +75,7 @@ func (n *Node) WriteData(ctx context.Context, name string, r io.Reader) (int64, 
 	}
 	s.BeginBusy()
 	defer s.EndBusy()
-	g := &gate{n: n, s: s}
+	g := n.router.Backend(s)
 	size := s.Vol.Size()
 	buf := make([]byte, dataChunk)
 	var done int64

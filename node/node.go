@@ -20,6 +20,7 @@ import (
 	"github.com/ukai-storage/ukai/node/datadir"
 	"github.com/ukai-storage/ukai/node/executor"
 	"github.com/ukai-storage/ukai/node/reconcile"
+	"github.com/ukai-storage/ukai/node/route"
 	"github.com/ukai-storage/ukai/node/served"
 	"github.com/ukai-storage/ukai/ownership"
 	"github.com/ukai-storage/ukai/target/iscsi"
@@ -51,6 +52,7 @@ type Node struct {
 	apiSrv *http.Server
 	dir    *datadir.Dir          // this node's copies and cached records
 	recon  *reconcile.Reconciler // the served set in line with the catalog
+	router *route.Router         // where each image's I/O runs (here, or its owner)
 
 	images *served.Set // what this node exports, by name and by id
 
@@ -115,6 +117,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 	})
 
 	n.exec = n.newExecutor()
+	n.router = route.New(route.Config{Self: cfg.Node.Name, Host: routeHost{n}, Log: log.With("component", "route"), Wait: takeoverWait})
 	n.recon = reconcile.New(reconcile.Config{Catalog: n.cat, Self: cfg.Node.Name, Host: reconHost{n}, Log: log.With("component", "reconcile")})
 	if n.sec, err = loadSecurity(cfg); err != nil {
 		return nil, err
@@ -132,7 +135,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 	}
 	closers = append(closers, func() { n.target.Close(context.Background()) })
 	if cfg.Peer.Listen != "" {
-		n.peerSrv, err = peer.NewServer(peer.ServerConfig{Listen: cfg.Peer.Listen, TLS: n.sec.peerServer, Logger: log.With("component", "peer"), Volumes: ownerVolumes{n}, Member: n.isMember, Control: n}, n.pstore)
+		n.peerSrv, err = peer.NewServer(peer.ServerConfig{Listen: cfg.Peer.Listen, TLS: n.sec.peerServer, Logger: log.With("component", "peer"), Volumes: n.router, Member: n.isMember, Control: n}, n.pstore)
 		if err == nil {
 			err = n.peerSrv.Listen()
 		}

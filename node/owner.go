@@ -10,6 +10,7 @@ import (
 	"github.com/ukai-storage/ukai/cluster/membership"
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/cluster/peer"
+	"github.com/ukai-storage/ukai/node/route"
 	"github.com/ukai-storage/ukai/node/served"
 	"github.com/ukai-storage/ukai/ownership"
 	"github.com/ukai-storage/ukai/placement"
@@ -20,7 +21,8 @@ import (
 // session holds the image's ownership lock (package ownership has the
 // rule, docs/ownership.md the design). A node takes the lock on the first
 // I/O it is asked to do (or to synchronize or verify) when it is free;
-// forwards the I/O to the holder while the holder lives; and destroys
+// forwards the I/O to the holder while the holder lives (package route
+// runs that loop; acquire below is its Host.Acquire); and destroys
 // the session of a holder the membership saw die, so that the store
 // frees the lock after its lock delay. Each change of owner increments
 // the image's generation, which every request to a peer copy carries, so
@@ -34,15 +36,8 @@ const (
 	acquireBackoff = time.Second
 )
 
-// notOwnerError says which node owns the image.
-type notOwnerError struct{ owner string }
-
-func (e *notOwnerError) Error() string { return "image is served by node " + e.owner }
-
 // errNotOwner is I/O on a node that is not the image's owner.
-func errNotOwner(owner string) error {
-	return &scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x0a, Err: &notOwnerError{owner}}
-}
+func errNotOwner(owner string) error { return route.ErrNotOwner(owner) }
 
 // alive reports whether a node is alive in the membership (always true
 // without gossip, where this node is the only one).
@@ -428,151 +423,34 @@ func (n *Node) originOwnedHere(img meta.Image) bool {
 	return o != nil && o.Record().ID == img.Origin.ID && o.Owned()
 }
 
-// gate is the scsi.Backend of an exported image. On the owner it runs the
-// I/O through the replicated volume. On another node it forwards the I/O
-// to the owner over the data transport (a live-migration destination logs
-// in while the source still writes: both go through one owner, in order).
-// When the owner is unreachable it waits, up to takeoverWait, for the
-// owner's lease to expire and takes the image over.
-type gate struct {
-	n *Node
-	s *served.Image
-}
-
-// takeoverWait bounds how long an I/O waits for a dead owner's lease.
+// takeoverWait bounds how long an I/O waits for a dead owner's session.
 const takeoverWait = 45 * time.Second
 
-// forwardFn runs an I/O on the owner through a peer client.
-type forwardFn func(ctx context.Context, c *peer.Client, ref peer.Ref) error
+// routeHost is the node's side of routing (package route).
+type routeHost struct{ n *Node }
 
-func (g *gate) do(ctx context.Context, local func(ctx context.Context) error, fwd forwardFn) error {
-	n, s := g.n, g.s
-	deadline := time.Now().Add(takeoverWait)
-	for {
-		err := n.acquire(ctx, s)
-		if err == nil {
-			if !s.BeginIO() {
-				continue // released meanwhile: acquire again or forward
-			}
-			defer s.EndIO()
-			return local(ctx)
-		}
-		var no *notOwnerError
-		if !errors.As(err, &no) {
-			return err
-		}
-		if c := n.peerClient(no.owner); c != nil && no.owner != n.cfg.Node.Name {
-			img := s.Record()
-			ferr := fwd(ctx, c, peer.Ref{ID: img.ID, Gen: img.Generation})
-			switch {
-			case ferr == nil:
-				return nil
-			case errors.Is(ferr, peer.ErrNotOwner), errors.Is(ferr, peer.ErrUnavailable), errors.Is(ferr, peer.ErrStaleGeneration),
-				errors.Is(ferr, peer.ErrUnknownImage):
-				// The owner changed, let go or died, or (unknown image)
-				// restarted and has not loaded the image yet: look again.
-				// Chaos runs saw the last one answered HARDWARE ERROR,
-				// which initiators do not retry.
-				n.log.Debug("forwarding to the owner failed; retrying", "image", img.Name, "owner", no.owner, "err", ferr)
-				err = ferr
-			default:
-				return forwardedSense(ferr)
-			}
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			return &scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x0a, Err: fmt.Errorf("the image's owner %s cannot be reached: %w", no.owner, err)}
-		}
-		sleep(ctx, 200*time.Millisecond)
-		// Refresh the record (a new owner, or the lease ran out).
-		if img, _, rerr := n.cat.GetImage(ctx, s.Record().Name); rerr == nil {
-			_ = n.applyNow(ctx, s, img, false)
-		}
+func (h routeHost) Acquire(ctx context.Context, s *served.Image) error { return h.n.acquire(ctx, s) }
+
+func (h routeHost) Forwarder(node string) route.Forwarder {
+	if c := h.n.peerClient(node); c != nil {
+		return c
+	}
+	return nil // not a nil *peer.Client in an interface
+}
+
+// Refresh reads the record again and applies it (a new owner, or the
+// session ran out).
+func (h routeHost) Refresh(ctx context.Context, s *served.Image) {
+	if img, _, err := h.n.cat.GetImage(ctx, s.Record().Name); err == nil {
+		_ = h.n.applyNow(ctx, s, img, false)
 	}
 }
 
-// forwardedSense keeps the owner's SCSI sense for the initiator.
-func forwardedSense(err error) error {
-	var fe *peer.ForwardedError
-	if errors.As(err, &fe) {
-		return &scsi.SenseError{Key: fe.Key, ASC: fe.ASC, ASCQ: fe.ASCQ, Err: err}
-	}
-	return &scsi.SenseError{Key: scsi.SenseHardwareError, ASC: 0x44, ASCQ: 0x00, Err: err}
-}
-
-func (g *gate) ReadAt(ctx context.Context, p []byte, off int64) error {
-	return g.do(ctx, func(ctx context.Context) error { return g.s.Vol.ReadAt(ctx, p, off) },
-		func(ctx context.Context, c *peer.Client, ref peer.Ref) error { return c.ForwardRead(ctx, ref, p, off) })
-}
-
-func (g *gate) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
-	return g.do(ctx, func(ctx context.Context) error { return ownedBackend{n: g.n, s: g.s}.WriteAt(ctx, p, off, fua) },
-		func(ctx context.Context, c *peer.Client, ref peer.Ref) error {
-			return c.ForwardWrite(ctx, ref, p, off, fua)
-		})
-}
-
-func (g *gate) Flush(ctx context.Context) error {
-	return g.do(ctx, ownedBackend{n: g.n, s: g.s}.Flush,
-		func(ctx context.Context, c *peer.Client, ref peer.Ref) error { return c.ForwardFlush(ctx, ref) })
-}
-
-func (g *gate) Unmap(ctx context.Context, off, length int64) error {
-	return g.do(ctx, func(ctx context.Context) error { return ownedBackend{n: g.n, s: g.s}.Unmap(ctx, off, length) },
-		func(ctx context.Context, c *peer.Client, ref peer.Ref) error {
-			return c.ForwardUnmap(ctx, ref, off, length)
-		})
-}
-
-// ownerVolumes is the owner's side of forwarding (peer.Volumes).
-type ownerVolumes struct{ n *Node }
-
-// Volume implements peer.Volumes: the owner serves forwarded I/O of an
-// image it owns, through its volume; anyone else answers ErrNotOwner.
-func (o ownerVolumes) Volume(ctx context.Context, ref peer.Ref) (peer.Backend, error) {
-	n := o.n
-	s := n.servedByID(ref.ID)
-	if s == nil {
-		return nil, fmt.Errorf("image %s: %w", ref.ID, peer.ErrUnknownImage)
-	}
-	if !n.mayServe(s) && !n.holdsLock(ctx, s) {
-		return nil, fmt.Errorf("image %s: %w", s.Record().Name, peer.ErrNotOwner)
-	}
-	if err := n.acquire(ctx, s); err != nil {
-		return nil, fmt.Errorf("image %s: %w (%v)", s.Record().Name, peer.ErrNotOwner, err)
-	}
-	if img := s.Record(); ref.Gen < img.Generation {
-		// The forwarder's record is older than ours: it re-reads.
-		n.log.Debug("forwarded I/O with an older generation", "image", img.Name, "gen", ref.Gen, "ours", img.Generation)
-	}
-	return countedBackend{ownedBackend{n: n, s: s}}, nil
-}
-
-// countedBackend is the owner's backend for one forwarded I/O: counted in
-// (served.beginIO) for the time it runs, so that a release waits for it.
-type countedBackend struct{ b ownedBackend }
-
-func (c countedBackend) run(fn func() error) error {
-	if !c.b.s.BeginIO() {
-		return fmt.Errorf("image %s: %w (released)", c.b.s.Record().Name, peer.ErrNotOwner)
-	}
-	defer c.b.s.EndIO()
-	return fn()
-}
-
-func (c countedBackend) ReadAt(ctx context.Context, p []byte, off int64) error {
-	return c.run(func() error { return c.b.ReadAt(ctx, p, off) })
-}
-
-func (c countedBackend) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
-	return c.run(func() error { return c.b.WriteAt(ctx, p, off, fua) })
-}
-
-func (c countedBackend) Flush(ctx context.Context) error {
-	return c.run(func() error { return c.b.Flush(ctx) })
-}
-
-func (c countedBackend) Unmap(ctx context.Context, off, n int64) error {
-	return c.run(func() error { return c.b.Unmap(ctx, off, n) })
+func (h routeHost) Owned(s *served.Image) scsi.Backend { return ownedBackend{n: h.n, s: s} }
+func (h routeHost) ByID(id string) *served.Image       { return h.n.servedByID(id) }
+func (h routeHost) MayServe(s *served.Image) bool      { return h.n.mayServe(s) }
+func (h routeHost) HoldsLock(ctx context.Context, s *served.Image) bool {
+	return h.n.holdsLock(ctx, s)
 }
 
 // holdsLock says whether this node's session holds s's ownership lock
