@@ -17,6 +17,7 @@ import (
 	"github.com/ukai-storage/ukai/cluster/membership"
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/cluster/peer"
+	"github.com/ukai-storage/ukai/node/admit"
 	"github.com/ukai-storage/ukai/node/datadir"
 	"github.com/ukai-storage/ukai/node/executor"
 	"github.com/ukai-storage/ukai/node/reconcile"
@@ -61,7 +62,7 @@ type Node struct {
 
 	ownMu   sync.Mutex // one ownership change at a time
 	peerSrv *peer.Server
-	pstore  *peerStore
+	pstore  *admit.Store // what peers may do to this node's copies
 	sec     security
 	peersMu sync.Mutex
 	peers   map[string]*peer.Client // by data address
@@ -81,7 +82,6 @@ type Node struct {
 // nothing is served until Run. Errors name the configuration key at fault.
 func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *Node, err error) {
 	n := &Node{cfg: cfg, log: log, version: version, started: time.Now(), images: served.NewSet(), storeOK: true, peers: map[string]*peer.Client{}, now: time.Now}
-	n.pstore = &peerStore{n: n, floors: map[string]uint64{}}
 	var closers []func()
 	defer func() {
 		if err != nil {
@@ -102,6 +102,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 		prefix = cfg.Consul.Prefix
 	}
 	n.cat = meta.NewCatalog(n.kv, prefix)
+	n.pstore = admit.New(n.images, n.cat)
 	n.cat.OnMalformed(func(e *meta.MalformedError) { log.Warn("ignoring malformed metadata", "key", e.Key, "err", e.Err) })
 	n.clock = offsetClock(cfg.Owner.ClockOffset)
 	n.now = n.clock.Now

@@ -12,6 +12,7 @@ import (
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/cluster/meta/kvtest"
 	"github.com/ukai-storage/ukai/cluster/peer"
+	"github.com/ukai-storage/ukai/node/admit"
 	"github.com/ukai-storage/ukai/node/served"
 	"github.com/ukai-storage/ukai/ownership"
 	"github.com/ukai-storage/ukai/placement"
@@ -33,7 +34,7 @@ func ownedCopy(t testing.TB, name string) (*Node, *served.Image, ownCopy, *lun.F
 	img := kvtest.OwnedImage(t, cat, name, 4*bs, bs, "n1", "n1", "n2")
 	sess := testSession(t, kv)
 	n := &Node{cfg: Config{Node: NodeConfig{Name: "n1"}}, cat: cat, kv: kv, images: served.NewSet(), log: slog.New(slog.DiscardHandler), session: sess}
-	n.pstore = &peerStore{n: n, floors: map[string]uint64{}}
+	n.pstore = admit.New(n.images, cat)
 	if n.peerSrv, err = peer.NewServer(peer.ServerConfig{Listen: "127.0.0.1:0"}, n.pstore); err != nil {
 		t.Fatal(err)
 	}
@@ -47,7 +48,7 @@ func ownedCopy(t testing.TB, name string) (*Node, *served.Image, ownCopy, *lun.F
 	s.OwnedGen.Store(img.Generation)
 	s.SetSession(sess.Current())
 	s.SetOwned(true)
-	return n, s, ownCopy{localCopy{fc}, n, s, img.ID}, fc
+	return n, s, ownCopy{admit.SharedCopy{FileCopy: fc}, n, s, img.ID}, fc
 }
 
 // testSession is a running ownership session of n1 in kv.

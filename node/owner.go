@@ -652,7 +652,7 @@ func (n *Node) mayServe(s *served.Image) bool {
 		return false
 	}
 	img := s.Record()
-	if n.peerFloor(img.ID) > img.Generation {
+	if n.pstore.Floor(img.ID) > img.Generation {
 		n.log.Error("a newer owner wrote to this node's copy: fencing the image", "image", img.Name)
 		s.SetOwned(false)
 		return false

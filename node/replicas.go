@@ -4,10 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
 
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/cluster/peer"
+	"github.com/ukai-storage/ukai/node/admit"
 	"github.com/ukai-storage/ukai/node/served"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/lun"
@@ -35,7 +35,7 @@ func (n *Node) replicas(ctx context.Context, s *served.Image, img meta.Image, ca
 			maps[loc] = bm
 		}
 		if loc == n.cfg.Node.Name {
-			reps = append(reps, &lun.Replica{Node: loc, Copy: ownCopy{localCopy{s.Local}, n, s, img.ID}, Local: true})
+			reps = append(reps, &lun.Replica{Node: loc, Copy: ownCopy{admit.SharedCopy{FileCopy: s.Local}, n, s, img.ID}, Local: true})
 			continue
 		}
 		c := n.peerClient(loc)
@@ -47,12 +47,6 @@ func (n *Node) replicas(ctx context.Context, s *served.Image, img meta.Image, ca
 	}
 	return reps, maps, nil
 }
-
-// localCopy shares the node's file between the volume and the peer
-// server: closing the volume's replica does not close the file.
-type localCopy struct{ *lun.FileCopy }
-
-func (localCopy) Close() error { return nil }
 
 // ownCopy is the owner's view of its local copy. Its writes and unmaps
 // pass the checks a peer's would, at the moment they land rather than when
@@ -70,7 +64,7 @@ func (localCopy) Close() error { return nil }
 // Fence fences the same gate, so that a sync or reconcile into the copy
 // waits for, and then refuses, writes a former owner sent to it.
 type ownCopy struct {
-	localCopy
+	admit.SharedCopy
 	n  *Node
 	s  *served.Image
 	id string // the image's id (a served image keeps it)
@@ -106,7 +100,7 @@ func (o ownCopy) WriteAt(ctx context.Context, p []byte, off int64, durable bool)
 		return err
 	}
 	defer leave()
-	return o.localCopy.WriteAt(ctx, p, off, durable)
+	return o.SharedCopy.WriteAt(ctx, p, off, durable)
 }
 
 func (o ownCopy) Unmap(ctx context.Context, off, n int64) error {
@@ -115,7 +109,7 @@ func (o ownCopy) Unmap(ctx context.Context, off, n int64) error {
 		return err
 	}
 	defer leave()
-	return o.localCopy.Unmap(ctx, off, n)
+	return o.SharedCopy.Unmap(ctx, off, n)
 }
 
 func (o ownCopy) Fence(ctx context.Context) error {
@@ -191,109 +185,6 @@ func (n *Node) peerClient(node string) *peer.Client {
 	return c
 }
 
-// peerStore is the node's side of the data transport: its local copies,
-// by image id, with a generation floor per image.
-type peerStore struct {
-	n      *Node
-	mu     sync.Mutex
-	floors map[string]uint64
-	// refresh serializes the catalog reads that check a generation newer
-	// than this node's record (one at a time per node: a peer that sends
-	// made-up generations costs one read at a time, not one each).
-	refresh sync.Mutex
-	// latest is the generation and owner of the newest record current
-	// read, by id (guarded by mu): at most one per copy this node holds.
-	latest map[string]meta.Image
-}
-
-// Open implements peer.Store. Reads need the image's generation or a
-// newer one. Writes, unmaps, syncs and fences need more: the generation
-// the image's record holds and, when the caller's certificate names it,
-// the record's owner. A generation newer than this node's record is
-// checked against the catalog (a new owner writes before this node saw
-// its record), never taken on its word: the floor only rises to what the
-// catalog says, so a made-up generation can neither land a write nor
-// fence the real owner off.
-func (p *peerStore) Open(ctx context.Context, ref peer.Ref, caller peer.Caller, a peer.Access) (peer.Local, error) {
-	s := p.n.servedByID(ref.ID)
-	if s == nil || s.Local == nil {
-		return peer.Local{}, fmt.Errorf("image %s: %w", ref.ID, peer.ErrNoCopy)
-	}
-	img := s.Record()
-	if seen, ok := p.seen(ref.ID); ok && seen.Generation > img.Generation {
-		// The catalog said so before the watch brought the record here.
-		img.Generation, img.Owner = seen.Generation, seen.Owner
-	}
-	if a == peer.AccessWrite && (ref.Gen > img.Generation || caller.Node != "" && caller.Node != img.Owner) {
-		cur, err := p.current(ctx, img)
-		if err != nil {
-			return peer.Local{}, fmt.Errorf("image %s: generation %d from %s is not this node's record's (%d), and the catalog cannot say: %w (%v)",
-				ref.ID, ref.Gen, callerName(caller), img.Generation, peer.ErrForbidden, err)
-		}
-		img.Generation, img.Owner = max(img.Generation, cur.Generation), cur.Owner
-	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	floor := max(p.floors[ref.ID], img.Generation)
-	if ref.Gen < floor {
-		return peer.Local{}, fmt.Errorf("image %s: generation %d, this copy has seen %d: %w", ref.ID, ref.Gen, floor, peer.ErrStaleGeneration)
-	}
-	if a == peer.AccessWrite {
-		switch {
-		case ref.Gen != img.Generation:
-			return peer.Local{}, fmt.Errorf("image %s: generation %d from %s, the record holds %d: %w", ref.ID, ref.Gen, callerName(caller), img.Generation, peer.ErrForbidden)
-		case caller.Node != "" && caller.Node != img.Owner:
-			return peer.Local{}, fmt.Errorf("image %s: %s is not its owner (%q): %w", ref.ID, callerName(caller), img.Owner, peer.ErrForbidden)
-		}
-		p.floors[ref.ID] = ref.Gen
-	}
-	// The file may be longer than the record says: an online grow
-	// extends the copies before the record.
-	return peer.Local{Copy: localCopy{s.Local}, Size: max(img.Size, s.Local.Size()), BlockSize: img.BlockSize}, nil
-}
-
-// current reads img's record from the catalog, one read at a time, and
-// remembers it (so that the writes of a new owner that arrive before this
-// node's watch brings its record need one read, not one each).
-func (p *peerStore) current(ctx context.Context, img meta.Image) (meta.Image, error) {
-	p.refresh.Lock()
-	defer p.refresh.Unlock()
-	if seen, ok := p.seen(img.ID); ok && seen.Generation > img.Generation {
-		return seen, nil // read while this caller waited
-	}
-	cur, _, err := p.n.cat.GetImage(ctx, img.Name)
-	if err != nil {
-		return meta.Image{}, err
-	}
-	if cur.ID != img.ID {
-		return meta.Image{}, fmt.Errorf("image %q is now id %s", img.Name, cur.ID)
-	}
-	p.mu.Lock()
-	if p.latest == nil {
-		p.latest = map[string]meta.Image{}
-	}
-	if old, ok := p.latest[cur.ID]; !ok || old.Generation <= cur.Generation {
-		p.latest[cur.ID] = meta.Image{ID: cur.ID, Generation: cur.Generation, Owner: cur.Owner}
-	}
-	p.mu.Unlock()
-	return cur, nil
-}
-
-// seen returns the newest record of id the catalog gave current.
-func (p *peerStore) seen(id string) (meta.Image, bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	img, ok := p.latest[id]
-	return img, ok
-}
-
-func callerName(c peer.Caller) string {
-	if c.Node != "" {
-		return "node " + c.Node + " (" + c.Addr + ")"
-	}
-	return c.Addr
-}
-
 // servedByID returns the served image with that id, or nil.
 func (n *Node) servedByID(id string) *served.Image {
 	return n.images.ByID(id)
@@ -306,12 +197,4 @@ func (n *Node) isMember(name string) bool {
 	}
 	_, ok := n.members.Member(name)
 	return ok
-}
-
-// peerFloor is the newest generation a peer request for image id carried
-// to this node's copy (0: none).
-func (n *Node) peerFloor(id string) uint64 {
-	n.pstore.mu.Lock()
-	defer n.pstore.mu.Unlock()
-	return n.pstore.floors[id]
 }
