@@ -257,3 +257,37 @@ func TestKeepOwnedAfterFailedRelease(t *testing.T) {
 		}
 	}
 }
+
+// TestRecordOfAnotherImageIsNotGrafted: an image deleted and created
+// again under its name while served here. Taking ownership of the served
+// one must not make this node the owner of the new one (its lock is the
+// old id's), and its record must not be applied to the old volume.
+func TestRecordOfAnotherImageIsNotGrafted(t *testing.T) {
+	ctx := context.Background()
+	n, s, _, _ := ownedCopy(t, "vm")
+	old, idx, err := n.cat.GetImage(ctx, "vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.cat.DeleteImage(ctx, old, idx); err != nil {
+		t.Fatal(err)
+	}
+	kvtest.OwnedImage(t, n.cat, "vm", old.Size, old.BlockSize, "n2", "n2")
+	s.SetOwned(false)
+	if err := n.take(ctx, s, n.session.Current()); !errors.Is(err, meta.ErrImageNotFound) {
+		t.Fatalf("take: %v, want ErrImageNotFound", err)
+	}
+	cur, _, err := n.cat.GetImage(ctx, "vm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cur.Owner != "n2" || cur.Generation != 1 {
+		t.Fatalf("the new image's record says owner %q generation %d: the take was grafted onto it", cur.Owner, cur.Generation)
+	}
+	if err := n.apply(ctx, s, cur, false); err == nil {
+		t.Fatal("apply took another image's record")
+	}
+	if s.Record().ID != old.ID {
+		t.Fatal("the served image now carries another image's record")
+	}
+}

@@ -286,7 +286,18 @@ func (n *Node) settleOffline(ctx context.Context, s *served.Image) {
 		s.SetOwned(false)
 		return
 	}
-	if err := n.take(ctx, s, session); err != nil {
+	err = n.take(ctx, s, session)
+	switch {
+	case errors.Is(err, meta.ErrImageNotFound):
+		// Deleted (or created again as another image) while served
+		// offline: its I/O stops, and the lock taken on its id goes.
+		n.log.Error("an image served offline was deleted meanwhile: stopping I/O", "image", rec.Name, "err", err)
+		s.Offline.Store(false)
+		s.SetOwned(false)
+		if rerr := n.cat.ReleaseOwnership(context.WithoutCancel(ctx), rec.ID, n.cfg.Node.Name, session); rerr != nil {
+			n.log.Warn("cannot release the ownership lock of a deleted image; it goes with the session", "image", rec.Name, "err", rerr)
+		}
+	case err != nil:
 		n.log.Warn("cannot record the ownership of an image served offline; still offline", "image", rec.Name, "err", err)
 	}
 }

@@ -152,49 +152,65 @@ func TestRouting(t *testing.T) {
 		{name: "nobody can serve it now: the acquire's error as is", acquire: []error{&scsi.SenseError{Key: scsi.SenseNotReady, Err: errors.New("no session")}},
 			wantErr: true, wantKey: scsi.SenseNotReady},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			s := served.New(meta.Image{Name: "vm", ID: meta.NewImageID(), Generation: 7}, nil)
-			b := &memBackend{s: s, data: make([]byte, 4096)}
-			h := &host{s: s, owned: b, acquire: tc.acquire, fwd: map[string]Forwarder{}}
-			f := &scripted{answers: tc.forward}
-			if tc.forward != nil {
-				h.fwd["n2"] = f
-				h.fwd["n1"] = f // a transport to itself must not be used
-			}
-			// Every clock reading is 10 s later: a 45 s wait allows
-			// five looks.
-			clk := &fakeClock{t: time.Unix(1e9, 0), step: 10 * time.Second}
-			r := New(Config{Self: "n1", Host: h, Now: clk.now, Wait: 45 * time.Second, Retry: time.Microsecond})
-			err := r.Backend(s).WriteAt(context.Background(), []byte("abcd"), 0, false)
-			if (err != nil) != tc.wantErr {
-				t.Fatalf("err %v, want error %v", err, tc.wantErr)
-			}
-			if tc.wantErr {
-				if key, ok := sense(err); !ok || key != tc.wantKey {
-					t.Fatalf("err %v: sense key %v, want %v", err, key, tc.wantKey)
+		for _, op := range []string{"read", "write", "flush", "unmap"} {
+			t.Run(op+": "+tc.name, func(t *testing.T) {
+				s := served.New(meta.Image{Name: "vm", ID: meta.NewImageID(), Generation: 7}, nil)
+				b := &memBackend{s: s, data: make([]byte, 4096)}
+				h := &host{s: s, owned: b, acquire: tc.acquire, fwd: map[string]Forwarder{}}
+				f := &scripted{answers: tc.forward}
+				if tc.forward != nil {
+					h.fwd["n2"] = f
+					h.fwd["n1"] = f // a transport to itself must not be used
 				}
-			}
-			if ran := bytes.Equal(b.data[:4], []byte("abcd")); ran != tc.local {
-				t.Fatalf("ran on this node's backend: %v, want %v", ran, tc.local)
-			}
-			if tc.local && (len(b.inFlight) != 1 || b.inFlight[0] != 1) {
-				t.Fatalf("local I/O counted in %v, want [1]: a release would not wait for it", b.inFlight)
-			}
-			if s.InFlight() != 0 {
-				t.Fatalf("%d I/O still counted in after the call", s.InFlight())
-			}
-			if len(f.refs) != tc.forwards {
-				t.Fatalf("forwarded %d times, want %d", len(f.refs), tc.forwards)
-			}
-			for _, ref := range f.refs {
-				if ref.ID != s.Record().ID || ref.Gen != 7 {
-					t.Fatalf("forwarded with %+v, want the image's id and generation 7", ref)
+				// Every clock reading is 10 s later: a 45 s wait allows
+				// five looks.
+				clk := &fakeClock{t: time.Unix(1e9, 0), step: 10 * time.Second}
+				r := New(Config{Self: "n1", Host: h, Now: clk.now, Wait: 45 * time.Second, Retry: time.Microsecond})
+				g, ctx := r.Backend(s), context.Background()
+				var err error
+				switch op {
+				case "read":
+					err = g.ReadAt(ctx, make([]byte, 4), 0)
+				case "write":
+					err = g.WriteAt(ctx, []byte("abcd"), 0, false)
+				case "flush":
+					err = g.Flush(ctx)
+				case "unmap":
+					err = g.Unmap(ctx, 0, 512)
 				}
-			}
-			if h.refreshes != tc.refreshes {
-				t.Fatalf("record read again %d times, want %d", h.refreshes, tc.refreshes)
-			}
-		})
+				if (err != nil) != tc.wantErr {
+					t.Fatalf("err %v, want error %v", err, tc.wantErr)
+				}
+				if tc.wantErr {
+					if key, ok := sense(err); !ok || key != tc.wantKey {
+						t.Fatalf("err %v: sense key %v, want %v", err, key, tc.wantKey)
+					}
+				}
+				if ran := len(b.inFlight) > 0; ran != tc.local {
+					t.Fatalf("ran on this node's backend: %v, want %v", ran, tc.local)
+				}
+				if op == "write" && bytes.Equal(b.data[:4], []byte("abcd")) != tc.local {
+					t.Fatal("the write's data is not where the I/O ran")
+				}
+				if tc.local && (len(b.inFlight) != 1 || b.inFlight[0] != 1) {
+					t.Fatalf("local I/O counted in %v, want [1]: a release would not wait for it", b.inFlight)
+				}
+				if s.InFlight() != 0 {
+					t.Fatalf("%d I/O still counted in after the call", s.InFlight())
+				}
+				if len(f.refs) != tc.forwards {
+					t.Fatalf("forwarded %d times, want %d", len(f.refs), tc.forwards)
+				}
+				for _, ref := range f.refs {
+					if ref.ID != s.Record().ID || ref.Gen != 7 {
+						t.Fatalf("forwarded with %+v, want the image's id and generation 7", ref)
+					}
+				}
+				if h.refreshes != tc.refreshes {
+					t.Fatalf("record read again %d times, want %d", h.refreshes, tc.refreshes)
+				}
+			})
+		}
 	}
 }
 
@@ -335,12 +351,17 @@ func TestForwardOverTheDataTransport(t *testing.T) {
 	s2.SetOwned(false)
 	h2.mayServe = false
 	h2.acquire = []error{ErrNotOwner("n1")}
-	h1.acquire = []error{ErrNotOwner("n2"), nil}
+	h1.acquire, h1.calls = []error{ErrNotOwner("n2"), nil}, 0
 	after := bytes.Repeat([]byte("a"), 512)
 	if err := g.WriteAt(ctx, after, 0, false); err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(b1.data[:512], after) || b2.data[0] != 0 {
 		t.Fatal("after the owner let go, the write did not run on the node that took the image")
+	}
+	// n2's refusal crossed the transport as "not the owner", which is
+	// looked up again, not failed.
+	if h1.calls != 2 || h1.refreshes != 1 || len(b2.inFlight) != 2 {
+		t.Fatalf("acquires %d, record reads %d, I/O on n2 %d; want 2, 1, 2", h1.calls, h1.refreshes, len(b2.inFlight))
 	}
 }

@@ -10,8 +10,8 @@
 // (BeginIO, InFlight): either the I/O sees the release, or the release
 // waits for the I/O.
 //
-// Lock order: Set.mu and Image.mu are leaves; nothing else is locked
-// while one is held, and no method calls out while holding one.
+// Lock order: Set.mu → Image.mu (Add and Remove read the record); both
+// are leaves otherwise, and no method calls out while holding one.
 package served
 
 import (

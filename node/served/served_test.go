@@ -47,6 +47,16 @@ func TestSetKeepsNameAndIDTogether(t *testing.T) {
 		t.Fatal("a removed image is still served")
 	}
 
+	// An id served again under another name (a record renamed, or a
+	// corrupt one): one image per id, the newer one.
+	b2 := New(meta.Image{Name: "b2", ID: b.Record().ID}, nil)
+	set.Add(b2)
+	if set.ByID(b.Record().ID) != b2 || set.Get("b") != nil || set.Get("b2") != b2 || set.Len() != 1 {
+		t.Fatal("two images served under one id")
+	}
+	set.Remove(b2)
+	set.Add(b)
+
 	b.SetOwned(true)
 	if got := set.List(true); len(got) != 1 || got[0] != b {
 		t.Fatalf("owned images %v, want only b", got)
@@ -61,6 +71,12 @@ func TestSnapshotsOnlyMoveTheRevisionForward(t *testing.T) {
 	s.SetSnapshots(meta.Image{Rev: 7, Snapshots: []meta.SnapshotRef{{Name: "s1"}}})
 	if r := s.Record(); r.Rev != 10 || len(r.Snapshots) != 1 {
 		t.Fatalf("after an older record's snapshots: rev %d, %d snapshots; want 10, 1", r.Rev, len(r.Snapshots))
+	}
+	rec := meta.Image{Rev: 11, Snapshots: []meta.SnapshotRef{{Name: "s2"}}}
+	s.SetSnapshots(rec)
+	rec.Snapshots[0].Name = "changed by the caller"
+	if r := s.Record(); r.Snapshots[0].Name != "s2" {
+		t.Fatal("the served record shares its snapshot list with the caller's")
 	}
 	s.SetSnapshots(meta.Image{Rev: 12})
 	if r := s.Record(); r.Rev != 12 || len(r.Snapshots) != 0 {
