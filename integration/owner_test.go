@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -140,4 +141,66 @@ func TestOwnerRestartedWithinTTLServesForwardedIO(t *testing.T) {
 	if m := n2.imageJSON("rs", false); m["owner"] != "n1" {
 		t.Fatalf("owner after the restart: %v, want n1 (it kept its lock)", m["owner"])
 	}
+}
+
+// An attach hands the image over while the former owner's initiator keeps
+// writing through it: the attaching node gets the lock (the former
+// owner's I/O leaves the free lock to it, ownership.Yield, and is
+// forwarded to it from then on), and the load sees no error. Before, the
+// former owner's next write took the lock back the moment it was handed
+// over, and the attach waited until it gave up (chaos seed 119).
+func TestAttachHandsOverUnderLoad(t *testing.T) {
+	c := newCluster(t, "n1", "n2", "n3")
+	n1, n2, n3 := c.nodes[0], c.nodes[1], c.nodes[2]
+	n1.mustCLI("image", "create", "ho", "--size", "16M", "--block-size", "1M", "--locations", "n1,n2")
+	n1.mustCLI("image", "attach", "ho", "--node", "n1")
+	var wg sync.WaitGroup
+	var rounds atomic.Int64
+	stop := make(chan struct{})
+	wg.Go(func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			args := []string{"-f", "raw"}
+			for j := range 16 {
+				args = append(args, "-c", fmt.Sprintf("write -P %d %d 64k", 1+(i+j)%250, j*1024*1024))
+			}
+			args = append(args, "-c", "flush", n1.url("ho"))
+			if out, err := run(t, time.Minute, "qemu-io", args...); err != nil || strings.Contains(out, "failed") {
+				t.Errorf("write round %d through n1: %v %s", i, err, out)
+				return
+			}
+			rounds.Add(1)
+		}
+	})
+	waitRounds := func(n int64) {
+		t.Helper()
+		for deadline := time.Now().Add(2 * time.Minute); rounds.Load() < n; time.Sleep(50 * time.Millisecond) {
+			if time.Now().After(deadline) || t.Failed() {
+				close(stop)
+				wg.Wait()
+				t.Fatalf("the load through n1 did %d rounds, want %d", rounds.Load(), n)
+			}
+		}
+	}
+	waitRounds(3)
+	start := time.Now()
+	n3.mustCLI("image", "attach", "ho", "--node", "n2")
+	took := time.Since(start)
+	if m := n3.imageJSON("ho", false); m["owner"] != "n2" || m["attached"] != "n2" {
+		t.Fatalf("after attach to n2 under load through n1: owner %v attached %v", m["owner"], m["attached"])
+	}
+	waitRounds(rounds.Load() + 3) // the load goes on, forwarded to n2
+	close(stop)
+	wg.Wait()
+	if m := n3.imageJSON("ho", false); m["owner"] != "n2" {
+		t.Fatalf("the load through n1 took the attached image back: owner %v", m["owner"])
+	}
+	if out := n2.mustCLI("image", "verify", "ho"); !strings.Contains(out, "0 differ") {
+		t.Fatalf("verify: %s", out)
+	}
+	t.Logf("attach under load: %v, %d write rounds through n1", took, rounds.Load())
 }

@@ -232,9 +232,12 @@ func (n *Node) apply(ctx context.Context, s *served.Image, img meta.Image, force
 	same := old.Generation == img.Generation && old.Owner == img.Owner && old.MinCopies == img.MinCopies &&
 		slices.Equal(old.Locations, img.Locations) && old.SyncPaused == img.SyncPaused && old.Size == img.Size
 	if !force && !s.FromCache && same {
-		if !slices.Equal(old.Snapshots, img.Snapshots) {
-			s.SetRecord(img)
-		}
+		// Nothing to rebuild, but the record is kept: what it says beyond
+		// copies and owner (snapshots, the node it is attached to) is
+		// read from it. Before, only a change of snapshots was kept, and
+		// an owner attached to after it took the image still released it
+		// when idle.
+		s.SetRecord(img)
 		return nil
 	}
 	hasLocal := img.HasLocation(n.cfg.Node.Name)

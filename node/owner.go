@@ -109,6 +109,17 @@ func (n *Node) acquire(ctx context.Context, s *served.Image) error {
 		return notReady(fmt.Errorf("take ownership: %w", err))
 	}
 	in.HolderDead = in.LockNode != "" && n.dead(in.LockNode)
+	// An image attached to another live node: a free lock is left to it
+	// for a while (ownership.Yield), counted from when this node first
+	// saw the lock free so.
+	if p := rec.Attached; (in.LockSession == "" || in.LockSession == in.Session) && p != "" && p != self && n.alive(p) {
+		if s.PinSince.IsZero() {
+			s.PinSince = time.Now()
+		}
+		in.PinnedTo, in.PinWaited = p, time.Since(s.PinSince)
+	} else {
+		s.PinSince = time.Time{}
+	}
 	switch act := ownership.Decide(in); act {
 	case ownership.Offline:
 		s.OwnedGen.Store(rec.Generation)
@@ -123,6 +134,8 @@ func (n *Node) acquire(ctx context.Context, s *served.Image) error {
 		return notReady(errNoSession)
 	case ownership.Forward:
 		return errNotOwner(in.LockNode)
+	case ownership.Yield:
+		return errNotOwner(in.PinnedTo)
 	case ownership.Break:
 		if err := n.kv.DestroySession(ctx, in.LockSession); err != nil {
 			return notReady(fmt.Errorf("free the ownership lock of dead node %s: %w", in.LockNode, err))
@@ -358,7 +371,8 @@ func (n *Node) release(ctx context.Context, s *served.Image) {
 	n.ownMu.Lock()
 	defer n.ownMu.Unlock()
 	if s.Owned() {
-		return // new I/O took it again meanwhile
+		n.log.Info("I/O took the image again while it was being released; keeping it", "image", name)
+		return
 	}
 	if err != nil {
 		n.log.Warn("I/O still running; keeping ownership", "image", name, "err", err)
@@ -460,8 +474,8 @@ func (h routeHost) Refresh(ctx context.Context, s *served.Image) {
 func (h routeHost) Owned(s *served.Image) scsi.Backend { return ownedBackend{n: h.n, s: s} }
 func (h routeHost) ByID(id string) *served.Image       { return h.n.servedByID(id) }
 func (h routeHost) MayServe(s *served.Image) bool      { return h.n.mayServe(s) }
-func (h routeHost) HoldsLock(ctx context.Context, s *served.Image) bool {
-	return h.n.holdsLock(ctx, s)
+func (h routeHost) Claims(ctx context.Context, s *served.Image) bool {
+	return s.Record().Attached == h.n.cfg.Node.Name || h.n.holdsLock(ctx, s)
 }
 
 // holdsLock says whether this node's session holds s's ownership lock
@@ -594,6 +608,11 @@ func (n *Node) Attach(ctx context.Context, name, node string) (api.Image, error)
 	if err != nil {
 		return api.Image{}, err
 	}
+	// Applied at once: forwarded I/O is let in to take the image from
+	// now on (routeHost.Claims).
+	if img.ID == s.Record().ID {
+		_ = n.applyNow(ctx, s, img, false)
+	}
 	if img.Owner != "" && img.Owner != n.cfg.Node.Name {
 		if c, err := n.controlClient(img.Owner); err == nil {
 			if err := c.Release(ctx, name); err != nil {
@@ -637,9 +656,13 @@ func (n *Node) Release(ctx context.Context, name string) error {
 	if !s.Owned() {
 		return nil
 	}
+	// The record as it is now: it names the node the image is being
+	// attached to, which this node's I/O then leaves the lock to
+	// (ownership.Yield) instead of taking it back at once.
+	routeHost{n}.Refresh(ctx, s)
 	n.release(ctx, s)
 	if s.Owned() {
-		return fmt.Errorf("image %q: could not release ownership (flush failed)", name)
+		return fmt.Errorf("image %q: could not release ownership (a flush failed, or I/O took it again: see the node's log)", name)
 	}
 	// The new owner preserves blocks into the snapshots: let them go too.
 	for _, ref := range s.Record().Snapshots {

@@ -18,6 +18,8 @@
 // Lock order: Session.mu is a leaf.
 package ownership
 
+import "time"
+
 // Input is what a node knows about one image when it is asked to do its
 // I/O and does not own it yet (or no longer may).
 type Input struct {
@@ -37,7 +39,21 @@ type Input struct {
 	// OnlyLocalCopy says this node holds the image's only copy and the
 	// record names no other owner.
 	OnlyLocalCopy bool
+	// PinnedTo is the node the image is attached to (an orchestrator
+	// moving a VM there) when that is another node the membership sees
+	// alive; "" otherwise. PinWaited is how long this node has seen the
+	// lock free (or held by its own session) while pinned elsewhere, by
+	// its own monotonic clock.
+	PinnedTo  string
+	PinWaited time.Duration
 }
+
+// PinHold is how long a node leaves a free lock to the live node the
+// image is attached to before it takes the lock itself. The attached node
+// takes it within its next attempt (every 200 ms, 1 s after a refusal);
+// the hold only bounds how long the image waits for an attached node
+// that cannot take it (no session, not serving the image).
+const PinHold = 5 * time.Second
 
 // Action is what the node does next.
 type Action int
@@ -58,6 +74,16 @@ const (
 	// session): destroy its session so the store frees the lock after
 	// its lock delay; meanwhile the I/O waits.
 	Break
+	// Yield: the lock is free, or held by this node's session while the
+	// node does not serve the image (a handover in progress), and the
+	// image is attached to another live node: leave it to that node
+	// (send the I/O there) for PinHold.
+	// Without it, the former owner's own initiators took the lock back
+	// the moment it handed the image over, before the attaching node,
+	// whose attach then timed out (chaos seed 119: two attaches killed
+	// by the harness after 30 s, one at each of the two moments the
+	// lock came free).
+	Yield
 	// Offline: the store is unreachable and the only copy is here:
 	// serve it without recording ownership (no other copy can diverge;
 	// a newer owner could only write through this copy, which raises
@@ -77,6 +103,8 @@ func (a Action) String() string {
 		return "break"
 	case Offline:
 		return "offline"
+	case Yield:
+		return "yield"
 	}
 	return "wait"
 }
@@ -88,6 +116,11 @@ func Decide(in Input) Action {
 		return Offline
 	case !in.StoreReachable, in.Session == "":
 		return Wait
+	case in.PinnedTo != "" && in.PinWaited < PinHold && (in.LockSession == "" || in.LockSession == in.Session):
+		// Also while this node's session still holds the lock: a
+		// handover in progress (the release flushes before it frees the
+		// lock), which the node's own I/O would otherwise take back.
+		return Yield
 	case in.LockSession == in.Session:
 		return Take
 	case in.LockSession == "":

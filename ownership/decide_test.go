@@ -22,6 +22,13 @@ func TestDecide(t *testing.T) {
 		{"store unreachable, only copy here", with(func(i *Input) { i.StoreReachable, i.OnlyLocalCopy = false, true }), Offline},
 		{"store unreachable, only copy here, no session", with(func(i *Input) { i.StoreReachable, i.OnlyLocalCopy, i.Session = false, true, "" }), Offline},
 		{"only copy here but store reachable: the lock decides", with(func(i *Input) { i.OnlyLocalCopy, i.LockSession, i.LockNode = true, "s2", "n2" }), Forward},
+		{"free lock, attached to another live node", with(func(i *Input) { i.PinnedTo = "n2" }), Yield},
+		{"free lock, attached elsewhere for longer than the hold", with(func(i *Input) { i.PinnedTo, i.PinWaited = "n2", PinHold }), Acquire},
+		{"held by our session, attached elsewhere: a handover in progress", with(func(i *Input) { i.PinnedTo, i.LockSession, i.LockNode = "n2", "s1", "n1" }), Yield},
+		{"held by our session, attached elsewhere for longer than the hold", with(func(i *Input) { i.PinnedTo, i.PinWaited, i.LockSession, i.LockNode = "n2", PinHold, "s1", "n1" }), Take},
+		{"held by a live node, attached to a third", with(func(i *Input) { i.PinnedTo, i.LockSession, i.LockNode = "n2", "s3", "n3" }), Forward},
+		{"held by a dead node, attached elsewhere: broken all the same", with(func(i *Input) { i.PinnedTo, i.LockSession, i.LockNode, i.HolderDead = "n2", "s3", "n3", true }), Break},
+		{"attached elsewhere, no valid session", with(func(i *Input) { i.PinnedTo, i.Session = "n2", "" }), Wait},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -65,10 +65,12 @@ type Host interface {
 	// The owner's side.
 	ByID(id string) *served.Image
 	// MayServe says whether this node owns the image and may do its I/O
-	// now; HoldsLock whether its session holds the image's ownership lock
-	// (a take that has not finished, a restart that kept the session).
+	// now; Claims whether it has a claim to take it for a forwarded I/O:
+	// its session holds the image's ownership lock (a take that has not
+	// finished, a restart that kept the session), or the image is
+	// attached to it (the others leave a free lock to it).
 	MayServe(s *served.Image) bool
-	HoldsLock(ctx context.Context, s *served.Image) bool
+	Claims(ctx context.Context, s *served.Image) bool
 }
 
 // Config configures a Router.
@@ -218,7 +220,7 @@ func (r *Router) Volume(ctx context.Context, ref peer.Ref) (peer.Backend, error)
 	if s == nil {
 		return nil, fmt.Errorf("image %s: %w", ref.ID, peer.ErrUnknownImage)
 	}
-	if !h.MayServe(s) && !h.HoldsLock(ctx, s) {
+	if !h.MayServe(s) && !h.Claims(ctx, s) {
 		return nil, fmt.Errorf("image %s: %w", s.Record().Name, peer.ErrNotOwner)
 	}
 	if err := h.Acquire(ctx, s); err != nil {

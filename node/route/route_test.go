@@ -56,7 +56,7 @@ type host struct {
 	fwd       map[string]Forwarder
 	refreshes int
 	mayServe  bool
-	holdsLock bool
+	claims    bool
 }
 
 func (h *host) Acquire(context.Context, *served.Image) error {
@@ -78,8 +78,8 @@ func (h *host) Owned(*served.Image) scsi.Backend       { return h.owned }
 func (h *host) ByID(id string) *served.Image {
 	return map[bool]*served.Image{true: h.s}[h.s.Record().ID == id]
 }
-func (h *host) MayServe(*served.Image) bool                   { return h.mayServe }
-func (h *host) HoldsLock(context.Context, *served.Image) bool { return h.holdsLock }
+func (h *host) MayServe(*served.Image) bool                { return h.mayServe }
+func (h *host) Claims(context.Context, *served.Image) bool { return h.claims }
 
 // scripted is a forwarder whose answers come from a list (the last one
 // repeats); it records the references it was sent.
@@ -260,7 +260,7 @@ func TestOwnerSideOfForwarding(t *testing.T) {
 	if h.calls != 0 {
 		t.Fatal("a node that neither owns the image nor holds its lock tried to take it for a forwarded I/O")
 	}
-	h.holdsLock = true // a take not finished: the forwarded I/O finishes it
+	h.claims = true // a take not finished: the forwarded I/O finishes it
 	v, err := r.Volume(ctx, peer.Ref{ID: s.Record().ID, Gen: 3})
 	if err != nil {
 		t.Fatal(err)

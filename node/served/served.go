@@ -49,6 +49,10 @@ type Image struct {
 	// ownership lock).
 	EverOwned   bool
 	NextAcquire time.Time
+	// PinSince: when this node first saw the image's lock free while the
+	// image is attached to another node (guarded by the node's ownership
+	// lock; zero otherwise).
+	PinSince time.Time
 	// Offline: its owner's last settle found no copy to serve from.
 	Offline atomic.Bool
 	Act     *activity.Log // its volume's writes, for a successor
