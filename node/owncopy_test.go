@@ -13,6 +13,7 @@ import (
 	"github.com/ukai-storage/ukai/cluster/meta/kvtest"
 	"github.com/ukai-storage/ukai/cluster/peer"
 	"github.com/ukai-storage/ukai/node/admit"
+	"github.com/ukai-storage/ukai/node/reconcile"
 	"github.com/ukai-storage/ukai/node/served"
 	"github.com/ukai-storage/ukai/ownership"
 	"github.com/ukai-storage/ukai/placement"
@@ -289,5 +290,43 @@ func TestRecordOfAnotherImageIsNotGrafted(t *testing.T) {
 	}
 	if s.Record().ID != old.ID {
 		t.Fatal("the served image now carries another image's record")
+	}
+}
+
+// TestHandoverFinishesAfterTheCallerGivesUp: a release another node asked
+// for (peer.Control.Release, from an attach) goes on when the caller's
+// context ends while I/O still drains; before, it kept ownership, and the
+// attaching node waited for a lock nobody freed (chaos seed 120: the
+// caller's transport timeout was 2 s).
+func TestHandoverFinishesAfterTheCallerGivesUp(t *testing.T) {
+	ctx := context.Background()
+	n, s, oc, _ := ownedCopy(t, "vm1")
+	n.recon = reconcile.New(reconcile.Config{Catalog: n.cat, Self: "n1", Host: reconHost{n}, Log: n.log})
+	img := s.Record()
+	ok, err := n.cat.AcquireOwnership(ctx, img.ID, "n1", s.Session())
+	if err != nil || !ok {
+		t.Fatalf("acquire: %v %v", ok, err)
+	}
+	withVolume(t, n, s, oc)
+	n.images.Add(s)
+	if !s.BeginIO() {
+		t.Fatal("beginIO on an owned image")
+	}
+	callerCtx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	released := make(chan error, 1)
+	go func() { released <- n.Release(callerCtx, "vm1") }()
+	<-callerCtx.Done()
+	time.Sleep(100 * time.Millisecond) // the I/O outlives the caller's wait
+	s.EndIO()
+	<-released
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		ls, _, err := n.cat.OwnershipLock(ctx, img.ID)
+		if err == nil && ls == "" && !s.Owned() {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the release was abandoned with its caller: lock holder %q (%v), owned %v", ls, err, s.Owned())
+		}
 	}
 }

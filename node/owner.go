@@ -448,6 +448,10 @@ func (n *Node) originOwnedHere(img meta.Image) bool {
 	return o != nil && o.Record().ID == img.Origin.ID && o.Owned()
 }
 
+// handoverTimeout bounds a release another node asked for: draining the
+// I/O in flight (releaseDrain), the flush, and the two catalog writes.
+const handoverTimeout = 30 * time.Second
+
 // takeoverWait bounds how long an I/O waits for a dead owner's session.
 const takeoverWait = 45 * time.Second
 
@@ -656,6 +660,12 @@ func (n *Node) Release(ctx context.Context, name string) error {
 	if !s.Owned() {
 		return nil
 	}
+	// The release finishes even if the caller stops waiting (its
+	// transport timeout, 2 s by default, is shorter than draining I/O
+	// and flushing under load): the attaching node loops on the lock,
+	// and an abandoned release kept ownership (chaos seed 120).
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), handoverTimeout)
+	defer cancel()
 	// The record as it is now: it names the node the image is being
 	// attached to, which this node's I/O then leaves the lock to
 	// (ownership.Yield) instead of taking it back at once.
