@@ -13,6 +13,7 @@ import (
 	"github.com/ukai-storage/ukai/cluster/meta/kvtest"
 	"github.com/ukai-storage/ukai/cluster/peer"
 	"github.com/ukai-storage/ukai/node/admit"
+	"github.com/ukai-storage/ukai/node/datadir"
 	"github.com/ukai-storage/ukai/node/reconcile"
 	"github.com/ukai-storage/ukai/node/served"
 	"github.com/ukai-storage/ukai/ownership"
@@ -328,5 +329,91 @@ func TestHandoverFinishesAfterTheCallerGivesUp(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the release was abandoned with its caller: lock holder %q (%v), owned %v", ls, err, s.Owned())
 		}
+	}
+}
+
+// TestTakeNeverGoesBackAGeneration: the store answers with a record older
+// than what this node has seen (a Consul restarted under it; chaos seed
+// 121). The take raises the generation past everything the node saw,
+// rather than serve with one its copies have moved past.
+func TestTakeNeverGoesBackAGeneration(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name       string
+		ownedGen   uint64 // the generation this node took the image with before
+		copyFenced uint64 // the newest generation its copy's gate has seen
+		want       uint64
+	}{
+		{"the record is current", 1, 0, 1},
+		{"this node took it with a newer generation", 5, 0, 6},
+		{"its copy has seen a newer generation", 1, 7, 8},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n, s, oc, _ := ownedCopy(t, "vm1")
+			n.recon = reconcile.New(reconcile.Config{Catalog: n.cat, Self: "n1", Host: reconHost{n}, Log: n.log})
+			dir, err := datadir.Open(t.TempDir())
+			if err != nil {
+				t.Fatal(err)
+			}
+			n.dir = dir
+			withVolume(t, n, s, oc)
+			ok, err := n.cat.AcquireOwnership(ctx, s.Record().ID, "n1", s.Session())
+			if err != nil || !ok {
+				t.Fatalf("acquire: %v %v", ok, err)
+			}
+			if tc.copyFenced > 0 {
+				if err := n.peerSrv.Fence(ctx, peer.Ref{ID: s.Record().ID, Gen: tc.copyFenced}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			s.OwnedGen.Store(tc.ownedGen)
+			s.SetOwned(false)
+			if err := n.take(ctx, s, s.Session()); err != nil {
+				t.Fatal(err)
+			}
+			cur, _, err := n.cat.GetImage(ctx, "vm1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if cur.Generation != tc.want || s.OwnedGen.Load() != tc.want || cur.Owner != "n1" {
+				t.Fatalf("after the take: record generation %d owner %q, taken with %d; want %d, n1", cur.Generation, cur.Owner, s.OwnedGen.Load(), tc.want)
+			}
+			if err := oc.WriteAt(ctx, make([]byte, 4096), 0, false); err != nil {
+				t.Fatalf("the owner's write to its own copy after the take: %v", err)
+			}
+		})
+	}
+}
+
+// TestVerifyWaitsForItsOwnOldSessionsLock: the image's lock is held by
+// this node's previous session (Consul restarted and the node made a new
+// one). `image verify` breaks that session and waits out its lock delay;
+// before, it answered "image is served by node n1", this very node
+// (chaos seed 121).
+func TestVerifyWaitsForItsOwnOldSessionsLock(t *testing.T) {
+	ctx := context.Background()
+	n, s, oc, _ := ownedCopy(t, "vm1")
+	n.recon = reconcile.New(reconcile.Config{Catalog: n.cat, Self: "n1", Host: reconHost{n}, Log: n.log})
+	dir, err := datadir.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.dir = dir
+	withVolume(t, n, s, oc)
+	n.images.Add(s)
+	old, err := n.kv.CreateSession(ctx, "ukai:n1", 5*time.Second, 500*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := n.cat.AcquireOwnership(ctx, s.Record().ID, "n1", old); err != nil || !ok {
+		t.Fatalf("acquire with the old session: %v %v", ok, err)
+	}
+	s.SetOwned(false)
+	res, err := n.VerifyImage(ctx, "vm1")
+	if err != nil {
+		t.Fatalf("verify: %v", err)
+	}
+	if res.Blocks == 0 || !s.Owned() {
+		t.Fatalf("verify compared %d blocks, owned %v", res.Blocks, s.Owned())
 	}
 }

@@ -180,28 +180,31 @@ func (n *Node) take(ctx context.Context, s *served.Image, session string) error 
 	name, id := s.Record().Name, s.Record().ID
 	self := n.cfg.Node.Name
 	var previous string
-	img, _, err := n.cat.GetImage(ctx, name)
-	if err == nil && img.ID != id {
-		// Deleted and created again under the same name: the lock held
-		// is the old image's, which is not this record's.
-		err = fmt.Errorf("%w (created again as %s)", meta.ErrImageNotFound, img.ID)
+	// Never below a generation this node has seen for the image, and
+	// always through a check-and-set write, even when the record already
+	// names this node: a store that has just restarted can answer a read
+	// with a record older than what it acknowledged, which a check-and-set
+	// cannot pass (chaos seed 121: Consul, killed and restarted, answered
+	// generation 13 to a node that had taken the image with 14 a few
+	// seconds before; it served with 13, and its copies, which had seen
+	// 14, refused every write for 2.5 minutes).
+	seen := max(s.OwnedGen.Load(), s.Record().Generation, n.pstore.Floor(id))
+	if n.peerSrv != nil {
+		seen = max(seen, n.peerSrv.Generation(id))
 	}
-	if err == nil {
-		previous = img.Owner
-	}
-	if err == nil && img.Owner != self {
-		img, err = n.cat.UpdateImage(ctx, name, func(i *meta.Image) error {
-			if i.ID != id {
-				return fmt.Errorf("%w (created again as %s)", meta.ErrImageNotFound, i.ID)
-			}
-			previous = i.Owner
-			if i.Owner != self {
-				i.Owner = self
-				i.Generation++
-			}
-			return nil
-		})
-	}
+	img, err := n.cat.UpdateImage(ctx, name, func(i *meta.Image) error {
+		if i.ID != id {
+			// Deleted and created again under the same name: the lock
+			// held is the old image's, which is not this record's.
+			return fmt.Errorf("%w (created again as %s)", meta.ErrImageNotFound, i.ID)
+		}
+		previous = i.Owner
+		if i.Owner != self || i.Generation < seen {
+			i.Owner = self
+			i.Generation = max(i.Generation, seen) + 1
+		}
+		return nil
+	})
 	if err != nil {
 		return notReady(fmt.Errorf("take ownership: %w", err))
 	}

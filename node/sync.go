@@ -297,7 +297,12 @@ func (n *Node) VerifyImage(ctx context.Context, name string) (api.VerifyResult, 
 	}
 	s.BeginBusy()
 	defer s.EndBusy()
-	if err := n.acquire(ctx, s); err != nil {
+	// Waiting, as a snapshot does: the lock may be held by this node's
+	// own previous session (a Consul restart replaced it), which is
+	// broken and then free after its lock delay. A single attempt
+	// answered "served by" this very node (chaos seed 121, an
+	// `image verify` right after Consul restarted).
+	if err := n.acquireWait(ctx, s); err != nil {
 		return api.VerifyResult{}, err
 	}
 	res := api.VerifyResult{Blocks: s.Vol.Blocks(), Mismatches: []api.Mismatch{}}

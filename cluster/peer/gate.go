@@ -178,6 +178,20 @@ func (s *Server) Admit(ctx context.Context, ref Ref) (leave func(), err error) {
 	return s.gates.get(ref.ID).enter(ctx, ref.Gen, ref.Epoch)
 }
 
+// Generation is the newest generation this node's copy of id has admitted
+// a write of, or been fenced at (0: none).
+func (s *Server) Generation(id string) uint64 {
+	s.gates.mu.Lock()
+	g := s.gates.m[id]
+	s.gates.mu.Unlock()
+	if g == nil {
+		return 0
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.floor.gen
+}
+
 // Forget drops the gate of an image whose copy left this node.
 func (s *Server) Forget(id string) {
 	s.gates.mu.Lock()
