@@ -33,7 +33,7 @@ import (
 // the volumes, the portal and the API, and runs their loops (Run), all
 // joined before the images and the store close.
 //
-// Lock order: ownMu → the reconciler's (recon.Do) → the served set's and
+// Lock order: handoverMu → ownMu → the reconciler's (recon.Do) → the served set's and
 // images' locks (package served, leaves). storeMu,
 // peersMu, exportsMu, the peer store's locks and an image's
 // activity and copy-on-write locks are leaves: nothing is locked while
@@ -60,12 +60,19 @@ type Node struct {
 	storeMu sync.Mutex
 	storeOK bool // last metadata access succeeded
 
-	ownMu   sync.Mutex // one ownership change at a time
-	peerSrv *peer.Server
-	pstore  *admit.Store // what peers may do to this node's copies
-	sec     security
-	peersMu sync.Mutex
-	peers   map[string]*peer.Client // by data address
+	ownMu sync.Mutex // one ownership change at a time
+	// handoverMu is read-held by each release another node asked for
+	// (Release) and write-held by shutdown for good, once it has
+	// cancelled life: shutdown waits for those releases before it
+	// releases the rest and closes the session, images and store.
+	handoverMu sync.RWMutex
+	life       context.Context // ends when shutdown begins
+	endLife    context.CancelFunc
+	peerSrv    *peer.Server
+	pstore     *admit.Store // what peers may do to this node's copies
+	sec        security
+	peersMu    sync.Mutex
+	peers      map[string]*peer.Client // by data address
 
 	now           func() time.Time // the clock placement decides by (tests move it)
 	clock         ownership.Clock  // the clock ownership decides by (owner.clock_offset)
@@ -103,6 +110,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 	}
 	n.cat = meta.NewCatalog(n.kv, prefix)
 	n.pstore = admit.New(n.images, n.cat)
+	n.life, n.endLife = context.WithCancel(context.Background())
 	n.cat.OnMalformed(func(e *meta.MalformedError) { log.Warn("ignoring malformed metadata", "key", e.Key, "err", e.Err) })
 	n.clock = offsetClock(cfg.Owner.ClockOffset)
 	n.now = n.clock.Now
@@ -242,6 +250,10 @@ func (n *Node) shutdown(stopLoops context.CancelFunc) error {
 	err = errors.Join(err, n.target.Close(ctx))
 	stopLoops()
 	n.loops.Wait()
+	// Handovers other nodes asked for end (cancelled, they keep the
+	// image owned) before the owned images are released below.
+	n.endLife()
+	n.handoverMu.Lock()
 	// Hand back the images this node owns, their copies flushed.
 	for _, s := range n.servedImages(true) {
 		n.release(ctx, s)

@@ -15,6 +15,7 @@ import (
 	"github.com/ukai-storage/ukai/node/admit"
 	"github.com/ukai-storage/ukai/node/datadir"
 	"github.com/ukai-storage/ukai/node/reconcile"
+	"github.com/ukai-storage/ukai/node/route"
 	"github.com/ukai-storage/ukai/node/served"
 	"github.com/ukai-storage/ukai/ownership"
 	"github.com/ukai-storage/ukai/placement"
@@ -415,5 +416,57 @@ func TestVerifyWaitsForItsOwnOldSessionsLock(t *testing.T) {
 	}
 	if res.Blocks == 0 || !s.Owned() {
 		t.Fatalf("verify compared %d blocks, owned %v", res.Blocks, s.Owned())
+	}
+}
+
+// TestPinHoldBookkeeping: an image attached to another node (n2, alive:
+// this node runs without gossip). The free lock is left to n2 for the
+// hold, then taken; the hold starts afresh at the next handover, and it
+// does not run while this node's own release is still draining.
+func TestPinHoldBookkeeping(t *testing.T) {
+	ctx := context.Background()
+	n, s, oc, _ := ownedCopy(t, "vm1")
+	n.recon = reconcile.New(reconcile.Config{Catalog: n.cat, Self: "n1", Host: reconHost{n}, Log: n.log})
+	dir, err := datadir.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.dir = dir
+	withVolume(t, n, s, oc)
+	img, err := n.cat.UpdateImage(ctx, "vm1", func(i *meta.Image) error { i.Attached = "n2"; return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.SetRecord(img)
+	s.SetOwned(false)
+	yields := func() bool {
+		t.Helper()
+		err := n.acquire(ctx, s)
+		var no *route.NotOwnerError
+		if errors.As(err, &no) && no.Owner == "n2" {
+			return true
+		}
+		if err != nil {
+			t.Fatalf("acquire: %v", err)
+		}
+		return false
+	}
+	if !yields() {
+		t.Fatal("a free lock of an image attached to n2 was taken at once")
+	}
+	s.PinSince = s.PinSince.Add(-ownership.PinHold) // the hold ran out
+	if yields() {
+		t.Fatal("the lock was still left to n2 after the hold")
+	}
+	if !s.PinSince.IsZero() {
+		t.Fatal("the hold's start outlived the take: the next handover would be taken back at once")
+	}
+	// A handover: this node's release has cleared owned but still holds
+	// the lock; its I/O yields, however long the release takes.
+	s.SetOwned(false)
+	s.Releasing.Store(true)
+	s.PinSince, s.PinTo = time.Now().Add(-time.Minute), "n2"
+	if !yields() {
+		t.Fatal("this node's I/O took the image back while its own release ran")
 	}
 }

@@ -112,15 +112,21 @@ func (n *Node) acquire(ctx context.Context, s *served.Image) error {
 	// An image attached to another live node: a free lock is left to it
 	// for a while (ownership.Yield), counted from when this node first
 	// saw the lock free so.
+	// While this node's own release of the image runs, the hold has not
+	// begun: the release drains I/O and flushes (up to 10 s and more)
+	// before it frees the lock, and a hold that ran out meanwhile let the
+	// node's own I/O take the image back.
 	if p := rec.Attached; (in.LockSession == "" || in.LockSession == in.Session) && p != "" && p != self && n.alive(p) {
-		if s.PinSince.IsZero() {
-			s.PinSince = time.Now()
+		if s.PinSince.IsZero() || s.PinTo != p || s.Releasing.Load() {
+			s.PinSince, s.PinTo = time.Now(), p
 		}
 		in.PinnedTo, in.PinWaited = p, time.Since(s.PinSince)
-	} else {
-		s.PinSince = time.Time{}
 	}
-	switch act := ownership.Decide(in); act {
+	act := ownership.Decide(in)
+	if act != ownership.Yield {
+		s.PinSince, s.PinTo = time.Time{}, ""
+	}
+	switch act {
 	case ownership.Offline:
 		s.OwnedGen.Store(rec.Generation)
 		s.Offline.Store(true)
@@ -180,6 +186,7 @@ func (n *Node) take(ctx context.Context, s *served.Image, session string) error 
 	name, id := s.Record().Name, s.Record().ID
 	self := n.cfg.Node.Name
 	var previous string
+	var raised bool
 	// Never below a generation this node has seen for the image, and
 	// always through a check-and-set write, even when the record already
 	// names this node: a store that has just restarted can answer a read
@@ -199,7 +206,8 @@ func (n *Node) take(ctx context.Context, s *served.Image, session string) error 
 			return fmt.Errorf("%w (created again as %s)", meta.ErrImageNotFound, i.ID)
 		}
 		previous = i.Owner
-		if i.Owner != self || i.Generation < seen {
+		raised = i.Generation < seen
+		if i.Owner != self || raised {
 			i.Owner = self
 			i.Generation = max(i.Generation, seen) + 1
 		}
@@ -222,7 +230,9 @@ func (n *Node) take(ctx context.Context, s *served.Image, session string) error 
 	if bad := s.Vol.FenceAll(ctx); len(bad) > 0 {
 		n.log.Warn("took the image without fencing the copies on some nodes (unreachable): writes a former owner sent them may still land; the reconciliation records its logged blocks out of sync there", "image", name, "nodes", bad)
 	}
-	if mustReconcile(previous, self, s.EverOwned) {
+	// A raised generation means the store had lost track of what this
+	// node saw: another owner may have come and gone in between.
+	if raised || mustReconcile(previous, self, s.EverOwned) {
 		// The last owner may have died with writes in flight: make the
 		// copies agree on the blocks it was writing before serving I/O.
 		if err := s.Act.Reconcile(ctx); err != nil {
@@ -369,6 +379,8 @@ func (n *Node) release(ctx context.Context, s *served.Image) {
 		return
 	}
 	s.SetOwned(false)
+	s.Releasing.Store(true)
+	defer s.Releasing.Store(false)
 	n.ownMu.Unlock()
 	err := waitIO(ctx, s, releaseDrain)
 	n.ownMu.Lock()
@@ -667,7 +679,15 @@ func (n *Node) Release(ctx context.Context, name string) error {
 	// transport timeout, 2 s by default, is shorter than draining I/O
 	// and flushing under load): the attaching node loops on the lock,
 	// and an abandoned release kept ownership (chaos seed 120).
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), handoverTimeout)
+	if !n.handoverMu.TryRLock() {
+		return fmt.Errorf("image %q: this node is shutting down; it releases its images itself", name)
+	}
+	defer n.handoverMu.RUnlock()
+	life := n.life
+	if life == nil { // a Node built by a test
+		life = context.Background()
+	}
+	ctx, cancel := context.WithTimeout(life, handoverTimeout)
 	defer cancel()
 	// The record as it is now: it names the node the image is being
 	// attached to, which this node's I/O then leaves the lock to

@@ -140,13 +140,19 @@ func (n *Node) snapshotServed(ctx context.Context, ref meta.SnapshotRef) (*serve
 // acquireWait takes ownership of s, waiting up to takeoverWait for another
 // owner to let go or for its lease to run out.
 func (n *Node) acquireWait(ctx context.Context, s *served.Image) error {
+	return n.acquireWaitUnless(ctx, s, func(error) bool { return false })
+}
+
+// acquireWaitUnless is acquireWait that gives up at once on an error stop
+// says is final.
+func (n *Node) acquireWaitUnless(ctx context.Context, s *served.Image, stop func(error) bool) error {
 	deadline := time.Now().Add(takeoverWait)
 	for {
 		err := n.acquire(ctx, s)
 		if err == nil {
 			return nil
 		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
+		if stop(err) || time.Now().After(deadline) || ctx.Err() != nil {
 			return fmt.Errorf("take ownership of %s: %w", s.Record().Name, err)
 		}
 		sleep(ctx, 200*time.Millisecond)

@@ -12,6 +12,7 @@ import (
 	"github.com/ukai-storage/ukai/api"
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/node/executor"
+	"github.com/ukai-storage/ukai/node/route"
 	"github.com/ukai-storage/ukai/node/served"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/lun"
@@ -302,7 +303,13 @@ func (n *Node) VerifyImage(ctx context.Context, name string) (api.VerifyResult, 
 	// broken and then free after its lock delay. A single attempt
 	// answered "served by" this very node (chaos seed 121, an
 	// `image verify` right after Consul restarted).
-	if err := n.acquireWait(ctx, s); err != nil {
+	// Another live node holding the lock (taken since remoteOwner looked)
+	// is answered at once, as before: the caller asks that node.
+	otherOwner := func(err error) bool {
+		var no *route.NotOwnerError
+		return errors.As(err, &no) && no.Owner != n.cfg.Node.Name && n.alive(no.Owner)
+	}
+	if err := n.acquireWaitUnless(ctx, s, otherOwner); err != nil {
 		return api.VerifyResult{}, err
 	}
 	res := api.VerifyResult{Blocks: s.Vol.Blocks(), Mismatches: []api.Mismatch{}}

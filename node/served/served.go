@@ -49,10 +49,14 @@ type Image struct {
 	// ownership lock).
 	EverOwned   bool
 	NextAcquire time.Time
-	// PinSince: when this node first saw the image's lock free while the
-	// image is attached to another node (guarded by the node's ownership
-	// lock; zero otherwise).
+	// PinSince: since when this node has left the image's lock to PinTo,
+	// the other node the image is attached to (both guarded by the node's
+	// ownership lock; zero when it is not leaving it).
 	PinSince time.Time
+	PinTo    string
+	// Releasing: this node's release of the image is running (from
+	// clearing owned to freeing the lock).
+	Releasing atomic.Bool
 	// Offline: its owner's last settle found no copy to serve from.
 	Offline atomic.Bool
 	Act     *activity.Log // its volume's writes, for a successor
