@@ -295,7 +295,14 @@ func TestConsulOutageKeepsIOGoing(t *testing.T) {
 			t.Logf("n1 logs:\n%s", n1.logs)
 		}
 	})
-	qemuIO(t, n1.url("other"), "write -P 3 0 1M", "read -P 3 0 1M")
+	// I/O on an image the node must take needs its ownership session
+	// back: Consul restarted without the old one, which the node believes
+	// gone on the second answer that says so (a renewal every 3.3 s).
+	// Until then the I/O is NOT READY, which initiators retry.
+	waitFor(t, 60*time.Second, "I/O on a new image after Consul came back", func() bool {
+		_, err := run(t, time.Minute, "qemu-io", "-f", "raw", "-c", "write -P 3 0 1M", "-c", "read -P 3 0 1M", n1.url("other"))
+		return err == nil
+	})
 	qemuIO(t, url, "read -P 0x22 4M 4M")
 }
 
