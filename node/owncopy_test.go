@@ -351,13 +351,8 @@ func TestTakeNeverGoesBackAGeneration(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			n, s, oc, _ := ownedCopy(t, "vm1")
-			n.recon = reconcile.New(reconcile.Config{Catalog: n.cat, Self: "n1", Host: reconHost{n}, Log: n.log})
-			dir, err := datadir.Open(t.TempDir())
-			if err != nil {
-				t.Fatal(err)
-			}
-			n.dir = dir
-			withVolume(t, n, s, oc)
+			canTake(t, n, s, oc)
+			var err error
 			ok, err := n.cat.AcquireOwnership(ctx, s.Record().ID, "n1", s.Session())
 			if err != nil || !ok {
 				t.Fatalf("acquire: %v %v", ok, err)
@@ -394,13 +389,8 @@ func TestTakeNeverGoesBackAGeneration(t *testing.T) {
 func TestVerifyWaitsForItsOwnOldSessionsLock(t *testing.T) {
 	ctx := context.Background()
 	n, s, oc, _ := ownedCopy(t, "vm1")
-	n.recon = reconcile.New(reconcile.Config{Catalog: n.cat, Self: "n1", Host: reconHost{n}, Log: n.log})
-	dir, err := datadir.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	n.dir = dir
-	withVolume(t, n, s, oc)
+	canTake(t, n, s, oc)
+	var err error
 	n.images.Add(s)
 	old, err := n.kv.CreateSession(ctx, "ukai:n1", 5*time.Second, 500*time.Millisecond)
 	if err != nil {
@@ -426,13 +416,8 @@ func TestVerifyWaitsForItsOwnOldSessionsLock(t *testing.T) {
 func TestPinHoldBookkeeping(t *testing.T) {
 	ctx := context.Background()
 	n, s, oc, _ := ownedCopy(t, "vm1")
-	n.recon = reconcile.New(reconcile.Config{Catalog: n.cat, Self: "n1", Host: reconHost{n}, Log: n.log})
-	dir, err := datadir.Open(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	n.dir = dir
-	withVolume(t, n, s, oc)
+	canTake(t, n, s, oc)
+	var err error
 	img, err := n.cat.UpdateImage(ctx, "vm1", func(i *meta.Image) error { i.Attached = "n2"; return nil })
 	if err != nil {
 		t.Fatal(err)
@@ -469,4 +454,17 @@ func TestPinHoldBookkeeping(t *testing.T) {
 	if !yields() {
 		t.Fatal("this node's I/O took the image back while its own release ran")
 	}
+}
+
+// canTake gives the node what a take needs beyond ownedCopy: the
+// reconciler, a data dir for cached records, and s a volume.
+func canTake(t testing.TB, n *Node, s *served.Image, oc ownCopy) {
+	t.Helper()
+	n.recon = reconcile.New(reconcile.Config{Catalog: n.cat, Self: "n1", Host: reconHost{n}, Log: n.log})
+	dir, err := datadir.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.dir = dir
+	withVolume(t, n, s, oc)
 }
