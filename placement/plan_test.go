@@ -337,6 +337,11 @@ func apply(t *testing.T, s *State, actions []Action) {
 					}
 				}
 			}
+		case SetReplicas:
+			if img.Policy.Replicas != 0 {
+				t.Fatalf("set_replicas on an image with replicas %d", img.Policy.Replicas)
+			}
+			img.Policy.Replicas = a.Count
 		case RemoveLocation:
 			i := slices.Index(img.Locations, a.Node)
 			if i < 0 {
@@ -395,7 +400,7 @@ func run(t *testing.T, s State, maxSteps int) (State, []Action, int) {
 		var next time.Time
 		for _, a := range acts {
 			switch a.Kind {
-			case AddLocation, Sync, RemoveLocation:
+			case AddLocation, Sync, RemoveLocation, SetReplicas:
 				busy = true
 			case Wait:
 				if !a.Until.IsZero() && (next.IsZero() || a.Until.Before(next)) {
@@ -548,7 +553,23 @@ func TestPlanProperty(t *testing.T) {
 		if rng.IntN(2) == 0 {
 			img.Policy.PreferLabels["ssd"] = "yes"
 		}
-		s := State{Nodes: nodes, Images: []ImageState{img}, Now: t0, ReplaceAfter: time.Duration(rng.IntN(3)) * time.Hour}
+		// Operations: a node drained, one cordoned, locality to an owner.
+		var drained string
+		if rng.IntN(3) == 0 {
+			i := rng.IntN(nn)
+			nodes[i].Cordoned, nodes[i].Draining, nodes[i].DrainNow = true, true, rng.IntN(2) == 0
+			drained = nodes[i].Name
+		}
+		if rng.IntN(4) == 0 {
+			nodes[rng.IntN(nn)].Cordoned = true
+		}
+		var owner string
+		if rng.IntN(3) == 0 {
+			owner = nodes[rng.IntN(nn)].Name
+			img.Owner, img.OwnerSince = owner, t0.Add(-time.Hour)
+			img.Policy.Locality = LocalityBestEffort
+		}
+		s := State{Nodes: nodes, Images: []ImageState{img}, Now: t0, ReplaceAfter: time.Duration(rng.IntN(3)) * time.Hour, LocalityDelay: 10 * time.Minute}
 		if rng.IntN(2) == 0 {
 			s.Default = SyncPolicy{Windows: []Window{{22 * 60, 6 * 60}}, MaxRate: 1 << 20}
 		}
@@ -582,6 +603,15 @@ func TestPlanProperty(t *testing.T) {
 				if len(e.Locations) != pol.Replicas {
 					t.Fatalf("%d locations %v want %d\n%s", len(e.Locations), e.Locations, pol.Replicas, reasons(last))
 				}
+			}
+			if drained != "" && len(pol.Locations) == 0 && pol.Relocate == nil && slices.Contains(e.Locations, drained) {
+				t.Fatalf("drained %s still holds a copy: %v\n%s", drained, e.Locations, reasons(last))
+			}
+			if owner != "" && len(pol.Locations) == 0 && pol.Relocate == nil && aliveIn(end, owner) && owner != drained &&
+				!slices.ContainsFunc(end.Nodes, func(n NodeInfo) bool { return n.Name == owner && n.Cordoned }) &&
+				!slices.ContainsFunc(last, func(a Action) bool { return a.Kind == Wait && a.Node == owner }) &&
+				!slices.Contains(e.Locations, owner) {
+				t.Fatalf("owner %s has no copy under locality: %v\n%s", owner, e.Locations, reasons(last))
 			}
 		})
 	}

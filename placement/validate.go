@@ -113,6 +113,12 @@ func validatePolicy(p ImagePolicy, img ImageState, nodes []NodeInfo, inPlan bool
 			bad("relocate and locations are both set: change locations instead")
 		}
 	}
+	if _, err := ParseLocality(string(p.Locality)); err != nil {
+		bad("%v", err)
+	}
+	if p.Group != "" && !validGroupName(p.Group) {
+		bad("group %q: want 1-64 letters, digits, '.', '_' or '-'", p.Group)
+	}
 	if img.Sync != nil {
 		if err := img.Sync.Validate(); err != nil {
 			bad("image sync policy: %v", err)
@@ -123,3 +129,77 @@ func validatePolicy(p ImagePolicy, img ImageState, nodes []NodeInfo, inPlan bool
 	}
 	return errors.New(strings.Join(msgs, "; "))
 }
+
+// Copies is the number of copies img wants: its Replicas, else its
+// Locations' count, else the locations it has.
+func Copies(img ImageState) int {
+	switch {
+	case img.Policy.Replicas > 0:
+		return img.Policy.Replicas
+	case len(img.Policy.Locations) > 0:
+		return len(img.Policy.Locations)
+	}
+	return len(img.Locations)
+}
+
+// ValidateGroup refuses img's group when s has no rule for it, or when
+// the rule can never be met: an anti-affinity needs as many distinct
+// values of its label among the known nodes as the group's images want
+// copies in all (img counted with its own policy, the others with
+// GroupImage.Copies).
+func ValidateGroup(s State, img ImageState) error {
+	name := img.Policy.Group
+	if name == "" {
+		return nil
+	}
+	g, ok := s.Groups[name]
+	if !ok {
+		return fmt.Errorf("group %s has no rule (set one with `ukai group set %s --affinity LABEL` or `--anti-affinity LABEL`)", name, name)
+	}
+	if err := g.Validate(); err != nil {
+		return fmt.Errorf("group %s: %w", name, err)
+	}
+	if g.Kind != AntiAffinity {
+		return nil
+	}
+	total, images := Copies(img), 1
+	for _, gi := range s.GroupImages[name] {
+		if gi.Name != img.Name {
+			total += gi.Copies
+			images++
+		}
+	}
+	vals := map[string]bool{}
+	for _, n := range s.Nodes {
+		if v, ok := n.Labels[g.Label]; ok {
+			vals[v] = true
+		}
+	}
+	if total > len(vals) {
+		list := make([]string, 0, len(vals))
+		for v := range vals {
+			list = append(list, v)
+		}
+		sort.Strings(list)
+		return fmt.Errorf("group %s: anti-affinity by %s needs %d distinct %s values for the %d copies of its %d %s, the known nodes have %d (%s)",
+			name, g.Label, total, g.Label, total, images, plural(images, "image", "images"), len(vals), strings.Join(list, ", "))
+	}
+	return nil
+}
+
+// validGroupName says whether s can name a group (it is a key in the
+// metadata store).
+func validGroupName(s string) bool {
+	if s == "" || len(s) > 64 {
+		return false
+	}
+	for _, c := range s {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return false
+		}
+	}
+	return s != "." && s != ".."
+}
+
+// ValidGroupName says whether s can name a group.
+func ValidGroupName(s string) bool { return validGroupName(s) }
