@@ -16,6 +16,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/ukai-storage/ukai/placement"
+
 	"github.com/spf13/pflag"
 	"github.com/spf13/viper"
 )
@@ -149,6 +151,15 @@ type PlacementConfig struct {
 	// new copy elsewhere, within sync windows and caps (0: never; the
 	// operator decides).
 	ReplaceAfter time.Duration `mapstructure:"replace_after"`
+	// Locality is the data-locality policy of images whose own policy
+	// does not say: off, best-effort or strict. Like replace_after it is
+	// read by the node that plans an image (its owner): give every node
+	// the same value.
+	Locality string `mapstructure:"locality"`
+	// LocalityDelay: how long an image must be owned by a node without a
+	// copy before locality adds one there (a VM that only passes through
+	// does not pull its disk along).
+	LocalityDelay time.Duration `mapstructure:"locality_delay"`
 }
 
 // MetadataConfig selects the metadata store.
@@ -217,6 +228,8 @@ var defaults = map[string]any{
 	"owner.lease_ttl":                 10 * time.Second,
 	"owner.clock_offset":              time.Duration(0),
 	"placement.replace_after":         time.Duration(0),
+	"placement.locality":              "off",
+	"placement.locality_delay":        10 * time.Minute,
 	"peer.advertise":                  "",
 	"peer.timeout":                    10 * time.Second,
 	"consul.address":                  "127.0.0.1:8500",
@@ -455,6 +468,12 @@ func (c *Config) Validate() error {
 	}
 	if c.Placement.ReplaceAfter < 0 {
 		bad("placement.replace_after", "must not be negative (0: never)")
+	}
+	if _, err := placement.ParseLocality(c.Placement.Locality); err != nil {
+		bad("placement.locality", "%v", err)
+	}
+	if c.Placement.LocalityDelay < 0 {
+		bad("placement.locality_delay", "must not be negative")
 	}
 	if c.Peer.Timeout <= 0 {
 		bad("peer.timeout", "must be positive (e.g. 10s)")

@@ -22,6 +22,7 @@ func (n *Node) newExecutor() *executor.Executor {
 	return executor.New(executor.Config{
 		Self: n.cfg.Node.Name, Catalog: n.cat, Host: execHost{n},
 		ReplaceAfter: n.cfg.Placement.ReplaceAfter, Now: func() time.Time { return n.now() },
+		Locality: placement.Locality(n.cfg.Placement.Locality), LocalityDelay: n.cfg.Placement.LocalityDelay,
 		Log: n.log.With("component", "placement"),
 	})
 }

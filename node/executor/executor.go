@@ -70,6 +70,11 @@ type Config struct {
 	// ReplaceAfter is how long a location stays dead before the planner
 	// replaces its copy.
 	ReplaceAfter time.Duration
+	// Locality is the locality policy of images whose policy does not
+	// say; LocalityDelay how long an image is owned by a node without a
+	// copy before locality adds one there.
+	Locality      placement.Locality
+	LocalityDelay time.Duration
 	// Interval between rounds (default 2 s).
 	Interval time.Duration
 	// Now is the clock plans decide by (sync windows, dead since); default
@@ -102,8 +107,9 @@ type Executor struct {
 
 // imageState is the executor's state of one image (guarded by mu).
 type imageState struct {
-	planning bool
-	idle     *mark // the last plan found nothing to do
+	planning   bool
+	idle       *mark     // the last plan found nothing to do
+	ownedSince time.Time // since when this node owns the image (zero: it does not)
 }
 
 // New returns an executor; Run starts it.
@@ -157,6 +163,7 @@ type mark struct {
 	maps           uint64 // the owner's block maps
 	member, policy uint64 // membership and policy epochs
 	at             time.Time
+	until          time.Time // a wait of the plan ends then (locality's delay)
 }
 
 func (e *Executor) markOf(img Image) mark {
@@ -168,7 +175,7 @@ func (e *Executor) markOf(img Image) mark {
 // mu.
 func (st *imageState) idleAt(now mark) bool {
 	last := st.idle
-	if last == nil || now.at.Sub(last.at) > Sweep {
+	if last == nil || now.at.Sub(last.at) > Sweep || !last.until.IsZero() && !now.at.Before(last.until) {
 		return false
 	}
 	return now.rev == last.rev && now.maps == last.maps && now.member == last.member && now.policy == last.policy
@@ -207,11 +214,18 @@ func (e *Executor) round(ctx context.Context, slots chan struct{}, wg *sync.Wait
 		}
 		id := img.Record().ID
 		now := e.markOf(img) // the image's locks, outside mu
+		owned := img.Owned()
 		e.mu.Lock()
 		st := e.images[id]
 		if st == nil {
 			st = &imageState{}
 			e.images[id] = st
+		}
+		switch {
+		case !owned:
+			st.ownedSince = time.Time{}
+		case st.ownedSince.IsZero():
+			st.ownedSince = e.cfg.Now()
 		}
 		skip := st.planning || st.idleAt(now)
 		e.mu.Unlock()
@@ -294,15 +308,36 @@ func (e *Executor) execute(ctx context.Context, st *imageState, img Image) error
 		return err
 	}
 	rec := img.Record()
+	e.mu.Lock()
+	if since := st.ownedSince; !since.IsZero() && len(state.Images) == 1 {
+		state.Images[0].Owner, state.Images[0].OwnerSince = e.cfg.Self, since
+	}
+	e.mu.Unlock()
 	actions := placement.PlanImage(state, rec.Name)
 	e.mu.Lock()
 	e.plans[rec.Name] = actions
 	if Settled(state, actions) {
+		for _, a := range actions {
+			if a.Kind == placement.Wait && !a.Until.IsZero() && (m.until.IsZero() || a.Until.Before(m.until)) {
+				m.until = a.Until
+			}
+		}
 		st.idle = &m
 	}
 	e.mu.Unlock()
 	for _, a := range actions {
 		switch a.Kind {
+		case placement.SetReplicas:
+			e.cfg.Log.Info("placement: recording the replica count", "image", rec.Name, "replicas", a.Count, "reason", a.Reason)
+			if _, err := e.cfg.Catalog.UpdateImagePolicy(ctx, rec.Name, func(p *placement.ImagePolicy) error {
+				if p.Replicas == 0 {
+					p.Replicas = a.Count
+				}
+				return nil
+			}); err != nil {
+				return fmt.Errorf("record replicas %d: %w", a.Count, err)
+			}
+			return nil // plan again with it
 		case placement.AddLocation:
 			e.cfg.Log.Info("placement: adding a copy", "image", rec.Name, "node", a.Node, "reason", a.Reason)
 			if err := e.cfg.Host.AddLocation(ctx, rec.Name, a.Node); err != nil {
@@ -377,7 +412,8 @@ func Settled(st placement.State, actions []placement.Action) bool {
 func (e *Executor) State(ctx context.Context, img Image) (placement.State, error) {
 	rec := img.Record()
 	cat := e.cfg.Catalog
-	st := placement.State{Now: e.cfg.Now(), ReplaceAfter: e.cfg.ReplaceAfter, PerNode: map[string]placement.SyncPolicy{}}
+	st := placement.State{Now: e.cfg.Now(), ReplaceAfter: e.cfg.ReplaceAfter, PerNode: map[string]placement.SyncPolicy{},
+		Locality: e.cfg.Locality, LocalityDelay: e.cfg.LocalityDelay}
 	def, nodes, images, bad, err := cat.SyncPolicies(ctx)
 	if err != nil {
 		return st, err
@@ -404,8 +440,47 @@ func (e *Executor) State(ctx context.Context, img Image) (placement.State, error
 		is.Sync = &p
 	}
 	st.Images = []placement.ImageState{is}
-	st.Nodes = e.cfg.Host.Nodes()
+	st.Nodes, err = e.nodes(ctx)
+	if err != nil {
+		return st, err
+	}
+	if pol.Group != "" {
+		groups, bad, err := cat.GroupRules(ctx)
+		if err != nil {
+			return st, err
+		}
+		for _, b := range bad {
+			e.cfg.Log.Warn("ignoring an unreadable group rule", "err", b)
+		}
+		st.Groups = groups
+		if st.GroupImages, err = cat.GroupImages(ctx, pol.Group); err != nil {
+			return st, err
+		}
+	}
 	return st, nil
+}
+
+// nodes is the membership with the operator's cordons and drains.
+func (e *Executor) nodes(ctx context.Context) ([]placement.NodeInfo, error) {
+	nodes := e.cfg.Host.Nodes()
+	states, bad, err := e.cfg.Catalog.NodeStates(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, b := range bad {
+		e.cfg.Log.Warn("unreadable node state: the node is treated as cordoned", "err", b)
+	}
+	for i := range nodes {
+		ns, ok := states[nodes[i].Name]
+		if !ok {
+			continue
+		}
+		nodes[i].Cordoned = ns.Cordoned || ns.Drain != nil
+		if ns.Drain != nil {
+			nodes[i].Draining, nodes[i].DrainNow = true, ns.Drain.Now
+		}
+	}
+	return nodes, nil
 }
 
 // catalogMaps returns the image's record as stored now and the block map
