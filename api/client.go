@@ -406,3 +406,42 @@ func errorAnswer(status int, data []byte) error {
 	}
 	return &StatusError{Status: status, Message: e.Error}
 }
+
+// CordonNode cordons a node (cordon false: uncordons it, which stops a
+// drain and hands back the owners it moved).
+func (c *Client) CordonNode(ctx context.Context, node string, cordon bool) (NodeOperation, error) {
+	var op NodeOperation
+	return op, c.do(ctx, http.MethodPut, "/v1/nodes/"+url.PathEscape(node)+"/cordon", CordonRequest{Cordoned: cordon}, &op)
+}
+
+// DrainNode starts a drain.
+func (c *Client) DrainNode(ctx context.Context, node string, req DrainRequest) (NodeOperation, error) {
+	var op NodeOperation
+	return op, c.doOn(c.stream, ctx, http.MethodPost, "/v1/nodes/"+url.PathEscape(node)+"/drain", req, &op)
+}
+
+// NodeOperation is a node's cordon and drain state with the drain's
+// progress.
+func (c *Client) NodeOperation(ctx context.Context, node string) (NodeOperation, error) {
+	var op NodeOperation
+	return op, c.do(ctx, http.MethodGet, "/v1/nodes/"+url.PathEscape(node)+"/drain", nil, &op)
+}
+
+// SetGroup sets a group's rule.
+func (c *Client) SetGroup(ctx context.Context, g Group) (Group, error) {
+	var out Group
+	return out, c.do(ctx, http.MethodPut, "/v1/groups/"+url.PathEscape(g.Name), g, &out)
+}
+
+// Groups lists the groups.
+func (c *Client) Groups(ctx context.Context) ([]Group, error) {
+	var r struct {
+		Groups []Group `json:"groups"`
+	}
+	return r.Groups, c.do(ctx, http.MethodGet, "/v1/groups", nil, &r)
+}
+
+// DeleteGroup deletes a group without images.
+func (c *Client) DeleteGroup(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/groups/"+url.PathEscape(name), nil, nil)
+}

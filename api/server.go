@@ -53,6 +53,13 @@ type Service interface {
 	ReadData(ctx context.Context, image string, start func(size int64), w io.Writer) error
 	// WriteData writes r from the image's start (at most its size).
 	WriteData(ctx context.Context, image string, r io.Reader) (int64, error)
+	// CordonNode cordons (or uncordons, which also stops a drain) a node.
+	CordonNode(ctx context.Context, node string, cordon bool) (NodeOperation, error)
+	DrainNode(ctx context.Context, node string, req DrainRequest) (NodeOperation, error)
+	NodeOperation(ctx context.Context, node string) (NodeOperation, error)
+	SetGroup(ctx context.Context, g Group) (Group, error)
+	Groups(ctx context.Context) ([]Group, error)
+	DeleteGroup(ctx context.Context, name string) error
 }
 
 // maxBody bounds request bodies.
@@ -66,6 +73,12 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 	mux.HandleFunc("GET /v1/node", h.getSelf)
 	mux.HandleFunc("GET /v1/nodes", h.listNodes)
 	mux.HandleFunc("GET /v1/nodes/{name}", h.getNode)
+	mux.HandleFunc("PUT /v1/nodes/{name}/cordon", h.cordon)
+	mux.HandleFunc("POST /v1/nodes/{name}/drain", h.drain)
+	mux.HandleFunc("GET /v1/nodes/{name}/drain", h.drainStatus)
+	mux.HandleFunc("GET /v1/groups", h.groups)
+	mux.HandleFunc("PUT /v1/groups/{name}", h.setGroup)
+	mux.HandleFunc("DELETE /v1/groups/{name}", h.deleteGroup)
 	mux.HandleFunc("GET /v1/images", h.listImages)
 	mux.HandleFunc("POST /v1/images", h.createImage)
 	mux.HandleFunc("GET /v1/images/{name}", h.getImage)
@@ -174,7 +187,7 @@ func StatusOf(err error) int {
 		return http.StatusBadRequest
 	case errors.Is(err, meta.ErrImageNotFound), errors.Is(err, meta.ErrNodeNotFound), errors.Is(err, meta.ErrExportNotFound):
 		return http.StatusNotFound
-	case errors.Is(err, meta.ErrImageExists), errors.Is(err, meta.ErrConflict), errors.Is(err, meta.ErrLastCopy):
+	case errors.Is(err, meta.ErrImageExists), errors.Is(err, meta.ErrConflict), errors.Is(err, meta.ErrLastCopy), errors.Is(err, meta.ErrRefused):
 		return http.StatusConflict
 	case errors.Is(err, meta.ErrUnavailable):
 		return http.StatusServiceUnavailable
@@ -509,6 +522,76 @@ func (h *handler) export(w http.ResponseWriter, r *http.Request) {
 
 func (h *handler) unexport(w http.ResponseWriter, r *http.Request) {
 	if err := h.svc.Unexport(r.Context(), r.PathValue("name"), r.PathValue("initiator")); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (h *handler) cordon(w http.ResponseWriter, r *http.Request) {
+	var req CordonRequest
+	if !decodeBody(w, r, &req) {
+		return
+	}
+	op, err := h.svc.CordonNode(r.Context(), r.PathValue("name"), req.Cordoned)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, op)
+}
+
+func (h *handler) drain(w http.ResponseWriter, r *http.Request) {
+	var req DrainRequest
+	if !decodeBody(w, r, &req) {
+		return
+	}
+	op, err := h.svc.DrainNode(r.Context(), r.PathValue("name"), req)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, op)
+}
+
+func (h *handler) drainStatus(w http.ResponseWriter, r *http.Request) {
+	op, err := h.svc.NodeOperation(r.Context(), r.PathValue("name"))
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, op)
+}
+
+func (h *handler) groups(w http.ResponseWriter, r *http.Request) {
+	gs, err := h.svc.Groups(r.Context())
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string][]Group{"groups": gs})
+}
+
+func (h *handler) setGroup(w http.ResponseWriter, r *http.Request) {
+	var g Group
+	if !decodeBody(w, r, &g) {
+		return
+	}
+	if g.Name != "" && g.Name != r.PathValue("name") {
+		writeError(w, http.StatusBadRequest, fmt.Errorf("group name %q in the body differs from %q in the path", g.Name, r.PathValue("name")))
+		return
+	}
+	g.Name = r.PathValue("name")
+	out, err := h.svc.SetGroup(r.Context(), g)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (h *handler) deleteGroup(w http.ResponseWriter, r *http.Request) {
+	if err := h.svc.DeleteGroup(r.Context(), r.PathValue("name")); err != nil {
 		h.fail(w, r, err)
 		return
 	}

@@ -87,6 +87,21 @@ func (m *memService) ReadData(_ context.Context, _ string, start func(int64), w 
 func (m *memService) WriteData(_ context.Context, _ string, r io.Reader) (int64, error) {
 	return io.Copy(io.Discard, r)
 }
+func (m *memService) CordonNode(_ context.Context, node string, cordon bool) (NodeOperation, error) {
+	if node != "n1" {
+		return NodeOperation{}, meta.ErrNodeNotFound
+	}
+	return NodeOperation{Node: node, Cordoned: cordon}, nil
+}
+func (m *memService) DrainNode(_ context.Context, node string, _ DrainRequest) (NodeOperation, error) {
+	return NodeOperation{}, fmt.Errorf("%w: draining %s cannot finish", meta.ErrRefused, node)
+}
+func (m *memService) NodeOperation(_ context.Context, node string) (NodeOperation, error) {
+	return NodeOperation{Node: node}, nil
+}
+func (m *memService) SetGroup(_ context.Context, g Group) (Group, error) { return g, nil }
+func (m *memService) Groups(context.Context) ([]Group, error)            { return nil, nil }
+func (m *memService) DeleteGroup(context.Context, string) error          { return nil }
 
 func TestHandlerStatusCodes(t *testing.T) {
 	srv := httptest.NewServer(NewHandler(&memService{images: map[string]Image{}}, "test", slog.New(slog.DiscardHandler)))
@@ -113,6 +128,11 @@ func TestHandlerStatusCodes(t *testing.T) {
 		{"DELETE", "/v1/images/vm1/locations/n1", "", 409, "last in-sync copy"},
 		{"POST", "/v1/images/vm1/sync", `{}`, 200, `"error":"copy on n2 failed"`},
 		{"GET", "/v1/nodes", "", 200, `"nodes"`},
+		{"PUT", "/v1/nodes/n1/cordon", `{"cordoned":true}`, 200, `"cordoned": true`},
+		{"PUT", "/v1/nodes/zz/cordon", `{"cordoned":true}`, 404, "node not found"},
+		{"POST", "/v1/nodes/n1/drain", `{"now":true}`, 409, "draining n1 cannot finish"},
+		{"POST", "/v1/nodes/n1/drain", `{"later":true}`, 400, "unknown field"},
+		{"PUT", "/v1/groups/db", `{"name":"web","kind":"affinity","label":"rack"}`, 400, "differs from"},
 		{"GET", "/v2/whatever", "", 404, "no such API endpoint"},
 		{"PATCH", "/v1/images/vm1", "", 404, "no such API endpoint: PATCH"},
 	} {

@@ -80,6 +80,10 @@ type ImagePolicyRequest struct {
 	Locations    []string          `json:"locations,omitempty"`
 	PreferLabels map[string]string `json:"prefer_labels,omitempty"`
 	SpreadBy     *string           `json:"spread_by,omitempty"`
+	// Group ("" leaves the group) and Locality (off, best-effort,
+	// strict; "" takes the cluster default).
+	Group    *string `json:"group,omitempty"`
+	Locality *string `json:"locality,omitempty"`
 }
 
 // RelocateRequest is POST /v1/images/{name}/relocate.
@@ -212,9 +216,13 @@ type Node struct {
 	ISCSIAddr  string            `json:"iscsi_addr"`
 	PeerAddr   string            `json:"peer_addr,omitempty"`
 	Labels     map[string]string `json:"labels,omitempty"`
-	Capacity   int64             `json:"capacity_bytes"`
-	Free       int64             `json:"free_bytes"`
-	Version    string            `json:"version,omitempty"`
+	// The operator's state: no new copy goes to a cordoned node; a
+	// draining one (also cordoned) has its copies moved away.
+	Cordoned bool   `json:"cordoned,omitempty"`
+	Draining bool   `json:"draining,omitempty"`
+	Capacity int64  `json:"capacity_bytes"`
+	Free     int64  `json:"free_bytes"`
+	Version  string `json:"version,omitempty"`
 	// Images with a copy on the node, from the catalog; null when the
 	// metadata store could not be read.
 	Images []string `json:"images"`
@@ -282,6 +290,8 @@ type ImagePolicy struct {
 	PreferLabels map[string]string `json:"prefer_labels,omitempty"`
 	SpreadBy     string            `json:"spread_by,omitempty"`
 	Relocate     *Relocation       `json:"relocate,omitempty"`
+	Group        string            `json:"group,omitempty"`
+	Locality     string            `json:"locality,omitempty"`
 }
 
 // Relocation is a relocation under way.
@@ -313,6 +323,7 @@ const (
 	ActionRemoveLocation = "remove_location"
 	ActionWait           = "wait"
 	ActionRefuse         = "refuse"
+	ActionSetReplicas    = "set_replicas"
 )
 
 // Action is one step of an image's placement plan.
@@ -325,5 +336,59 @@ type Action struct {
 	Rate     int64     `json:"rate,omitempty"`
 	Deadline time.Time `json:"deadline,omitzero"`
 	Until    time.Time `json:"until,omitzero"`
+	Count    int       `json:"count,omitempty"`
 	Reason   string    `json:"reason"`
+}
+
+// DrainRequest is POST /v1/nodes/{name}/drain.
+type DrainRequest struct {
+	// Now: the drain's copies ignore sync windows and rate caps.
+	Now bool `json:"now,omitempty"`
+	// MoveOwners hands the images the node owns to other nodes at once
+	// (else they move when their VMs do).
+	MoveOwners bool `json:"move_owners,omitempty"`
+}
+
+// CordonRequest is PUT /v1/nodes/{name}/cordon.
+type CordonRequest struct {
+	Cordoned bool `json:"cordoned"`
+}
+
+// NodeOperation is the operator's state of a node and, while it is
+// draining, the drain's progress (GET /v1/nodes/{name}/drain).
+type NodeOperation struct {
+	Node     string `json:"node"`
+	Cordoned bool   `json:"cordoned"`
+	Draining bool   `json:"draining"`
+	// While draining:
+	Started time.Time `json:"started,omitzero"`
+	Now     bool      `json:"now,omitempty"`
+	// Total images the drain moves (those with a copy on the node when it
+	// started, and any added since); Done those without one now.
+	Total     int          `json:"total"`
+	Done      int          `json:"done"`
+	BytesLeft int64        `json:"bytes_left"`
+	Images    []DrainImage `json:"images,omitempty"`
+	// Owners moved away (image: node), and those that could not be.
+	Moved       map[string]string `json:"moved,omitempty"`
+	OwnerErrors []string          `json:"owner_errors,omitempty"`
+}
+
+// DrainImage is one image a drain still has to move.
+type DrainImage struct {
+	Name      string `json:"name"`
+	BytesLeft int64  `json:"bytes_left"`
+	// Blocked: the drain cannot finish for this image (the planner's
+	// refusal); Waiting: it waits (a sync window, a copy not yet in
+	// sync with nothing to sync from, ...).
+	Blocked string `json:"blocked,omitempty"`
+	Waiting string `json:"waiting,omitempty"`
+}
+
+// Group is a group of images and its rule (PUT /v1/groups/{name}).
+type Group struct {
+	Name   string   `json:"name"`
+	Kind   string   `json:"kind"` // affinity or anti-affinity
+	Label  string   `json:"label"`
+	Images []string `json:"images,omitempty"`
 }

@@ -14,7 +14,7 @@ import (
 )
 
 func (a *app) nodeCmd() *cobra.Command {
-	cmd := &cobra.Command{Use: "node", Short: "Show the nodes of the cluster"}
+	cmd := &cobra.Command{Use: "node", Short: "Show the nodes of the cluster; cordon, drain and uncordon them"}
 	var listOut, infoOut string
 	list := &cobra.Command{
 		Use:   "list",
@@ -34,7 +34,7 @@ func (a *app) nodeCmd() *cobra.Command {
 			tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "NAME\tSTATE\tAPI\tISCSI\tGOSSIP\tLABELS\tFREE\tIMAGES")
 			for _, n := range ns {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", n.Name, n.State, n.APIAddr, n.ISCSIAddr, dash(n.GossipAddr),
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", n.Name, nodeState(n), n.APIAddr, n.ISCSIAddr, dash(n.GossipAddr),
 					labels(n.Labels), FormatSize(n.Free), images(n.Images))
 			}
 			return tw.Flush()
@@ -67,7 +67,22 @@ func (a *app) nodeCmd() *cobra.Command {
 	}
 	info.Flags().StringVarP(&infoOut, "output", "o", "table", "output format: table or json")
 	cmd.AddCommand(list, info)
+	cmd.AddCommand(a.nodeOpCmds()...)
 	return cmd
+}
+
+// nodeState is the membership state with the operator's: alive,cordoned;
+// alive,draining; alive,drained (draining, no copy left).
+func nodeState(n api.Node) string {
+	switch {
+	case n.Draining && n.Images != nil && len(n.Images) == 0:
+		return n.State + ",drained"
+	case n.Draining:
+		return n.State + ",draining"
+	case n.Cordoned:
+		return n.State + ",cordoned"
+	}
+	return n.State
 }
 
 func dash(s string) string {
@@ -95,7 +110,7 @@ func images(l []string) string {
 
 func printNode(w io.Writer, n api.Node) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(tw, "name:\t%s\nstate:\t%s (since %s)\n", n.Name, n.State, n.Since.Format(time.RFC3339))
+	fmt.Fprintf(tw, "name:\t%s\nstate:\t%s (since %s)\n", n.Name, nodeState(n), n.Since.Format(time.RFC3339))
 	fmt.Fprintf(tw, "version:\t%s\napi:\t%s\niscsi:\t%s\ngossip:\t%s\n", dash(n.Version), n.APIAddr, n.ISCSIAddr, dash(n.GossipAddr))
 	if n.IQNPrefix != "" {
 		fmt.Fprintf(tw, "iqn prefix:\t%s\nmetadata:\t%s\n", n.IQNPrefix, n.Metadata)

@@ -15,16 +15,32 @@ import (
 func (a *app) imageSetCmd() *cobra.Command {
 	var replicas int
 	var locations, prefer []string
-	var spread string
+	var spread, group, locality string
 	cmd := &cobra.Command{
-		Use:   "set IMAGE [--replicas N] [--locations n1,n2] [--prefer-labels zone=a] [--spread-by zone]",
+		Use:   "set IMAGE [--replicas N] [--locations n1,n2] [--prefer-labels zone=a] [--spread-by zone] [--group NAME] [--locality MODE]",
 		Short: "Set the desired copies of an image; ukai converges to it within the sync windows and caps",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var req api.ImagePolicyRequest
 			f := cmd.Flags()
-			if !f.Changed("replicas") && !f.Changed("locations") && !f.Changed("prefer-labels") && !f.Changed("spread-by") {
-				return fmt.Errorf("nothing to set: give --replicas, --locations, --prefer-labels or --spread-by")
+			if !f.Changed("replicas") && !f.Changed("locations") && !f.Changed("prefer-labels") && !f.Changed("spread-by") &&
+				!f.Changed("group") && !f.Changed("locality") {
+				return fmt.Errorf("nothing to set: give --replicas, --locations, --prefer-labels, --spread-by, --group or --locality")
+			}
+			if f.Changed("group") {
+				req.Group = &group
+			}
+			if f.Changed("locality") {
+				switch locality {
+				case "off", "best-effort", "strict", "default":
+				default:
+					return fmt.Errorf("--locality %q: want off, best-effort, strict or default (the cluster's)", locality)
+				}
+				l := locality
+				if l == "default" {
+					l = ""
+				}
+				req.Locality = &l
 			}
 			if f.Changed("replicas") {
 				if replicas < 1 {
@@ -63,6 +79,8 @@ func (a *app) imageSetCmd() *cobra.Command {
 	cmd.Flags().StringSliceVar(&locations, "locations", nil, "exact nodes holding the copies")
 	cmd.Flags().StringSliceVar(&prefer, "prefer-labels", nil, "prefer nodes with these labels for new copies (key=value, repeatable; empty clears)")
 	cmd.Flags().StringVar(&spread, "spread-by", "", "label key whose values must differ between copies (empty clears)")
+	cmd.Flags().StringVar(&group, "group", "", "the image's group, whose rule (ukai group set) places its copies with the group's others (empty leaves the group)")
+	cmd.Flags().StringVar(&locality, "locality", "", "off, best-effort (a copy follows the node that owns the image), strict, or default (the cluster's placement.locality)")
 	return cmd
 }
 
@@ -79,6 +97,12 @@ func policyString(p api.ImagePolicy) string {
 	}
 	if p.SpreadBy != "" {
 		parts = append(parts, "spread by "+p.SpreadBy)
+	}
+	if p.Group != "" {
+		parts = append(parts, "group "+p.Group)
+	}
+	if p.Locality != "" {
+		parts = append(parts, "locality "+p.Locality)
 	}
 	if p.Relocate != nil {
 		r := "relocate to " + p.Relocate.To

@@ -8,7 +8,8 @@ import (
 // The placement package's types as the API carries them.
 
 func apiImagePolicy(p placement.ImagePolicy) api.ImagePolicy {
-	out := api.ImagePolicy{Replicas: p.Replicas, Locations: p.Locations, PreferLabels: p.PreferLabels, SpreadBy: p.SpreadBy}
+	out := api.ImagePolicy{Replicas: p.Replicas, Locations: p.Locations, PreferLabels: p.PreferLabels, SpreadBy: p.SpreadBy,
+		Group: p.Group, Locality: string(p.Locality)}
 	if r := p.Relocate; r != nil {
 		out.Relocate = &api.Relocation{To: r.To, From: r.From, Started: r.Started}
 	}
@@ -41,7 +42,7 @@ func apiActions(as []placement.Action) []api.Action {
 	out := make([]api.Action, len(as))
 	for i, a := range as {
 		out[i] = api.Action{Kind: string(a.Kind), Image: a.Image, Node: a.Node, From: a.From, To: a.To, Rate: a.Rate,
-			Deadline: a.Deadline, Until: a.Until, Reason: a.Reason}
+			Deadline: a.Deadline, Until: a.Until, Count: a.Count, Reason: a.Reason}
 	}
 	return out
 }

@@ -147,7 +147,7 @@ func (n *Node) ListNodes(ctx context.Context) ([]api.Node, error) {
 	for _, m := range n.members.Members() {
 		out = append(out, memberNode(m, held))
 	}
-	return out, nil
+	return n.withNodeStates(ctx, out), nil
 }
 
 // GetNode implements api.Service.
@@ -157,7 +157,7 @@ func (n *Node) GetNode(ctx context.Context, name string) (api.Node, error) {
 	}
 	if n.members != nil {
 		if m, ok := n.members.Member(name); ok {
-			return memberNode(m, n.imagesHeld(ctx)), nil
+			return n.withNodeStates(ctx, []api.Node{memberNode(m, n.imagesHeld(ctx))})[0], nil
 		}
 	}
 	return api.Node{}, fmt.Errorf("node %q: %w", name, meta.ErrNodeNotFound)
@@ -205,5 +205,5 @@ func (n *Node) NodeInfo(ctx context.Context) (api.Node, error) {
 			Commands: s.Commands, BytesIn: s.BytesIn, BytesOut: s.BytesOut,
 		})
 	}
-	return out, nil
+	return n.withNodeStates(ctx, []api.Node{out})[0], nil
 }

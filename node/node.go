@@ -20,6 +20,7 @@ import (
 	"github.com/ukai-storage/ukai/node/admit"
 	"github.com/ukai-storage/ukai/node/datadir"
 	"github.com/ukai-storage/ukai/node/executor"
+	"github.com/ukai-storage/ukai/node/operate"
 	"github.com/ukai-storage/ukai/node/reconcile"
 	"github.com/ukai-storage/ukai/node/route"
 	"github.com/ukai-storage/ukai/node/served"
@@ -79,6 +80,7 @@ type Node struct {
 	session       *ownership.Session
 	loops         sync.WaitGroup     // the background loops Run starts; joined before the store closes
 	exec          *executor.Executor // placement
+	op            *operate.Operator  // cordon, drain
 	syncBytes     atomic.Int64       // bytes copied by syncs since start
 	exportsMu     sync.RWMutex
 	exports       map[string][]meta.Export // by image name
@@ -126,6 +128,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 	})
 
 	n.exec = n.newExecutor()
+	n.op = n.newOperator()
 	n.router = route.New(route.Config{Self: cfg.Node.Name, Host: routeHost{n}, Log: log.With("component", "route"), Wait: takeoverWait})
 	n.recon = reconcile.New(reconcile.Config{Catalog: n.cat, Self: cfg.Node.Name, Host: reconHost{n}, Log: log.With("component", "reconcile")})
 	if n.sec, err = loadSecurity(cfg); err != nil {

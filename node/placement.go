@@ -130,6 +130,15 @@ func (n *Node) setImagePolicy(ctx context.Context, name string, req api.ImagePol
 	if err != nil {
 		return placement.ImagePolicy{}, err
 	}
+	if req.Group != nil && *req.Group != "" {
+		// The rule of the group joined, and its images as they are now.
+		if st.Groups, _, err = n.cat.GroupRules(ctx); err != nil {
+			return placement.ImagePolicy{}, err
+		}
+		if st.GroupImages, err = n.cat.GroupImages(ctx, *req.Group); err != nil {
+			return placement.ImagePolicy{}, err
+		}
+	}
 	return n.cat.UpdateImagePolicy(ctx, name, func(p *placement.ImagePolicy) error {
 		if req.Replicas != nil {
 			p.Replicas = *req.Replicas
@@ -152,8 +161,25 @@ func (n *Node) setImagePolicy(ctx context.Context, name string, req api.ImagePol
 		if req.SpreadBy != nil {
 			p.SpreadBy = *req.SpreadBy
 		}
+		if req.Locality != nil {
+			l, err := placement.ParseLocality(*req.Locality)
+			if err != nil {
+				return fmt.Errorf("%w: %v", meta.ErrInvalid, err)
+			}
+			p.Locality = l
+		}
+		if req.Group != nil {
+			p.Group = *req.Group
+		}
 		if err := placement.ValidatePolicy(*p, st.Images[0], st.Nodes); err != nil {
 			return fmt.Errorf("%w: %v", meta.ErrInvalid, err)
+		}
+		if req.Group != nil && p.Group != "" {
+			img := st.Images[0]
+			img.Policy = *p
+			if err := placement.ValidateGroup(st, img); err != nil {
+				return fmt.Errorf("%w: %v", meta.ErrInvalid, err)
+			}
 		}
 		return nil
 	})

@@ -35,9 +35,19 @@ type Drain struct {
 	Started time.Time `json:"started"`
 	// Now: the drain's copies ignore sync windows and rate caps.
 	Now bool `json:"now,omitempty"`
-	// MoveOwners: the images the node owns were handed to other nodes.
-	MoveOwners bool `json:"move_owners,omitempty"`
+	// MoveOwners: the images the node owned were handed to other nodes
+	// (attached there); Moved says which went where, for uncordon to
+	// hand them back.
+	MoveOwners bool              `json:"move_owners,omitempty"`
+	Moved      map[string]string `json:"moved,omitempty"`
+	// Images had a copy on the node when the drain started (its progress
+	// counts them).
+	Images []string `json:"images,omitempty"`
 }
+
+// ErrRefused is an operator's request that cannot be done as asked (a
+// node cordoned twice, a drain that cannot finish); nothing was changed.
+var ErrRefused = errors.New("refused")
 
 type nodeStateRecord struct {
 	Version int `json:"version"`
