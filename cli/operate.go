@@ -124,9 +124,12 @@ them back).`,
 // whenever the progress changes.
 func (a *app) waitDrain(ctx context.Context, node string, every time.Duration) (api.NodeOperation, error) {
 	var last string
-	var prevLeft int64 = -1
-	var prevAt time.Time
-	var rate float64 // bytes/s, smoothed
+	// The rate is the bytes done since the most bytes were left, over
+	// the time since: the bytes left fall in steps (the block maps in the
+	// catalog are updated in batches), which a rate between two samples
+	// turns into spikes.
+	var peak int64 = -1
+	var peakAt time.Time
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
@@ -138,15 +141,13 @@ func (a *app) waitDrain(ctx context.Context, node string, every time.Duration) (
 			return op, fmt.Errorf("node drain %s: the drain was stopped (uncordoned)", node)
 		}
 		now := time.Now()
-		if prevLeft >= 0 && op.BytesLeft < prevLeft {
-			r := float64(prevLeft-op.BytesLeft) / now.Sub(prevAt).Seconds()
-			if rate == 0 {
-				rate = r
-			} else {
-				rate = 0.7*rate + 0.3*r
-			}
+		if op.BytesLeft > peak {
+			peak, peakAt = op.BytesLeft, now
 		}
-		prevLeft, prevAt = op.BytesLeft, now
+		var rate float64
+		if d := now.Sub(peakAt).Seconds(); d > 0 && peak > op.BytesLeft {
+			rate = float64(peak-op.BytesLeft) / d
+		}
 		line := drainLine(op, rate)
 		if line != last {
 			fmt.Fprintln(a.out, line)

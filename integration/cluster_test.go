@@ -24,7 +24,10 @@ type cluster struct {
 	nodes  []*node
 }
 
-func newCluster(t *testing.T, names ...string) *cluster {
+func newCluster(t *testing.T, names ...string) *cluster { return newClusterWith(t, "", names...) }
+
+// newClusterWith is newCluster with more YAML in every node's config.
+func newClusterWith(t *testing.T, extra string, names ...string) *cluster {
 	c := &cluster{t: t, consul: consultest.Start(t, consultest.Persistent(t.TempDir()))}
 	zones := []string{"a", "a", "b", "b", "c"}
 	for i, name := range names {
@@ -32,7 +35,7 @@ func newCluster(t *testing.T, names ...string) *cluster {
 		if i > 0 {
 			join = []string{c.nodes[0].gossip}
 		}
-		n := newClusterNode(t, name, clusterOpts{consul: c.consul.Addr, join: join, labels: map[string]string{"zone": zones[i%len(zones)]}})
+		n := newClusterNode(t, name, clusterOpts{consul: c.consul.Addr, join: join, labels: map[string]string{"zone": zones[i%len(zones)]}, extra: extra})
 		n.start()
 		c.nodes = append(c.nodes, n)
 	}

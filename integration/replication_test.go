@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"fmt"
 	"encoding/json"
 	"os"
 	"os/exec"
@@ -136,6 +137,13 @@ func TestMinCopiesFailsWritesInsteadOfLosingThem(t *testing.T) {
 // iSCSI session.
 func fioVerifiedLoad(t *testing.T, url string, size string) (wait func() error, out *strings.Builder) {
 	t.Helper()
+	return fioVerifiedLoops(t, url, size, 1)
+}
+
+// fioVerifiedLoops is fioVerifiedLoad writing and verifying the region
+// loops times (a longer load).
+func fioVerifiedLoops(t *testing.T, url string, size string, loops int) (wait func() error, out *strings.Builder) {
+	t.Helper()
 	sock := filepath.Join(t.TempDir(), "nbd.sock")
 	nbd := exec.Command("qemu-nbd", "-f", "raw", "--cache=none", "-k", sock, "--persistent", url)
 	if err := nbd.Start(); err != nil {
@@ -145,7 +153,7 @@ func fioVerifiedLoad(t *testing.T, url string, size string) (wait func() error, 
 	waitFor(t, 20*time.Second, "qemu-nbd socket", func() bool { _, err := os.Stat(sock); return err == nil })
 	out = &strings.Builder{}
 	fio := exec.Command("fio", "--name=load", "--ioengine=nbd", "--uri=nbd+unix:///?socket="+sock, "--rw=randwrite",
-		"--bs=64k", "--iodepth=8", "--size="+size, "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--loops=1")
+		"--bs=64k", "--iodepth=8", "--size="+size, "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", fmt.Sprintf("--loops=%d", loops))
 	fio.Stdout, fio.Stderr = out, out
 	if err := fio.Start(); err != nil {
 		t.Fatal(err)

@@ -261,6 +261,11 @@ func (o *Operator) plan(ctx context.Context, rec meta.Image, node string, draini
 			st.Nodes[i].Cordoned = st.Nodes[i].Cordoned || draining
 		}
 	}
+	// The count the executor records first (placement.SetReplicas), so
+	// that the plan shows the moves that follow.
+	if pol := &st.Images[0].Policy; draining && pol.Replicas == 0 && len(pol.Locations) == 0 {
+		pol.Replicas = len(st.Images[0].Locations)
+	}
 	return st, placement.PlanImage(st, rec.Name), nil
 }
 
