@@ -84,6 +84,9 @@ type ImagePolicyRequest struct {
 	// strict; "" takes the cluster default).
 	Group    *string `json:"group,omitempty"`
 	Locality *string `json:"locality,omitempty"`
+	// AllowRemote: nodes that may serve the image without a local copy
+	// under strict locality (an empty list clears).
+	AllowRemote *[]string `json:"allow_remote,omitempty"`
 }
 
 // RelocateRequest is POST /v1/images/{name}/relocate.
@@ -292,6 +295,7 @@ type ImagePolicy struct {
 	Relocate     *Relocation       `json:"relocate,omitempty"`
 	Group        string            `json:"group,omitempty"`
 	Locality     string            `json:"locality,omitempty"`
+	AllowRemote  []string          `json:"allow_remote,omitempty"`
 }
 
 // Relocation is a relocation under way.

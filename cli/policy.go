@@ -16,6 +16,7 @@ func (a *app) imageSetCmd() *cobra.Command {
 	var replicas int
 	var locations, prefer []string
 	var spread, group, locality string
+	var allowRemote []string
 	cmd := &cobra.Command{
 		Use:   "set IMAGE [--replicas N] [--locations n1,n2] [--prefer-labels zone=a] [--spread-by zone] [--group NAME] [--locality MODE]",
 		Short: "Set the desired copies of an image; ukai converges to it within the sync windows and caps",
@@ -24,8 +25,11 @@ func (a *app) imageSetCmd() *cobra.Command {
 			var req api.ImagePolicyRequest
 			f := cmd.Flags()
 			if !f.Changed("replicas") && !f.Changed("locations") && !f.Changed("prefer-labels") && !f.Changed("spread-by") &&
-				!f.Changed("group") && !f.Changed("locality") {
-				return fmt.Errorf("nothing to set: give --replicas, --locations, --prefer-labels, --spread-by, --group or --locality")
+				!f.Changed("group") && !f.Changed("locality") && !f.Changed("allow-remote") {
+				return fmt.Errorf("nothing to set: give --replicas, --locations, --prefer-labels, --spread-by, --group, --locality or --allow-remote")
+			}
+			if f.Changed("allow-remote") {
+				req.AllowRemote = &allowRemote
 			}
 			if f.Changed("group") {
 				req.Group = &group
@@ -80,6 +84,7 @@ func (a *app) imageSetCmd() *cobra.Command {
 	cmd.Flags().StringSliceVar(&prefer, "prefer-labels", nil, "prefer nodes with these labels for new copies (key=value, repeatable; empty clears)")
 	cmd.Flags().StringVar(&spread, "spread-by", "", "label key whose values must differ between copies (empty clears)")
 	cmd.Flags().StringVar(&group, "group", "", "the image's group, whose rule (ukai group set) places its copies with the group's others (empty leaves the group)")
+	cmd.Flags().StringSliceVar(&allowRemote, "allow-remote", nil, "under strict locality, nodes that may serve the image without a local in-sync copy (empty clears)")
 	cmd.Flags().StringVar(&locality, "locality", "", "off, best-effort (a copy follows the node that owns the image), strict, or default (the cluster's placement.locality)")
 	return cmd
 }
@@ -103,6 +108,9 @@ func policyString(p api.ImagePolicy) string {
 	}
 	if p.Locality != "" {
 		parts = append(parts, "locality "+p.Locality)
+	}
+	if len(p.AllowRemote) > 0 {
+		parts = append(parts, "allow remote "+strings.Join(p.AllowRemote, ","))
 	}
 	if p.Relocate != nil {
 		r := "relocate to " + p.Relocate.To

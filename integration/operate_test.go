@@ -244,3 +244,38 @@ func TestGroupAntiAffinity(t *testing.T) {
 		t.Fatalf("group list:\n%s", out)
 	}
 }
+
+// TestLocalityStrict: under strict locality a node without an in-sync
+// copy may not serve (own) the image: an attach there is refused with the
+// reason, and I/O through it fails rather than being served remotely;
+// the operator's override lets it, and locality then brings a copy there.
+func TestLocalityStrict(t *testing.T) {
+	c := newClusterWith(t, "placement:\n  locality_delay: 2s\n", "n1", "n2", "n3")
+	logsOnFailure(t, c)
+	n1, n3 := c.nodes[0], c.nodes[2]
+	n1.mustCLI("image", "create", "st", "--size", "16M", "--block-size", "1M", "--locations", "n1,n2")
+	qemuIO(t, n1.url("st"), "write -P 0x3c 0 16M", "flush")
+	n1.mustCLI("image", "set", "st", "--locality", "strict", "--replicas", "2")
+	waitOwner(t, n1, "st", "") // n1 lets it go once idle
+	_, errOut, err := n1.cli("image", "attach", "st", "--node", "n3")
+	if err == nil || !strings.Contains(errOut, "locality strict: n3 has no copy of st") || !strings.Contains(errOut, "--allow-remote n3") {
+		t.Fatalf("attach to a node without a copy: %v %s", err, errOut)
+	}
+	if out, err := run(t, 60*time.Second, "qemu-io", "-f", "raw", "-c", "read -P 0x3c 0 1M", n3.url("st")); err == nil {
+		t.Fatalf("I/O through n3 was served without a local copy:\n%s", out)
+	}
+	if l := imageLocations(t, n1, "st"); slices.Contains(l, "n3") {
+		t.Fatalf("a copy went to n3 without an owner there: %v", l)
+	}
+	n1.mustCLI("image", "set", "st", "--allow-remote", "n3")
+	n1.mustCLI("image", "attach", "st", "--node", "n3")
+	qemuIO(t, n3.url("st"), "read -P 0x3c 0 16M")
+	waitFor(t, 60*time.Second, "the owner's copy on n3 in sync and the surplus gone", func() bool {
+		l := locations(t, n1, "st")
+		oos, ok := l["n3"]
+		return ok && oos == 0 && len(l) == 2
+	})
+	if out := n3.mustCLI("image", "verify", "st"); !strings.Contains(out, " 0 differ") {
+		t.Fatalf("verify: %s", out)
+	}
+}

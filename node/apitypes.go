@@ -9,7 +9,7 @@ import (
 
 func apiImagePolicy(p placement.ImagePolicy) api.ImagePolicy {
 	out := api.ImagePolicy{Replicas: p.Replicas, Locations: p.Locations, PreferLabels: p.PreferLabels, SpreadBy: p.SpreadBy,
-		Group: p.Group, Locality: string(p.Locality)}
+		Group: p.Group, Locality: string(p.Locality), AllowRemote: p.AllowRemote}
 	if r := p.Relocate; r != nil {
 		out.Relocate = &api.Relocation{To: r.To, From: r.From, Started: r.Started}
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/ukai-storage/ukai/api"
@@ -125,6 +126,18 @@ func (n *Node) acquire(ctx context.Context, s *served.Image) error {
 	act := ownership.Decide(in)
 	if act != ownership.Yield {
 		s.PinSince, s.PinTo = time.Time{}, ""
+	}
+	if act == ownership.Acquire || act == ownership.Take {
+		if err := n.strictRefuses(ctx, rec); err != nil {
+			if act == ownership.Take {
+				// Held by this node's session (the policy became strict
+				// meanwhile): let a node with a copy have it.
+				if rerr := n.cat.ReleaseOwnership(context.WithoutCancel(ctx), rec.ID, self, in.Session); rerr != nil {
+					n.log.Warn("cannot release the ownership lock of an image strict locality keeps from this node", "image", rec.Name, "err", rerr)
+				}
+			}
+			return notReady(err)
+		}
 	}
 	switch act {
 	case ownership.Offline:
@@ -620,6 +633,9 @@ func (n *Node) Attach(ctx context.Context, name, node string) (api.Image, error)
 	if err != nil {
 		return api.Image{}, err
 	}
+	if err := n.strictRefuses(ctx, s.Record()); err != nil {
+		return api.Image{}, fmt.Errorf("%w: attach %s to %s: %v", meta.ErrRefused, name, node, err)
+	}
 	img, err := n.cat.UpdateImage(ctx, name, func(i *meta.Image) error {
 		i.Attached = node
 		return nil
@@ -725,6 +741,39 @@ func (n *Node) mayServe(s *served.Image) bool {
 		return false
 	}
 	return s.Offline.Load() || n.session.Valid(s.Session())
+}
+
+// strictRefuses says why this node may not own (serve) img: its locality
+// is strict (the image's policy, else placement.locality), this node has
+// no local copy fully in sync, and the operator did not allow it
+// (allow_remote). One policy read, and one block map read when the node
+// holds a copy, per takeover; nothing per I/O.
+func (n *Node) strictRefuses(ctx context.Context, img meta.Image) error {
+	pol, _, err := n.cat.ImagePolicy(ctx, img.Name)
+	if err != nil {
+		return fmt.Errorf("read the locality of %s: %w", img.Name, err)
+	}
+	loc := pol.Locality
+	if loc == "" {
+		loc = placement.Locality(n.cfg.Placement.Locality)
+	}
+	self := n.cfg.Node.Name
+	if loc != placement.LocalityStrict || slices.Contains(pol.AllowRemote, self) {
+		return nil
+	}
+	if slices.Contains(img.Locations, self) {
+		bm, err := n.cat.BlockMap(ctx, img, self)
+		if err != nil {
+			return fmt.Errorf("read %s's block map on %s: %w", img.Name, self, err)
+		}
+		if bm.Count(placement.InSync) == bm.Len() {
+			return nil
+		}
+		return fmt.Errorf("locality strict: %s's copy of %s has %d blocks not in sync; it is served only by a node with an in-sync copy (override: ukai image set %s --allow-remote %s)",
+			self, img.Name, bm.Len()-bm.Count(placement.InSync), img.Name, self)
+	}
+	return fmt.Errorf("locality strict: %s has no copy of %s; it is served only by a node with an in-sync copy (override: ukai image set %s --allow-remote %s)",
+		self, img.Name, img.Name, self)
 }
 
 // onlyLocalCopy says whether node holds the image's only copy.

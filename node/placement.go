@@ -171,6 +171,12 @@ func (n *Node) setImagePolicy(ctx context.Context, name string, req api.ImagePol
 		if req.Group != nil {
 			p.Group = *req.Group
 		}
+		if req.AllowRemote != nil {
+			p.AllowRemote = *req.AllowRemote
+			if len(p.AllowRemote) == 0 {
+				p.AllowRemote = nil
+			}
+		}
 		if err := placement.ValidatePolicy(*p, st.Images[0], st.Nodes); err != nil {
 			return fmt.Errorf("%w: %v", meta.ErrInvalid, err)
 		}

@@ -29,6 +29,9 @@ type ImagePolicy struct {
 	// Locality: whether a copy follows the node that owns the image (its
 	// VM's hypervisor); "" takes State.Locality.
 	Locality Locality `json:"locality,omitempty"`
+	// AllowRemote: under strict locality, nodes allowed to serve (own)
+	// the image without a local in-sync copy (the operator's override).
+	AllowRemote []string `json:"allow_remote,omitempty"`
 }
 
 // Locality is the data-locality policy of an image.

@@ -116,6 +116,11 @@ func validatePolicy(p ImagePolicy, img ImageState, nodes []NodeInfo, inPlan bool
 	if _, err := ParseLocality(string(p.Locality)); err != nil {
 		bad("%v", err)
 	}
+	for _, l := range p.AllowRemote {
+		if _, ok := known[l]; !ok {
+			bad("allow-remote %s is not a known node", l)
+		}
+	}
 	if p.Group != "" && !validGroupName(p.Group) {
 		bad("group %q: want 1-64 letters, digits, '.', '_' or '-'", p.Group)
 	}
