@@ -6,12 +6,32 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 BIN := bin/ukai
 
-.PHONY: consul all build test test-cinder test-short test-integration conformance bench fuzz lint deps demo demo-stop clean test-vm chaos
+.PHONY: install consul all build test test-cinder test-short test-integration conformance bench fuzz lint deps demo demo-stop clean test-vm chaos
 
 all: build
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/ukai
+
+# The binary, the example configuration and the systemd unit. PREFIX
+# (/usr/local) holds bin/ukai, share/ukai/ (examples) and
+# lib/systemd/system/ukai.service, share/doc/ukai/ (README, docs); SYSCONFDIR (/etc) gets ukai/node.yaml
+# only if it has none (a configured node keeps its own). DESTDIR stages
+# the whole tree (packaging).
+PREFIX ?= /usr/local
+SYSCONFDIR ?= /etc
+install: build
+	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/ukai
+	install -D -m 0644 configs/node.yaml $(DESTDIR)$(PREFIX)/share/ukai/node.yaml.example
+	install -D -m 0644 configs/consul/agent.hcl $(DESTDIR)$(PREFIX)/share/ukai/consul-agent.hcl.example
+	install -D -m 0644 configs/systemd/consul.service $(DESTDIR)$(PREFIX)/share/ukai/consul.service.example
+	mkdir -p $(DESTDIR)$(PREFIX)/lib/systemd/system
+	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/doc/ukai README.md docs/*.md
+	sed -e 's|@BINDIR@|$(PREFIX)/bin|g' -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' configs/systemd/ukai.service > $(DESTDIR)$(PREFIX)/lib/systemd/system/ukai.service
+	chmod 0644 $(DESTDIR)$(PREFIX)/lib/systemd/system/ukai.service
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/ukai/node.yaml ]; then \
+	  echo "kept $(DESTDIR)$(SYSCONFDIR)/ukai/node.yaml (the new example is $(PREFIX)/share/ukai/node.yaml.example)"; \
+	else install -D -m 0640 configs/node.yaml $(DESTDIR)$(SYSCONFDIR)/ukai/node.yaml; fi
 
 # Debian packages the integration tests, conformance run and benchmarks use.
 deps:

@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
@@ -15,14 +16,20 @@ import (
 func (a *app) serveCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "serve --config FILE",
-		Short: "Run the ukai node daemon in the foreground (SIGINT/SIGTERM stop it cleanly)",
+		Short: "Run the ukai node daemon in the foreground (SIGINT/SIGTERM stop it cleanly, SIGHUP reloads)",
 		Long: `Run the ukai node daemon in the foreground.
 
 Configuration comes from, in increasing precedence: built-in defaults, the
 YAML file given by --config, UKAI_* environment variables (UKAI_NODE_NAME,
 UKAI_NODE_DATA_DIR, UKAI_API_LISTEN, UKAI_ISCSI_LISTEN, UKAI_ISCSI_IQN_PREFIX,
 UKAI_METADATA_BACKEND, UKAI_LOG_LEVEL) and the flags below. configs/node.yaml
-is an annotated example.`,
+is an annotated example.
+
+SIGHUP reads the configuration again: log.level changes at once; a change
+to any other setting is logged with the sections it touches and waits for
+a restart; a configuration that does not load is refused (logged) and the
+node goes on with the one it has. Policies, cordons and drains live in
+the metadata store and apply without a reload.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			path, _ := cmd.Flags().GetString("config")
@@ -30,7 +37,8 @@ is an annotated example.`,
 			if err != nil {
 				return err
 			}
-			log := cfg.Logger()
+			level := new(slog.LevelVar)
+			log := cfg.LoggerLevel(level)
 			cfg.WarnUnsafe(log) // insecure: true, every start
 			n, err := node.New(cmd.Context(), cfg, log, a.version)
 			if err != nil {
@@ -38,6 +46,19 @@ is an annotated example.`,
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
+			hup := make(chan os.Signal, 1)
+			signal.Notify(hup, syscall.SIGHUP)
+			defer signal.Stop(hup)
+			go func() {
+				for {
+					select {
+					case <-ctx.Done():
+						return
+					case <-hup:
+						reload(log, level, &cfg, path, cmd)
+					}
+				}
+			}()
 			if err := n.Run(ctx); err != nil {
 				return fmt.Errorf("node %s: %w", cfg.Node.Name, err)
 			}
@@ -46,4 +67,24 @@ is an annotated example.`,
 	}
 	node.Flags(cmd.Flags())
 	return cmd
+}
+
+// reload is SIGHUP: the configuration read again, the log level applied,
+// the rest reported.
+func reload(log *slog.Logger, level *slog.LevelVar, cur *node.Config, path string, cmd *cobra.Command) {
+	next, err := node.LoadConfig(path, cmd.Flags())
+	if err != nil {
+		log.Error("reload refused: the configuration does not load; going on with the one in use", "config", path, "err", err)
+		return
+	}
+	if next.Log.Level != cur.Log.Level {
+		next.SetLevel(level)
+		log.Info("reload: log level changed", "from", cur.Log.Level, "to", next.Log.Level)
+		cur.Log.Level = next.Log.Level
+	}
+	if changed := cur.NeedRestart(&next); len(changed) > 0 {
+		log.Warn("reload: these settings changed and take effect at the next restart", "sections", changed)
+		return
+	}
+	log.Info("reload: configuration read again", "config", path)
 }

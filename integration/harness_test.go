@@ -88,7 +88,7 @@ type node struct {
 	peer    string
 	prefix  string
 	cmd     *exec.Cmd
-	logs    *bytes.Buffer
+	logs    *logBuffer
 	done    chan error
 	// cliArgs go before every CLI command (--ca, --token-file); https:
 	// the API serves TLS.
@@ -159,7 +159,7 @@ func newClusterNode(t *testing.T, name string, o clusterOpts) *node {
 // start launches the daemon and waits until its API answers.
 func (n *node) start() {
 	n.t.Helper()
-	n.logs = &bytes.Buffer{}
+	n.logs = &logBuffer{}
 	n.cmd = exec.Command(ukaiBin, "serve", "--config", n.cfgPath)
 	n.cmd.Stdout = n.logs
 	n.cmd.Stderr = n.logs
@@ -283,4 +283,29 @@ func qemuIO(t *testing.T, url string, cmds ...string) string {
 		t.Fatalf("qemu-io %v: %v\n%s", cmds, err, out)
 	}
 	return out
+}
+
+// logBuffer is a node's output: written by the process's output copier,
+// read by the test while the node runs.
+type logBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+func (l *logBuffer) Len() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Len()
 }

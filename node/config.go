@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"reflect"
 	"regexp"
 	"slices"
 	"sort"
@@ -565,9 +566,36 @@ func parseLevel(s string) (slog.Level, error) {
 }
 
 // Logger returns the logger the configuration asks for, writing to stderr.
-func (c *Config) Logger() *slog.Logger {
+func (c *Config) Logger() *slog.Logger { return c.LoggerLevel(new(slog.LevelVar)) }
+
+// LoggerLevel is Logger with its level in lv, set to log.level: a reload
+// changes the level by setting lv (SetLevel).
+func (c *Config) LoggerLevel(lv *slog.LevelVar) *slog.Logger {
+	c.SetLevel(lv)
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lv})).With("node", c.Node.Name)
+}
+
+// SetLevel sets lv to log.level.
+func (c *Config) SetLevel(lv *slog.LevelVar) {
 	l, _ := parseLevel(c.Log.Level)
-	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l})).With("node", c.Node.Name)
+	lv.Set(l)
+}
+
+// NeedRestart names the settings that differ between c and o other than
+// those a reload applies at once (log.level), by section: a reload
+// reports them and they wait for the next start.
+func (c *Config) NeedRestart(o *Config) []string {
+	a, b := *c, *o
+	a.Log.Level, b.Log.Level = "", ""
+	var out []string
+	va, vb := reflect.ValueOf(a), reflect.ValueOf(b)
+	for i := range va.NumField() {
+		if !reflect.DeepEqual(va.Field(i).Interface(), vb.Field(i).Interface()) {
+			name := va.Type().Field(i).Tag.Get("mapstructure")
+			out = append(out, name)
+		}
+	}
+	return out
 }
 
 // checkISCSILimits validates the portal's resource bounds.
