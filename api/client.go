@@ -409,9 +409,9 @@ func errorAnswer(status int, data []byte) error {
 
 // CordonNode cordons a node (cordon false: uncordons it, which stops a
 // drain and hands back the owners it moved).
-func (c *Client) CordonNode(ctx context.Context, node string, cordon bool) (NodeOperation, error) {
+func (c *Client) CordonNode(ctx context.Context, node string, req CordonRequest) (NodeOperation, error) {
 	var op NodeOperation
-	return op, c.do(ctx, http.MethodPut, "/v1/nodes/"+url.PathEscape(node)+"/cordon", CordonRequest{Cordoned: cordon}, &op)
+	return op, c.doOn(c.stream, ctx, http.MethodPut, "/v1/nodes/"+url.PathEscape(node)+"/cordon", req, &op)
 }
 
 // DrainNode starts a drain.

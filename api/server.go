@@ -54,7 +54,7 @@ type Service interface {
 	// WriteData writes r from the image's start (at most its size).
 	WriteData(ctx context.Context, image string, r io.Reader) (int64, error)
 	// CordonNode cordons (or uncordons, which also stops a drain) a node.
-	CordonNode(ctx context.Context, node string, cordon bool) (NodeOperation, error)
+	CordonNode(ctx context.Context, node string, req CordonRequest) (NodeOperation, error)
 	DrainNode(ctx context.Context, node string, req DrainRequest) (NodeOperation, error)
 	NodeOperation(ctx context.Context, node string) (NodeOperation, error)
 	SetGroup(ctx context.Context, g Group) (Group, error)
@@ -533,7 +533,7 @@ func (h *handler) cordon(w http.ResponseWriter, r *http.Request) {
 	if !decodeBody(w, r, &req) {
 		return
 	}
-	op, err := h.svc.CordonNode(r.Context(), r.PathValue("name"), req.Cordoned)
+	op, err := h.svc.CordonNode(r.Context(), r.PathValue("name"), req)
 	if err != nil {
 		h.fail(w, r, err)
 		return

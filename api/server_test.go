@@ -87,11 +87,11 @@ func (m *memService) ReadData(_ context.Context, _ string, start func(int64), w 
 func (m *memService) WriteData(_ context.Context, _ string, r io.Reader) (int64, error) {
 	return io.Copy(io.Discard, r)
 }
-func (m *memService) CordonNode(_ context.Context, node string, cordon bool) (NodeOperation, error) {
+func (m *memService) CordonNode(_ context.Context, node string, req CordonRequest) (NodeOperation, error) {
 	if node != "n1" {
 		return NodeOperation{}, meta.ErrNodeNotFound
 	}
-	return NodeOperation{Node: node, Cordoned: cordon}, nil
+	return NodeOperation{Node: node, Cordoned: req.Cordoned}, nil
 }
 func (m *memService) DrainNode(_ context.Context, node string, _ DrainRequest) (NodeOperation, error) {
 	return NodeOperation{}, fmt.Errorf("%w: draining %s cannot finish", meta.ErrRefused, node)

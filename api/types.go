@@ -356,6 +356,9 @@ type DrainRequest struct {
 // CordonRequest is PUT /v1/nodes/{name}/cordon.
 type CordonRequest struct {
 	Cordoned bool `json:"cordoned"`
+	// MoveOwners (cordon only) hands the images the node owns to other
+	// nodes now; uncordon hands them back.
+	MoveOwners bool `json:"move_owners,omitempty"`
 }
 
 // NodeOperation is the operator's state of a node and, while it is

@@ -15,24 +15,36 @@ import (
 
 // nodeOpCmds are cordon, uncordon and drain.
 func (a *app) nodeOpCmds() []*cobra.Command {
+	var cordonMove bool
 	cordon := &cobra.Command{
-		Use:   "cordon NODE",
-		Short: "Place no new copy on NODE (its copies stay; see drain)",
+		Use:   "cordon NODE [--move-owners]",
+		Short: "Place no new copy or ownership on NODE (its copies stay; see drain); --move-owners hands its images to other nodes now",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if _, err := a.client().CordonNode(cmd.Context(), args[0], true); err != nil {
+			op, err := a.client().CordonNode(cmd.Context(), args[0], api.CordonRequest{Cordoned: true, MoveOwners: cordonMove})
+			if err != nil {
 				return fmt.Errorf("node cordon %s: %w", args[0], err)
 			}
-			fmt.Fprintf(a.out, "%s cordoned: no new copy goes there\n", args[0])
+			fmt.Fprintf(a.out, "%s cordoned: no new copy or owner goes there\n", args[0])
+			for _, img := range sortedKeys(op.Moved) {
+				fmt.Fprintf(a.out, "  %s: owner moved to %s\n", img, op.Moved[img])
+			}
+			for _, e := range op.OwnerErrors {
+				fmt.Fprintf(a.out, "  owner not moved: %s\n", e)
+			}
+			if len(op.OwnerErrors) > 0 {
+				return fmt.Errorf("node cordon %s: %d owners not moved (the node is cordoned)", args[0], len(op.OwnerErrors))
+			}
 			return nil
 		},
 	}
+	cordon.Flags().BoolVar(&cordonMove, "move-owners", false, "hand the images NODE owns to other nodes now (uncordon hands them back)")
 	uncordon := &cobra.Command{
 		Use:   "uncordon NODE",
 		Short: "Let copies go to NODE again; stops a drain (the copies it moved stay) and hands back the owners it moved",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			op, err := a.client().CordonNode(cmd.Context(), args[0], false)
+			op, err := a.client().CordonNode(cmd.Context(), args[0], api.CordonRequest{})
 			if err != nil {
 				return fmt.Errorf("node uncordon %s: %w", args[0], err)
 			}

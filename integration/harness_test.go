@@ -90,6 +90,8 @@ type node struct {
 	cmd     *exec.Cmd
 	logs    *logBuffer
 	done    chan error
+	// bin is the ukai binary the node runs (default ukaiBin).
+	bin string
 	// cliArgs go before every CLI command (--ca, --token-file); https:
 	// the API serves TLS.
 	cliArgs []string
@@ -160,7 +162,11 @@ func newClusterNode(t *testing.T, name string, o clusterOpts) *node {
 func (n *node) start() {
 	n.t.Helper()
 	n.logs = &logBuffer{}
-	n.cmd = exec.Command(ukaiBin, "serve", "--config", n.cfgPath)
+	bin := ukaiBin
+	if n.bin != "" {
+		bin = n.bin
+	}
+	n.cmd = exec.Command(bin, "serve", "--config", n.cfgPath)
 	n.cmd.Stdout = n.logs
 	n.cmd.Stderr = n.logs
 	if err := n.cmd.Start(); err != nil {

@@ -41,9 +41,12 @@ func (n *Node) newOperator() *operate.Operator {
 }
 
 // CordonNode implements api.Service.
-func (n *Node) CordonNode(ctx context.Context, node string, cordon bool) (api.NodeOperation, error) {
-	if cordon {
-		return n.op.Cordon(ctx, node)
+func (n *Node) CordonNode(ctx context.Context, node string, req api.CordonRequest) (api.NodeOperation, error) {
+	if req.Cordoned {
+		return n.op.Cordon(ctx, node, req.MoveOwners)
+	}
+	if req.MoveOwners {
+		return api.NodeOperation{}, fmt.Errorf("%w: move_owners goes with a cordon (uncordon hands the moved owners back)", meta.ErrInvalid)
 	}
 	return n.op.Uncordon(ctx, node)
 }

@@ -636,6 +636,11 @@ func (n *Node) Attach(ctx context.Context, name, node string) (api.Image, error)
 	if err := n.strictRefuses(ctx, s.Record()); err != nil {
 		return api.Image{}, fmt.Errorf("%w: attach %s to %s: %v", meta.ErrRefused, name, node, err)
 	}
+	if states, _, err := n.cat.NodeStates(ctx); err != nil {
+		return api.Image{}, fmt.Errorf("attach %s to %s: %w", name, node, err)
+	} else if st := states[node]; st.Cordoned || st.Drain != nil {
+		return api.Image{}, fmt.Errorf("%w: attach %s to %s: %s is cordoned, no new owner goes there (ukai node uncordon %s)", meta.ErrRefused, name, node, node, node)
+	}
 	img, err := n.cat.UpdateImage(ctx, name, func(i *meta.Image) error {
 		i.Attached = node
 		return nil
@@ -750,7 +755,13 @@ func (n *Node) mayServe(s *served.Image) bool {
 // holds a copy, per takeover; nothing per I/O.
 func (n *Node) strictRefuses(ctx context.Context, img meta.Image) error {
 	pol, _, err := n.cat.ImagePolicy(ctx, img.Name)
-	if err != nil {
+	var malformed *meta.MalformedError
+	switch {
+	case errors.As(err, &malformed):
+		// An unreadable policy must not make the image unservable: the
+		// node's default applies (the executor reports the record).
+		pol = placement.ImagePolicy{}
+	case err != nil:
 		return fmt.Errorf("read the locality of %s: %w", img.Name, err)
 	}
 	loc := pol.Locality

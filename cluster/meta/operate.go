@@ -28,6 +28,10 @@ type NodeState struct {
 	// Drain, when set, moves every copy off the node (it implies
 	// Cordoned).
 	Drain *Drain `json:"drain,omitempty"`
+	// Moved are the images whose ownership a cordon or drain with
+	// --move-owners handed to other nodes (image: node), for uncordon to
+	// hand back.
+	Moved map[string]string `json:"moved,omitempty"`
 }
 
 // Drain is a drain in progress.
@@ -36,10 +40,8 @@ type Drain struct {
 	// Now: the drain's copies ignore sync windows and rate caps.
 	Now bool `json:"now,omitempty"`
 	// MoveOwners: the images the node owned were handed to other nodes
-	// (attached there); Moved says which went where, for uncordon to
-	// hand them back.
-	MoveOwners bool              `json:"move_owners,omitempty"`
-	Moved      map[string]string `json:"moved,omitempty"`
+	// (attached there; NodeState.Moved).
+	MoveOwners bool `json:"move_owners,omitempty"`
 	// Images had a copy on the node when the drain started (its progress
 	// counts them).
 	Images []string `json:"images,omitempty"`
@@ -120,7 +122,7 @@ func (c *Catalog) UpdateNodeState(ctx context.Context, node string, fn func(*Nod
 		if err := fn(&st); err != nil {
 			return st, err
 		}
-		if !st.Cordoned && st.Drain == nil {
+		if !st.Cordoned && st.Drain == nil && len(st.Moved) == 0 {
 			if idx == 0 {
 				return st, nil
 			}

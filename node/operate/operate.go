@@ -69,8 +69,9 @@ func (o *Operator) known(node string) error {
 	return nil
 }
 
-// Cordon stops new copies from going to node.
-func (o *Operator) Cordon(ctx context.Context, node string) (api.NodeOperation, error) {
+// Cordon stops new copies and ownership from going to node; with
+// moveOwners the images it owns are handed to other nodes now.
+func (o *Operator) Cordon(ctx context.Context, node string, moveOwners bool) (api.NodeOperation, error) {
 	if err := o.known(node); err != nil {
 		return api.NodeOperation{}, err
 	}
@@ -87,8 +88,35 @@ func (o *Operator) Cordon(ctx context.Context, node string) (api.NodeOperation, 
 	if err != nil {
 		return api.NodeOperation{}, err
 	}
-	o.cfg.Log.Info("node cordoned", "node", node)
-	return opOf(node, st), nil
+	o.cfg.Log.Info("node cordoned", "node", node, "move_owners", moveOwners)
+	out := opOf(node, st)
+	if moveOwners {
+		out.Moved, out.OwnerErrors = o.moveAndRecord(ctx, node)
+	}
+	return out, nil
+}
+
+// moveAndRecord moves node's owners away and records where they went.
+func (o *Operator) moveAndRecord(ctx context.Context, node string) (map[string]string, []string) {
+	moved, errs := o.moveOwners(ctx, node)
+	if len(moved) == 0 {
+		return moved, errs
+	}
+	if _, err := o.cfg.Catalog.UpdateNodeState(ctx, node, func(s *meta.NodeState) error {
+		if !s.Cordoned && s.Drain == nil {
+			return errors.New("the node was uncordoned meanwhile")
+		}
+		if s.Moved == nil {
+			s.Moved = map[string]string{}
+		}
+		for k, v := range moved {
+			s.Moved[k] = v
+		}
+		return nil
+	}); err != nil {
+		errs = append(errs, fmt.Sprintf("record the moved owners: %v", err))
+	}
+	return moved, errs
 }
 
 // Uncordon lets copies go to node again; a drain in progress stops (the
@@ -99,11 +127,12 @@ func (o *Operator) Uncordon(ctx context.Context, node string) (api.NodeOperation
 		return api.NodeOperation{}, err
 	}
 	var drain *meta.Drain
+	var moved map[string]string
 	st, err := o.cfg.Catalog.UpdateNodeState(ctx, node, func(s *meta.NodeState) error {
 		if !s.Cordoned && s.Drain == nil {
 			return fmt.Errorf("%w: %s is not cordoned", meta.ErrRefused, node)
 		}
-		drain = s.Drain
+		drain, moved = s.Drain, s.Moved
 		*s = meta.NodeState{}
 		return nil
 	})
@@ -112,19 +141,16 @@ func (o *Operator) Uncordon(ctx context.Context, node string) (api.NodeOperation
 	}
 	o.cfg.Log.Info("node uncordoned", "node", node, "was_draining", drain != nil)
 	out := opOf(node, st)
-	if drain == nil {
-		return out, nil
-	}
-	// Owners the drain moved come back, unless someone attached the
-	// image elsewhere since.
-	names := make([]string, 0, len(drain.Moved))
-	for name := range drain.Moved {
+	// Owners moved away come back, unless someone attached the image
+	// elsewhere since.
+	names := make([]string, 0, len(moved))
+	for name := range moved {
 		names = append(names, name)
 	}
 	sort.Strings(names)
 	for _, name := range names {
 		rec, _, err := o.cfg.Catalog.GetImage(ctx, name)
-		if err != nil || rec.Attached != drain.Moved[name] {
+		if err != nil || rec.Attached != moved[name] {
 			continue
 		}
 		if err := o.cfg.Attach(ctx, name, node); err != nil {
@@ -144,9 +170,9 @@ func (o *Operator) Uncordon(ctx context.Context, node string) (api.NodeOperation
 }
 
 func opOf(node string, st meta.NodeState) api.NodeOperation {
-	out := api.NodeOperation{Node: node, Cordoned: st.Cordoned || st.Drain != nil, Draining: st.Drain != nil}
+	out := api.NodeOperation{Node: node, Cordoned: st.Cordoned || st.Drain != nil, Draining: st.Drain != nil, Moved: st.Moved}
 	if d := st.Drain; d != nil {
-		out.Started, out.Now, out.Moved = d.Started, d.Now, d.Moved
+		out.Started, out.Now = d.Started, d.Now
 	}
 	return out
 }
@@ -202,19 +228,7 @@ func (o *Operator) Drain(ctx context.Context, node string, req api.DrainRequest)
 	o.cfg.Log.Info("node draining", "node", node, "images", len(imgs), "now", req.Now, "move_owners", req.MoveOwners)
 	var ownerErrs []string
 	if req.MoveOwners {
-		moved, errs := o.moveOwners(ctx, node)
-		ownerErrs = errs
-		if len(moved) > 0 {
-			if _, err := o.cfg.Catalog.UpdateNodeState(ctx, node, func(s *meta.NodeState) error {
-				if s.Drain == nil {
-					return errors.New("the drain was stopped meanwhile")
-				}
-				s.Drain.Moved = moved
-				return nil
-			}); err != nil {
-				ownerErrs = append(ownerErrs, fmt.Sprintf("record the moved owners: %v", err))
-			}
-		}
+		_, ownerErrs = o.moveAndRecord(ctx, node)
 	}
 	st, err := o.Status(ctx, node)
 	st.OwnerErrors = append(st.OwnerErrors, ownerErrs...)
