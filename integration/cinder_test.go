@@ -19,8 +19,9 @@ const python = "/usr/bin/python3"
 // (TLS API with a token, access lists, CHAP secrets in Consul), the nodes
 // labelled with the hypervisor host they stand for.
 func TestCinderDriverEndToEnd(t *testing.T) {
+	// Follow the VM is the locality policy: its delay is short here.
 	nodes, pki, token := securedCluster(t, []string{"n1", "n2"},
-		[]map[string]string{{"host": "hv1"}, {"host": "hv2"}})
+		[]map[string]string{{"host": "hv1"}, {"host": "hv2"}}, "placement:\n  locality_delay: 3s\n")
 	var apis []string
 	for _, n := range nodes {
 		apis = append(apis, "https://"+n.api)

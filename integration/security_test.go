@@ -23,7 +23,7 @@ import (
 // them, an API over HTTPS with a bearer token, access lists (CHAP secrets
 // may be stored in Consul). It returns the nodes, the PKI directory and
 // the token file.
-func securedCluster(t *testing.T, names []string, labels []map[string]string) (nodes []*node, pki, token string) {
+func securedCluster(t *testing.T, names []string, labels []map[string]string, more ...string) (nodes []*node, pki, token string) {
 	t.Helper()
 	dir := t.TempDir()
 	pki = filepath.Join(dir, "pki")
@@ -39,7 +39,7 @@ func securedCluster(t *testing.T, names []string, labels []map[string]string) (n
 	os.WriteFile(token, []byte("s3cret-cluster-token\n"), 0o600)
 	consul := consultest.Start(t, consultest.Persistent(t.TempDir()))
 	for i, name := range names {
-		extra := "tls:\n  ca: " + filepath.Join(pki, "ca.pem") + "\n  cert: " + filepath.Join(pki, name+".pem") + "\n  key: " + filepath.Join(pki, name+"-key.pem") + "\n"
+		extra := "tls:\n  ca: " + filepath.Join(pki, "ca.pem") + "\n  cert: " + filepath.Join(pki, name+".pem") + "\n  key: " + filepath.Join(pki, name+"-key.pem") + "\n" + strings.Join(more, "")
 		var join []string
 		if i > 0 {
 			join = []string{nodes[0].gossip}

@@ -253,8 +253,9 @@ class UkaiEndToEnd(test.TestCase):
 
     def test_follow_the_vm(self):
         """A one-copy volume on hv1's node, attached on hv2: the connection
-        goes to hv2's node at once (which serves from n1's copy), and the
-        copy moves there in the background."""
+        goes to hv2's node at once, which owns the image (attached there)
+        and serves it from n1's copy; the locality policy moves the copy
+        there in the background (after the nodes' locality_delay)."""
         one = volume_types.create(self.ctx, 'ukai-one-copy', {
             'ukai:replicas': '1', 'ukai:locations': 'n1', 'ukai:block_size': str(MiB)})
         vol = tests_utils.create_volume(self.ctx, size=1, status='creating', host=self.manager.host,

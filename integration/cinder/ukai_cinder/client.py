@@ -191,13 +191,20 @@ class Client(object):
     def delete_snapshot(self, image, name):
         self.request("DELETE", "/v1/images/%s/snapshots/%s" % (self._q(image), self._q(name)))
 
-    def set_policy(self, image, replicas=None, locations=None):
-        body = self._body({} if replicas is None else {"replicas": replicas}, locations=locations)
+    def set_policy(self, image, replicas=None, locations=None, locality=None):
+        body = self._body({} if replicas is None else {"replicas": replicas}, locations=locations,
+                          locality=locality)
         return self.request("PUT", "/v1/images/%s/policy" % self._q(image), body=body)
 
     def set_sync_policy(self, image, windows=None, max_rate=None, tz=None):
         body = self._body({"scope": "image:" + image}, windows=windows, max_rate=max_rate, tz=tz)
         self.request("PUT", "/v1/policies/sync", body=body)
+
+    def attach(self, image, node):
+        return self.request("POST", "/v1/images/%s/attach" % self._q(image), body={"node": node})
+
+    def detach(self, image):
+        return self.request("POST", "/v1/images/%s/detach" % self._q(image), body={})
 
     def relocate(self, image, to):
         return self.request("POST", "/v1/images/%s/relocate" % self._q(image), body={"to": to})

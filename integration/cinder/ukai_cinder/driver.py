@@ -4,9 +4,12 @@ A Cinder volume is a ukai image named after the volume (``volume.name``);
 a Cinder snapshot is a ukai snapshot named after the snapshot. Attaching
 exports the image to the connector's initiator (with CHAP) and returns the
 iSCSI portal of the ukai node on the connector's host, so the hypervisor
-talks to its local node (follow the VM: when that node holds no copy, the
-driver asks ukai to relocate one there, in the background, within the
-operator's sync windows and bandwidth caps).
+talks to its local node, and attaches the image there (that node owns it
+while the VM runs; terminate_connection detaches it). Follow the VM: the
+image's locality policy is best-effort, so once its owner has held it
+without a copy for the nodes' placement.locality_delay, ukai adds a copy
+there and drops one elsewhere, within the operator's sync windows and
+bandwidth caps.
 
 Volume type extra specs (all optional):
 
@@ -19,7 +22,7 @@ Volume type extra specs (all optional):
                      e.g. "22:00-06:00"
   ukai:sync_tz       time zone of the windows (IANA name)
   ukai:max_rate      bandwidth cap of background copying, e.g. "50MiB/s"
-  ukai:follow_vm     "false" to never relocate on attach
+  ukai:follow_vm     "false": locality off (no copy follows the VM)
 """
 
 import secrets
@@ -75,8 +78,10 @@ ukai_opts = [
                     'node runs on. A node whose name is the host (or its '
                     'short name) matches too.'),
     cfg.BoolOpt('ukai_follow_vm', default=True,
-                help='On attach, relocate a copy to the node of the '
-                     'hypervisor when it holds none.'),
+                help='Give volumes the locality policy best-effort: a '
+                     'copy follows the node of the hypervisor the volume '
+                     'is attached on (after the nodes\' '
+                     'placement.locality_delay).'),
     cfg.BoolOpt('ukai_chap', default=True,
                 help='Protect every export with CHAP (per-volume '
                      'credentials). The ukai nodes must run with '
@@ -246,7 +251,8 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
         try:
             # The replica count is always recorded: the planner keeps it,
             # and a relocation (follow the VM) drops a copy to meet it.
-            self._call(self.client.set_policy, volume.name, replicas=specs['replicas'])
+            self._call(self.client.set_policy, volume.name, replicas=specs['replicas'],
+                       locality='best-effort' if specs['follow_vm'] else 'off')
             if specs.get('sync_window') or specs.get('max_rate') or specs.get('sync_tz'):
                 self._call(self.client.set_sync_policy, volume.name,
                            windows=specs.get('sync_window'),
@@ -358,16 +364,22 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
         locations = [loc['node'] for loc in img.get('locations') or []]
         node, on_host = self._node_for(connector.get('host'), locations)
         specs = self._specs(volume)
-        if on_host and specs['follow_vm'] and node['name'] not in locations:
-            # Follow the VM: a copy moves to the hypervisor's node in the
-            # background; meanwhile that node serves the volume from the
-            # other copies.
+        if on_host:
+            # The hypervisor's node owns the image while the VM runs there
+            # (before a live migration's switchover, too); without a copy it
+            # serves from the others, and the locality policy (follow the
+            # VM, set at create and here for older volumes) brings a copy.
+            if specs['follow_vm'] and node['name'] not in locations:
+                try:
+                    self.client.set_policy(volume.name, locality='best-effort')
+                except ukai_client.UkaiError as e:
+                    LOG.warning('Could not set the locality of %(v)s: %(e)s',
+                                {'v': volume.name, 'e': e})
             try:
-                self.client.relocate(volume.name, node['name'])
-                LOG.info('Relocating a copy of %(v)s to %(n)s (follow the VM)',
-                         {'v': volume.name, 'n': node['name']})
+                self.client.attach(volume.name, node['name'])
             except ukai_client.UkaiError as e:
-                LOG.warning('Could not relocate %(v)s to %(n)s: %(e)s',
+                # Ownership still follows the sessions: not fatal.
+                LOG.warning('Could not attach %(v)s to %(n)s: %(e)s',
                             {'v': volume.name, 'n': node['name'], 'e': e})
         portal = node.get('iscsi_addr') or ''
         host = portal.rsplit(':', 1)[0].strip('[]')
@@ -405,6 +417,17 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
             initiators = [e['initiator'] for e in img.get('exports') or []]
         else:
             initiators = [connector['initiator']]
+            # The VM left this host: the image stays attached only to a
+            # node it still runs on (a live migration attached it there).
+            node, on_host = self._node_for(connector.get('host'), [])
+            if on_host:
+                try:
+                    img = self.client.image(volume.name)
+                    if img.get('attached') == node['name']:
+                        self.client.detach(volume.name)
+                except ukai_client.UkaiError as e:
+                    if e.status != 404:
+                        LOG.warning('Could not detach %(v)s: %(e)s', {'v': volume.name, 'e': e})
         for ini in initiators:
             try:
                 self.client.unexport(volume.name, ini)

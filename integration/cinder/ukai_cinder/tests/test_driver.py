@@ -66,7 +66,7 @@ class UkaiDriverTestCase(test.TestCase):
         self.client.create_image.assert_called_once_with(
             self.volume.name, 2 * units.Gi, locations=['n1', 'n2'], min_copies=2,
             block_size=None, source=None, timeout=mock.ANY)
-        self.client.set_policy.assert_called_once_with(self.volume.name, replicas=3)
+        self.client.set_policy.assert_called_once_with(self.volume.name, replicas=3, locality='best-effort')
         self.client.set_sync_policy.assert_called_once_with(
             self.volume.name, windows=['22:00-06:00'], max_rate='50MiB/s', tz=None)
 
@@ -75,8 +75,12 @@ class UkaiDriverTestCase(test.TestCase):
         self.client.create_image.assert_called_once_with(
             self.volume.name, 2 * units.Gi, locations=None, min_copies=1,
             block_size=None, source=None, timeout=mock.ANY)
-        self.client.set_policy.assert_called_once_with(self.volume.name, replicas=2)
+        self.client.set_policy.assert_called_once_with(self.volume.name, replicas=2, locality='best-effort')
         self.client.set_sync_policy.assert_not_called()
+        self.client.set_policy.reset_mock()
+        self.specs = {'ukai:follow_vm': 'false'}
+        self.driver.create_volume(self.volume)
+        self.client.set_policy.assert_called_once_with(self.volume.name, replicas=2, locality='off')
 
     def test_bad_extra_specs_create_nothing(self):
         for specs in ({'ukai:replicas': 'two'}, {'ukai:replicas': '0'}, {'ukai:nonsense': '1'},
@@ -214,22 +218,29 @@ class UkaiDriverTestCase(test.TestCase):
                          (d['auth_method'], d['auth_username'], d['auth_password']))
         self.client.export.assert_called_once_with(self.volume.name, 'iqn.hv2', chap_user='ukai-u1',
                                                    chap_secret='s3cretsecret0001')
-        # n2 holds no copy: one moves there.
-        self.client.relocate.assert_called_once_with(self.volume.name, 'n2')
+        # hv2's node owns the image while the VM runs there; it holds no
+        # copy, so the image follows the VM (locality best-effort, set again
+        # for volumes made before it).
+        self.client.attach.assert_called_once_with(self.volume.name, 'n2')
+        self.client.set_policy.assert_called_once_with(self.volume.name, locality='best-effort')
+        self.client.relocate.assert_not_called()
 
     def test_initialize_connection_without_follow_vm_or_with_a_copy(self):
         self.client.image.return_value = {'iqn': 'q', 'locations': [{'node': 'n1'}]}
         self.driver.initialize_connection(self.volume, {'initiator': 'iqn.hv1', 'host': 'hv1'})
         self.specs = {'ukai:follow_vm': 'false'}
         self.driver.initialize_connection(self.volume, {'initiator': 'iqn.hv2', 'host': 'hv2'})
-        self.client.relocate.assert_not_called()
+        self.client.set_policy.assert_not_called()
+        self.assertEqual([mock.call(self.volume.name, 'n1'), mock.call(self.volume.name, 'n2')],
+                         self.client.attach.call_args_list)
         # An unknown host: a node holding a copy serves.
         conn = self.driver.initialize_connection(self.volume, {'initiator': 'iqn.x', 'host': 'elsewhere'})
         self.assertEqual('127.0.0.1:3261', conn['data']['target_portal'])
 
-    def test_a_relocation_refused_does_not_fail_the_attach(self):
+    def test_a_refused_attach_or_policy_does_not_fail_the_connection(self):
         self.client.image.return_value = {'iqn': 'q', 'locations': [{'node': 'n1'}]}
-        self.client.relocate.side_effect = ukai_client.UkaiError(400, 'relocate and locations are both set')
+        self.client.attach.side_effect = ukai_client.UkaiError(409, 'n2 is cordoned')
+        self.client.set_policy.side_effect = ukai_client.UkaiError(400, 'locality: no')
         conn = self.driver.initialize_connection(self.volume, {'initiator': 'iqn.hv2', 'host': 'hv2'})
         self.assertEqual('127.0.0.1:3262', conn['data']['target_portal'])
 
@@ -251,6 +262,16 @@ class UkaiDriverTestCase(test.TestCase):
         self.assertIsNone(self.client.export.call_args[1]['chap_user'])
 
     def test_terminate_connection(self):
+        self.client.image.return_value = {'attached': 'n1'}
+        self.driver.terminate_connection(self.volume, {'initiator': 'iqn.hv1', 'host': 'hv1'})
+        self.client.unexport.assert_called_once_with(self.volume.name, 'iqn.hv1')
+        self.client.detach.assert_called_once_with(self.volume.name)
+        # Attached elsewhere (a live migration moved it): left alone.
+        self.client.detach.reset_mock()
+        self.client.image.return_value = {'attached': 'n2'}
+        self.driver.terminate_connection(self.volume, {'initiator': 'iqn.hv1', 'host': 'hv1'})
+        self.client.detach.assert_not_called()
+        self.client.unexport.reset_mock()
         self.driver.terminate_connection(self.volume, {'initiator': 'iqn.hv1'})
         self.client.unexport.assert_called_once_with(self.volume.name, 'iqn.hv1')
         self.client.unexport.reset_mock()
