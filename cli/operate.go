@@ -26,14 +26,8 @@ func (a *app) nodeOpCmds() []*cobra.Command {
 				return fmt.Errorf("node cordon %s: %w", args[0], err)
 			}
 			fmt.Fprintf(a.out, "%s cordoned: no new copy or owner goes there\n", args[0])
-			for _, img := range sortedKeys(op.Moved) {
-				fmt.Fprintf(a.out, "  %s: owner moved to %s\n", img, op.Moved[img])
-			}
-			for _, e := range op.OwnerErrors {
-				fmt.Fprintf(a.out, "  owner not moved: %s\n", e)
-			}
-			if len(op.OwnerErrors) > 0 {
-				return fmt.Errorf("node cordon %s: %d owners not moved (the node is cordoned)", args[0], len(op.OwnerErrors))
+			if n := a.printOwners(op, "moved to", "not moved"); n > 0 {
+				return fmt.Errorf("node cordon %s: %d owners not moved (the node is cordoned)", args[0], n)
 			}
 			return nil
 		},
@@ -49,14 +43,8 @@ func (a *app) nodeOpCmds() []*cobra.Command {
 				return fmt.Errorf("node uncordon %s: %w", args[0], err)
 			}
 			fmt.Fprintf(a.out, "%s uncordoned\n", args[0])
-			for _, img := range sortedKeys(op.Moved) {
-				fmt.Fprintf(a.out, "  %s: owner back on %s\n", img, op.Moved[img])
-			}
-			for _, e := range op.OwnerErrors {
-				fmt.Fprintf(a.out, "  owner not handed back: %s\n", e)
-			}
-			if len(op.OwnerErrors) > 0 {
-				return fmt.Errorf("node uncordon %s: %d owners not handed back", args[0], len(op.OwnerErrors))
+			if n := a.printOwners(op, "back on", "not handed back"); n > 0 {
+				return fmt.Errorf("node uncordon %s: %d owners not handed back", args[0], n)
 			}
 			return nil
 		},
@@ -98,12 +86,7 @@ them back).`,
 				return printJSON(a.out, op)
 			}
 			fmt.Fprintf(a.out, "%s draining: %d %s to move\n", args[0], op.Total-op.Done, plural(op.Total-op.Done, "image", "images"))
-			for _, img := range sortedKeys(op.Moved) {
-				fmt.Fprintf(a.out, "  %s: owner moved to %s\n", img, op.Moved[img])
-			}
-			for _, e := range op.OwnerErrors {
-				fmt.Fprintf(a.out, "  owner not moved: %s\n", e)
-			}
+			a.printOwners(op, "moved to", "not moved")
 			if !wait {
 				return nil
 			}
@@ -176,6 +159,18 @@ func (a *app) waitDrain(ctx context.Context, node string, every time.Duration) (
 		case <-t.C:
 		}
 	}
+}
+
+// printOwners prints the owners an operation moved ("  vm1: owner moved
+// to n2") and those it could not; it returns how many it could not.
+func (a *app) printOwners(op api.NodeOperation, moved, failed string) int {
+	for _, img := range sortedKeys(op.Moved) {
+		fmt.Fprintf(a.out, "  %s: owner %s %s\n", img, moved, op.Moved[img])
+	}
+	for _, e := range op.OwnerErrors {
+		fmt.Fprintf(a.out, "  owner %s: %s\n", failed, e)
+	}
+	return len(op.OwnerErrors)
 }
 
 func drainLine(op api.NodeOperation, rate float64) string {

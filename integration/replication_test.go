@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -144,13 +145,7 @@ func fioVerifiedLoad(t *testing.T, url string, size string) (wait func() error, 
 // loops times (a longer load).
 func fioVerifiedLoops(t *testing.T, url string, size string, loops int) (wait func() error, out *strings.Builder) {
 	t.Helper()
-	sock := filepath.Join(t.TempDir(), "nbd.sock")
-	nbd := exec.Command("qemu-nbd", "-f", "raw", "--cache=none", "-k", sock, "--persistent", url)
-	if err := nbd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { nbd.Process.Kill(); nbd.Wait() })
-	waitFor(t, 20*time.Second, "qemu-nbd socket", func() bool { _, err := os.Stat(sock); return err == nil })
+	sock, stopNBD := nbdServe(t, url)
 	out = &strings.Builder{}
 	fio := exec.Command("fio", "--name=load", "--ioengine=nbd", "--uri=nbd+unix:///?socket="+sock, "--rw=randwrite",
 		"--bs=64k", "--iodepth=8", "--size="+size, "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", fmt.Sprintf("--loops=%d", loops))
@@ -160,10 +155,24 @@ func fioVerifiedLoops(t *testing.T, url string, size string, loops int) (wait fu
 	}
 	return func() error {
 		err := fio.Wait()
-		nbd.Process.Kill()
-		nbd.Wait()
+		stopNBD()
 		return err
 	}, out
+}
+
+// nbdServe serves an iSCSI URL over NBD through qemu-nbd on a Unix
+// socket; stop ends qemu-nbd and its iSCSI session.
+func nbdServe(t *testing.T, url string) (sock string, stop func()) {
+	t.Helper()
+	sock = filepath.Join(t.TempDir(), "nbd.sock")
+	nbd := exec.Command("qemu-nbd", "-f", "raw", "--cache=none", "-k", sock, "--persistent", url)
+	if err := nbd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	stop = sync.OnceFunc(func() { nbd.Process.Kill(); nbd.Wait() })
+	t.Cleanup(stop)
+	waitFor(t, 20*time.Second, "qemu-nbd socket", func() bool { _, err := os.Stat(sock); return err == nil })
+	return sock, stop
 }
 
 func TestKillACopyUnderVerifiedLoad(t *testing.T) {

@@ -16,13 +16,7 @@ import (
 // and at the end; wait returns when fio ends and when it did.
 func fioTimedLoad(t *testing.T, url, size string, runtime time.Duration) (wait func() (time.Time, error), out *strings.Builder) {
 	t.Helper()
-	sock := filepath.Join(t.TempDir(), "nbd.sock")
-	nbd := exec.Command("qemu-nbd", "-f", "raw", "--cache=none", "-k", sock, "--persistent", url)
-	if err := nbd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { nbd.Process.Kill(); nbd.Wait() })
-	waitFor(t, 20*time.Second, "qemu-nbd socket", func() bool { _, err := os.Stat(sock); return err == nil })
+	sock, stopNBD := nbdServe(t, url)
 	out = &strings.Builder{}
 	fio := exec.Command("fio", "--name=load", "--ioengine=nbd", "--uri=nbd+unix:///?socket="+sock, "--rw=randwrite",
 		"--bs=64k", "--iodepth=4", "--size="+size, "--time_based", fmt.Sprintf("--runtime=%ds", int(runtime.Seconds())),
@@ -36,8 +30,7 @@ func fioTimedLoad(t *testing.T, url, size string, runtime time.Duration) (wait f
 	return func() (time.Time, error) {
 		err := <-done
 		at := time.Now()
-		nbd.Process.Kill()
-		nbd.Wait()
+		stopNBD()
 		return at, err
 	}, out
 }

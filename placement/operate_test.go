@@ -2,7 +2,6 @@ package placement
 
 import (
 	"slices"
-	"strings"
 	"testing"
 	"time"
 )
@@ -132,22 +131,7 @@ func TestPlanOperate(t *testing.T) {
 			owned(im("i", ImagePolicy{Replicas: 2, Locality: LocalityStrict}, "n1", bm()), "n4", t0)}},
 			[]string{"add_location n4"}, []string{"owner, locality strict"}},
 	} {
-		t.Run(c.rule, func(t *testing.T) {
-			got := Plan(c.state)
-			if gs := shorts(got); !slices.Equal(gs, c.want) {
-				t.Fatalf("got %q want %q\n%s", gs, c.want, reasons(got))
-			}
-			for i, r := range c.reason {
-				if i < len(got) && !strings.Contains(got[i].Reason, r) {
-					t.Errorf("action %d reason %q, want it to contain %q", i, got[i].Reason, r)
-				}
-			}
-			for _, a := range got {
-				if a.Reason == "" || a.Image == "" {
-					t.Errorf("action without reason or image: %+v", a)
-				}
-			}
-		})
+		t.Run(c.rule, func(t *testing.T) { checkPlan(t, c.state, c.want, c.reason) })
 	}
 }
 

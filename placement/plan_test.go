@@ -201,25 +201,31 @@ func TestPlanRules(t *testing.T) {
 			}()}},
 			[]string{"refuse"}, []string{"image sync policy"}},
 	} {
-		t.Run(c.rule, func(t *testing.T) {
-			got := Plan(c.state)
-			if gs := shorts(got); !slices.Equal(gs, c.want) {
-				t.Fatalf("got %q want %q\n%s", gs, c.want, reasons(got))
-			}
-			for i, r := range c.reason {
-				if i < len(got) && !strings.Contains(got[i].Reason, r) {
-					t.Errorf("action %d reason %q, want it to contain %q", i, got[i].Reason, r)
-				}
-			}
-			for _, a := range got {
-				if a.Reason == "" || a.Image == "" {
-					t.Errorf("action without reason or image: %+v", a)
-				}
-			}
-			if again := Plan(c.state); !slices.EqualFunc(got, again, func(a, b Action) bool { return a.Reason == b.Reason && short(a) == short(b) }) {
-				t.Errorf("not deterministic")
-			}
-		})
+		t.Run(c.rule, func(t *testing.T) { checkPlan(t, c.state, c.want, c.reason) })
+	}
+}
+
+// checkPlan plans s and checks the actions (in short form), the
+// substrings of their reasons (in order), that every action has a reason
+// and an image, and that planning again gives the same.
+func checkPlan(t *testing.T, s State, want, reason []string) {
+	t.Helper()
+	got := Plan(s)
+	if gs := shorts(got); !slices.Equal(gs, want) {
+		t.Fatalf("got %q want %q\n%s", gs, want, reasons(got))
+	}
+	for i, r := range reason {
+		if i < len(got) && !strings.Contains(got[i].Reason, r) {
+			t.Errorf("action %d reason %q, want it to contain %q", i, got[i].Reason, r)
+		}
+	}
+	for _, a := range got {
+		if a.Reason == "" || a.Image == "" {
+			t.Errorf("action without reason or image: %+v", a)
+		}
+	}
+	if again := Plan(s); !slices.EqualFunc(got, again, func(a, b Action) bool { return a.Reason == b.Reason && short(a) == short(b) }) {
+		t.Errorf("not deterministic")
 	}
 }
 
