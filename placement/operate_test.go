@@ -35,16 +35,21 @@ func TestPlanOperate(t *testing.T) {
 			[]string{"add_location n3"}, []string{"add n3 (most free space)"}},
 		{"drain adds a replacement", State{Nodes: []NodeInfo{draining(zones[0]), zones[1], zones[2], zones[3]}, Images: []ImageState{
 			im("i", ImagePolicy{Replicas: 2}, "n1", bm(), "n2", bm())}},
-			[]string{"add_location n3", "wait n1"}, []string{"replaces n1: n1 is draining", "n1 is draining: remove it once a replacement is in sync"}},
+			[]string{"add_location n3", "wait n1"}, []string{"replaces n1: n1 is draining", "n1 is draining: remove it once a replacement is in sync on a live node"}},
 		{"drain waits for the replacement's sync", State{Nodes: []NodeInfo{draining(zones[0]), zones[1], zones[2], zones[3]}, Images: []ImageState{
 			im("i", ImagePolicy{Replicas: 2}, "n1", bm(), "n2", bm(), "n3", bm(4))}},
-			[]string{"sync n3 [4,5)", "wait n1"}, []string{"", "remove it once n3 is in sync"}},
+			[]string{"sync n3 [4,5)", "wait n1"}, []string{"", "remove it once n3 is in sync on a live node"}},
 		{"drain removes once in sync", State{Nodes: []NodeInfo{draining(zones[0]), zones[1], zones[2], zones[3]}, Images: []ImageState{
 			im("i", ImagePolicy{Replicas: 2}, "n1", bm(), "n2", bm(), "n3", bm())}},
 			[]string{"remove_location n1"}, []string{"n1 is draining and its replacement is in sync"}},
 		{"drain of the only copy keeps it until the new one has every block", State{Nodes: []NodeInfo{draining(zones[0]), zones[1]}, Images: []ImageState{
 			im("i", ImagePolicy{Replicas: 1}, "n1", bm(), "n2", bm(3))}},
-			[]string{"sync n2 [3,4)", "wait n1"}, []string{"", "remove it once n2 is in sync"}},
+			[]string{"sync n2 [3,4)", "wait n1"}, []string{"", "remove it once n2 is in sync on a live node"}},
+		{"drain: a replacement on a dead node does not let the drained copy go", State{Nodes: []NodeInfo{draining(zones[0]), zones[1], dead(zones[2], t0)}, Now: t0, Images: []ImageState{
+			// n3 was added for n1 and died before it was filled: n1 stays
+			// until two copies are live and in sync.
+			im("i", ImagePolicy{Replicas: 2}, "n1", bm(), "n2", bm(), "n3", allOOS())}},
+			[]string{"wait n1", "refuse"}, []string{"n1 is draining: remove it once a replacement is in sync on a live node", "cannot place 1 more"}},
 		{"drain without replicas pins the count", State{Nodes: []NodeInfo{draining(zones[0]), zones[1], zones[2]}, Images: []ImageState{
 			im("i", ImagePolicy{}, "n1", bm(), "n2", bm())}},
 			[]string{"set_replicas"}, []string{"keep the 2 copies the image has while copies move (n1 is draining)"}},
@@ -127,6 +132,12 @@ func TestPlanOperate(t *testing.T) {
 		{"locality: a cordoned owner gets no copy", State{Nodes: []NodeInfo{zones[0], zones[1], cordoned(zones[2])}, Now: t0, Images: []ImageState{
 			owned(im("i", ImagePolicy{Replicas: 1, Locality: LocalityBestEffort}, "n1", bm()), "n3", t0.Add(-time.Hour))}},
 			[]string{"wait n3"}, []string{"the owner n3 has no copy, but n3 is cordoned"}},
+		{"locality: an owner without the spread label gets no copy", State{Nodes: append(slices.Clone(zones), nd("n5", 900)), Now: t0, Images: []ImageState{
+			owned(im("i", ImagePolicy{Replicas: 2, SpreadBy: "zone", Locality: LocalityBestEffort}, "n1", bm(), "n3", bm()), "n5", t0.Add(-time.Hour))}},
+			[]string{"wait n5"}, []string{"the owner n5 has no zone label (spread by zone)"}},
+		{"a group without a rule still syncs", State{Nodes: zones, Images: []ImageState{
+			im("vm", withGroup(ImagePolicy{Replicas: 2}, "nosuch"), "n1", bm(), "n2", bm(3))}},
+			[]string{"sync n2 [3,4)", "refuse"}, []string{"", "group nosuch has no rule"}},
 		{"locality: replicas-up picks the owner first", State{Nodes: zones, Now: t0, Images: []ImageState{
 			owned(im("i", ImagePolicy{Replicas: 2, Locality: LocalityStrict}, "n1", bm()), "n4", t0)}},
 			[]string{"add_location n4"}, []string{"owner, locality strict"}},

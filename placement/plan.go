@@ -17,7 +17,7 @@ import (
 // Per image, in this order (the rule names appear in the tests):
 //
 //	validate   ValidatePolicy or ValidateGroup fails → one Refuse with the
-//	           reason, nothing else.
+//	           reason; no copy is added or removed, rule sync still runs.
 //	relocate   (rule 2) while Relocate is set and not done (RelocationDone):
 //	           add To; To is synced by rule sync; once To is fully in sync,
 //	           remove From (or, without From, one other copy chosen like
@@ -337,18 +337,20 @@ func (p *planner) planImage(img *ImageState) {
 		}
 		v.maps[l] = m
 	}
+	valid := true
 	if err := validatePolicy(img.Policy, *img, p.s.Nodes, true); err != nil {
 		v.refuse("", "policy refused: %v", err)
-		p.out = append(p.out, v.refuses...)
-		return
-	}
-	if err := ValidateGroup(p.s, *img); err != nil {
+		valid = false
+	} else if err := ValidateGroup(p.s, *img); err != nil {
 		v.refuse("", "group refused: %v", err)
-		p.out = append(p.out, v.refuses...)
-		return
+		valid = false
 	}
 	pol := img.Policy
 	switch {
+	case !valid:
+		// Copies stay where they are; the blocks they lack are still
+		// synchronized (a policy that nodes leaving made impossible must
+		// not also stop the repair of what exists).
 	case pol.Relocate != nil && !RelocationDone(v.snapshot()):
 		v.relocate()
 	case len(pol.Locations) > 0:
@@ -896,19 +898,35 @@ func (v *view) replicas() {
 		}
 		ready := len(kept) >= want
 		var lagging string
+		liveInSync := 0
 		for _, k := range kept {
-			if v.alive(k) && v.outOfSync(k) > 0 {
+			if !v.alive(k) {
+				continue
+			}
+			if v.outOfSync(k) > 0 {
 				ready = false
 				if lagging == "" {
 					lagging = k
 				}
+			} else {
+				liveInSync++
 			}
+		}
+		// A copy on a live node (drained, misplaced) holds redundancy: it
+		// goes only once as many copies as wanted are live and in sync
+		// without it. Kept copies on dead nodes do not stand in (a
+		// replacement whose node died before it was filled would
+		// otherwise let the drained copy go, leaving one copy).
+		if v.alive(l) && liveInSync < want {
+			ready = false
 		}
 		if !ready {
 			if lagging == "" {
-				lagging = "a replacement"
+				lagging = "a replacement is"
+			} else {
+				lagging += " is"
 			}
-			v.wait(l, time.Time{}, "%s: remove it once %s is in sync", why, lagging)
+			v.wait(l, time.Time{}, "%s: remove it once %s in sync on a live node", why, lagging)
 			continue
 		}
 		if ok, reason := v.safeRemove(l, want); ok {
@@ -1016,6 +1034,13 @@ func (v *view) localityAdd() (string, *Action) {
 	}
 	if why := v.notEligible(o); why != "" {
 		return "", w(time.Time{}, "the owner %s has no copy, but %s", o, why)
+	}
+	if by := v.img.Policy.SpreadBy; by != "" {
+		if _, ok := v.p.nodes[o].Labels[by]; !ok {
+			// Its copy would be misplaced at once (and removed, and
+			// added again).
+			return "", w(time.Time{}, "the owner %s has no %s label (spread by %s)", o, by, by)
+		}
 	}
 	if len(v.misWhy) > 0 {
 		return "", w(time.Time{}, "the owner %s has no copy, but the copies break a label rule first (%s)", o, v.misWhy[v.img.Locations[slices.IndexFunc(v.img.Locations, func(l string) bool { _, ok := v.misWhy[l]; return ok })]])

@@ -117,7 +117,9 @@ func validatePolicy(p ImagePolicy, img ImageState, nodes []NodeInfo, inPlan bool
 		bad("%v", err)
 	}
 	for _, l := range p.AllowRemote {
-		if _, ok := known[l]; !ok {
+		// Only when set: a node named there that leaves later must not
+		// make the image's plans fail.
+		if _, ok := known[l]; !ok && !inPlan {
 			bad("allow-remote %s is not a known node", l)
 		}
 	}
