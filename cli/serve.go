@@ -32,6 +32,11 @@ node goes on with the one it has. Policies, cordons and drains live in
 the metadata store and apply without a reload.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			// SIGHUP is caught from the start: its default action ends
+			// the process, and a reload may come while the node starts.
+			hup := make(chan os.Signal, 1)
+			signal.Notify(hup, syscall.SIGHUP)
+			defer signal.Stop(hup)
 			path, _ := cmd.Flags().GetString("config")
 			cfg, err := node.LoadConfig(path, cmd.Flags())
 			if err != nil {
@@ -46,9 +51,6 @@ the metadata store and apply without a reload.`,
 			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			hup := make(chan os.Signal, 1)
-			signal.Notify(hup, syscall.SIGHUP)
-			defer signal.Stop(hup)
 			go func() {
 				for {
 					select {

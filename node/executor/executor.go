@@ -167,7 +167,7 @@ type mark struct {
 }
 
 func (e *Executor) markOf(img Image) mark {
-	return mark{rev: img.Record().Rev, maps: img.MapVersion(), member: e.member.Load(), policy: e.policy.Load(), at: time.Now()}
+	return mark{rev: img.Record().Rev, maps: img.MapVersion(), member: e.member.Load(), policy: e.policy.Load(), at: e.cfg.Now()}
 }
 
 // idle says whether img's last plan found nothing to do and nothing it
@@ -209,22 +209,28 @@ func (e *Executor) round(ctx context.Context, slots chan struct{}, wg *sync.Wait
 		if ctx.Err() != nil {
 			return
 		}
-		if img.Busy() || !ShouldAct(img.Record(), img.Owned(), e.cfg.Self, e.cfg.Host.Alive) {
+		id := img.Record().ID
+		owned := img.Owned()
+		if !owned {
+			// Ownership lost: locality's delay starts again when it
+			// comes back.
+			e.mu.Lock()
+			if st := e.images[id]; st != nil {
+				st.ownedSince = time.Time{}
+			}
+			e.mu.Unlock()
+		}
+		if img.Busy() || !ShouldAct(img.Record(), owned, e.cfg.Self, e.cfg.Host.Alive) {
 			continue
 		}
-		id := img.Record().ID
 		now := e.markOf(img) // the image's locks, outside mu
-		owned := img.Owned()
 		e.mu.Lock()
 		st := e.images[id]
 		if st == nil {
 			st = &imageState{}
 			e.images[id] = st
 		}
-		switch {
-		case !owned:
-			st.ownedSince = time.Time{}
-		case st.ownedSince.IsZero():
+		if owned && st.ownedSince.IsZero() {
 			st.ownedSince = e.cfg.Now()
 		}
 		skip := st.planning || st.idleAt(now)
@@ -358,6 +364,9 @@ func (e *Executor) execute(ctx context.Context, st *imageState, img Image) error
 		case placement.Wait, placement.Refuse:
 			e.cfg.Log.Debug("placement", "image", rec.Name, "kind", a.Kind, "reason", a.Reason)
 		}
+	}
+	if state.Images[0].Policy.Relocate == nil {
+		return nil // nothing to finish: no second read of the catalog
 	}
 	return e.finishRelocation(ctx, img)
 }

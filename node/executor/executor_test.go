@@ -110,6 +110,7 @@ type host struct {
 	nodes  []placement.NodeInfo
 	plans  int // State calls (Nodes is read once per State)
 	syncs  []string
+	adds   []string
 }
 
 func (h *host) Images() []Image { h.mu.Lock(); defer h.mu.Unlock(); return h.images }
@@ -127,7 +128,12 @@ func (h *host) Nodes() []placement.NodeInfo {
 	h.plans++
 	return h.nodes
 }
-func (h *host) AddLocation(context.Context, string, string) error    { return nil }
+func (h *host) AddLocation(_ context.Context, _ string, node string) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.adds = append(h.adds, node)
+	return nil
+}
 func (h *host) RemoveLocation(context.Context, string, string) error { return nil }
 func (h *host) Sync(_ context.Context, img Image, from, to int64, node string, _ Pacer) error {
 	h.mu.Lock()
@@ -169,24 +175,26 @@ func TestIdleImageIsNotPlannedAgain(t *testing.T) {
 			t.Fatalf("%s: %d plans, want %d", what, got, want)
 		}
 	}
-	plansAfter("first round", 2) // plan + the relocation check
+	// One State per plan: the relocation check reads the catalog again
+	// only for an image with a relocation.
+	plansAfter("first round", 1)
 	if e.Settled() != 1 {
 		t.Fatalf("a settled image: Settled() = %d, want 1", e.Settled())
 	}
-	plansAfter("idle round", 2)
-	plansAfter("idle round", 2)
+	plansAfter("idle round", 1)
+	plansAfter("idle round", 1)
 	img.ver.Add(1)
-	plansAfter("maps changed", 4)
-	plansAfter("idle round", 4)
+	plansAfter("maps changed", 2)
+	plansAfter("idle round", 2)
 	e.MembersChanged()
-	plansAfter("membership changed", 6)
+	plansAfter("membership changed", 3)
 	e.policy.Add(1) // what watchPolicies does on a policy change
-	plansAfter("policy changed", 8)
+	plansAfter("policy changed", 4)
 	img.busy.Store(true)
 	img.ver.Add(1)
-	plansAfter("busy", 8)
+	plansAfter("busy", 4)
 	img.busy.Store(false)
-	plansAfter("no longer busy", 10)
+	plansAfter("no longer busy", 5)
 
 	// A copy falls behind: the next plan syncs it, and a plan with an
 	// action does not mark the image idle.
@@ -219,7 +227,7 @@ func TestOnlyResponsibleNodeActs(t *testing.T) {
 	for _, tc := range []struct {
 		self string
 		want int
-	}{{"n1", 2}, {"n2", 0}} {
+	}{{"n1", 1}, {"n2", 0}} {
 		h := &host{images: []Image{&image{rec: rec}}, nodes: []placement.NodeInfo{{Name: "n1", Alive: true}, {Name: "n2", Alive: true}}}
 		runRound(New(Config{Self: tc.self, Catalog: cat, Host: h}))
 		if got, _ := h.counts(); got != tc.want {
@@ -267,5 +275,58 @@ func TestStateOfStaleRecord(t *testing.T) {
 	is := st.Images[0]
 	if !slices.Equal(is.Locations, []string{"n1", "n2"}) || len(is.Maps) != 2 || is.Maps["n3"] != nil {
 		t.Fatalf("state lists %v with maps of %d locations, want n1, n2 as stored now", is.Locations, len(is.Maps))
+	}
+}
+
+// ownedImage is an image this node owns, its copies in sync.
+type ownedImage struct{ image }
+
+func (i *ownedImage) Maps() map[string]*placement.BlockMap {
+	out := map[string]*placement.BlockMap{}
+	for _, l := range i.rec.Locations {
+		out[l] = placement.NewBlockMap(i.rec.Blocks(), placement.InSync)
+	}
+	return out
+}
+
+// TestLocalityAfterTheDelay: an image this node owns without a copy is
+// not planned again while locality's delay runs (its idle mark lasts
+// until the wait ends), then gets a copy here; the delay counts from when
+// the node took ownership, and starts again after ownership was lost.
+func TestLocalityAfterTheDelay(t *testing.T) {
+	cat := testCatalog(t)
+	rec := kvtest.OwnedImage(t, cat, "vm1", 4<<16, 1<<16, "n3", "n1", "n2")
+	img := &ownedImage{image{rec: rec, owned: true}}
+	h := &host{images: []Image{img}, nodes: []placement.NodeInfo{{Name: "n1", Alive: true}, {Name: "n2", Alive: true}, {Name: "n3", Alive: true}}}
+	now := time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
+	const delay = 8 * time.Minute // more than a step, less than Sweep
+	e := New(Config{Self: "n3", Catalog: cat, Host: h, Locality: placement.LocalityBestEffort, LocalityDelay: delay,
+		Now: func() time.Time { return now }})
+	adds := func() []string { h.mu.Lock(); defer h.mu.Unlock(); return slices.Clone(h.adds) }
+	runRound(e)
+	if plan := e.LastPlan("vm1"); len(plan) != 1 || plan[0].Kind != placement.Wait || !plan[0].Until.Equal(now.Add(delay)) {
+		t.Fatalf("first plan %+v, want a wait until the delay ends", plan)
+	}
+	plans, _ := h.counts()
+	now = now.Add(3 * time.Minute)
+	runRound(e)
+	if got, _ := h.counts(); got != plans || len(adds()) != 0 {
+		t.Fatalf("planned again during the delay (%d plans, adds %v)", got-plans, adds())
+	}
+	// Ownership lost and taken back: the delay starts again.
+	img.owned = false
+	runRound(e)
+	img.owned = true
+	runRound(e)
+	now = now.Add(6 * time.Minute) // 9 min after the first take, 6 after the second
+	runRound(e)
+	if len(adds()) != 0 {
+		t.Fatalf("a copy added %v before the delay since ownership came back", adds())
+	}
+	now = now.Add(3 * time.Minute)
+	runRound(e) // the count is recorded first (replicas was not set) ...
+	runRound(e) // ... then the copy is added
+	if got := adds(); !slices.Equal(got, []string{"n3"}) {
+		t.Fatalf("adds %v after the delay, want [n3]; last plan %+v", got, e.LastPlan("vm1"))
 	}
 }
