@@ -185,7 +185,7 @@ func StatusOf(err error) int {
 	switch {
 	case errors.Is(err, meta.ErrInvalid):
 		return http.StatusBadRequest
-	case errors.Is(err, meta.ErrImageNotFound), errors.Is(err, meta.ErrNodeNotFound), errors.Is(err, meta.ErrExportNotFound):
+	case errors.Is(err, meta.ErrImageNotFound), errors.Is(err, meta.ErrNodeNotFound), errors.Is(err, meta.ErrExportNotFound), errors.Is(err, meta.ErrGroupNotFound):
 		return http.StatusNotFound
 	case errors.Is(err, meta.ErrImageExists), errors.Is(err, meta.ErrConflict), errors.Is(err, meta.ErrLastCopy), errors.Is(err, meta.ErrRefused):
 		return http.StatusConflict

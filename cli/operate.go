@@ -26,7 +26,7 @@ func (a *app) nodeOpCmds() []*cobra.Command {
 				return fmt.Errorf("node cordon %s: %w", args[0], err)
 			}
 			fmt.Fprintf(a.out, "%s cordoned: no new copy or owner goes there\n", args[0])
-			if n := a.printOwners(op, "moved to", "not moved"); n > 0 {
+			if n := printOwners(a.out, op, "moved to", "not moved"); n > 0 {
 				return fmt.Errorf("node cordon %s: %d owners not moved (the node is cordoned)", args[0], n)
 			}
 			return nil
@@ -43,7 +43,7 @@ func (a *app) nodeOpCmds() []*cobra.Command {
 				return fmt.Errorf("node uncordon %s: %w", args[0], err)
 			}
 			fmt.Fprintf(a.out, "%s uncordoned\n", args[0])
-			if n := a.printOwners(op, "back on", "not handed back"); n > 0 {
+			if n := printOwners(a.out, op, "back on", "not handed back"); n > 0 {
 				return fmt.Errorf("node uncordon %s: %d owners not handed back", args[0], n)
 			}
 			return nil
@@ -82,13 +82,29 @@ them back).`,
 			if err != nil {
 				return fmt.Errorf("node drain %s: %w", args[0], err)
 			}
-			if output == "json" && !wait {
-				return printJSON(a.out, op)
-			}
-			fmt.Fprintf(a.out, "%s draining: %d %s to move\n", args[0], op.Total-op.Done, plural(op.Total-op.Done, "image", "images"))
-			a.printOwners(op, "moved to", "not moved")
-			if !wait {
+			ownerErr := func() error {
+				if len(op.OwnerErrors) > 0 {
+					return fmt.Errorf("node drain %s: %d owners not moved (the drain goes on)", args[0], len(op.OwnerErrors))
+				}
 				return nil
+			}
+			if output == "json" && !wait {
+				if err := printJSON(a.out, op); err != nil {
+					return err
+				}
+				return ownerErr()
+			}
+			// With -o json the progress goes to stderr, the final state to
+			// stdout.
+			progress := a.out
+			if output == "json" {
+				progress = cmd.ErrOrStderr()
+			}
+			fmt.Fprintf(progress, "%s draining: %d %s to move\n", args[0], op.Total-op.Done, plural(op.Total-op.Done, "image", "images"))
+			printOwners(progress, op, "moved to", "not moved")
+			started := op
+			if !wait {
+				return ownerErr()
 			}
 			ctx := cmd.Context()
 			if timeout > 0 {
@@ -96,13 +112,18 @@ them back).`,
 				ctx, cancel = context.WithTimeout(ctx, timeout)
 				defer cancel()
 			}
-			op, err = a.waitDrain(ctx, args[0], every)
+			op, err = a.waitDrain(ctx, progress, args[0], every)
 			if output == "json" {
+				op.Moved, op.OwnerErrors = started.Moved, started.OwnerErrors
 				if perr := printJSON(a.out, op); perr != nil {
 					return perr
 				}
 			}
-			return err
+			if err != nil {
+				return err
+			}
+			op = started
+			return ownerErr()
 		},
 	}
 	f := drain.Flags()
@@ -117,7 +138,7 @@ them back).`,
 
 // waitDrain follows a drain until node holds no copy, printing a line
 // whenever the progress changes.
-func (a *app) waitDrain(ctx context.Context, node string, every time.Duration) (api.NodeOperation, error) {
+func (a *app) waitDrain(ctx context.Context, w io.Writer, node string, every time.Duration) (api.NodeOperation, error) {
 	var last string
 	// The rate is the bytes done since the most bytes were left, over
 	// the time since: the bytes left fall in steps (the block maps in the
@@ -145,16 +166,16 @@ func (a *app) waitDrain(ctx context.Context, node string, every time.Duration) (
 		}
 		line := drainLine(op, rate)
 		if line != last {
-			fmt.Fprintln(a.out, line)
+			fmt.Fprintln(w, line)
 			last = line
 		}
 		if op.Done >= op.Total && len(op.Images) == 0 {
-			fmt.Fprintf(a.out, "%s drained: it holds no copy\n", node)
+			fmt.Fprintf(w, "%s drained: it holds no copy\n", node)
 			return op, nil
 		}
 		select {
 		case <-ctx.Done():
-			printDrainImages(a.out, op)
+			printDrainImages(w, op)
 			return op, fmt.Errorf("node drain %s: still %d %s to move: %w", node, len(op.Images), plural(len(op.Images), "image", "images"), ctx.Err())
 		case <-t.C:
 		}
@@ -163,12 +184,12 @@ func (a *app) waitDrain(ctx context.Context, node string, every time.Duration) (
 
 // printOwners prints the owners an operation moved ("  vm1: owner moved
 // to n2") and those it could not; it returns how many it could not.
-func (a *app) printOwners(op api.NodeOperation, moved, failed string) int {
+func printOwners(w io.Writer, op api.NodeOperation, moved, failed string) int {
 	for _, img := range sortedKeys(op.Moved) {
-		fmt.Fprintf(a.out, "  %s: owner %s %s\n", img, moved, op.Moved[img])
+		fmt.Fprintf(w, "  %s: owner %s %s\n", img, moved, op.Moved[img])
 	}
 	for _, e := range op.OwnerErrors {
-		fmt.Fprintf(a.out, "  owner %s: %s\n", failed, e)
+		fmt.Fprintf(w, "  owner %s: %s\n", failed, e)
 	}
 	return len(op.OwnerErrors)
 }

@@ -153,10 +153,11 @@ func TestDrainNode(t *testing.T) {
 	if st := nodeStates(t, n3); st["n1"] != "alive" {
 		t.Fatalf("after uncordon: %v", st)
 	}
-	qemuIO(t, n1.url("d0"), "read -P 0x40 0 24M")
-	if m := n3.imageJSON("d0", false); m["owner"] != "n1" && m["owner"] != "" || m["attached"] != nil && m["attached"] != "" {
-		t.Fatalf("d0 after uncordon: owner %v attached %v", m["owner"], m["attached"])
+	// d0 was attached to n1 before the drain: it is again, and n1 owns it.
+	if m := n3.imageJSON("d0", false); m["owner"] != "n1" || m["attached"] != "n1" {
+		t.Fatalf("d0 after uncordon: owner %v attached %v, want n1 and n1", m["owner"], m["attached"])
 	}
+	qemuIO(t, n1.url("d0"), "read -P 0x40 0 24M")
 }
 
 // nodeStates is `node list`'s STATE column by node.

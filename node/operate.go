@@ -123,7 +123,7 @@ func (n *Node) group(ctx context.Context, name string) (api.Group, error) {
 			return g, nil
 		}
 	}
-	return api.Group{}, fmt.Errorf("%w: no group %s", meta.ErrNotFound, name)
+	return api.Group{}, fmt.Errorf("%w: no group %s", meta.ErrGroupNotFound, name)
 }
 
 // DeleteGroup implements api.Service: refused while images are in it.

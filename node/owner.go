@@ -129,7 +129,7 @@ func (n *Node) acquire(ctx context.Context, s *served.Image) error {
 	}
 	if act == ownership.Acquire || act == ownership.Take {
 		if err := n.strictRefuses(ctx, rec); err != nil {
-			if act == ownership.Take {
+			if act == ownership.Take && errors.Is(err, errStrict) {
 				// Held by this node's session (the policy became strict
 				// meanwhile): let a node with a copy have it.
 				if rerr := n.cat.ReleaseOwnership(context.WithoutCancel(ctx), rec.ID, self, in.Session); rerr != nil {
@@ -780,12 +780,16 @@ func (n *Node) strictRefuses(ctx context.Context, img meta.Image) error {
 		if bm.Count(placement.InSync) == bm.Len() {
 			return nil
 		}
-		return fmt.Errorf("locality strict: %s's copy of %s has %d blocks not in sync; it is served only by a node with an in-sync copy (override: ukai image set %s --allow-remote %s)",
-			self, img.Name, bm.Len()-bm.Count(placement.InSync), img.Name, self)
+		return fmt.Errorf("%w: %s's copy of %s has %d blocks not in sync; it is served only by a node with an in-sync copy (override: ukai image set %s --allow-remote %s)",
+			errStrict, self, img.Name, bm.Len()-bm.Count(placement.InSync), img.Name, self)
 	}
-	return fmt.Errorf("locality strict: %s has no copy of %s; it is served only by a node with an in-sync copy (override: ukai image set %s --allow-remote %s)",
-		self, img.Name, img.Name, self)
+	return fmt.Errorf("%w: %s has no copy of %s; it is served only by a node with an in-sync copy (override: ukai image set %s --allow-remote %s)",
+		errStrict, self, img.Name, img.Name, self)
 }
+
+// errStrict is a takeover strict locality refuses (not a failure to read
+// what it needs: that one is retried, and a lock held stays held).
+var errStrict = errors.New("locality strict")
 
 // onlyLocalCopy says whether node holds the image's only copy.
 func onlyLocalCopy(img meta.Image, node string) bool {

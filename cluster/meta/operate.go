@@ -32,6 +32,10 @@ type NodeState struct {
 	// --move-owners handed to other nodes (image: node), for uncordon to
 	// hand back.
 	Moved map[string]string `json:"moved,omitempty"`
+	// WasAttached are those of Moved that were attached to the node
+	// before (an orchestrator's pin): uncordon attaches them back and
+	// leaves them so.
+	WasAttached []string `json:"was_attached,omitempty"`
 }
 
 // Drain is a drain in progress.
@@ -50,6 +54,9 @@ type Drain struct {
 // ErrRefused is an operator's request that cannot be done as asked (a
 // node cordoned twice, a drain that cannot finish); nothing was changed.
 var ErrRefused = errors.New("refused")
+
+// ErrGroupNotFound: no group of that name.
+var ErrGroupNotFound = errors.New("group not found")
 
 type nodeStateRecord struct {
 	Version int `json:"version"`
@@ -102,7 +109,9 @@ func decodeNodeState(e Entry) (NodeState, error) {
 
 // UpdateNodeState applies fn to a node's state with check-and-set; a
 // state left with nothing set is deleted. fn's error is returned as is
-// and nothing is written.
+// and nothing is written. A stored state that cannot be read reaches fn
+// as cordoned (as NodeStates reads it), so that the operator can fix it
+// with a cordon or an uncordon instead of editing the store.
 func (c *Catalog) UpdateNodeState(ctx context.Context, node string, fn func(*NodeState) error) (NodeState, error) {
 	key := c.nodeStateKey(node)
 	for range maxCASRetries {
@@ -115,7 +124,7 @@ func (c *Catalog) UpdateNodeState(ctx context.Context, node string, fn func(*Nod
 			return st, fmt.Errorf("read the state of node %s: %w", node, err)
 		default:
 			if st, err = decodeNodeState(e); err != nil {
-				return st, err
+				st = NodeState{Cordoned: true}
 			}
 			idx = e.ModifyIndex
 		}
@@ -191,7 +200,7 @@ func (c *Catalog) SetGroupRule(ctx context.Context, name string, g *placement.Gr
 	}
 	e, err := c.kv.Get(ctx, key)
 	if errors.Is(err, ErrNotFound) {
-		return fmt.Errorf("%w: group %s", ErrNotFound, name)
+		return fmt.Errorf("%w: no group %s", ErrGroupNotFound, name)
 	}
 	if err != nil {
 		return fmt.Errorf("group %s: %w", name, err)

@@ -50,8 +50,18 @@ func TestNodeStates(t *testing.T) {
 	if err != nil || len(bad) != 1 || !strings.Contains(bad[0].Error(), "unknown node state version 9") || !st["n3"].Cordoned {
 		t.Fatalf("malformed: %+v %v %v", st, bad, err)
 	}
-	if _, err := c.UpdateNodeState(ctx, "n3", func(s *meta.NodeState) error { return nil }); err == nil {
-		t.Fatal("a malformed state was updated")
+	// ... and an uncordon replaces it.
+	if _, err := c.UpdateNodeState(ctx, "n3", func(s *meta.NodeState) error {
+		if !s.Cordoned {
+			t.Error("a malformed state reached fn as not cordoned")
+		}
+		*s = meta.NodeState{}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if st, bad, err := c.NodeStates(ctx); err != nil || len(bad) != 0 || st["n3"].Cordoned {
+		t.Fatalf("after uncordoning the malformed state: %+v %v %v", st, bad, err)
 	}
 }
 
@@ -98,7 +108,7 @@ func TestGroups(t *testing.T) {
 	if err := c.SetGroupRule(ctx, "db", nil); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.SetGroupRule(ctx, "db", nil); !errors.Is(err, meta.ErrNotFound) {
+	if err := c.SetGroupRule(ctx, "db", nil); !errors.Is(err, meta.ErrGroupNotFound) {
 		t.Fatalf("second delete: %v", err)
 	}
 }

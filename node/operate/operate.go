@@ -76,10 +76,12 @@ func (o *Operator) Cordon(ctx context.Context, node string, moveOwners bool) (ap
 		return api.NodeOperation{}, err
 	}
 	st, err := o.cfg.Catalog.UpdateNodeState(ctx, node, func(s *meta.NodeState) error {
-		if s.Drain != nil {
+		switch {
+		case moveOwners && (s.Cordoned || s.Drain != nil):
+			return nil // cordoned already: only the owners move
+		case s.Drain != nil:
 			return fmt.Errorf("%w: %s is draining (so already cordoned)", meta.ErrRefused, node)
-		}
-		if s.Cordoned {
+		case s.Cordoned:
 			return fmt.Errorf("%w: %s is already cordoned", meta.ErrRefused, node)
 		}
 		s.Cordoned = true
@@ -98,7 +100,7 @@ func (o *Operator) Cordon(ctx context.Context, node string, moveOwners bool) (ap
 
 // moveAndRecord moves node's owners away and records where they went.
 func (o *Operator) moveAndRecord(ctx context.Context, node string) (map[string]string, []string) {
-	moved, errs := o.moveOwners(ctx, node)
+	moved, pinned, errs := o.moveOwners(ctx, node)
 	if len(moved) == 0 {
 		return moved, errs
 	}
@@ -111,6 +113,11 @@ func (o *Operator) moveAndRecord(ctx context.Context, node string) (map[string]s
 		}
 		for k, v := range moved {
 			s.Moved[k] = v
+		}
+		for _, p := range pinned {
+			if !slices.Contains(s.WasAttached, p) {
+				s.WasAttached = append(s.WasAttached, p)
+			}
 		}
 		return nil
 	}); err != nil {
@@ -128,11 +135,12 @@ func (o *Operator) Uncordon(ctx context.Context, node string) (api.NodeOperation
 	}
 	var drain *meta.Drain
 	var moved map[string]string
+	var pinned []string
 	st, err := o.cfg.Catalog.UpdateNodeState(ctx, node, func(s *meta.NodeState) error {
 		if !s.Cordoned && s.Drain == nil {
 			return fmt.Errorf("%w: %s is not cordoned", meta.ErrRefused, node)
 		}
-		drain, moved = s.Drain, s.Moved
+		drain, moved, pinned = s.Drain, s.Moved, s.WasAttached
 		*s = meta.NodeState{}
 		return nil
 	})
@@ -157,9 +165,13 @@ func (o *Operator) Uncordon(ctx context.Context, node string) (api.NodeOperation
 			out.OwnerErrors = append(out.OwnerErrors, fmt.Sprintf("%s: hand back to %s: %v", name, node, err))
 			continue
 		}
-		if err := o.cfg.Detach(ctx, name); err != nil {
-			out.OwnerErrors = append(out.OwnerErrors, fmt.Sprintf("%s: detach: %v", name, err))
-			continue
+		if !slices.Contains(pinned, name) {
+			// It was not attached here before: ownership follows the
+			// sessions again.
+			if err := o.cfg.Detach(ctx, name); err != nil {
+				out.OwnerErrors = append(out.OwnerErrors, fmt.Sprintf("%s: detach: %v", name, err))
+				continue
+			}
 		}
 		if out.Moved == nil {
 			out.Moved = map[string]string{}
@@ -231,8 +243,13 @@ func (o *Operator) Drain(ctx context.Context, node string, req api.DrainRequest)
 		_, ownerErrs = o.moveAndRecord(ctx, node)
 	}
 	st, err := o.Status(ctx, node)
+	if err != nil {
+		// The drain runs: say so, not that it failed.
+		o.cfg.Log.Warn("drain started; its progress cannot be read now", "node", node, "err", err)
+		st = api.NodeOperation{Node: node, Cordoned: true, Draining: true, Started: d.Started, Now: d.Now, Total: len(d.Images)}
+	}
 	st.OwnerErrors = append(st.OwnerErrors, ownerErrs...)
-	return st, err
+	return st, nil
 }
 
 // imagesOn lists the images with a copy on node.
@@ -305,23 +322,26 @@ func (o *Operator) wouldRefuse(ctx context.Context, rec meta.Image, node string,
 
 // moveOwners attaches every image node owns to another node: a location
 // that may take copies if there is one, else any node that may.
-func (o *Operator) moveOwners(ctx context.Context, node string) (map[string]string, []string) {
+func (o *Operator) moveOwners(ctx context.Context, node string) (moved map[string]string, pinned, errs []string) {
 	all, _, _, err := o.cfg.Catalog.ListImages(ctx)
 	if err != nil {
-		return nil, []string{fmt.Sprintf("list images: %v", err)}
+		return nil, nil, []string{fmt.Sprintf("list images: %v", err)}
 	}
-	moved := map[string]string{}
-	var errs []string
+	moved = map[string]string{}
+	var nodes []placement.NodeInfo // the membership with cordons, read once
 	for _, rec := range all {
 		if rec.Owner != node || rec.IsSnapshot() {
 			continue
 		}
-		st, err := o.cfg.Plans.State(ctx, record{rec})
-		if err != nil {
-			errs = append(errs, fmt.Sprintf("%s: %v", rec.Name, err))
-			continue
+		if nodes == nil {
+			st, err := o.cfg.Plans.State(ctx, record{rec})
+			if err != nil {
+				errs = append(errs, fmt.Sprintf("%s: %v", rec.Name, err))
+				continue
+			}
+			nodes = st.Nodes
 		}
-		target := ownerTarget(rec, node, st.Nodes)
+		target := ownerTarget(rec, node, nodes)
 		if target == "" {
 			errs = append(errs, fmt.Sprintf("%s: no other alive node that is not cordoned", rec.Name))
 			continue
@@ -331,9 +351,12 @@ func (o *Operator) moveOwners(ctx context.Context, node string) (map[string]stri
 			continue
 		}
 		moved[rec.Name] = target
-		o.cfg.Log.Info("drain: owner moved", "image", rec.Name, "from", node, "to", target)
+		if rec.Attached == node {
+			pinned = append(pinned, rec.Name)
+		}
+		o.cfg.Log.Info("owner moved", "image", rec.Name, "from", node, "to", target)
 	}
-	return moved, errs
+	return moved, pinned, errs
 }
 
 // ownerTarget picks the node an image owned by node moves to: its first

@@ -251,12 +251,12 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
         try:
             # The replica count is always recorded: the planner keeps it,
             # and a relocation (follow the VM) drops a copy to meet it.
-            self._call(self.client.set_policy, volume.name, replicas=specs['replicas'],
-                       locality='best-effort' if specs['follow_vm'] else 'off')
+            self._call(self.client.set_policy, volume.name, replicas=specs['replicas'])
             if specs.get('sync_window') or specs.get('max_rate') or specs.get('sync_tz'):
                 self._call(self.client.set_sync_policy, volume.name,
                            windows=specs.get('sync_window'),
                            max_rate=specs.get('max_rate'), tz=specs.get('sync_tz'))
+            self._set_locality(volume.name, specs['follow_vm'])
         except Exception:
             LOG.error('Could not set the ukai policy of %s: deleting it',
                       volume.name)
@@ -355,6 +355,15 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
                 return n, False
         return nodes[0], False
 
+    def _set_locality(self, name, follow):
+        """Follow the VM (or not) through the image's locality policy. Not
+        fatal: a ukai node older than the policy refuses the field (during
+        a rolling upgrade), and the volume works without it."""
+        try:
+            self.client.set_policy(name, locality='best-effort' if follow else 'off')
+        except ukai_client.UkaiError as e:
+            LOG.warning('Could not set the locality of %(v)s: %(e)s', {'v': name, 'e': e})
+
     def initialize_connection(self, volume, connector):
         initiator = (connector or {}).get('initiator')
         if not initiator:
@@ -370,11 +379,7 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
             # serves from the others, and the locality policy (follow the
             # VM, set at create and here for older volumes) brings a copy.
             if specs['follow_vm'] and node['name'] not in locations:
-                try:
-                    self.client.set_policy(volume.name, locality='best-effort')
-                except ukai_client.UkaiError as e:
-                    LOG.warning('Could not set the locality of %(v)s: %(e)s',
-                                {'v': volume.name, 'e': e})
+                self._set_locality(volume.name, True)
             try:
                 self.client.attach(volume.name, node['name'])
             except ukai_client.UkaiError as e:
@@ -415,6 +420,12 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
                     return
                 raise exception.VolumeBackendAPIException(data=str(e))
             initiators = [e['initiator'] for e in img.get('exports') or []]
+            if img.get('attached'):
+                try:
+                    self.client.detach(volume.name)
+                except ukai_client.UkaiError as e:
+                    if e.status != 404:
+                        raise exception.VolumeBackendAPIException(data=str(e))
         else:
             initiators = [connector['initiator']]
             # The VM left this host: the image stays attached only to a

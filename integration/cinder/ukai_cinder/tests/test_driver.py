@@ -66,7 +66,8 @@ class UkaiDriverTestCase(test.TestCase):
         self.client.create_image.assert_called_once_with(
             self.volume.name, 2 * units.Gi, locations=['n1', 'n2'], min_copies=2,
             block_size=None, source=None, timeout=mock.ANY)
-        self.client.set_policy.assert_called_once_with(self.volume.name, replicas=3, locality='best-effort')
+        self.assertEqual([mock.call(self.volume.name, replicas=3), mock.call(self.volume.name, locality='best-effort')],
+                         self.client.set_policy.call_args_list)
         self.client.set_sync_policy.assert_called_once_with(
             self.volume.name, windows=['22:00-06:00'], max_rate='50MiB/s', tz=None)
 
@@ -75,12 +76,18 @@ class UkaiDriverTestCase(test.TestCase):
         self.client.create_image.assert_called_once_with(
             self.volume.name, 2 * units.Gi, locations=None, min_copies=1,
             block_size=None, source=None, timeout=mock.ANY)
-        self.client.set_policy.assert_called_once_with(self.volume.name, replicas=2, locality='best-effort')
+        self.assertEqual([mock.call(self.volume.name, replicas=2), mock.call(self.volume.name, locality='best-effort')],
+                         self.client.set_policy.call_args_list)
         self.client.set_sync_policy.assert_not_called()
         self.client.set_policy.reset_mock()
         self.specs = {'ukai:follow_vm': 'false'}
         self.driver.create_volume(self.volume)
-        self.client.set_policy.assert_called_once_with(self.volume.name, replicas=2, locality='off')
+        self.client.set_policy.assert_called_with(self.volume.name, locality='off')
+        # A node older than the locality policy refuses it: the volume is kept.
+        self.client.set_policy.side_effect = [None, ukai_client.UkaiError(400, 'unknown field "locality"')]
+        self.client.delete_image.reset_mock()
+        self.driver.create_volume(self.volume)
+        self.client.delete_image.assert_not_called()
 
     def test_bad_extra_specs_create_nothing(self):
         for specs in ({'ukai:replicas': 'two'}, {'ukai:replicas': '0'}, {'ukai:nonsense': '1'},
@@ -275,10 +282,11 @@ class UkaiDriverTestCase(test.TestCase):
         self.driver.terminate_connection(self.volume, {'initiator': 'iqn.hv1'})
         self.client.unexport.assert_called_once_with(self.volume.name, 'iqn.hv1')
         self.client.unexport.reset_mock()
-        self.client.image.return_value = {'exports': [{'initiator': 'a'}, {'initiator': 'b'}]}
+        self.client.image.return_value = {'exports': [{'initiator': 'a'}, {'initiator': 'b'}], 'attached': 'n2'}
         self.driver.terminate_connection(self.volume, None, force=True)
         self.assertEqual([mock.call(self.volume.name, 'a'), mock.call(self.volume.name, 'b')],
                          self.client.unexport.call_args_list)
+        self.client.detach.assert_called_once_with(self.volume.name)  # force: nobody keeps it
         self.client.unexport.side_effect = ukai_client.UkaiError(404, 'no export')
         self.driver.terminate_connection(self.volume, {'initiator': 'iqn.hv1'})
 
