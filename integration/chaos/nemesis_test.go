@@ -56,7 +56,7 @@ func (tl *timeline) list() []event {
 var faults = []string{"kill", "pause", "partition-peer", "partition-consul", "consul-restart", "slow-peer", "reset-peer"}
 
 // operatorActions are what an operator does in the middle of it.
-var operatorActions = []string{"relocate", "replicas", "location-add", "location-remove", "snapshot", "attach", "detach", "resize"}
+var operatorActions = []string{"relocate", "replicas", "location-add", "location-remove", "snapshot", "attach", "detach", "resize", "cordon", "drain"}
 
 type nemesis struct {
 	c        *cluster
@@ -151,11 +151,19 @@ type operator struct {
 	gap    time.Duration
 	snaps  map[string][]string
 	grown  map[string]int
-	logf   func(format string, args ...any)
+	// cordoned is the node a cordon or drain of the run left cordoned
+	// (one at a time; the next cordon or drain action uncordons it).
+	cordoned string
+	logf     func(format string, args ...any)
 }
 
 func (op *operator) run(ctx context.Context) {
 	op.snaps, op.grown = map[string][]string{}, map[string]int{}
+	defer func() {
+		if op.cordoned != "" { // the run ends with every node in service
+			op.do("uncordon", op.cordoned, []string{"node", "uncordon", op.cordoned})
+		}
+	}()
 	for i := 0; ctx.Err() == nil; i++ {
 		sleep(ctx, op.gap/2+time.Duration(op.rng.Int64N(int64(op.gap))))
 		if ctx.Err() != nil {
@@ -192,19 +200,43 @@ func (op *operator) run(ctx context.Context) {
 		case "resize":
 			op.grown[img.name]++
 			args = []string{"image", "resize", img.name, fmt.Sprintf("%dK", 2048+64*op.grown[img.name])}
+		case "cordon", "drain":
+			// A node's owners move away (and its copies, for a drain,
+			// ignoring windows) while the faults go on; the next such
+			// action ends it.
+			target := other
+			switch {
+			case op.cordoned != "":
+				target, kind = op.cordoned, "uncordon"
+				args = []string{"node", "uncordon", target}
+				op.cordoned = ""
+			case kind == "cordon":
+				args = []string{"node", "cordon", target, "--move-owners"}
+				op.cordoned = target
+			default:
+				args = []string{"node", "drain", target, "--now", "--move-owners"}
+				op.cordoned = target
+			}
+			op.do(kind, target, args)
+			continue
 		}
-		via := op.running()
-		e := event{At: op.h.since(time.Now()), Kind: kind, Target: img.name, Detail: strings.Join(args, " ") + " via " + via.name}
-		// Bounded by its own timeout, not by ctx: an action cut off at the
-		// end of the run would leave the timeline saying less than the
-		// cluster saw.
-		if _, err := via.cli(context.Background(), args...); err != nil {
-			e.Detail += " error: " + firstLine(err.Error())
-		}
-		e.End = op.h.since(time.Now())
-		op.tl.add(e)
-		op.logf("operator: %s", e)
+		op.do(kind, img.name, args)
 	}
+}
+
+// do runs one operator action through a running node and records it.
+func (op *operator) do(kind, target string, args []string) {
+	via := op.running()
+	e := event{At: op.h.since(time.Now()), Kind: kind, Target: target, Detail: strings.Join(args, " ") + " via " + via.name}
+	// Bounded by its own timeout, not by ctx: an action cut off at the
+	// end of the run would leave the timeline saying less than the
+	// cluster saw.
+	if _, err := via.cli(context.Background(), args...); err != nil {
+		e.Detail += " error: " + firstLine(err.Error())
+	}
+	e.End = op.h.since(time.Now())
+	op.tl.add(e)
+	op.logf("operator: %s", e)
 }
 
 // running returns a random node that is running now (any node if none).
