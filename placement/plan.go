@@ -47,8 +47,11 @@ import (
 //	           longer than ReplaceAfter, is leaving: it does not count as
 //	           present (so replicas-up adds its replacement) and it is
 //	           removed once every present alive copy is fully in sync and
-//	           safe-remove allows. A drained copy is replaced while fewer
-//	           present copies than wanted are on live nodes. Under exact
+//	           safe-remove allows; a leaving copy on a live node (drained,
+//	           misplaced) only once as many present copies as wanted are
+//	           live and fully in sync without it. A drained copy is
+//	           replaced while fewer present copies than wanted are on live
+//	           nodes. Under exact
 //	           Locations a draining node is a Refuse naming it.
 //	misplaced  a present copy on a live node breaking a label requirement
 //	           (SpreadBy: sharing a value with a copy more in sync, or
@@ -63,8 +66,9 @@ import (
 //	           the image without a copy for LocalityDelay, gets a copy when
 //	           present copies are as many as wanted (replicas-up picks it
 //	           first anyway); replicas-down then never removes the owner's
-//	           copy. Not while a label rule is broken, nor onto a value the
-//	           group's anti-affinity forbids: a Wait says why.
+//	           copy. Not while a label rule is broken, nor onto a node that
+//	           lacks the SpreadBy label or has a value the group's
+//	           anti-affinity forbids: a Wait says why.
 //	               Replicas-down runs only when nothing is added or leaving.
 //	choose     new copies go to alive nodes that are not locations, neither
 //	           Cordoned nor Draining, with a SpreadBy value no present copy
