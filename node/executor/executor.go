@@ -103,6 +103,7 @@ type Executor struct {
 	mu     sync.Mutex
 	images map[string]*imageState // by image id
 	plans  map[string][]placement.Action
+	groups map[string]groupView // by group name
 }
 
 // imageState is the executor's state of one image (guarded by mu).
@@ -284,6 +285,11 @@ func (e *Executor) forget(images []Image) {
 			delete(e.plans, name)
 		}
 	}
+	for g, v := range e.groups {
+		if time.Since(v.at) >= groupTTL {
+			delete(e.groups, g)
+		}
+	}
 }
 
 // ShouldAct says whether node self plans and executes an image now: it
@@ -454,19 +460,55 @@ func (e *Executor) State(ctx context.Context, img Image) (placement.State, error
 		return st, err
 	}
 	if pol.Group != "" {
-		groups, bad, err := cat.GroupRules(ctx)
-		if err != nil {
-			return st, err
-		}
-		for _, b := range bad {
-			e.cfg.Log.Warn("ignoring an unreadable group rule", "err", b)
-		}
-		st.Groups = groups
-		if st.GroupImages, err = cat.GroupImages(ctx, pol.Group); err != nil {
+		if st.Groups, st.GroupImages, err = e.group(ctx, pol.Group); err != nil {
 			return st, err
 		}
 	}
 	return st, nil
+}
+
+// groupTTL: a group's rules and members, read for one grouped image's
+// plan, serve the plans of its other images for this long. Reading them
+// lists every image policy, so without it a change that replans a group
+// of n images read n times what one read gives; a plan working from a
+// view this old places a copy at worst where the next plan moves it
+// from (anti-affinity repairs it).
+const groupTTL = 2 * time.Second
+
+type groupView struct {
+	at     time.Time
+	rules  map[string]placement.GroupRule
+	images map[string][]placement.GroupImage
+}
+
+// group returns the group rules and the images of group g, read at most
+// once per groupTTL.
+func (e *Executor) group(ctx context.Context, g string) (map[string]placement.GroupRule, map[string][]placement.GroupImage, error) {
+	e.mu.Lock()
+	v, ok := e.groups[g]
+	e.mu.Unlock()
+	if ok && time.Since(v.at) < groupTTL {
+		return v.rules, v.images, nil
+	}
+	cat := e.cfg.Catalog
+	rules, bad, err := cat.GroupRules(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, b := range bad {
+		e.cfg.Log.Warn("ignoring an unreadable group rule", "err", b)
+	}
+	images, err := cat.GroupImages(ctx, g)
+	if err != nil {
+		return nil, nil, err
+	}
+	e.mu.Lock()
+	if e.groups == nil {
+		e.groups = map[string]groupView{}
+	}
+	e.groups[g] = groupView{at: time.Now(), rules: rules, images: images}
+	e.mu.Unlock()
+	return rules, images, nil
 }
 
 // nodes is the membership with the operator's cordons and drains.
