@@ -160,8 +160,14 @@ type operator struct {
 func (op *operator) run(ctx context.Context) {
 	op.snaps, op.grown = map[string][]string{}, map[string]int{}
 	defer func() {
-		if op.cordoned != "" { // the run ends with every node in service
-			op.do("uncordon", op.cordoned, []string{"node", "uncordon", op.cordoned})
+		// The run ends with every node in service (the faults are over:
+		// an uncordon that fails now is retried a few times).
+		for try := 0; op.cordoned != "" && try < 5; try++ {
+			if op.uncordon(op.cordoned) {
+				op.cordoned = ""
+			} else {
+				time.Sleep(2 * time.Second)
+			}
 		}
 	}()
 	for i := 0; ctx.Err() == nil; i++ {
@@ -209,7 +215,10 @@ func (op *operator) run(ctx context.Context) {
 			case op.cordoned != "":
 				target, kind = op.cordoned, "uncordon"
 				args = []string{"node", "uncordon", target}
-				op.cordoned = ""
+				if op.uncordon(target) {
+					op.cordoned = "" // else the next one tries again
+				}
+				continue
 			case kind == "cordon":
 				args = []string{"node", "cordon", target, "--move-owners"}
 				op.cordoned = target
@@ -224,19 +233,28 @@ func (op *operator) run(ctx context.Context) {
 	}
 }
 
+// uncordon uncordons node; done says it is not cordoned any more (also
+// when an earlier attempt did it and its answer was lost).
+func (op *operator) uncordon(node string) (done bool) {
+	err := op.do("uncordon", node, []string{"node", "uncordon", node})
+	return err == nil || strings.Contains(err.Error(), "is not cordoned")
+}
+
 // do runs one operator action through a running node and records it.
-func (op *operator) do(kind, target string, args []string) {
+func (op *operator) do(kind, target string, args []string) error {
 	via := op.running()
 	e := event{At: op.h.since(time.Now()), Kind: kind, Target: target, Detail: strings.Join(args, " ") + " via " + via.name}
 	// Bounded by its own timeout, not by ctx: an action cut off at the
 	// end of the run would leave the timeline saying less than the
 	// cluster saw.
-	if _, err := via.cli(context.Background(), args...); err != nil {
+	_, err := via.cli(context.Background(), args...)
+	if err != nil {
 		e.Detail += " error: " + firstLine(err.Error())
 	}
 	e.End = op.h.since(time.Now())
 	op.tl.add(e)
 	op.logf("operator: %s", e)
+	return err
 }
 
 // running returns a random node that is running now (any node if none).
