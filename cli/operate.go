@@ -113,7 +113,7 @@ them back).`,
 				defer cancel()
 			}
 			op, err = a.waitDrain(ctx, progress, args[0], every)
-			if output == "json" {
+			if output == "json" && op.Node != "" {
 				op.Moved, op.OwnerErrors = started.Moved, started.OwnerErrors
 				if perr := printJSON(a.out, op); perr != nil {
 					return perr

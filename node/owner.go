@@ -774,6 +774,11 @@ func (n *Node) strictRefuses(ctx context.Context, img meta.Image) error {
 	}
 	if slices.Contains(img.Locations, self) {
 		bm, err := n.cat.BlockMap(ctx, img, self)
+		if errors.As(err, &malformed) {
+			// Not a copy to serve from: refused like one out of sync (a
+			// lock held is let go, so that a node with a copy can serve).
+			return fmt.Errorf("%w: %s's block map of %s cannot be read: %v", errStrict, self, img.Name, err)
+		}
 		if err != nil {
 			return fmt.Errorf("read %s's block map on %s: %w", img.Name, self, err)
 		}

@@ -32,6 +32,11 @@ type NodeState struct {
 	// --move-owners handed to other nodes (image: node), for uncordon to
 	// hand back.
 	Moved map[string]string `json:"moved,omitempty"`
+	// Unreadable (not stored) marks a stored state UpdateNodeState could
+	// not read (malformed, or a newer version): it reaches fn as
+	// cordoned, and only a change that clears it all (uncordon) should
+	// replace it.
+	Unreadable bool `json:"-"`
 	// WasAttached are those of Moved that were attached to the node
 	// before (an orchestrator's pin): uncordon attaches them back and
 	// leaves them so.
@@ -124,7 +129,7 @@ func (c *Catalog) UpdateNodeState(ctx context.Context, node string, fn func(*Nod
 			return st, fmt.Errorf("read the state of node %s: %w", node, err)
 		default:
 			if st, err = decodeNodeState(e); err != nil {
-				st = NodeState{Cordoned: true}
+				st = NodeState{Cordoned: true, Unreadable: true}
 			}
 			idx = e.ModifyIndex
 		}

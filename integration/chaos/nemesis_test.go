@@ -160,8 +160,8 @@ type operator struct {
 func (op *operator) run(ctx context.Context) {
 	op.snaps, op.grown = map[string][]string{}, map[string]int{}
 	defer func() {
-		// The run ends with every node in service (the faults are over:
-		// an uncordon that fails now is retried a few times).
+		// The run ends with every node in service (the last fault may
+		// still be on: an uncordon that fails is retried a few times).
 		for try := 0; op.cordoned != "" && try < 5; try++ {
 			if op.uncordon(op.cordoned) {
 				op.cordoned = ""

@@ -477,6 +477,7 @@ const groupTTL = 2 * time.Second
 
 type groupView struct {
 	at     time.Time
+	policy uint64 // the policy epoch it was read at: a change is a miss
 	rules  map[string]placement.GroupRule
 	images map[string][]placement.GroupImage
 }
@@ -484,10 +485,11 @@ type groupView struct {
 // group returns the group rules and the images of group g, read at most
 // once per groupTTL.
 func (e *Executor) group(ctx context.Context, g string) (map[string]placement.GroupRule, map[string][]placement.GroupImage, error) {
+	epoch := e.policy.Load() // before the read: a change during it is a miss next time
 	e.mu.Lock()
 	v, ok := e.groups[g]
 	e.mu.Unlock()
-	if ok && time.Since(v.at) < groupTTL {
+	if ok && v.policy == epoch && time.Since(v.at) < groupTTL {
 		return v.rules, v.images, nil
 	}
 	cat := e.cfg.Catalog
@@ -506,7 +508,7 @@ func (e *Executor) group(ctx context.Context, g string) (map[string]placement.Gr
 	if e.groups == nil {
 		e.groups = map[string]groupView{}
 	}
-	e.groups[g] = groupView{at: time.Now(), rules: rules, images: images}
+	e.groups[g] = groupView{at: time.Now(), policy: epoch, rules: rules, images: images}
 	e.mu.Unlock()
 	return rules, images, nil
 }

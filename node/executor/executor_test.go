@@ -330,3 +330,38 @@ func TestLocalityAfterTheDelay(t *testing.T) {
 		t.Fatalf("adds %v after the delay, want [n3]; last plan %+v", got, e.LastPlan("vm1"))
 	}
 }
+
+// TestGroupViewFollowsPolicyChanges: a group's rules and members are
+// read once for several plans, but a policy change is seen by the next
+// plan (else it was found settled on the old rule and left for Sweep).
+func TestGroupViewFollowsPolicyChanges(t *testing.T) {
+	ctx := context.Background()
+	cat := testCatalog(t)
+	rec := kvtest.OwnedImage(t, cat, "vm1", 4<<16, 1<<16, "", "n1")
+	if _, err := cat.UpdateImagePolicy(ctx, "vm1", func(p *placement.ImagePolicy) error { p.Group = "g"; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	h := &host{nodes: []placement.NodeInfo{{Name: "n1", Alive: true}}}
+	e := New(Config{Self: "n1", Catalog: cat, Host: h})
+	kind := func() placement.GroupKind {
+		st, err := e.State(ctx, &image{rec: rec})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.Groups["g"].Kind
+	}
+	set := func(k placement.GroupKind) {
+		if err := cat.SetGroupRule(ctx, "g", &placement.GroupRule{Kind: k, Label: "rack"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	set(placement.Affinity)
+	if k := kind(); k != placement.Affinity {
+		t.Fatalf("rule %q", k)
+	}
+	set(placement.AntiAffinity)
+	e.policy.Add(1) // what watchPolicies does on the change
+	if k := kind(); k != placement.AntiAffinity {
+		t.Fatalf("after the change the plan saw %q", k)
+	}
+}

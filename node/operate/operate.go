@@ -77,6 +77,8 @@ func (o *Operator) Cordon(ctx context.Context, node string, moveOwners bool) (ap
 	}
 	st, err := o.cfg.Catalog.UpdateNodeState(ctx, node, func(s *meta.NodeState) error {
 		switch {
+		case s.Unreadable:
+			return unreadable(node)
 		case moveOwners && (s.Cordoned || s.Drain != nil):
 			return nil // cordoned already: only the owners move
 		case s.Drain != nil:
@@ -105,6 +107,9 @@ func (o *Operator) moveAndRecord(ctx context.Context, node string) (map[string]s
 		return moved, errs
 	}
 	if _, err := o.cfg.Catalog.UpdateNodeState(ctx, node, func(s *meta.NodeState) error {
+		if s.Unreadable {
+			return unreadable(node)
+		}
 		if !s.Cordoned && s.Drain == nil {
 			return errors.New("the node was uncordoned meanwhile")
 		}
@@ -181,6 +186,12 @@ func (o *Operator) Uncordon(ctx context.Context, node string) (api.NodeOperation
 	return out, nil
 }
 
+// unreadable refuses to change a node state this node cannot read (a
+// newer ukai wrote it, or it is malformed): it would lose what it holds.
+func unreadable(node string) error {
+	return fmt.Errorf("%w: the state of node %s cannot be read by this ukai (written by a newer version, or malformed): only an uncordon replaces it", meta.ErrRefused, node)
+}
+
 func opOf(node string, st meta.NodeState) api.NodeOperation {
 	out := api.NodeOperation{Node: node, Cordoned: st.Cordoned || st.Drain != nil, Draining: st.Drain != nil, Moved: st.Moved}
 	if d := st.Drain; d != nil {
@@ -229,6 +240,9 @@ func (o *Operator) Drain(ctx context.Context, node string, req api.DrainRequest)
 		d.Images = append(d.Images, rec.Name)
 	}
 	if _, err := o.cfg.Catalog.UpdateNodeState(ctx, node, func(s *meta.NodeState) error {
+		if s.Unreadable {
+			return unreadable(node)
+		}
 		if s.Drain != nil {
 			return fmt.Errorf("%w: %s is already draining", meta.ErrRefused, node)
 		}
@@ -239,14 +253,15 @@ func (o *Operator) Drain(ctx context.Context, node string, req api.DrainRequest)
 	}
 	o.cfg.Log.Info("node draining", "node", node, "images", len(imgs), "now", req.Now, "move_owners", req.MoveOwners)
 	var ownerErrs []string
+	var moved map[string]string
 	if req.MoveOwners {
-		_, ownerErrs = o.moveAndRecord(ctx, node)
+		moved, ownerErrs = o.moveAndRecord(ctx, node)
 	}
 	st, err := o.Status(ctx, node)
 	if err != nil {
 		// The drain runs: say so, not that it failed.
 		o.cfg.Log.Warn("drain started; its progress cannot be read now", "node", node, "err", err)
-		st = api.NodeOperation{Node: node, Cordoned: true, Draining: true, Started: d.Started, Now: d.Now, Total: len(d.Images)}
+		st = api.NodeOperation{Node: node, Cordoned: true, Draining: true, Started: d.Started, Now: d.Now, Total: len(d.Images), Moved: moved}
 	}
 	st.OwnerErrors = append(st.OwnerErrors, ownerErrs...)
 	return st, nil
