@@ -9,7 +9,6 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -19,6 +18,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/ukai-storage/ukai/cluster/consulkv/consultest"
 )
 
 // ukaiBin is the binary under test, built once by TestMain.
@@ -54,26 +55,14 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-var portMu sync.Mutex
-var usedPorts = map[int]bool{}
-
 // freePort returns a loopback TCP port nobody listens on now.
 func freePort(t *testing.T) int {
 	t.Helper()
-	portMu.Lock()
-	defer portMu.Unlock()
-	for {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		p := l.Addr().(*net.TCPAddr).Port
-		l.Close()
-		if !usedPorts[p] {
-			usedPorts[p] = true
-			return p
-		}
+	p, err := consultest.FreePorts(1)
+	if err != nil {
+		t.Fatal(err)
 	}
+	return p[0]
 }
 
 // node is one ukai serve process.
@@ -191,7 +180,9 @@ func (n *node) start() {
 		resp, err := get(url)
 		if err == nil {
 			resp.Body.Close()
-			return
+			if resp.StatusCode == http.StatusOK { // ukai's answer, not another listener's
+				return
+			}
 		}
 		select {
 		case err := <-n.done:

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -27,29 +26,15 @@ import (
 
 // ports hands out loopback ports nobody listens on, never the same twice
 // in one test binary (a killed node's ports stay its own for its restart).
-type ports struct {
-	mu   sync.Mutex
-	used map[int]bool
-}
+type ports struct{}
 
 func (p *ports) next(t testing.TB) int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.used == nil {
-		p.used = map[int]bool{}
+	// Below the ephemeral range, never twice (consultest.FreePorts).
+	ps, err := consultest.FreePorts(1)
+	if err != nil {
+		t.Fatal(err)
 	}
-	for {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		port := l.Addr().(*net.TCPAddr).Port
-		l.Close()
-		if !p.used[port] {
-			p.used[port] = true
-			return port
-		}
-	}
+	return ps[0]
 }
 
 func (p *ports) addr(t testing.TB) string { return fmt.Sprintf("127.0.0.1:%d", p.next(t)) }
@@ -231,7 +216,9 @@ func (n *ukaiNode) start() error {
 		resp, err := http.Get("http://" + n.api + "/v1/version")
 		if err == nil {
 			resp.Body.Close()
-			return nil
+			if resp.StatusCode == http.StatusOK { // ukai's answer, not another listener's
+				return nil
+			}
 		}
 		select {
 		case err := <-done:

@@ -25,7 +25,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -117,28 +116,14 @@ func testMain(m *testing.M) int {
 
 // ---------------------------------------------------------------- ports
 
-var (
-	portMu    sync.Mutex
-	usedPorts = map[int]bool{}
-)
-
 // freePort returns a loopback TCP port nobody listens on now.
 func freePort(t *testing.T) int {
 	t.Helper()
-	portMu.Lock()
-	defer portMu.Unlock()
-	for {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		p := l.Addr().(*net.TCPAddr).Port
-		l.Close()
-		if !usedPorts[p] {
-			usedPorts[p] = true
-			return p
-		}
+	p, err := consultest.FreePorts(1) // below the ephemeral range, never twice
+	if err != nil {
+		t.Fatal(err)
 	}
+	return p[0]
 }
 
 func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {

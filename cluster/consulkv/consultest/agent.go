@@ -8,6 +8,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -77,7 +78,7 @@ func Start(t testing.TB, opts ...Option) *Agent {
 	bin := Binary(t)
 	var lastErr error
 	for attempt := 0; attempt < 3; attempt++ {
-		ports, err := freePorts(4)
+		ports, err := FreePorts(4)
 		if err != nil {
 			t.Fatalf("consultest: free ports: %v", err)
 		}
@@ -262,9 +263,17 @@ func (a *Agent) Log() string {
 	return a.out.String()
 }
 
-// freePorts returns n distinct ports free on 127.0.0.1 for both TCP and
-// UDP (serf uses both).
-func freePorts(n int) ([]int, error) {
+// FreePorts returns n distinct ports free now on 127.0.0.1 for both TCP
+// and UDP (serf uses both), never handed out before by this process, and
+// below the kernel's ephemeral range. A port the kernel picks for
+// 127.0.0.1:0 is in that range, where an outgoing connection of an
+// already running process can take it between the pick and the bind: a
+// node of a test cluster then failed to start with "address already in
+// use" (the clean-clone CI run of 2026-12-07, chaos seed 2).
+func FreePorts(n int) ([]int, error) {
+	portMu.Lock()
+	defer portMu.Unlock()
+	lo, hi := portRange()
 	var ports []int
 	var closers []func()
 	defer func() {
@@ -272,21 +281,49 @@ func freePorts(n int) ([]int, error) {
 			c()
 		}
 	}()
-	for len(ports) < n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+	start := lo + rand.IntN(hi-lo)
+	for i := 0; i < hi-lo && len(ports) < n; i++ {
+		p := lo + (start-lo+i)%(hi-lo)
+		if handed[p] {
+			continue
+		}
+		l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p))
 		if err != nil {
-			return nil, err
+			continue
 		}
 		closers = append(closers, func() { l.Close() })
-		p := l.Addr().(*net.TCPAddr).Port
 		u, err := net.ListenPacket("udp", "127.0.0.1:"+strconv.Itoa(p))
 		if err != nil {
 			continue
 		}
 		closers = append(closers, func() { u.Close() })
+		handed[p] = true
 		ports = append(ports, p)
 	}
+	if len(ports) < n {
+		return nil, fmt.Errorf("only %d free ports in [%d, %d)", len(ports), lo, hi)
+	}
 	return ports, nil
+}
+
+var (
+	portMu sync.Mutex
+	handed = map[int]bool{}
+)
+
+// portRange is where FreePorts looks: the 12,000 ports below the
+// ephemeral range (/proc/sys/net/ipv4/ip_local_port_range), not below
+// 10000.
+func portRange() (lo, hi int) {
+	hi = 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if v, err := strconv.Atoi(f[0]); err == nil && v > 11000 {
+				hi = v
+			}
+		}
+	}
+	return max(10000, hi-12000), hi
 }
 
 type syncBuffer struct {
