@@ -287,6 +287,22 @@ func (n *Node) syncYielding(ctx context.Context, s *served.Image, j syncJob, yie
 // VerifyImage implements api.Service: compare the checksums of every
 // in-sync copy block by block (on the owner).
 func (n *Node) VerifyImage(ctx context.Context, name string) (api.VerifyResult, error) {
+	// Another live node can take the lock between the look and the take
+	// (its own I/O, just after this node saw the lock free): the request
+	// then goes to it, looked up again, rather than failing with "served
+	// by" (chaos seed 126: a verify at the end of a run, 0.4 s after the
+	// owner had released the image, answered so).
+	for attempt := 0; ; attempt++ {
+		res, err := n.verifyImage(ctx, name)
+		var no *route.NotOwnerError
+		if err == nil || attempt == 2 || !errors.As(err, &no) || no.Owner == n.cfg.Node.Name || !n.alive(no.Owner) {
+			return res, err
+		}
+		n.log.Info("verify: another node took the image meanwhile; asking it", "image", name, "owner", no.Owner)
+	}
+}
+
+func (n *Node) verifyImage(ctx context.Context, name string) (api.VerifyResult, error) {
 	if c, err := n.remoteOwner(ctx, name); err != nil {
 		return api.VerifyResult{}, err
 	} else if c != nil {
