@@ -14,6 +14,7 @@ import (
 	"github.com/ukai-storage/ukai/node/executor"
 	"github.com/ukai-storage/ukai/node/route"
 	"github.com/ukai-storage/ukai/node/served"
+	"github.com/ukai-storage/ukai/ownership"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/lun"
 )
@@ -84,6 +85,26 @@ func (n *Node) SyncImage(ctx context.Context, name string, req api.SyncRequest, 
 		})
 		return err
 	}
+	// As VerifyImage: a node that loses the lock to another live node, or
+	// finds the image attached to one, looks again (until nothing was
+	// reported yet) instead of answering "served by".
+	deadline := time.Now().Add(ownership.PinHold + time.Second)
+	for {
+		reported := false
+		err := n.syncImage(ctx, name, req, func(p api.SyncProgress) { reported = true; progress(p) })
+		var no *route.NotOwnerError
+		if err == nil || reported || time.Now().After(deadline) || !errors.As(err, &no) || no.Owner == n.cfg.Node.Name || !n.alive(no.Owner) {
+			return err
+		}
+		n.log.Info("sync: another node serves the image or holds it; looking again", "image", name, "node", no.Owner)
+		sleep(ctx, 250*time.Millisecond)
+		if s := n.images.Get(name); s != nil {
+			routeHost{n}.Refresh(ctx, s)
+		}
+	}
+}
+
+func (n *Node) syncImage(ctx context.Context, name string, req api.SyncRequest, progress func(api.SyncProgress)) error {
 	if c, err := n.remoteOwner(ctx, name); err != nil {
 		return err
 	} else if c != nil {
@@ -290,15 +311,23 @@ func (n *Node) VerifyImage(ctx context.Context, name string) (api.VerifyResult, 
 	// Another live node can take the lock between the look and the take
 	// (its own I/O, just after this node saw the lock free): the request
 	// then goes to it, looked up again, rather than failing with "served
-	// by" (chaos seed 126: a verify at the end of a run, 0.4 s after the
-	// owner had released the image, answered so).
-	for attempt := 0; ; attempt++ {
+	// by" (chaos seed 126: a sync and a verify at the end of a run, 0.4 s
+	// after the owner had released the image, answered so).
+	// The same answer comes while the image is attached to another live
+	// node with its lock free (ownership.Yield, PinHold): the loop
+	// outlasts the hold, reading the record again each time.
+	deadline := time.Now().Add(ownership.PinHold + time.Second)
+	for {
 		res, err := n.verifyImage(ctx, name)
 		var no *route.NotOwnerError
-		if err == nil || attempt == 2 || !errors.As(err, &no) || no.Owner == n.cfg.Node.Name || !n.alive(no.Owner) {
+		if err == nil || time.Now().After(deadline) || !errors.As(err, &no) || no.Owner == n.cfg.Node.Name || !n.alive(no.Owner) {
 			return res, err
 		}
-		n.log.Info("verify: another node took the image meanwhile; asking it", "image", name, "owner", no.Owner)
+		n.log.Info("verify: another node serves the image or holds it; looking again", "image", name, "node", no.Owner)
+		sleep(ctx, 250*time.Millisecond)
+		if s := n.images.Get(name); s != nil {
+			routeHost{n}.Refresh(ctx, s)
+		}
 	}
 }
 
