@@ -85,18 +85,33 @@ func (n *Node) SyncImage(ctx context.Context, name string, req api.SyncRequest, 
 		})
 		return err
 	}
-	// As VerifyImage: a node that loses the lock to another live node, or
-	// finds the image attached to one, looks again (until nothing was
-	// reported yet) instead of answering "served by".
+	var reported bool
+	return n.lookAgain(ctx, name, "sync", func() (bool, error) {
+		err := n.syncImage(ctx, name, req, func(p api.SyncProgress) { reported = true; progress(p) })
+		return reported, err
+	})
+}
+
+// lookAgain runs an operation that must run on the image's owner until
+// it does not end in "served by" another live node, for up to PinHold +
+// 1 s, reading the record again between attempts; an attempt that has
+// already reported something (done) is not repeated.
+// Another live node can take the lock between the look and the take
+// (its own I/O, just after this node saw the lock free): the operation
+// then goes to it, looked up again, rather than failing with "served by"
+// (chaos seed 126: a sync and a verify at the end of a run, 0.4 s after
+// the owner had released the image, answered so). The same answer comes
+// while the image is attached to another live node with its lock free
+// (ownership.Yield, PinHold): the loop outlasts the hold.
+func (n *Node) lookAgain(ctx context.Context, name, what string, attempt func() (done bool, err error)) error {
 	deadline := time.Now().Add(ownership.PinHold + time.Second)
 	for {
-		reported := false
-		err := n.syncImage(ctx, name, req, func(p api.SyncProgress) { reported = true; progress(p) })
+		done, err := attempt()
 		var no *route.NotOwnerError
-		if err == nil || reported || time.Now().After(deadline) || !errors.As(err, &no) || no.Owner == n.cfg.Node.Name || !n.alive(no.Owner) {
+		if err == nil || done || time.Now().After(deadline) || !errors.As(err, &no) || no.Owner == n.cfg.Node.Name || !n.alive(no.Owner) {
 			return err
 		}
-		n.log.Info("sync: another node serves the image or holds it; looking again", "image", name, "node", no.Owner)
+		n.log.Info(what+": another node serves the image or holds it; looking again", "image", name, "node", no.Owner)
 		sleep(ctx, 250*time.Millisecond)
 		if s := n.images.Get(name); s != nil {
 			routeHost{n}.Refresh(ctx, s)
@@ -308,27 +323,13 @@ func (n *Node) syncYielding(ctx context.Context, s *served.Image, j syncJob, yie
 // VerifyImage implements api.Service: compare the checksums of every
 // in-sync copy block by block (on the owner).
 func (n *Node) VerifyImage(ctx context.Context, name string) (api.VerifyResult, error) {
-	// Another live node can take the lock between the look and the take
-	// (its own I/O, just after this node saw the lock free): the request
-	// then goes to it, looked up again, rather than failing with "served
-	// by" (chaos seed 126: a sync and a verify at the end of a run, 0.4 s
-	// after the owner had released the image, answered so).
-	// The same answer comes while the image is attached to another live
-	// node with its lock free (ownership.Yield, PinHold): the loop
-	// outlasts the hold, reading the record again each time.
-	deadline := time.Now().Add(ownership.PinHold + time.Second)
-	for {
-		res, err := n.verifyImage(ctx, name)
-		var no *route.NotOwnerError
-		if err == nil || time.Now().After(deadline) || !errors.As(err, &no) || no.Owner == n.cfg.Node.Name || !n.alive(no.Owner) {
-			return res, err
-		}
-		n.log.Info("verify: another node serves the image or holds it; looking again", "image", name, "node", no.Owner)
-		sleep(ctx, 250*time.Millisecond)
-		if s := n.images.Get(name); s != nil {
-			routeHost{n}.Refresh(ctx, s)
-		}
-	}
+	var res api.VerifyResult
+	err := n.lookAgain(ctx, name, "verify", func() (bool, error) {
+		var err error
+		res, err = n.verifyImage(ctx, name)
+		return false, err
+	})
+	return res, err
 }
 
 func (n *Node) verifyImage(ctx context.Context, name string) (api.VerifyResult, error) {
