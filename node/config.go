@@ -67,6 +67,12 @@ type APIConfig struct {
 	TokenFile string `mapstructure:"token_file"`
 	// TLS serves the API over HTTPS with the node certificate (tls.*).
 	TLS bool `mapstructure:"tls"`
+	// MetricsPublic serves /metrics without the token (for a Prometheus
+	// that cannot send one); everything else still needs it.
+	MetricsPublic bool `mapstructure:"metrics_public"`
+	// MetricsIO counts each image's I/O for /metrics and `ukai image
+	// iostat` (on by default; its cost is a bench row).
+	MetricsIO bool `mapstructure:"metrics_io"`
 }
 
 // ISCSIConfig is the iSCSI target.
@@ -214,6 +220,8 @@ var defaults = map[string]any{
 	"node.labels":                     map[string]string{},
 	"api.listen":                      "127.0.0.1:7700",
 	"api.pprof":                       false,
+	"api.metrics_public":              false,
+	"api.metrics_io":                  true,
 	"iscsi.listen":                    "127.0.0.1:3260",
 	"iscsi.iqn_prefix":                "iqn.2026-11.io.ukai",
 	"iscsi.require_acl":               true,

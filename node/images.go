@@ -196,7 +196,7 @@ func (n *Node) export(ctx context.Context, img meta.Image, cached bool) error {
 		MaxUnmapBlocks:        uint32(min(img.Size/meta.SectorSize, 1<<22)),
 		MaxWriteSameBlocks:    uint32(min(img.Size/meta.SectorSize, 1<<22)),
 		MaxTransferBlocks:     (32 << 20) / meta.SectorSize,
-	}, n.router.Backend(s), n.log.With("image", img.Name))
+	}, n.metrics.Backend(img.Name, n.router.Backend(s)), n.log.With("image", img.Name))
 	if err != nil {
 		s.Close()
 		return fmt.Errorf("image %s: %w", img.Name, err)
@@ -322,6 +322,7 @@ func (n *Node) withdraw(s *served.Image, deleted bool) error {
 	img := s.Record()
 	n.images.Remove(s)
 	n.target.DropTarget(n.iqn(img.Name))
+	n.metrics.Forget(img.Name)
 	err := s.Close()
 	if s.Local != nil {
 		if deleted {

@@ -20,6 +20,7 @@ import (
 	"github.com/ukai-storage/ukai/node/admit"
 	"github.com/ukai-storage/ukai/node/datadir"
 	"github.com/ukai-storage/ukai/node/executor"
+	"github.com/ukai-storage/ukai/node/metrics"
 	"github.com/ukai-storage/ukai/node/operate"
 	"github.com/ukai-storage/ukai/node/reconcile"
 	"github.com/ukai-storage/ukai/node/route"
@@ -82,6 +83,7 @@ type Node struct {
 	exec          *executor.Executor // placement
 	op            *operate.Operator  // cordon, drain
 	syncBytes     atomic.Int64       // bytes copied by syncs since start
+	metrics       *metrics.Metrics   // /metrics and iostat
 	exportsMu     sync.RWMutex
 	exports       map[string][]meta.Export // by image name
 	exportsLoaded bool
@@ -99,10 +101,11 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 			}
 		}
 	}()
+	n.metrics = metrics.New(metrics.Config{Node: cfg.Node.Name, Version: version, Source: metricSource{n}, IO: cfg.API.MetricsIO})
 	if n.dir, err = datadir.Open(filepath.Join(cfg.Node.DataDir, "images")); err != nil {
 		return nil, fmt.Errorf("node.data_dir: %w", err)
 	}
-	if n.kv, err = openStore(ctx, cfg, log); err != nil {
+	if n.kv, err = openStore(ctx, cfg, log, n.metrics.ConsulTransport); err != nil {
 		return nil, err
 	}
 	closers = append(closers, func() { n.kv.Close() })
@@ -161,7 +164,10 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 		return nil, fmt.Errorf("api.listen %s: %w", cfg.API.Listen, err)
 	}
 	closers = append(closers, func() { n.apiLn.Close() })
-	handler := api.NewServerHandler(n, version, log.With("component", "api"), api.Options{Token: []byte(n.sec.token), Pprof: cfg.API.Pprof})
+	handler := api.NewServerHandler(n, version, log.With("component", "api"), api.Options{
+		Token: []byte(n.sec.token), Pprof: cfg.API.Pprof,
+		Metrics: n.metrics.Handler(), MetricsPublic: cfg.API.MetricsPublic,
+	})
 	n.apiSrv = &http.Server{
 		TLSConfig:         n.sec.apiServer,
 		Handler:           handler,

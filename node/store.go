@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,7 +16,8 @@ import (
 
 // openStore opens the configured metadata store. A Consul that cannot be
 // reached does not stop the node: it is reported and retried.
-func openStore(ctx context.Context, cfg Config, log *slog.Logger) (meta.KV, error) {
+// wrap, when set, wraps the Consul client's transport (metrics).
+func openStore(ctx context.Context, cfg Config, log *slog.Logger, wrap func(http.RoundTripper) http.RoundTripper) (meta.KV, error) {
 	switch cfg.Metadata.Backend {
 	case "embedded":
 		kv, err := meta.OpenBolt(filepath.Join(cfg.Node.DataDir, "meta.db"))
@@ -39,7 +41,8 @@ func openStore(ctx context.Context, cfg Config, log *slog.Logger) (meta.KV, erro
 				CAFile: cfg.Consul.TLS.CAFile, CertFile: cfg.Consul.TLS.CertFile, KeyFile: cfg.Consul.TLS.KeyFile,
 				ServerName: cfg.Consul.TLS.ServerName, InsecureSkipVerify: cfg.Consul.TLS.InsecureSkipVerify,
 			},
-			Logger: log.With("component", "consul"),
+			Logger:        log.With("component", "consul"),
+			WrapTransport: wrap,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("consul: %w", err)

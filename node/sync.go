@@ -255,6 +255,7 @@ func (n *Node) syncServed(ctx context.Context, s *served.Image, o syncOpts, prog
 					copied.Add(1)
 					bytes.Add(res.Bytes)
 					n.syncBytes.Add(res.Bytes)
+					n.metrics.Synced(s.Record().Name, res.Bytes)
 					if err := o.pace.Wait(ctx, res.Bytes); err != nil && ctx.Err() == nil {
 						mu.Lock()
 						errs = append(errs, err)

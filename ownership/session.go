@@ -68,6 +68,15 @@ type Session struct {
 	failing    bool      // renewals failing (logged once)
 	gone       bool      // the store said "gone" once: not valid; a second answer confirms it
 	lastEnsure time.Time // Ensure's last own attempt
+	renewals   int64     // successful renewals
+}
+
+// Renewals is the number of renewals that succeeded since the session
+// started.
+func (s *Session) Renewals() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.renewals
 }
 
 // NewSession returns a Session; Run creates (or reuses) and renews it.
@@ -238,6 +247,7 @@ func (s *Session) renew(ctx context.Context, id string) error {
 			s.cfg.Log.Info("ownership session renewed again", "session", id)
 		}
 		s.id, s.validUntil, s.failing, s.gone = id, sent.Add(s.cfg.TTL), false, false
+		s.renewals++
 		return nil
 	case errors.Is(err, meta.ErrSessionGone):
 		if s.id != id {

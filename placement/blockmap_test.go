@@ -165,3 +165,48 @@ func FuzzDecodeChunkAt(f *testing.F) {
 		}
 	})
 }
+
+func TestCountAndUnprotectedMatchBlockByBlock(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 9))
+	for trial := range 300 {
+		n := int64(rng.IntN(70))
+		maps := make([]*BlockMap, 1+rng.IntN(3))
+		for i := range maps {
+			maps[i] = NewBlockMap(n, InSync)
+			for b := range n {
+				if rng.IntN(3) > 0 && trial%5 != 0 {
+					maps[i].Set(b, SyncState(rng.IntN(3)))
+				}
+			}
+		}
+		for _, m := range maps {
+			for _, s := range []SyncState{InSync, Syncing, OutOfSync} {
+				var want int64
+				for b := range n {
+					if m.Get(b) == s {
+						want++
+					}
+				}
+				if got := m.Count(s); got != want {
+					t.Fatalf("trial %d: Count(%v) = %d, block by block %d", trial, s, got, want)
+				}
+			}
+		}
+		var want int64
+		for b := range n {
+			ok := false
+			for _, m := range maps {
+				ok = ok || m.Get(b) == InSync
+			}
+			if !ok {
+				want++
+			}
+		}
+		if got := Unprotected(n, maps); got != want {
+			t.Fatalf("trial %d (%d blocks, %d maps): Unprotected = %d, block by block %d", trial, n, len(maps), got, want)
+		}
+	}
+	if got := Unprotected(12, nil); got != 12 {
+		t.Fatalf("Unprotected(12, nil) = %d, want 12 (no live copy)", got)
+	}
+}

@@ -66,6 +66,9 @@ type Config struct {
 	// returning spuriously (default 5 min; Consul caps it at 10 min).
 	WatchWait time.Duration
 	Logger    *slog.Logger
+	// WrapTransport, when set, wraps the HTTP transport of every request
+	// to the agent (metrics count and time them).
+	WrapTransport func(http.RoundTripper) http.RoundTripper
 }
 
 // KV is a meta.KV backed by Consul. It is safe for concurrent use.
@@ -139,11 +142,15 @@ func New(cfg Config) (*KV, error) {
 	tr.MaxConnsPerHost = MaxConns
 	tr.ResponseHeaderTimeout = 0
 
+	var rt http.RoundTripper = tr
+	if cfg.WrapTransport != nil {
+		rt = cfg.WrapTransport(tr)
+	}
 	client, err := api.NewClient(&api.Config{
 		Address:    hostport,
 		Scheme:     scheme,
 		Token:      cfg.Token,
-		HttpClient: &http.Client{Transport: tr},
+		HttpClient: &http.Client{Transport: rt},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("consul client for %s://%s: %w", scheme, hostport, err)

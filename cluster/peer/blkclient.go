@@ -330,7 +330,16 @@ func (bc *blkConn) reader() {
 
 // roundTrip sends one request and waits for its answer: data read into p
 // (reads), or an error mapped like the HTTP endpoints' statuses.
-func (c *Client) roundTrip(ctx context.Context, h reqHdr, data, p []byte) error {
+func (c *Client) roundTrip(ctx context.Context, h reqHdr, data, p []byte) (err error) {
+	c.stats.requests.Add(1)
+	defer func() {
+		if err != nil {
+			c.stats.errors.Add(1)
+			return
+		}
+		c.stats.sent.Add(int64(len(data)))
+		c.stats.recv.Add(int64(len(p)))
+	}()
 	name := opNames[h.op]
 	fwd := isForward(h.op)
 	if c.closed.Load() {

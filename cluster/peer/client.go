@@ -51,6 +51,7 @@ type Client struct {
 	hc      *http.Client
 	bufs    pool
 	rtt     atomic.Int64 // ns, EWMA
+	stats   clientStats
 	closed  atomic.Bool
 
 	tls    *tls.Config // block connections' (ALPN blkALPN); nil: cleartext
@@ -127,6 +128,28 @@ func (c *Client) Close() error {
 // RTT is the smoothed latency of recent small requests (EWMA), 0 when
 // unknown.
 func (c *Client) RTT() time.Duration { return time.Duration(c.rtt.Load()) }
+
+// clientStats are a client's counters since it was made.
+type clientStats struct {
+	requests, errors, sent, recv atomic.Int64
+}
+
+// ClientStats is what a client did since it was made: block requests
+// (reads, writes, forwards, pings, ...) and those that failed, and block
+// data sent and received (streamed sync reads included).
+type ClientStats struct {
+	Requests, Errors int64
+	SentBytes        int64
+	RecvBytes        int64
+}
+
+// Stats returns the client's counters.
+func (c *Client) Stats() ClientStats {
+	return ClientStats{
+		Requests: c.stats.requests.Load(), Errors: c.stats.errors.Load(),
+		SentBytes: c.stats.sent.Load(), RecvBytes: c.stats.recv.Load(),
+	}
+}
 
 func (c *Client) sample(d time.Duration) {
 	for {
@@ -393,7 +416,13 @@ func (c *Client) Checksums(ctx context.Context, ref Ref, from, to int64) ([]Sum,
 // block at its real length). data is valid only during fn. An error from
 // fn stops the transfer and is returned as is. The timeout applies to
 // each block; time spent in fn does not count.
-func (c *Client) ReadRange(ctx context.Context, ref Ref, from, to int64, fn func(block int64, data []byte) error) error {
+func (c *Client) ReadRange(ctx context.Context, ref Ref, from, to int64, fn func(block int64, data []byte) error) (err error) {
+	c.stats.requests.Add(1)
+	defer func() {
+		if err != nil {
+			c.stats.errors.Add(1)
+		}
+	}()
 	k := c.begin(ctx, "range")
 	defer k.finish()
 	s, err := c.openStream(k, pathRange, ref, from, to)
@@ -408,6 +437,7 @@ func (c *Client) ReadRange(ctx context.Context, ref Ref, from, to int64, fn func
 		if err := s.full(data); err != nil {
 			return err
 		}
+		c.stats.recv.Add(int64(len(data)))
 		if err := fn(b, data); err != nil {
 			return err
 		}

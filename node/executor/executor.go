@@ -104,6 +104,61 @@ type Executor struct {
 	images map[string]*imageState // by image id
 	plans  map[string][]placement.Action
 	groups map[string]groupView // by group name
+	// reports: what each image's last plan saw, by name (metrics of the
+	// images this node plans but does not own); actions: the actions
+	// started, by kind.
+	reports map[string]Report
+	actions map[placement.ActionKind]int64
+}
+
+// Report is what an image's last plan here saw: the copies it wants and,
+// per location, the blocks not in sync.
+type Report struct {
+	Wanted      int
+	OutOfSync   map[string]int64
+	Syncing     map[string]int64
+	Unprotected int64 // blocks without an in-sync copy on a live location
+}
+
+// Report returns what the last plan of image name saw.
+func (e *Executor) Report(name string) (Report, bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	r, ok := e.reports[name]
+	return r, ok
+}
+
+// Actions returns how many actions of each kind (but waits) the executor
+// started since it started.
+func (e *Executor) Actions() map[string]int64 {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	out := make(map[string]int64, len(e.actions))
+	for k, n := range e.actions {
+		out[string(k)] = n
+	}
+	return out
+}
+
+// report summarizes the maps a plan saw.
+func report(is placement.ImageState, alive func(string) bool) Report {
+	r := Report{Wanted: is.Policy.Replicas, OutOfSync: map[string]int64{}, Syncing: map[string]int64{}}
+	if r.Wanted == 0 {
+		r.Wanted = len(is.Locations)
+	}
+	var live []*placement.BlockMap
+	for _, loc := range is.Locations {
+		bm := is.Maps[loc]
+		if bm == nil {
+			continue
+		}
+		r.OutOfSync[loc], r.Syncing[loc] = bm.Count(placement.OutOfSync), bm.Count(placement.Syncing)
+		if alive(loc) {
+			live = append(live, bm)
+		}
+	}
+	r.Unprotected = placement.Unprotected(is.Size/max(is.BlockSize, 1)+min(is.Size%max(is.BlockSize, 1), 1), live)
+	return r
 }
 
 // imageState is the executor's state of one image (guarded by mu).
@@ -124,7 +179,8 @@ func New(cfg Config) *Executor {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	return &Executor{cfg: cfg, images: map[string]*imageState{}, plans: map[string][]placement.Action{}}
+	return &Executor{cfg: cfg, images: map[string]*imageState{}, plans: map[string][]placement.Action{},
+		reports: map[string]Report{}, actions: map[placement.ActionKind]int64{}}
 }
 
 // Rounds is the number of rounds run since start.
@@ -285,6 +341,11 @@ func (e *Executor) forget(images []Image) {
 			delete(e.plans, name)
 		}
 	}
+	for name := range e.reports {
+		if !names[name] {
+			delete(e.reports, name)
+		}
+	}
 	for g, v := range e.groups {
 		if time.Since(v.at) >= groupTTL {
 			delete(e.groups, g)
@@ -326,8 +387,15 @@ func (e *Executor) execute(ctx context.Context, st *imageState, img Image) error
 	}
 	e.mu.Unlock()
 	actions := placement.PlanImage(state, rec.Name)
+	rep := report(state.Images[0], e.cfg.Host.Alive)
 	e.mu.Lock()
 	e.plans[rec.Name] = actions
+	e.reports[rec.Name] = rep
+	for _, a := range actions {
+		if a.Kind != placement.Wait {
+			e.actions[a.Kind]++
+		}
+	}
 	if Settled(state, actions) {
 		for _, a := range actions {
 			if a.Kind == placement.Wait && !a.Until.IsZero() && (m.until.IsZero() || a.Until.Before(m.until)) {

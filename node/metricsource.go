@@ -1,0 +1,127 @@
+package node
+
+import (
+	"sort"
+
+	"github.com/ukai-storage/ukai/node/executor"
+	"github.com/ukai-storage/ukai/node/metrics"
+	"github.com/ukai-storage/ukai/placement"
+)
+
+// metricSource is what the node tells its metrics at scrape time (see
+// metrics.Source). It reads only memory: the served set, the executor's
+// last plans, the membership and the peer clients.
+type metricSource struct{ n *Node }
+
+// Images reports the images this node plans (executor.ShouldAct): each
+// image by one node of the cluster. An owned image's counts come from its
+// live maps; another's from its last plan here.
+func (ms metricSource) Images() []metrics.ImageState {
+	n := ms.n
+	self := n.cfg.Node.Name
+	var out []metrics.ImageState
+	for _, s := range n.images.List(false) {
+		rec := s.Record()
+		owned := s.Owned()
+		if rec.IsSnapshot() || !executor.ShouldAct(rec, owned, self, n.alive) {
+			continue
+		}
+		st := metrics.ImageState{Name: rec.Name, Owner: rec.Owner, Attached: rec.Attached, Size: rec.Size, BlockSize: rec.BlockSize, Wanted: len(rec.Locations)}
+		rep, planned := n.exec.Report(rec.Name)
+		if planned && rep.Wanted > 0 {
+			st.Wanted = rep.Wanted
+		}
+		var maps map[string]*placement.BlockMap
+		if owned {
+			maps = s.Maps()
+		}
+		var live []*placement.BlockMap
+		for _, loc := range rec.Locations {
+			l := metrics.LocationState{Node: loc, Alive: n.alive(loc)}
+			if bm := maps[loc]; bm != nil {
+				l.OutOfSync, l.Syncing = bm.Count(placement.OutOfSync), bm.Count(placement.Syncing)
+				if l.Alive {
+					live = append(live, bm)
+				}
+			} else if planned {
+				l.OutOfSync, l.Syncing = rep.OutOfSync[loc], rep.Syncing[loc]
+			}
+			st.Locations = append(st.Locations, l)
+		}
+		switch {
+		case maps != nil:
+			st.Unprotected = placement.Unprotected(rec.Blocks(), live)
+		case planned:
+			st.Unprotected = rep.Unprotected
+		}
+		out = append(out, st)
+	}
+	return out
+}
+
+// Peers reports the peer clients, by node name.
+func (ms metricSource) Peers() []metrics.PeerStats {
+	n := ms.n
+	names := map[string]string{}
+	if n.members != nil {
+		for _, m := range n.members.Members() {
+			if m.Meta.Peer != "" {
+				names[m.Meta.Peer] = m.Name
+			}
+		}
+	}
+	n.peersMu.Lock()
+	out := make([]metrics.PeerStats, 0, len(n.peers))
+	for addr, c := range n.peers {
+		name := names[addr]
+		if name == "" {
+			name = addr
+		}
+		st := c.Stats()
+		out = append(out, metrics.PeerStats{Peer: name, RTT: c.RTT(), Requests: st.Requests, Errors: st.Errors, SentBytes: st.SentBytes, RecvBytes: st.RecvBytes})
+	}
+	n.peersMu.Unlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].Peer < out[j].Peer })
+	return out
+}
+
+// Node reports the node's own state.
+func (ms metricSource) Node() metrics.NodeStats {
+	n := ms.n
+	st := metrics.NodeStats{
+		Members:        map[string]int{},
+		PlannerRounds:  n.exec.Rounds(),
+		PlannerActions: n.exec.Actions(),
+		Settled:        n.exec.Settled(),
+		SyncBytes:      n.syncBytes.Load(),
+		SyncCap:        n.exec.NodeCap(),
+	}
+	for _, s := range n.target.Sessions() {
+		if !s.Discovery {
+			st.Sessions++
+		}
+	}
+	all := n.images.List(false)
+	st.Served = len(all)
+	for _, s := range all {
+		if s.Owned() {
+			st.Owned++
+		}
+	}
+	if n.members != nil {
+		for _, m := range n.members.Members() {
+			st.Members[string(m.State)]++
+		}
+	} else {
+		st.Members["alive"] = 1
+	}
+	if n.peerSrv != nil {
+		ps := n.peerSrv.Stats()
+		st.PeerBytesIn, st.PeerBytesOut = ps.BytesIn, ps.BytesOut
+	}
+	n.storeMu.Lock()
+	st.StoreOK = n.storeOK
+	n.storeMu.Unlock()
+	st.SessionRenewals = n.session.Renewals()
+	return st
+}
