@@ -10,6 +10,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -20,6 +21,7 @@ type Client struct {
 	http   *http.Client
 	stream *http.Client // no overall timeout: long syncs stream progress
 	token  string       // bearer token sent with every request, if set
+	tls    *tls.Config  // https settings, for For
 	err    error        // returned by every call (NewErrorClient)
 }
 
@@ -48,6 +50,7 @@ func NewClientWithAuth(addr string, token string, tlsConf *tls.Config) *Client {
 	}
 	c := NewClient(addr)
 	c.token = token
+	c.tls = tlsConf
 	if tlsConf != nil {
 		tr := http.DefaultTransport.(*http.Transport).Clone()
 		tr.TLSClientConfig = tlsConf
@@ -174,6 +177,38 @@ func (c *Client) GetImage(ctx context.Context, name string, blocks bool) (Image,
 		q = "?blocks=true"
 	}
 	return img, c.do(ctx, http.MethodGet, "/v1/images/"+url.PathEscape(name)+q, nil, &img)
+}
+
+// ImageRuns describes one image with its block map as runs (cells > 0:
+// at most that many cells per location, see BlockView).
+func (c *Client) ImageRuns(ctx context.Context, name string, cells int64) (Image, error) {
+	var img Image
+	q := "?blocks=runs"
+	if cells > 0 {
+		q += "&cells=" + strconv.FormatInt(cells, 10)
+	}
+	return img, c.do(ctx, http.MethodGet, "/v1/images/"+url.PathEscape(name)+q, nil, &img)
+}
+
+// Status returns the cluster's health as the node sees it.
+func (c *Client) Status(ctx context.Context) (ClusterStatus, error) {
+	var st ClusterStatus
+	return st, c.do(ctx, http.MethodGet, "/v1/status", nil, &st)
+}
+
+// IOStat returns the node's per-image I/O counters.
+func (c *Client) IOStat(ctx context.Context) (IOStat, error) {
+	var st IOStat
+	return st, c.do(ctx, http.MethodGet, "/v1/iostat", nil, &st)
+}
+
+// For returns a client of another node's API at addr, with this client's
+// token and TLS settings.
+func (c *Client) For(addr string) *Client {
+	if c.err != nil {
+		return c
+	}
+	return NewClientWithAuth(addr, c.token, c.tls)
 }
 
 // DeleteImage deletes an image and its data.

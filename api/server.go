@@ -23,7 +23,7 @@ import (
 type Service interface {
 	CreateImage(ctx context.Context, req CreateImageRequest) (Image, error)
 	ListImages(ctx context.Context) (ImageList, error)
-	GetImage(ctx context.Context, name string, blocks bool) (Image, error)
+	GetImage(ctx context.Context, name string, blocks BlockView) (Image, error)
 	DeleteImage(ctx context.Context, name string) error
 	NodeInfo(ctx context.Context) (Node, error)
 	ListNodes(ctx context.Context) ([]Node, error)
@@ -60,6 +60,11 @@ type Service interface {
 	SetGroup(ctx context.Context, g Group) (Group, error)
 	Groups(ctx context.Context) ([]Group, error)
 	DeleteGroup(ctx context.Context, name string) error
+	// Health checks this node only; it must be cheap (load balancers
+	// poll it).
+	Health(ctx context.Context) Health
+	Status(ctx context.Context) (ClusterStatus, error)
+	IOStat(ctx context.Context) (IOStat, error)
 }
 
 // maxBody bounds request bodies.
@@ -93,6 +98,9 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 	mux.HandleFunc("PUT /v1/policies/sync", h.setSyncPolicy)
 	mux.HandleFunc("GET /v1/policies/sync", h.syncPolicies)
 	mux.HandleFunc("GET /v1/stats", h.stats)
+	mux.HandleFunc("GET /v1/status", h.status)
+	mux.HandleFunc("GET /v1/iostat", h.iostat)
+	mux.HandleFunc("GET "+HealthPath, h.health)
 	mux.HandleFunc("POST /v1/images/{name}/attach", h.attach)
 	mux.HandleFunc("POST /v1/images/{name}/exports", h.export)
 	mux.HandleFunc("DELETE /v1/images/{name}/exports/{initiator}", h.unexport)
@@ -119,6 +127,13 @@ type Options struct {
 	// contents, and a CPU profile or trace runs as long as the caller
 	// asks.
 	Pprof bool
+	// Metrics, when set, is served at /metrics: behind the token unless
+	// MetricsPublic.
+	Metrics       http.Handler
+	MetricsPublic bool
+	// UI, when set, is served under /ui/ (behind the token, which a
+	// browser carries in a cookie: see RequireToken).
+	UI http.Handler
 }
 
 // NewServerHandler returns the handler a node serves: NewHandler over svc,
@@ -126,20 +141,33 @@ type Options struct {
 // o.Token is set.
 func NewServerHandler(svc Service, version string, log *slog.Logger, o Options) http.Handler {
 	h := NewHandler(svc, version, log)
+	mux := http.NewServeMux()
 	if o.Pprof {
-		mux := http.NewServeMux()
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-		mux.Handle("/", h)
-		h = mux
 	}
+	if o.Metrics != nil && !(o.MetricsPublic && len(o.Token) > 0) {
+		mux.Handle("GET /metrics", o.Metrics)
+	}
+	if o.UI != nil {
+		mux.Handle("GET /ui/", o.UI)
+		mux.Handle("GET /ui", http.RedirectHandler("/ui/", http.StatusMovedPermanently))
+	}
+	mux.Handle("/", h)
+	var out http.Handler = mux
 	if len(o.Token) > 0 {
-		h = RequireToken(h, o.Token)
+		out = RequireToken(mux, o.Token)
+		if o.Metrics != nil && o.MetricsPublic {
+			open := http.NewServeMux()
+			open.Handle("GET /metrics", o.Metrics)
+			open.Handle("/", out)
+			out = open
+		}
 	}
-	return h
+	return out
 }
 
 type handler struct {
@@ -260,16 +288,27 @@ func (h *handler) createImage(w http.ResponseWriter, r *http.Request) {
 }
 
 func (h *handler) getImage(w http.ResponseWriter, r *http.Request) {
-	blocks := false
-	if s := r.URL.Query().Get("blocks"); s != "" {
+	var view BlockView
+	q := r.URL.Query()
+	if s := q.Get("blocks"); s == "runs" {
+		view.Runs = true
+	} else if s != "" {
 		b, err := strconv.ParseBool(s)
 		if err != nil {
-			writeError(w, http.StatusBadRequest, fmt.Errorf("blocks=%q: want true or false", s))
+			writeError(w, http.StatusBadRequest, fmt.Errorf("blocks=%q: want true, false or runs", s))
 			return
 		}
-		blocks = b
+		view.Full = b
 	}
-	img, err := h.svc.GetImage(r.Context(), r.PathValue("name"), blocks)
+	if s := q.Get("cells"); s != "" {
+		c, err := strconv.ParseInt(s, 10, 64)
+		if err != nil || c < 1 || c > MaxCells || !view.Runs {
+			writeError(w, http.StatusBadRequest, fmt.Errorf("cells=%q: want 1 to %d, with blocks=runs", s, MaxCells))
+			return
+		}
+		view.Cells = c
+	}
+	img, err := h.svc.GetImage(r.Context(), r.PathValue("name"), view)
 	if err != nil {
 		h.fail(w, r, err)
 		return
@@ -487,6 +526,30 @@ func (h *handler) setSyncPolicy(w http.ResponseWriter, r *http.Request) {
 func (h *handler) syncPolicies(w http.ResponseWriter, r *http.Request) {
 	p, err := h.svc.SyncPolicies(r.Context())
 	h.answer(w, r, p, err)
+}
+
+// MaxCells bounds ?cells=: a picture of a block map needs no more.
+const MaxCells = 1 << 16
+
+func (h *handler) status(w http.ResponseWriter, r *http.Request) {
+	st, err := h.svc.Status(r.Context())
+	h.answer(w, r, st, err)
+}
+
+func (h *handler) iostat(w http.ResponseWriter, r *http.Request) {
+	st, err := h.svc.IOStat(r.Context())
+	h.answer(w, r, st, err)
+}
+
+// health answers 200 when every check passes, else 503 (what a load
+// balancer's HTTP check wants), with the checks in the body either way.
+func (h *handler) health(w http.ResponseWriter, r *http.Request) {
+	hl := h.svc.Health(r.Context())
+	code := http.StatusOK
+	if hl.Status != "ok" {
+		code = http.StatusServiceUnavailable
+	}
+	writeJSON(w, code, hl)
 }
 
 func (h *handler) stats(w http.ResponseWriter, r *http.Request) {

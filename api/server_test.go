@@ -16,7 +16,10 @@ import (
 
 // memService is a small in-memory Service: enough to exercise the HTTP
 // mapping (status codes, bodies, errors) without a node.
-type memService struct{ images map[string]Image }
+type memService struct {
+	images map[string]Image
+	health string
+}
 
 func (m *memService) CreateImage(_ context.Context, r CreateImageRequest) (Image, error) {
 	if err := meta.ValidateName(r.Name); err != nil {
@@ -29,7 +32,7 @@ func (m *memService) CreateImage(_ context.Context, r CreateImageRequest) (Image
 	return m.images[r.Name], nil
 }
 func (m *memService) ListImages(context.Context) (ImageList, error) { return ImageList{}, nil }
-func (m *memService) GetImage(_ context.Context, name string, _ bool) (Image, error) {
+func (m *memService) GetImage(_ context.Context, name string, _ BlockView) (Image, error) {
 	img, ok := m.images[name]
 	if !ok {
 		return Image{}, fmt.Errorf("%q: %w", name, meta.ErrImageNotFound)
@@ -102,6 +105,11 @@ func (m *memService) NodeOperation(_ context.Context, node string) (NodeOperatio
 func (m *memService) SetGroup(_ context.Context, g Group) (Group, error) { return g, nil }
 func (m *memService) Groups(context.Context) ([]Group, error)            { return nil, nil }
 func (m *memService) DeleteGroup(context.Context, string) error          { return nil }
+func (m *memService) Health(context.Context) Health {
+	return Health{Node: "n1", Status: m.health, Checks: []HealthCheck{{Name: "metadata", OK: m.health == "ok"}}}
+}
+func (m *memService) Status(context.Context) (ClusterStatus, error) { return ClusterStatus{Healthy: true}, nil }
+func (m *memService) IOStat(context.Context) (IOStat, error)        { return IOStat{}, nil }
 
 func TestHandlerStatusCodes(t *testing.T) {
 	srv := httptest.NewServer(NewHandler(&memService{images: map[string]Image{}}, "test", slog.New(slog.DiscardHandler)))
@@ -117,7 +125,7 @@ func TestHandlerStatusCodes(t *testing.T) {
 		{"POST", "/v1/images", `{"name":"x","size":1,"bogus":2}`, 400, "unknown field"},
 		{"POST", "/v1/images", `not json`, 400, "bad request body"},
 		{"GET", "/v1/images/vm1", "", 200, `"size": 1048576`},
-		{"GET", "/v1/images/vm1?blocks=maybe", "", 400, "want true or false"},
+		{"GET", "/v1/images/vm1?blocks=maybe", "", 400, "want true, false or runs"},
 		{"GET", "/v1/images/nope", "", 404, "not found"},
 		{"DELETE", "/v1/images/vm1", "", 503, "unavailable"},
 		{"GET", "/v1/nodes/zz", "", 404, "node not found"},

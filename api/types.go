@@ -185,6 +185,8 @@ type Image struct {
 	// BlockMap, only with ?blocks=true: one entry per block mapping each
 	// location's node to its state.
 	BlockMap []map[string]BlockState `json:"blocks,omitempty"`
+	// Runs, only with ?blocks=runs: the block map as runs.
+	Runs []BlockRun `json:"runs,omitempty"`
 }
 
 // Location is one copy of an image and how much of it is not in sync.
@@ -398,4 +400,109 @@ type Group struct {
 	Kind   string   `json:"kind"` // affinity or anti-affinity
 	Label  string   `json:"label"`
 	Images []string `json:"images,omitempty"`
+}
+
+// BlockView says what GET /v1/images/{name} adds about blocks: nothing,
+// the full per-block map (?blocks=true), or runs (?blocks=runs, with
+// &cells=N to draw at most N cells per location).
+type BlockView struct {
+	Full  bool
+	Runs  bool
+	Cells int64
+}
+
+// BlockRun is a range of blocks [First, Last] over which each location
+// has one state (0 in sync, 1 syncing, 2 out of sync). With cells, a
+// state is the worst of the run's blocks.
+type BlockRun struct {
+	First  int64          `json:"first"`
+	Last   int64          `json:"last"`
+	States map[string]int `json:"states"`
+}
+
+// Health is GET /v1/health: whether this node can serve. It is open
+// (like /v1/version) and says nothing about images.
+type Health struct {
+	Node   string        `json:"node"`
+	Status string        `json:"status"` // ok, or failing
+	Checks []HealthCheck `json:"checks"`
+}
+
+// HealthCheck is one check of a Health answer.
+type HealthCheck struct {
+	Name   string `json:"name"`
+	OK     bool   `json:"ok"`
+	Detail string `json:"detail,omitempty"`
+}
+
+// ClusterStatus is GET /v1/status: the cluster's health as the answering
+// node sees it (`ukai status`).
+type ClusterStatus struct {
+	Node     string      `json:"node"` // the answering node
+	Time     time.Time   `json:"time"`
+	Nodes    NodeCounts  `json:"nodes"`
+	Images   ImageCounts `json:"images"`
+	Problems []Problem   `json:"problems"`
+	// OutOfSyncBytes is the copy data not in sync; BacklogETASec the time
+	// to sync it at the nodes' caps (-1: some of it has no cap, or waits
+	// for a window or a dead node).
+	OutOfSyncBytes int64   `json:"out_of_sync_bytes"`
+	BacklogETASec  float64 `json:"backlog_eta_sec"`
+	// Activity is what the planner is doing, by kind (sync, add_location,
+	// remove_location, ...), counted over images.
+	Activity map[string]int `json:"activity"`
+	// Healthy is false when something needs an operator (Problems).
+	Healthy bool `json:"healthy"`
+}
+
+// NodeCounts counts the membership by state.
+type NodeCounts struct {
+	Total    int `json:"total"`
+	Alive    int `json:"alive"`
+	Suspect  int `json:"suspect"`
+	Dead     int `json:"dead"`
+	Left     int `json:"left"`
+	Cordoned int `json:"cordoned"`
+	Draining int `json:"draining"`
+}
+
+// ImageCounts counts images (snapshots apart) by health.
+type ImageCounts struct {
+	Total int `json:"total"`
+	// Degraded: fewer copies in sync on live nodes than wanted.
+	Degraded int `json:"degraded"`
+	// Unavailable: some block has no in-sync copy on a live node.
+	Unavailable int `json:"unavailable"`
+	// Ownerless: attached to, or owned by, a node that is not alive.
+	Ownerless int `json:"ownerless"`
+	Snapshots int `json:"snapshots"`
+}
+
+// Problem is one thing that needs an operator.
+type Problem struct {
+	Kind   string `json:"kind"` // node_dead, degraded, unavailable, ownerless, unreadable
+	Image  string `json:"image,omitempty"`
+	Node   string `json:"node,omitempty"`
+	Detail string `json:"detail"`
+}
+
+// IOStat is GET /v1/iostat: the I/O counters of the images that saw I/O
+// through the answering node since it started.
+type IOStat struct {
+	Node   string    `json:"node"`
+	Time   time.Time `json:"time"`
+	Images []ImageIO `json:"images"`
+}
+
+// ImageIO is one image's I/O counters on one node.
+type ImageIO struct {
+	Image      string `json:"image"`
+	Owner      string `json:"owner,omitempty"`
+	ReadOps    int64  `json:"read_ops"`
+	WriteOps   int64  `json:"write_ops"`
+	ReadBytes  int64  `json:"read_bytes"`
+	WriteBytes int64  `json:"write_bytes"`
+	ReadNanos  int64  `json:"read_latency_ns_sum"`
+	WriteNanos int64  `json:"write_latency_ns_sum"`
+	Errors     int64  `json:"errors"`
 }

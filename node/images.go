@@ -455,7 +455,7 @@ func (n *Node) createImage(ctx context.Context, req api.CreateImageRequest) (api
 	if _, err := n.recon.Refresh(ctx, created.Name); err != nil {
 		n.log.Warn("reconcile after create", "err", err)
 	}
-	return n.GetImage(ctx, created.Name, false)
+	return n.GetImage(ctx, created.Name, api.BlockView{})
 }
 
 // prepareCopyOn makes node create its empty copy of img.
@@ -490,7 +490,7 @@ func (n *Node) ListImages(ctx context.Context) (api.ImageList, error) {
 		out.Problems = append(out.Problems, b.Error())
 	}
 	for _, img := range imgs {
-		ai, err := n.describe(ctx, img, false)
+		ai, err := n.describe(ctx, img, api.BlockView{})
 		if err != nil {
 			out.Problems = append(out.Problems, err.Error())
 			continue
@@ -501,7 +501,7 @@ func (n *Node) ListImages(ctx context.Context) (api.ImageList, error) {
 }
 
 // GetImage implements api.Service.
-func (n *Node) GetImage(ctx context.Context, name string, blocks bool) (api.Image, error) {
+func (n *Node) GetImage(ctx context.Context, name string, blocks api.BlockView) (api.Image, error) {
 	if err := meta.ValidateName(name); err != nil {
 		return api.Image{}, err
 	}
@@ -512,7 +512,7 @@ func (n *Node) GetImage(ctx context.Context, name string, blocks bool) (api.Imag
 	return n.describe(ctx, img, blocks)
 }
 
-func (n *Node) describe(ctx context.Context, img meta.Image, blocks bool) (api.Image, error) {
+func (n *Node) describe(ctx context.Context, img meta.Image, blocks api.BlockView) (api.Image, error) {
 	out := api.Image{
 		Name: img.Name, ID: img.ID, Size: img.Size, BlockSize: img.BlockSize, Blocks: img.Blocks(),
 		Created: img.Created, IQN: n.iqn(img.Name), MinCopies: img.MinCopies,
@@ -542,7 +542,17 @@ func (n *Node) describe(ctx context.Context, img meta.Image, blocks bool) (api.I
 			Node: loc, OutOfSync: bm.Count(placement.OutOfSync), Syncing: bm.Count(placement.Syncing),
 		})
 	}
-	if blocks {
+	if blocks.Runs {
+		out.Runs = []api.BlockRun{}
+		for _, r := range placement.Runs(img.Blocks(), maps, blocks.Cells) {
+			states := make(map[string]int, len(maps))
+			for i, loc := range img.Locations {
+				states[loc] = int(r.States[i])
+			}
+			out.Runs = append(out.Runs, api.BlockRun{First: r.First, Last: r.Last, States: states})
+		}
+	}
+	if blocks.Full {
 		out.BlockMap = make([]map[string]api.BlockState, img.Blocks())
 		for b := range out.BlockMap {
 			m := make(map[string]api.BlockState, len(maps))

@@ -671,7 +671,7 @@ func (n *Node) Attach(ctx context.Context, name, node string) (api.Image, error)
 		}
 		sleep(ctx, 200*time.Millisecond)
 	}
-	return n.GetImage(ctx, name, false)
+	return n.GetImage(ctx, name, api.BlockView{})
 }
 
 // Detach implements api.Service: the image is no longer pinned; its owner
@@ -683,7 +683,7 @@ func (n *Node) Detach(ctx context.Context, name string) (api.Image, error) {
 	}); err != nil {
 		return api.Image{}, err
 	}
-	return n.GetImage(ctx, name, false)
+	return n.GetImage(ctx, name, api.BlockView{})
 }
 
 // Release implements peer.Control: give up ownership of the image now (a

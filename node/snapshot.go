@@ -529,7 +529,7 @@ func (n *Node) createCopy(ctx context.Context, req api.CreateImageRequest) (api.
 		return api.Image{}, fmt.Errorf("copy %s into %s: %w", src.Name, created.Name, err)
 	}
 	n.log.Info("image created from a copy", "image", created.Name, "source", src.Name, "took", time.Since(start))
-	return n.GetImage(ctx, created.Name, false)
+	return n.GetImage(ctx, created.Name, api.BlockView{})
 }
 
 // ResizeImage implements api.Service: grow an image online. Every copy's
@@ -572,7 +572,7 @@ func (n *Node) ResizeImage(ctx context.Context, name string, size int64) (api.Im
 	if _, err := n.recon.Refresh(ctx, name); err != nil {
 		n.log.Warn("reconcile after resize", "err", err)
 	}
-	return n.GetImage(ctx, name, false)
+	return n.GetImage(ctx, name, api.BlockView{})
 }
 
 func (n *Node) growCopyOn(ctx context.Context, node, id string, size int64) error {

@@ -406,7 +406,7 @@ func (n *Node) AddLocation(ctx context.Context, name, node string) (api.Image, e
 	if _, err := n.recon.Refresh(ctx, name); err != nil {
 		n.log.Warn("reconcile after location add", "err", err)
 	}
-	return n.GetImage(ctx, name, false)
+	return n.GetImage(ctx, name, api.BlockView{})
 }
 
 // RemoveLocation implements api.Service; refused when the node holds the
@@ -439,5 +439,5 @@ func (n *Node) RemoveLocation(ctx context.Context, name, node string) (api.Image
 	if _, err := n.recon.Refresh(ctx, name); err != nil {
 		n.log.Warn("reconcile after location remove", "err", err)
 	}
-	return n.GetImage(ctx, name, false)
+	return n.GetImage(ctx, name, api.BlockView{})
 }

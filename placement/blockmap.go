@@ -4,9 +4,9 @@ package placement
 
 import (
 	"encoding/binary"
-	"math/bits"
 	"errors"
 	"fmt"
+	"math/bits"
 )
 
 // SyncState is the state of one block of one location of an image.

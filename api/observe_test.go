@@ -1,0 +1,127 @@
+package api
+
+import (
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"testing"
+)
+
+// observeServer is NewServerHandler with a fake metrics handler and UI.
+func observeServer(t *testing.T, public bool) (*httptest.Server, *memService) {
+	t.Helper()
+	svc := &memService{images: map[string]Image{}, health: "ok"}
+	metrics := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ukai_up 1\n") })
+	ui := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "<html>ui</html>") })
+	srv := httptest.NewServer(NewServerHandler(svc, "test", slog.New(slog.DiscardHandler), Options{
+		Token: []byte(testToken), Metrics: metrics, MetricsPublic: public, UI: ui,
+	}))
+	t.Cleanup(srv.Close)
+	return srv, svc
+}
+
+func get(t *testing.T, c *http.Client, u string, hdr ...string) (int, string) {
+	t.Helper()
+	req, _ := http.NewRequest("GET", u, nil)
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+func TestMetricsBehindTokenUnlessPublic(t *testing.T) {
+	for _, public := range []bool{false, true} {
+		srv, _ := observeServer(t, public)
+		code, body := get(t, http.DefaultClient, srv.URL+"/metrics")
+		if public && (code != 200 || body != "ukai_up 1\n") {
+			t.Errorf("public: GET /metrics without a token: %d %q", code, body)
+		}
+		if !public && code != http.StatusUnauthorized {
+			t.Errorf("not public: GET /metrics without a token: %d %q", code, body)
+		}
+		if code, _ := get(t, http.DefaultClient, srv.URL+"/metrics", "Authorization", "Bearer "+testToken); code != 200 {
+			t.Errorf("public=%v: GET /metrics with the token: %d", public, code)
+		}
+		// Public metrics open nothing else.
+		if code, _ := get(t, http.DefaultClient, srv.URL+"/v1/images"); code != http.StatusUnauthorized {
+			t.Errorf("public=%v: GET /v1/images without a token: %d", public, code)
+		}
+	}
+}
+
+func TestHealthIsOpenAndSaysWhy(t *testing.T) {
+	srv, svc := observeServer(t, false)
+	code, body := get(t, http.DefaultClient, srv.URL+HealthPath)
+	if code != 200 || !strings.Contains(body, `"status": "ok"`) {
+		t.Fatalf("healthy: %d %s", code, body)
+	}
+	svc.health = "failing"
+	code, body = get(t, http.DefaultClient, srv.URL+HealthPath)
+	if code != http.StatusServiceUnavailable || !strings.Contains(body, `"ok": false`) {
+		t.Fatalf("failing: %d %s", code, body)
+	}
+}
+
+func TestUILogin(t *testing.T) {
+	srv, svc := observeServer(t, false)
+	noRedirect := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	// Without the token: the login form, 401; the UI handler is not run.
+	code, body := get(t, noRedirect, srv.URL+"/ui/")
+	if code != http.StatusUnauthorized || !strings.Contains(body, `action="/ui/login"`) || strings.Contains(body, "<html>ui</html>") {
+		t.Fatalf("GET /ui/ without a token: %d %s", code, body)
+	}
+	post := func(form url.Values) *http.Response {
+		resp, err := noRedirect.PostForm(srv.URL+LoginPath, form)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp
+	}
+	if resp := post(url.Values{"token": {"wrong"}}); resp.StatusCode != http.StatusUnauthorized || len(resp.Cookies()) != 0 {
+		t.Fatalf("wrong token: %d, cookies %v", resp.StatusCode, resp.Cookies())
+	}
+	resp := post(url.Values{"token": {testToken}, "next": {"https://evil.example/"}})
+	if resp.StatusCode != http.StatusSeeOther || resp.Header.Get("Location") != "/ui/" {
+		t.Fatalf("right token: %d, Location %q", resp.StatusCode, resp.Header.Get("Location"))
+	}
+	var cookie *http.Cookie
+	for _, c := range resp.Cookies() {
+		if c.Name == TokenCookie {
+			cookie = c
+		}
+	}
+	if cookie == nil || !cookie.HttpOnly || cookie.SameSite != http.SameSiteStrictMode {
+		t.Fatalf("cookie %+v", cookie)
+	}
+	withCookie := func(method, path string) int {
+		req, _ := http.NewRequest(method, srv.URL+path, strings.NewReader(`{"name":"vm1","size":1048576}`))
+		req.AddCookie(cookie)
+		resp, err := noRedirect.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if c := withCookie("GET", "/ui/"); c != 200 {
+		t.Fatalf("GET /ui/ with the cookie: %d", c)
+	}
+	if c := withCookie("GET", "/v1/images"); c != 200 {
+		t.Fatalf("GET /v1/images with the cookie: %d", c)
+	}
+	// The cookie never changes anything: a page of another site cannot
+	// use a logged-in browser to create or delete.
+	if c := withCookie("POST", "/v1/images"); c != http.StatusUnauthorized || len(svc.images) != 0 {
+		t.Fatalf("POST with only the cookie: %d, images %v", c, svc.images)
+	}
+}

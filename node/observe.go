@@ -1,0 +1,128 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"sort"
+	"time"
+
+	"github.com/ukai-storage/ukai/api"
+	"github.com/ukai-storage/ukai/node/status"
+	"github.com/ukai-storage/ukai/placement"
+)
+
+// healthTimeout bounds the metadata store check of Health: a load
+// balancer's probe must get an answer, not wait for Consul's.
+const healthTimeout = 2 * time.Second
+
+// Health implements api.Service: this node alone, cheaply. It fails when
+// the metadata store does not answer (the node keeps serving what it
+// exports, but cannot take images over or change anything) or the node
+// is shutting down.
+func (n *Node) Health(ctx context.Context) api.Health {
+	h := api.Health{Node: n.cfg.Node.Name, Status: "ok"}
+	add := func(name string, err error) {
+		c := api.HealthCheck{Name: name, OK: err == nil}
+		if err != nil {
+			c.Detail = err.Error()
+			h.Status = "failing"
+		}
+		h.Checks = append(h.Checks, c)
+	}
+	if n.life.Err() != nil {
+		add("running", context.Cause(n.life))
+	} else {
+		add("running", nil)
+	}
+	cctx, cancel := context.WithTimeout(ctx, healthTimeout)
+	defer cancel()
+	add("metadata", n.kv.Ping(cctx))
+	var err error
+	if n.target.Addr() == nil {
+		err = errors.New("the iSCSI portal is not listening")
+	}
+	add("iscsi", err)
+	return h
+}
+
+// IOStat implements api.Service.
+func (n *Node) IOStat(context.Context) (api.IOStat, error) {
+	out := api.IOStat{Node: n.cfg.Node.Name, Time: time.Now(), Images: []api.ImageIO{}}
+	for _, c := range n.metrics.IOStat() {
+		io := api.ImageIO{Image: c.Image, ReadOps: c.ReadOps, WriteOps: c.WriteOps, ReadBytes: c.ReadBytes, WriteBytes: c.WriteBytes,
+			ReadNanos: c.ReadNanos, WriteNanos: c.WriteNanos, Errors: c.Errors}
+		if s := n.images.Get(c.Image); s != nil {
+			io.Owner = s.Record().Owner
+		}
+		out.Images = append(out.Images, io)
+	}
+	sort.Slice(out.Images, func(i, j int) bool { return out.Images[i].Image < out.Images[j].Image })
+	return out, nil
+}
+
+// Status implements api.Service: it reads every image's record, policy
+// and block maps (like `image list`), so it costs a few store reads per
+// image; it is for operators, not for polling (see Health and /metrics).
+func (n *Node) Status(ctx context.Context) (api.ClusterStatus, error) {
+	nodes, err := n.ListNodes(ctx)
+	if err != nil {
+		return api.ClusterStatus{}, err
+	}
+	def, perNode, _, _, err := n.cat.SyncPolicies(ctx)
+	if err != nil {
+		return api.ClusterStatus{}, err
+	}
+	var sn []status.Node
+	alive := map[string]bool{}
+	for _, m := range nodes {
+		c := int64(0)
+		if def != nil {
+			c = def.MaxRate
+		}
+		if p, ok := perNode[m.Name]; ok && p.MaxRate > 0 {
+			c = p.MaxRate
+		}
+		sn = append(sn, status.Node{Name: m.Name, State: m.State, Cordoned: m.Cordoned, Draining: m.Draining, Cap: c})
+		alive[m.Name] = m.State == "alive" || m.State == "suspect"
+	}
+	imgs, _, bad, err := n.cat.ListImages(ctx)
+	if err != nil {
+		return api.ClusterStatus{}, err
+	}
+	var unreadable []string
+	for _, b := range bad {
+		unreadable = append(unreadable, b.Error())
+	}
+	var si []status.Image
+	for _, img := range imgs {
+		x := status.Image{Name: img.Name, Snapshot: img.IsSnapshot(), Owner: img.Owner, Attached: img.Attached,
+			BlockSize: img.BlockSize, Wanted: len(img.Locations), SyncPaused: img.SyncPaused}
+		if x.Snapshot {
+			si = append(si, x)
+			continue
+		}
+		if pol, _, err := n.cat.ImagePolicy(ctx, img.Name); err == nil && pol.Replicas > 0 {
+			x.Wanted = pol.Replicas
+		}
+		var live []*placement.BlockMap
+		ok := true
+		for _, loc := range img.Locations {
+			bm, err := n.cat.BlockMap(ctx, img, loc)
+			if err != nil {
+				unreadable = append(unreadable, err.Error())
+				ok = false
+				break
+			}
+			x.Locations = append(x.Locations, status.Location{Node: loc, OutOfSync: bm.Count(placement.OutOfSync), Syncing: bm.Count(placement.Syncing)})
+			if alive[loc] {
+				live = append(live, bm)
+			}
+		}
+		if !ok {
+			continue
+		}
+		x.Unprotected = placement.Unprotected(img.Blocks(), live)
+		si = append(si, x)
+	}
+	return status.Summarize(n.cfg.Node.Name, time.Now(), sn, si, unreadable), nil
+}
