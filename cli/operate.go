@@ -165,7 +165,15 @@ func (a *app) waitDrain(ctx context.Context, w io.Writer, node string, every tim
 			rate = float64(peak-op.BytesLeft) / d
 		}
 		line := drainLine(op, rate)
-		if line != last {
+		switch {
+		case isTerminal(w):
+			// A bar redrawn in place; the images waiting are listed at
+			// the end (or on interrupt).
+			fmt.Fprintf(w, "\r%s %s   ", bar(int64(op.Done), int64(op.Total)), line)
+			if op.Done >= op.Total && len(op.Images) == 0 {
+				fmt.Fprintln(w)
+			}
+		case line != last:
 			fmt.Fprintln(w, line)
 			last = line
 		}

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"sort"
 	"strings"
@@ -127,6 +128,8 @@ func policyString(p api.ImagePolicy) string {
 
 func (a *app) imageRelocateCmd() *cobra.Command {
 	var req api.RelocateRequest
+	var wait bool
+	var every, timeout time.Duration
 	cmd := &cobra.Command{
 		Use:   "relocate IMAGE --to NODE [--from NODE] | --cancel",
 		Short: "Move a copy next to the VM: add NODE, fill it, then remove the old copy once every block has another in-sync copy",
@@ -143,10 +146,23 @@ func (a *app) imageRelocateCmd() *cobra.Command {
 				fmt.Fprintf(a.out, "relocation of %s cancelled; copies stay as they are now\n", args[0])
 				return nil
 			}
-			fmt.Fprintf(a.out, "relocating %s: %s (follow it with `ukai image info %s`)\n", args[0], policyString(p), args[0])
-			return nil
+			if !wait {
+				fmt.Fprintf(a.out, "relocating %s: %s (follow it with `ukai image info %s`)\n", args[0], policyString(p), args[0])
+				return nil
+			}
+			fmt.Fprintf(a.out, "relocating %s: %s\n", args[0], policyString(p))
+			ctx := cmd.Context()
+			if timeout > 0 {
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithTimeout(ctx, timeout)
+				defer cancel()
+			}
+			return a.waitRelocation(ctx, args[0], req.To, every)
 		},
 	}
+	cmd.Flags().BoolVar(&wait, "wait", false, "wait until the relocation is done, with a progress bar on a terminal")
+	cmd.Flags().DurationVar(&every, "interval", time.Second, "with --wait: how often to check")
+	cmd.Flags().DurationVar(&timeout, "timeout", 0, "with --wait: give up after this long (exit status 1, the relocation goes on)")
 	cmd.Flags().StringVar(&req.To, "to", "", "node that gets the new copy")
 	cmd.Flags().StringVar(&req.From, "from", "", "copy to remove once the new one is in sync")
 	cmd.Flags().BoolVar(&req.Cancel, "cancel", false, "stop the relocation in progress")
@@ -339,4 +355,45 @@ func (a *app) statsCmd() *cobra.Command {
 	}
 	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
 	return cmd
+}
+
+// waitRelocation follows a relocation of image to node until it is done:
+// the copy on node in sync and the relocation gone from the policy (the
+// old copy removed).
+func (a *app) waitRelocation(ctx context.Context, image, to string, every time.Duration) error {
+	var pr *progress
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		img, err := a.client().GetImage(ctx, image, false)
+		if err != nil {
+			return fmt.Errorf("relocate %s: %w", image, err)
+		}
+		inSync := int64(-1)
+		for _, l := range img.Locations {
+			if l.Node == to {
+				inSync = img.Blocks - l.OutOfSync - l.Syncing
+			}
+		}
+		if pr == nil {
+			pr = newProgress(a.out, "relocate "+image+" to "+to, "blocks", img.Blocks)
+		}
+		if inSync >= 0 {
+			pr.set(inSync)
+		}
+		if img.Policy == nil || img.Policy.Relocate == nil {
+			pr.finish()
+			if inSync < 0 {
+				return fmt.Errorf("relocate %s: the relocation ended without a copy on %s (cancelled?)", image, to)
+			}
+			fmt.Fprintf(a.out, "relocated %s: copies on %s\n", image, locSummary(img))
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			pr.finish()
+			return fmt.Errorf("relocate %s: not done yet (%d/%d blocks on %s): %w", image, max(inSync, 0), img.Blocks, to, ctx.Err())
+		case <-t.C:
+		}
+	}
 }

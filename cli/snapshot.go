@@ -146,6 +146,7 @@ func (a *app) imageImportCmd() *cobra.Command {
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var r io.Reader = os.Stdin
+			total := int64(-1)
 			if args[1] != "-" {
 				f, err := os.Open(args[1])
 				if err != nil {
@@ -153,8 +154,19 @@ func (a *app) imageImportCmd() *cobra.Command {
 				}
 				defer f.Close()
 				r = f
+				if st, err := f.Stat(); err == nil && st.Mode().IsRegular() {
+					total = st.Size()
+				}
+			}
+			var pr *progress
+			if total > 0 {
+				pr = newProgress(cmd.ErrOrStderr(), "import "+args[0], "bytes", total)
+				r = countingReader{r: r, p: pr}
 			}
 			n, err := a.client().WriteData(cmd.Context(), args[0], r)
+			if pr != nil {
+				pr.finish()
+			}
 			if err != nil {
 				return fmt.Errorf("import into %s: %w", args[0], err)
 			}
@@ -179,7 +191,17 @@ func (a *app) imageExportDataCmd() *cobra.Command {
 				defer f.Close()
 				w = f
 			}
-			if err := a.client().ReadData(cmd.Context(), args[0], func(int64) {}, w); err != nil {
+			// Progress goes to stderr: stdout may be the data.
+			var pr *progress
+			cw := &countingWriter{w: w}
+			err := a.client().ReadData(cmd.Context(), args[0], func(size int64) {
+				pr = newProgress(cmd.ErrOrStderr(), "download "+args[0], "bytes", size)
+				cw.p = pr
+			}, cw)
+			if pr != nil {
+				pr.finish()
+			}
+			if err != nil {
 				if args[1] != "-" {
 					os.Remove(args[1])
 				}

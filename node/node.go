@@ -21,6 +21,7 @@ import (
 	"github.com/ukai-storage/ukai/node/datadir"
 	"github.com/ukai-storage/ukai/node/executor"
 	"github.com/ukai-storage/ukai/node/metrics"
+	"github.com/ukai-storage/ukai/webui"
 	"github.com/ukai-storage/ukai/node/operate"
 	"github.com/ukai-storage/ukai/node/reconcile"
 	"github.com/ukai-storage/ukai/node/route"
@@ -167,6 +168,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 	handler := api.NewServerHandler(n, version, log.With("component", "api"), api.Options{
 		Token: []byte(n.sec.token), Pprof: cfg.API.Pprof,
 		Metrics: n.metrics.Handler(), MetricsPublic: cfg.API.MetricsPublic,
+		UI: webui.Handler(),
 	})
 	n.apiSrv = &http.Server{
 		TLSConfig:         n.sec.apiServer,
