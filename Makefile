@@ -39,7 +39,7 @@ deps:
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; fi
-	@missing=""; for p in python3-cinder python3-stestr python3-ddt python3-oslotest; do \
+	@missing=""; for p in python3-cinder python3-stestr python3-ddt python3-oslotest prometheus chromium fonts-dejavu-core; do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; fi

@@ -1159,6 +1159,13 @@ func (v *view) sync() {
 		if lo < 0 {
 			continue
 		}
+		if v.img.SyncPaused {
+			// The operator's pause wins over windows and drains: the
+			// copy waits until `ukai image sync IMAGE --resume`.
+			v.wait(x, time.Time{}, "%s has %d of %d %s not in sync; sync paused by the operator (ukai image sync %s --resume)",
+				x, need-orphan, v.n, plural(int(v.n), "block", "blocks"), v.img.Name)
+			continue
+		}
 		if now := v.drainNow(); now != "" {
 			var src []string
 			for _, l := range v.img.Locations {

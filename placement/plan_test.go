@@ -637,3 +637,15 @@ func sameSet(a, b []string) bool {
 	slices.Sort(y)
 	return slices.Equal(x, y)
 }
+
+// TestSyncPaused: an operator's pause holds a copy's sync, window or not;
+// adding copies still happens, and resuming syncs again.
+func TestSyncPaused(t *testing.T) {
+	paused := im("i", ImagePolicy{Replicas: 3}, "n1", bm(), "n2", bm(4, 5))
+	paused.SyncPaused = true
+	checkPlan(t, State{Nodes: threeZones(), Images: []ImageState{paused}},
+		[]string{"add_location n3", "wait n2"}, []string{"", "sync paused by the operator (ukai image sync i --resume)"})
+	paused.SyncPaused = false
+	checkPlan(t, State{Nodes: threeZones(), Images: []ImageState{paused}},
+		[]string{"add_location n3", "sync n2 [4,6)"}, nil)
+}

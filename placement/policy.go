@@ -164,6 +164,9 @@ type ImageState struct {
 	// used by locality.
 	Owner      string
 	OwnerSince time.Time
+	// SyncPaused: the operator paused the image's background sync (ukai
+	// image sync --pause); its copies wait.
+	SyncPaused bool
 }
 
 // State is everything the planner decides from.

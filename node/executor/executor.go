@@ -518,7 +518,7 @@ func (e *Executor) State(ctx context.Context, img Image) (placement.State, error
 	} else if rec, maps, err = e.catalogMaps(ctx, rec); err != nil {
 		return st, err
 	}
-	is := placement.ImageState{Name: rec.Name, Size: rec.Size, BlockSize: rec.BlockSize, Locations: rec.Locations, Policy: pol, Maps: maps}
+	is := placement.ImageState{Name: rec.Name, Size: rec.Size, BlockSize: rec.BlockSize, Locations: rec.Locations, Policy: pol, Maps: maps, SyncPaused: rec.SyncPaused}
 	if p, ok := images[rec.Name]; ok {
 		is.Sync = &p
 	}

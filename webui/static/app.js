@@ -7,8 +7,8 @@ const POLL_MS = 1000;
 const STATE_NAMES = ["in sync", "syncing", "out of sync"];
 
 let updates = 0;
-let last = null;   // {image, t, pending}: the previous sample, for the rate
-let rate = 0;      // bytes per second, smoothed
+let last = null;   // {image, base, at, started}: where the rate counts from
+let rate = 0;      // bytes per second
 let grid = null;   // {key, rows: {node: [cell elements]}}
 
 function $(id) { return document.getElementById(id); }
@@ -171,14 +171,18 @@ async function imageView(name) {
     if (l.out_of_sync + l.syncing > 0) parts.push(l.node + ": " + l.out_of_sync + " out of sync, " + l.syncing + " syncing");
   }
   $("summary").textContent = parts.length ? parts.join("; ") : "every copy in sync";
+  // The rate counts from the first drop of the pending blocks to the
+  // latest one: the catalog's maps change in batches, so a rate between
+  // two polls (or from before the first batch) spikes.
   const now = performance.now() / 1000;
-  if (last && last.image === img.id && now > last.t) {
-    const moved = (last.pending - pending) * img.block_size / (now - last.t);
-    rate = moved >= 0 ? (rate ? 0.7 * rate + 0.3 * moved : moved) : rate;
-  } else {
+  if (!last || last.image !== img.id || pending > last.base) {
+    last = { image: img.id, base: pending, at: now, started: false };
     rate = 0;
+  } else if (pending < last.base && !last.started) {
+    last = { image: img.id, base: pending, at: now, started: true };
+  } else if (last.started && now > last.at && pending < last.base) {
+    rate = (last.base - pending) * img.block_size / (now - last.at);
   }
-  last = { image: img.id, t: now, pending };
   $("rate").textContent = pending > 0 && rate > 0 ? "at " + fmtBytes(rate) + "/s" : "";
   $("eta").textContent = pending > 0 ? "ETA " + (rate > 0 ? fmtDuration(pending * img.block_size / rate) : "unknown") : "";
   document.body.dataset.pending = String(pending);
