@@ -108,8 +108,10 @@ func (m *memService) DeleteGroup(context.Context, string) error          { retur
 func (m *memService) Health(context.Context) Health {
 	return Health{Node: "n1", Status: m.health, Checks: []HealthCheck{{Name: "metadata", OK: m.health == "ok"}}}
 }
-func (m *memService) Status(context.Context) (ClusterStatus, error) { return ClusterStatus{Healthy: true}, nil }
-func (m *memService) IOStat(context.Context) (IOStat, error)        { return IOStat{}, nil }
+func (m *memService) Status(context.Context) (ClusterStatus, error) {
+	return ClusterStatus{Healthy: true}, nil
+}
+func (m *memService) IOStat(context.Context) (IOStat, error) { return IOStat{}, nil }
 
 func TestHandlerStatusCodes(t *testing.T) {
 	srv := httptest.NewServer(NewHandler(&memService{images: map[string]Image{}}, "test", slog.New(slog.DiscardHandler)))

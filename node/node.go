@@ -21,13 +21,13 @@ import (
 	"github.com/ukai-storage/ukai/node/datadir"
 	"github.com/ukai-storage/ukai/node/executor"
 	"github.com/ukai-storage/ukai/node/metrics"
-	"github.com/ukai-storage/ukai/webui"
 	"github.com/ukai-storage/ukai/node/operate"
 	"github.com/ukai-storage/ukai/node/reconcile"
 	"github.com/ukai-storage/ukai/node/route"
 	"github.com/ukai-storage/ukai/node/served"
 	"github.com/ukai-storage/ukai/ownership"
 	"github.com/ukai-storage/ukai/target/iscsi"
+	"github.com/ukai-storage/ukai/webui"
 )
 
 // Node is one running ukai daemon. The rules it runs live in their own
