@@ -476,3 +476,23 @@ func TestWebViewInChromium(t *testing.T) {
 	}
 	check("synced")
 }
+
+// TestAlertRulesInDocs: the example alert rules of docs/monitoring.md are
+// valid Prometheus rules.
+func TestAlertRulesInDocs(t *testing.T) {
+	doc, err := os.ReadFile("../docs/monitoring.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(doc), "### Example alert rules\n\n```yaml\n")
+	rules, _, ok2 := strings.Cut(rest, "```")
+	if !ok || !ok2 {
+		t.Fatal("docs/monitoring.md has no yaml block under \"Example alert rules\"")
+	}
+	p := filepath.Join(t.TempDir(), "rules.yml")
+	os.WriteFile(p, []byte(rules), 0o600)
+	out, err := exec.Command("promtool", "check", "rules", p).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "SUCCESS") {
+		t.Fatalf("promtool check rules: %v\n%s", err, out)
+	}
+}
