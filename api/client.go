@@ -190,6 +190,44 @@ func (c *Client) ImageRuns(ctx context.Context, name string, cells int64) (Image
 	return img, c.do(ctx, http.MethodGet, "/v1/images/"+url.PathEscape(name)+q, nil, &img)
 }
 
+// CopyImage creates an image from req.Source (clone, or copy of a
+// snapshot), calling progress with each progress line.
+func (c *Client) CopyImage(ctx context.Context, req CreateImageRequest, progress func(CopyProgress)) (Image, error) {
+	if c.err != nil {
+		return Image{}, c.err
+	}
+	b, err := json.Marshal(req)
+	if err != nil {
+		return Image{}, err
+	}
+	resp, err := c.openStream(ctx, http.MethodPost, "/v1/images?progress=true", bytes.NewReader(b), "application/json")
+	if err != nil {
+		return Image{}, err
+	}
+	defer resp.Body.Close()
+	dec := json.NewDecoder(resp.Body)
+	for {
+		var p CopyProgress
+		if err := dec.Decode(&p); err == io.EOF {
+			return Image{}, errors.New("copy progress stream ended without a result (the node went away?)")
+		} else if err != nil {
+			return Image{}, fmt.Errorf("copy progress stream: %w", err)
+		}
+		if p.Final {
+			if p.Error != "" {
+				return Image{}, &StatusError{Status: p.Code, Message: p.Error}
+			}
+			if p.Image == nil {
+				return Image{}, errors.New("copy progress stream: a final line without the image")
+			}
+			return *p.Image, nil
+		}
+		if progress != nil {
+			progress(p)
+		}
+	}
+}
+
 // Status returns the cluster's health as the node sees it.
 func (c *Client) Status(ctx context.Context) (ClusterStatus, error) {
 	var st ClusterStatus

@@ -1,6 +1,8 @@
 package api
 
 import (
+	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net/http"
@@ -123,5 +125,23 @@ func TestUILogin(t *testing.T) {
 	// use a logged-in browser to create or delete.
 	if c := withCookie("POST", "/v1/images"); c != http.StatusUnauthorized || len(svc.images) != 0 {
 		t.Fatalf("POST with only the cookie: %d, images %v", c, svc.images)
+	}
+}
+
+func TestCopyImageStreamsProgress(t *testing.T) {
+	svc := &memService{images: map[string]Image{}}
+	srv := httptest.NewServer(NewHandler(svc, "test", slog.New(slog.DiscardHandler)))
+	defer srv.Close()
+	c := NewClient(strings.TrimPrefix(srv.URL, "http://"))
+	var lines []CopyProgress
+	img, err := c.CopyImage(context.Background(), CreateImageRequest{Name: "vm2", Source: "vm1", Size: 1 << 20}, func(p CopyProgress) { lines = append(lines, p) })
+	if err != nil || img.Name != "vm2" || len(lines) != 2 || lines[1].Done != 1 {
+		t.Fatalf("copy: %+v %v, progress %+v", img, err, lines)
+	}
+	// An error after the stream started reaches the caller with its status.
+	_, err = c.CopyImage(context.Background(), CreateImageRequest{Name: "vm2", Source: "vm1", Size: 1 << 20}, nil)
+	var se *StatusError
+	if !errors.As(err, &se) || se.Status != http.StatusConflict {
+		t.Fatalf("copy onto an existing name: %v", err)
 	}
 }

@@ -22,6 +22,9 @@ import (
 // 503; anything else is a 500.
 type Service interface {
 	CreateImage(ctx context.Context, req CreateImageRequest) (Image, error)
+	// CopyImage creates an image from req.Source (a clone or a copy of a
+	// snapshot) like CreateImage, calling progress as the data is copied.
+	CopyImage(ctx context.Context, req CreateImageRequest, progress func(CopyProgress)) (Image, error)
 	ListImages(ctx context.Context) (ImageList, error)
 	GetImage(ctx context.Context, name string, blocks BlockView) (Image, error)
 	DeleteImage(ctx context.Context, name string) error
@@ -279,12 +282,48 @@ func (h *handler) createImage(w http.ResponseWriter, r *http.Request) {
 	if !decodeBody(w, r, &req) {
 		return
 	}
+	if r.URL.Query().Get("progress") == "true" && req.Source != "" {
+		h.copyImage(w, r, req)
+		return
+	}
 	img, err := h.svc.CreateImage(r.Context(), req)
 	if err != nil {
 		h.fail(w, r, err)
 		return
 	}
 	writeJSON(w, http.StatusCreated, img)
+}
+
+// copyImage streams a copy's progress as NDJSON; an error before the
+// first line is an ordinary error answer, one after it the final line's.
+func (h *handler) copyImage(w http.ResponseWriter, r *http.Request, req CreateImageRequest) {
+	started := false
+	flusher, _ := w.(http.Flusher)
+	enc := json.NewEncoder(w)
+	start := func() {
+		if !started {
+			w.Header().Set("Content-Type", "application/x-ndjson")
+			w.WriteHeader(http.StatusCreated)
+			started = true
+		}
+	}
+	img, err := h.svc.CopyImage(r.Context(), req, func(p CopyProgress) {
+		start()
+		_ = enc.Encode(p)
+		if flusher != nil {
+			flusher.Flush()
+		}
+	})
+	if err != nil && !started {
+		h.fail(w, r, err)
+		return
+	}
+	start()
+	if err != nil {
+		_ = enc.Encode(CopyProgress{Final: true, Error: err.Error(), Code: StatusOf(err)})
+		return
+	}
+	_ = enc.Encode(CopyProgress{Final: true, Image: &img, Done: img.Size, Total: img.Size})
 }
 
 func (h *handler) getImage(w http.ResponseWriter, r *http.Request) {

@@ -32,6 +32,11 @@ func (m *memService) CreateImage(_ context.Context, r CreateImageRequest) (Image
 	return m.images[r.Name], nil
 }
 func (m *memService) ListImages(context.Context) (ImageList, error) { return ImageList{}, nil }
+func (m *memService) CopyImage(ctx context.Context, r CreateImageRequest, progress func(CopyProgress)) (Image, error) {
+	progress(CopyProgress{Done: 0, Total: 2})
+	progress(CopyProgress{Done: 1, Total: 2})
+	return m.CreateImage(ctx, r)
+}
 func (m *memService) GetImage(_ context.Context, name string, _ BlockView) (Image, error) {
 	img, ok := m.images[name]
 	if !ok {

@@ -506,3 +506,15 @@ type ImageIO struct {
 	WriteNanos int64  `json:"write_latency_ns_sum"`
 	Errors     int64  `json:"errors"`
 }
+
+// CopyProgress is one line of the NDJSON stream POST /v1/images?progress=true
+// answers for a clone or a copy of a snapshot: bytes of the source done so
+// far, then a final line with the image or the error (and its HTTP status).
+type CopyProgress struct {
+	Done  int64  `json:"done_bytes"`
+	Total int64  `json:"total_bytes"`
+	Final bool   `json:"final,omitempty"`
+	Image *Image `json:"image,omitempty"`
+	Error string `json:"error,omitempty"`
+	Code  int    `json:"code,omitempty"`
+}

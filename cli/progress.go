@@ -46,9 +46,10 @@ func (p *progress) set(done int64) {
 	p.draw(done, false)
 }
 
-// finish draws the last state and ends the line.
+// finish draws the last state (ending a bar's line); without a terminal
+// only when a line was printed before, so a quick operation prints none.
 func (p *progress) finish() {
-	if p.tty {
+	if p.tty || !p.drawn.IsZero() {
 		p.draw(p.done.Load(), true)
 	}
 }

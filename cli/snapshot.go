@@ -105,7 +105,18 @@ func (a *app) imageCloneCmd() *cobra.Command {
 			if minCopies < 0 {
 				return fmt.Errorf("--min-copies: must be at least 1")
 			}
-			img, err := a.client().CreateImage(cmd.Context(), api.CreateImageRequest{Name: args[1], Source: args[0], Size: sz, Locations: locations, MinCopies: minCopies})
+			var pr *progress
+			img, err := a.client().CopyImage(cmd.Context(), api.CreateImageRequest{Name: args[1], Source: args[0], Size: sz, Locations: locations, MinCopies: minCopies},
+				func(p api.CopyProgress) {
+					if pr == nil {
+						pr = newProgress(cmd.ErrOrStderr(), "clone "+args[0], "bytes", p.Total)
+					}
+					pr.set(p.Done)
+				})
+			if pr != nil {
+				pr.set(pr.total)
+				pr.finish()
+			}
 			if err != nil {
 				return fmt.Errorf("clone %s into %s: %w", args[0], args[1], err)
 			}

@@ -75,7 +75,11 @@ func TestSnapshotsClonesAndGrowth(t *testing.T) {
 
 	// A clone of the live image holds its data now; writes to the clone
 	// stay there.
-	n3.mustCLI("image", "clone", "vol", "clone1", "--size", "48M")
+	// Not a terminal: plain progress lines on stderr, the first at 0.
+	if cout, cerr, err := n3.cli("image", "clone", "vol", "clone1", "--size", "48M"); err != nil || !strings.Contains(cout, "created image clone1 from vol") ||
+		!strings.Contains(cerr, "clone vol: 0 of 32M") || strings.Contains(cerr, "\r") {
+		t.Fatalf("clone: %v\nstdout %s\nstderr %q", err, cout, cerr)
+	}
 	qemuIO(t, n1.url("clone1"), "read -P 0xa1 8M 4M", "read -P 0xb1 12M 8M", "read -P 0xa2 20M 8M", "read -P 0xb2 28M 4M", "read -P 0 32M 16M",
 		"write -P 0xc1 0 1M", "flush")
 	qemuIO(t, n1.url("vol"), "read -P 0xb1 12M 8M")

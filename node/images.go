@@ -403,15 +403,21 @@ func (n *Node) TargetNames() []string {
 // exported here; the other nodes export it when they see the record.
 func (n *Node) CreateImage(ctx context.Context, req api.CreateImageRequest) (api.Image, error) {
 	if req.Source != "" {
-		if err := meta.ValidateName(req.Name); err != nil {
-			return api.Image{}, err
-		}
-		if err := meta.ValidateName(req.Source); err != nil {
-			return api.Image{}, fmt.Errorf("source: %w", err)
-		}
-		return n.createCopy(ctx, req)
+		return n.CopyImage(ctx, req, nil)
 	}
 	return n.createImage(ctx, req)
+}
+
+// CopyImage implements api.Service: an image from req.Source, progress
+// (when not nil) called as the source's data is copied.
+func (n *Node) CopyImage(ctx context.Context, req api.CreateImageRequest, progress func(api.CopyProgress)) (api.Image, error) {
+	if err := meta.ValidateName(req.Name); err != nil {
+		return api.Image{}, err
+	}
+	if err := meta.ValidateName(req.Source); err != nil {
+		return api.Image{}, fmt.Errorf("source: %w", err)
+	}
+	return n.createCopy(ctx, req, progress)
 }
 
 func (n *Node) createImage(ctx context.Context, req api.CreateImageRequest) (api.Image, error) {

@@ -407,10 +407,17 @@ func (n *Node) unlistSnapshot(ctx context.Context, image string, snap meta.Image
 // copyInto fills the new image dst (owned here, fresh: all zeros) from
 // read, block by block, skipping blocks of zeros (hole: known to be zeros
 // without reading; may be nil).
-func (n *Node) copyInto(ctx context.Context, dst *served.Image, size int64, read func(p []byte, off int64) error, hole func(off, n int64) bool) error {
+func (n *Node) copyInto(ctx context.Context, dst *served.Image, size int64, read func(p []byte, off int64) error, hole func(off, n int64) bool, progress func(api.CopyProgress)) error {
 	img := dst.Record()
 	buf := make([]byte, img.BlockSize)
+	var told time.Time
 	for off := int64(0); off < size; off += img.BlockSize {
+		// At most 5 lines a second: a clone of 64 KiB blocks would send
+		// thousands.
+		if progress != nil && time.Since(told) >= 200*time.Millisecond {
+			progress(api.CopyProgress{Done: off, Total: size})
+			told = time.Now()
+		}
 		p := buf[:min(img.BlockSize, size-off)]
 		if hole != nil && hole(off, int64(len(p))) {
 			continue
@@ -431,7 +438,7 @@ func (n *Node) copyInto(ctx context.Context, dst *served.Image, size int64, read
 // createCopy creates image req.Name from req.Source, a snapshot (its
 // point-in-time data) or an image (a crash-consistent clone through a
 // temporary snapshot). It runs on the source's origin's owner.
-func (n *Node) createCopy(ctx context.Context, req api.CreateImageRequest) (api.Image, error) {
+func (n *Node) createCopy(ctx context.Context, req api.CreateImageRequest, progress func(api.CopyProgress)) (api.Image, error) {
 	src, _, err := n.cat.GetImage(ctx, req.Source)
 	if err != nil {
 		return api.Image{}, fmt.Errorf("source: %w", err)
@@ -443,6 +450,9 @@ func (n *Node) createCopy(ctx context.Context, req api.CreateImageRequest) (api.
 	if c, err := n.remoteOwner(ctx, origin); err != nil {
 		return api.Image{}, err
 	} else if c != nil {
+		if progress != nil {
+			return c.CopyImage(ctx, req, progress)
+		}
 		return c.CreateImage(ctx, req)
 	}
 	if req.Size == 0 {
@@ -520,7 +530,7 @@ func (n *Node) createCopy(ctx context.Context, req api.CreateImageRequest) (api.
 					return false
 				}
 				return n.snapshotHole(ctx, s, sn, off/snap.BlockSize)
-			})
+			}, progress)
 	}()
 	if err != nil {
 		if derr := n.DeleteImage(context.WithoutCancel(ctx), created.Name); derr != nil {
