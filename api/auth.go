@@ -1,8 +1,10 @@
 package api
 
 import (
+	"crypto/hmac"
 	"crypto/sha256"
 	"crypto/subtle"
+	"encoding/hex"
 	"errors"
 	"net/http"
 	"strings"
@@ -17,11 +19,39 @@ const VersionPath = "/v1/version"
 // without a token, and it says only whether this node can serve.
 const HealthPath = "/v1/health"
 
-// TokenCookie carries the token of a browser (the web view): set by
-// POST /ui/login, HttpOnly and SameSite=Strict, and accepted only on GET
-// and HEAD, so a page of another site can neither read it nor make a
-// browser change anything with it.
-const TokenCookie = "ukai_token"
+// TokenCookie is a browser's proof of the token (the web view): set by
+// POST /ui/login, HttpOnly, SameSite=Strict, for 12 hours. Its value is
+// not the token but an HMAC of it (CookieValue): browsers send a host's
+// cookies to every port of that host, so another service there could see
+// it, and it must not be worth the token. It is accepted only on GET and
+// HEAD of what the web view reads (cookieAllowed): never for a change,
+// nor for an image's data.
+const TokenCookie = "ukai_ui"
+
+// cookieMaxAge is how long a web view login lasts.
+const cookieMaxAge = 12 * 3600
+
+// CookieValue is the web view's cookie for token: HMAC-SHA256 keyed by
+// the token, hex.
+func CookieValue(token []byte) string {
+	m := hmac.New(sha256.New, token)
+	m.Write([]byte("ukai web view cookie v1"))
+	return hex.EncodeToString(m.Sum(nil))
+}
+
+// cookieAllowed says whether a GET of path may be authorized by the web
+// view's cookie: the page itself and the API reads it makes.
+func cookieAllowed(path string) bool {
+	switch path {
+	case "/v1/node", "/v1/nodes", "/v1/images":
+		return true
+	}
+	if strings.HasPrefix(path, "/ui/") {
+		return true
+	}
+	name, ok := strings.CutPrefix(path, "/v1/images/")
+	return ok && name != "" && !strings.Contains(name, "/")
+}
 
 // errUnauthorized is the body of every refusal; it never says which part
 // was wrong.
@@ -41,19 +71,30 @@ var errUnauthorized = errors.New("missing or invalid bearer token")
 func RequireToken(next http.Handler, token []byte) http.Handler {
 	want := sha256.Sum256(token)
 	empty := len(token) == 0
+	cookie := sha256.Sum256([]byte(CookieValue(token)))
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if (r.URL.Path == VersionPath || r.URL.Path == HealthPath) && r.Method == http.MethodGet {
+		read := r.Method == http.MethodGet || r.Method == http.MethodHead
+		if (r.URL.Path == VersionPath || r.URL.Path == HealthPath) && read {
 			next.ServeHTTP(w, r)
 			return
 		}
-		if r.URL.Path == LoginPath {
-			login(w, r, want, empty)
+		switch r.URL.Path {
+		case LoginPath:
+			login(w, r, want, empty, token)
+			return
+		case LogoutPath:
+			http.SetCookie(w, &http.Cookie{Name: TokenCookie, Value: "", Path: "/", MaxAge: -1, HttpOnly: true, SameSite: http.SameSiteStrictMode})
+			http.Redirect(w, r, LoginPath, http.StatusSeeOther)
 			return
 		}
 		got, ok := bearer(r.Header.Get("Authorization"))
-		if !ok && (r.Method == http.MethodGet || r.Method == http.MethodHead) {
+		if !ok && read && !empty && cookieAllowed(r.URL.Path) {
 			if c, err := r.Cookie(TokenCookie); err == nil && c.Value != "" {
-				got, ok = c.Value, true
+				sum := sha256.Sum256([]byte(c.Value))
+				if subtle.ConstantTimeCompare(sum[:], cookie[:]) == 1 {
+					next.ServeHTTP(w, r)
+					return
+				}
 			}
 		}
 		if ok && !empty {
@@ -72,14 +113,18 @@ func RequireToken(next http.Handler, token []byte) http.Handler {
 	})
 }
 
-// LoginPath is where the web view's login form posts the token.
-const LoginPath = "/ui/login"
+// LoginPath is where the web view's login form posts the token;
+// LogoutPath drops the cookie.
+const (
+	LoginPath  = "/ui/login"
+	LogoutPath = "/ui/logout"
+)
 
 // login checks the token a browser sends (form field "token", POST) and,
 // when right, sets TokenCookie and sends the browser to the web view
 // ("next", a path under /ui/, or /ui/). A wrong token gets the form again
 // with 401.
-func login(w http.ResponseWriter, r *http.Request, want [32]byte, empty bool) {
+func login(w http.ResponseWriter, r *http.Request, want [32]byte, empty bool, token []byte) {
 	if r.Method != http.MethodPost {
 		loginPage(w, http.StatusOK, "")
 		return
@@ -92,7 +137,7 @@ func login(w http.ResponseWriter, r *http.Request, want [32]byte, empty bool) {
 		return
 	}
 	http.SetCookie(w, &http.Cookie{
-		Name: TokenCookie, Value: tok, Path: "/", HttpOnly: true,
+		Name: TokenCookie, Value: CookieValue(token), Path: "/", MaxAge: cookieMaxAge, HttpOnly: true,
 		Secure: r.TLS != nil, SameSite: http.SameSiteStrictMode,
 	})
 	next := r.PostFormValue("next")

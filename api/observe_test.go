@@ -102,8 +102,16 @@ func TestUILogin(t *testing.T) {
 			cookie = c
 		}
 	}
-	if cookie == nil || !cookie.HttpOnly || cookie.SameSite != http.SameSiteStrictMode {
+	if cookie == nil || !cookie.HttpOnly || cookie.SameSite != http.SameSiteStrictMode || cookie.MaxAge <= 0 {
 		t.Fatalf("cookie %+v", cookie)
+	}
+	// The cookie is not the token: another service on the host that sees
+	// it cannot use it as one.
+	if strings.Contains(cookie.Value, testToken) {
+		t.Fatalf("the cookie holds the token")
+	}
+	if code, _ := get(t, noRedirect, srv.URL+"/v1/images", "Authorization", "Bearer "+cookie.Value); code != http.StatusUnauthorized {
+		t.Fatalf("the cookie's value as a bearer token: %d", code)
 	}
 	withCookie := func(method, path string) int {
 		req, _ := http.NewRequest(method, srv.URL+path, strings.NewReader(`{"name":"vm1","size":1048576}`))
@@ -120,6 +128,18 @@ func TestUILogin(t *testing.T) {
 	}
 	if c := withCookie("GET", "/v1/images"); c != 200 {
 		t.Fatalf("GET /v1/images with the cookie: %d", c)
+	}
+	// Only what the page reads: not an image's data, not the status.
+	for _, p := range []string{"/v1/images/vm1/data", "/v1/status", "/metrics"} {
+		if c := withCookie("GET", p); c != http.StatusUnauthorized {
+			t.Fatalf("GET %s with the cookie: %d", p, c)
+		}
+	}
+	// A forged cookie is refused.
+	req, _ := http.NewRequest("GET", srv.URL+"/v1/images", nil)
+	req.AddCookie(&http.Cookie{Name: TokenCookie, Value: testToken})
+	if resp, err := noRedirect.Do(req); err != nil || resp.StatusCode != http.StatusUnauthorized {
+		t.Fatalf("the token itself as the cookie: %v %v", err, resp.StatusCode)
 	}
 	// The cookie never changes anything: a page of another site cannot
 	// use a logged-in browser to create or delete.

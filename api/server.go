@@ -103,7 +103,7 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 	mux.HandleFunc("GET /v1/stats", h.stats)
 	mux.HandleFunc("GET /v1/status", h.status)
 	mux.HandleFunc("GET /v1/iostat", h.iostat)
-	mux.HandleFunc("GET "+HealthPath, h.health)
+	mux.HandleFunc("GET "+HealthPath, h.health) // GET also answers HEAD
 	mux.HandleFunc("POST /v1/images/{name}/attach", h.attach)
 	mux.HandleFunc("POST /v1/images/{name}/exports", h.export)
 	mux.HandleFunc("DELETE /v1/images/{name}/exports/{initiator}", h.unexport)

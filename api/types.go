@@ -444,12 +444,13 @@ type ClusterStatus struct {
 	Images   ImageCounts `json:"images"`
 	Problems []Problem   `json:"problems"`
 	// OutOfSyncBytes is the copy data not in sync; BacklogETASec the time
-	// to sync it at the nodes' caps (-1: some of it has no cap, or waits
-	// for a window or a dead node).
+	// to sync what can be synced now at the nodes' caps, sync windows
+	// not counted (-1: some of it has no cap; or all of it waits for a
+	// dead node or a paused sync).
 	OutOfSyncBytes int64   `json:"out_of_sync_bytes"`
 	BacklogETASec  float64 `json:"backlog_eta_sec"`
-	// Activity is what the planner is doing, by kind (sync, add_location,
-	// remove_location, ...), counted over images.
+	// Activity is what is pending, by kind (sync, sync_paused, add_copy,
+	// remove_copy, drain), counted over images (drain: over nodes).
 	Activity map[string]int `json:"activity"`
 	// Healthy is false when something needs an operator (Problems).
 	Healthy bool `json:"healthy"`

@@ -121,8 +121,8 @@ func (a *app) imageIostatCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "iostat",
 		Short: "Show the busiest images across the cluster (IOPS, throughput, latency), refreshed every second",
-		Long: `Samples every live node's per-image I/O counters, twice per interval, and
-shows the images with the most operations per second across the cluster:
+		Long: `Samples every live node's per-image I/O counters once per interval and
+shows, from two samples, the images with the most operations per second across the cluster:
 read and write IOPS, throughput, mean latency, and the owner. On a
 terminal the screen is redrawn until interrupted (or --count samples);
 otherwise one table per interval is printed. -o json prints one sample.`,
@@ -204,8 +204,8 @@ func (a *app) sampleIO(ctx context.Context, c *api.Client) (ioSample, error) {
 			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			defer cancel()
 			st, err := c.For(n.APIAddr).IOStat(cctx)
-			if err != nil {
-				return
+			if err != nil || st.Node != n.Name {
+				return // not this node's answer (a wildcard address reaching another)
 			}
 			mu.Lock()
 			s.nodes[n.Name] = st
@@ -240,13 +240,14 @@ func ioRates(prev, cur ioSample) []IORow {
 	var sec float64
 	for node, st := range cur.nodes {
 		p, had := prev.nodes[node]
-		old := map[string]api.ImageIO{}
-		if had {
-			for _, io := range p.Images {
-				old[io.Image] = io
-			}
-			sec = max(sec, st.Time.Sub(p.Time).Seconds())
+		if !had {
+			continue // no earlier sample: its counters since start are no rate
 		}
+		old := map[string]api.ImageIO{}
+		for _, io := range p.Images {
+			old[io.Image] = io
+		}
+		sec = max(sec, st.Time.Sub(p.Time).Seconds())
 		for _, io := range st.Images {
 			o := old[io.Image]
 			if io.ReadOps < o.ReadOps || io.WriteOps < o.WriteOps {

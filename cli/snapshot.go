@@ -114,7 +114,9 @@ func (a *app) imageCloneCmd() *cobra.Command {
 					pr.set(p.Done)
 				})
 			if pr != nil {
-				pr.set(pr.total)
+				if err == nil {
+					pr.set(pr.total)
+				}
 				pr.finish()
 			}
 			if err != nil {

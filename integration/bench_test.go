@@ -151,9 +151,6 @@ func TestBench(t *testing.T) {
 	n3.start()
 	c.nodes = append(c.nodes, n3)
 	n3.mustCLI("image", "create", "local-off", "--size", fmt.Sprint(size), "--locations", "n3")
-	if strings.Contains(httpGet(t, "http://"+n3.api+"/metrics"), "ukai_image_write_ops_total") {
-		t.Fatal("n3 counts image I/O with api.metrics_io false")
-	}
 	rawPath := filepath.Join(n1.dir, "data", "raw.img")
 	if err := os.WriteFile(rawPath, nil, 0o600); err != nil {
 		t.Fatal(err)
@@ -172,6 +169,13 @@ func TestBench(t *testing.T) {
 	// Fill every target once so reads hit allocated data.
 	for _, tg := range targets {
 		qemuImgBench(t, tg, true, 4<<20, size/(4<<20), 8)
+	}
+	// n3 counted none of that I/O; n1 did.
+	if strings.Contains(httpGet(t, "http://"+n3.api+"/metrics"), "ukai_image_write_ops_total") {
+		t.Fatal("n3 counts image I/O with api.metrics_io false")
+	}
+	if !strings.Contains(httpGet(t, "http://"+n1.api+"/metrics"), `ukai_image_write_ops_total{image="local"}`) {
+		t.Fatal("n1 does not count image I/O")
 	}
 	// Correctness pass first: random writes verified with crc32c through
 	// every ukai image.

@@ -1,6 +1,7 @@
 package node
 
 import (
+	"slices"
 	"sort"
 
 	"github.com/ukai-storage/ukai/node/executor"
@@ -15,7 +16,10 @@ type metricSource struct{ n *Node }
 
 // Images reports the images this node plans (executor.ShouldAct): each
 // image by one node of the cluster. An owned image's counts come from its
-// live maps; another's from its last plan here.
+// live maps; another's from its last plan here (unknown until one ran).
+// An image nobody plans (no live owner, no live location) is reported by
+// every node that serves it, all its blocks unprotected: its worst case
+// must not be the one without series.
 func (ms metricSource) Images() []metrics.ImageState {
 	n := ms.n
 	self := n.cfg.Node.Name
@@ -23,10 +27,22 @@ func (ms metricSource) Images() []metrics.ImageState {
 	for _, s := range n.images.List(false) {
 		rec := s.Record()
 		owned := s.Owned()
-		if rec.IsSnapshot() || !executor.ShouldAct(rec, owned, self, n.alive) {
+		if rec.IsSnapshot() {
+			continue
+		}
+		orphan := !owned && !(rec.Owner != "" && n.alive(rec.Owner)) && !slices.ContainsFunc(rec.Locations, n.alive)
+		if !orphan && !executor.ShouldAct(rec, owned, self, n.alive) {
 			continue
 		}
 		st := metrics.ImageState{Name: rec.Name, Owner: rec.Owner, Attached: rec.Attached, Size: rec.Size, BlockSize: rec.BlockSize, Wanted: len(rec.Locations)}
+		if orphan {
+			for _, loc := range rec.Locations {
+				st.Locations = append(st.Locations, metrics.LocationState{Node: loc})
+			}
+			st.Known, st.Unprotected = true, rec.Blocks()
+			out = append(out, st)
+			continue
+		}
 		rep, planned := n.exec.Report(rec.Name)
 		if planned && rep.Wanted > 0 {
 			st.Wanted = rep.Wanted
@@ -51,8 +67,10 @@ func (ms metricSource) Images() []metrics.ImageState {
 		switch {
 		case maps != nil:
 			st.Unprotected = placement.Unprotected(rec.Blocks(), live)
+			st.Known = len(maps) == len(rec.Locations)
 		case planned:
 			st.Unprotected = rep.Unprotected
+			st.Known = len(rep.OutOfSync) == len(rec.Locations)
 		}
 		out = append(out, st)
 	}

@@ -85,6 +85,7 @@ type Node struct {
 	op            *operate.Operator  // cordon, drain
 	syncBytes     atomic.Int64       // bytes copied by syncs since start
 	metrics       *metrics.Metrics   // /metrics and iostat
+	health        healthProbe        // the last store check of /v1/health
 	exportsMu     sync.RWMutex
 	exports       map[string][]meta.Export // by image name
 	exportsLoaded bool

@@ -2,7 +2,7 @@ package node
 
 import (
 	"context"
-	"errors"
+	"sync"
 	"sort"
 	"time"
 
@@ -15,33 +15,49 @@ import (
 // balancer's probe must get an answer, not wait for Consul's.
 const healthTimeout = 2 * time.Second
 
+// healthEvery: the store is pinged at most this often for /v1/health,
+// which anyone may call; the answers in between are the last result.
+const healthEvery = time.Second
+
+// healthProbe is the last store check of Health (guarded by its mutex,
+// which also makes concurrent probes wait for one ping).
+type healthProbe struct {
+	mu  sync.Mutex
+	at  time.Time
+	err error
+}
+
 // Health implements api.Service: this node alone, cheaply. It fails when
 // the metadata store does not answer (the node keeps serving what it
-// exports, but cannot take images over or change anything) or the node
-// is shutting down.
+// exports, but cannot take images over or change anything), the node is
+// shutting down, or its portal is not listening. The details say which,
+// never an address or an error's text: the endpoint is open.
 func (n *Node) Health(ctx context.Context) api.Health {
 	h := api.Health{Node: n.cfg.Node.Name, Status: "ok"}
-	add := func(name string, err error) {
-		c := api.HealthCheck{Name: name, OK: err == nil}
-		if err != nil {
-			c.Detail = err.Error()
+	add := func(name string, ok bool, detail string) {
+		c := api.HealthCheck{Name: name, OK: ok}
+		if !ok {
+			c.Detail = detail
 			h.Status = "failing"
 		}
 		h.Checks = append(h.Checks, c)
 	}
-	if n.life.Err() != nil {
-		add("running", context.Cause(n.life))
-	} else {
-		add("running", nil)
+	add("running", n.life.Err() == nil, "shutting down")
+	p := &n.health
+	p.mu.Lock()
+	if time.Since(p.at) >= healthEvery {
+		cctx, cancel := context.WithTimeout(ctx, healthTimeout)
+		p.err = n.kv.Ping(cctx)
+		cancel()
+		p.at = time.Now()
+		if p.err != nil {
+			n.log.Warn("health: metadata store check failed", "err", p.err)
+		}
 	}
-	cctx, cancel := context.WithTimeout(ctx, healthTimeout)
-	defer cancel()
-	add("metadata", n.kv.Ping(cctx))
-	var err error
-	if n.target.Addr() == nil {
-		err = errors.New("the iSCSI portal is not listening")
-	}
-	add("iscsi", err)
+	err := p.err
+	p.mu.Unlock()
+	add("metadata", err == nil, "the metadata store does not answer")
+	add("iscsi", n.target.Addr() != nil, "the iSCSI portal is not listening")
 	return h
 }
 
@@ -75,13 +91,11 @@ func (n *Node) Status(ctx context.Context) (api.ClusterStatus, error) {
 	var sn []status.Node
 	alive := map[string]bool{}
 	for _, m := range nodes {
-		c := int64(0)
+		var d placement.SyncPolicy
 		if def != nil {
-			c = def.MaxRate
+			d = *def
 		}
-		if p, ok := perNode[m.Name]; ok && p.MaxRate > 0 {
-			c = p.MaxRate
-		}
+		c := placement.NodeCap(perNode, d, m.Name, false)
 		sn = append(sn, status.Node{Name: m.Name, State: m.State, Cordoned: m.Cordoned, Draining: m.Draining, Cap: c})
 		alive[m.Name] = m.State == "alive" || m.State == "suspect"
 	}

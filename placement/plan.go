@@ -1227,11 +1227,19 @@ func (v *view) drainNow() string {
 // nodeCap is rule rate's cap of node n for a sync of an image with (or
 // without) its own Sync policy.
 func (p *planner) nodeCap(n string, imgSync bool) int64 {
-	if pol, ok := p.s.PerNode[n]; ok {
+	return NodeCap(p.s.PerNode, p.s.Default, n, imgSync)
+}
+
+// NodeCap is the cap in bytes/s (0: none) on node n's copy traffic for a
+// sync of an image with (or without) its own sync policy: the node's
+// policy when it has one (its 0 is uncapped), else the default's for an
+// image without its own.
+func NodeCap(perNode map[string]SyncPolicy, def SyncPolicy, n string, imgSync bool) int64 {
+	if pol, ok := perNode[n]; ok {
 		return pol.MaxRate
 	}
 	if !imgSync {
-		return p.s.Default.MaxRate
+		return def.MaxRate
 	}
 	return 0
 }

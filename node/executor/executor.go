@@ -97,6 +97,8 @@ type Executor struct {
 	cfg    Config
 	limits limiters
 	rounds atomic.Int64
+	// nodeCap: this node's copy cap as its last plan saw it.
+	nodeCap atomic.Int64
 	member atomic.Uint64 // membership changes seen (see mark)
 	policy atomic.Uint64 // policy changes seen (see mark)
 
@@ -128,8 +130,9 @@ func (e *Executor) Report(name string) (Report, bool) {
 	return r, ok
 }
 
-// Actions returns how many actions of each kind (but waits) the executor
-// started since it started.
+// Actions returns how many actions of each kind (add, remove, sync,
+// set_replicas; not waits or refusals) the executor started since it
+// started.
 func (e *Executor) Actions() map[string]int64 {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -388,14 +391,10 @@ func (e *Executor) execute(ctx context.Context, st *imageState, img Image) error
 	e.mu.Unlock()
 	actions := placement.PlanImage(state, rec.Name)
 	rep := report(state.Images[0], e.cfg.Host.Alive)
+	e.nodeCap.Store(placement.NodeCap(state.PerNode, state.Default, e.cfg.Self, false))
 	e.mu.Lock()
 	e.plans[rec.Name] = actions
 	e.reports[rec.Name] = rep
-	for _, a := range actions {
-		if a.Kind != placement.Wait {
-			e.actions[a.Kind]++
-		}
-	}
 	if Settled(state, actions) {
 		for _, a := range actions {
 			if a.Kind == placement.Wait && !a.Until.IsZero() && (m.until.IsZero() || a.Until.Before(m.until)) {
@@ -406,6 +405,11 @@ func (e *Executor) execute(ctx context.Context, st *imageState, img Image) error
 	}
 	e.mu.Unlock()
 	for _, a := range actions {
+		if a.Kind != placement.Wait && a.Kind != placement.Refuse {
+			e.mu.Lock()
+			e.actions[a.Kind]++
+			e.mu.Unlock()
+		}
 		switch a.Kind {
 		case placement.SetReplicas:
 			e.cfg.Log.Info("placement: recording the replica count", "image", rec.Name, "replicas", a.Count, "reason", a.Reason)

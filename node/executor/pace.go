@@ -80,13 +80,6 @@ func (e *Executor) Pacer(st placement.State, img meta.Image, a placement.Action)
 	return p
 }
 
-// NodeCap is the cap on this node's copy traffic in bytes/s as its last
-// sync applied it (0: none, or no sync ran yet).
-func (e *Executor) NodeCap() int64 {
-	e.limits.mu.Lock()
-	defer e.limits.mu.Unlock()
-	if l := e.limits.m["node/"+e.cfg.Self]; l != nil {
-		return int64(l.Limit())
-	}
-	return 0
-}
+// NodeCap is the cap on this node's copy traffic in bytes/s (0: none)
+// as its last plan saw the policies.
+func (e *Executor) NodeCap() int64 { return e.nodeCap.Load() }

@@ -27,13 +27,12 @@ var opNames = [nOps]string{"read", "write", "flush", "unmap"}
 // atomic add (and, for reads and writes, a histogram observation, also
 // atomic): no lock on the I/O path.
 type ImageIO struct {
-	name      string
-	ops       [nOps]atomic.Int64
-	nanos     [nOps]atomic.Int64
-	bytes     [2]atomic.Int64 // read, write
-	errs      [nOps][16]atomic.Int64
-	syncBytes atomic.Int64
-	lat       [2]prometheus.Histogram
+	name  string
+	ops   [nOps]atomic.Int64
+	nanos [nOps]atomic.Int64
+	bytes [2]atomic.Int64 // read, write
+	errs  [nOps][16]atomic.Int64
+	lat   [2]prometheus.Histogram
 }
 
 func newImageIO(name string) *ImageIO {
@@ -73,7 +72,6 @@ func (io *ImageIO) counters() IOCounters {
 		ReadBytes: io.bytes[opRead].Load(), WriteBytes: io.bytes[opWrite].Load(),
 		ReadNanos: io.nanos[opRead].Load(), WriteNanos: io.nanos[opWrite].Load(),
 		FlushOps: io.ops[opFlush].Load(), UnmapOps: io.ops[opUnmap].Load(),
-		SyncBytes: io.syncBytes.Load(),
 	}
 	for op := range nOps {
 		for k := range 16 {
@@ -90,7 +88,6 @@ func (io *ImageIO) collect(ch chan<- prometheus.Metric, counter func(*prometheus
 	counter(descUnmapOps, float64(io.ops[opUnmap].Load()), io.name)
 	counter(descReadBytes, float64(io.bytes[opRead].Load()), io.name)
 	counter(descWriteBytes, float64(io.bytes[opWrite].Load()), io.name)
-	counter(descImgSync, float64(io.syncBytes.Load()), io.name)
 	for op := range nOps {
 		for k := range 16 {
 			if n := io.errs[op][k].Load(); n > 0 {

@@ -21,6 +21,7 @@ import (
 	"net/http"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -52,6 +53,10 @@ type ImageState struct {
 	Unprotected int64
 	// Wanted is the number of copies the image should have.
 	Wanted int
+	// Known: the block counts are known (an owned image's live maps, or
+	// a plan here); without, only the image's info, size, copies and
+	// locations' liveness are reported, never a guess of 0.
+	Known bool
 }
 
 // LocationState is one copy of an image.
@@ -104,6 +109,7 @@ type Metrics struct {
 
 	mu     sync.Mutex
 	images map[string]*ImageIO
+	synced map[string]*atomic.Int64 // sync bytes by image
 
 	consulReqs *prometheus.CounterVec
 	consulDur  *prometheus.HistogramVec
@@ -116,7 +122,7 @@ var LatencyBuckets = []float64{0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 
 
 // New returns the metrics of one node.
 func New(cfg Config) *Metrics {
-	m := &Metrics{cfg: cfg, reg: prometheus.NewRegistry(), images: map[string]*ImageIO{}}
+	m := &Metrics{cfg: cfg, reg: prometheus.NewRegistry(), images: map[string]*ImageIO{}, synced: map[string]*atomic.Int64{}}
 	m.consulReqs = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "ukai_consul_requests_total",
 		Help: "Requests to the Consul agent, by endpoint (kv, txn, session/renew, ...) and result (HTTP status code, or error).",
@@ -165,6 +171,7 @@ func (m *Metrics) Forget(name string) {
 	}
 	m.mu.Lock()
 	delete(m.images, name)
+	delete(m.synced, name)
 	m.mu.Unlock()
 }
 
@@ -174,7 +181,14 @@ func (m *Metrics) Synced(image string, n int64) {
 	if m == nil {
 		return
 	}
-	m.image(image).syncBytes.Add(n)
+	m.mu.Lock()
+	c := m.synced[image]
+	if c == nil {
+		c = &atomic.Int64{}
+		m.synced[image] = c
+	}
+	m.mu.Unlock()
+	c.Add(n)
 }
 
 // IOCounters are one image's I/O counters since the node started.
@@ -221,10 +235,10 @@ var (
 	descOwned      = prometheus.NewDesc("ukai_node_images_owned", "Images the node owns (serves their I/O).", nil, nil)
 	descMembers    = prometheus.NewDesc("ukai_membership_nodes", "Nodes of the membership as this node sees them, by state.", []string{"state"}, nil)
 	descRounds     = prometheus.NewDesc("ukai_planner_rounds_total", "Planning rounds of the node's executor.", nil, nil)
-	descActions    = prometheus.NewDesc("ukai_planner_actions_total", "Planner actions the node started, by kind.", []string{"action"}, nil)
+	descActions    = prometheus.NewDesc("ukai_planner_actions_total", "Planner actions the node started, by kind (add_location, remove_location, sync, set_replicas).", []string{"action"}, nil)
 	descSettled    = prometheus.NewDesc("ukai_planner_images_settled", "Images whose last plan here found nothing to do.", nil, nil)
 	descSyncBytes  = prometheus.NewDesc("ukai_node_sync_bytes_total", "Bytes the node copied while synchronizing.", nil, nil)
-	descSyncCap    = prometheus.NewDesc("ukai_node_sync_cap_bytes_per_second", "The node's cap on copy traffic (0: none); rate(ukai_node_sync_bytes_total) over it is the cap's usage.", nil, nil)
+	descSyncCap    = prometheus.NewDesc("ukai_node_sync_cap_bytes_per_second", "The node's cap on copy traffic as its last plan saw the policies (0: none); rate(ukai_node_sync_bytes_total) over it is the cap's usage.", nil, nil)
 	descPeerIn     = prometheus.NewDesc("ukai_node_peer_written_bytes_total", "Block data other nodes wrote to this node's copies.", nil, nil)
 	descPeerOut    = prometheus.NewDesc("ukai_node_peer_read_bytes_total", "Block data other nodes read from this node's copies.", nil, nil)
 	descStoreUp    = prometheus.NewDesc("ukai_node_metadata_up", "1 when the node's last metadata store access succeeded.", nil, nil)
@@ -295,15 +309,20 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 			gauge(descWanted, float64(img.Wanted), img.Name)
 			inSync := 0
 			for _, l := range img.Locations {
+				gauge(descLocUp, b2f(l.Alive), img.Name, l.Node)
+				if !img.Known {
+					continue
+				}
 				if l.Alive && l.OutOfSync == 0 && l.Syncing == 0 {
 					inSync++
 				}
 				gauge(descOOSBytes, float64(l.OutOfSync*img.BlockSize), img.Name, l.Node)
 				gauge(descSyncing, float64(l.Syncing*img.BlockSize), img.Name, l.Node)
-				gauge(descLocUp, b2f(l.Alive), img.Name, l.Node)
 			}
-			gauge(descInSync, float64(inSync), img.Name)
-			gauge(descUnprot, float64(img.Unprotected), img.Name)
+			if img.Known {
+				gauge(descInSync, float64(inSync), img.Name)
+				gauge(descUnprot, float64(img.Unprotected), img.Name)
+			}
 		}
 	}
 	m.mu.Lock()
@@ -311,9 +330,16 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	for _, io := range m.images {
 		ios = append(ios, io)
 	}
+	synced := make(map[string]int64, len(m.synced))
+	for name, c := range m.synced {
+		synced[name] = c.Load()
+	}
 	m.mu.Unlock()
 	for _, io := range ios {
 		io.collect(ch, counter)
+	}
+	for name, n := range synced {
+		counter(descImgSync, float64(n), name)
 	}
 }
 

@@ -24,8 +24,10 @@ func (b nullBackend) Unmap(context.Context, int64, int64) error          { retur
 type source struct{}
 
 func (source) Images() []ImageState {
-	return []ImageState{{Name: "vm1", Owner: "n1", Size: 8 << 20, BlockSize: 4 << 20, Wanted: 2,
-		Locations: []LocationState{{Node: "n1", Alive: true}, {Node: "n2", Alive: false, OutOfSync: 1}}}}
+	return []ImageState{{Name: "vm1", Owner: "n1", Size: 8 << 20, BlockSize: 4 << 20, Wanted: 2, Known: true,
+		Locations: []LocationState{{Node: "n1", Alive: true}, {Node: "n2", Alive: false, OutOfSync: 1}}},
+		// Not planned here yet: no counts, so no guess of "all in sync".
+		{Name: "vm9", Size: 4 << 20, BlockSize: 4 << 20, Wanted: 1, Locations: []LocationState{{Node: "n1", Alive: true}}}}
 }
 func (source) Peers() []PeerStats {
 	return []PeerStats{{Peer: "n2", RTT: 2 * time.Millisecond, Requests: 10, Errors: 1, SentBytes: 4096}}
@@ -74,6 +76,12 @@ func TestIOCountedAndLinted(t *testing.T) {
 		} else if !strings.Contains(err.Error(), want) {
 			t.Errorf("%s: want %s in\n%v", name, want, err)
 		}
+	}
+	if n := count(t, m, "ukai_image_in_sync_copies"); n != 1 {
+		t.Errorf("in-sync copies reported for %d images, want 1 (vm9's counts are unknown)", n)
+	}
+	if n := count(t, m, "ukai_image_location_up"); n != 3 {
+		t.Errorf("location_up: %d series, want 3", n)
 	}
 	if n := count(t, m, "ukai_image_write_latency_seconds"); n != 1 {
 		t.Errorf("write latency histograms: %d", n)

@@ -79,6 +79,7 @@ func Summarize(self string, now time.Time, nodes []Node, images []Image, unreada
 	}
 	held := map[string][]string{} // dead node -> images with a copy there
 	backlog := map[string]int64{} // live node -> bytes to copy to it
+	paused := false               // some backlog waits for a resume
 	for _, img := range images {
 		if img.Snapshot {
 			st.Images.Snapshots++
@@ -95,6 +96,10 @@ func Summarize(self string, now time.Time, nodes []Node, images []Image, unreada
 			}
 			if bytes == 0 {
 				inSync++
+				continue
+			}
+			if img.SyncPaused {
+				paused = true
 				continue
 			}
 			backlog[l.Node] += bytes
@@ -160,8 +165,8 @@ func Summarize(self string, now time.Time, nodes []Node, images []Image, unreada
 		}
 		st.BacklogETASec = max(st.BacklogETASec, float64(bytes)/float64(c))
 	}
-	if len(held) > 0 && st.BacklogETASec == 0 && st.OutOfSyncBytes > 0 {
-		st.BacklogETASec = -1 // waits for a dead node's copies to be replaced
+	if (len(held) > 0 || paused) && st.BacklogETASec == 0 && st.OutOfSyncBytes > 0 {
+		st.BacklogETASec = -1 // waits for a dead node's copies to be replaced, or for a resume
 	}
 	for _, u := range unreadable {
 		st.Problems = append(st.Problems, api.Problem{Kind: "unreadable", Detail: u})

@@ -3,7 +3,8 @@
 "use strict";
 
 const MAX_CELLS = 4096; // cells per location row; larger images group blocks
-const POLL_MS = 1000;
+const POLL_MS = 1000;           // an image's page: one record and its maps
+const OVERVIEW_MS = 10000;      // the overview lists every image with its maps: a few store reads each
 const STATE_NAMES = ["in sync", "syncing", "out of sync"];
 
 let updates = 0;
@@ -193,11 +194,21 @@ function route() {
   return m ? decodeURIComponent(m[1]) : null;
 }
 
-async function tick() {
-  const name = route();
-  $("overview").hidden = !!name;
-  $("image").hidden = !name;
+let gen = 0; // each navigation starts a new polling chain; older ones stop
+
+async function tick(g) {
+  if (g !== gen) return;
+  let name = null;
+  // A hidden tab does not poll (it would cost the metadata store for
+  // nobody); it draws again when shown.
+  if (document.hidden) {
+    setTimeout(() => tick(g), POLL_MS);
+    return;
+  }
   try {
+    name = route();
+    $("overview").hidden = !!name;
+    $("image").hidden = !name;
     if (name) await imageView(name); else await overview();
     $("error").hidden = true;
     updates++;
@@ -207,9 +218,9 @@ async function tick() {
     $("error").hidden = false;
     $("error").textContent = String(e.message || e);
   }
-  setTimeout(tick, POLL_MS);
+  if (g === gen) setTimeout(() => tick(g), name ? POLL_MS : OVERVIEW_MS);
 }
 
-window.addEventListener("hashchange", () => { grid = null; last = null; });
+window.addEventListener("hashchange", () => { grid = null; last = null; gen++; tick(gen); });
 api("/v1/node").then(n => { $("node").textContent = "node " + n.name; }).catch(() => {});
-tick();
+tick(gen);
