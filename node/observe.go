@@ -2,8 +2,8 @@ package node
 
 import (
 	"context"
-	"sync"
 	"sort"
+	"sync"
 	"time"
 
 	"github.com/ukai-storage/ukai/api"

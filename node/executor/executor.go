@@ -99,8 +99,8 @@ type Executor struct {
 	rounds atomic.Int64
 	// nodeCap: this node's copy cap as its last plan saw it.
 	nodeCap atomic.Int64
-	member atomic.Uint64 // membership changes seen (see mark)
-	policy atomic.Uint64 // policy changes seen (see mark)
+	member  atomic.Uint64 // membership changes seen (see mark)
+	policy  atomic.Uint64 // policy changes seen (see mark)
 
 	mu     sync.Mutex
 	images map[string]*imageState // by image id
