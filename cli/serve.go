@@ -57,7 +57,7 @@ the metadata store and apply without a reload.`,
 					case <-ctx.Done():
 						return
 					case <-hup:
-						reload(log, level, &cfg, path, cmd)
+						reload(log, level, &cfg, path, cmd, n)
 					}
 				}
 			}()
@@ -71,9 +71,9 @@ the metadata store and apply without a reload.`,
 	return cmd
 }
 
-// reload is SIGHUP: the configuration read again, the log level applied,
-// the rest reported.
-func reload(log *slog.Logger, level *slog.LevelVar, cur *node.Config, path string, cmd *cobra.Command) {
+// reload is SIGHUP: the configuration read again, the log level and
+// api.metrics_io applied, the rest reported.
+func reload(log *slog.Logger, level *slog.LevelVar, cur *node.Config, path string, cmd *cobra.Command, n *node.Node) {
 	next, err := node.LoadConfig(path, cmd.Flags())
 	if err != nil {
 		log.Error("reload refused: the configuration does not load; going on with the one in use", "config", path, "err", err)
@@ -83,6 +83,11 @@ func reload(log *slog.Logger, level *slog.LevelVar, cur *node.Config, path strin
 		next.SetLevel(level)
 		log.Info("reload: log level changed", "from", cur.Log.Level, "to", next.Log.Level)
 		cur.Log.Level = next.Log.Level
+	}
+	if next.API.MetricsIO != cur.API.MetricsIO {
+		n.SetMetricsIO(next.API.MetricsIO)
+		log.Info("reload: image I/O counting changed", "api.metrics_io", next.API.MetricsIO)
+		cur.API.MetricsIO = next.API.MetricsIO
 	}
 	if changed := cur.NeedRestart(&next); len(changed) > 0 {
 		log.Warn("reload: these settings changed and take effect at the next restart", "sections", changed)

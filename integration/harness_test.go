@@ -85,8 +85,6 @@ type node struct {
 	// the API serves TLS.
 	cliArgs []string
 	https   bool
-	// env is added to the daemon's environment (UKAI_* settings).
-	env []string
 }
 
 // clusterOpts put a node in a cluster: Consul metadata and gossip.
@@ -158,9 +156,6 @@ func (n *node) start() {
 		bin = n.bin
 	}
 	n.cmd = exec.Command(bin, "serve", "--config", n.cfgPath)
-	if len(n.env) > 0 {
-		n.cmd.Env = append(os.Environ(), n.env...)
-	}
 	n.cmd.Stdout = n.logs
 	n.cmd.Stderr = n.logs
 	if err := n.cmd.Start(); err != nil {

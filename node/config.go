@@ -590,11 +590,12 @@ func (c *Config) SetLevel(lv *slog.LevelVar) {
 }
 
 // NeedRestart names the settings that differ between c and o other than
-// those a reload applies at once (log.level), by section: a reload
+// those a reload applies at once (log.level, api.metrics_io), by section: a reload
 // reports them and they wait for the next start.
 func (c *Config) NeedRestart(o *Config) []string {
 	a, b := *c, *o
 	a.Log.Level, b.Log.Level = "", ""
+	a.API.MetricsIO, b.API.MetricsIO = false, false
 	var out []string
 	va, vb := reflect.ValueOf(a), reflect.ValueOf(b)
 	for i := range va.NumField() {

@@ -140,3 +140,7 @@ func (n *Node) Status(ctx context.Context) (api.ClusterStatus, error) {
 	}
 	return status.Summarize(n.cfg.Node.Name, time.Now(), sn, si, unreadable), nil
 }
+
+// SetMetricsIO turns the counting of image I/O on or off (a reload of
+// api.metrics_io).
+func (n *Node) SetMetricsIO(on bool) { n.metrics.SetIO(on) }

@@ -106,6 +106,7 @@ type Config struct {
 type Metrics struct {
 	cfg Config
 	reg *prometheus.Registry
+	io  atomic.Bool // count image I/O (Config.IO, changed by SetIO)
 
 	mu     sync.Mutex
 	images map[string]*ImageIO
@@ -123,6 +124,7 @@ var LatencyBuckets = []float64{0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 
 // New returns the metrics of one node.
 func New(cfg Config) *Metrics {
 	m := &Metrics{cfg: cfg, reg: prometheus.NewRegistry(), images: map[string]*ImageIO{}, synced: map[string]*atomic.Int64{}}
+	m.io.Store(cfg.IO)
 	m.consulReqs = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "ukai_consul_requests_total",
 		Help: "Requests to the Consul agent, by endpoint (kv, txn, session/renew, ...) and result (HTTP status code, or error).",
@@ -150,7 +152,11 @@ func (m *Metrics) Handler() http.Handler {
 }
 
 // IOEnabled says whether image I/O is counted.
-func (m *Metrics) IOEnabled() bool { return m != nil && m.cfg.IO }
+func (m *Metrics) IOEnabled() bool { return m != nil && m.io.Load() }
+
+// SetIO turns the counting of image I/O on or off, at once for every
+// image (a reload of api.metrics_io). Counters keep their values.
+func (m *Metrics) SetIO(on bool) { m.io.Store(on) }
 
 // image returns the counters of an image, creating them.
 func (m *Metrics) image(name string) *ImageIO {

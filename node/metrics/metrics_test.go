@@ -92,11 +92,20 @@ func TestIOCountedAndLinted(t *testing.T) {
 	}
 }
 
-func TestIOOffCostsNothing(t *testing.T) {
+func TestIOSwitchedLive(t *testing.T) {
 	m := New(Config{Node: "n1", IO: false})
-	inner := nullBackend{}
-	if b := m.Backend("vm1", inner); b != scsi.Backend(inner) {
-		t.Fatalf("with I/O counting off the backend is wrapped: %T", b)
+	b := m.Backend("vm1", nullBackend{})
+	ctx := context.Background()
+	b.WriteAt(ctx, make([]byte, 512), 0, false)
+	if len(m.IOStat()) != 0 || count(t, m, "ukai_image_write_ops_total") != 0 {
+		t.Fatal("I/O counted while off")
+	}
+	m.SetIO(true)
+	b.WriteAt(ctx, make([]byte, 512), 0, false)
+	m.SetIO(false)
+	b.WriteAt(ctx, make([]byte, 512), 0, false)
+	if io := m.IOStat(); len(io) != 1 || io[0].WriteOps != 1 {
+		t.Fatalf("one write counted while on: %+v", io)
 	}
 }
 
