@@ -95,7 +95,32 @@ func TestReloadOnSIGHUP(t *testing.T) {
 	waitFor(t, 10*time.Second, "a debug line", func() bool { return strings.Contains(n.logs.String()[before:], "level=DEBUG") })
 	write(strings.Replace(string(orig), "level: info", "level: loud", 1))
 	hup("reload refused: the configuration does not load")
-	write(strings.Replace(string(orig), "level: info", "level: debug", 1) + "owner:\n  lease_ttl: 20s\n")
+	// api.metrics_io applies at once: I/O is no longer counted.
+	n.mustCLI("image", "create", "m", "--size", "4M")
+	qemuIO(t, n.url("m"), "write -P 1 0 64k")
+	ops := func() string {
+		for _, l := range strings.Split(httpGet(t, "http://"+n.api+"/metrics"), "\n") {
+			if strings.HasPrefix(l, `ukai_image_write_ops_total{image="m"}`) {
+				return l
+			}
+		}
+		return ""
+	}
+	counted := ops()
+	if counted == "" {
+		t.Fatal("no write counted")
+	}
+	noIO := strings.Replace(strings.Replace(string(orig), "level: info", "level: debug", 1), "api:\n  listen: "+n.api+"\n", "api:\n  listen: "+n.api+"\n  metrics_io: false\n", 1)
+	write(noIO)
+	hup("reload: image I/O counting changed")
+	if strings.Contains(n.logs.String(), "sections=[api]") {
+		t.Fatal("api.metrics_io reported as needing a restart")
+	}
+	qemuIO(t, n.url("m"), "write -P 2 0 64k")
+	if got := ops(); got != counted {
+		t.Fatalf("writes counted with api.metrics_io false: %q then %q", counted, got)
+	}
+	write(noIO + "owner:\n  lease_ttl: 20s\n")
 	hup("take effect at the next restart\" node=r1 sections=[owner]")
 	if out := n.mustCLI("node", "info"); !strings.Contains(out, "r1") {
 		t.Fatalf("node info after the reloads:\n%s", out)
