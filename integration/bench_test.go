@@ -152,25 +152,7 @@ func TestBench(t *testing.T) {
 	// counting turned off by a reload (api.metrics_io false, SIGHUP)
 	// just before its runs and on again after: the cost of the metrics
 	// is "ukai" over it, with nothing else different.
-	metricsIO := func(on bool) {
-		t.Helper()
-		cfg, err := os.ReadFile(n1.cfgPath)
-		if err != nil {
-			t.Fatal(err)
-		}
-		s := strings.Replace(string(cfg), "  metrics_io: false\n", "", 1)
-		if !on {
-			s = strings.Replace(s, "api:\n  listen: "+n1.api+"\n", "api:\n  listen: "+n1.api+"\n  metrics_io: false\n", 1)
-		}
-		if err := os.WriteFile(n1.cfgPath, []byte(s), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		before := strings.Count(n1.logs.String(), "image I/O counting changed")
-		n1.cmd.Process.Signal(syscall.SIGHUP)
-		waitFor(t, 10*time.Second, "the reload of api.metrics_io", func() bool {
-			return strings.Count(n1.logs.String(), "image I/O counting changed") > before
-		})
-	}
+	metricsIO := func(on bool) { setMetricsIO(t, n1, on) }
 	rawPath := filepath.Join(n1.dir, "data", "raw.img")
 	if err := os.WriteFile(rawPath, nil, 0o600); err != nil {
 		t.Fatal(err)
@@ -325,4 +307,29 @@ func machine() string {
 		f[i] = strings.TrimSpace(f[i])
 	}
 	return fmt.Sprintf("%s cores, %s", f[0], strings.Join(f[1:], ", "))
+}
+
+// setMetricsIO turns n's image I/O counting on or off through its config
+// file and a reload (SIGHUP), and waits until the node applied it.
+func setMetricsIO(t *testing.T, n *node, on bool) {
+	t.Helper()
+	cfg, err := os.ReadFile(n.cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(cfg), "  metrics_io: false\n") != on {
+		return // already so
+	}
+	s := strings.Replace(string(cfg), "  metrics_io: false\n", "", 1)
+	if !on {
+		s = strings.Replace(s, "api:\n  listen: "+n.api+"\n", "api:\n  listen: "+n.api+"\n  metrics_io: false\n", 1)
+	}
+	if err := os.WriteFile(n.cfgPath, []byte(s), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	before := strings.Count(n.logs.String(), "image I/O counting changed")
+	n.cmd.Process.Signal(syscall.SIGHUP)
+	waitFor(t, 10*time.Second, "the reload of api.metrics_io", func() bool {
+		return strings.Count(n.logs.String(), "image I/O counting changed") > before
+	})
 }
