@@ -7,7 +7,9 @@ import (
 	"encoding/hex"
 	"errors"
 	"net/http"
+	"strconv"
 	"strings"
+	"time"
 )
 
 // VersionPath is the one endpoint RequireToken leaves open (GET only): it
@@ -20,10 +22,11 @@ const VersionPath = "/v1/version"
 const HealthPath = "/v1/health"
 
 // TokenCookie is a browser's proof of the token (the web view): set by
-// POST /ui/login, HttpOnly, SameSite=Strict, for 12 hours. Its value is
-// not the token but an HMAC of it (CookieValue): browsers send a host's
-// cookies to every port of that host, so another service there could see
-// it, and it must not be worth the token. It is accepted only on GET and
+// POST /ui/login, HttpOnly, SameSite=Strict, for 12 hours (checked by the
+// node, not only the browser). Its value is not the token but an expiry
+// and an HMAC of it keyed by the token (CookieValue): browsers send a
+// host's cookies to every port of that host, so another service there
+// could see it, and it must not be worth the token. It is accepted only on GET and
 // HEAD of what the web view reads (cookieAllowed): never for a change,
 // nor for an image's data.
 const TokenCookie = "ukai_ui"
@@ -31,12 +34,32 @@ const TokenCookie = "ukai_ui"
 // cookieMaxAge is how long a web view login lasts.
 const cookieMaxAge = 12 * 3600
 
-// CookieValue is the web view's cookie for token: HMAC-SHA256 keyed by
-// the token, hex.
-func CookieValue(token []byte) string {
+// CookieValue is the web view's cookie for token, valid until exp:
+// "EXP.MAC", EXP in Unix seconds and MAC the hex HMAC-SHA256 of it keyed
+// by the token. The node checks the time itself: a cookie copied
+// elsewhere dies with its expiry, not only in the browser.
+func CookieValue(token []byte, exp time.Time) string {
+	e := strconv.FormatInt(exp.Unix(), 10)
+	return e + "." + cookieMAC(token, e)
+}
+
+func cookieMAC(token []byte, exp string) string {
 	m := hmac.New(sha256.New, token)
-	m.Write([]byte("ukai web view cookie v1"))
+	m.Write([]byte("ukai web view cookie v2 " + exp))
 	return hex.EncodeToString(m.Sum(nil))
+}
+
+// cookieValid checks a cookie against token and the time.
+func cookieValid(token []byte, v string, now time.Time) bool {
+	e, mac, ok := strings.Cut(v, ".")
+	if !ok {
+		return false
+	}
+	exp, err := strconv.ParseInt(e, 10, 64)
+	if err != nil || now.Unix() >= exp || exp > now.Add(cookieMaxAge*time.Second+time.Minute).Unix() {
+		return false
+	}
+	return hmac.Equal([]byte(mac), []byte(cookieMAC(token, e)))
 }
 
 // cookieAllowed says whether a GET of path may be authorized by the web
@@ -71,7 +94,6 @@ var errUnauthorized = errors.New("missing or invalid bearer token")
 func RequireToken(next http.Handler, token []byte) http.Handler {
 	want := sha256.Sum256(token)
 	empty := len(token) == 0
-	cookie := sha256.Sum256([]byte(CookieValue(token)))
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		read := r.Method == http.MethodGet || r.Method == http.MethodHead
 		if (r.URL.Path == VersionPath || r.URL.Path == HealthPath) && read {
@@ -89,12 +111,9 @@ func RequireToken(next http.Handler, token []byte) http.Handler {
 		}
 		got, ok := bearer(r.Header.Get("Authorization"))
 		if !ok && read && !empty && cookieAllowed(r.URL.Path) {
-			if c, err := r.Cookie(TokenCookie); err == nil && c.Value != "" {
-				sum := sha256.Sum256([]byte(c.Value))
-				if subtle.ConstantTimeCompare(sum[:], cookie[:]) == 1 {
-					next.ServeHTTP(w, r)
-					return
-				}
+			if c, err := r.Cookie(TokenCookie); err == nil && cookieValid(token, c.Value, time.Now()) {
+				next.ServeHTTP(w, r)
+				return
 			}
 		}
 		if ok && !empty {
@@ -137,7 +156,7 @@ func login(w http.ResponseWriter, r *http.Request, want [32]byte, empty bool, to
 		return
 	}
 	http.SetCookie(w, &http.Cookie{
-		Name: TokenCookie, Value: CookieValue(token), Path: "/", MaxAge: cookieMaxAge, HttpOnly: true,
+		Name: TokenCookie, Value: CookieValue(token, time.Now().Add(cookieMaxAge*time.Second)), Path: "/", MaxAge: cookieMaxAge, HttpOnly: true,
 		Secure: r.TLS != nil, SameSite: http.SameSiteStrictMode,
 	})
 	next := r.PostFormValue("next")

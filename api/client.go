@@ -206,6 +206,14 @@ func (c *Client) CopyImage(ctx context.Context, req CreateImageRequest, progress
 	}
 	defer resp.Body.Close()
 	dec := json.NewDecoder(resp.Body)
+	if !strings.HasPrefix(resp.Header.Get("Content-Type"), "application/x-ndjson") {
+		// A node older than the progress stream answers with the image.
+		var img Image
+		if err := dec.Decode(&img); err != nil {
+			return Image{}, fmt.Errorf("decode answer of POST /v1/images: %w", err)
+		}
+		return img, nil
+	}
 	for {
 		var p CopyProgress
 		if err := dec.Decode(&p); err == io.EOF {

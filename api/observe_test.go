@@ -8,8 +8,11 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 )
 
 // observeServer is NewServerHandler with a fake metrics handler and UI.
@@ -163,5 +166,68 @@ func TestCopyImageStreamsProgress(t *testing.T) {
 	var se *StatusError
 	if !errors.As(err, &se) || se.Status != http.StatusConflict {
 		t.Fatalf("copy onto an existing name: %v", err)
+	}
+}
+
+func TestCookieExpires(t *testing.T) {
+	tok := []byte(testToken)
+	now := time.Now()
+	v := CookieValue(tok, now.Add(time.Hour))
+	if !cookieValid(tok, v, now) {
+		t.Fatal("a fresh cookie is refused")
+	}
+	if cookieValid(tok, v, now.Add(2*time.Hour)) {
+		t.Fatal("an expired cookie is accepted")
+	}
+	if cookieValid([]byte("another token"), v, now) {
+		t.Fatal("a cookie of another token is accepted")
+	}
+	_, mac, _ := strings.Cut(v, ".")
+	if cookieValid(tok, strconv.FormatInt(now.Add(365*24*time.Hour).Unix(), 10)+"."+mac, now) {
+		t.Fatal("a cookie whose expiry was moved is accepted")
+	}
+	if cookieValid(tok, CookieValue(tok, now.Add(30*24*time.Hour)), now) {
+		t.Fatal("a cookie valid for longer than a login lasts is accepted")
+	}
+}
+
+// slowCopy sends one progress line, then waits for release.
+type slowCopy struct {
+	*memService
+	release chan struct{}
+}
+
+func (s slowCopy) CopyImage(ctx context.Context, r CreateImageRequest, progress func(CopyProgress)) (Image, error) {
+	progress(CopyProgress{Done: 0, Total: 8})
+	<-s.release
+	return s.CreateImage(ctx, r)
+}
+
+// TestProgressIsStreamed: a progress line reaches the client while the
+// copy still runs (the request log's writer passes flushes through).
+func TestProgressIsStreamed(t *testing.T) {
+	svc := slowCopy{&memService{images: map[string]Image{}}, make(chan struct{})}
+	srv := httptest.NewServer(NewHandler(svc, "test", slog.New(slog.DiscardHandler)))
+	defer srv.Close()
+	var release sync.Once
+	defer release.Do(func() { close(svc.release) }) // before srv.Close, which waits for the handler
+	first := make(chan CopyProgress, 1)
+	done := make(chan error, 1)
+	go func() {
+		_, err := NewClient(strings.TrimPrefix(srv.URL, "http://")).CopyImage(context.Background(), CreateImageRequest{Name: "b", Source: "a"},
+			func(p CopyProgress) { first <- p })
+		done <- err
+	}()
+	select {
+	case p := <-first:
+		if p.Total != 8 {
+			t.Fatalf("first line %+v", p)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no progress line while the copy runs")
+	}
+	release.Do(func() { close(svc.release) })
+	if err := <-done; err != nil {
+		t.Fatal(err)
 	}
 }

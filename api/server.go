@@ -186,6 +186,17 @@ type statusWriter struct {
 
 func (w *statusWriter) WriteHeader(s int) { w.status = s; w.ResponseWriter.WriteHeader(s) }
 
+// Flush passes flushes through: the progress streams (sync, copy) must
+// reach the client line by line, not when net/http's buffer fills.
+func (w *statusWriter) Flush() {
+	if f, ok := w.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+// Unwrap lets http.ResponseController reach the connection's writer.
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
 func (h *handler) logged(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
@@ -222,6 +233,11 @@ func StatusOf(err error) int {
 		return http.StatusConflict
 	case errors.Is(err, meta.ErrUnavailable):
 		return http.StatusServiceUnavailable
+	}
+	// Another node's answer, forwarded: its status stands.
+	var se *StatusError
+	if errors.As(err, &se) && se.Status >= 400 && se.Status < 600 {
+		return se.Status
 	}
 	return http.StatusInternalServerError
 }

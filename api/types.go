@@ -490,9 +490,12 @@ type Problem struct {
 // IOStat is GET /v1/iostat: the I/O counters of the images that saw I/O
 // through the answering node since it started.
 type IOStat struct {
-	Node   string    `json:"node"`
-	Time   time.Time `json:"time"`
-	Images []ImageIO `json:"images"`
+	Node string    `json:"node"`
+	Time time.Time `json:"time"`
+	// Counting is false when the node does not count image I/O
+	// (api.metrics_io false): its counters are frozen, not idle.
+	Counting bool      `json:"counting"`
+	Images   []ImageIO `json:"images"`
 }
 
 // ImageIO is one image's I/O counters on one node.

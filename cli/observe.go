@@ -80,7 +80,7 @@ func printStatus(w io.Writer, st api.ClusterStatus) {
 	eta := "nothing to copy"
 	switch {
 	case st.OutOfSyncBytes > 0 && st.BacklogETASec < 0:
-		eta = "ETA unknown (uncapped, or waiting for a dead node's copies to be replaced)"
+		eta = "ETA unknown (uncapped, a paused sync, or waiting for a dead node's copies to be replaced)"
 	case st.OutOfSyncBytes > 0:
 		eta = "ETA " + (time.Duration(st.BacklogETASec * float64(time.Second))).Round(time.Second).String() + " at the nodes' caps"
 	}
@@ -156,10 +156,24 @@ otherwise one table per interval is printed. -o json prints one sample.`,
 				}
 				rows := ioRates(prev, cur)
 				prev = cur
+				var frozen []string
+				for name, st := range cur.nodes {
+					if !st.Counting {
+						frozen = append(frozen, name)
+					}
+				}
+				sort.Strings(frozen)
 				if top > 0 && len(rows) > top {
 					rows = rows[:top]
 				}
+				note := ""
+				if len(frozen) > 0 {
+					note = fmt.Sprintf("not counted: the I/O through %s (api.metrics_io false)", strings.Join(frozen, ", "))
+				}
 				if output == "json" {
+					if note != "" {
+						fmt.Fprintln(cmd.ErrOrStderr(), "warning:", note)
+					}
 					if err := printJSON(a.out, rows); err != nil {
 						return err
 					}
@@ -169,6 +183,9 @@ otherwise one table per interval is printed. -o json prints one sample.`,
 					fmt.Fprint(a.out, "\033[H\033[2J") // home, clear
 				}
 				printIO(a.out, rows, time.Now())
+				if note != "" {
+					fmt.Fprintln(a.out, note)
+				}
 			}
 			return nil
 		},

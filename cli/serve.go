@@ -25,9 +25,9 @@ UKAI_NODE_DATA_DIR, UKAI_API_LISTEN, UKAI_ISCSI_LISTEN, UKAI_ISCSI_IQN_PREFIX,
 UKAI_METADATA_BACKEND, UKAI_LOG_LEVEL) and the flags below. configs/node.yaml
 is an annotated example.
 
-SIGHUP reads the configuration again: log.level changes at once; a change
-to any other setting is logged with the sections it touches and waits for
-a restart; a configuration that does not load is refused (logged) and the
+SIGHUP reads the configuration again: log.level and api.metrics_io change
+at once; a change to any other setting is logged with the sections it
+touches and waits for a restart; a configuration that does not load is refused (logged) and the
 node goes on with the one it has. Policies, cordons and drains live in
 the metadata store and apply without a reload.`,
 		Args: cobra.NoArgs,

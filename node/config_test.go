@@ -171,3 +171,17 @@ func TestUnsafeSettingsRefused(t *testing.T) {
 		t.Errorf("warnings for a loopback-only node:\n%s", buf.String())
 	}
 }
+
+func TestNeedRestartIgnoresWhatAReloadApplies(t *testing.T) {
+	a := Config{}
+	a.Log.Level, a.API.MetricsIO = "info", true
+	b := a
+	b.Log.Level, b.API.MetricsIO = "debug", false
+	if got := a.NeedRestart(&b); len(got) != 0 {
+		t.Fatalf("log.level and api.metrics_io need no restart: %v", got)
+	}
+	b.API.Pprof = true
+	if got := a.NeedRestart(&b); len(got) != 1 || got[0] != "api" {
+		t.Fatalf("api.pprof needs a restart: %v", got)
+	}
+}

@@ -36,8 +36,10 @@ func (ms metricSource) Images() []metrics.ImageState {
 		}
 		st := metrics.ImageState{Name: rec.Name, Owner: rec.Owner, Attached: rec.Attached, Size: rec.Size, BlockSize: rec.BlockSize, Wanted: len(rec.Locations)}
 		if orphan {
+			// No live copy: every block unprotected; the copies' own
+			// counts are not known here (LocationState.Unknown).
 			for _, loc := range rec.Locations {
-				st.Locations = append(st.Locations, metrics.LocationState{Node: loc})
+				st.Locations = append(st.Locations, metrics.LocationState{Node: loc, Unknown: true})
 			}
 			st.Known, st.Unprotected = true, rec.Blocks()
 			out = append(out, st)
@@ -52,25 +54,28 @@ func (ms metricSource) Images() []metrics.ImageState {
 			maps = s.Maps()
 		}
 		var live []*placement.BlockMap
+		st.Known = owned || planned
 		for _, loc := range rec.Locations {
 			l := metrics.LocationState{Node: loc, Alive: n.alive(loc)}
-			if bm := maps[loc]; bm != nil {
+			_, inReport := rep.OutOfSync[loc]
+			switch bm := maps[loc]; {
+			case bm != nil:
 				l.OutOfSync, l.Syncing = bm.Count(placement.OutOfSync), bm.Count(placement.Syncing)
 				if l.Alive {
 					live = append(live, bm)
 				}
-			} else if planned {
+			case !owned && inReport:
 				l.OutOfSync, l.Syncing = rep.OutOfSync[loc], rep.Syncing[loc]
+			default:
+				st.Known = false // a location its maps or plan do not cover
 			}
 			st.Locations = append(st.Locations, l)
 		}
 		switch {
-		case maps != nil:
+		case owned:
 			st.Unprotected = placement.Unprotected(rec.Blocks(), live)
-			st.Known = len(maps) == len(rec.Locations)
 		case planned:
 			st.Unprotected = rep.Unprotected
-			st.Known = len(rep.OutOfSync) == len(rec.Locations)
 		}
 		out = append(out, st)
 	}

@@ -46,7 +46,9 @@ func (n *Node) Health(ctx context.Context) api.Health {
 	p := &n.health
 	p.mu.Lock()
 	if time.Since(p.at) >= healthEvery {
-		cctx, cancel := context.WithTimeout(ctx, healthTimeout)
+		// Not the caller's context: a prober that hung up must not make
+		// the node look failing to the next ones.
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), healthTimeout)
 		p.err = n.kv.Ping(cctx)
 		cancel()
 		p.at = time.Now()
@@ -63,7 +65,7 @@ func (n *Node) Health(ctx context.Context) api.Health {
 
 // IOStat implements api.Service.
 func (n *Node) IOStat(context.Context) (api.IOStat, error) {
-	out := api.IOStat{Node: n.cfg.Node.Name, Time: time.Now(), Images: []api.ImageIO{}}
+	out := api.IOStat{Node: n.cfg.Node.Name, Time: time.Now(), Counting: n.metrics.IOEnabled(), Images: []api.ImageIO{}}
 	for _, c := range n.metrics.IOStat() {
 		io := api.ImageIO{Image: c.Image, ReadOps: c.ReadOps, WriteOps: c.WriteOps, ReadBytes: c.ReadBytes, WriteBytes: c.WriteBytes,
 			ReadNanos: c.ReadNanos, WriteNanos: c.WriteNanos, Errors: c.Errors}

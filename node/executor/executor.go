@@ -182,8 +182,10 @@ func New(cfg Config) *Executor {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	return &Executor{cfg: cfg, images: map[string]*imageState{}, plans: map[string][]placement.Action{},
+	e := &Executor{cfg: cfg, images: map[string]*imageState{}, plans: map[string][]placement.Action{},
 		reports: map[string]Report{}, actions: map[placement.ActionKind]int64{}}
+	e.nodeCap.Store(-1)
+	return e
 }
 
 // Rounds is the number of rounds run since start.

@@ -81,5 +81,6 @@ func (e *Executor) Pacer(st placement.State, img meta.Image, a placement.Action)
 }
 
 // NodeCap is the cap on this node's copy traffic in bytes/s (0: none)
-// as its last plan saw the policies.
+// as its last plan saw the policies; -1 before its first plan (a node that
+// plans no image does not read them).
 func (e *Executor) NodeCap() int64 { return e.nodeCap.Load() }

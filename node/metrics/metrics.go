@@ -65,6 +65,9 @@ type LocationState struct {
 	Alive     bool
 	OutOfSync int64 // blocks
 	Syncing   int64 // blocks
+	// Unknown: the counts of this copy are not known (its node is dead
+	// and nobody plans the image): no out-of-sync series for it.
+	Unknown bool
 }
 
 // PeerStats is one peer client's counters.
@@ -86,7 +89,7 @@ type NodeStats struct {
 	PlannerActions  map[string]int64 // actions started, by kind
 	Settled         int
 	SyncBytes       int64
-	SyncCap         int64 // this node's copy cap in bytes/s, 0: none
+	SyncCap         int64 // this node's copy cap in bytes/s, 0: none, -1: not known yet
 	PeerBytesIn     int64 // block data other nodes wrote to this node's copies
 	PeerBytesOut    int64 // block data other nodes read from this node's copies
 	StoreOK         bool  // the last metadata access succeeded
@@ -247,6 +250,7 @@ var (
 	descSyncCap    = prometheus.NewDesc("ukai_node_sync_cap_bytes_per_second", "The node's cap on copy traffic as its last plan saw the policies (0: none); rate(ukai_node_sync_bytes_total) over it is the cap's usage.", nil, nil)
 	descPeerIn     = prometheus.NewDesc("ukai_node_peer_written_bytes_total", "Block data other nodes wrote to this node's copies.", nil, nil)
 	descPeerOut    = prometheus.NewDesc("ukai_node_peer_read_bytes_total", "Block data other nodes read from this node's copies.", nil, nil)
+	descCounting   = prometheus.NewDesc("ukai_node_image_io_counting", "1 when the node counts image I/O (api.metrics_io); 0: the ukai_image_* I/O series are frozen, not idle.", nil, nil)
 	descStoreUp    = prometheus.NewDesc("ukai_node_metadata_up", "1 when the node's last metadata store access succeeded.", nil, nil)
 	descRenewals   = prometheus.NewDesc("ukai_ownership_session_renewals_total", "Renewals of the node's ownership session that succeeded.", nil, nil)
 	descPeerRTT    = prometheus.NewDesc("ukai_peer_rtt_seconds", "Smoothed round-trip time of small requests to a peer.", []string{"peer"}, nil)
@@ -282,6 +286,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, l...)
 	}
 	gauge(descNodeInfo, 1, m.cfg.Node, m.cfg.Version)
+	gauge(descCounting, b2f(m.io.Load()))
 	if m.cfg.Source != nil {
 		ns := m.cfg.Source.Node()
 		gauge(descSessions, float64(ns.Sessions))
@@ -296,7 +301,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		}
 		gauge(descSettled, float64(ns.Settled))
 		counter(descSyncBytes, float64(ns.SyncBytes))
-		gauge(descSyncCap, float64(ns.SyncCap))
+		if ns.SyncCap >= 0 {
+			gauge(descSyncCap, float64(ns.SyncCap))
+		}
 		counter(descPeerIn, float64(ns.PeerBytesIn))
 		counter(descPeerOut, float64(ns.PeerBytesOut))
 		gauge(descStoreUp, b2f(ns.StoreOK))
@@ -316,7 +323,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 			inSync := 0
 			for _, l := range img.Locations {
 				gauge(descLocUp, b2f(l.Alive), img.Name, l.Node)
-				if !img.Known {
+				if !img.Known || l.Unknown {
 					continue
 				}
 				if l.Alive && l.OutOfSync == 0 && l.Syncing == 0 {

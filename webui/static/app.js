@@ -61,8 +61,9 @@ function imageState(img, alive) {
   return ["in sync", "state-ok"];
 }
 
-async function overview() {
+async function overview(g) {
   const [nodes, list] = await Promise.all([api("/v1/nodes"), api("/v1/images")]);
+  if (g !== gen) return; // the page moved on meanwhile
   const alive = new Set(nodes.filter(n => n.state === "alive" || n.state === "suspect").map(n => n.name));
   fill($("nodes").tBodies[0], nodes.map(n => {
     const tr = document.createElement("tr");
@@ -156,8 +157,9 @@ function drawGrid(img, cs) {
   }
 }
 
-async function imageView(name) {
+async function imageView(name, g) {
   const img = await api("/v1/images/" + encodeURIComponent(name) + "?blocks=runs&cells=" + MAX_CELLS);
+  if (g !== gen) return; // the page moved on meanwhile
   $("image-name").textContent = img.name;
   $("image-facts").textContent = fmtBytes(img.size) + " in " + img.num_blocks + " blocks of " + fmtBytes(img.block_size) +
     "; owner " + (img.owner || "none") + (img.attached ? ", attached to " + img.attached : "") +
@@ -209,12 +211,14 @@ async function tick(g) {
     name = route();
     $("overview").hidden = !!name;
     $("image").hidden = !name;
-    if (name) await imageView(name); else await overview();
+    if (name) await imageView(name, g); else await overview(g);
+    if (g !== gen) return;
     $("error").hidden = true;
     updates++;
     document.body.dataset.updates = String(updates);
     $("updated").textContent = "updated " + new Date().toLocaleTimeString();
   } catch (e) {
+    if (g !== gen) return;
     $("error").hidden = false;
     $("error").textContent = String(e.message || e);
   }
