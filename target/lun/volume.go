@@ -78,7 +78,9 @@ type Volume struct {
 
 	// suspect holds blocks a failed request may have left different on
 	// in-sync copies (some copies took it, and the others could not be
-	// recorded out of sync); guarded by mu. ReconcileSuspects repairs them.
+	// recorded out of sync; or it reached none, and a copy whose answer
+	// was lost may have taken it); guarded by mu. ReconcileSuspects
+	// repairs them.
 	suspect map[int64]bool
 
 	// seq numbers the block-state records this volume made (stored
@@ -738,15 +740,33 @@ func (v *Volume) fanOut(ctx context.Context, ps []piece, op func(ctx context.Con
 func (v *Volume) settle(ctx context.Context, what string, ok, failed map[int64][]string) error {
 	byNode := map[string][]int64{}
 	var short []int64
+	var lost []int64 // reached no copy, but meant for two or more
 	for b, good := range ok {
 		if len(good) > 0 {
 			for _, n := range failed[b] {
 				byNode[n] = append(byNode[n], b)
 			}
+		} else if len(failed[b]) >= 2 {
+			lost = append(lost, b)
 		}
 		if len(good) < v.minCopies() {
 			short = append(short, b)
 		}
+	}
+	if len(lost) > 0 {
+		// A copy whose answer was lost (a timeout, a reset) may hold the
+		// new data while another missed it, both still in sync and
+		// nothing recorded: the block is suspect, and the next read makes
+		// the copies agree first (chaos seed 129 read the failed write's
+		// data from one copy, then the older data from the other).
+		v.mu.Lock()
+		if v.suspect == nil {
+			v.suspect = map[int64]bool{}
+		}
+		for _, b := range lost {
+			v.suspect[b] = true
+		}
+		v.mu.Unlock()
 	}
 	for n, bs := range byNode {
 		slices.Sort(bs)

@@ -23,6 +23,8 @@ type faulty struct {
 	*FileCopy
 	fail   atomic.Bool
 	stall  atomic.Bool
+	// lostAck: writes are applied, then fail (the answer was lost).
+	lostAck atomic.Bool
 	mu     sync.Mutex
 	pieces [][2]int64
 }
@@ -54,7 +56,10 @@ func (f *faulty) WriteAt(ctx context.Context, p []byte, off int64, d bool) error
 	f.mu.Lock()
 	f.pieces = append(f.pieces, [2]int64{off, int64(len(p))})
 	f.mu.Unlock()
-	return f.FileCopy.WriteAt(ctx, p, off, d)
+	if err := f.FileCopy.WriteAt(ctx, p, off, d); err != nil || !f.lostAck.Load() {
+		return err
+	}
+	return errInjected
 }
 
 func (f *faulty) Sync(ctx context.Context) error {
@@ -1006,6 +1011,42 @@ func TestSuspectBlockReadsAgree(t *testing.T) {
 	}
 	if r.v.HasSuspects() {
 		t.Fatal("the block is still suspect after its copies were made to agree")
+	}
+}
+
+// A write that reached no copy may still have landed on one whose answer
+// was lost, while another missed it: both stay in sync with different
+// data, so the block is suspect (chaos seed 129 read the failed write's
+// data from one copy, then the older data from the other, 2 s later).
+func TestWriteReachingNoCopyLeavesBlockSuspect(t *testing.T) {
+	const bs = 64 << 10
+	r := newRig(t, 4*bs, bs, 1, "n1", "n2")
+	ctx := context.Background()
+	if err := r.v.WriteAt(ctx, pattern(bs, 1), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	r.copies["n1"].fail.Store(true)
+	r.copies["n2"].lostAck.Store(true)
+	if err := r.v.WriteAt(ctx, pattern(bs, 2), 0, false); err == nil {
+		t.Fatal("a write that reached no copy was acknowledged")
+	}
+	r.copies["n1"].fail.Store(false)
+	r.copies["n2"].lostAck.Store(false)
+	if !r.v.HasSuspects() {
+		t.Fatal("the block is not suspect")
+	}
+	first := make([]byte, bs)
+	if err := r.v.ReadAt(ctx, first, 0); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []string{"n1", "n2"} {
+		got := make([]byte, bs)
+		if err := r.copies[n].FileCopy.ReadAt(ctx, got, 0); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, first) {
+			t.Fatalf("after the first read, copy %s holds other data than that read returned", n)
+		}
 	}
 }
 
