@@ -21,12 +21,12 @@ import (
 // and records the pieces written to it.
 type faulty struct {
 	*FileCopy
-	fail   atomic.Bool
-	stall  atomic.Bool
+	fail  atomic.Bool
+	stall atomic.Bool
 	// lostAck: writes are applied, then fail (the answer was lost).
 	lostAck atomic.Bool
-	mu     sync.Mutex
-	pieces [][2]int64
+	mu      sync.Mutex
+	pieces  [][2]int64
 }
 
 var errInjected = errors.New("injected failure")
