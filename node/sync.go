@@ -429,7 +429,16 @@ func (n *Node) RemoveLocation(ctx context.Context, name, node string) (api.Image
 		return err
 	}
 	if n.mayServe(s) {
-		err = s.Vol.Exclusively(remove)
+		err = s.Vol.Exclusively(func() error {
+			if err := remove(); err != nil {
+				return err
+			}
+			// Before any waiting I/O runs: the removed copy is not read
+			// nor written from now on, though the copy set is replaced
+			// only by the refresh below.
+			s.Vol.StopUsing(node)
+			return nil
+		})
 	} else {
 		err = remove()
 	}

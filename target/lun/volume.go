@@ -409,6 +409,22 @@ func (v *Volume) Exclusively(fn func() error) error {
 // after SetReplicas, a removed copy is no longer used once Drain returns.
 func (v *Volume) Drain() { v.locks.drain() }
 
+// StopUsing takes node's copy out of reads and writes at once (its map
+// reads as out of sync in memory; nothing is recorded) until the next
+// SetReplicas, which drops or reinstates it. The owner calls it, every
+// block held (Exclusively), once the catalog no longer lists the copy:
+// between that record and the new copy set, a write must not land on a
+// copy about to be deleted, nor a read come from it (chaos seed 129: a
+// failed write landed only on the owner's own removed copy, a read
+// returned it, and the copy was deleted 20 ms later).
+func (v *Volume) StopUsing(node string) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if m, ok := v.maps[node]; ok {
+		v.maps[node] = placement.NewBlockMap(m.Len(), placement.OutOfSync)
+	}
+}
+
 // State returns the state of block b of node's copy (OutOfSync when the
 // node holds no copy).
 func (v *Volume) State(node string, b int64) placement.SyncState {

@@ -1050,6 +1050,38 @@ func TestWriteReachingNoCopyLeavesBlockSuspect(t *testing.T) {
 	}
 }
 
+// TestStopUsingTakesACopyOutAtOnce: once the owner stops using a removed
+// copy, no read comes from it and no write lands on it, before the copy
+// set is replaced.
+func TestStopUsingTakesACopyOutAtOnce(t *testing.T) {
+	const bs = 64 << 10
+	r := newRig(t, 4*bs, bs, 1, "n1", "n2")
+	ctx := context.Background()
+	if err := r.v.WriteAt(ctx, pattern(bs, 1), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.v.Exclusively(func() error { r.v.StopUsing("n1"); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.v.WriteAt(ctx, pattern(bs, 2), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, bs)
+	if err := r.copies["n1"].FileCopy.ReadAt(ctx, got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, pattern(bs, 1)) {
+		t.Fatal("a write landed on a copy no longer used")
+	}
+	// n1 (local, read first) holds the old data: a read must not see it.
+	if err := r.v.ReadAt(ctx, got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, pattern(bs, 2)) {
+		t.Fatal("a read came from a copy no longer used")
+	}
+}
+
 // fenceable is a copy that counts its fences and can refuse them.
 type fenceable struct {
 	*faulty
