@@ -206,25 +206,48 @@ func (c *Catalog) AddLocation(ctx context.Context, name, node string) (Image, er
 	return Image{}, fmt.Errorf("add location %s to %q: the image kept growing: %w", node, name, ErrConflict)
 }
 
-// errGrownMeanwhile: the image grew between the new location's map and
-// its record update; the map is too short, so the whole step is redone.
+// errGrownMeanwhile: the image changed (it grew, or its record moved)
+// between the new location's map and its record update; the whole step
+// is redone from a fresh read.
 var errGrownMeanwhile = errors.New("image grown meanwhile")
 
 func (c *Catalog) addLocation(ctx context.Context, name, node string) (Image, error) {
-	img, _, err := c.GetImage(ctx, name)
+	img, idx, err := c.GetImage(ctx, name)
 	if err != nil {
 		return Image{}, err
 	}
 	if img.HasLocation(node) {
 		return Image{}, fmt.Errorf("%w: %s is already a location of %q", ErrInvalid, node, name)
 	}
-	// Leftovers of an earlier location on that node are stale.
-	if err := c.kv.DeleteTree(ctx, c.mapPrefix(img.ID, node)); err != nil {
+	// Leftovers of an earlier location on that node are stale, and are
+	// replaced. Every chunk is written only while the record is still the
+	// one read (guarded by its index): a stale read (a Consul server
+	// still replaying its log after a restart answered one, chaos seed
+	// 131) that missed this node as a location must not wipe its live map
+	// and write one of the old length, all out of sync. A conflict reads
+	// again.
+	old, _, err := c.kv.List(ctx, c.mapPrefix(img.ID, node))
+	if err != nil {
 		return Image{}, fmt.Errorf("add location: %w", err)
+	}
+	at := map[string]uint64{}
+	for _, e := range old {
+		at[e.Key] = e.ModifyIndex
 	}
 	bm := placement.NewBlockMap(img.Blocks(), placement.OutOfSync)
 	for ch := range placement.NumChunks(bm.Len()) {
-		if err := c.kv.CAS(ctx, c.chunkKey(img.ID, node, ch), bm.EncodeChunk(ch), 0); err != nil {
+		key := c.chunkKey(img.ID, node, ch)
+		err := c.kv.CASGuarded(ctx, key, bm.EncodeChunk(ch), at[key], c.imageKey(name), idx)
+		if errors.Is(err, ErrConflict) {
+			return Image{}, errGrownMeanwhile // the record or a leftover moved: start again
+		}
+		if err != nil {
+			return Image{}, fmt.Errorf("add location %s to %q: %w", node, name, err)
+		}
+		delete(at, key)
+	}
+	for key, i := range at { // leftover chunks past the image's end
+		if err := c.kv.DeleteCAS(ctx, key, i); err != nil && !errors.Is(err, ErrNotFound) && !errors.Is(err, ErrConflict) {
 			return Image{}, fmt.Errorf("add location %s to %q: %w", node, name, err)
 		}
 	}
