@@ -1000,15 +1000,7 @@ func TestSuspectBlockReadsAgree(t *testing.T) {
 	}
 	// Whichever copy serves the next read, it returns what the first did:
 	// both copies now hold it.
-	for _, n := range []string{"n1", "n2"} {
-		got := make([]byte, bs)
-		if err := r.copies[n].FileCopy.ReadAt(ctx, got, 0); err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(got, first) {
-			t.Fatalf("after the first read, copy %s holds other data than that read returned", n)
-		}
-	}
+	copiesHold(t, r, first, "n1", "n2")
 	if r.v.HasSuspects() {
 		t.Fatal("the block is still suspect after its copies were made to agree")
 	}
@@ -1039,15 +1031,7 @@ func TestWriteReachingNoCopyLeavesBlockSuspect(t *testing.T) {
 	if err := r.v.ReadAt(ctx, first, 0); err != nil {
 		t.Fatal(err)
 	}
-	for _, n := range []string{"n1", "n2"} {
-		got := make([]byte, bs)
-		if err := r.copies[n].FileCopy.ReadAt(ctx, got, 0); err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(got, first) {
-			t.Fatalf("after the first read, copy %s holds other data than that read returned", n)
-		}
-	}
+	copiesHold(t, r, first, "n1", "n2")
 }
 
 // TestStopUsingTakesACopyOutAtOnce: once the owner stops using a removed
@@ -1079,6 +1063,21 @@ func TestStopUsingTakesACopyOutAtOnce(t *testing.T) {
 	}
 	if !bytes.Equal(got, pattern(bs, 2)) {
 		t.Fatal("a read came from a copy no longer used")
+	}
+}
+
+// copiesHold fails t unless block 0 of every named copy holds want (what
+// the first read after a failed write returned).
+func copiesHold(t *testing.T, r *rig, want []byte, nodes ...string) {
+	t.Helper()
+	for _, n := range nodes {
+		got := make([]byte, len(want))
+		if err := r.copies[n].FileCopy.ReadAt(context.Background(), got, 0); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Fatalf("after the first read, copy %s holds other data than that read returned", n)
+		}
 	}
 }
 
