@@ -313,33 +313,36 @@ func (h *handler) createImage(w http.ResponseWriter, r *http.Request) {
 // copyImage streams a copy's progress as NDJSON; an error before the
 // first line is an ordinary error answer, one after it the final line's.
 func (h *handler) copyImage(w http.ResponseWriter, r *http.Request, req CreateImageRequest) {
-	started := false
-	flusher, _ := w.(http.Flusher)
-	enc := json.NewEncoder(w)
-	start := func() {
-		if !started {
-			w.Header().Set("Content-Type", "application/x-ndjson")
-			w.WriteHeader(http.StatusCreated)
-			started = true
-		}
-	}
-	img, err := h.svc.CopyImage(r.Context(), req, func(p CopyProgress) {
-		start()
-		_ = enc.Encode(p)
-		if flusher != nil {
-			flusher.Flush()
-		}
-	})
-	if err != nil && !started {
+	out := &ndjson{w: w, status: http.StatusCreated}
+	img, err := h.svc.CopyImage(r.Context(), req, func(p CopyProgress) { out.send(p) })
+	switch {
+	case err != nil && !out.started:
 		h.fail(w, r, err)
-		return
+	case err != nil:
+		out.send(CopyProgress{Final: true, Error: err.Error(), Code: StatusOf(err)})
+	default:
+		out.send(CopyProgress{Final: true, Image: &img, Done: img.Size, Total: img.Size})
 	}
-	start()
-	if err != nil {
-		_ = enc.Encode(CopyProgress{Final: true, Error: err.Error(), Code: StatusOf(err)})
-		return
+}
+
+// ndjson is a progress stream: JSON lines, the status and Content-Type
+// sent with the first one, each line flushed as it is written.
+type ndjson struct {
+	w       http.ResponseWriter
+	status  int
+	started bool
+}
+
+func (s *ndjson) send(v any) {
+	if !s.started {
+		s.w.Header().Set("Content-Type", "application/x-ndjson")
+		s.w.WriteHeader(s.status)
+		s.started = true
 	}
-	_ = enc.Encode(CopyProgress{Final: true, Image: &img, Done: img.Size, Total: img.Size})
+	_ = json.NewEncoder(s.w).Encode(v)
+	if f, ok := s.w.(http.Flusher); ok {
+		f.Flush()
+	}
 }
 
 func (h *handler) getImage(w http.ResponseWriter, r *http.Request) {
@@ -419,32 +422,15 @@ func (h *handler) syncImage(w http.ResponseWriter, r *http.Request) {
 	if !decodeBody(w, r, &req) {
 		return
 	}
-	started := false
-	flusher, _ := w.(http.Flusher)
-	enc := json.NewEncoder(w)
-	err := h.svc.SyncImage(r.Context(), r.PathValue("name"), req, func(p SyncProgress) {
-		if !started {
-			w.Header().Set("Content-Type", "application/x-ndjson")
-			w.WriteHeader(http.StatusOK)
-			started = true
-		}
-		_ = enc.Encode(p)
-		if flusher != nil {
-			flusher.Flush()
-		}
-	})
-	if !started {
-		if err != nil {
-			h.fail(w, r, err)
-			return
-		}
-		w.Header().Set("Content-Type", "application/x-ndjson")
-		w.WriteHeader(http.StatusOK)
-		_ = enc.Encode(SyncProgress{Final: true})
-		return
-	}
-	if err != nil {
-		_ = enc.Encode(SyncProgress{Final: true, Error: err.Error()})
+	out := &ndjson{w: w, status: http.StatusOK}
+	err := h.svc.SyncImage(r.Context(), r.PathValue("name"), req, func(p SyncProgress) { out.send(p) })
+	switch {
+	case err != nil && !out.started:
+		h.fail(w, r, err)
+	case err != nil:
+		out.send(SyncProgress{Final: true, Error: err.Error()})
+	case !out.started:
+		out.send(SyncProgress{Final: true})
 	}
 }
 

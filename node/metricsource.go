@@ -1,6 +1,7 @@
 package node
 
 import (
+	"context"
 	"slices"
 	"sort"
 
@@ -111,25 +112,20 @@ func (ms metricSource) Peers() []metrics.PeerStats {
 // Node reports the node's own state.
 func (ms metricSource) Node() metrics.NodeStats {
 	n := ms.n
+	// The counters `ukai stats` shows, read the same way.
+	sst, _ := n.Stats(context.Background())
 	st := metrics.NodeStats{
 		Members:        map[string]int{},
-		PlannerRounds:  n.exec.Rounds(),
+		Sessions:       sst.Sessions,
+		Served:         sst.Images,
+		Owned:          len(n.images.List(true)),
+		PlannerRounds:  sst.PlacementRounds,
 		PlannerActions: n.exec.Actions(),
-		Settled:        n.exec.Settled(),
-		SyncBytes:      n.syncBytes.Load(),
+		Settled:        sst.Settled,
+		SyncBytes:      sst.SyncBytes,
 		SyncCap:        n.exec.NodeCap(),
-	}
-	for _, s := range n.target.Sessions() {
-		if !s.Discovery {
-			st.Sessions++
-		}
-	}
-	all := n.images.List(false)
-	st.Served = len(all)
-	for _, s := range all {
-		if s.Owned() {
-			st.Owned++
-		}
+		PeerBytesIn:    sst.PeerBytesIn,
+		PeerBytesOut:   sst.PeerBytesOut,
 	}
 	if n.members != nil {
 		for _, m := range n.members.Members() {
@@ -137,10 +133,6 @@ func (ms metricSource) Node() metrics.NodeStats {
 		}
 	} else {
 		st.Members["alive"] = 1
-	}
-	if n.peerSrv != nil {
-		ps := n.peerSrv.Stats()
-		st.PeerBytesIn, st.PeerBytesOut = ps.BytesIn, ps.BytesOut
 	}
 	n.storeMu.Lock()
 	st.StoreOK = n.storeOK

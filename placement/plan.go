@@ -162,6 +162,9 @@ func RelocationDone(img ImageState) bool {
 
 // numBlocks is the image's block count: from Size and BlockSize, else the
 // longest map.
+// Blocks is the image's number of blocks.
+func (img ImageState) Blocks() int64 { return numBlocks(img) }
+
 func numBlocks(img ImageState) int64 {
 	if img.BlockSize > 0 {
 		return (img.Size + img.BlockSize - 1) / img.BlockSize

@@ -160,7 +160,7 @@ func report(is placement.ImageState, alive func(string) bool) Report {
 			live = append(live, bm)
 		}
 	}
-	r.Unprotected = placement.Unprotected(is.Size/max(is.BlockSize, 1)+min(is.Size%max(is.BlockSize, 1), 1), live)
+	r.Unprotected = placement.Unprotected(is.Blocks(), live)
 	return r
 }
 

@@ -750,6 +750,19 @@ func (v *Volume) fanOut(ctx context.Context, ps []piece, op func(ctx context.Con
 	return ok, failed
 }
 
+// markSuspect records blocks whose in-sync copies may differ (see
+// suspect).
+func (v *Volume) markSuspect(blocks []int64) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.suspect == nil {
+		v.suspect = map[int64]bool{}
+	}
+	for _, b := range blocks {
+		v.suspect[b] = true
+	}
+}
+
 // settle records the failed copies of every block that reached at least
 // one copy, then decides the outcome: every block must have reached
 // MinCopies copies.
@@ -775,30 +788,16 @@ func (v *Volume) settle(ctx context.Context, what string, ok, failed map[int64][
 		// nothing recorded: the block is suspect, and the next read makes
 		// the copies agree first (chaos seed 129 read the failed write's
 		// data from one copy, then the older data from the other).
-		v.mu.Lock()
-		if v.suspect == nil {
-			v.suspect = map[int64]bool{}
-		}
-		for _, b := range lost {
-			v.suspect[b] = true
-		}
-		v.mu.Unlock()
+		v.markSuspect(lost)
 	}
 	for n, bs := range byNode {
 		slices.Sort(bs)
 		if err := v.markOutOfSync(ctx, []string{n}, bs); err != nil {
 			// Not recorded: the write must not be acknowledged, and the
 			// copies may now differ on these blocks.
-			v.mu.Lock()
-			if v.suspect == nil {
-				v.suspect = map[int64]bool{}
-			}
 			for _, bb := range byNode {
-				for _, b := range bb {
-					v.suspect[b] = true
-				}
+				v.markSuspect(bb)
 			}
-			v.mu.Unlock()
 			return writeError(fmt.Errorf("%s: %w", what, err))
 		}
 	}
