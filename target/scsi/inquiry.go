@@ -102,6 +102,9 @@ func (lu *LU) standardInquiry() []byte {
 	d[2] = 0x06 // SPC-4
 	d[3] = 0x12 // HISUP, response data format 2
 	d[4] = byte(len(d) - 5)
+	if lu.cfg.ALUA != nil {
+		d[5] = tpgsImplicit
+	}
 	d[7] = 0x02 // CMDQUE
 	putASCII(d[8:16], lu.cfg.Vendor)
 	putASCII(d[16:32], lu.cfg.Product)
@@ -113,7 +116,9 @@ func (lu *LU) standardInquiry() []byte {
 }
 
 // deviceIDPage builds VPD 0x83: an NAA 6 designator and a T10 vendor ID
-// designator, both associated with the logical unit.
+// designator, both associated with the logical unit (the same on every
+// path), and with ALUA the relative target port and target port group of
+// the port the command came through (alua.go).
 func (lu *LU) deviceIDPage() []byte {
 	naa := make([]byte, 4+16)
 	naa[0] = 0x01 // code set binary
@@ -131,9 +136,11 @@ func (lu *LU) deviceIDPage() []byte {
 	t10[3] = byte(len(t10id))
 	copy(t10[4:], t10id)
 
-	d := vpdHeader(vpdDeviceID, len(naa)+len(t10))
+	port := lu.portDesignators()
+	d := vpdHeader(vpdDeviceID, len(naa)+len(t10)+len(port))
 	copy(d[4:], naa)
 	copy(d[4+len(naa):], t10)
+	copy(d[4+len(naa)+len(t10):], port)
 	return d
 }
 

@@ -56,6 +56,10 @@ type Config struct {
 	// INSUFFICIENT REGISTRATION RESOURCES. 0 means
 	// DefaultMaxRegistrations.
 	MaxRegistrations int
+	// ALUA, when set, makes the LU one of several paths to the same
+	// device: TPGS in INQUIRY, the port's designators in VPD 0x83,
+	// REPORT TARGET PORT GROUPS (alua.go). Nil: a single-port LU.
+	ALUA ALUA
 }
 
 // DefaultMaxRegistrations is the default bound on persistent reservation
@@ -190,6 +194,9 @@ func NewLU(cfg Config, be Backend, log *slog.Logger) (*LU, error) {
 	}
 	if cfg.MaxTransferBlocks != 0 && uint64(cfg.MaxTransferBlocks)*uint64(bs) > 1<<32-1 {
 		return nil, fmt.Errorf("scsi: max transfer %d blocks exceeds 4 GiB", cfg.MaxTransferBlocks)
+	}
+	if cfg.ALUA != nil && cfg.ALUA.LocalGroup() == 0 {
+		return nil, errors.New("scsi: ALUA local target port group 0 (reserved)")
 	}
 	if cfg.MaxRegistrations <= 0 {
 		cfg.MaxRegistrations = DefaultMaxRegistrations

@@ -132,6 +132,11 @@ func (lu *LU) opTable() []opInfo {
 		t = append(t, opInfo{op: opPROut, sa: sa, hasSA: true, cdbLen: 10, usage: prOut, class: classPR,
 			run: func(lu *LU, ctx context.Context, cmd *Command) Result { return lu.persistentReserveOut(cmd) }})
 	}
+	if lu.cfg.ALUA != nil {
+		t = append(t, opInfo{op: opMaintenanceIn, sa: saReportTargetPortGroups, hasSA: true, cdbLen: 12,
+			usage: []byte{opMaintenanceIn, 0xff, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, ctl}, class: classAlways,
+			run: func(lu *LU, ctx context.Context, cmd *Command) Result { return lu.reportTargetPortGroups(cmd) }})
+	}
 	if !lu.cfg.ThinProvisioning {
 		// UNMAP is only offered with thin provisioning (VPD B2 LBPU).
 		out := t[:0]
