@@ -25,9 +25,17 @@ func (n *Node) diskSpace() (int64, int64) {
 func (n *Node) gossipMeta() membership.NodeMeta {
 	capacity, free := n.diskSpace()
 	return membership.NodeMeta{
-		API: n.apiLn.Addr().String(), ISCSI: n.target.Addr().String(), Peer: n.peerAddr(),
+		API: n.apiLn.Addr().String(), ISCSI: n.iscsiAdvertise(), Port: n.port, Peer: n.peerAddr(),
 		Labels: n.cfg.Node.Labels, Capacity: capacity, Free: free, Version: n.version,
 	}
+}
+
+// iscsiAdvertise is the portal address initiators use.
+func (n *Node) iscsiAdvertise() string {
+	if n.cfg.ISCSI.Advertise != "" {
+		return n.cfg.ISCSI.Advertise
+	}
+	return n.target.Addr().String()
 }
 
 func (n *Node) peerAddr() string {

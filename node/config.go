@@ -78,6 +78,10 @@ type APIConfig struct {
 // ISCSIConfig is the iSCSI target.
 type ISCSIConfig struct {
 	Listen string `mapstructure:"listen"` // IP:port of the portal, bound exactly
+	// Advertise is the address initiators use to reach the portal
+	// ("host:port": an IP or a DNS name), answered by discovery on every
+	// node for the images this node serves; default Listen.
+	Advertise string `mapstructure:"advertise"`
 	// IQNPrefix: image NAME is exported as target <IQNPrefix>:NAME.
 	IQNPrefix string `mapstructure:"iqn_prefix"`
 	// RequireACL: an image with no export admits nobody and is hidden
@@ -223,6 +227,7 @@ var defaults = map[string]any{
 	"api.metrics_public":              false,
 	"api.metrics_io":                  true,
 	"iscsi.listen":                    "127.0.0.1:3260",
+	"iscsi.advertise":                 "",
 	"iscsi.iqn_prefix":                "iqn.2026-11.io.ukai",
 	"iscsi.require_acl":               true,
 	"iscsi.chap_secret_store":         "file",
@@ -282,6 +287,7 @@ func Flags(fs *pflag.FlagSet) {
 	fs.String("node.data_dir", "", "directory for image copies and embedded metadata (must exist)")
 	fs.String("api.listen", "", "control API address IP:port (default 127.0.0.1:7700)")
 	fs.String("iscsi.listen", "", "iSCSI portal address IP:port (default 127.0.0.1:3260)")
+	fs.String("iscsi.advertise", "", "iSCSI address initiators use, host:port (default iscsi.listen)")
 	fs.String("iscsi.iqn_prefix", "", "IQN prefix; image NAME is target PREFIX:NAME")
 	fs.String("metadata.backend", "", "metadata store: embedded or consul")
 	fs.String("consul.address", "", "Consul agent HTTP address (default 127.0.0.1:8500)")
@@ -378,6 +384,11 @@ func (c *Config) Validate() error {
 	}
 	if err := checkAddr(c.ISCSI.Listen); err != nil {
 		bad("iscsi.listen", "%v", err)
+	}
+	if c.ISCSI.Advertise != "" {
+		if err := checkAdvertise(c.ISCSI.Advertise); err != nil {
+			bad("iscsi.advertise", "%v", err)
+		}
 	}
 	if c.API.Listen == c.ISCSI.Listen && c.API.Listen != "" {
 		bad("iscsi.listen", "same address as api.listen (%s)", c.API.Listen)
@@ -563,6 +574,31 @@ func checkAddr(a string) error {
 	}
 	return nil
 }
+
+// checkAdvertise validates an address given to others: host:port with an
+// IP that is not a wildcard, or a DNS name.
+func checkAdvertise(a string) error {
+	host, port, err := net.SplitHostPort(a)
+	if err != nil {
+		return fmt.Errorf("%q: %v (want host:port)", a, err)
+	}
+	var p int
+	if _, err := fmt.Sscanf(port, "%d", &p); err != nil || p < 1 || p > 65535 || fmt.Sprint(p) != port {
+		return fmt.Errorf("%q: port %q must be 1-65535", a, port)
+	}
+	if ip := net.ParseIP(host); ip != nil {
+		if ip.IsUnspecified() {
+			return fmt.Errorf("%q: %s is a wildcard, not an address initiators can reach", a, host)
+		}
+		return nil
+	}
+	if !dnsNameRE.MatchString(host) || len(host) > 253 {
+		return fmt.Errorf("%q: %q is neither an IP address nor a DNS name", a, host)
+	}
+	return nil
+}
+
+var dnsNameRE = regexp.MustCompile(`^([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$`)
 
 func parseLevel(s string) (slog.Level, error) {
 	levels := []string{"debug", "info", "warn", "error"}

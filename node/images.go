@@ -196,11 +196,13 @@ func (n *Node) export(ctx context.Context, img meta.Image, cached bool) error {
 		MaxUnmapBlocks:        uint32(min(img.Size/meta.SectorSize, 1<<22)),
 		MaxWriteSameBlocks:    uint32(min(img.Size/meta.SectorSize, 1<<22)),
 		MaxTransferBlocks:     (32 << 20) / meta.SectorSize,
+		ALUA:                  aluaSource{n, s},
 	}, n.metrics.Backend(img.Name, n.router.Backend(s)), n.log.With("image", img.Name))
 	if err != nil {
 		s.Close()
 		return fmt.Errorf("image %s: %w", img.Name, err)
 	}
+	s.PathsChanged = n.pathsWatcher(s)
 	if cached {
 		// Exported from the cache, maybe without the catalog: not owned
 		// (acquire decides: only an image whose only copy is here may be

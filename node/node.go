@@ -52,6 +52,9 @@ type Node struct {
 	members *membership.Agent // nil without gossip
 
 	target *iscsi.Server
+	// port is this node's target port (and portal group) number, from
+	// the store once, then from the data dir (paths.go).
+	port   uint16
 	apiLn  net.Listener
 	apiSrv *http.Server
 	dir    *datadir.Dir          // this node's copies and cached records
@@ -139,8 +142,13 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 	if n.sec, err = loadSecurity(cfg); err != nil {
 		return nil, err
 	}
+	if n.port, err = n.targetPort(ctx); err != nil {
+		return nil, err
+	}
 	n.loadCachedExports()
 	icfg := cfg.ISCSI.iscsiConfig()
+	icfg.PortalGroupTag = n.port
+	icfg.TargetAddress = cfg.ISCSI.Advertise
 	icfg.Logger = log.With("component", "iscsi")
 	icfg.Authenticator = iscsi.NewCHAPAuthenticator(iscsi.CHAPConfig{ACL: nodeACL{n}, RequireACL: cfg.ISCSI.RequireACL, Logger: log.With("component", "iscsi-auth"), Discovery: n.sec.discovery})
 	n.target, err = iscsi.NewServer(icfg, n)

@@ -44,6 +44,7 @@ const (
 var (
 	ukaiBin        string
 	kernel, initrd string
+	initrdHost     string // setup.sh's initrd_host: see host_test.go
 	artifacts      string // logs of this run: kept when the test fails
 )
 
@@ -76,6 +77,9 @@ func testMain(m *testing.M) int {
 		}
 		if v, ok := strings.CutPrefix(l, "initrd="); ok {
 			initrd = v
+		}
+		if v, ok := strings.CutPrefix(l, "initrd_host="); ok {
+			initrdHost = v // the hypervisor host's (host_test.go)
 		}
 	}
 	if kernel == "" || initrd == "" {

@@ -65,6 +65,11 @@ type Image struct {
 	// FromCache: exported from the cached record with only the local copy
 	// (guarded by the reconciler's lock).
 	FromCache bool
+	// PathsChanged, when set (before the image is in a Set), is called
+	// after a change that may move its paths' access states: this node
+	// took or let go of it, or the record's owner, copies or attachment
+	// changed. It runs with no lock of this package held.
+	PathsChanged func()
 
 	owned atomic.Bool
 	// io counts the I/O this node does as the owner (its initiators' and
@@ -110,8 +115,12 @@ func (s *Image) Record() meta.Image {
 // SetRecord makes img the record as applied here.
 func (s *Image) SetRecord(img meta.Image) {
 	s.mu.Lock()
+	old := s.img
 	s.img = img
 	s.mu.Unlock()
+	if s.PathsChanged != nil && (old.Owner != img.Owner || old.Attached != img.Attached || !slices.Equal(old.Locations, img.Locations)) {
+		s.PathsChanged()
+	}
 }
 
 // SetSnapshots takes the snapshot list of rec, a record this node wrote
@@ -143,7 +152,11 @@ func (s *Image) Owned() bool { return s.owned.Load() }
 
 // SetOwned sets whether this node owns the image. A release clears it
 // before waiting for InFlight to reach zero.
-func (s *Image) SetOwned(v bool) { s.owned.Store(v) }
+func (s *Image) SetOwned(v bool) {
+	if s.owned.Swap(v) != v && s.PathsChanged != nil {
+		s.PathsChanged()
+	}
+}
 
 // BeginIO counts an I/O that passed the ownership check in; false when
 // the image stopped being owned meanwhile (the caller checks again). The

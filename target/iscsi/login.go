@@ -633,12 +633,27 @@ func (c *conn) sendTargets(val string) []KeyValue {
 	}
 	slices.Sort(names)
 	addr := c.srv.targetAddress(c.nc.LocalAddr())
-	var out []KeyValue
+	visible := names[:0]
 	for _, n := range names {
 		if a := c.srv.cfg.Authenticator; a != nil && !a.Visible(s.initiatorName, n) {
 			continue
 		}
-		out = append(out, KeyValue{"TargetName", n}, KeyValue{"TargetAddress", addr})
+		visible = append(visible, n)
+	}
+	var portals map[string][]string
+	if pl, ok := c.srv.targets.(PortalLister); ok && len(visible) > 0 {
+		portals = pl.TargetPortals(visible)
+	}
+	var out []KeyValue
+	for _, n := range visible {
+		out = append(out, KeyValue{"TargetName", n})
+		addrs := portals[n]
+		if len(addrs) == 0 {
+			addrs = []string{addr}
+		}
+		for _, a := range addrs {
+			out = append(out, KeyValue{"TargetAddress", a})
+		}
 	}
 	return out
 }

@@ -200,6 +200,14 @@ type Targets interface {
 	TargetNames() []string
 }
 
+// PortalLister is implemented by Targets reached through several portals
+// (one per node, multipath): SendTargets answers each target with the
+// addresses TargetPortals gives ("host:port,tag", the preferred first),
+// and with this portal's own address when it gives none.
+type PortalLister interface {
+	TargetPortals(iqns []string) map[string][]string
+}
+
 // SessionInfo describes one live session.
 type SessionInfo struct {
 	InitiatorName string

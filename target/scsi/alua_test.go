@@ -75,8 +75,8 @@ func TestALUA(t *testing.T) {
 	// INQUIRY: TPGS implicit.
 	r := run(lu, nexA, []byte{opInquiry, 0, 0, 0, 96, 0}, nil)
 	wantGood(t, r)
-	if r.DataIn[5]&0x30 != 0x10 {
-		t.Fatalf("TPGS %#x, want implicit (01b)", r.DataIn[5]>>4&3)
+	if r.DataIn[5]&0x30 != 0x10 || r.DataIn[6]&0x10 == 0 {
+		t.Fatalf("TPGS %#x MULTIP %#x, want implicit (01b) and multiple ports", r.DataIn[5]>>4&3, r.DataIn[6]>>4&1)
 	}
 
 	// VPD 0x83: the LU designators first (what every path shares), then
@@ -149,8 +149,8 @@ func TestALUA(t *testing.T) {
 	// Without ALUA: no TPGS, no REPORT TARGET PORT GROUPS, no unit
 	// attention.
 	r = run(noALUA, nexA, []byte{opInquiry, 0, 0, 0, 96, 0}, nil)
-	if r.DataIn[5]&0x30 != 0 {
-		t.Fatalf("TPGS set without ALUA")
+	if r.DataIn[5]&0x30 != 0 || r.DataIn[6]&0x10 != 0 {
+		t.Fatalf("TPGS or MULTIP set without ALUA")
 	}
 	wantSense(t, run(noALUA, nexA, rtpgCDB(0, 1024), nil), SenseIllegalRequest, 0x24, 0)
 	noALUA.AccessStateChanged()

@@ -104,6 +104,7 @@ func (lu *LU) standardInquiry() []byte {
 	d[4] = byte(len(d) - 5)
 	if lu.cfg.ALUA != nil {
 		d[5] = tpgsImplicit
+		d[6] = 0x10 // MULTIP: more than one port
 	}
 	d[7] = 0x02 // CMDQUE
 	putASCII(d[8:16], lu.cfg.Vendor)

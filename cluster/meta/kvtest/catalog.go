@@ -3,6 +3,7 @@ package kvtest
 import (
 	"context"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -29,6 +30,7 @@ func RunCatalog(t *testing.T, newKV func(t *testing.T) meta.KV) {
 		{"GrowDuringAddLocation", testGrowDuringAddLocation},
 		{"AddLocationStaleRecord", testAddLocationStaleRecord},
 		{"RecordForRemovedLocation", testRecordForRemovedLocation},
+		{"PortNumbers", testPortNumbers},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -419,4 +421,57 @@ func OwnedImage(t testing.TB, c *meta.Catalog, name string, size, blockSize int6
 		t.Fatal(err)
 	}
 	return img
+}
+
+// testPortNumbers: nodes starting at once each get a number of their own,
+// the same one every time they ask; a value written by hand under the
+// prefix is reported and neither handed out nor in the way.
+func testPortNumbers(t *testing.T, c *meta.Catalog, p string) {
+	ctx := context.Background()
+	var r reports
+	c.OnMalformed(r.add)
+	kv := c.KV()
+	if err := kv.CAS(ctx, p+"ports/zero", []byte("x"), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.CAS(ctx, p+"ports/2", []byte("old-node"), 0); err != nil {
+		t.Fatal(err)
+	}
+	const nodes = 8
+	got := make([]uint16, nodes)
+	errs := make([]error, nodes)
+	var wg sync.WaitGroup
+	for i := range nodes {
+		wg.Go(func() { got[i], errs[i] = c.PortNumber(ctx, fmt.Sprintf("n%d", i)) })
+	}
+	wg.Wait()
+	seen := map[uint16]string{2: "old-node"}
+	for i, num := range got {
+		if errs[i] != nil {
+			t.Fatalf("n%d: %v", i, errs[i])
+		}
+		if num == 0 {
+			t.Fatalf("n%d got number 0", i)
+		}
+		if other, dup := seen[num]; dup {
+			t.Fatalf("n%d and %s both got %d", i, other, num)
+		}
+		seen[num] = fmt.Sprintf("n%d", i)
+		again, err := c.PortNumber(ctx, fmt.Sprintf("n%d", i))
+		if err != nil || again != num {
+			t.Fatalf("n%d asked again: %d, %v; want %d", i, again, err, num)
+		}
+	}
+	// The lowest free numbers: 1 and 3..9.
+	for num := uint16(1); num <= nodes+1; num++ {
+		if _, ok := seen[num]; !ok {
+			t.Fatalf("number %d left free while %v were handed out", num, got)
+		}
+	}
+	if !r.has(p + "ports/zero") {
+		t.Fatalf("the hand-written ports/zero was not reported: %v", r.keys)
+	}
+	if _, err := c.PortNumber(ctx, "not a name"); err == nil {
+		t.Fatal("a bad node name got a number")
+	}
 }
