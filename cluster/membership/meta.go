@@ -16,12 +16,12 @@ const MetaMaxSize = memberlist.MetaMaxSize
 // memberlist's node meta, which must fit in [MetaMaxSize] bytes: keep
 // labels short.
 type NodeMeta struct {
-	API      string            `json:"api"`   // HTTP API "ip:port"
-	ISCSI    string            `json:"iscsi"` // iSCSI target portal "host:port" initiators use
+	API   string `json:"api"`   // HTTP API "ip:port"
+	ISCSI string `json:"iscsi"` // iSCSI target portal "host:port" initiators use
 	// Port is the node's target port (and portal group) number, the
 	// same on every path of an image (docs/hypervisor.md); 0: not known.
-	Port uint16 `json:"port,omitempty"`
-	Peer     string            `json:"peer"`  // node-to-node data "ip:port"
+	Port     uint16            `json:"port,omitempty"`
+	Peer     string            `json:"peer"` // node-to-node data "ip:port"
 	Labels   map[string]string `json:"labels,omitempty"`
 	Capacity int64             `json:"cap"`  // bytes
 	Free     int64             `json:"free"` // bytes
