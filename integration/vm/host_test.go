@@ -283,11 +283,22 @@ func (h *host) login(t *testing.T, iqn string, portal int) string {
 	out := h.mustRun(t, 90*time.Second, fmt.Sprintf(`
 set -e
 iscsiadm -m node -T %[1]s -p %[2]s -o new > /dev/null
-iscsiadm -m node -T %[1]s -p %[2]s --login
-%[3]s`, iqn, p, diskScript(iqn, p, 30)))
+t0=$(cut -d' ' -f1 /proc/uptime)
+iscsiadm -m node -T %[1]s -p %[2]s --login > /dev/null
+t1=$(cut -d' ' -f1 /proc/uptime)
+%[3]s
+t2=$(cut -d' ' -f1 /proc/uptime)
+echo "$t0 $t1 $t2"
+disk`, iqn, p, diskScript(iqn, p, 30)))
 	dev := lastLine(out)
 	if !strings.HasPrefix(dev, "/dev/") {
 		t.Fatalf("%s: no disk after login to %s at %s:\n%s", h.name, iqn, p, out)
+	}
+	var a, b, c float64
+	if _, err := fmt.Sscanf(out, "%g %g %g", &a, &b, &c); err == nil {
+		t.Logf("%s: logged in to %s at %s in %.2f s, %s %.2f s later (guest clock)", h.name, iqn, p, b-a, dev, c-b)
+	} else {
+		t.Logf("%s: logged in to %s at %s: %s (%v: %q)", h.name, iqn, p, dev, err, out)
 	}
 	return dev
 }
@@ -300,11 +311,13 @@ func (h *host) logout(t *testing.T, iqn string, portal int) {
 iscsiadm -m node -T %[1]s -p %[2]s --logout && iscsiadm -m node -T %[1]s -p %[2]s -o delete`, iqn, p))
 }
 
-// diskScript is a guest script that waits up to secs seconds for the disk
-// of the session with iqn at portal and prints its /dev path.
+// diskScript is a guest script that defines disk (prints the /dev path of
+// the disk of the session with iqn at portal, fails when there is none yet)
+// and waits up to secs seconds for it.
 func diskScript(iqn, portal string, secs int) string {
 	return fmt.Sprintf(`
 disk() {
+  local s c b
   for s in /sys/class/iscsi_session/session*; do
     [ -e "$s/targetname" ] && [ "$(cat $s/targetname)" = %[1]q ] || continue
     c=/sys/class/iscsi_connection/connection${s##*session}:0
@@ -316,7 +329,7 @@ disk() {
   return 1
 }
 i=0
-until disk; do
+until disk > /dev/null; do
   i=$((i+1)); [ $i -le %[3]d ] || { echo "no disk for %[1]s at %[2]s"; iscsiadm -m session -P3; exit 1; }
   sleep 0.1
 done`, iqn, portal, secs*10)
@@ -402,6 +415,8 @@ echo "write $a..$b read $b..$c"`, dev))
 	if !strings.Contains(inq, "Peripheral device type: disk") {
 		t.Errorf("sg_inq: not a disk")
 	}
+	// The rest of what a host's tools ask (multipath's ALUA handler among them).
+	h.mustRun(t, time.Minute, fmt.Sprintf("set -e; for c in sg_turs 'sg_readcap --16' sg_luns sg_rtpg 'sg_persist -k'; do $c %s > /dev/null; done", dev))
 
 	// ext4: make, mount, write, unmount, check.
 	const content = "ukai kernel initiator smoke"
