@@ -185,12 +185,20 @@ type node struct {
 	portal string
 	gossip string
 	log    string // path of its stdout+stderr
+	cfg    string // path of its config
 	cmd    *exec.Cmd
 	done   chan struct{} // closed when the process exited; err is then set
 	err    error
 }
 
 func startNode(t *testing.T, name, zone, consul string, join []string) *node {
+	t.Helper()
+	return startNodeWith(t, name, zone, consul, join, "")
+}
+
+// startNodeWith is startNode with more lines in the config's iscsi
+// section (each indented by two spaces, ending in a newline).
+func startNodeWith(t *testing.T, name, zone, consul string, join []string, iscsiExtra string) *node {
 	t.Helper()
 	dir := t.TempDir()
 	n := &node{
@@ -203,7 +211,7 @@ func startNode(t *testing.T, name, zone, consul string, join []string) *node {
 	peer := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	var b strings.Builder
 	fmt.Fprintf(&b, "node:\n  name: %s\n  data_dir: %s\n  labels:\n    zone: %s\n", name, filepath.Join(dir, "data"), zone)
-	fmt.Fprintf(&b, "api:\n  listen: %s\niscsi:\n  listen: %s\n  iqn_prefix: %s\n  require_acl: false\n", n.api, n.portal, iqnPrefix)
+	fmt.Fprintf(&b, "api:\n  listen: %s\niscsi:\n  listen: %s\n  iqn_prefix: %s\n  require_acl: false\n%s", n.api, n.portal, iqnPrefix, iscsiExtra)
 	fmt.Fprintf(&b, "peer:\n  listen: %s\n  timeout: 5s\nmetadata:\n  backend: consul\nconsul:\n  address: %s\n", peer, consul)
 	fmt.Fprintf(&b, "gossip:\n  bind: %s\n", n.gossip)
 	if len(join) > 0 {
@@ -213,28 +221,38 @@ func startNode(t *testing.T, name, zone, consul string, join []string) *node {
 	if err := os.MkdirAll(filepath.Join(dir, "data"), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	cfg := filepath.Join(dir, "node.yaml")
-	if err := os.WriteFile(cfg, []byte(b.String()), 0o600); err != nil {
+	n.cfg = filepath.Join(dir, "node.yaml")
+	if err := os.WriteFile(n.cfg, []byte(b.String()), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	logf, err := os.Create(n.log)
+	n.launch()
+	return n
+}
+
+// launch starts the node's process (again, after kill9) and waits until
+// its API answers.
+func (n *node) launch() {
+	t := n.t
+	t.Helper()
+	logf, err := os.OpenFile(n.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		t.Fatal(err)
 	}
-	n.cmd = exec.Command(ukaiBin, "serve", "--config", cfg)
-	n.cmd.Stdout, n.cmd.Stderr = logf, logf
-	if err := n.cmd.Start(); err != nil {
+	cmd := exec.Command(ukaiBin, "serve", "--config", n.cfg)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	n.done = make(chan struct{})
-	go func() { n.err = n.cmd.Wait(); logf.Close(); close(n.done) }()
+	done := make(chan struct{})
+	n.cmd, n.done = cmd, done
+	go func() { n.err = cmd.Wait(); logf.Close(); close(done) }()
 	t.Cleanup(func() {
-		n.cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Process.Signal(syscall.SIGTERM)
 		select {
-		case <-n.done:
+		case <-done:
 		case <-time.After(20 * time.Second):
-			n.cmd.Process.Kill()
-			<-n.done
+			cmd.Process.Kill()
+			<-done
 		}
 	})
 	deadline := time.Now().Add(30 * time.Second)
@@ -242,17 +260,24 @@ func startNode(t *testing.T, name, zone, consul string, join []string) *node {
 		resp, err := http.Get("http://" + n.api + "/v1/version")
 		if err == nil {
 			resp.Body.Close()
-			return n
+			return
 		}
 		select {
-		case <-n.done:
-			t.Fatalf("node %s exited during start: %v\n%s", name, n.err, tail(n.log, 40))
+		case <-done:
+			t.Fatalf("node %s exited during start: %v\n%s", n.name, n.err, tail(n.log, 40))
 		case <-time.After(100 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("node %s: API %s not up after 30s\n%s", name, n.api, tail(n.log, 40))
+			t.Fatalf("node %s: API %s not up after 30s\n%s", n.name, n.api, tail(n.log, 40))
 		}
 	}
+}
+
+// kill9 kills the node's process at once (no shutdown: its ownership
+// session and locks stay in the store until they expire).
+func (n *node) kill9() {
+	n.cmd.Process.Kill()
+	<-n.done
 }
 
 // target is the libiscsi URL of the image's LUN 0 on this node.
