@@ -197,6 +197,7 @@ func (n *Node) export(ctx context.Context, img meta.Image, cached bool) error {
 		MaxWriteSameBlocks:    uint32(min(img.Size/meta.SectorSize, 1<<22)),
 		MaxTransferBlocks:     (32 << 20) / meta.SectorSize,
 		ALUA:                  aluaSource{n, s},
+		Remote:                n.router.Remote(s),
 	}, n.metrics.Backend(img.Name, n.router.Backend(s)), n.log.With("image", img.Name))
 	if err != nil {
 		s.Close()

@@ -148,19 +148,29 @@ func (a aluaSource) LocalGroup() uint16 { return a.n.port }
 
 func (a aluaSource) PortGroups() []scsi.PortGroup { return paths.Groups(a.n.imagePaths(a.s)) }
 
-// pathsWatcher returns the served image's PathsChanged: when the access
-// states of its paths differ from those its initiators were last told of,
-// every nexus gets a unit attention and asks again (REPORT TARGET PORT
-// GROUPS). Ports coming and going without a state change raise none.
+// pathsWatcher returns the served image's PathsChanged: when the target
+// port groups of its paths differ from those its initiators were last
+// told of, every nexus gets a unit attention and asks again (REPORT TARGET
+// PORT GROUPS); when this node takes or lets go of the image, its LU's
+// reservations are dropped.
 func (n *Node) pathsWatcher(s *served.Image) func() {
 	var mu sync.Mutex
 	last := paths.Groups(n.imagePaths(s))
+	lastOwned := s.Owned()
 	return func() {
 		now := paths.Groups(n.imagePaths(s))
+		owned := s.Owned()
 		mu.Lock()
 		changed := !slices.Equal(last, now)
-		last = now
+		flipped := owned != lastOwned
+		last, lastOwned = now, owned
 		mu.Unlock()
+		if flipped {
+			// Reservations live on the owner's LU and are not handed on:
+			// what this LU held as an owner, or before it became one, is
+			// not the device's state (docs/hypervisor.md, limits).
+			s.LU.DropReservations()
+		}
 		if changed {
 			n.log.Debug("access states of the image's paths changed", "image", s.Record().Name, "groups", now)
 			s.LU.AccessStateChanged()

@@ -46,6 +46,9 @@ type ServerConfig struct {
 	// Control serves the control calls of other nodes (prepare and grow
 	// a copy, release an image); nil: they answer 404.
 	Control Control
+	// Commands runs the SCSI commands other nodes forward for the images
+	// this node owns (command.go); nil: they answer 404.
+	Commands Commands
 }
 
 const (
@@ -60,6 +63,14 @@ const (
 )
 
 var errServerClosing = errors.New("peer server closing")
+
+// Expected is an error a Backend or Commands answers as part of the
+// protocol, not a failure (a forwarded I/O the owner wants as a whole
+// command): logged at debug, not warn.
+type Expected interface {
+	error
+	Expected() bool
+}
 
 // Server serves the node's copies to peers.
 type Server struct {
@@ -141,6 +152,7 @@ func NewServer(cfg ServerConfig, st Store) (*Server, error) {
 	mux.HandleFunc("GET "+pathChecksums, s.handle("checksums", s.checksums))
 	mux.HandleFunc("GET "+pathRange, s.handle("range", s.readRange))
 	mux.HandleFunc("POST "+pathControl+"{op}", s.control)
+	mux.HandleFunc("POST "+pathCommand, s.command)
 
 	s.srv = &http.Server{
 		Handler:           mux,
@@ -279,7 +291,10 @@ func (s *Server) handle(name string, fn op) http.HandlerFunc {
 // logRefused logs a request answered with an error: a warning for the
 // server's own failures (5xx), a debug line for refused requests.
 func (s *Server) logRefused(op, remote, id string, code int, err error) {
+	var ex Expected
 	switch {
+	case errors.As(err, &ex) && ex.Expected():
+		s.log.Debug("request answered with an expected failure", "op", op, "remote", remote, "id", id, "status", code, "err", err)
 	case code >= 500:
 		s.log.Warn("request failed", "op", op, "remote", remote, "id", id, "status", code, "err", err)
 	case code == http.StatusForbidden:

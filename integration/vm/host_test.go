@@ -89,7 +89,14 @@ func startHost(t *testing.T, label string, portals []string) *host {
 		}
 		// -lf /dev/null: socat's own error text must not reach the guest's
 		// TCP stream (the initiator would read it as a PDU).
-		netdev += fmt.Sprintf(",guestfwd=tcp:%s-cmd:socat -lf /dev/null - TCP:%s", guestPortal(i), p)
+		// retry: QEMU's user-mode stack accepts the guest's connection
+		// before socat connects on; a refused connect closed the accepted
+		// one at once, which a real network never does (the initiator's
+		// SYN is refused or unanswered), and iscsid then looped on "can't
+		// bind conn ... -107" for good after the node came back (seen in 1
+		// of 4 TestKernelMultipath runs). Retrying for 30 s makes a dead
+		// node look like an unreachable one.
+		netdev += fmt.Sprintf(",guestfwd=tcp:%s-cmd:socat -lf /dev/null - TCP:%s,,retry=60,,interval=0.5", guestPortal(i), p) // ",," is a comma inside a QEMU option value
 	}
 	args := []string{
 		"-name", "ukai-vm-" + label,

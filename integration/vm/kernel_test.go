@@ -370,6 +370,55 @@ func TestKernelMultipath(t *testing.T) {
 	}
 	t.Logf("n1's path %s: port %d, group %d; n2's path %s: port %d, group %d; device %s", devs[0], rel0, grp0, devs[1], rel1, grp1, naa0)
 
+	// Reservations and COMPARE AND WRITE hold across the paths: what one
+	// node's path does is what the other's sees (both run on the owner's
+	// LU). Each direction: a key registered and a write-exclusive
+	// reservation taken through one path; READ KEYS and READ RESERVATION
+	// through the other show them; the other path's write is refused
+	// (reservation conflict), the holder's lands; then released.
+	for i, holder := range devs {
+		other := devs[1-i]
+		key := fmt.Sprintf("0x%x", 0xb0+i)
+		out := h.mustRun(t, 2*time.Minute, fmt.Sprintf(`set -e
+yes h%[4]d | head -c 4096 > /tmp/h
+yes o%[4]d | head -c 4096 > /tmp/o
+sg_persist --out --register --param-sark=%[3]s %[1]s > /dev/null
+sg_persist --out --reserve --param-rk=%[3]s --prout-type=1 %[1]s > /dev/null
+echo "keys through the other path:"; sg_persist --in -k %[2]s
+echo "reservation through the other path:"; sg_persist --in -r %[2]s
+if dd if=/tmp/o of=%[2]s bs=4096 seek=%[5]d count=1 oflag=direct conv=notrunc,fsync 2>/tmp/err; then echo "OTHER WRITE LANDED"; else echo "other path's write refused: $(tr '\n' ' ' < /tmp/err)"; fi
+dd if=/tmp/h of=%[1]s bs=4096 seek=%[5]d count=1 oflag=direct conv=notrunc,fsync 2>/dev/null
+if dd if=%[2]s of=/tmp/r bs=4096 skip=%[5]d count=1 iflag=direct 2>/tmp/err && cmp /tmp/r /tmp/h; then echo "HOLDER'S WRITE READ BACK THROUGH THE OTHER PATH"; else echo "read through the other path: $(tr '\n' ' ' < /tmp/err)"; od -c /tmp/r | head -3; fi
+sg_persist --out --release --param-rk=%[3]s --prout-type=1 %[2]s > /dev/null 2>&1 || true
+sg_persist --out --release --param-rk=%[3]s --prout-type=1 %[1]s > /dev/null
+sg_persist --out --register --param-rk=%[3]s --param-sark=0 %[1]s > /dev/null
+echo "keys after:"; sg_persist --in -k %[2]s
+echo "kernel: $(dmesg | grep -c -i 'reservation conflict') reservation conflicts"`, holder, other, key, i, 20000+i))
+		t.Logf("reservation through %s, checked through %s:\n%s", holder, other, strings.TrimSpace(out))
+		if strings.Contains(out, "kernel: 0 reservation conflicts") {
+			t.Fatalf("the kernel saw no RESERVATION CONFLICT: the other path's write failed for another reason")
+		}
+		if !strings.Contains(out, key) || !strings.Contains(strings.ToLower(out), "write exclusive") ||
+			strings.Contains(out, "OTHER WRITE LANDED") || !strings.Contains(out, "other path's write refused") ||
+			!strings.Contains(out, "HOLDER'S WRITE READ BACK") || !strings.Contains(strings.ToLower(out[strings.Index(out, "keys after:"):]), "no registered") {
+			t.Fatalf("a reservation through %s does not hold through %s", holder, other)
+		}
+	}
+	// COMPARE AND WRITE through n2's path (not the owner), then a stale
+	// one through n1's: the second must miscompare.
+	out := h.mustRun(t, time.Minute, fmt.Sprintf(`set -e
+yes x | head -c 512 > /tmp/x; yes y | head -c 512 > /tmp/y
+dd if=/tmp/x of=%[1]s bs=512 seek=120000 count=1 oflag=direct conv=notrunc,fsync 2>/dev/null
+cat /tmp/x /tmp/y > /tmp/xy
+sg_compare_and_write --in=/tmp/xy --lba=120000 --num=1 %[2]s && echo "CAW THROUGH n2 OK"
+set +e
+sg_compare_and_write --quiet --in=/tmp/xy --lba=120000 --num=1 %[1]s; echo "stale CAW through n1: exit $?"
+dd if=%[1]s bs=512 skip=120000 count=1 iflag=direct 2>/dev/null | cmp - /tmp/y && echo "READS y"`, devs[0], devs[1]))
+	t.Logf("COMPARE AND WRITE across paths:\n%s", strings.TrimSpace(out))
+	if !strings.Contains(out, "CAW THROUGH n2 OK") || !strings.Contains(out, "stale CAW through n1: exit 14") || !strings.Contains(out, "READS y") {
+		t.Fatal("COMPARE AND WRITE across the paths did not behave as one device")
+	}
+
 	// The multipath device: the optimized path's group first, the kernel's
 	// alua handler, I/O queued while no path is usable. A checker (what
 	// multipathd's tur checker does) reinstates a failed path once it

@@ -173,6 +173,9 @@ func retryable(err error) bool {
 func ForwardedSense(err error) error {
 	var fe *peer.ForwardedError
 	if errors.As(err, &fe) {
+		if scsi.IsRunRemotely(fe.Key, fe.ASC, fe.ASCQ) {
+			return fmt.Errorf("%w (%v)", scsi.ErrRunRemotely, err)
+		}
 		return &scsi.SenseError{Key: fe.Key, ASC: fe.ASC, ASCQ: fe.ASCQ, Err: err}
 	}
 	return &scsi.SenseError{Key: scsi.SenseHardwareError, ASC: 0x44, ASCQ: 0x00, Err: err}
@@ -246,6 +249,12 @@ func (c counted) run(fn func() error) error {
 		return fmt.Errorf("image %s: %w (released)", c.s.Record().Name, peer.ErrNotOwner)
 	}
 	defer c.s.EndIO()
+	if c.s.LU != nil && c.s.LU.Reserved() {
+		// Forwarded I/O comes without its nexus: while a reservation
+		// exists the forwarding node sends the whole command (Remote),
+		// to be checked against it.
+		return handOver{}
+	}
 	return fn()
 }
 
@@ -263,4 +272,114 @@ func (c counted) Flush(ctx context.Context) error {
 
 func (c counted) Unmap(ctx context.Context, off, n int64) error {
 	return c.run(func() error { return c.b.Unmap(ctx, off, n) })
+}
+
+// Commander runs SCSI commands on an image's owner (*peer.Client).
+type Commander interface {
+	RunCommand(ctx context.Context, ref peer.Ref, nexus string, cdb, dataOut []byte) (peer.CommandResult, error)
+}
+
+// Remote is the scsi.Remote of an exported image: the commands that run at
+// the device server (reservations, COMPARE AND WRITE) run on the owner's
+// LU; on the owner itself, by its own LU.
+func (r *Router) Remote(s *served.Image) scsi.Remote { return remote{r: r, s: s} }
+
+type remote struct {
+	r *Router
+	s *served.Image
+}
+
+func (m remote) Run(ctx context.Context, cmd *scsi.Command) (scsi.Result, bool) {
+	r, s := m.r, m.s
+	deadline := r.cfg.Now().Add(r.cfg.Wait)
+	for {
+		err := r.cfg.Host.Acquire(ctx, s)
+		if err == nil {
+			return scsi.Result{}, false // the owner: its LU runs it
+		}
+		var no *NotOwnerError
+		if !errors.As(err, &no) {
+			return senseResult(err), true
+		}
+		var c Commander
+		if f := r.cfg.Host.Forwarder(no.Owner); f != nil && no.Owner != r.cfg.Self {
+			c, _ = f.(Commander)
+		}
+		if c != nil {
+			img := s.Record()
+			res, ferr := c.RunCommand(ctx, peer.Ref{ID: img.ID, Gen: img.Generation}, string(cmd.Nexus), cmd.CDB, cmd.DataOut)
+			switch {
+			case ferr == nil:
+				return scsi.Result{Status: res.Status, Sense: res.Sense, DataIn: res.DataIn, TransferLen: res.TransferLen}, true
+			case retryable(ferr):
+				r.cfg.Log.Debug("forwarding a command to the owner failed; retrying", "image", img.Name, "owner", no.Owner, "err", ferr)
+				err = ferr
+			default:
+				return senseResult(ForwardedSense(ferr)), true
+			}
+		}
+		if !r.cfg.Now().Before(deadline) || ctx.Err() != nil {
+			if ctx.Err() != nil {
+				return scsi.Result{Aborted: true}, true
+			}
+			return senseResult(&scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x0a, Err: fmt.Errorf("the image's owner %s cannot be reached: %w", no.Owner, err)}), true
+		}
+		sleep(ctx, r.cfg.Retry)
+		r.cfg.Host.Refresh(ctx, s)
+	}
+}
+
+// senseResult is a CHECK CONDITION with err's sense (HARDWARE ERROR when
+// it carries none).
+func senseResult(err error) scsi.Result {
+	se, ok := scsi.AsSense(err)
+	if !ok {
+		se = &scsi.SenseError{Key: scsi.SenseHardwareError, ASC: 0x44, ASCQ: 0x00, Err: err}
+	}
+	return scsi.SenseResult(se.Key, se.ASC, se.ASCQ)
+}
+
+// RunCommand implements peer.Commands: the owner runs a command another
+// node forwarded on its LU, counted in like forwarded I/O.
+func (r *Router) RunCommand(ctx context.Context, ref peer.Ref, nexus string, cdb, dataOut []byte) (peer.CommandResult, error) {
+	h := r.cfg.Host
+	s := h.ByID(ref.ID)
+	if s == nil {
+		return peer.CommandResult{}, fmt.Errorf("image %s: %w", ref.ID, peer.ErrUnknownImage)
+	}
+	if !h.MayServe(s) && !h.Claims(ctx, s) {
+		return peer.CommandResult{}, fmt.Errorf("image %s: %w", s.Record().Name, peer.ErrNotOwner)
+	}
+	if err := h.Acquire(ctx, s); err != nil {
+		return peer.CommandResult{}, fmt.Errorf("image %s: %w (%v)", s.Record().Name, peer.ErrNotOwner, err)
+	}
+	if !s.BeginIO() {
+		return peer.CommandResult{}, fmt.Errorf("image %s: %w (released)", s.Record().Name, peer.ErrNotOwner)
+	}
+	defer s.EndIO()
+	res := s.LU.ExecuteRemote(ctx, &scsi.Command{Nexus: scsi.NexusID(nexus), CDB: cdb, DataOut: dataOut,
+		ExpectedLen: maxCommandIn, Read: true, Write: len(dataOut) > 0})
+	defer res.Release()
+	if res.Aborted {
+		return peer.CommandResult{}, fmt.Errorf("image %s: command abandoned: %w", s.Record().Name, ctx.Err())
+	}
+	data := res.DataIn
+	if len(data) > maxCommandIn {
+		data = data[:maxCommandIn]
+	}
+	return peer.CommandResult{Status: res.Status, Sense: res.Sense, DataIn: append([]byte(nil), data...), TransferLen: res.TransferLen}, nil
+}
+
+// maxCommandIn bounds a forwarded command's data-in (PR IN answers).
+const maxCommandIn = 64 << 10
+
+// handOver is the owner's answer to forwarded I/O while a reservation
+// exists: scsi.ErrRunRemotely's sense, and no warning in the log.
+type handOver struct{}
+
+func (handOver) Error() string  { return scsi.ErrRunRemotely.Error() }
+func (handOver) Unwrap() error  { return scsi.ErrRunRemotely }
+func (handOver) Expected() bool { return true }
+func (handOver) SCSISense() (key, asc, ascq byte) {
+	return scsi.ErrRunRemotely.Key, scsi.ErrRunRemotely.ASC, scsi.ErrRunRemotely.ASCQ
 }

@@ -449,7 +449,7 @@ func (ls *loginState) establish() *loginError {
 			return loginErr(statusTargetRemoved, "target %q", ls.targetName)
 		}
 		s.lu = lu
-		s.nexus = nexusID(ls.initiatorName, ls.isid, ls.targetName)
+		s.nexus = nexusID(ls.initiatorName, ls.isid, ls.targetName, c.srv.cfg.PortalGroupTag)
 	}
 	old, err := srv.registerSession(s)
 	for _, o := range old {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -78,8 +79,11 @@ type session struct {
 	writeHeld atomic.Int64
 }
 
-func nexusID(initiator string, isid [6]byte, target string) scsi.NexusID {
-	return scsi.NexusID(initiator + ",i,0x" + hex.EncodeToString(isid[:]) + "," + target)
+// nexusID names the I_T nexus: the initiator port (name and ISID) and the
+// target port (target name and portal group tag: the node, when several
+// serve the target).
+func nexusID(initiator string, isid [6]byte, target string, tpgt uint16) scsi.NexusID {
+	return scsi.NexusID(fmt.Sprintf("%s,i,0x%s,%s,t,0x%04x", initiator, hex.EncodeToString(isid[:]), target, tpgt))
 }
 
 // window returns ExpCmdSN and MaxCmdSN.

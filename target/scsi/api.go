@@ -108,6 +108,8 @@ type Result struct {
 	// transport computes residual overflow/underflow from it and the
 	// Expected Data Transfer Length.
 	TransferLen uint32
+	// runRemotely: the backend answered ErrRunRemotely (remote.go).
+	runRemotely bool
 
 	release func()
 	// Aborted reports that the command was abandoned (its context was

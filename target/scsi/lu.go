@@ -56,6 +56,9 @@ type Config struct {
 	// INSUFFICIENT REGISTRATION RESOURCES. 0 means
 	// DefaultMaxRegistrations.
 	MaxRegistrations int
+	// Remote, when set, runs the commands that must execute where the
+	// device's state is, one node of several serving it (remote.go).
+	Remote Remote
 	// ALUA, when set, makes the LU one of several paths to the same
 	// device: TPGS in INQUIRY, the port's designators in VPD 0x83,
 	// REPORT TARGET PORT GROUPS (alua.go). Nil: a single-port LU.
@@ -404,12 +407,28 @@ func (lu *LU) Execute(ctx context.Context, cmd *Command) Result {
 	if !ok {
 		return r
 	}
+	if lu.cfg.Remote != nil && runsAtDeviceServer(info) {
+		if r, ok := lu.cfg.Remote.Run(ctx, cmd); ok {
+			return r
+		}
+	}
 	if lu.reserved.Load() {
 		if r, conflict := lu.checkReservation(cmd.Nexus, info); conflict {
 			return r
 		}
 	}
-	return info.run(lu, ctx, cmd)
+	r = info.run(lu, ctx, cmd)
+	if r.runRemotely && lu.cfg.Remote != nil {
+		// The device server refused the I/O this node forwarded without
+		// the nexus (a reservation exists there): the whole command goes
+		// there, with it.
+		if rr, ok := lu.cfg.Remote.Run(ctx, cmd); ok {
+			return rr
+		}
+		return sense(SenseNotReady, ascNotReadyTransition)
+	}
+	r.runRemotely = false
+	return r
 }
 
 // lookup finds the command descriptor for cdb and validates the CDB

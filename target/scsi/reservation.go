@@ -223,7 +223,7 @@ func (r *resvState) fullStatusDescriptor(id NexusID) []byte {
 		d[12] = 0x01 // R_HOLDER
 		d[13] = r.prType
 	}
-	binary.BigEndian.PutUint16(d[18:20], 1) // relative target port
+	binary.BigEndian.PutUint16(d[18:20], relativePort(id))
 	binary.BigEndian.PutUint32(d[20:24], uint32(len(tid)))
 	return append(d, tid...)
 }
@@ -445,5 +445,32 @@ func (lu *LU) unregisterLocked(n NexusID) {
 			}
 		}
 		r.prHeld = false
+	}
+}
+
+// DropReservations forgets every reservation and registration (SPC-2 and
+// persistent): the LU stops (or starts) being where they are kept, and
+// what it holds is no longer the device's state. Every nexus that had a
+// registration or a reservation gets RESERVATIONS RELEASED.
+func (lu *LU) DropReservations() {
+	lu.mu.Lock()
+	defer lu.mu.Unlock()
+	had := map[NexusID]bool{}
+	for n := range lu.res.keys {
+		had[n] = true
+	}
+	if lu.res.spc2Held {
+		had[lu.res.spc2Holder] = true
+	}
+	if len(had) == 0 && !lu.res.prHeld {
+		return
+	}
+	lu.res.spc2Held = false
+	lu.res.keys = nil
+	lu.res.prHeld = false
+	lu.res.gen++
+	lu.updateReservedLocked()
+	for n := range had {
+		lu.uaLocked(n, ascReservationsReleased)
 	}
 }

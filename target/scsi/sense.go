@@ -3,12 +3,14 @@ package scsi
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 )
 
 // Additional sense codes (ASC/ASCQ pairs) used by the device server.
 const (
 	ascNoAdditional          = 0x0000
 	ascNotReadyManual        = 0x0403
+	ascNotReadyTransition    = 0x040a // ASYMMETRIC ACCESS STATE TRANSITION
 	ascWriteError            = 0x0c00
 	ascUnrecoveredRead       = 0x1100
 	ascParamListLength       = 0x1a00
@@ -134,6 +136,12 @@ func (lu *LU) backendError(ctx context.Context, op string, off int64, err error,
 	// not answer) is an error the initiator must hear about.
 	if ctx.Err() != nil {
 		return Result{Aborted: true}
+	}
+	if errors.Is(err, ErrRunRemotely) {
+		return Result{runRemotely: true}
+	}
+	if errors.Is(err, ErrRunRemotely) {
+		return Result{runRemotely: true}
 	}
 	if se, ok := AsSense(err); ok {
 		lu.log.Warn("scsi: backend error", "op", op, "offset", off, "err", err)
