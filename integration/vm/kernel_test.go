@@ -77,7 +77,7 @@ echo started`, dev, base)
 // acks is the writer's log so far.
 type acks struct {
 	n    int       // records acknowledged
-	errs []string // ERR lines
+	errs []string  // ERR lines
 	end  []float64 // end time (guest uptime) of each acknowledged record
 	stop bool
 }
