@@ -311,6 +311,13 @@ func (m remote) Run(ctx context.Context, cmd *scsi.Command) (scsi.Result, bool) 
 			switch {
 			case ferr == nil:
 				return scsi.Result{Status: res.Status, Sense: res.Sense, DataIn: res.DataIn, TransferLen: res.TransferLen}, true
+			case errors.Is(ferr, peer.ErrUnavailable):
+				// The owner may have run it and the answer was lost: a
+				// reservation command or a COMPARE AND WRITE run twice
+				// answers differently (a conflict, a miscompare), so it
+				// is not resent here; the initiator hears NOT READY and
+				// retries it knowing that.
+				return senseResult(&scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x0a, Err: ferr}), true
 			case retryable(ferr):
 				r.cfg.Log.Debug("forwarding a command to the owner failed; retrying", "image", img.Name, "owner", no.Owner, "err", ferr)
 				err = ferr

@@ -365,3 +365,72 @@ func TestForwardOverTheDataTransport(t *testing.T) {
 		t.Fatalf("acquires %d, record reads %d, I/O on n2 %d; want 2, 1, 2", h1.calls, h1.refreshes, len(b2.inFlight))
 	}
 }
+
+// commander is a scripted owner for handed-over commands.
+type commander struct {
+	scripted
+	answers []error
+	sent    int
+}
+
+func (c *commander) RunCommand(_ context.Context, ref peer.Ref, nexus string, cdb, _ []byte) (peer.CommandResult, error) {
+	c.sent++
+	if err := c.answers[min(c.sent-1, len(c.answers)-1)]; err != nil {
+		return peer.CommandResult{}, err
+	}
+	return peer.CommandResult{Status: scsi.StatusReservationConflict, TransferLen: 24}, nil
+}
+
+// TestRemoteCommands: a command that runs at the device server runs here
+// when this node owns the image, is handed to the owner otherwise (its
+// answer kept, status and transfer length included), looked up again when
+// the owner moved, and never resent after an answer that may have been
+// lost (a PR OUT or COMPARE AND WRITE run twice answers differently).
+func TestRemoteCommands(t *testing.T) {
+	unavailable := fmt.Errorf("peer: %w", peer.ErrUnavailable)
+	for _, tc := range []struct {
+		name    string
+		acquire []error
+		answers []error
+		local   bool
+		sent    int
+		status  byte
+		key     byte
+	}{
+		{name: "owner here: its LU runs it", acquire: []error{nil}, local: true},
+		{name: "handed to the owner", acquire: []error{ErrNotOwner("n2")}, answers: []error{nil}, sent: 1, status: scsi.StatusReservationConflict},
+		{name: "the owner moved: looked up again", acquire: []error{ErrNotOwner("n2")},
+			answers: []error{fmt.Errorf("x: %w", peer.ErrNotOwner), nil}, sent: 2, status: scsi.StatusReservationConflict},
+		{name: "an answer that may be lost: NOT READY, not resent", acquire: []error{ErrNotOwner("n2")},
+			answers: []error{unavailable, nil}, sent: 1, status: scsi.StatusCheckCondition, key: scsi.SenseNotReady},
+		{name: "the owner dies, this node takes over: runs here", acquire: []error{ErrNotOwner("n2"), nil},
+			answers: []error{fmt.Errorf("x: %w", peer.ErrNotOwner)}, sent: 1, local: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := served.New(meta.Image{Name: "vm", ID: meta.NewImageID(), Generation: 7}, nil)
+			c := &commander{answers: tc.answers}
+			h := &host{s: s, acquire: tc.acquire, fwd: map[string]Forwarder{"n2": c}}
+			clk := &fakeClock{t: time.Unix(1e9, 0), step: time.Second}
+			r := New(Config{Self: "n1", Host: h, Now: clk.now, Wait: 45 * time.Second, Retry: time.Microsecond})
+			res, ok := r.Remote(s).Run(context.Background(), &scsi.Command{Nexus: "iqn.x,i,0x1,t", CDB: make([]byte, 10)})
+			if ok == tc.local {
+				t.Fatalf("handed over: %v, want %v", ok, !tc.local)
+			}
+			if c.sent != tc.sent {
+				t.Fatalf("sent to the owner %d times, want %d", c.sent, tc.sent)
+			}
+			if tc.local {
+				return
+			}
+			if res.Status != tc.status {
+				t.Fatalf("status %#x, want %#x", res.Status, tc.status)
+			}
+			if tc.key != 0 && (len(res.Sense) < 3 || res.Sense[2]&0x0f != tc.key) {
+				t.Fatalf("sense %x, want key %x", res.Sense, tc.key)
+			}
+			if tc.status == scsi.StatusReservationConflict && res.TransferLen != 24 {
+				t.Fatalf("transfer length %d, want the owner's 24", res.TransferLen)
+			}
+		})
+	}
+}
