@@ -37,7 +37,18 @@ func (n *Node) targetPort(ctx context.Context) (uint16, error) {
 		if perr != nil || v == 0 {
 			return 0, fmt.Errorf("%s: %q is not a target port number (1-%d); remove the file to have the store hand out this node's number again", path, strings.TrimSpace(string(b)), meta.MaxPortNumber)
 		}
-		return uint16(v), nil
+		num := uint16(v)
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		switch err := n.cat.ClaimPortNumber(cctx, n.cfg.Node.Name, num); {
+		case errors.Is(err, meta.ErrPortTaken):
+			return 0, fmt.Errorf("%s: %w; if this data dir was copied from another node, remove the file to have the store hand out a number of this node's own", path, err)
+		case err != nil:
+			// The store is down: serve with the number kept (it was
+			// checked at an earlier start).
+			n.log.Warn("cannot check the target port number against the metadata store; using the one kept", "port", num, "err", err)
+		}
+		return num, nil
 	} else if !errors.Is(err, os.ErrNotExist) {
 		return 0, fmt.Errorf("read the target port number: %w", err)
 	}
@@ -151,26 +162,34 @@ func (a aluaSource) PortGroups() []scsi.PortGroup { return paths.Groups(a.n.imag
 // pathsWatcher returns the served image's PathsChanged: when the target
 // port groups of its paths differ from those its initiators were last
 // told of, every nexus gets a unit attention and asks again (REPORT TARGET
-// PORT GROUPS); when this node takes or lets go of the image, its LU's
-// reservations are dropped.
+// PORT GROUPS).
+//
+// Reservations live in the owner's LU. When this node lets go of the
+// image its LU keeps them, dormant (the LU enforces them only while this
+// node owns the image, scsi.Remote.Here). When it takes the image again
+// they still hold if nobody else owned it meanwhile: a take raises the
+// generation by one, so the generation is the one it let go with (a
+// release it gave up on) or the next (its own take back); any other
+// owner in between raised it further, and the reservations are dropped.
 func (n *Node) pathsWatcher(s *served.Image) func() {
 	var mu sync.Mutex
 	last := paths.Groups(n.imagePaths(s))
-	lastOwned := s.Owned()
+	lastOwned, heldGen := false, uint64(0)
 	return func() {
+		mu.Lock()
 		now := paths.Groups(n.imagePaths(s))
 		owned := s.Owned()
-		mu.Lock()
 		changed := !slices.Equal(last, now)
-		flipped := owned != lastOwned
+		if owned && !lastOwned {
+			if g := s.OwnedGen.Load(); heldGen == 0 || (g != heldGen && g != heldGen+1) {
+				s.LU.DropReservations()
+			}
+		}
+		if owned {
+			heldGen = s.OwnedGen.Load()
+		}
 		last, lastOwned = now, owned
 		mu.Unlock()
-		if flipped {
-			// Reservations live on the owner's LU and are not handed on:
-			// what this LU held as an owner, or before it became one, is
-			// not the device's state (docs/hypervisor.md, limits).
-			s.LU.DropReservations()
-		}
 		if changed {
 			n.log.Debug("access states of the image's paths changed", "image", s.Record().Name, "groups", now)
 			s.LU.AccessStateChanged()

@@ -71,3 +71,35 @@ func (c *Catalog) PortNumber(ctx context.Context, node string) (uint16, error) {
 	}
 	return 0, fmt.Errorf("target port number for %s: too much contention: %w", node, ErrConflict)
 }
+
+// ErrPortTaken: a node's cached target port number is held by another
+// node in the store.
+var ErrPortTaken = errors.New("target port number held by another node")
+
+// ClaimPortNumber checks a node's cached number against the store: held by
+// the node, fine; free (a store restored from before the node's first
+// start, or wiped), taken for it again; held by another node (a data dir
+// copied from another node, a node renamed), ErrPortTaken: two nodes with
+// one number would be one target port to initiators.
+func (c *Catalog) ClaimPortNumber(ctx context.Context, node string, num uint16) error {
+	if num == 0 {
+		return fmt.Errorf("target port number 0 is reserved")
+	}
+	key := c.portPrefix() + strconv.Itoa(int(num))
+	e, err := c.kv.Get(ctx, key)
+	switch {
+	case errors.Is(err, ErrNotFound):
+		if err := c.kv.CAS(ctx, key, []byte(node), 0); err != nil {
+			if errors.Is(err, ErrConflict) {
+				return c.ClaimPortNumber(ctx, node, num)
+			}
+			return fmt.Errorf("claim target port number %d: %w", num, err)
+		}
+		return nil
+	case err != nil:
+		return fmt.Errorf("read target port number %d: %w", num, err)
+	case string(e.Value) != node:
+		return fmt.Errorf("%w: number %d is %q's in the store, not %s's", ErrPortTaken, num, e.Value, node)
+	}
+	return nil
+}

@@ -27,9 +27,11 @@ import (
 const (
 	pathCommand = "/peer/v1/command"
 	hNexus      = "Ukai-Nexus"
-	// maxCommandData bounds a command's data-out and data-in: COMPARE AND
-	// WRITE of up to 255 blocks twice, PR parameter lists.
-	maxCommandData = 1 << 20
+	// maxCommandData bounds a command's data-out and data-in: while a
+	// reservation exists, every read and write through a node that is not
+	// the owner is handed over whole, so it is the largest transfer an LU
+	// advertises (32 MiB, node/images.go) plus a block of slack.
+	maxCommandData = 32<<20 + 4096
 	maxNexus       = 1024
 )
 
@@ -133,6 +135,15 @@ func (c *Client) RunCommand(ctx context.Context, ref Ref, nexus string, cdb, dat
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrBody))
+		switch resp.StatusCode {
+		case http.StatusMisdirectedRequest:
+			// Not the owner, nothing run: the caller looks again.
+			return CommandResult{}, fmt.Errorf("peer %s: %s: %w: %s", c.addr, op, ErrNotOwner, msg)
+		case http.StatusNotFound:
+			// The image not loaded yet (a restart), or a node that serves
+			// no commands: nothing run either.
+			return CommandResult{}, fmt.Errorf("peer %s: %s: %w: %s", c.addr, op, ErrUnknownImage, msg)
+		}
 		return CommandResult{}, k.statusErr(resp.StatusCode, string(msg))
 	}
 	out, err := io.ReadAll(io.LimitReader(resp.Body, 6+255+maxCommandData+1))

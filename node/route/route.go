@@ -289,6 +289,10 @@ type remote struct {
 	s *served.Image
 }
 
+// Here says whether this node owns the image: only then is its LU's own
+// reservation state the device's.
+func (m remote) Here() bool { return m.s.Owned() }
+
 func (m remote) Run(ctx context.Context, cmd *scsi.Command) (scsi.Result, bool) {
 	r, s := m.r, m.s
 	deadline := r.cfg.Now().Add(r.cfg.Wait)
@@ -312,11 +316,11 @@ func (m remote) Run(ctx context.Context, cmd *scsi.Command) (scsi.Result, bool) 
 			case ferr == nil:
 				return scsi.Result{Status: res.Status, Sense: res.Sense, DataIn: res.DataIn, TransferLen: res.TransferLen}, true
 			case errors.Is(ferr, peer.ErrUnavailable):
-				// The owner may have run it and the answer was lost: a
-				// reservation command or a COMPARE AND WRITE run twice
-				// answers differently (a conflict, a miscompare), so it
-				// is not resent here; the initiator hears NOT READY and
-				// retries it knowing that.
+				// The owner may have run it and the answer was lost: it
+				// is not resent here. The initiator hears NOT READY and
+				// resends it itself, as after any lost answer; a PR OUT
+				// or COMPARE AND WRITE run twice may then answer a
+				// conflict or a miscompare (SCSI's own ambiguity).
 				return senseResult(&scsi.SenseError{Key: scsi.SenseNotReady, ASC: 0x04, ASCQ: 0x0a, Err: ferr}), true
 			case retryable(ferr):
 				r.cfg.Log.Debug("forwarding a command to the owner failed; retrying", "image", img.Name, "owner", no.Owner, "err", ferr)
@@ -377,8 +381,9 @@ func (r *Router) RunCommand(ctx context.Context, ref peer.Ref, nexus string, cdb
 	return peer.CommandResult{Status: res.Status, Sense: res.Sense, DataIn: append([]byte(nil), data...), TransferLen: res.TransferLen}, nil
 }
 
-// maxCommandIn bounds a forwarded command's data-in (PR IN answers).
-const maxCommandIn = 64 << 10
+// maxCommandIn bounds a handed-over command's data-in: a read handed over
+// while a reservation exists, up to the largest transfer an LU advertises.
+const maxCommandIn = 32 << 20
 
 // handOver is the owner's answer to forwarded I/O while a reservation
 // exists: scsi.ErrRunRemotely's sense, and no warning in the log.

@@ -412,7 +412,11 @@ func (lu *LU) Execute(ctx context.Context, cmd *Command) Result {
 			return r
 		}
 	}
-	if lu.reserved.Load() {
+	if lu.cfg.Remote != nil && isSPC2(info.op) && !lu.cfg.Remote.Here() {
+		// RESERVE/RELEASE only through the owner's path (remote.go).
+		return invalidOpcode()
+	}
+	if lu.reserved.Load() && (lu.cfg.Remote == nil || lu.cfg.Remote.Here()) {
 		if r, conflict := lu.checkReservation(cmd.Nexus, info); conflict {
 			return r
 		}
@@ -425,6 +429,10 @@ func (lu *LU) Execute(ctx context.Context, cmd *Command) Result {
 		if rr, ok := lu.cfg.Remote.Run(ctx, cmd); ok {
 			return rr
 		}
+		return sense(SenseNotReady, ascNotReadyTransition)
+	}
+	if r.runRemotely {
+		// No Remote to hand it to: the backend did not run it.
 		return sense(SenseNotReady, ascNotReadyTransition)
 	}
 	r.runRemotely = false

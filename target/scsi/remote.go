@@ -28,6 +28,10 @@ type Remote interface {
 	// Run runs cmd there and returns its result; ok is false when this
 	// node is the device server (the LU runs the command itself).
 	Run(ctx context.Context, cmd *Command) (r Result, ok bool)
+	// Here says whether this node is the device server now: only then
+	// does the LU's own reservation state count (a node that let go
+	// keeps it, dormant, for when it takes the device back).
+	Here() bool
 }
 
 // ErrRunRemotely is a backend's answer to I/O it will only take as a whole
@@ -45,7 +49,7 @@ func IsRunRemotely(key, asc, ascq byte) bool {
 // runsAtDeviceServer: the commands whose state is the LU's own.
 func runsAtDeviceServer(info *opInfo) bool {
 	switch info.op {
-	case opPRIn, opPROut, opReserve6, opReserve10, opRelease6, opRelease10, opCompareAndWrite:
+	case opPRIn, opPROut, opCompareAndWrite:
 		return true
 	}
 	return false
@@ -67,7 +71,7 @@ func (lu *LU) ExecuteRemote(ctx context.Context, cmd *Command) Result {
 	if !ok {
 		return r
 	}
-	if !runsAtDeviceServer(info) && info.class != classRead && info.class != classWrite {
+	if isSPC2(info.op) || !runsAtDeviceServer(info) && info.class != classRead && info.class != classWrite {
 		return invalidOpcode()
 	}
 	if lu.reserved.Load() {
@@ -101,4 +105,12 @@ func relativePort(id NexusID) uint16 {
 // SenseResult is a CHECK CONDITION result with the given sense.
 func SenseResult(key, asc, ascq byte) Result {
 	return checkCondition(senseCode{key: key, ascq: uint16(asc)<<8 | uint16(ascq)})
+}
+
+// isSPC2 reports the SPC-2 RESERVE and RELEASE commands. Their reservation
+// ends with the holder's session or a LOGICAL UNIT RESET, events only the
+// node with the session sees: handed to the owner, it would outlive them.
+// They run only on the device server; elsewhere they are refused.
+func isSPC2(op byte) bool {
+	return op == opReserve6 || op == opReserve10 || op == opRelease6 || op == opRelease10
 }

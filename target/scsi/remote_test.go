@@ -27,9 +27,12 @@ func (r toOwner) Run(ctx context.Context, cmd *Command) (Result, bool) {
 type selfOwner struct{}
 
 func (selfOwner) Run(context.Context, *Command) (Result, bool) { return Result{}, false }
+func (selfOwner) Here() bool                                    { return true }
 
 // forwarded is the other node's backend: the owner's, gated by its
 // reservations.
+func (toOwner) Here() bool { return false }
+
 type forwarded struct{ d *device }
 
 func (f forwarded) gate() error {
@@ -163,6 +166,15 @@ func TestReservationsAcrossNodes(t *testing.T) {
 	if keys := prin(t, d.owner, b, prinReadKeys); binary.BigEndian.Uint32(keys[4:8]) != 0 {
 		t.Fatalf("keys left after DropReservations: % x", keys)
 	}
+
+	// SPC-2 RESERVE only through the owner's path: through the other it is
+	// refused, and a handed-over one too.
+	wantSense(t, run(d.other, a, []byte{opReserve6, 0, 0, 0, 0, 0}, nil), SenseIllegalRequest, 0x20, 0)
+	if r := d.owner.ExecuteRemote(context.Background(), &Command{Nexus: a, CDB: []byte{opReserve6, 0, 0, 0, 0, 0}}); r.Status != StatusCheckCondition {
+		t.Fatalf("RESERVE(6) handed over: status %#x", r.Status)
+	}
+	wantGood(t, run(d.owner, b, []byte{opReserve6, 0, 0, 0, 0, 0}, nil))
+	wantGood(t, run(d.owner, b, []byte{opRelease6, 0, 0, 0, 0, 0}, nil))
 
 	// The owner accepts handed-over commands only of those kinds.
 	if r := d.owner.ExecuteRemote(context.Background(), &Command{Nexus: a, CDB: cdbTUR()}); r.Status != StatusCheckCondition {

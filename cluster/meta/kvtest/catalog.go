@@ -471,6 +471,20 @@ func testPortNumbers(t *testing.T, c *meta.Catalog, p string) {
 	if !r.has(p + "ports/zero") {
 		t.Fatalf("the hand-written ports/zero was not reported: %v", r.keys)
 	}
+	// A cached number: ours is fine, another node's is refused, a free one
+	// is claimed (and then not handed out).
+	if err := c.ClaimPortNumber(ctx, "n0", got[0]); err != nil {
+		t.Fatalf("n0 claiming its own number: %v", err)
+	}
+	if err := c.ClaimPortNumber(ctx, "n0", 2); !errors.Is(err, meta.ErrPortTaken) {
+		t.Fatalf("n0 claiming old-node's number: %v", err)
+	}
+	if err := c.ClaimPortNumber(ctx, "restored", 100); err != nil {
+		t.Fatalf("claiming a free number: %v", err)
+	}
+	if num, err := c.PortNumber(ctx, "restored"); err != nil || num != 100 {
+		t.Fatalf("the claimed number: %d, %v", num, err)
+	}
 	if _, err := c.PortNumber(ctx, "not a name"); err == nil {
 		t.Fatal("a bad node name got a number")
 	}
