@@ -27,7 +27,7 @@ func (r toOwner) Run(ctx context.Context, cmd *Command) (Result, bool) {
 type selfOwner struct{}
 
 func (selfOwner) Run(context.Context, *Command) (Result, bool) { return Result{}, false }
-func (selfOwner) Here() bool                                    { return true }
+func (selfOwner) Here() bool                                   { return true }
 
 // forwarded is the other node's backend: the owner's, gated by its
 // reservations.
