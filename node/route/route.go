@@ -293,6 +293,10 @@ type remote struct {
 // reservation state the device's.
 func (m remote) Here() bool { return m.s.Owned() }
 
+// Serve takes the image if this node may (free, or its owner dead), as
+// I/O does.
+func (m remote) Serve(ctx context.Context) bool { return m.r.cfg.Host.Acquire(ctx, m.s) == nil }
+
 func (m remote) Run(ctx context.Context, cmd *scsi.Command) (scsi.Result, bool) {
 	r, s := m.r, m.s
 	deadline := r.cfg.Now().Add(r.cfg.Wait)

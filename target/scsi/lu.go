@@ -412,7 +412,7 @@ func (lu *LU) Execute(ctx context.Context, cmd *Command) Result {
 			return r
 		}
 	}
-	if lu.cfg.Remote != nil && isSPC2(info.op) && !lu.cfg.Remote.Here() {
+	if lu.cfg.Remote != nil && isSPC2(info.op) && !lu.cfg.Remote.Serve(ctx) {
 		// RESERVE/RELEASE only through the owner's path (remote.go).
 		return invalidOpcode()
 	}

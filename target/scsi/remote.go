@@ -32,6 +32,9 @@ type Remote interface {
 	// does the LU's own reservation state count (a node that let go
 	// keeps it, dormant, for when it takes the device back).
 	Here() bool
+	// Serve makes this node the device server if it can (as I/O does)
+	// and says whether it is.
+	Serve(ctx context.Context) bool
 }
 
 // ErrRunRemotely is a backend's answer to I/O it will only take as a whole

@@ -28,10 +28,12 @@ type selfOwner struct{}
 
 func (selfOwner) Run(context.Context, *Command) (Result, bool) { return Result{}, false }
 func (selfOwner) Here() bool                                   { return true }
+func (selfOwner) Serve(context.Context) bool                   { return true }
 
 // forwarded is the other node's backend: the owner's, gated by its
 // reservations.
-func (toOwner) Here() bool { return false }
+func (toOwner) Here() bool                 { return false }
+func (toOwner) Serve(context.Context) bool { return false }
 
 type forwarded struct{ d *device }
 
