@@ -416,7 +416,10 @@ func (lu *LU) Execute(ctx context.Context, cmd *Command) Result {
 		// RESERVE/RELEASE only through the owner's path (remote.go).
 		return invalidOpcode()
 	}
-	if lu.reserved.Load() && (lu.cfg.Remote == nil || lu.cfg.Remote.Here()) {
+	// The LU's own reservations count only while its node is the device
+	// server; a node holding them dormant takes the device first (as the
+	// command's I/O would), so that its first command is checked too.
+	if lu.reserved.Load() && (lu.cfg.Remote == nil || lu.cfg.Remote.Here() || lu.cfg.Remote.Serve(ctx)) {
 		if r, conflict := lu.checkReservation(cmd.Nexus, info); conflict {
 			return r
 		}

@@ -190,3 +190,35 @@ func TestReservationsAcrossNodes(t *testing.T) {
 		t.Fatalf("relative port %d without one, want 1", p)
 	}
 }
+
+// takesBack is a node holding reservations dormant: not the device server
+// until a command makes it take the device (Serve).
+type takesBack struct{ here bool }
+
+func (r *takesBack) Run(context.Context, *Command) (Result, bool) { return Result{}, false }
+func (r *takesBack) Here() bool                                   { return r.here }
+func (r *takesBack) Serve(context.Context) bool                   { r.here = true; return true }
+
+// TestDormantReservationsChecked: a node that let go of the device keeps
+// its reservations unenforced; the first command after it takes the
+// device back is checked against them.
+func TestDormantReservationsChecked(t *testing.T) {
+	rb := &takesBack{here: true}
+	cfg := testConfig()
+	cfg.Remote = rb
+	lu, be := readyLU(t, cfg)
+	wantGood(t, run(lu, nexA, proutCDB(proutRegister, 0), proutData(0, 0xaa)))
+	wantGood(t, run(lu, nexA, proutCDB(proutReserve, prWriteExclusive), proutData(0xaa, 0)))
+	rb.here = false // let go: dormant
+	if r := run(lu, nexB, cdb10(opWrite10, 0, 1), fill(512, 9)); r.Status != StatusReservationConflict {
+		t.Fatalf("the first write after taking the device back: status %#x, want RESERVATION CONFLICT", r.Status)
+	}
+	if !rb.here {
+		t.Fatal("the device was not taken before the check")
+	}
+	got := make([]byte, 512)
+	be.ReadAt(context.Background(), got, 0)
+	if got[0] == 9 {
+		t.Fatal("the conflicting write landed")
+	}
+}
