@@ -47,7 +47,49 @@ func NewRoot(version string) *cobra.Command {
 	root.PersistentFlags().StringVar(&a.tokenFile, "token-file", "", "file holding the API bearer token, not readable by others (env UKAI_TOKEN holds the token itself; this flag wins)")
 	root.PersistentFlags().StringVar(&a.caFile, "ca", "", "cluster CA certificate (ca.pem): talk https to the API and verify the node by this CA")
 	root.AddCommand(a.serveCmd(), a.imageCmd(), a.snapshotCmd(), a.locationCmd(), a.nodeCmd(), a.groupCmd(), a.policyCmd(), a.statsCmd(), a.statusCmd(), a.versionCmd(), a.tlsCmd())
+	strictGroups(root)
 	return root
+}
+
+// strictGroups makes every command group refuse a subcommand it does not
+// have (cobra prints the group's help and exits 0, so `ukai image rm vm7`
+// looked like it had worked), with the nearest names as suggestions; and
+// gives list, delete and remove the short names rbd users type (ls, rm).
+func strictGroups(cmd *cobra.Command) {
+	for _, c := range cmd.Commands() {
+		switch c.Name() {
+		case "list":
+			c.Aliases = appendNew(c.Aliases, "ls")
+		case "delete", "remove":
+			c.Aliases = appendNew(c.Aliases, "rm")
+		}
+		if c.HasSubCommands() && !c.Runnable() {
+			c.Args = cobra.ArbitraryArgs
+			c.RunE = func(cmd *cobra.Command, args []string) error {
+				if len(args) == 0 {
+					return cmd.Help()
+				}
+				msg := fmt.Sprintf("unknown command %q for %q", args[0], cmd.CommandPath())
+				if cmd.SuggestionsMinimumDistance <= 0 {
+					cmd.SuggestionsMinimumDistance = 2 // cobra's default, applied only at the root
+				}
+				if s := cmd.SuggestionsFor(args[0]); len(s) > 0 {
+					msg += "; did you mean " + strings.Join(s, " or ") + "?"
+				}
+				return fmt.Errorf("%s (run '%s --help' for the commands)", msg, cmd.CommandPath())
+			}
+		}
+		strictGroups(c)
+	}
+}
+
+func appendNew(list []string, v string) []string {
+	for _, x := range list {
+		if x == v {
+			return list
+		}
+	}
+	return append(list, v)
 }
 
 // Execute runs the CLI and returns the process exit code.
