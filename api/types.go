@@ -97,12 +97,18 @@ type RelocateRequest struct {
 }
 
 // SyncPolicyRequest is PUT /v1/policies/sync.
+//
+// Only what is given changes: windows (all of them), the time zone, the
+// rate; ClearWindows and ClearRate remove one field; Clear removes the
+// whole policy. The scope's image or node must exist.
 type SyncPolicyRequest struct {
-	Scope   string   `json:"scope"` // default, node:NAME, image:NAME
-	Windows []string `json:"windows,omitempty"`
-	TZ      string   `json:"tz,omitempty"`
-	MaxRate string   `json:"max_rate,omitempty"`
-	Clear   bool     `json:"clear,omitempty"`
+	Scope        string   `json:"scope"` // default, node:NAME, image:NAME
+	Windows      []string `json:"windows,omitempty"`
+	TZ           string   `json:"tz,omitempty"`
+	MaxRate      string   `json:"max_rate,omitempty"`
+	Clear        bool     `json:"clear,omitempty"`
+	ClearWindows bool     `json:"clear_windows,omitempty"`
+	ClearRate    bool     `json:"clear_rate,omitempty"`
 }
 
 // SyncPolicies is GET /v1/policies/sync.

@@ -224,12 +224,12 @@ func printActions(a *app, acts []api.Action) {
 func (a *app) policyCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "policy", Short: "Sync windows and bandwidth caps (per image, per node, or default)"}
 	var image, node string
-	var def, clear bool
+	var def, clear, clearWindows, clearRate bool
 	var windows []string
 	var tz, maxRate string
 	set := &cobra.Command{
-		Use:   "set [--image IMAGE | --node NODE | --default] [--sync-window 22:00-06:00 ...] [--tz Asia/Tokyo] [--max-rate 50M] | --clear",
-		Short: "Set when background sync and relocation traffic may run, and how fast (no window: always)",
+		Use:   "set [--image IMAGE | --node NODE | --default] [--sync-window 22:00-06:00 ... | --clear-window] [--tz Asia/Tokyo] [--max-rate 50M | --clear-rate] | --clear",
+		Short: "Set when background sync and relocation traffic may run, and how fast (no window: always); only the fields given change",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			n := 0
@@ -246,10 +246,13 @@ func (a *app) policyCmd() *cobra.Command {
 			if n != 1 {
 				return fmt.Errorf("give exactly one of --image, --node, --default")
 			}
-			if !clear && len(windows) == 0 && maxRate == "" && tz == "" {
-				return fmt.Errorf("nothing to set: give --sync-window, --max-rate (and --tz), or --clear")
+			if !clear && len(windows) == 0 && maxRate == "" && tz == "" && !clearWindows && !clearRate {
+				return fmt.Errorf("nothing to set: give --sync-window, --max-rate, --tz, --clear-window, --clear-rate or --clear")
 			}
-			req := api.SyncPolicyRequest{Scope: scope, Windows: windows, TZ: tz, MaxRate: maxRate, Clear: clear}
+			if clearWindows && len(windows) > 0 || clearRate && maxRate != "" {
+				return fmt.Errorf("--clear-window with --sync-window, or --clear-rate with --max-rate: give one of each pair")
+			}
+			req := api.SyncPolicyRequest{Scope: scope, Windows: windows, TZ: tz, MaxRate: maxRate, Clear: clear, ClearWindows: clearWindows, ClearRate: clearRate}
 			if err := a.client().SetSyncPolicy(cmd.Context(), req); err != nil {
 				return fmt.Errorf("policy set: %w", err)
 			}
@@ -268,6 +271,8 @@ func (a *app) policyCmd() *cobra.Command {
 	set.Flags().StringVar(&tz, "tz", "", "time zone of the windows (IANA name, default UTC)")
 	set.Flags().StringVar(&maxRate, "max-rate", "", "copy rate cap in bytes per second (50M, 1G; 0: none)")
 	set.Flags().BoolVar(&clear, "clear", false, "remove the policy")
+	set.Flags().BoolVar(&clearWindows, "clear-window", false, "remove the windows (sync at any time), keeping the rest")
+	set.Flags().BoolVar(&clearRate, "clear-rate", false, "remove the rate cap, keeping the rest")
 	var output string
 	show := &cobra.Command{
 		Use:   "show",

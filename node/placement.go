@@ -2,7 +2,9 @@ package node
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/ukai-storage/ukai/api"
@@ -219,28 +221,73 @@ func (n *Node) SetSyncPolicy(ctx context.Context, req api.SyncPolicyRequest) err
 	if err != nil {
 		return err
 	}
+	// A policy for an image or node that does not exist would be kept and
+	// never apply: refused, like a typo should be.
+	switch {
+	case strings.HasPrefix(req.Scope, "image:"):
+		if _, _, err := n.cat.GetImage(ctx, req.Scope[6:]); err != nil {
+			if errors.Is(err, meta.ErrImageNotFound) {
+				return fmt.Errorf("%w: no image %s", meta.ErrImageNotFound, req.Scope[6:])
+			}
+			return err
+		}
+	case strings.HasPrefix(req.Scope, "node:"):
+		name := req.Scope[5:]
+		known := false
+		if n.members != nil {
+			_, known = n.members.Member(name)
+		}
+		if !known {
+			if known, err = n.cat.NodeKnown(ctx, name); err != nil {
+				return err
+			}
+		}
+		if !known && name != n.cfg.Node.Name {
+			return fmt.Errorf("%w: no node %s", meta.ErrNodeNotFound, name)
+		}
+	}
 	if req.Clear {
 		return n.cat.SetSyncPolicy(ctx, scope, nil)
 	}
-	p := placement.SyncPolicy{TZ: req.TZ}
+	var windows []placement.Window
 	for _, w := range req.Windows {
 		win, err := placement.ParseWindow(w)
 		if err != nil {
 			return fmt.Errorf("%w: --sync-window %q: %v", meta.ErrInvalid, w, err)
 		}
-		p.Windows = append(p.Windows, win)
+		windows = append(windows, win)
 	}
+	var rate int64
 	if req.MaxRate != "" {
-		r, err := placement.ParseRate(req.MaxRate)
-		if err != nil {
+		if rate, err = placement.ParseRate(req.MaxRate); err != nil {
 			return fmt.Errorf("%w: --max-rate %q: %v", meta.ErrInvalid, req.MaxRate, err)
 		}
-		p.MaxRate = r
 	}
-	if err := p.Validate(); err != nil {
-		return fmt.Errorf("%w: %v", meta.ErrInvalid, err)
+	if req.ClearWindows && len(req.Windows) > 0 || req.ClearRate && req.MaxRate != "" {
+		return fmt.Errorf("%w: a field both set and cleared", meta.ErrInvalid)
 	}
-	return n.cat.SetSyncPolicy(ctx, scope, &p)
+	_, err = n.cat.UpdateSyncPolicy(ctx, scope, func(p *placement.SyncPolicy) error {
+		switch {
+		case req.ClearWindows:
+			p.Windows = nil
+		case len(windows) > 0:
+			p.Windows = windows
+		}
+		switch {
+		case req.ClearRate:
+			p.MaxRate = 0
+		case req.MaxRate != "":
+			p.MaxRate = rate
+		}
+		if req.TZ != "" {
+			p.TZ = req.TZ
+		}
+		if err := p.Validate(); err != nil {
+			return fmt.Errorf("%w: %v", meta.ErrInvalid, err)
+		}
+		return nil
+	})
+	return err
 }
 
 func syncScope(s string) (meta.SyncScope, error) {

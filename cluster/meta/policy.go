@@ -172,3 +172,66 @@ func (c *Catalog) SyncPolicies(ctx context.Context) (def *placement.SyncPolicy, 
 	}
 	return def, nodes, images, bad, nil
 }
+
+// UpdateSyncPolicy applies fn to a scope's sync policy with check-and-set
+// (fn sees the zero policy when there is none, or when the stored one
+// cannot be read: it is reported and replaced). A policy left with
+// nothing in it is deleted. fn's error is returned as is.
+func (c *Catalog) UpdateSyncPolicy(ctx context.Context, s SyncScope, fn func(p *placement.SyncPolicy) error) (placement.SyncPolicy, error) {
+	key := c.syncPolicyKey(s)
+	for range maxCASRetries {
+		var p placement.SyncPolicy
+		var idx uint64
+		e, err := c.kv.Get(ctx, key)
+		switch {
+		case errors.Is(err, ErrNotFound):
+		case err != nil:
+			return p, fmt.Errorf("sync policy %s: %w", s, err)
+		default:
+			idx = e.ModifyIndex
+			var r syncPolicyRecord
+			if err := json.Unmarshal(e.Value, &r); err != nil || r.Version != PolicyVersion {
+				c.reportMalformed(key, fmt.Errorf("sync policy replaced: %v (version %d)", err, r.Version))
+			} else {
+				p = r.SyncPolicy
+			}
+		}
+		if err := fn(&p); err != nil {
+			return p, err
+		}
+		if len(p.Windows) == 0 && p.MaxRate == 0 && p.TZ == "" && len(p.AllOf) == 0 {
+			if idx == 0 {
+				return p, nil
+			}
+			err = c.kv.DeleteCAS(ctx, key, idx)
+		} else {
+			data, merr := json.Marshal(syncPolicyRecord{Version: PolicyVersion, SyncPolicy: p})
+			if merr != nil {
+				return p, merr
+			}
+			err = c.kv.CAS(ctx, key, data, idx)
+		}
+		if err == nil {
+			return p, nil
+		}
+		if !errors.Is(err, ErrConflict) && !errors.Is(err, ErrNotFound) {
+			return p, fmt.Errorf("write sync policy %s: %w", s, err)
+		}
+	}
+	return placement.SyncPolicy{}, fmt.Errorf("sync policy %s: too much contention: %w", s, ErrConflict)
+}
+
+// NodeKnown says whether a node ever started in this cluster: it holds a
+// target port number (ports.go), handed out on its first start.
+func (c *Catalog) NodeKnown(ctx context.Context, node string) (bool, error) {
+	entries, _, err := c.kv.List(ctx, c.portPrefix())
+	if err != nil {
+		return false, fmt.Errorf("list the nodes: %w", err)
+	}
+	for _, e := range entries {
+		if string(e.Value) == node {
+			return true, nil
+		}
+	}
+	return false, nil
+}
