@@ -48,6 +48,13 @@ func NewRoot(version string) *cobra.Command {
 	root.PersistentFlags().StringVar(&a.caFile, "ca", "", "cluster CA certificate (ca.pem): talk https to the API and verify the node by this CA")
 	root.AddCommand(a.serveCmd(), a.imageCmd(), a.snapshotCmd(), a.locationCmd(), a.nodeCmd(), a.groupCmd(), a.policyCmd(), a.statsCmd(), a.statusCmd(), a.versionCmd(), a.tlsCmd())
 	strictGroups(root)
+	// pflag marks every boolean flag "[=true|false]" in help texts: noise
+	// for flags that are simply given or not. Blanked to the same width,
+	// so the columns stay aligned.
+	cobra.AddTemplateFunc("plainBools", func(s string) string {
+		return strings.ReplaceAll(s, "[=true|false]", strings.Repeat(" ", len("[=true|false]")))
+	})
+	root.SetUsageTemplate(strings.ReplaceAll(root.UsageTemplate(), "FlagUsages | trimTrailingWhitespaces", "FlagUsages | plainBools | trimTrailingWhitespaces"))
 	return root
 }
 

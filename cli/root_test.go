@@ -49,3 +49,15 @@ func TestUnknownSubcommands(t *testing.T) {
 		}
 	}
 }
+
+// TestHelpWithoutBoolNoise: help texts list boolean flags without pflag's
+// "[=true|false]".
+func TestHelpWithoutBoolNoise(t *testing.T) {
+	out, err := runCLI("image", "info", "--help")
+	if err != nil || !strings.Contains(out, "--blocks") || !strings.Contains(out, "--help") {
+		t.Fatalf("help: %v\n%s", err, out)
+	}
+	if strings.Contains(out, "[=true|false]") {
+		t.Fatalf("help still shows [=true|false]:\n%s", out)
+	}
+}
