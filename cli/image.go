@@ -47,8 +47,8 @@ func (a *app) imageCreateCmd() *cobra.Command {
 					return fmt.Errorf("--block-size: must be greater than zero")
 				}
 			}
-			if minCopies < 0 {
-				return fmt.Errorf("--min-copies: must be at least 1")
+			if minCopies < 0 || cmd.Flags().Changed("min-copies") && minCopies == 0 {
+				return fmt.Errorf("--min-copies %d: must be at least 1 (a write must reach a copy)", minCopies)
 			}
 			img, err := a.client().CreateImage(cmd.Context(), api.CreateImageRequest{Name: args[0], Size: sz, BlockSize: bs, Locations: locations, MinCopies: minCopies})
 			if err != nil {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
@@ -134,13 +135,24 @@ func (a *app) imageCloneCmd() *cobra.Command {
 
 func (a *app) imageResizeCmd() *cobra.Command {
 	return &cobra.Command{
-		Use:   "resize NAME SIZE",
-		Short: "Grow an image online (initiators are told the capacity changed); images never shrink",
+		Use:   "resize NAME SIZE|+SIZE",
+		Short: "Grow an image online to SIZE, or by +SIZE (initiators are told the capacity changed); images never shrink",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			sz, err := ParseSize(args[1])
+			grow, relative := strings.CutPrefix(args[1], "+")
+			sz, err := ParseSize(grow)
 			if err != nil {
 				return fmt.Errorf("size: %w", err)
+			}
+			if relative {
+				if sz == 0 {
+					return fmt.Errorf("size %s: grows by nothing", args[1])
+				}
+				cur, err := a.client().GetImage(cmd.Context(), args[0], false)
+				if err != nil {
+					return fmt.Errorf("resize %s: %w", args[0], err)
+				}
+				sz += cur.Size
 			}
 			img, err := a.client().ResizeImage(cmd.Context(), args[0], sz)
 			if err != nil {

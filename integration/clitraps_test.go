@@ -57,3 +57,22 @@ func TestPolicySetChangesOnlyWhatIsGiven(t *testing.T) {
 	}
 	n.mustCLI("policy", "set", "--node", "n1", "--max-rate", "10M")
 }
+
+// TestResizeRelativeAndMinCopies: `image resize vm1 +1M` grows by 1M;
+// `--min-copies 0` is refused (it was taken as the default, 1).
+func TestResizeRelativeAndMinCopies(t *testing.T) {
+	n := newNode(t, "n1")
+	n.start()
+	n.mustCLI("image", "create", "vm1", "--size", "16M", "--block-size", "1M")
+	n.mustCLI("image", "resize", "vm1", "+1M")
+	n.mustCLI("image", "resize", "vm1", "+3M")
+	if sz := n.imageJSON("vm1", false)["size"]; sz != float64(20<<20) {
+		t.Fatalf("after +1M and +3M: size %v, want %d", sz, 20<<20)
+	}
+	if _, errOut, err := n.cli("image", "resize", "vm1", "+0"); err == nil || !strings.Contains(errOut, "grows by nothing") {
+		t.Fatalf("resize +0: %v %s", err, errOut)
+	}
+	if _, errOut, err := n.cli("image", "create", "vm2", "--size", "16M", "--min-copies", "0"); err == nil || !strings.Contains(errOut, "at least 1") {
+		t.Fatalf("create --min-copies 0: %v %s", err, errOut)
+	}
+}
