@@ -2,10 +2,12 @@ package integration
 
 import (
 	"encoding/json"
+	"net/http"
 	"strings"
 	"testing"
 
 	"github.com/ukai-storage/ukai/api"
+	"github.com/ukai-storage/ukai/cluster/meta"
 )
 
 // TestPolicySetChangesOnlyWhatIsGiven: `policy set` keeps the fields it is
@@ -74,5 +76,32 @@ func TestResizeRelativeAndMinCopies(t *testing.T) {
 	}
 	if _, errOut, err := n.cli("image", "create", "vm2", "--size", "16M", "--min-copies", "0"); err == nil || !strings.Contains(errOut, "at least 1") {
 		t.Fatalf("create --min-copies 0: %v %s", err, errOut)
+	}
+}
+
+// TestErrorsInOperatorsWords: a size the node cannot hold is the
+// operator's error (400) in words, without a server file path; sizes come
+// back as typed (3M, not 3145728).
+func TestErrorsInOperatorsWords(t *testing.T) {
+	n := newNode(t, "n1")
+	n.start()
+	_, errOut, err := n.cli("image", "create", "vm9", "--size", "16P")
+	if err == nil || !strings.Contains(errOut, "size 16P on n1: larger than this node's file system allows") || strings.Contains(errOut, n.dir) {
+		t.Fatalf("create --size 16P: %v\n%s", err, errOut)
+	}
+	resp, rerr := http.Post("http://"+n.api+"/v1/images", "application/json", strings.NewReader(`{"name":"vm8","size":18014398509481984}`))
+	if rerr != nil {
+		t.Fatal(rerr)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Fatalf("POST /v1/images with 16P: status %d, want 400", resp.StatusCode)
+	}
+	n.mustCLI("image", "create", "vm1", "--size", "3M", "--block-size", "1M")
+	if _, errOut, err := n.cli("image", "resize", "vm1", "1M"); err == nil || !strings.Contains(errOut, `"vm1" is 3M: shrinking to 1M`) {
+		t.Fatalf("shrink: %v\n%s", err, errOut)
+	}
+	if strings.Contains(meta.ErrConflict.Error(), "check-and-set") {
+		t.Fatalf("the conflict error speaks the store's language: %q", meta.ErrConflict)
 	}
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/ukai-storage/ukai/api"
 	"github.com/ukai-storage/ukai/cluster/meta"
+	"github.com/ukai-storage/ukai/cluster/peer"
 	"github.com/ukai-storage/ukai/node/cow"
 	"github.com/ukai-storage/ukai/node/served"
 	"github.com/ukai-storage/ukai/placement"
@@ -469,23 +470,35 @@ func (n *Node) createImage(ctx context.Context, req api.CreateImageRequest) (api
 
 // prepareCopyOn makes node create its empty copy of img.
 func (n *Node) prepareCopyOn(ctx context.Context, node string, img meta.Image) error {
+	var err error
 	if node == n.cfg.Node.Name {
-		return n.PrepareCopy(ctx, img.ID, img.Size)
+		err = n.PrepareCopy(ctx, img.ID, img.Size)
+	} else {
+		var c *peer.Client
+		if c, err = n.controlClient(node); err == nil {
+			err = c.PrepareCopy(ctx, img.ID, img.Size)
+		}
 	}
-	c, err := n.controlClient(node)
-	if err != nil {
-		return fmt.Errorf("prepare the copy on %s: %w", node, err)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, lun.ErrTooLarge), errors.Is(err, peer.ErrBadRequest) && strings.Contains(err.Error(), lun.ErrTooLarge.Error()):
+		// The operator's input (a size the node cannot hold): a 400, in
+		// words, not a server's file path.
+		return fmt.Errorf("%w: size %s on %s: %v", meta.ErrInvalid, meta.FormatSize(img.Size), node, lun.ErrTooLarge)
 	}
-	if err := c.PrepareCopy(ctx, img.ID, img.Size); err != nil {
-		return fmt.Errorf("prepare the copy on %s: %w", node, err)
-	}
-	return nil
+	return fmt.Errorf("prepare the copy on %s: %w", node, err)
 }
 
 // PrepareCopy implements peer.Control: create this node's empty sparse copy
-// of a new image (idempotent for the same size).
+// of a new image (idempotent for the same size). A size the file system
+// cannot hold is the caller's bad request.
 func (n *Node) PrepareCopy(_ context.Context, id string, size int64) error {
-	return n.dir.Prepare(id, size)
+	err := n.dir.Prepare(id, size)
+	if errors.Is(err, lun.ErrTooLarge) {
+		return fmt.Errorf("%w: %v", peer.ErrBadRequest, err)
+	}
+	return err
 }
 
 // ListImages implements api.Service.

@@ -561,7 +561,7 @@ func (n *Node) ResizeImage(ctx context.Context, name string, size int64) (api.Im
 		return api.Image{}, err
 	}
 	if size < img.Size {
-		return api.Image{}, fmt.Errorf("%w: %q is %d bytes: shrinking to %d would lose data and is not supported", meta.ErrInvalid, name, img.Size, size)
+		return api.Image{}, fmt.Errorf("%w: %q is %s: shrinking to %s would lose data and is not supported", meta.ErrInvalid, name, meta.FormatSize(img.Size), meta.FormatSize(size))
 	}
 	// On the owner, which applies the new size first: a node that learns
 	// it earlier and forwards I/O beyond the old end makes the owner read

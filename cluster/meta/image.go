@@ -213,3 +213,14 @@ func decodeImage(data []byte) (Image, error) {
 	}
 	return img, nil
 }
+
+// FormatSize prints a size the way operators type it: 3M, 16P, 1536K,
+// 1000 (the largest unit that divides it).
+func FormatSize(n int64) string {
+	units := []string{"", "K", "M", "G", "T", "P", "E"}
+	i := 0
+	for i < len(units)-1 && n > 0 && n%(int64(1)<<(10*(i+1))) == 0 {
+		i++
+	}
+	return fmt.Sprintf("%d%s", n>>(10*i), units[i])
+}

@@ -15,7 +15,7 @@ var (
 	ErrNotFound = errors.New("key not found")
 	// ErrConflict is a failed check-and-set: the key changed since the
 	// index the caller read, or already exists on a create.
-	ErrConflict = errors.New("check-and-set conflict: the key changed since it was read")
+	ErrConflict = errors.New("changed meanwhile by another request: try again")
 	// ErrUnavailable means the store cannot be reached now; the operation
 	// may be retried later.
 	ErrUnavailable = errors.New("metadata store unavailable")

@@ -358,7 +358,7 @@ func (c *Catalog) GrowImage(ctx context.Context, name string, size int64) (Image
 		return Image{}, err
 	}
 	if size < img.Size {
-		return Image{}, fmt.Errorf("%w: %q is %d bytes: shrinking to %d would lose data and is not supported", ErrInvalid, name, img.Size, size)
+		return Image{}, fmt.Errorf("%w: %q is %s: shrinking to %s would lose data and is not supported", ErrInvalid, name, FormatSize(img.Size), FormatSize(size))
 	}
 	if size == img.Size {
 		return img, nil

@@ -11,6 +11,7 @@ import (
 	"io"
 	"os"
 	"sync/atomic"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 
@@ -54,6 +55,9 @@ func (c *FileCopy) Grow(size int64) error {
 // Size is the file's size as the copy knows it.
 func (c *FileCopy) Size() int64 { return c.size.Load() }
 
+// ErrTooLarge: the file system cannot hold a file of the size asked.
+var ErrTooLarge = errors.New("larger than this node's file system allows")
+
 // CreateFile creates a sparse file of size bytes at path; it fails if the
 // file exists.
 func CreateFile(path string, size int64) (*FileCopy, error) {
@@ -64,6 +68,9 @@ func CreateFile(path string, size int64) (*FileCopy, error) {
 	if err := f.Truncate(size); err != nil {
 		f.Close()
 		os.Remove(path)
+		if errors.Is(err, syscall.EFBIG) {
+			return nil, fmt.Errorf("%w: %d bytes", ErrTooLarge, size)
+		}
 		return nil, fmt.Errorf("size image file %s: %w", path, err)
 	}
 	if err := f.Sync(); err != nil {
