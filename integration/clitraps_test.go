@@ -101,6 +101,9 @@ func TestErrorsInOperatorsWords(t *testing.T) {
 	if _, errOut, err := n.cli("image", "resize", "vm1", "1M"); err == nil || !strings.Contains(errOut, `"vm1" is 3M: shrinking to 1M`) {
 		t.Fatalf("shrink: %v\n%s", err, errOut)
 	}
+	if _, errOut, err := n.cli("location", "add", "vm1", "nosuch"); err == nil || !strings.Contains(errOut, "no node nosuch") || !strings.Contains(errOut, "not found") {
+		t.Fatalf("location add vm1 nosuch: %v\n%s", err, errOut)
+	}
 	if strings.Contains(meta.ErrConflict.Error(), "check-and-set") {
 		t.Fatalf("the conflict error speaks the store's language: %q", meta.ErrConflict)
 	}

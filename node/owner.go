@@ -66,11 +66,11 @@ func (n *Node) controlClient(node string) (*peer.Client, error) {
 // peerMember returns a live node's membership entry.
 func (n *Node) peerMember(node string) (membership.Member, error) {
 	if n.members == nil {
-		return membership.Member{}, fmt.Errorf("node %s is unknown: this node runs without gossip", node)
+		return membership.Member{}, fmt.Errorf("%w: no node %s (this node runs alone, without gossip)", meta.ErrNodeNotFound, node)
 	}
 	m, ok := n.members.Member(node)
 	if !ok {
-		return membership.Member{}, fmt.Errorf("%w: node %s is not in the cluster", meta.ErrInvalid, node)
+		return membership.Member{}, fmt.Errorf("%w: no node %s in the cluster", meta.ErrNodeNotFound, node)
 	}
 	if m.State != membership.StateAlive {
 		return membership.Member{}, fmt.Errorf("node %s is %s", node, m.State)
