@@ -152,6 +152,9 @@ func (a *app) imageInfoCmd() *cobra.Command {
 			}
 			fmt.Fprintf(tw, "min copies:\t%d\n", img.MinCopies)
 			fmt.Fprintf(tw, "owner:\t%s (attached: %s)\n", dash(img.Owner), dash(img.Attached))
+			if img.SyncPaused {
+				fmt.Fprintf(tw, "sync:\tPAUSED (ukai image sync %s --resume)\n", img.Name)
+			}
 			if img.Policy != nil {
 				fmt.Fprintf(tw, "desired:\t%s\n", policyString(*img.Policy))
 			}

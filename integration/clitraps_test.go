@@ -108,3 +108,18 @@ func TestErrorsInOperatorsWords(t *testing.T) {
 		t.Fatalf("the conflict error speaks the store's language: %q", meta.ErrConflict)
 	}
 }
+
+// TestInfoShowsPausedSync: a paused sync shows in the table form of
+// `image info`, not only in its JSON.
+func TestInfoShowsPausedSync(t *testing.T) {
+	n := newNode(t, "n1")
+	n.start()
+	n.mustCLI("image", "create", "vm1", "--size", "3M", "--block-size", "1M")
+	if out := n.mustCLI("image", "info", "vm1"); strings.Contains(out, "PAUSED") {
+		t.Fatalf("a sync not paused shows as paused:\n%s", out)
+	}
+	n.mustCLI("image", "sync", "vm1", "--pause")
+	if out := n.mustCLI("image", "info", "vm1"); !strings.Contains(out, "sync:") || !strings.Contains(out, "PAUSED") {
+		t.Fatalf("the paused sync does not show:\n%s", out)
+	}
+}
