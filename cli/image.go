@@ -54,8 +54,8 @@ func (a *app) imageCreateCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("create image %s: %w", args[0], err)
 			}
-			if output == "json" {
-				return printJSON(a.out, img)
+			if output != "table" {
+				return printAs(a.out, output, img)
 			}
 			fmt.Fprintf(a.out, "created image %s: %s in %d blocks of %s, target %s\n", img.Name, FormatSize(img.Size), img.Blocks, FormatSize(img.BlockSize), img.IQN)
 			return nil
@@ -65,7 +65,7 @@ func (a *app) imageCreateCmd() *cobra.Command {
 	cmd.Flags().StringVar(&blockSize, "block-size", "", "block size (default 4M)")
 	cmd.Flags().StringSliceVar(&locations, "locations", nil, "nodes holding a copy (default: the node --api points at)")
 	cmd.Flags().IntVar(&minCopies, "min-copies", 0, "a write reaching fewer in-sync copies fails (default 1)")
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table, json or yaml")
 	return cmd
 }
 
@@ -83,8 +83,8 @@ func (a *app) imageListCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("list images: %w", err)
 			}
-			if output == "json" {
-				return printJSON(a.out, l)
+			if output != "table" {
+				return printAs(a.out, output, l)
 			}
 			tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "NAME\tSIZE\tBLOCK SIZE\tLOCATIONS\tOUT OF SYNC\tIQN")
@@ -106,7 +106,7 @@ func (a *app) imageListCmd() *cobra.Command {
 			return nil
 		},
 	}
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table, json or yaml")
 	return cmd
 }
 
@@ -133,8 +133,8 @@ func (a *app) imageInfoCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("image %s: %w", args[0], err)
 			}
-			if output == "json" {
-				return printJSON(a.out, img)
+			if output != "table" {
+				return printAs(a.out, output, img)
 			}
 			tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
 			fmt.Fprintf(tw, "name:\t%s\n", img.Name)
@@ -201,7 +201,7 @@ func (a *app) imageInfoCmd() *cobra.Command {
 			return nil
 		},
 	}
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table, json or yaml")
 	cmd.Flags().BoolVar(&blocks, "blocks", false, "include the per-block sync map")
 	return cmd
 }

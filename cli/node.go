@@ -28,8 +28,8 @@ func (a *app) nodeCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("node list: %w", err)
 			}
-			if listOut == "json" {
-				return printJSON(a.out, ns)
+			if listOut != "table" {
+				return printAs(a.out, listOut, ns)
 			}
 			tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "NAME\tSTATE\tAPI\tISCSI\tGOSSIP\tLABELS\tFREE\tIMAGES")
@@ -40,7 +40,7 @@ func (a *app) nodeCmd() *cobra.Command {
 			return tw.Flush()
 		},
 	}
-	list.Flags().StringVarP(&listOut, "output", "o", "table", "output format: table or json")
+	list.Flags().StringVarP(&listOut, "output", "o", "table", "output format: table, json or yaml")
 	info := &cobra.Command{
 		Use:   "info [NAME]",
 		Short: "Show one node (default: the node --api points at, with its iSCSI sessions)",
@@ -59,13 +59,13 @@ func (a *app) nodeCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("node info: %w", err)
 			}
-			if infoOut == "json" {
-				return printJSON(a.out, n)
+			if infoOut != "table" {
+				return printAs(a.out, infoOut, n)
 			}
 			return printNode(a.out, n)
 		},
 	}
-	info.Flags().StringVarP(&infoOut, "output", "o", "table", "output format: table or json")
+	info.Flags().StringVarP(&infoOut, "output", "o", "table", "output format: table, json or yaml")
 	cmd.AddCommand(list, info)
 	cmd.AddCommand(a.nodeOpCmds()...)
 	return cmd

@@ -34,7 +34,7 @@ code is 0 when healthy and 1 when something needs an operator, for scripts
 and monitors.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := checkOutput(output); err != nil {
+			if err := checkOutputJSON(output); err != nil {
 				return err
 			}
 			st, err := a.client().Status(cmd.Context())
@@ -128,7 +128,7 @@ terminal the screen is redrawn until interrupted (or --count samples);
 otherwise one table per interval is printed. -o json prints one sample.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := checkOutput(output); err != nil {
+			if err := checkOutputJSON(output); err != nil {
 				return err
 			}
 			if interval < 100*time.Millisecond {

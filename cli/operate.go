@@ -25,6 +25,9 @@ func (a *app) nodeOpCmds() []*cobra.Command {
 			if err != nil {
 				return fmt.Errorf("node cordon %s: %w", args[0], err)
 			}
+			if asked, err := printIfAsked(cmd, a.out, op); asked {
+				return err
+			}
 			fmt.Fprintf(a.out, "%s cordoned: no new copy or owner goes there\n", args[0])
 			if n := printOwners(a.out, op, "moved to", "not moved"); n > 0 {
 				return fmt.Errorf("node cordon %s: %d owners not moved (the node is cordoned)", args[0], n)
@@ -41,6 +44,9 @@ func (a *app) nodeOpCmds() []*cobra.Command {
 			op, err := a.client().CordonNode(cmd.Context(), args[0], api.CordonRequest{})
 			if err != nil {
 				return fmt.Errorf("node uncordon %s: %w", args[0], err)
+			}
+			if asked, err := printIfAsked(cmd, a.out, op); asked {
+				return err
 			}
 			fmt.Fprintf(a.out, "%s uncordoned\n", args[0])
 			if n := printOwners(a.out, op, "back on", "not handed back"); n > 0 {
@@ -69,7 +75,7 @@ or are handed to another node at once with --move-owners (uncordon hands
 them back).`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := checkOutput(output); err != nil {
+			if err := checkOutputJSON(output); err != nil {
 				return err
 			}
 			if timeout > 0 && !wait {
@@ -286,8 +292,8 @@ func (a *app) groupCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("group list: %w", err)
 			}
-			if listOut == "json" {
-				return printJSON(a.out, gs)
+			if listOut != "table" {
+				return printAs(a.out, listOut, gs)
 			}
 			tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "NAME\tRULE\tLABEL\tIMAGES")
@@ -297,7 +303,7 @@ func (a *app) groupCmd() *cobra.Command {
 			return tw.Flush()
 		},
 	}
-	list.Flags().StringVarP(&listOut, "output", "o", "table", "output format: table or json")
+	list.Flags().StringVarP(&listOut, "output", "o", "table", "output format: table, json or yaml")
 	del := &cobra.Command{
 		Use:   "delete NAME",
 		Short: "Delete a group without images",

@@ -76,6 +76,9 @@ func (a *app) imageSetCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("set %s: %w", args[0], err)
 			}
+			if asked, err := printIfAsked(cmd, a.out, p); asked {
+				return err
+			}
 			fmt.Fprintf(a.out, "policy of %s: %s\n", args[0], policyString(p))
 			return nil
 		},
@@ -183,8 +186,8 @@ func (a *app) imagePlanCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("plan %s: %w", args[0], err)
 			}
-			if output == "json" {
-				return printJSON(a.out, acts)
+			if output != "table" {
+				return printAs(a.out, output, acts)
 			}
 			if len(acts) == 0 {
 				fmt.Fprintf(a.out, "%s: nothing to do\n", args[0])
@@ -193,7 +196,7 @@ func (a *app) imagePlanCmd() *cobra.Command {
 			return nil
 		},
 	}
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table, json or yaml")
 	return cmd
 }
 
@@ -286,8 +289,8 @@ func (a *app) policyCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("policy show: %w", err)
 			}
-			if output == "json" {
-				return printJSON(a.out, p)
+			if output != "table" {
+				return printAs(a.out, output, p)
 			}
 			tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "SCOPE\tWINDOWS\tTZ\tMAX RATE")
@@ -322,7 +325,7 @@ func (a *app) policyCmd() *cobra.Command {
 			return nil
 		},
 	}
-	show.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
+	show.Flags().StringVarP(&output, "output", "o", "table", "output format: table, json or yaml")
 	cmd.AddCommand(set, show)
 	return cmd
 }
@@ -350,15 +353,15 @@ func (a *app) statsCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("stats: %w", err)
 			}
-			if output == "json" {
-				return printJSON(a.out, st)
+			if output != "table" {
+				return printAs(a.out, output, st)
 			}
 			fmt.Fprintf(a.out, "node %s: %d images exported (%d settled here), %d iSCSI sessions; peer data in %s, out %s; synced %s\n",
 				st.Node, st.Images, st.Settled, st.Sessions, FormatSize(st.PeerBytesIn), FormatSize(st.PeerBytesOut), FormatSize(st.SyncBytes))
 			return nil
 		},
 	}
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table or json")
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "output format: table, json or yaml")
 	return cmd
 }
 

@@ -13,6 +13,7 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
+	"go.yaml.in/yaml/v3"
 
 	"github.com/ukai-storage/ukai/api"
 	"github.com/ukai-storage/ukai/cluster/tlsutil"
@@ -48,6 +49,19 @@ func NewRoot(version string) *cobra.Command {
 	root.PersistentFlags().StringVar(&a.caFile, "ca", "", "cluster CA certificate (ca.pem): talk https to the API and verify the node by this CA")
 	root.AddCommand(a.serveCmd(), a.imageCmd(), a.snapshotCmd(), a.locationCmd(), a.nodeCmd(), a.groupCmd(), a.policyCmd(), a.statsCmd(), a.statusCmd(), a.versionCmd(), a.tlsCmd())
 	strictGroups(root)
+	for _, path := range [][]string{{"image", "resize"}, {"image", "set"}, {"image", "attach"}, {"image", "detach"},
+		{"location", "add"}, {"location", "remove"}, {"snapshot", "create"}, {"node", "cordon"}, {"node", "uncordon"}} {
+		if c, _, err := root.Find(path); err == nil && c.Flags().Lookup("output") == nil {
+			c.Flags().StringP("output", "o", "table", "output format: table, json or yaml (the resulting record)")
+			if c.PreRunE == nil {
+				// A bad -o is refused before anything changes.
+				c.PreRunE = func(cmd *cobra.Command, _ []string) error {
+					o, _ := cmd.Flags().GetString("output")
+					return checkOutput(o)
+				}
+			}
+		}
+	}
 	// pflag marks every boolean flag "[=true|false]" in help texts: noise
 	// for flags that are simply given or not. Blanked to the same width,
 	// so the columns stay aligned.
@@ -176,11 +190,56 @@ func printJSON(w io.Writer, v any) error {
 	return enc.Encode(v)
 }
 
+// checkOutput validates -o of a command that prints one record or list.
 func checkOutput(o string) error {
+	if o != "table" && o != "json" && o != "yaml" {
+		return fmt.Errorf("--output %q: want table, json or yaml", o)
+	}
+	return nil
+}
+
+// checkOutputJSON validates -o of a command whose machine form is a JSON
+// stream (progress lines, samples): table or json.
+func checkOutputJSON(o string) error {
 	if o != "table" && o != "json" {
 		return fmt.Errorf("--output %q: want table or json", o)
 	}
 	return nil
+}
+
+// printIfAsked prints v as -o asks when it asks for json or yaml (asked
+// true); a command that changed something then prints the resulting
+// record instead of its sentence.
+func printIfAsked(cmd *cobra.Command, w io.Writer, v any) (bool, error) {
+	o, err := cmd.Flags().GetString("output")
+	if err != nil || o == "table" {
+		return false, nil
+	}
+	if err := checkOutput(o); err != nil {
+		return true, err
+	}
+	return true, printAs(w, o, v)
+}
+
+// printAs prints v as JSON or YAML (with the JSON field names).
+func printAs(w io.Writer, format string, v any) error {
+	if format != "yaml" {
+		return printJSON(w, v)
+	}
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	var generic any
+	if err := json.Unmarshal(b, &generic); err != nil {
+		return err
+	}
+	out, err := yaml.Marshal(generic)
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(out)
+	return err
 }
 
 func (a *app) versionCmd() *cobra.Command {

@@ -32,8 +32,11 @@ func (a *app) snapshotCreateCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("snapshot %s of %s: %w", args[1], args[0], err)
 			}
-			if output == "json" {
-				return printJSON(a.out, sn)
+			if asked, err := printIfAsked(cmd, a.out, sn); asked {
+				return err
+			}
+			if output != "table" {
+				return printAs(a.out, output, sn)
 			}
 			fmt.Fprintf(a.out, "created snapshot %s of %s (%s)\n", sn.Name, sn.Image, FormatSize(sn.Size))
 			return nil
@@ -57,8 +60,8 @@ func (a *app) snapshotListCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("snapshots of %s: %w", args[0], err)
 			}
-			if output == "json" {
-				return printJSON(a.out, l)
+			if output != "table" {
+				return printAs(a.out, output, l)
 			}
 			tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "NAME\tSIZE\tCREATED\tPRESERVED BLOCKS\tLOCATIONS")
@@ -157,6 +160,9 @@ func (a *app) imageResizeCmd() *cobra.Command {
 			img, err := a.client().ResizeImage(cmd.Context(), args[0], sz)
 			if err != nil {
 				return fmt.Errorf("resize %s: %w", args[0], err)
+			}
+			if asked, err := printIfAsked(cmd, a.out, img); asked {
+				return err
 			}
 			fmt.Fprintf(a.out, "image %s is now %s (%d bytes)\n", img.Name, FormatSize(img.Size), img.Size)
 			return nil

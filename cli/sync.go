@@ -25,6 +25,9 @@ func (a *app) locationCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("add location %s to %s: %w", args[1], args[0], err)
 			}
+			if asked, err := printIfAsked(cmd, a.out, img); asked {
+				return err
+			}
 			fmt.Fprintf(a.out, "%s is now a location of %s (%s)\n", args[1], img.Name, locSummary(img))
 			return nil
 		},
@@ -36,6 +39,9 @@ func (a *app) locationCmd() *cobra.Command {
 			img, err := a.client().RemoveLocation(cmd.Context(), args[0], args[1])
 			if err != nil {
 				return fmt.Errorf("remove location %s from %s: %w", args[1], args[0], err)
+			}
+			if asked, err := printIfAsked(cmd, a.out, img); asked {
+				return err
 			}
 			fmt.Fprintf(a.out, "%s is no longer a location of %s (%s)\n", args[1], img.Name, locSummary(img))
 			return nil
@@ -69,7 +75,7 @@ func (a *app) imageSyncCmd() *cobra.Command {
 		Short: "Copy out-of-sync blocks from an in-sync copy (progress on a terminal), or pause/resume the background synchronizer",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := checkOutput(output); err != nil {
+			if err := checkOutputJSON(output); err != nil {
 				return err
 			}
 			if req.FromBlock < 0 || req.ToBlock < 0 {
@@ -152,7 +158,7 @@ func (a *app) imageVerifyCmd() *cobra.Command {
 		Short: "Compare the checksums of every in-sync copy block by block (non-zero exit on a difference)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := checkOutput(output); err != nil {
+			if err := checkOutputJSON(output); err != nil {
 				return err
 			}
 			res, err := a.client().VerifyImage(cmd.Context(), args[0])
@@ -198,6 +204,9 @@ func (a *app) imageAttachCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("attach %s: %w", args[0], err)
 			}
+			if asked, err := printIfAsked(cmd, a.out, img); asked {
+				return err
+			}
 			fmt.Fprintf(a.out, "%s attached to %s (owner %s, generation %d)\n", img.Name, node, img.Owner, img.Generation)
 			return nil
 		},
@@ -215,6 +224,9 @@ func (a *app) imageDetachCmd() *cobra.Command {
 			img, err := a.client().Detach(cmd.Context(), args[0])
 			if err != nil {
 				return fmt.Errorf("detach %s: %w", args[0], err)
+			}
+			if asked, err := printIfAsked(cmd, a.out, img); asked {
+				return err
 			}
 			fmt.Fprintf(a.out, "%s detached (owner %s)\n", img.Name, dash(img.Owner))
 			return nil

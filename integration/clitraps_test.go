@@ -123,3 +123,35 @@ func TestInfoShowsPausedSync(t *testing.T) {
 		t.Fatalf("the paused sync does not show:\n%s", out)
 	}
 }
+
+// TestChangesPrintTheirRecord: commands that change something print the
+// resulting record with -o json or -o yaml; a bad -o is refused before
+// anything changes.
+func TestChangesPrintTheirRecord(t *testing.T) {
+	n := newNode(t, "n1")
+	n.start()
+	n.mustCLI("image", "create", "vm1", "--size", "3M", "--block-size", "1M")
+	var img api.Image
+	if err := json.Unmarshal([]byte(n.mustCLI("image", "resize", "vm1", "+1M", "-o", "json")), &img); err != nil || img.Size != 4<<20 {
+		t.Fatalf("resize -o json: %+v, %v", img, err)
+	}
+	y := n.mustCLI("snapshot", "create", "vm1", "s1", "-o", "yaml")
+	if !strings.Contains(y, "name: s1") && !strings.Contains(y, "name: vm1@s1") {
+		t.Fatalf("snapshot create -o yaml:\n%s", y)
+	}
+	if out := n.mustCLI("image", "attach", "vm1", "--node", "n1", "-o", "json"); !strings.Contains(out, `"attached": "n1"`) {
+		t.Fatalf("attach -o json:\n%s", out)
+	}
+	if out := n.mustCLI("image", "set", "vm1", "--replicas", "1", "-o", "yaml"); !strings.Contains(out, "replicas: 1") {
+		t.Fatalf("image set -o yaml:\n%s", out)
+	}
+	if out := n.mustCLI("image", "info", "vm1", "-o", "yaml"); !strings.Contains(out, "name: vm1") {
+		t.Fatalf("image info -o yaml:\n%s", out)
+	}
+	if _, errOut, err := n.cli("image", "resize", "vm1", "+1M", "-o", "xml"); err == nil || !strings.Contains(errOut, "want table, json or yaml") {
+		t.Fatalf("resize -o xml: %v %s", err, errOut)
+	}
+	if sz := n.imageJSON("vm1", false)["size"]; sz != float64(4<<20) {
+		t.Fatalf("a refused -o still resized: %v", sz)
+	}
+}
