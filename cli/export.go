@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"text/tabwriter"
 
 	"github.com/spf13/cobra"
 
@@ -26,14 +27,34 @@ func readSecretFile(flag, path string) (string, error) {
 	return strings.TrimRight(string(b), "\r\n"), nil
 }
 
-func (a *app) imageExportCmd() *cobra.Command {
+// accessGrantCmd is `ukai access grant`. With legacy it is also the
+// old `ukai image export IMAGE --initiator ...` (deprecated: rbd users
+// expect `image export` to write the image's data to a file, which it does
+// without --initiator).
+func (a *app) accessGrantCmd(legacy bool) *cobra.Command {
 	var req api.ExportRequest
 	var secretFile, mutualSecretFile string
+	var data *cobra.Command
+	if legacy {
+		data = a.imageExportDataCmd()
+	}
 	cmd := &cobra.Command{
-		Use:   "export IMAGE --initiator IQN [--chap-user U (--chap-secret-file F | --chap-secret-ref NAME)] [--mutual-chap-user U (--mutual-chap-secret-file F | --mutual-chap-secret-ref NAME)]",
+		Use:   "grant IMAGE --initiator IQN [--chap-user U (--chap-secret-file F | --chap-secret-ref NAME)] [--mutual-chap-user U (--mutual-chap-secret-file F | --mutual-chap-secret-ref NAME)]",
 		Short: "Allow an initiator to log in to an image's target, with optional one-way or mutual CHAP",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if legacy {
+				if !cmd.Flags().Changed("initiator") {
+					if len(args) != 2 {
+						return fmt.Errorf("usage: ukai image export IMAGE FILE (the image's data; - for stdout); access is 'ukai access grant'")
+					}
+					return data.RunE(cmd, args)
+				}
+				if len(args) != 1 {
+					return fmt.Errorf("image export --initiator takes one image")
+				}
+				fmt.Fprintln(cmd.ErrOrStderr(), "warning: 'ukai image export IMAGE --initiator' is deprecated and goes away in the next release: use 'ukai access grant'")
+			}
 			if req.Initiator == "" {
 				return fmt.Errorf("--initiator is required (an IQN, or * with CHAP)")
 			}
@@ -70,13 +91,20 @@ func (a *app) imageExportCmd() *cobra.Command {
 	f.StringVar(&req.MutualUser, "mutual-chap-user", "", "CHAP user the target answers with (mutual CHAP)")
 	f.StringVar(&mutualSecretFile, "mutual-chap-secret-file", "", "file holding the target's CHAP secret")
 	f.StringVar(&req.MutualSecretFile, "mutual-chap-secret-ref", "", "name of a file in every node's iscsi.chap_secrets_dir holding the target's secret")
+	if legacy {
+		cmd.Use = "export IMAGE FILE"
+		cmd.Short = "Write an image's or snapshot's data to a raw file (or - for stdout); the same as download"
+		cmd.Args = cobra.RangeArgs(1, 2)
+	}
 	return cmd
 }
 
-func (a *app) imageUnexportCmd() *cobra.Command {
+// accessRevokeCmd is `ukai access revoke`; with legacy, the deprecated
+// `ukai image unexport`.
+func (a *app) accessRevokeCmd(legacy bool) *cobra.Command {
 	var initiator string
 	cmd := &cobra.Command{
-		Use:   "unexport IMAGE --initiator IQN",
+		Use:   "revoke IMAGE --initiator IQN",
 		Short: "Remove an initiator's access to an image",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -91,5 +119,41 @@ func (a *app) imageUnexportCmd() *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&initiator, "initiator", "", "initiator IQN")
+	if legacy {
+		cmd.Use = "unexport IMAGE --initiator IQN"
+		cmd.Deprecated = "use 'ukai access revoke'; it goes away in the next release"
+	}
+	return cmd
+}
+
+// accessCmd is the iSCSI access to images: which initiators may log in.
+func (a *app) accessCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "access", Short: "Which initiators may log in to an image's iSCSI target (and with which CHAP)"}
+	var output string
+	list := &cobra.Command{
+		Use:   "list IMAGE",
+		Short: "List the initiators that may log in to an image",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
+			img, err := a.client().GetImage(cmd.Context(), args[0], false)
+			if err != nil {
+				return fmt.Errorf("access list %s: %w", args[0], err)
+			}
+			if output != "table" {
+				return printAs(a.out, output, img.Exports)
+			}
+			tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "INITIATOR\tCHAP USER\tMUTUAL USER\tSECRET IN")
+			for _, e := range img.Exports {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", e.Initiator, dash(e.CHAPUser), dash(e.MutualUser), dash(e.SecretIn))
+			}
+			return tw.Flush()
+		},
+	}
+	list.Flags().StringVarP(&output, "output", "o", "table", "output format: table, json or yaml")
+	cmd.AddCommand(a.accessGrantCmd(false), a.accessRevokeCmd(false), list)
 	return cmd
 }

@@ -3,6 +3,7 @@ package integration
 import (
 	"encoding/json"
 	"net/http"
+	"os"
 	"strings"
 	"testing"
 
@@ -153,5 +154,39 @@ func TestChangesPrintTheirRecord(t *testing.T) {
 	}
 	if sz := n.imageJSON("vm1", false)["size"]; sz != float64(4<<20) {
 		t.Fatalf("a refused -o still resized: %v", sz)
+	}
+}
+
+// TestAccessNaming: iSCSI access is `ukai access grant|revoke|list`;
+// `image export IMAGE FILE` writes the data (rbd's meaning); the old
+// `image export --initiator` and `image unexport` still work, with a
+// deprecation warning.
+func TestAccessNaming(t *testing.T) {
+	n := newNode(t, "n1")
+	n.start()
+	n.mustCLI("image", "create", "vm1", "--size", "1M", "--block-size", "1M")
+	n.mustCLI("access", "grant", "vm1", "--initiator", "iqn.2026-11.test:a")
+	_, errOut, err := n.cli("image", "export", "vm1", "--initiator", "iqn.2026-11.test:b")
+	if err != nil || !strings.Contains(errOut, "deprecated") {
+		t.Fatalf("image export --initiator: %v %s", err, errOut)
+	}
+	list := n.mustCLI("access", "list", "vm1")
+	if !strings.Contains(list, "iqn.2026-11.test:a") || !strings.Contains(list, "iqn.2026-11.test:b") {
+		t.Fatalf("access list:\n%s", list)
+	}
+	n.mustCLI("access", "revoke", "vm1", "--initiator", "iqn.2026-11.test:a")
+	if _, errOut, err := n.cli("image", "unexport", "vm1", "--initiator", "iqn.2026-11.test:b"); err != nil || !strings.Contains(errOut, "deprecated") {
+		t.Fatalf("image unexport: %v %s", err, errOut)
+	}
+	if list := n.mustCLI("access", "list", "vm1", "-o", "json"); strings.Contains(list, "iqn.2026-11.test") {
+		t.Fatalf("access left after revoke:\n%s", list)
+	}
+	file := t.TempDir() + "/vm1.raw"
+	n.mustCLI("image", "export", "vm1", file)
+	if st, err := os.Stat(file); err != nil || st.Size() != 1<<20 {
+		t.Fatalf("image export vm1 FILE: %v %v", st, err)
+	}
+	if _, errOut, err := n.cli("image", "export", "vm1"); err == nil || !strings.Contains(errOut, "access grant") {
+		t.Fatalf("image export vm1 without FILE: %v %s", err, errOut)
 	}
 }

@@ -61,7 +61,7 @@ start)
   set -x
   "$ukai" node list
   "$ukai" image create demo --size 1G --block-size 4M --locations n1,n2
-  "$ukai" image export demo --initiator iqn.2008-11.org.linux-kvm   # QEMU's default initiator name
+  "$ukai" access grant demo --initiator iqn.2008-11.org.linux-kvm   # QEMU's default initiator name
   qemu-io -f raw -c 'write -P 0xab 0 8M' -c 'write -P 0xcd 1020M 4M' iscsi://127.0.0.1:13261/iqn.2026-11.io.ukai:demo/0
   qemu-io -f raw -c 'read -P 0xab 0 8M' -c 'read -P 0xcd 1020M 4M' -c 'read -P 0 8M 1M' iscsi://127.0.0.1:13261/iqn.2026-11.io.ukai:demo/0
   "$ukai" --api 127.0.0.1:17703 image list
