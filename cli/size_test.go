@@ -1,6 +1,11 @@
 package cli
 
-import "testing"
+import (
+	"bytes"
+	"os"
+	"syscall"
+	"testing"
+)
 
 func TestParseSize(t *testing.T) {
 	for in, want := range map[string]int64{
@@ -26,5 +31,41 @@ func TestFormatSize(t *testing.T) {
 		if got := FormatSize(in); got != want {
 			t.Errorf("FormatSize(%d) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// TestSparseWriter: what is written reads back byte for byte, and the zero
+// pages are holes.
+func TestSparseWriter(t *testing.T) {
+	path := t.TempDir() + "/img"
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, 8<<20)
+	copy(want[1<<20:], bytes.Repeat([]byte("data"), 1024)) // one page at 1 MiB
+	want[5<<20+17] = 1                                      // one byte in a page at 5 MiB
+	w := &sparseWriter{f: f}
+	// Odd write sizes, as a stream delivers them.
+	for rest := want; len(rest) > 0; {
+		n := min(len(rest), 12345)
+		if _, err := w.Write(rest[:n]); err != nil {
+			t.Fatal(err)
+		}
+		rest = rest[n:]
+	}
+	if err := w.finish(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(path)
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("read back %d bytes (%v), equal %v", len(got), err, bytes.Equal(got, want))
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	if used := st.Blocks * 512; used > 256<<10 {
+		t.Fatalf("%d bytes allocated for 2 data pages: the zeros were written", used)
 	}
 }

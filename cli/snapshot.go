@@ -214,13 +214,15 @@ func (a *app) imageExportDataCmd() *cobra.Command {
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var w io.Writer = a.out
+			var sw *sparseWriter
 			if args[1] != "-" {
 				f, err := os.OpenFile(args[1], os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 				if err != nil {
 					return err
 				}
 				defer f.Close()
-				w = f
+				sw = &sparseWriter{f: f}
+				w = sw
 			}
 			// Progress goes to stderr: stdout may be the data.
 			var pr *progress
@@ -232,6 +234,9 @@ func (a *app) imageExportDataCmd() *cobra.Command {
 			if pr != nil {
 				pr.finish()
 			}
+			if err == nil && sw != nil {
+				err = sw.finish()
+			}
 			if err != nil {
 				if args[1] != "-" {
 					os.Remove(args[1])
@@ -241,4 +246,60 @@ func (a *app) imageExportDataCmd() *cobra.Command {
 			return nil
 		},
 	}
+}
+
+// sparseWriter writes a file leaving holes where the data is zeros (a
+// 2 GiB image with 3 MiB written is not a 2 GiB file): runs of zero
+// pages are skipped, and finish sets the size and syncs.
+type sparseWriter struct {
+	f   *os.File
+	off int64
+}
+
+const sparsePage = 4096
+
+func (w *sparseWriter) Write(p []byte) (int, error) {
+	n := len(p)
+	for len(p) > 0 {
+		// The next run of zero pages, then the next run of data pages.
+		z := 0
+		for z < len(p) && isZero(p[z:min(z+sparsePage, len(p))]) {
+			z = min(z+sparsePage, len(p))
+		}
+		w.off += int64(z)
+		p = p[z:]
+		d := 0
+		for d < len(p) && !isZero(p[d:min(d+sparsePage, len(p))]) {
+			d = min(d+sparsePage, len(p))
+		}
+		if d > 0 {
+			if _, err := w.f.WriteAt(p[:d], w.off); err != nil {
+				return 0, err
+			}
+			w.off += int64(d)
+			p = p[d:]
+		}
+	}
+	return n, nil
+}
+
+func isZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// finish gives the file its full size (a trailing hole included) and
+// makes it durable.
+func (w *sparseWriter) finish() error {
+	if err := w.f.Truncate(w.off); err != nil {
+		return err
+	}
+	if err := w.f.Sync(); err != nil {
+		return err
+	}
+	return w.f.Close()
 }

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"os"
+	"syscall"
 	"strings"
 	"testing"
 
@@ -185,6 +186,8 @@ func TestAccessNaming(t *testing.T) {
 	n.mustCLI("image", "export", "vm1", file)
 	if st, err := os.Stat(file); err != nil || st.Size() != 1<<20 {
 		t.Fatalf("image export vm1 FILE: %v %v", st, err)
+	} else if used := st.Sys().(*syscall.Stat_t).Blocks * 512; used > 64<<10 {
+		t.Fatalf("the export of an image never written takes %d bytes: holes not kept", used)
 	}
 	if _, errOut, err := n.cli("image", "export", "vm1"); err == nil || !strings.Contains(errOut, "access grant") {
 		t.Fatalf("image export vm1 without FILE: %v %s", err, errOut)
