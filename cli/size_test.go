@@ -44,7 +44,7 @@ func TestSparseWriter(t *testing.T) {
 	}
 	want := make([]byte, 8<<20)
 	copy(want[1<<20:], bytes.Repeat([]byte("data"), 1024)) // one page at 1 MiB
-	want[5<<20+17] = 1                                      // one byte in a page at 5 MiB
+	want[5<<20+17] = 1                                     // one byte in a page at 5 MiB
 	w := &sparseWriter{f: f}
 	// Odd write sizes, as a stream delivers them.
 	for rest := want; len(rest) > 0; {
