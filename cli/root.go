@@ -49,6 +49,7 @@ func NewRoot(version string) *cobra.Command {
 	root.PersistentFlags().StringVar(&a.caFile, "ca", "", "cluster CA certificate (ca.pem): talk https to the API and verify the node by this CA")
 	root.AddCommand(a.serveCmd(), a.imageCmd(), a.accessCmd(), a.snapshotCmd(), a.locationCmd(), a.nodeCmd(), a.groupCmd(), a.policyCmd(), a.statsCmd(), a.statusCmd(), a.versionCmd(), a.tlsCmd())
 	strictGroups(root)
+	completeNames(a, root)
 	for _, path := range [][]string{{"image", "resize"}, {"image", "set"}, {"image", "attach"}, {"image", "detach"},
 		{"location", "add"}, {"location", "remove"}, {"snapshot", "create"}, {"node", "cordon"}, {"node", "uncordon"}} {
 		if c, _, err := root.Find(path); err == nil && c.Flags().Lookup("output") == nil {
@@ -259,4 +260,68 @@ func (a *app) versionCmd() *cobra.Command {
 			return nil
 		},
 	}
+}
+
+// completeNames lets the shell complete image and node names from the
+// cluster (`ukai completion bash|zsh|fish`): a command's first argument
+// is an image when its usage names one (IMAGE, NAME, SOURCE), a node when
+// it names NODE; --node flags complete nodes. Asking the node is bounded
+// by the completion's own context; a node that does not answer completes
+// nothing.
+func completeNames(a *app, cmd *cobra.Command) {
+	for _, c := range cmd.Commands() {
+		completeNames(a, c)
+		if c.ValidArgsFunction != nil || !c.Runnable() {
+			continue
+		}
+		f := strings.Fields(c.Use)
+		if len(f) < 2 {
+			continue
+		}
+		switch f[1] {
+		case "IMAGE", "NAME", "SOURCE":
+			c.ValidArgsFunction = func(cmd *cobra.Command, args []string, _ string) ([]string, cobra.ShellCompDirective) {
+				if len(args) > 0 {
+					return nil, cobra.ShellCompDirectiveDefault
+				}
+				return a.imageNames(cmd), cobra.ShellCompDirectiveNoFileComp
+			}
+		case "NODE":
+			c.ValidArgsFunction = func(cmd *cobra.Command, args []string, _ string) ([]string, cobra.ShellCompDirective) {
+				if len(args) > 0 {
+					return nil, cobra.ShellCompDirectiveNoFileComp
+				}
+				return a.nodeNames(cmd), cobra.ShellCompDirectiveNoFileComp
+			}
+		}
+		if c.Flags().Lookup("node") != nil {
+			c.RegisterFlagCompletionFunc("node", func(cmd *cobra.Command, _ []string, _ string) ([]string, cobra.ShellCompDirective) {
+				return a.nodeNames(cmd), cobra.ShellCompDirectiveNoFileComp
+			})
+		}
+	}
+}
+
+func (a *app) imageNames(cmd *cobra.Command) []string {
+	l, err := a.client().ListImages(cmd.Context())
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, img := range l.Images {
+		out = append(out, img.Name)
+	}
+	return out
+}
+
+func (a *app) nodeNames(cmd *cobra.Command) []string {
+	ns, err := a.client().ListNodes(cmd.Context())
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, n := range ns {
+		out = append(out, n.Name)
+	}
+	return out
 }

@@ -193,3 +193,24 @@ func TestAccessNaming(t *testing.T) {
 		t.Fatalf("image export vm1 without FILE: %v %s", err, errOut)
 	}
 }
+
+// TestCompletionNames: the shell completion asks the cluster for image and
+// node names.
+func TestCompletionNames(t *testing.T) {
+	n := newNode(t, "n1")
+	n.start()
+	n.mustCLI("image", "create", "vm1", "--size", "1M", "--block-size", "1M")
+	n.mustCLI("image", "create", "db7", "--size", "1M", "--block-size", "1M")
+	if out := n.mustCLI("__complete", "image", "info", ""); !strings.Contains(out, "vm1\n") || !strings.Contains(out, "db7\n") {
+		t.Fatalf("image names:\n%s", out)
+	}
+	if out := n.mustCLI("__complete", "node", "cordon", ""); !strings.Contains(out, "n1\n") {
+		t.Fatalf("node names:\n%s", out)
+	}
+	if out := n.mustCLI("__complete", "image", "attach", "vm1", "--node", ""); !strings.Contains(out, "n1\n") {
+		t.Fatalf("--node names:\n%s", out)
+	}
+	if out := n.mustCLI("completion", "bash"); !strings.Contains(out, "__ukai") && !strings.Contains(out, "_ukai") {
+		t.Fatalf("no bash completion script:\n%.200s", out)
+	}
+}
