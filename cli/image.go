@@ -2,6 +2,7 @@ package cli
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -83,6 +84,9 @@ func (a *app) imageListCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("list images: %w", err)
 			}
+			// Snapshots are listed by 'ukai snapshot list IMAGE' (issue 21:
+			// they showed here with an empty IQN).
+			l.Images = slices.DeleteFunc(l.Images, func(img api.Image) bool { return img.SnapshotOf != "" })
 			if output != "table" {
 				return printAs(a.out, output, l)
 			}

@@ -214,3 +214,22 @@ func TestCompletionNames(t *testing.T) {
 		t.Fatalf("no bash completion script:\n%.200s", out)
 	}
 }
+
+// TestSnapshotsStayOutOfImageCommands: `image list` does not list
+// snapshots, and `image delete` does not delete one (snapshot delete does).
+func TestSnapshotsStayOutOfImageCommands(t *testing.T) {
+	n := newNode(t, "n1")
+	n.start()
+	n.mustCLI("image", "create", "vm1", "--size", "1M", "--block-size", "1M")
+	n.mustCLI("snapshot", "create", "vm1", "s1")
+	if out := n.mustCLI("image", "list"); strings.Contains(out, "s1") || !strings.Contains(out, "vm1") {
+		t.Fatalf("image list:\n%s", out)
+	}
+	if _, errOut, err := n.cli("image", "delete", "s1"); err == nil || !strings.Contains(errOut, "ukai snapshot delete vm1 s1") {
+		t.Fatalf("image delete s1: %v %s", err, errOut)
+	}
+	if out := n.mustCLI("snapshot", "list", "vm1"); !strings.Contains(out, "s1") {
+		t.Fatalf("the snapshot is gone after a refused image delete:\n%s", out)
+	}
+	n.mustCLI("snapshot", "delete", "vm1", "s1")
+}

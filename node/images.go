@@ -598,7 +598,9 @@ func (n *Node) DeleteImage(ctx context.Context, name string) error {
 		return err
 	}
 	if img.IsSnapshot() {
-		return n.DeleteSnapshot(ctx, img.Origin.Name, name)
+		// Deleting an image must not take a snapshot with it by name
+		// (issue 21): snapshots go only through snapshot delete.
+		return fmt.Errorf("%w: %s is a snapshot of %s: delete it with 'ukai snapshot delete %s %s'", meta.ErrInvalid, name, img.Origin.Name, img.Origin.Name, name)
 	}
 	if len(img.Snapshots) > 0 {
 		names := make([]string, len(img.Snapshots))
