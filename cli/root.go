@@ -3,6 +3,7 @@
 package cli
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -231,11 +232,13 @@ func printAs(w io.Writer, format string, v any) error {
 	if err != nil {
 		return err
 	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.UseNumber() // sizes print as 1048576, not 1.048576e+06
 	var generic any
-	if err := json.Unmarshal(b, &generic); err != nil {
+	if err := dec.Decode(&generic); err != nil {
 		return err
 	}
-	out, err := yaml.Marshal(generic)
+	out, err := yaml.Marshal(plainNumbers(generic))
 	if err != nil {
 		return err
 	}
@@ -324,4 +327,28 @@ func (a *app) nodeNames(cmd *cobra.Command) []string {
 		out = append(out, n.Name)
 	}
 	return out
+}
+
+// plainNumbers turns the json.Numbers of a decoded value into integers
+// (or floats when they are not), for YAML.
+func plainNumbers(v any) any {
+	switch x := v.(type) {
+	case map[string]any:
+		for k, e := range x {
+			x[k] = plainNumbers(e)
+		}
+	case []any:
+		for i, e := range x {
+			x[i] = plainNumbers(e)
+		}
+	case json.Number:
+		if i, err := x.Int64(); err == nil {
+			return i
+		}
+		if f, err := x.Float64(); err == nil {
+			return f
+		}
+		return x.String()
+	}
+	return v
 }

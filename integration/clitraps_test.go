@@ -147,7 +147,7 @@ func TestChangesPrintTheirRecord(t *testing.T) {
 	if out := n.mustCLI("image", "set", "vm1", "--replicas", "1", "-o", "yaml"); !strings.Contains(out, "replicas: 1") {
 		t.Fatalf("image set -o yaml:\n%s", out)
 	}
-	if out := n.mustCLI("image", "info", "vm1", "-o", "yaml"); !strings.Contains(out, "name: vm1") {
+	if out := n.mustCLI("image", "info", "vm1", "-o", "yaml"); !strings.Contains(out, "name: vm1") || !strings.Contains(out, "size: 4194304") {
 		t.Fatalf("image info -o yaml:\n%s", out)
 	}
 	if _, errOut, err := n.cli("image", "resize", "vm1", "+1M", "-o", "xml"); err == nil || !strings.Contains(errOut, "want table, json or yaml") {

@@ -73,7 +73,7 @@ func TestImageLifecycleCLI(t *testing.T) {
 		{[]string{"image", "create", "units", "--size", "10X"}, "invalid size"},
 		{[]string{"image", "info", "nope"}, "not found"},
 		{[]string{"image", "delete", "nope"}, "not found"},
-		{[]string{"image", "list", "-o", "yaml"}, "want table or json"},
+		{[]string{"image", "list", "-o", "xml"}, "want table, json or yaml"},
 	} {
 		out, errOut, err := n.cli(bad.args...)
 		if err == nil || !strings.Contains(errOut, bad.want) {
