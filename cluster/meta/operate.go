@@ -136,18 +136,8 @@ func (c *Catalog) UpdateNodeState(ctx context.Context, node string, fn func(*Nod
 		if err := fn(&st); err != nil {
 			return st, err
 		}
-		if !st.Cordoned && st.Drain == nil && len(st.Moved) == 0 {
-			if idx == 0 {
-				return st, nil
-			}
-			err = c.kv.DeleteCAS(ctx, key, idx)
-		} else {
-			data, merr := json.Marshal(nodeStateRecord{Version: PolicyVersion, NodeState: st})
-			if merr != nil {
-				return st, merr
-			}
-			err = c.kv.CAS(ctx, key, data, idx)
-		}
+		empty := !st.Cordoned && st.Drain == nil && len(st.Moved) == 0
+		err = c.casOrDelete(ctx, key, idx, empty, nodeStateRecord{Version: PolicyVersion, NodeState: st})
 		if err == nil {
 			return st, nil
 		}
@@ -257,4 +247,22 @@ func (c *Catalog) GroupImages(ctx context.Context, groups ...string) (map[string
 		sort.Slice(out[g], func(i, j int) bool { return out[g][i].Name < out[g][j].Name })
 	}
 	return out, nil
+}
+
+// casOrDelete is the write step of a read-modify-write of the record at
+// key read with index idx (0: there was none): an empty record is deleted
+// (nothing to do when there was none), any other is written as JSON, both
+// with check-and-set.
+func (c *Catalog) casOrDelete(ctx context.Context, key string, idx uint64, empty bool, record any) error {
+	if empty {
+		if idx == 0 {
+			return nil
+		}
+		return c.kv.DeleteCAS(ctx, key, idx)
+	}
+	data, err := json.Marshal(record)
+	if err != nil {
+		return err
+	}
+	return c.kv.CAS(ctx, key, data, idx)
 }

@@ -199,18 +199,8 @@ func (c *Catalog) UpdateSyncPolicy(ctx context.Context, s SyncScope, fn func(p *
 		if err := fn(&p); err != nil {
 			return p, err
 		}
-		if len(p.Windows) == 0 && p.MaxRate == 0 && p.TZ == "" && len(p.AllOf) == 0 {
-			if idx == 0 {
-				return p, nil
-			}
-			err = c.kv.DeleteCAS(ctx, key, idx)
-		} else {
-			data, merr := json.Marshal(syncPolicyRecord{Version: PolicyVersion, SyncPolicy: p})
-			if merr != nil {
-				return p, merr
-			}
-			err = c.kv.CAS(ctx, key, data, idx)
-		}
+		empty := len(p.Windows) == 0 && p.MaxRate == 0 && p.TZ == "" && len(p.AllOf) == 0
+		err = c.casOrDelete(ctx, key, idx, empty, syncPolicyRecord{Version: PolicyVersion, SyncPolicy: p})
 		if err == nil {
 			return p, nil
 		}

@@ -37,6 +37,18 @@ func startAdvertised(t *testing.T, consul string, count int) []*node {
 	return nodes
 }
 
+// twoNodeImage starts Consul and two advertising nodes (their logs
+// printed if the test fails) and creates img with a copy on each; it
+// returns the nodes and the image's IQN.
+func twoNodeImage(t *testing.T, img, size string) (n1, n2 *node, iqn string) {
+	t.Helper()
+	agent := consultest.Start(t, consultest.Persistent(t.TempDir()))
+	nodes := startAdvertised(t, agent.Addr, 2)
+	t.Cleanup(func() { logsOnFailure(t, nodes...) })
+	nodes[0].mustCLI("image", "create", img, "--size", size, "--block-size", "1M", "--locations", "n1,n2")
+	return nodes[0], nodes[1], iqnPrefix + ":" + img
+}
+
 func logsOnFailure(t *testing.T, nodes ...*node) {
 	if !t.Failed() {
 		return
@@ -175,13 +187,8 @@ func uptime(t *testing.T, h *host) float64 {
 // settings, a pattern and a file system, the node killed and restarted
 // during writes (the session recovers: no error, no lost write), logout.
 func TestKernelInitiator(t *testing.T) {
-	agent := consultest.Start(t, consultest.Persistent(t.TempDir()))
-	nodes := startAdvertised(t, agent.Addr, 2)
-	n1, n2 := nodes[0], nodes[1]
-	defer logsOnFailure(t, n1, n2)
 	const img = "k1"
-	iqn := iqnPrefix + ":" + img
-	n1.mustCLI("image", "create", img, "--size", "256M", "--block-size", "1M", "--locations", "n1,n2")
+	n1, n2, iqn := twoNodeImage(t, img, "256M")
 
 	h := startHost(t, "K", []string{n1.portal, n2.portal})
 	const user, secret = "hv-k", "ukai-kernel-chap-1"
@@ -328,13 +335,8 @@ func waitKernelState(t *testing.T, h *host, dev, want string, timeout time.Durat
 // image over, without an error and without losing a write; the owner comes
 // back and its path returns, non-optimized.
 func TestKernelMultipath(t *testing.T) {
-	agent := consultest.Start(t, consultest.Persistent(t.TempDir()))
-	nodes := startAdvertised(t, agent.Addr, 2)
-	n1, n2 := nodes[0], nodes[1]
-	defer logsOnFailure(t, n1, n2)
 	const img = "mp"
-	iqn := iqnPrefix + ":" + img
-	n1.mustCLI("image", "create", img, "--size", "128M", "--block-size", "1M", "--locations", "n1,n2")
+	n1, n2, iqn := twoNodeImage(t, img, "128M")
 	n1.mustCLI("image", "attach", img, "--node", "n1")
 
 	h := startHost(t, "M", []string{n1.portal, n2.portal})
