@@ -535,6 +535,12 @@ func (n *Node) GetImage(ctx context.Context, name string, blocks api.BlockView) 
 }
 
 func (n *Node) describe(ctx context.Context, img meta.Image, blocks api.BlockView) (api.Image, error) {
+	// The record the maps were read with is the one described (a location
+	// may have gone meanwhile).
+	img, byLoc, err := n.cat.LocationMaps(ctx, img)
+	if err != nil {
+		return api.Image{}, err
+	}
 	out := api.Image{
 		Name: img.Name, ID: img.ID, Size: img.Size, BlockSize: img.BlockSize, Blocks: img.Blocks(),
 		Created: img.Created, IQN: n.iqn(img.Name), MinCopies: img.MinCopies,
@@ -555,10 +561,7 @@ func (n *Node) describe(ctx context.Context, img meta.Image, blocks api.BlockVie
 	out.Exports = n.exportInfos(img.Name)
 	maps := make([]*placement.BlockMap, len(img.Locations))
 	for i, loc := range img.Locations {
-		bm, err := n.cat.BlockMap(ctx, img, loc)
-		if err != nil {
-			return api.Image{}, err
-		}
+		bm := byLoc[loc]
 		maps[i] = bm
 		out.Locations = append(out.Locations, api.Location{
 			Node: loc, OutOfSync: bm.Count(placement.OutOfSync), Syncing: bm.Count(placement.Syncing),

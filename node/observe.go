@@ -117,25 +117,22 @@ func (n *Node) Status(ctx context.Context) (api.ClusterStatus, error) {
 			si = append(si, x)
 			continue
 		}
+		img, maps, err := n.cat.LocationMaps(ctx, img)
+		if err != nil {
+			unreadable = append(unreadable, err.Error())
+			continue
+		}
+		x.Owner, x.Attached, x.Wanted, x.SyncPaused = img.Owner, img.Attached, len(img.Locations), img.SyncPaused
 		if pol, _, err := n.cat.ImagePolicy(ctx, img.Name); err == nil && pol.Replicas > 0 {
 			x.Wanted = pol.Replicas
 		}
 		var live []*placement.BlockMap
-		ok := true
 		for _, loc := range img.Locations {
-			bm, err := n.cat.BlockMap(ctx, img, loc)
-			if err != nil {
-				unreadable = append(unreadable, err.Error())
-				ok = false
-				break
-			}
+			bm := maps[loc]
 			x.Locations = append(x.Locations, status.Location{Node: loc, OutOfSync: bm.Count(placement.OutOfSync), Syncing: bm.Count(placement.Syncing)})
 			if alive[loc] {
 				live = append(live, bm)
 			}
-		}
-		if !ok {
-			continue
 		}
 		x.Unprotected = placement.Unprotected(img.Blocks(), live)
 		si = append(si, x)

@@ -281,6 +281,39 @@ func (c *Catalog) DeleteImage(ctx context.Context, img Image, index uint64) erro
 	return nil
 }
 
+// LocationMaps returns the block map of each of img's locations, and the
+// record they were read with. A record read a moment ago may list a
+// location removed since, whose maps are gone: a missing chunk then read as
+// "malformed metadata" (chaos seed 117 failed an `image relocate` so; a CI
+// run failed `image info` so while a replica count went down). When a map
+// cannot be read the record is read again and, if it changed, the maps
+// with it (three rounds at most), to tell a location removed meanwhile from
+// a map really malformed. A record that is gone or now names another image
+// (deleted, recreated) is not followed: the error stands.
+func (c *Catalog) LocationMaps(ctx context.Context, img Image) (Image, map[string]*placement.BlockMap, error) {
+	for attempt := 0; ; attempt++ {
+		maps := make(map[string]*placement.BlockMap, len(img.Locations))
+		var merr error
+		for _, loc := range img.Locations {
+			bm, err := c.BlockMap(ctx, img, loc)
+			if err != nil {
+				merr = err
+				break
+			}
+			maps[loc] = bm
+		}
+		var malformed *MalformedError
+		if merr == nil || !errors.As(merr, &malformed) || attempt == 2 {
+			return img, maps, merr
+		}
+		fresh, _, err := c.GetImage(ctx, img.Name)
+		if err != nil || fresh.ID != img.ID || fresh.Rev == img.Rev {
+			return img, maps, merr
+		}
+		img = fresh
+	}
+}
+
 // BlockMap reads the block map of node's copy of img. A map stored longer
 // than the record says (an image being grown: the maps grow first, the
 // record last) is read up to the record's length.

@@ -182,3 +182,44 @@ func TestPoliciesAndActivity(t *testing.T) {
 		}
 	}
 }
+
+// A record read before a location was removed names maps that are gone:
+// LocationMaps reads the record again instead of calling them malformed,
+// and still reports a map that is really missing.
+func TestLocationMapsFollowARemovedLocation(t *testing.T) {
+	ctx := context.Background()
+	kv, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { kv.Close() })
+	c := meta.NewCatalog(kv, "ukai")
+	if _, err := c.CreateImage(ctx, meta.Image{Name: "vm1", Size: 3 << 20, BlockSize: 1 << 20, Locations: []string{"n1", "n2", "n3"}}, placement.InSync); err != nil {
+		t.Fatal(err)
+	}
+	stale, _, err := c.GetImage(ctx, "vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.RemoveLocation(ctx, "vm1", "n3"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.BlockMap(ctx, stale, "n3"); err == nil {
+		t.Fatal("the removed location's map is still there: the test proves nothing")
+	}
+	img, maps, err := c.LocationMaps(ctx, stale)
+	if err != nil {
+		t.Fatalf("stale record: %v", err)
+	}
+	if len(img.Locations) != 2 || len(maps) != 2 || maps["n1"] == nil || maps["n2"] == nil || maps["n3"] != nil {
+		t.Fatalf("stale record read as %v with maps of %v", img.Locations, maps)
+	}
+	// A chunk missing from a location the record still names is malformed.
+	if err := kv.DeleteTree(ctx, "ukai/blockmaps/"+img.ID+"/n2/"); err != nil {
+		t.Fatal(err)
+	}
+	var malformed *meta.MalformedError
+	if _, _, err := c.LocationMaps(ctx, img); !errors.As(err, &malformed) {
+		t.Fatalf("missing map of a current location: %v", err)
+	}
+}

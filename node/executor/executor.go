@@ -521,8 +521,15 @@ func (e *Executor) State(ctx context.Context, img Image) (placement.State, error
 	var maps map[string]*placement.BlockMap
 	if img.Owned() {
 		maps = img.Maps()
-	} else if rec, maps, err = e.catalogMaps(ctx, rec); err != nil {
-		return st, err
+	} else {
+		// rec is the record as this node last applied it: read it as it
+		// stands now (a location may have come or gone since).
+		if fresh, _, err := cat.GetImage(ctx, rec.Name); err == nil && fresh.ID == rec.ID {
+			rec = fresh
+		}
+		if rec, maps, err = cat.LocationMaps(ctx, rec); err != nil {
+			return st, err
+		}
 	}
 	is := placement.ImageState{Name: rec.Name, Size: rec.Size, BlockSize: rec.BlockSize, Locations: rec.Locations, Policy: pol, Maps: maps, SyncPaused: rec.SyncPaused}
 	if p, ok := images[rec.Name]; ok {
@@ -608,36 +615,6 @@ func (e *Executor) nodes(ctx context.Context) ([]placement.NodeInfo, error) {
 		}
 	}
 	return nodes, nil
-}
-
-// catalogMaps returns the image's record as stored now and the block map
-// of each of its locations, for a node that does not own it. rec, as this
-// node last applied it, may list a location removed since, whose maps are
-// gone: a missing chunk then read as "malformed metadata" and failed the
-// operator's `image relocate` (chaos seed 117). The record is read again
-// first, and again (twice at most) when a map cannot be read, to tell a
-// location removed meanwhile from a map really malformed.
-func (e *Executor) catalogMaps(ctx context.Context, rec meta.Image) (meta.Image, map[string]*placement.BlockMap, error) {
-	cat := e.cfg.Catalog
-	for attempt := 0; ; attempt++ {
-		if fresh, _, err := cat.GetImage(ctx, rec.Name); err == nil && fresh.ID == rec.ID {
-			rec = fresh
-		}
-		maps := map[string]*placement.BlockMap{}
-		var merr error
-		for _, loc := range rec.Locations {
-			bm, err := cat.BlockMap(ctx, rec, loc)
-			if err != nil {
-				merr = err
-				break
-			}
-			maps[loc] = bm
-		}
-		var malformed *meta.MalformedError
-		if merr == nil || !errors.As(merr, &malformed) || attempt == 2 {
-			return rec, maps, merr
-		}
-	}
 }
 
 // finishRelocation clears a relocation the planner says is done (the new
