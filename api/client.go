@@ -385,11 +385,22 @@ func (c *Client) CreateSnapshot(ctx context.Context, image string, req SnapshotR
 	return sn, c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(image)+"/snapshots", req, &sn)
 }
 
-// ListSnapshots lists the snapshots of image.
-func (c *Client) ListSnapshots(ctx context.Context, image string) ([]Snapshot, error) {
+// ListSnapshots lists the snapshots of image; all adds the ones ukai took
+// for itself (a clone's temporary snapshot).
+func (c *Client) ListSnapshots(ctx context.Context, image string, all bool) ([]Snapshot, error) {
 	var out map[string][]Snapshot
-	err := c.do(ctx, http.MethodGet, "/v1/images/"+url.PathEscape(image)+"/snapshots", nil, &out)
+	path := "/v1/images/" + url.PathEscape(image) + "/snapshots"
+	if all {
+		path += "?all=true"
+	}
+	err := c.do(ctx, http.MethodGet, path, nil, &out)
 	return out["snapshots"], err
+}
+
+// RevertSnapshot writes snapshot's data back over image, in place.
+func (c *Client) RevertSnapshot(ctx context.Context, image, snapshot string) (Image, error) {
+	var img Image
+	return img, c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(image)+"/snapshots/"+url.PathEscape(snapshot)+"/revert", nil, &img)
 }
 
 // DeleteSnapshot deletes a snapshot of image.

@@ -48,7 +48,8 @@ type Service interface {
 	Export(ctx context.Context, image string, req ExportRequest) error
 	Unexport(ctx context.Context, image, initiator string) error
 	CreateSnapshot(ctx context.Context, image string, req SnapshotRequest) (Snapshot, error)
-	ListSnapshots(ctx context.Context, image string) ([]Snapshot, error)
+	ListSnapshots(ctx context.Context, image string, all bool) ([]Snapshot, error)
+	RevertSnapshot(ctx context.Context, image, snapshot string) (Image, error)
 	DeleteSnapshot(ctx context.Context, image, snapshot string) error
 	ResizeImage(ctx context.Context, image string, size int64) (Image, error)
 	// ReadData streams the whole image (or snapshot) to w; it calls start
@@ -111,6 +112,7 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 	mux.HandleFunc("POST /v1/images/{name}/snapshots", h.createSnapshot)
 	mux.HandleFunc("GET /v1/images/{name}/snapshots", h.listSnapshots)
 	mux.HandleFunc("DELETE /v1/images/{name}/snapshots/{snapshot}", h.deleteSnapshot)
+	mux.HandleFunc("POST /v1/images/{name}/snapshots/{snapshot}/revert", h.revertSnapshot)
 	mux.HandleFunc("POST /v1/images/{name}/resize", h.resize)
 	mux.HandleFunc("GET /v1/images/{name}/data", h.readData)
 	mux.HandleFunc("PUT /v1/images/{name}/data", h.writeData)
@@ -457,12 +459,21 @@ func (h *handler) createSnapshot(w http.ResponseWriter, r *http.Request) {
 }
 
 func (h *handler) listSnapshots(w http.ResponseWriter, r *http.Request) {
-	l, err := h.svc.ListSnapshots(r.Context(), r.PathValue("name"))
+	l, err := h.svc.ListSnapshots(r.Context(), r.PathValue("name"), r.URL.Query().Get("all") == "true")
 	if err != nil {
 		h.fail(w, r, err)
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string][]Snapshot{"snapshots": l})
+}
+
+func (h *handler) revertSnapshot(w http.ResponseWriter, r *http.Request) {
+	img, err := h.svc.RevertSnapshot(r.Context(), r.PathValue("name"), r.PathValue("snapshot"))
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, img)
 }
 
 func (h *handler) deleteSnapshot(w http.ResponseWriter, r *http.Request) {

@@ -82,8 +82,13 @@ func (m *memService) Stats(context.Context) (Stats, error)                   { r
 func (m *memService) CreateSnapshot(context.Context, string, SnapshotRequest) (Snapshot, error) {
 	return Snapshot{}, errors.New("not here")
 }
-func (m *memService) ListSnapshots(context.Context, string) ([]Snapshot, error) { return nil, nil }
-func (m *memService) DeleteSnapshot(context.Context, string, string) error      { return nil }
+func (m *memService) ListSnapshots(context.Context, string, bool) ([]Snapshot, error) {
+	return nil, nil
+}
+func (m *memService) RevertSnapshot(context.Context, string, string) (Image, error) {
+	return Image{}, nil
+}
+func (m *memService) DeleteSnapshot(context.Context, string, string) error { return nil }
 func (m *memService) ResizeImage(context.Context, string, int64) (Image, error) {
 	return Image{}, errors.New("not here")
 }

@@ -32,7 +32,10 @@ type SnapshotRequest struct {
 
 // Snapshot is a point-in-time view of an image.
 type Snapshot struct {
+	// Name is the snapshot's own name (s1); FullName names it anywhere
+	// (vm1@s1): snapshots are named per image.
 	Name      string    `json:"name"`
+	FullName  string    `json:"full_name"`
 	ID        string    `json:"id"`
 	Image     string    `json:"image"` // the image it was taken of
 	Size      int64     `json:"size"`

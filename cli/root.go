@@ -52,7 +52,7 @@ func NewRoot(version string) *cobra.Command {
 	strictGroups(root)
 	completeNames(a, root)
 	for _, path := range [][]string{{"image", "resize"}, {"image", "set"}, {"image", "attach"}, {"image", "detach"},
-		{"location", "add"}, {"location", "remove"}, {"snapshot", "create"}, {"node", "cordon"}, {"node", "uncordon"}} {
+		{"location", "add"}, {"location", "remove"}, {"snapshot", "create"}, {"snapshot", "revert"}, {"node", "cordon"}, {"node", "uncordon"}} {
 		if c, _, err := root.Find(path); err == nil && c.Flags().Lookup("output") == nil {
 			c.Flags().StringP("output", "o", "table", "output format: table, json or yaml (the resulting record)")
 			if c.PreRunE == nil {

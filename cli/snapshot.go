@@ -13,24 +13,46 @@ import (
 )
 
 func (a *app) snapshotCmd() *cobra.Command {
-	cmd := &cobra.Command{Use: "snapshot", Short: "Point-in-time snapshots of images (copy on write)"}
-	cmd.AddCommand(a.snapshotCreateCmd(), a.snapshotListCmd(), a.snapshotDeleteCmd())
+	cmd := &cobra.Command{Use: "snapshot", Short: "Point-in-time snapshots of images (copy on write), named IMAGE@SNAPSHOT"}
+	cmd.AddCommand(a.snapshotCreateCmd(), a.snapshotListCmd(), a.snapshotDeleteCmd(), a.snapshotRevertCmd())
 	return cmd
+}
+
+// snapshotArgs reads a snapshot named IMAGE@SNAPSHOT (as rbd writes it), or
+// as two arguments IMAGE SNAPSHOT.
+func snapshotArgs(args []string) (image, snap string, err error) {
+	if len(args) == 2 {
+		if strings.Contains(args[0], "@") || strings.Contains(args[1], "@") {
+			return "", "", fmt.Errorf("name the snapshot either IMAGE@SNAPSHOT or IMAGE SNAPSHOT, not %s %s", args[0], args[1])
+		}
+		return args[0], args[1], nil
+	}
+	image, snap, ok := strings.Cut(args[0], "@")
+	if !ok || image == "" || snap == "" {
+		return "", "", fmt.Errorf("%q: name the snapshot IMAGE@SNAPSHOT (vm1@before-upgrade)", args[0])
+	}
+	return image, snap, nil
 }
 
 func (a *app) snapshotCreateCmd() *cobra.Command {
 	var output string
 	cmd := &cobra.Command{
-		Use:   "create IMAGE SNAPSHOT",
+		Use:   "create IMAGE@SNAPSHOT",
 		Short: "Take a crash-consistent snapshot of an image while it stays in use",
-		Args:  cobra.ExactArgs(2),
+		Long: "Take a crash-consistent snapshot of an image while it stays in use. Snapshots are named per image:\n" +
+			"vm1@s1 and vm2@s1 are two snapshots. A snapshot's name is 1-64 letters, digits, '.', '_' or '-'.",
+		Args: cobra.RangeArgs(1, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := checkOutput(output); err != nil {
 				return err
 			}
-			sn, err := a.client().CreateSnapshot(cmd.Context(), args[0], api.SnapshotRequest{Name: args[1]})
+			image, snap, err := snapshotArgs(args)
 			if err != nil {
-				return fmt.Errorf("snapshot %s of %s: %w", args[1], args[0], err)
+				return err
+			}
+			sn, err := a.client().CreateSnapshot(cmd.Context(), image, api.SnapshotRequest{Name: snap})
+			if err != nil {
+				return fmt.Errorf("snapshot %s@%s: %w", image, snap, err)
 			}
 			if asked, err := printIfAsked(cmd, a.out, sn); asked {
 				return err
@@ -38,16 +60,17 @@ func (a *app) snapshotCreateCmd() *cobra.Command {
 			if output != "table" {
 				return printAs(a.out, output, sn)
 			}
-			fmt.Fprintf(a.out, "created snapshot %s of %s (%s)\n", sn.Name, sn.Image, FormatSize(sn.Size))
+			fmt.Fprintf(a.out, "created snapshot %s (%s)\n", sn.FullName, FormatSize(sn.Size))
 			return nil
 		},
 	}
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "table, json or yaml")
 	return cmd
 }
 
 func (a *app) snapshotListCmd() *cobra.Command {
 	var output string
+	var all bool
 	cmd := &cobra.Command{
 		Use:   "list IMAGE",
 		Short: "List an image's snapshots and how many blocks each holds itself",
@@ -56,7 +79,7 @@ func (a *app) snapshotListCmd() *cobra.Command {
 			if err := checkOutput(output); err != nil {
 				return err
 			}
-			l, err := a.client().ListSnapshots(cmd.Context(), args[0])
+			l, err := a.client().ListSnapshots(cmd.Context(), args[0], all)
 			if err != nil {
 				return fmt.Errorf("snapshots of %s: %w", args[0], err)
 			}
@@ -66,28 +89,63 @@ func (a *app) snapshotListCmd() *cobra.Command {
 			tw := tabwriter.NewWriter(a.out, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "NAME\tSIZE\tCREATED\tPRESERVED BLOCKS\tLOCATIONS")
 			for _, s := range l {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%v\n", s.Name, FormatSize(s.Size), s.Created.Format("2006-01-02 15:04:05"), s.PreservedBlocks, s.Locations)
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%v\n", s.FullName, FormatSize(s.Size), s.Created.Format("2006-01-02 15:04:05"), s.PreservedBlocks, s.Locations)
 			}
 			return tw.Flush()
 		},
 	}
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "table, json or yaml")
+	cmd.Flags().BoolVar(&all, "all", false, "also list the temporary snapshots ukai takes for itself (a clone's, named .clone-...)")
 	return cmd
 }
 
 func (a *app) snapshotDeleteCmd() *cobra.Command {
 	return &cobra.Command{
-		Use:   "delete IMAGE SNAPSHOT",
-		Short: "Delete a snapshot (the image is not touched)",
-		Args:  cobra.ExactArgs(2),
+		Use:     "delete IMAGE@SNAPSHOT",
+		Aliases: []string{"rm"},
+		Short:   "Delete a snapshot (the image is not touched)",
+		Args:    cobra.RangeArgs(1, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := a.client().DeleteSnapshot(cmd.Context(), args[0], args[1]); err != nil {
-				return fmt.Errorf("delete snapshot %s of %s: %w", args[1], args[0], err)
+			image, snap, err := snapshotArgs(args)
+			if err != nil {
+				return err
 			}
-			fmt.Fprintf(a.out, "deleted snapshot %s of %s\n", args[1], args[0])
+			if err := a.client().DeleteSnapshot(cmd.Context(), image, snap); err != nil {
+				return fmt.Errorf("delete snapshot %s@%s: %w", image, snap, err)
+			}
+			fmt.Fprintf(a.out, "deleted snapshot %s@%s\n", image, snap)
 			return nil
 		},
 	}
+}
+
+func (a *app) snapshotRevertCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:     "revert IMAGE@SNAPSHOT",
+		Aliases: []string{"rollback"},
+		Short:   "Make an image's data its snapshot's again, in place (the image's I/O waits meanwhile)",
+		Long: "Make an image's data its snapshot's again, in place, on every copy. Only the blocks changed since\n" +
+			"the snapshot are written back; the part of an image grown since reads as zeros. Initiators logged in\n" +
+			"to the image see their I/O wait (not fail) until the revert ends; their caches are not told, so stop\n" +
+			"the VM or unmount the file system first. The snapshot stays.",
+		Args: cobra.RangeArgs(1, 2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			image, snap, err := snapshotArgs(args)
+			if err != nil {
+				return err
+			}
+			img, err := a.client().RevertSnapshot(cmd.Context(), image, snap)
+			if err != nil {
+				return fmt.Errorf("revert %s to %s@%s: %w", image, image, snap, err)
+			}
+			if asked, err := printIfAsked(cmd, a.out, img); asked {
+				return err
+			}
+			fmt.Fprintf(a.out, "reverted %s to %s@%s\n", image, image, snap)
+			return nil
+		},
+	}
+	return cmd
 }
 
 func (a *app) imageCloneCmd() *cobra.Command {

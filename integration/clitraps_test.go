@@ -225,11 +225,63 @@ func TestSnapshotsStayOutOfImageCommands(t *testing.T) {
 	if out := n.mustCLI("image", "list"); strings.Contains(out, "s1") || !strings.Contains(out, "vm1") {
 		t.Fatalf("image list:\n%s", out)
 	}
-	if _, errOut, err := n.cli("image", "delete", "s1"); err == nil || !strings.Contains(errOut, "ukai snapshot delete vm1 s1") {
+	if _, errOut, err := n.cli("image", "delete", "vm1@s1"); err == nil || !strings.Contains(errOut, "ukai snapshot delete vm1@s1") {
+		t.Fatalf("image delete vm1@s1: %v %s", err, errOut)
+	}
+	if _, errOut, err := n.cli("image", "delete", "s1"); err == nil || !strings.Contains(errOut, "not found") {
 		t.Fatalf("image delete s1: %v %s", err, errOut)
 	}
 	if out := n.mustCLI("snapshot", "list", "vm1"); !strings.Contains(out, "s1") {
 		t.Fatalf("the snapshot is gone after a refused image delete:\n%s", out)
 	}
 	n.mustCLI("snapshot", "delete", "vm1", "s1")
+}
+
+// TestSnapshotNamespace: snapshots are named per image (vm1@s1, as rbd
+// does), by snapshot rules rather than IQN rules, and show up only where
+// asked for.
+func TestSnapshotNamespace(t *testing.T) {
+	n := newNode(t, "n1")
+	n.start()
+	n.mustCLI("image", "create", "vm1", "--size", "2M", "--block-size", "1M")
+	n.mustCLI("image", "create", "vm2", "--size", "2M", "--block-size", "1M")
+	n.mustCLI("snapshot", "create", "vm1@s1")
+	// The same snapshot name on another image is another snapshot.
+	if out, errOut, err := n.cli("snapshot", "create", "vm2@s1"); err != nil || !strings.Contains(out, "created snapshot vm2@s1") {
+		t.Fatalf("vm2@s1 beside vm1@s1: %v %s %s", err, out, errOut)
+	}
+	if _, errOut, err := n.cli("snapshot", "create", "vm1@s1"); err == nil || !strings.Contains(errOut, "vm1 already has a snapshot s1") {
+		t.Fatalf("vm1@s1 twice: %v %s", err, errOut)
+	}
+	// Snapshot names are not IQNs: capitals and '_' are fine; a leading
+	// '.', a '/' or a missing part are not.
+	n.mustCLI("snapshot", "create", "vm1@Before_Upgrade.2026-12-07")
+	for _, bad := range []string{"vm1@.hidden", "vm1@a/b", "vm1@", "vm1"} {
+		if _, errOut, err := n.cli("snapshot", "create", bad); err == nil || !strings.Contains(errOut, "snapshot") {
+			t.Fatalf("snapshot create %s: %v %s", bad, err, errOut)
+		}
+	}
+	l := snapshots(t, n, "vm1")
+	if len(l) != 2 || l[0]["full_name"] != "vm1@s1" || l[0]["name"] != "s1" || l[1]["full_name"] != "vm1@Before_Upgrade.2026-12-07" {
+		t.Fatalf("snapshot list vm1: %v", l)
+	}
+	if l := snapshots(t, n, "vm2"); len(l) != 1 || l[0]["full_name"] != "vm2@s1" {
+		t.Fatalf("snapshot list vm2: %v", l)
+	}
+	if out := n.mustCLI("image", "list"); strings.Contains(out, "s1") {
+		t.Fatalf("image list shows snapshots:\n%s", out)
+	}
+	// A snapshot is read and cloned by its full name.
+	if out := n.mustCLI("image", "info", "vm2@s1"); !strings.Contains(out, "snapshot of:") || !strings.Contains(out, "vm2") {
+		t.Fatalf("image info vm2@s1:\n%s", out)
+	}
+	n.mustCLI("image", "clone", "vm2@s1", "fromsnap")
+	// Deleting vm1@s1 leaves vm2@s1.
+	n.mustCLI("snapshot", "delete", "vm1@s1")
+	if l := snapshots(t, n, "vm2"); len(l) != 1 {
+		t.Fatalf("vm2's snapshot went with vm1's: %v", l)
+	}
+	if _, errOut, err := n.cli("snapshot", "delete", "vm1@s1"); err == nil || !strings.Contains(errOut, "no snapshot vm1@s1") {
+		t.Fatalf("deleting vm1@s1 twice: %v %s", err, errOut)
+	}
 }

@@ -50,21 +50,17 @@ func TestSnapshotsClonesAndGrowth(t *testing.T) {
 	if len(l) != 1 || l[0]["preserved_blocks"].(float64) < 12 {
 		t.Fatalf("snapshot list after 12 blocks changed: %v", l)
 	}
-	// A snapshot is not an iSCSI target.
-	if out, err := run(t, 30*time.Second, "iscsi-inq", n1.url("snap1")); err == nil {
-		t.Fatalf("the snapshot answered over iSCSI: %s", out)
-	}
 	// The image with snapshots cannot be deleted.
 	if _, errOut, err := n1.cli("image", "delete", "vol"); err == nil || !strings.Contains(errOut, "snapshots") {
 		t.Fatalf("deleting an image with snapshots: err %v, %s", err, errOut)
 	}
 
 	// Create from the snapshot, on n3 (no copy of vol there).
-	n2.mustCLI("image", "clone", "snap1", "fromsnap", "--locations", "n3")
+	n2.mustCLI("image", "clone", "vol@snap1", "fromsnap", "--locations", "n3")
 	qemuIO(t, n3.url("fromsnap"), "read -P 0xa1 8M 8M", "read -P 0xa2 16M 16M")
 	// The snapshot's download matches.
 	dl := filepath.Join(t.TempDir(), "snap1.raw")
-	n3.mustCLI("image", "download", "snap1", dl)
+	n3.mustCLI("image", "download", "vol@snap1", dl)
 	data, err := os.ReadFile(dl)
 	if err != nil || len(data) != 32<<20 {
 		t.Fatalf("download: %d bytes, %v", len(data), err)
@@ -91,7 +87,7 @@ func TestSnapshotsClonesAndGrowth(t *testing.T) {
 	n1.mustCLI("image", "attach", "vol", "--node", "n1")
 	n1.kill9()
 	c.waitState([]*node{n2, n3}, "n1", "dead", 25*time.Second)
-	n2.mustCLI("image", "clone", "snap1", "afterdeath", "--locations", "n2,n3")
+	n2.mustCLI("image", "clone", "vol@snap1", "afterdeath", "--locations", "n2,n3")
 	qemuIO(t, n3.url("afterdeath"), "read -P 0xa1 8M 8M", "read -P 0xa2 16M 16M")
 	t.Logf("created from the snapshot after its origin's owner died")
 	n1.start()
@@ -129,7 +125,7 @@ func TestSnapshotsClonesAndGrowth(t *testing.T) {
 	qemuIO(t, n1.url("fromsnap"), "read -P 0xa2 16M 16M")
 
 	// Deleting the snapshot lets the image go.
-	n3.mustCLI("snapshot", "delete", "vol", "snap1")
+	n3.mustCLI("snapshot", "delete", "vol@snap1")
 	if len(snapshots(t, n3, "vol")) != 0 {
 		t.Fatal("snapshot still listed after delete")
 	}
@@ -140,4 +136,65 @@ func TestSnapshotsClonesAndGrowth(t *testing.T) {
 		f2, _ := filepath.Glob(filepath.Join(n2.dir, "data", "images", "*.img"))
 		return len(f1) == 1 && len(f2) == 2
 	})
+}
+
+// TestSnapshotRevert: `snapshot revert` makes an image its snapshot again
+// in place, on every copy, asked through a node that does not own it;
+// the part grown since reads as zeros; a later snapshot keeps its data
+// (the revert's writes preserve into it); verify passes after.
+func TestSnapshotRevert(t *testing.T) {
+	c := newCluster(t, "n1", "n2")
+	n1, n2 := c.nodes[0], c.nodes[1]
+	n1.mustCLI("image", "create", "rv", "--size", "16M", "--block-size", "1M", "--locations", "n1,n2")
+	qemuIO(t, n1.url("rv"), "write -P 0xa1 0 16M", "flush")
+	n1.mustCLI("snapshot", "create", "rv@s1")
+	qemuIO(t, n1.url("rv"), "write -P 0xb1 2M 4M", "write -P 0xb2 10M 1M", "flush")
+	n1.mustCLI("image", "resize", "rv", "+4M")
+	waitFor(t, 20*time.Second, "n1 to serve the grown LUN", func() bool {
+		out, _ := run(t, 30*time.Second, "iscsi-readcapacity16", n1.url("rv"))
+		return strings.Contains(out, "Total size:20971520")
+	})
+	qemuIO(t, n1.url("rv"), "write -P 0xc1 16M 4M", "flush")
+	n1.mustCLI("snapshot", "create", "rv@s2")
+	qemuIO(t, n1.url("rv"), "write -P 0xd1 0 1M", "flush")
+
+	if _, errOut, err := n2.cli("snapshot", "revert", "rv@nosuch"); err == nil || !strings.Contains(errOut, "no snapshot rv@nosuch") {
+		t.Fatalf("revert to a snapshot that does not exist: %v %s", err, errOut)
+	}
+	// Asked through n2, which forwards it to the owner (n1).
+	if out := n2.mustCLI("snapshot", "revert", "rv@s1"); !strings.Contains(out, "reverted rv to rv@s1") {
+		t.Fatalf("revert: %s", out)
+	}
+	qemuIO(t, n2.url("rv"), "read -P 0xa1 0 16M", "read -P 0 16M 4M")
+	qemuIO(t, n1.url("rv"), "read -P 0xa1 0 16M", "read -P 0 16M 4M")
+	if l := locations(t, n2, "rv"); len(l) != 2 || l["n1"] != 0 || l["n2"] != 0 {
+		t.Fatalf("copies out of sync after the revert: %v", l)
+	}
+	if out := n2.mustCLI("image", "verify", "rv"); !strings.Contains(out, "0 differ") {
+		t.Fatalf("verify after the revert: %s", out)
+	}
+	// rv@s2 still holds the image as it was when taken.
+	dl := filepath.Join(t.TempDir(), "s2.raw")
+	n2.mustCLI("image", "download", "rv@s2", dl)
+	data, err := os.ReadFile(dl)
+	if err != nil || len(data) != 20<<20 {
+		t.Fatalf("download rv@s2: %d bytes, %v", len(data), err)
+	}
+	want := bytes.Repeat([]byte{0xa1}, 20<<20)
+	copy(want[2<<20:6<<20], bytes.Repeat([]byte{0xb1}, 4<<20))
+	copy(want[10<<20:11<<20], bytes.Repeat([]byte{0xb2}, 1<<20))
+	copy(want[16<<20:], bytes.Repeat([]byte{0xc1}, 4<<20))
+	if !bytes.Equal(data, want) {
+		for i := range data {
+			if data[i] != want[i] {
+				t.Fatalf("rv@s2 changed by the revert: first difference at %d (%#x, want %#x)", i, data[i], want[i])
+			}
+		}
+	}
+	// Reverting to rv@s2 now brings its data back, and the snapshots stay.
+	n1.mustCLI("snapshot", "revert", "rv", "s2")
+	qemuIO(t, n2.url("rv"), "read -P 0xa1 0 2M", "read -P 0xb1 2M 4M", "read -P 0xb2 10M 1M", "read -P 0xc1 16M 4M")
+	if l := snapshots(t, n1, "rv"); len(l) != 2 {
+		t.Fatalf("snapshots after two reverts: %v", l)
+	}
 }

@@ -418,7 +418,7 @@ func (n *Node) CopyImage(ctx context.Context, req api.CreateImageRequest, progre
 	if err := meta.ValidateName(req.Name); err != nil {
 		return api.Image{}, err
 	}
-	if err := meta.ValidateName(req.Source); err != nil {
+	if err := meta.ValidateRecordName(req.Source); err != nil {
 		return api.Image{}, fmt.Errorf("source: %w", err)
 	}
 	return n.createCopy(ctx, req, progress)
@@ -524,7 +524,7 @@ func (n *Node) ListImages(ctx context.Context) (api.ImageList, error) {
 
 // GetImage implements api.Service.
 func (n *Node) GetImage(ctx context.Context, name string, blocks api.BlockView) (api.Image, error) {
-	if err := meta.ValidateName(name); err != nil {
+	if err := meta.ValidateRecordName(name); err != nil {
 		return api.Image{}, err
 	}
 	img, _, err := n.cat.GetImage(ctx, name)
@@ -551,6 +551,9 @@ func (n *Node) describe(ctx context.Context, img meta.Image, blocks api.BlockVie
 		out.IQN = ""
 	}
 	for _, sn := range img.Snapshots {
+		if _, short, ok := meta.SplitSnapshotName(sn.Name); ok && meta.HiddenSnapshot(short) {
+			continue
+		}
 		out.Snapshots = append(out.Snapshots, sn.Name)
 	}
 	if pol, _, err := n.cat.ImagePolicy(ctx, img.Name); err == nil && !reflect.DeepEqual(pol, placement.ImagePolicy{}) {
@@ -593,6 +596,9 @@ func (n *Node) describe(ctx context.Context, img meta.Image, blocks api.BlockVie
 // DeleteImage implements api.Service: the record goes first (the image
 // disappears for everyone), then the local export and file.
 func (n *Node) DeleteImage(ctx context.Context, name string) error {
+	if image, short, ok := meta.SplitSnapshotName(name); ok {
+		return fmt.Errorf("%w: %s is a snapshot of %s: delete it with 'ukai snapshot delete %s'", meta.ErrInvalid, name, image, meta.SnapshotName(image, short))
+	}
 	if err := meta.ValidateName(name); err != nil {
 		return err
 	}
@@ -603,12 +609,15 @@ func (n *Node) DeleteImage(ctx context.Context, name string) error {
 	if img.IsSnapshot() {
 		// Deleting an image must not take a snapshot with it by name
 		// (issue 21): snapshots go only through snapshot delete.
-		return fmt.Errorf("%w: %s is a snapshot of %s: delete it with 'ukai snapshot delete %s %s'", meta.ErrInvalid, name, img.Origin.Name, img.Origin.Name, name)
+		return fmt.Errorf("%w: %s is a snapshot of %s: delete it with 'ukai snapshot delete %s'", meta.ErrInvalid, name, img.Origin.Name, meta.SnapshotName(img.Origin.Name, name))
 	}
 	if len(img.Snapshots) > 0 {
 		names := make([]string, len(img.Snapshots))
 		for i, sn := range img.Snapshots {
 			names[i] = sn.Name
+			if !strings.Contains(sn.Name, meta.SnapshotSep) {
+				names[i] = meta.SnapshotName(name, sn.Name)
+			}
 		}
 		return fmt.Errorf("%w: image %q has snapshots (%s): delete them first", meta.ErrConflict, name, strings.Join(names, ", "))
 	}

@@ -542,6 +542,10 @@ func (b ownedBackend) inRange(ctx context.Context, off, n int64) {
 }
 
 func (b ownedBackend) ReadAt(ctx context.Context, p []byte, off int64) error {
+	if err := b.s.Fence.Enter(ctx); err != nil {
+		return err
+	}
+	defer b.s.Fence.Leave()
 	b.inRange(ctx, off, int64(len(p)))
 	return b.s.Vol.ReadAt(ctx, p, off)
 }
@@ -549,6 +553,10 @@ func (b ownedBackend) ReadAt(ctx context.Context, p []byte, off int64) error {
 // WriteAt first makes sure this node owns the image's snapshots, so that
 // preserving blocks into them never waits with blocks held.
 func (b ownedBackend) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
+	if err := b.s.Fence.Enter(ctx); err != nil {
+		return err
+	}
+	defer b.s.Fence.Leave()
 	b.inRange(ctx, off, int64(len(p)))
 	if err := b.n.ensureSnapshots(ctx, b.s); err != nil {
 		return err
@@ -573,6 +581,10 @@ func (b ownedBackend) lapsed(err error) error {
 	return notReady(fmt.Errorf("this node stopped owning the image during the I/O: %w", err))
 }
 func (b ownedBackend) Flush(ctx context.Context) error {
+	if err := b.s.Fence.Enter(ctx); err != nil {
+		return err
+	}
+	defer b.s.Fence.Leave()
 	start := time.Now()
 	if err := b.s.Vol.Flush(ctx); err != nil {
 		return b.lapsed(err)
@@ -581,6 +593,10 @@ func (b ownedBackend) Flush(ctx context.Context) error {
 	return nil
 }
 func (b ownedBackend) Unmap(ctx context.Context, off, n int64) error {
+	if err := b.s.Fence.Enter(ctx); err != nil {
+		return err
+	}
+	defer b.s.Fence.Leave()
 	b.inRange(ctx, off, n)
 	if err := b.n.ensureSnapshots(ctx, b.s); err != nil {
 		return err

@@ -200,7 +200,7 @@ func (n *Node) CreateSnapshot(ctx context.Context, image string, req api.Snapsho
 	if err := meta.ValidateName(image); err != nil {
 		return api.Snapshot{}, err
 	}
-	if err := meta.ValidateName(req.Name); err != nil {
+	if err := meta.ValidateSnapshotName(req.Name); err != nil {
 		return api.Snapshot{}, err
 	}
 	if c, err := n.remoteOwner(ctx, image); err != nil {
@@ -216,10 +216,13 @@ func (n *Node) CreateSnapshot(ctx context.Context, image string, req api.Snapsho
 	return n.snapshot(ctx, s, req.Name)
 }
 
-func (n *Node) snapshot(ctx context.Context, s *served.Image, name string) (api.Snapshot, error) {
+// snapshot takes image s's snapshot short (its own name: the record is
+// named image@short).
+func (n *Node) snapshot(ctx context.Context, s *served.Image, short string) (api.Snapshot, error) {
 	img := s.Record()
-	if _, _, err := n.cat.GetImage(ctx, name); err == nil {
-		return api.Snapshot{}, fmt.Errorf("%q: %w", name, meta.ErrImageExists)
+	name := meta.SnapshotName(img.Name, short)
+	if _, err := n.snapshotRecord(ctx, img.Name, short); err == nil {
+		return api.Snapshot{}, fmt.Errorf("%w: %s already has a snapshot %s", meta.ErrImageExists, img.Name, short)
 	} else if !errors.Is(err, meta.ErrImageNotFound) {
 		return api.Snapshot{}, err
 	}
@@ -287,8 +290,33 @@ func (n *Node) snapshot(ctx context.Context, s *served.Image, name string) (api.
 	return d, err
 }
 
+// snapshotRecord reads image's snapshot short: the record image@short (or,
+// written before snapshots were named per image, the record short whose
+// origin is image).
+func (n *Node) snapshotRecord(ctx context.Context, image, short string) (meta.Image, error) {
+	full := meta.SnapshotName(image, short)
+	rec, _, err := n.cat.GetImage(ctx, full)
+	if err == nil || !errors.Is(err, meta.ErrImageNotFound) {
+		return rec, err
+	}
+	if meta.ValidateName(short) == nil {
+		if old, _, err := n.cat.GetImage(ctx, short); err == nil && old.IsSnapshot() && old.Origin.Name == image {
+			return old, nil
+		}
+	}
+	return meta.Image{}, fmt.Errorf("no snapshot %s: %w", full, meta.ErrImageNotFound)
+}
+
+// snapshotShort is a snapshot record's own name (s1 of vm1@s1).
+func snapshotShort(snap meta.Image) string {
+	if _, short, ok := meta.SplitSnapshotName(snap.Name); ok {
+		return short
+	}
+	return snap.Name
+}
+
 func (n *Node) describeSnapshot(ctx context.Context, snap meta.Image) (api.Snapshot, error) {
-	out := api.Snapshot{Name: snap.Name, ID: snap.ID, Image: snap.Origin.Name, Size: snap.Size, BlockSize: snap.BlockSize, Created: snap.Created, Locations: snap.Locations}
+	out := api.Snapshot{Name: snapshotShort(snap), FullName: meta.SnapshotName(snap.Origin.Name, snapshotShort(snap)), ID: snap.ID, Image: snap.Origin.Name, Size: snap.Size, BlockSize: snap.BlockSize, Created: snap.Created, Locations: snap.Locations}
 	m, err := n.cat.BlockMap(ctx, snap, meta.CowNode)
 	if err != nil {
 		return api.Snapshot{}, err
@@ -298,7 +326,7 @@ func (n *Node) describeSnapshot(ctx context.Context, snap meta.Image) (api.Snaps
 }
 
 // ListSnapshots implements api.Service.
-func (n *Node) ListSnapshots(ctx context.Context, image string) ([]api.Snapshot, error) {
+func (n *Node) ListSnapshots(ctx context.Context, image string, all bool) ([]api.Snapshot, error) {
 	if err := meta.ValidateName(image); err != nil {
 		return nil, err
 	}
@@ -308,6 +336,9 @@ func (n *Node) ListSnapshots(ctx context.Context, image string) ([]api.Snapshot,
 	}
 	out := []api.Snapshot{}
 	for _, ref := range img.Snapshots {
+		if _, short, _ := meta.SplitSnapshotName(ref.Name); meta.HiddenSnapshot(short) && !all {
+			continue
+		}
 		snap, _, err := n.cat.GetImage(ctx, ref.Name)
 		if err != nil || snap.ID != ref.ID {
 			return nil, fmt.Errorf("snapshot %s of %s: record missing or replaced (%v)", ref.Name, image, err)
@@ -324,38 +355,40 @@ func (n *Node) ListSnapshots(ctx context.Context, image string) ([]api.Snapshot,
 // DeleteSnapshot implements api.Service: the origin stops preserving into
 // the snapshot (on its owner, between two preservations), then the
 // snapshot is deleted like an image.
-func (n *Node) DeleteSnapshot(ctx context.Context, image, name string) error {
+func (n *Node) DeleteSnapshot(ctx context.Context, image, short string) error {
 	if err := meta.ValidateName(image); err != nil {
 		return err
 	}
-	if err := meta.ValidateName(name); err != nil {
+	// A hidden name is accepted here: a clone that died leaves its
+	// temporary snapshot, which `snapshot list --all` shows.
+	if err := meta.ValidateRecordName(meta.SnapshotName(image, short)); err != nil {
 		return err
 	}
-	snap, _, err := n.cat.GetImage(ctx, name)
+	named := func(r meta.SnapshotRef) bool { return r.Name == meta.SnapshotName(image, short) || r.Name == short }
+	snap, err := n.snapshotRecord(ctx, image, short)
 	dangling := errors.Is(err, meta.ErrImageNotFound)
 	switch {
 	case dangling:
 		// The origin may still name a snapshot whose record is gone (a
 		// failed take): drop the reference.
 		origin, _, oerr := n.cat.GetImage(ctx, image)
-		if oerr != nil || !slices.ContainsFunc(origin.Snapshots, func(r meta.SnapshotRef) bool { return r.Name == name }) {
+		if oerr != nil || !slices.ContainsFunc(origin.Snapshots, named) {
 			return err
 		}
-		snap = meta.Image{Name: name, Origin: &meta.Origin{Name: image, ID: origin.ID}}
+		snap = meta.Image{Name: meta.SnapshotName(image, short), Origin: &meta.Origin{Name: image, ID: origin.ID}}
 		for _, r := range origin.Snapshots {
-			if r.Name == name {
-				snap.ID = r.ID
+			if named(r) {
+				snap.Name, snap.ID = r.Name, r.ID
 			}
 		}
 	case err != nil:
 		return err
-	case !snap.IsSnapshot() || snap.Origin.Name != image:
-		return fmt.Errorf("%w: %q is not a snapshot of %q", meta.ErrImageNotFound, name, image)
 	}
+	name := snap.Name
 	if c, err := n.remoteOwner(ctx, image); err != nil && !errors.Is(err, meta.ErrImageNotFound) {
 		return err
 	} else if c != nil {
-		return c.DeleteSnapshot(ctx, image, name)
+		return c.DeleteSnapshot(ctx, image, short)
 	}
 	if err := n.unlistSnapshot(ctx, image, snap); err != nil {
 		return err
@@ -483,7 +516,9 @@ func (n *Node) createCopy(ctx context.Context, req api.CreateImageRequest, progr
 	} else {
 		// A clone: a temporary snapshot fixes the point in time, so the
 		// source stays in use meanwhile.
-		tmp := fmt.Sprintf("clone-%s-%s", meta.NewImageID()[:12], time.Now().UTC().Format("150405"))
+		// Hidden (a leading '.'): no operator can take that name, and
+		// `snapshot list` shows it only with --all.
+		tmp := fmt.Sprintf(".clone-%s-%s", meta.NewImageID()[:12], time.Now().UTC().Format("150405"))
 		if _, err := n.snapshot(ctx, s, tmp); err != nil {
 			return api.Image{}, fmt.Errorf("clone %s: %w", src.Name, err)
 		}
@@ -492,11 +527,11 @@ func (n *Node) createCopy(ctx context.Context, req api.CreateImageRequest, progr
 				n.log.Warn("cannot delete the temporary snapshot of a clone", "snapshot", tmp, "err", err)
 			}
 		}()
-		snapRec, _, err := n.cat.GetImage(ctx, tmp)
+		snapRec, _, err := n.cat.GetImage(ctx, meta.SnapshotName(src.Name, tmp))
 		if err != nil {
 			return api.Image{}, err
 		}
-		if sn, err = n.snapshotServed(ctx, meta.SnapshotRef{Name: tmp, ID: snapRec.ID}); err != nil {
+		if sn, err = n.snapshotServed(ctx, meta.SnapshotRef{Name: snapRec.Name, ID: snapRec.ID}); err != nil {
 			return api.Image{}, err
 		}
 	}

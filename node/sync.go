@@ -24,7 +24,7 @@ const syncWorkers = 8
 
 // servedByName returns the served image of that name, or ErrImageNotFound.
 func (n *Node) servedByName(ctx context.Context, name string) (*served.Image, error) {
-	if err := meta.ValidateName(name); err != nil {
+	if err := meta.ValidateRecordName(name); err != nil {
 		return nil, err
 	}
 	if s := n.images.Get(name); s != nil {

@@ -52,7 +52,7 @@ func (c *Catalog) Doorbells(ctx context.Context, node string) (map[string]uint64
 	out := make(map[string]uint64, len(entries))
 	for _, e := range entries {
 		name := strings.TrimPrefix(e.Key, p)
-		if ValidateName(name) != nil {
+		if ValidateRecordName(name) != nil {
 			c.reportMalformed(e.Key, fmt.Errorf("not a doorbell: %q is not an image name", name))
 			continue
 		}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"strings"
 	"time"
 )
 
@@ -130,6 +131,53 @@ func ValidateName(name string) error {
 	return nil
 }
 
+// SnapshotSep joins an image's name and one of its snapshot's names into
+// the snapshot's full name, as rbd writes it: vm1@s1. Snapshots are named
+// per image: vm1@s1 and vm2@s1 are two snapshots.
+const SnapshotSep = "@"
+
+// SnapshotName is the full name of image's snapshot snap (the key of its
+// record).
+func SnapshotName(image, snap string) string { return image + SnapshotSep + snap }
+
+// SplitSnapshotName splits a full snapshot name into the image's and the
+// snapshot's; ok is false for a name without SnapshotSep.
+func SplitSnapshotName(full string) (image, snap string, ok bool) {
+	return strings.Cut(full, SnapshotSep)
+}
+
+// A snapshot's own name is no part of an IQN (a snapshot is not exported):
+// letters of either case, digits, '.', '_' and '-', as Cinder's
+// "snapshot-<uuid>" and dates like "2026-12-07T0300" need. A name starting
+// with '.' is hidden: the temporary snapshot a clone of an image in use
+// takes; nobody can create one by hand.
+var snapNameRE = regexp.MustCompile(`^\.?[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+// ValidateSnapshotName checks a snapshot name an operator chose.
+func ValidateSnapshotName(snap string) error {
+	if !snapNameRE.MatchString(snap) || strings.HasPrefix(snap, ".") {
+		return fmt.Errorf("%w: snapshot name %q: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit", ErrInvalid, snap)
+	}
+	return nil
+}
+
+// HiddenSnapshot reports whether snap (the snapshot's own name) is one
+// ukai took for itself (a clone's temporary snapshot).
+func HiddenSnapshot(snap string) bool { return strings.HasPrefix(snap, ".") }
+
+// ValidateRecordName checks the name of any record: an image's
+// (ValidateName) or a snapshot's full name (image@snap, hidden ones too).
+func ValidateRecordName(name string) error {
+	image, snap, ok := SplitSnapshotName(name)
+	if !ok {
+		return ValidateName(name)
+	}
+	if ValidateName(image) != nil || !snapNameRE.MatchString(snap) {
+		return fmt.Errorf("%w: snapshot %q: want IMAGE@SNAPSHOT, the snapshot named with 1-64 letters, digits, '.', '_' or '-'", ErrInvalid, name)
+	}
+	return nil
+}
+
 // ValidateID checks that id is an image id as NewImageID makes them:
 // exactly 32 lowercase hex digits. An id names files in every node's data
 // dir (images/<id>.img) and keys in the store, so nothing else is taken
@@ -165,8 +213,11 @@ func (img *Image) Validate() error {
 	if img.Version != RecordVersion {
 		return fmt.Errorf("unknown record version %d (this ukai understands %d)", img.Version, RecordVersion)
 	}
-	if err := ValidateName(img.Name); err != nil {
+	if err := ValidateRecordName(img.Name); err != nil {
 		return err
+	}
+	if image, _, ok := SplitSnapshotName(img.Name); ok && (img.Origin == nil || img.Origin.Name != image) {
+		return fmt.Errorf("%w: record %q is not a snapshot of %q", ErrInvalid, img.Name, image)
 	}
 	if err := ValidateGeometry(img.Size, img.BlockSize); err != nil {
 		return err
@@ -193,7 +244,7 @@ func (img *Image) Validate() error {
 		}
 	}
 	for _, sn := range img.Snapshots {
-		if err := ValidateName(sn.Name); err != nil || ValidateID(sn.ID) != nil {
+		if err := ValidateRecordName(sn.Name); err != nil || ValidateID(sn.ID) != nil {
 			return fmt.Errorf("%w: malformed snapshot reference %q (id %q)", ErrInvalid, sn.Name, sn.ID)
 		}
 	}

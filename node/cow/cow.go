@@ -198,6 +198,24 @@ func (m *Maps) preserveInto(ctx context.Context, origin Image, ref meta.Snapshot
 	return nil
 }
 
+// Held returns the blocks snapshot sn holds itself (preserved: the origin
+// changed them since), in order. The others are still the origin's.
+func (m *Maps) Held(ctx context.Context, sn Image) ([]int64, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	bm, err := m.mapLocked(ctx, sn)
+	if err != nil {
+		return nil, err
+	}
+	var out []int64
+	for b := range bm.Len() {
+		if bm.Get(b) == placement.InSync {
+			out = append(out, b)
+		}
+	}
+	return out, nil
+}
+
 // preserved says whether block b of snapshot sn is the snapshot's own
 // (preserved), not the origin's.
 func (m *Maps) preserved(ctx context.Context, sn Image, b int64) (bool, error) {

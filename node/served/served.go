@@ -60,6 +60,9 @@ type Image struct {
 	// Offline: its owner's last settle found no copy to serve from.
 	Offline atomic.Bool
 	Act     *activity.Log // its volume's writes, for a successor
+	// Fence holds the owner's I/O off the image while a revert rewrites
+	// it (ownedBackend enters it for every I/O).
+	Fence Fence
 	// Cow caches the copy-on-write maps of the image's snapshots.
 	Cow *cow.Maps
 	// FromCache: exported from the cached record with only the local copy

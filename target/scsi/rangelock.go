@@ -1,6 +1,7 @@
 package scsi
 
 import (
+	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -62,6 +63,16 @@ func (c *cawLock) cawLockRange(start, end uint64) *lockedRange {
 		}
 	}
 	return c.lock(start, end, true)
+}
+
+// HoldWrites waits for the writes and COMPARE AND WRITEs running through
+// the LU to finish and holds new ones until release. A revert rewriting
+// the whole image takes it, so that no COMPARE AND WRITE compares before
+// the revert and writes after it.
+func (lu *LU) HoldWrites() (release func()) {
+	h := lu.caw.cawLockRange(0, math.MaxUint64)
+	var once sync.Once
+	return func() { once.Do(func() { lu.caw.cawUnlock(h) }) }
 }
 
 func (c *cawLock) cawUnlock(r *lockedRange) {

@@ -188,6 +188,13 @@ class Client(object):
     def create_snapshot(self, image, name):
         return self.request("POST", "/v1/images/%s/snapshots" % self._q(image), body={"name": name})
 
+    def snapshots(self, image):
+        return self.request("GET", "/v1/images/%s/snapshots" % self._q(image))["snapshots"]
+
+    def revert_snapshot(self, image, name, timeout=None):
+        return self.request("POST", "/v1/images/%s/snapshots/%s/revert" % (self._q(image), self._q(name)),
+                            timeout=timeout)
+
     def delete_snapshot(self, image, name):
         self.request("DELETE", "/v1/images/%s/snapshots/%s" % (self._q(image), self._q(name)))
 

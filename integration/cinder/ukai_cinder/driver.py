@@ -1,7 +1,9 @@
 """Cinder volume driver for ukai.
 
 A Cinder volume is a ukai image named after the volume (``volume.name``);
-a Cinder snapshot is a ukai snapshot named after the snapshot. Attaching
+a Cinder snapshot is the ukai snapshot VOLUME@SNAPSHOT (snapshots are
+named per image), and revert_to_snapshot reverts the image in place on
+ukai's side (no temporary volume, no copy through the host). Attaching
 exports the image to the connector's initiator (with CHAP) and returns the
 iSCSI portal of the ukai node on the connector's host, so the hypervisor
 talks to its local node, and attaches the image there (that node owns it
@@ -273,7 +275,7 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
         self._create(volume)
 
     def create_volume_from_snapshot(self, volume, snapshot):
-        self._create(volume, source=snapshot.name)
+        self._create(volume, source='%s@%s' % (snapshot.volume_name, snapshot.name))
 
     def create_cloned_volume(self, volume, src_vref):
         self._create(volume, source=src_vref.name)
@@ -306,6 +308,15 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
                 return
             LOG.error('ukai did not delete snapshot %(s)s: %(e)s', {'s': snapshot.name, 'e': e})
             raise self._mapped(e, busy=(exception.SnapshotIsBusy, {'snapshot_name': snapshot.name}))
+
+    def revert_to_snapshot(self, context, volume, snapshot):
+        """Revert the image to its snapshot in place: ukai writes back only
+        the blocks changed since, on every copy, while the image's I/O
+        waits; the part of a volume extended since reads as zeros."""
+        self._call(self.client.revert_snapshot, volume.name, snapshot.name,
+                   timeout=self.configuration.ukai_copy_timeout,
+                   not_found=(exception.SnapshotNotFound, {'snapshot_id': snapshot.id}))
+        LOG.info('Reverted ukai image %(v)s to %(v)s@%(s)s', {'v': volume.name, 's': snapshot.name})
 
     # Exports and connections.
     def create_export(self, context, volume, connector):

@@ -104,8 +104,10 @@ class UkaiDriverTestCase(test.TestCase):
 
     def test_create_from_snapshot_and_clone_name_the_source(self):
         snap = fake_snapshot.fake_snapshot_obj(self.ctx, volume_id=fake.VOLUME2_ID)
+        snap.volume = fake_volume.fake_volume_obj(self.ctx, id=fake.VOLUME2_ID)
         self.driver.create_volume_from_snapshot(self.volume, snap)
-        self.assertEqual(snap.name, self.client.create_image.call_args[1]['source'])
+        # Snapshots are named per image: VOLUME@SNAPSHOT.
+        self.assertEqual(snap.volume_name + '@' + snap.name, self.client.create_image.call_args[1]['source'])
         src = fake_volume.fake_volume_obj(self.ctx, id=fake.VOLUME2_ID)
         self.driver.create_cloned_volume(self.volume, src)
         self.assertEqual(src.name, self.client.create_image.call_args[1]['source'])
@@ -124,6 +126,7 @@ class UkaiDriverTestCase(test.TestCase):
 
     def test_a_copy_without_locations_keeps_the_sources_min_copies(self):
         snap = fake_snapshot.fake_snapshot_obj(self.ctx, volume_id=fake.VOLUME2_ID)
+        snap.volume = fake_volume.fake_volume_obj(self.ctx, id=fake.VOLUME2_ID)
         self.driver.create_volume_from_snapshot(self.volume, snap)
         self.assertIsNone(self.client.create_image.call_args[1]['min_copies'])
         self.specs = {'ukai:min_copies': '1'}
@@ -191,6 +194,15 @@ class UkaiDriverTestCase(test.TestCase):
         self.driver.delete_snapshot(snap)
         self.client.delete_snapshot.side_effect = ukai_client.UkaiError(500, 'metadata store down')
         self.assertRaises(exception.VolumeBackendAPIException, self.driver.delete_snapshot, snap)
+
+    def test_revert_to_snapshot(self):
+        snap = fake_snapshot.fake_snapshot_obj(self.ctx, volume_id=self.volume.id)
+        snap.volume = self.volume
+        self.driver.revert_to_snapshot(self.ctx, self.volume, snap)
+        self.assertEqual((self.volume.name, snap.name), self.client.revert_snapshot.call_args[0])
+        self.client.revert_snapshot.side_effect = ukai_client.UkaiError(404, 'no snapshot v@s: image not found')
+        e = self.assertRaises(exception.SnapshotNotFound, self.driver.revert_to_snapshot, self.ctx, self.volume, snap)
+        self.assertIn('no snapshot', str(e))
 
     def test_create_export_makes_chap_credentials_once(self):
         vol = fake_volume.fake_volume_obj(self.ctx)
