@@ -257,9 +257,33 @@ func (c *Client) For(addr string) *Client {
 	return NewClientWithAuth(addr, c.token, c.tls)
 }
 
-// DeleteImage deletes an image and its data.
-func (c *Client) DeleteImage(ctx context.Context, name string) error {
-	return c.do(ctx, http.MethodDelete, "/v1/images/"+url.PathEscape(name), nil, nil)
+// DeleteImage moves an image to the trash; with now it deletes the image
+// and its data at once.
+func (c *Client) DeleteImage(ctx context.Context, name string, now bool) error {
+	path := "/v1/images/" + url.PathEscape(name)
+	if now {
+		path += "?now=true"
+	}
+	return c.do(ctx, http.MethodDelete, path, nil, nil)
+}
+
+// ListTrash lists the images in the trash.
+func (c *Client) ListTrash(ctx context.Context) ([]TrashEntry, error) {
+	var out map[string][]TrashEntry
+	err := c.do(ctx, http.MethodGet, "/v1/trash", nil, &out)
+	return out["trash"], err
+}
+
+// RestoreTrash brings an image back from the trash (ref: its id or name)
+// under name (its own when empty).
+func (c *Client) RestoreTrash(ctx context.Context, ref, name string) (Image, error) {
+	var img Image
+	return img, c.do(ctx, http.MethodPost, "/v1/trash/"+url.PathEscape(ref)+"/restore", RestoreRequest{Name: name}, &img)
+}
+
+// PurgeTrash deletes an image in the trash for good.
+func (c *Client) PurgeTrash(ctx context.Context, ref string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/trash/"+url.PathEscape(ref), nil, nil)
 }
 
 // AddLocation adds a copy of image on node (it starts out of sync).

@@ -27,7 +27,13 @@ type Service interface {
 	CopyImage(ctx context.Context, req CreateImageRequest, progress func(CopyProgress)) (Image, error)
 	ListImages(ctx context.Context) (ImageList, error)
 	GetImage(ctx context.Context, name string, blocks BlockView) (Image, error)
-	DeleteImage(ctx context.Context, name string) error
+	// DeleteImage moves the image to the trash (now: deletes it at once).
+	DeleteImage(ctx context.Context, name string, now bool) error
+	ListTrash(ctx context.Context) ([]TrashEntry, error)
+	// RestoreTrash brings an image back from the trash (ref: its id, or
+	// its name when one entry has it) under name (its own when empty).
+	RestoreTrash(ctx context.Context, ref, name string) (Image, error)
+	PurgeTrash(ctx context.Context, ref string) error
 	NodeInfo(ctx context.Context) (Node, error)
 	ListNodes(ctx context.Context) ([]Node, error)
 	GetNode(ctx context.Context, name string) (Node, error)
@@ -92,6 +98,9 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 	mux.HandleFunc("POST /v1/images", h.createImage)
 	mux.HandleFunc("GET /v1/images/{name}", h.getImage)
 	mux.HandleFunc("DELETE /v1/images/{name}", h.deleteImage)
+	mux.HandleFunc("GET /v1/trash", h.listTrash)
+	mux.HandleFunc("POST /v1/trash/{ref}/restore", h.restoreTrash)
+	mux.HandleFunc("DELETE /v1/trash/{ref}", h.purgeTrash)
 	mux.HandleFunc("POST /v1/images/{name}/locations", h.addLocation)
 	mux.HandleFunc("DELETE /v1/images/{name}/locations/{node}", h.removeLocation)
 	mux.HandleFunc("POST /v1/images/{name}/sync", h.syncImage)
@@ -229,7 +238,7 @@ func StatusOf(err error) int {
 	switch {
 	case errors.Is(err, meta.ErrInvalid):
 		return http.StatusBadRequest
-	case errors.Is(err, meta.ErrImageNotFound), errors.Is(err, meta.ErrNodeNotFound), errors.Is(err, meta.ErrExportNotFound), errors.Is(err, meta.ErrGroupNotFound):
+	case errors.Is(err, meta.ErrImageNotFound), errors.Is(err, meta.ErrTrashNotFound), errors.Is(err, meta.ErrNodeNotFound), errors.Is(err, meta.ErrExportNotFound), errors.Is(err, meta.ErrGroupNotFound):
 		return http.StatusNotFound
 	case errors.Is(err, meta.ErrImageExists), errors.Is(err, meta.ErrConflict), errors.Is(err, meta.ErrLastCopy), errors.Is(err, meta.ErrRefused):
 		return http.StatusConflict
@@ -377,7 +386,37 @@ func (h *handler) getImage(w http.ResponseWriter, r *http.Request) {
 }
 
 func (h *handler) deleteImage(w http.ResponseWriter, r *http.Request) {
-	if err := h.svc.DeleteImage(r.Context(), r.PathValue("name")); err != nil {
+	if err := h.svc.DeleteImage(r.Context(), r.PathValue("name"), r.URL.Query().Get("now") == "true"); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (h *handler) listTrash(w http.ResponseWriter, r *http.Request) {
+	l, err := h.svc.ListTrash(r.Context())
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string][]TrashEntry{"trash": l})
+}
+
+func (h *handler) restoreTrash(w http.ResponseWriter, r *http.Request) {
+	var req RestoreRequest
+	if !decodeBody(w, r, &req) {
+		return
+	}
+	img, err := h.svc.RestoreTrash(r.Context(), r.PathValue("ref"), req.Name)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, img)
+}
+
+func (h *handler) purgeTrash(w http.ResponseWriter, r *http.Request) {
+	if err := h.svc.PurgeTrash(r.Context(), r.PathValue("ref")); err != nil {
 		h.fail(w, r, err)
 		return
 	}

@@ -44,9 +44,14 @@ func (m *memService) GetImage(_ context.Context, name string, _ BlockView) (Imag
 	}
 	return img, nil
 }
-func (m *memService) DeleteImage(context.Context, string) error {
+func (m *memService) DeleteImage(context.Context, string, bool) error {
 	return fmt.Errorf("consul down: %w", meta.ErrUnavailable)
 }
+func (m *memService) ListTrash(context.Context) ([]TrashEntry, error) { return nil, nil }
+func (m *memService) RestoreTrash(context.Context, string, string) (Image, error) {
+	return Image{}, nil
+}
+func (m *memService) PurgeTrash(context.Context, string) error { return nil }
 func (m *memService) NodeInfo(context.Context) (Node, error)    { return Node{Name: "n1"}, nil }
 func (m *memService) ListNodes(context.Context) ([]Node, error) { return []Node{{Name: "n1"}}, nil }
 func (m *memService) GetNode(context.Context, string) (Node, error) {

@@ -25,6 +25,22 @@ type CreateImageRequest struct {
 	Source string `json:"source,omitempty"`
 }
 
+// TrashEntry is an image in the trash.
+type TrashEntry struct {
+	ID         string    `json:"id"`
+	Name       string    `json:"name"`
+	Size       int64     `json:"size"`
+	Locations  []string  `json:"locations"`
+	Deleted    time.Time `json:"deleted"`
+	PurgeAfter time.Time `json:"purge_after"`
+}
+
+// RestoreRequest is POST /v1/trash/{ref}/restore.
+type RestoreRequest struct {
+	// Name to restore under (the image's own when empty).
+	Name string `json:"name,omitempty"`
+}
+
 // SnapshotRequest is POST /v1/images/{name}/snapshots.
 type SnapshotRequest struct {
 	Name string `json:"name"`

@@ -211,16 +211,26 @@ func (a *app) imageInfoCmd() *cobra.Command {
 }
 
 func (a *app) imageDeleteCmd() *cobra.Command {
-	return &cobra.Command{
+	var now bool
+	cmd := &cobra.Command{
 		Use:   "delete NAME",
-		Short: "Delete an image and every copy of its data",
-		Args:  cobra.ExactArgs(1),
+		Short: "Move an image to the trash (its data is purged after the nodes' trash.defer, 24 h by default)",
+		Long: "Move an image to the trash: it stops being served at once and its name is free for a new image;\n" +
+			"its data and block maps are kept until it is purged, after the nodes' trash.defer (24 h by default).\n" +
+			"'ukai trash list|restore|purge' show, bring back or purge it. --now deletes it and its data at once.",
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := a.client().DeleteImage(cmd.Context(), args[0]); err != nil {
+			if err := a.client().DeleteImage(cmd.Context(), args[0], now); err != nil {
 				return fmt.Errorf("delete image %s: %w", args[0], err)
 			}
-			fmt.Fprintf(a.out, "deleted image %s\n", args[0])
+			if now {
+				fmt.Fprintf(a.out, "deleted image %s and its data\n", args[0])
+			} else {
+				fmt.Fprintf(a.out, "moved image %s to the trash ('ukai trash restore %s' brings it back)\n", args[0], args[0])
+			}
 			return nil
 		},
 	}
+	cmd.Flags().BoolVar(&now, "now", false, "skip the trash: delete the image and its data at once")
+	return cmd
 }

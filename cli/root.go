@@ -48,11 +48,11 @@ func NewRoot(version string) *cobra.Command {
 	root.PersistentFlags().StringVar(&a.apiAddr, "api", def, "control API address of the node to talk to (env UKAI_API)")
 	root.PersistentFlags().StringVar(&a.tokenFile, "token-file", "", "file holding the API bearer token, not readable by others (env UKAI_TOKEN holds the token itself; this flag wins)")
 	root.PersistentFlags().StringVar(&a.caFile, "ca", "", "cluster CA certificate (ca.pem): talk https to the API and verify the node by this CA")
-	root.AddCommand(a.serveCmd(), a.imageCmd(), a.accessCmd(), a.snapshotCmd(), a.locationCmd(), a.nodeCmd(), a.groupCmd(), a.policyCmd(), a.statsCmd(), a.statusCmd(), a.versionCmd(), a.tlsCmd())
+	root.AddCommand(a.serveCmd(), a.imageCmd(), a.accessCmd(), a.snapshotCmd(), a.locationCmd(), a.nodeCmd(), a.groupCmd(), a.policyCmd(), a.trashCmd(), a.statsCmd(), a.statusCmd(), a.versionCmd(), a.tlsCmd())
 	strictGroups(root)
 	completeNames(a, root)
 	for _, path := range [][]string{{"image", "resize"}, {"image", "set"}, {"image", "attach"}, {"image", "detach"},
-		{"location", "add"}, {"location", "remove"}, {"snapshot", "create"}, {"snapshot", "revert"}, {"node", "cordon"}, {"node", "uncordon"}} {
+		{"location", "add"}, {"location", "remove"}, {"snapshot", "create"}, {"snapshot", "revert"}, {"trash", "restore"}, {"node", "cordon"}, {"node", "uncordon"}} {
 		if c, _, err := root.Find(path); err == nil && c.Flags().Lookup("output") == nil {
 			c.Flags().StringP("output", "o", "table", "output format: table, json or yaml (the resulting record)")
 			if c.PreRunE == nil {

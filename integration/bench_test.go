@@ -288,7 +288,7 @@ func benchSync(t *testing.T, c *cluster, round int, rawPath string) (syncMBs, dd
 	start := time.Now()
 	n1.mustCLI("image", "sync", name)
 	syncMBs = size / time.Since(start).Seconds() / 1e6
-	n1.mustCLI("image", "delete", name)
+	n1.mustCLI("image", "delete", name, "--now")
 
 	dst := rawPath + ".dd"
 	start = time.Now()

@@ -81,7 +81,7 @@ func TestImageLifecycleCLI(t *testing.T) {
 		}
 	}
 
-	n.mustCLI("image", "delete", "vm1")
+	n.mustCLI("image", "delete", "vm1", "--now")
 	if _, errOut, err := n.cli("image", "info", "vm1"); err == nil || !strings.Contains(errOut, "not found") {
 		t.Fatalf("info after delete: %v %s", err, errOut)
 	}

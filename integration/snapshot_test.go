@@ -129,7 +129,7 @@ func TestSnapshotsClonesAndGrowth(t *testing.T) {
 	if len(snapshots(t, n3, "vol")) != 0 {
 		t.Fatal("snapshot still listed after delete")
 	}
-	n3.mustCLI("image", "delete", "vol")
+	n3.mustCLI("image", "delete", "vol", "--now")
 	// Left: clone1 on n1 and n2, afterdeath on n2 (and n3, with fromsnap).
 	waitFor(t, 20*time.Second, "the data files of vol and snap1 to go", func() bool {
 		f1, _ := filepath.Glob(filepath.Join(n1.dir, "data", "images", "*.img"))

@@ -35,6 +35,7 @@ type Config struct {
 	Consul    ConsulConfig    `mapstructure:"consul"`
 	Placement PlacementConfig `mapstructure:"placement"`
 	Owner     OwnerConfig     `mapstructure:"owner"`
+	Trash     TrashConfig     `mapstructure:"trash"`
 	TLS       TLSConfig       `mapstructure:"tls"`
 	Gossip    GossipConfig    `mapstructure:"gossip"`
 	Log       LogConfig       `mapstructure:"log"`
@@ -173,6 +174,18 @@ type PlacementConfig struct {
 	LocalityDelay time.Duration `mapstructure:"locality_delay"`
 }
 
+// TrashConfig: what `image delete` does with an image (see package trash).
+type TrashConfig struct {
+	// Defer: how long a deleted image waits in the trash before it is
+	// purged (its data removed for good); `image delete --now` skips the
+	// trash. Read by the node a delete is asked of: give every node the
+	// same value.
+	Defer time.Duration `mapstructure:"defer"`
+	// Sweep: how often the node purges the expired images it holds a copy
+	// of and removes the data files of purged ones.
+	Sweep time.Duration `mapstructure:"sweep"`
+}
+
 // MetadataConfig selects the metadata store.
 type MetadataConfig struct {
 	Backend string `mapstructure:"backend"` // "embedded" or "consul"
@@ -244,6 +257,8 @@ var defaults = map[string]any{
 	"placement.replace_after":         time.Duration(0),
 	"placement.locality":              "off",
 	"placement.locality_delay":        10 * time.Minute,
+	"trash.defer":                     24 * time.Hour,
+	"trash.sweep":                     time.Minute,
 	"peer.advertise":                  "",
 	"peer.timeout":                    10 * time.Second,
 	"consul.address":                  "127.0.0.1:8500",
@@ -494,6 +509,12 @@ func (c *Config) Validate() error {
 	}
 	if c.Placement.LocalityDelay < 0 {
 		bad("placement.locality_delay", "must not be negative")
+	}
+	if c.Trash.Defer < 0 {
+		bad("trash.defer", "must not be negative (0: purge at once)")
+	}
+	if c.Trash.Sweep <= 0 {
+		bad("trash.sweep", "must be positive (e.g. 1m)")
 	}
 	if c.Peer.Timeout <= 0 {
 		bad("peer.timeout", "must be positive (e.g. 10s)")

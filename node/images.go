@@ -90,13 +90,30 @@ func (n *Node) exportCached(ctx context.Context) {
 }
 
 // withdrawChecked withdraws a served image whose record is gone, removing
-// its local copy only if a tombstone says it was deleted on purpose.
+// its local copy only if a tombstone says it was deleted on purpose. An
+// image in the trash keeps its copy and loses its cached record (a restart
+// must not export it again); the trash sweep removes the copy once it is
+// purged.
 func (n *Node) withdrawChecked(ctx context.Context, s *served.Image) error {
-	deleted, err := n.cat.Tombstoned(ctx, s.Record().ID)
+	id := s.Record().ID
+	deleted, err := n.cat.Tombstoned(ctx, id)
 	if err != nil {
 		return err
 	}
-	return n.withdraw(s, deleted)
+	if !deleted {
+		trashed, err := n.cat.Trashed(ctx, id)
+		if err != nil {
+			return err
+		}
+		if trashed {
+			err := n.withdraw(s, false, true)
+			if s.Local != nil {
+				err = errors.Join(err, n.dir.Forget(id))
+			}
+			return err
+		}
+	}
+	return n.withdraw(s, deleted, false)
 }
 
 // exportLazily exports an image this node neither holds a copy of nor
@@ -322,7 +339,7 @@ func (n *Node) applyNow(ctx context.Context, s *served.Image, img meta.Image, fo
 // its copies. With deleted (the image has a tombstone) the local data file
 // and cached record are removed; otherwise they are kept and the loss of
 // the record is reported.
-func (n *Node) withdraw(s *served.Image, deleted bool) error {
+func (n *Node) withdraw(s *served.Image, deleted, trashed bool) error {
 	img := s.Record()
 	n.images.Remove(s)
 	n.target.DropTarget(n.iqn(img.Name))
@@ -332,6 +349,8 @@ func (n *Node) withdraw(s *served.Image, deleted bool) error {
 		if deleted {
 			err = errors.Join(err, n.removeCopy(img.ID))
 			n.log.Info("image deleted", "image", img.Name, "id", img.ID)
+		} else if trashed {
+			n.log.Info("image in the trash: its target is withdrawn, its data kept until it is purged", "image", img.Name, "id", img.ID)
 		} else {
 			n.log.Error("the record of an image this node holds vanished without a delete; its target is withdrawn, its data kept",
 				"image", img.Name, "id", img.ID)
@@ -593,9 +612,11 @@ func (n *Node) describe(ctx context.Context, img meta.Image, blocks api.BlockVie
 	return out, nil
 }
 
-// DeleteImage implements api.Service: the record goes first (the image
-// disappears for everyone), then the local export and file.
-func (n *Node) DeleteImage(ctx context.Context, name string) error {
+// DeleteImage implements api.Service: into the trash, to be purged after
+// trash.defer (see package trash), or, with now (or a defer of 0), at
+// once: the record goes first (the image disappears for everyone), then
+// the local export and file.
+func (n *Node) DeleteImage(ctx context.Context, name string, now bool) error {
 	if image, short, ok := meta.SplitSnapshotName(name); ok {
 		return fmt.Errorf("%w: %s is a snapshot of %s: delete it with 'ukai snapshot delete %s'", meta.ErrInvalid, name, image, meta.SnapshotName(image, short))
 	}
@@ -621,8 +642,16 @@ func (n *Node) DeleteImage(ctx context.Context, name string) error {
 		}
 		return fmt.Errorf("%w: image %q has snapshots (%s): delete them first", meta.ErrConflict, name, strings.Join(names, ", "))
 	}
-	if err := n.cat.DeleteImage(ctx, img, idx); err != nil {
-		return err
+	if now || n.cfg.Trash.Defer == 0 {
+		if err := n.cat.DeleteImage(ctx, img, idx); err != nil {
+			return err
+		}
+	} else {
+		t := time.Now()
+		if _, err := n.cat.TrashImage(ctx, img, idx, t, t.Add(n.cfg.Trash.Defer)); err != nil {
+			return err
+		}
+		n.log.Info("image moved to the trash", "image", name, "id", img.ID, "purge_after", t.Add(n.cfg.Trash.Defer))
 	}
 	_, err = n.recon.Refresh(ctx, name)
 	return err

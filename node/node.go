@@ -25,6 +25,7 @@ import (
 	"github.com/ukai-storage/ukai/node/reconcile"
 	"github.com/ukai-storage/ukai/node/route"
 	"github.com/ukai-storage/ukai/node/served"
+	"github.com/ukai-storage/ukai/node/trash"
 	"github.com/ukai-storage/ukai/ownership"
 	"github.com/ukai-storage/ukai/target/iscsi"
 	"github.com/ukai-storage/ukai/webui"
@@ -85,6 +86,7 @@ type Node struct {
 	session       *ownership.Session
 	loops         sync.WaitGroup     // the background loops Run starts; joined before the store closes
 	exec          *executor.Executor // placement
+	sweeper       *trash.Sweeper     // purges expired trash, removes purged copies
 	op            *operate.Operator  // cordon, drain
 	syncBytes     atomic.Int64       // bytes copied by syncs since start
 	metrics       *metrics.Metrics   // /metrics and iostat
@@ -136,6 +138,8 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 	})
 
 	n.exec = n.newExecutor()
+	n.sweeper = trash.New(trash.Config{Catalog: n.cat, Dir: n.dir, Self: cfg.Node.Name, Interval: cfg.Trash.Sweep,
+		Log: n.log.With("component", "trash")})
 	n.op = n.newOperator()
 	n.router = route.New(route.Config{Self: cfg.Node.Name, Host: routeHost{n}, Log: log.With("component", "route"), Wait: takeoverWait})
 	n.recon = reconcile.New(reconcile.Config{Catalog: n.cat, Self: cfg.Node.Name, Host: reconHost{n}, Log: log.With("component", "reconcile")})
@@ -221,6 +225,7 @@ func (n *Node) Run(ctx context.Context) error {
 	}
 	n.loops.Go(func() { n.releaseIdle(loopCtx) })
 	n.loops.Go(func() { n.exec.Run(loopCtx) })
+	n.loops.Go(func() { n.sweeper.Start(loopCtx); n.sweeper.Wait() })
 	go func() {
 		serve := func() error { return n.apiSrv.Serve(n.apiLn) }
 		if n.sec.apiServer != nil {

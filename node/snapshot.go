@@ -568,7 +568,7 @@ func (n *Node) createCopy(ctx context.Context, req api.CreateImageRequest, progr
 			}, progress)
 	}()
 	if err != nil {
-		if derr := n.DeleteImage(context.WithoutCancel(ctx), created.Name); derr != nil {
+		if derr := n.DeleteImage(context.WithoutCancel(ctx), created.Name, true); derr != nil {
 			n.log.Warn("cannot delete the image whose copy failed", "image", created.Name, "err", derr)
 		}
 		return api.Image{}, fmt.Errorf("copy %s into %s: %w", src.Name, created.Name, err)

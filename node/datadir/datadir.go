@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/ukai-storage/ukai/cluster/meta"
 	"github.com/ukai-storage/ukai/target/lun"
@@ -113,6 +114,37 @@ func (d *Dir) Remove(id string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// Forget removes image id's cached record and keeps its copy (an image in
+// the trash: a restart must not export it again, and the data waits for
+// a restore or a purge).
+func (d *Dir) Forget(id string) error {
+	p, err := d.file(id, ".json")
+	if err == nil {
+		err = os.Remove(p)
+	}
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
+// Uncached returns the ids of the copies without a cached record (images
+// in the trash, or copies being prepared for a new location).
+func (d *Dir) Uncached() []string {
+	files, _ := filepath.Glob(filepath.Join(d.path, "*.img"))
+	var ids []string
+	for _, f := range files {
+		id := strings.TrimSuffix(filepath.Base(f), ".img")
+		if meta.ValidateID(id) != nil {
+			continue
+		}
+		if _, err := os.Stat(filepath.Join(d.path, id+".json")); errors.Is(err, os.ErrNotExist) {
+			ids = append(ids, id)
+		}
+	}
+	return ids
 }
 
 // CacheRecord stores img's record beside its copy (written to a

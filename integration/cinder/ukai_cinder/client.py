@@ -179,8 +179,9 @@ class Client(object):
                           block_size=block_size, source=source)
         return self.request("POST", "/v1/images", body=body, timeout=timeout)
 
-    def delete_image(self, name):
-        self.request("DELETE", "/v1/images/" + self._q(name))
+    def delete_image(self, name, now=True):
+        """Delete an image at once (now), or move it to ukai's trash."""
+        self.request("DELETE", "/v1/images/" + self._q(name) + ("?now=true" if now else ""))
 
     def resize(self, name, size):
         return self.request("POST", "/v1/images/%s/resize" % self._q(name), body={"size": size})

@@ -84,6 +84,12 @@ ukai_opts = [
                      'copy follows the node of the hypervisor the volume '
                      'is attached on (after the nodes\' '
                      'placement.locality_delay).'),
+    cfg.BoolOpt('ukai_deferred_deletion', default=False,
+                help='Deleting a volume moves its image to ukai\'s trash, '
+                     'purged after the nodes\' trash.defer (ukai trash '
+                     'restore brings it back meanwhile). Off: the image '
+                     'and its data are deleted at once, as Cinder expects '
+                     'of the space it reports.'),
     cfg.BoolOpt('ukai_chap', default=True,
                 help='Protect every export with CHAP (per-volume '
                      'credentials). The ukai nodes must run with '
@@ -263,7 +269,7 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
             LOG.error('Could not set the ukai policy of %s: deleting it',
                       volume.name)
             try:
-                self.client.delete_image(volume.name)
+                self.client.delete_image(volume.name, now=True)
             except ukai_client.UkaiError as e:
                 LOG.error('Could not delete %(v)s: %(e)s', {'v': volume.name, 'e': e})
             raise
@@ -282,7 +288,7 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
 
     def delete_volume(self, volume):
         try:
-            self.client.delete_image(volume.name)
+            self.client.delete_image(volume.name, now=not self.configuration.ukai_deferred_deletion)
         except ukai_client.UkaiError as e:
             if e.status == 404:
                 LOG.info('Volume %s is not in ukai: already deleted', volume.name)

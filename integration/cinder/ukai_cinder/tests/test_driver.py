@@ -100,7 +100,7 @@ class UkaiDriverTestCase(test.TestCase):
         self.client.set_policy.side_effect = ukai_client.UkaiError(400, 'replicas 5: only 2 nodes')
         e = self.assertRaises(exception.InvalidInput, self.driver.create_volume, self.volume)
         self.assertIn('replicas 5: only 2 nodes', str(e))
-        self.client.delete_image.assert_called_once_with(self.volume.name)
+        self.client.delete_image.assert_called_once_with(self.volume.name, now=True)
 
     def test_create_from_snapshot_and_clone_name_the_source(self):
         snap = fake_snapshot.fake_snapshot_obj(self.ctx, volume_id=fake.VOLUME2_ID)
@@ -175,6 +175,11 @@ class UkaiDriverTestCase(test.TestCase):
 
     def test_delete(self):
         self.driver.delete_volume(self.volume)
+        # At once by default; into ukai's trash with deferred deletion.
+        self.client.delete_image.assert_called_once_with(self.volume.name, now=True)
+        self.driver.configuration = make_config(ukai_deferred_deletion=True)
+        self.driver.delete_volume(self.volume)
+        self.client.delete_image.assert_called_with(self.volume.name, now=False)
         self.client.delete_image.side_effect = ukai_client.UkaiError(404, 'image not found')
         self.driver.delete_volume(self.volume)  # already gone: fine
         self.client.delete_image.side_effect = ukai_client.UkaiError(409, 'image has snapshots (s1): delete them first')
@@ -433,7 +438,7 @@ class UkaiClientTestCase(test.TestCase):
 
     def test_an_error_answer_is_final_and_keeps_ukais_words(self):
         c = ukai_client.Client([self.live, self.dead], allow_insecure=True)
-        e = self.assertRaises(ukai_client.UkaiError, c.delete_image, 'v1')
+        e = self.assertRaises(ukai_client.UkaiError, c.delete_image, 'v1', now=False)
         self.assertEqual(409, e.status)
         self.assertIn('has snapshots (s1)', str(e))
         self.assertEqual(1, len(_API.seen))
