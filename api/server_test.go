@@ -51,7 +51,7 @@ func (m *memService) ListTrash(context.Context) ([]TrashEntry, error) { return n
 func (m *memService) RestoreTrash(context.Context, string, string) (Image, error) {
 	return Image{}, nil
 }
-func (m *memService) PurgeTrash(context.Context, string) error { return nil }
+func (m *memService) PurgeTrash(context.Context, string) error  { return nil }
 func (m *memService) NodeInfo(context.Context) (Node, error)    { return Node{Name: "n1"}, nil }
 func (m *memService) ListNodes(context.Context) ([]Node, error) { return []Node{{Name: "n1"}}, nil }
 func (m *memService) GetNode(context.Context, string) (Node, error) {

@@ -37,7 +37,7 @@ type TrashEntry struct {
 	Exports    map[string]json.RawMessage `json:"exports,omitempty"` // by escaped initiator
 }
 
-func (c *Catalog) trashPrefix() string        { return c.prefix + "trash/" }
+func (c *Catalog) trashPrefix() string       { return c.prefix + "trash/" }
 func (c *Catalog) trashKey(id string) string { return c.trashPrefix() + id }
 
 func decodeTrash(key, id string, data []byte) (TrashEntry, error) {
