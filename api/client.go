@@ -463,6 +463,49 @@ func (c *Client) ReadData(ctx context.Context, image string, start func(size int
 	return nil
 }
 
+// ReadDiff streams the diff from snapshot from to snapshot name
+// (IMAGE@SNAP) into w.
+func (c *Client) ReadDiff(ctx context.Context, name, from string, start func(), w io.Writer) error {
+	if c.err != nil {
+		return c.err
+	}
+	path := "/v1/images/" + url.PathEscape(name) + "/diff"
+	if from != "" {
+		path += "?from=" + url.QueryEscape(from)
+	}
+	resp, err := c.openStream(ctx, http.MethodGet, path, nil, "")
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	start()
+	if _, err := io.Copy(w, resp.Body); err != nil {
+		return fmt.Errorf("diff of %s: %w", name, err)
+	}
+	return nil
+}
+
+// WriteDiff applies the diff stream r to image.
+func (c *Client) WriteDiff(ctx context.Context, image string, r io.Reader) (DiffApplied, error) {
+	var out DiffApplied
+	if c.err != nil {
+		return out, c.err
+	}
+	resp, err := c.openStream(ctx, http.MethodPut, "/v1/images/"+url.PathEscape(image)+"/diff", r, "application/octet-stream")
+	if err != nil {
+		return out, err
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return out, err
+	}
+	if err := json.Unmarshal(data, &out); err != nil {
+		return out, fmt.Errorf("decode answer of PUT diff: %w", err)
+	}
+	return out, nil
+}
+
 // WriteData writes r into the image from its start.
 func (c *Client) WriteData(ctx context.Context, image string, r io.Reader) (int64, error) {
 	if c.err != nil {

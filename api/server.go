@@ -61,6 +61,12 @@ type Service interface {
 	// ReadData streams the whole image (or snapshot) to w; it calls start
 	// with the size before the first byte.
 	ReadData(ctx context.Context, image string, start func(size int64), w io.Writer) error
+	// ReadDiff streams the changes from image's snapshot from to snapshot
+	// name (IMAGE@SNAP; from empty: all its data) in the format of
+	// package diffstream; it calls start before the first byte.
+	ReadDiff(ctx context.Context, name, from string, start func(), w io.Writer) error
+	// WriteDiff applies such a stream to image name.
+	WriteDiff(ctx context.Context, name string, r io.Reader) (DiffApplied, error)
 	// WriteData writes r from the image's start (at most its size).
 	WriteData(ctx context.Context, image string, r io.Reader) (int64, error)
 	// CordonNode cordons (or uncordons, which also stops a drain) a node.
@@ -124,6 +130,8 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 	mux.HandleFunc("POST /v1/images/{name}/snapshots/{snapshot}/revert", h.revertSnapshot)
 	mux.HandleFunc("POST /v1/images/{name}/resize", h.resize)
 	mux.HandleFunc("GET /v1/images/{name}/data", h.readData)
+	mux.HandleFunc("GET /v1/images/{name}/diff", h.readDiff)
+	mux.HandleFunc("PUT /v1/images/{name}/diff", h.writeDiff)
 	mux.HandleFunc("PUT /v1/images/{name}/data", h.writeData)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Errorf("no such API endpoint: %s %s", r.Method, r.URL.Path))
@@ -556,6 +564,30 @@ func (h *handler) readData(w http.ResponseWriter, r *http.Request) {
 	}
 	h.log.Warn("image data stream cut short", "path", r.URL.Path, "err", err)
 	panic(http.ErrAbortHandler)
+}
+
+func (h *handler) readDiff(w http.ResponseWriter, r *http.Request) {
+	started := false
+	err := h.svc.ReadDiff(r.Context(), r.PathValue("name"), r.URL.Query().Get("from"), func() {
+		started = true
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.WriteHeader(http.StatusOK)
+	}, w)
+	if err == nil {
+		return
+	}
+	if !started {
+		h.fail(w, r, err)
+		return
+	}
+	// The stream ends without its end record: the reader knows it was cut.
+	h.log.Warn("diff stream cut short", "path", r.URL.Path, "err", err)
+	panic(http.ErrAbortHandler)
+}
+
+func (h *handler) writeDiff(w http.ResponseWriter, r *http.Request) {
+	out, err := h.svc.WriteDiff(r.Context(), r.PathValue("name"), r.Body)
+	h.answer(w, r, out, err)
 }
 
 func (h *handler) writeData(w http.ResponseWriter, r *http.Request) {

@@ -51,7 +51,13 @@ func (m *memService) ListTrash(context.Context) ([]TrashEntry, error) { return n
 func (m *memService) RestoreTrash(context.Context, string, string) (Image, error) {
 	return Image{}, nil
 }
-func (m *memService) PurgeTrash(context.Context, string) error  { return nil }
+func (m *memService) PurgeTrash(context.Context, string) error { return nil }
+func (m *memService) ReadDiff(context.Context, string, string, func(), io.Writer) error {
+	return nil
+}
+func (m *memService) WriteDiff(context.Context, string, io.Reader) (DiffApplied, error) {
+	return DiffApplied{}, nil
+}
 func (m *memService) NodeInfo(context.Context) (Node, error)    { return Node{Name: "n1"}, nil }
 func (m *memService) ListNodes(context.Context) ([]Node, error) { return []Node{{Name: "n1"}}, nil }
 func (m *memService) GetNode(context.Context, string) (Node, error) {

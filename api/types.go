@@ -71,6 +71,15 @@ type ResizeRequest struct {
 	Size int64 `json:"size"`
 }
 
+// DiffApplied answers PUT /v1/images/{name}/diff.
+type DiffApplied struct {
+	From    string `json:"from,omitempty"` // the stream's snapshots
+	To      string `json:"to,omitempty"`
+	Size    int64  `json:"size"`    // the stream's image size
+	Written int64  `json:"written"` // bytes of data written
+	Zeroed  int64  `json:"zeroed"`  // bytes unmapped or written with zeros
+}
+
 // DataWritten is the answer of PUT /v1/images/{name}/data.
 type DataWritten struct {
 	Bytes int64 `json:"bytes"`

@@ -14,7 +14,7 @@ import (
 
 func (a *app) imageCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "image", Short: "Create, list, inspect and delete disk images"}
-	cmd.AddCommand(a.imageCreateCmd(), a.imageListCmd(), a.imageInfoCmd(), a.imageDeleteCmd(), a.imageSyncCmd(), a.imageVerifyCmd(),
+	cmd.AddCommand(a.imageExportDiffCmd(), a.imageImportDiffCmd(), a.imageCreateCmd(), a.imageListCmd(), a.imageInfoCmd(), a.imageDeleteCmd(), a.imageSyncCmd(), a.imageVerifyCmd(),
 		a.imageSetCmd(), a.imageRelocateCmd(), a.imagePlanCmd(), a.imageAttachCmd(), a.imageDetachCmd(), a.accessGrantCmd(true), a.accessRevokeCmd(true),
 		a.imageCloneCmd(), a.imageResizeCmd(), a.imageImportCmd(), a.imageExportDataCmd(), a.imageIostatCmd())
 	return cmd
