@@ -62,6 +62,16 @@ func (l *Limiter) Limits() Limits {
 	return l.b.Limits()
 }
 
+// Waiting is the number of I/O waiting for their turn.
+func (l *Limiter) Waiting() int {
+	if l == nil {
+		return 0
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.waiting
+}
+
 // Wait returns when an I/O of op and size bytes may run under the
 // limits, or with an error wrapping ctx.Err() when ctx ends first (the
 // I/O is then not to run). It never fails otherwise.
