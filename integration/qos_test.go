@@ -17,17 +17,18 @@ type fioRate struct{ IOPS, BPS float64 }
 // is not measured (it takes an idle image's burst), and returns the rate.
 func fioOn(t *testing.T, sock, rw, bs string, depth int, runtime time.Duration) fioRate {
 	t.Helper()
-	r, err := fioRun(t, sock, rw, bs, depth, runtime)
+	r, err := fioRun(t, sock, rw, bs, depth, time.Second, runtime)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return r
 }
 
-// fioRun is fioOn for any goroutine: it returns its failure.
-func fioRun(t *testing.T, sock, rw, bs string, depth int, runtime time.Duration) (fioRate, error) {
+// fioRun is fioOn for any goroutine, with a ramp of its own (not
+// measured); it returns its failure.
+func fioRun(t *testing.T, sock, rw, bs string, depth int, ramp, runtime time.Duration) (fioRate, error) {
 	args := []string{"--name=q", "--ioengine=nbd", "--uri=nbd+unix:///?socket=" + sock, "--rw=" + rw, "--bs=" + bs,
-		fmt.Sprintf("--iodepth=%d", depth), "--size=32m", "--time_based", "--ramp_time=1",
+		fmt.Sprintf("--iodepth=%d", depth), "--size=32m", "--time_based", fmt.Sprintf("--ramp_time=%dms", ramp.Milliseconds()),
 		fmt.Sprintf("--runtime=%dms", runtime.Milliseconds()), "--output-format=json"}
 	out, err := run(t, 2*time.Minute, "fio", args...)
 	if err != nil {
@@ -128,8 +129,8 @@ func TestQoS(t *testing.T) {
 	var lim, free fioRate
 	var limErr, freeErr error
 	var wg sync.WaitGroup
-	wg.Go(func() { lim, limErr = fioRun(t, limSock, "randread", "4k", 16, 4*time.Second) })
-	wg.Go(func() { free, freeErr = fioRun(t, freeSock, "randread", "4k", 16, 4*time.Second) })
+	wg.Go(func() { lim, limErr = fioRun(t, limSock, "randread", "4k", 16, time.Second, 4*time.Second) })
+	wg.Go(func() { free, freeErr = fioRun(t, freeSock, "randread", "4k", 16, time.Second, 4*time.Second) })
 	wg.Wait()
 	if limErr != nil || freeErr != nil {
 		t.Fatalf("limited: %v; unlimited: %v", limErr, freeErr)
