@@ -44,6 +44,8 @@ type Service interface {
 	SyncImage(ctx context.Context, image string, req SyncRequest, progress func(SyncProgress)) error
 	VerifyImage(ctx context.Context, image string) (VerifyResult, error)
 	SetImagePolicy(ctx context.Context, image string, req ImagePolicyRequest) (ImagePolicy, error)
+	// SetImageQoS changes the image's QoS limits (api/qos.go).
+	SetImageQoS(ctx context.Context, image string, req QoSRequest) (QoS, error)
 	Relocate(ctx context.Context, image string, req RelocateRequest) (ImagePolicy, error)
 	PlanImage(ctx context.Context, image string) ([]Action, error)
 	SetSyncPolicy(ctx context.Context, req SyncPolicyRequest) error
@@ -112,6 +114,7 @@ func NewHandler(svc Service, version string, log *slog.Logger) http.Handler {
 	mux.HandleFunc("POST /v1/images/{name}/sync", h.syncImage)
 	mux.HandleFunc("POST /v1/images/{name}/verify", h.verifyImage)
 	mux.HandleFunc("PUT /v1/images/{name}/policy", h.setImagePolicy)
+	mux.HandleFunc("PUT /v1/images/{name}/qos", h.setImageQoS)
 	mux.HandleFunc("POST /v1/images/{name}/relocate", h.relocate)
 	mux.HandleFunc("GET /v1/images/{name}/plan", h.plan)
 	mux.HandleFunc("PUT /v1/policies/sync", h.setSyncPolicy)

@@ -76,6 +76,9 @@ func (m *memService) SyncImage(_ context.Context, _ string, _ SyncRequest, p fun
 func (m *memService) VerifyImage(context.Context, string) (VerifyResult, error) {
 	return VerifyResult{}, nil
 }
+func (m *memService) SetImageQoS(context.Context, string, QoSRequest) (QoS, error) {
+	return QoS{}, nil
+}
 func (m *memService) SetImagePolicy(context.Context, string, ImagePolicyRequest) (ImagePolicy, error) {
 	return ImagePolicy{}, fmt.Errorf("%w: spread_by zone needs 3 zones, 2 exist", meta.ErrInvalid)
 }

@@ -206,6 +206,7 @@ type Image struct {
 	Attached   string    `json:"attached,omitempty"` // node an orchestrator attached it to
 	Generation uint64    `json:"generation"`
 	SyncPaused bool      `json:"sync_paused,omitempty"`
+	QoS        *QoS      `json:"qos,omitempty"` // I/O limits (api/qos.go)
 	// Exports lists who may log in (no secrets).
 	Exports []ExportInfo `json:"exports,omitempty"`
 	// Policy is the desired state; Plan what the planner last decided.

@@ -162,6 +162,9 @@ func (a *app) imageInfoCmd() *cobra.Command {
 			if img.Policy != nil {
 				fmt.Fprintf(tw, "desired:\t%s\n", policyString(*img.Policy))
 			}
+			if img.QoS != nil {
+				fmt.Fprintf(tw, "qos:\t%s\n", qosString(*img.QoS))
+			}
 			for _, e := range img.Exports {
 				chap := "no CHAP"
 				if e.CHAPUser != "" {

@@ -18,16 +18,28 @@ func (a *app) imageSetCmd() *cobra.Command {
 	var locations, prefer []string
 	var spread, group, locality string
 	var allowRemote []string
+	qf := newQoSFlags()
 	cmd := &cobra.Command{
-		Use:   "set IMAGE [--replicas N] [--locations n1,n2] [--prefer-labels zone=a] [--spread-by zone] [--group NAME] [--locality MODE]",
-		Short: "Set the desired copies of an image; ukai converges to it within the sync windows and caps",
+		Use:   "set IMAGE [--replicas N] [--locations n1,n2] [--prefer-labels zone=a] [--spread-by zone] [--group NAME] [--locality MODE] [--iops-limit N] [--bw-limit SIZE] ...",
+		Short: "Set the desired copies of an image (ukai converges to it within the sync windows and caps) and its QoS limits",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var req api.ImagePolicyRequest
 			f := cmd.Flags()
 			if !f.Changed("replicas") && !f.Changed("locations") && !f.Changed("prefer-labels") && !f.Changed("spread-by") &&
 				!f.Changed("group") && !f.Changed("locality") && !f.Changed("allow-remote") {
-				return fmt.Errorf("nothing to set: give --replicas, --locations, --prefer-labels, --spread-by, --group, --locality or --allow-remote")
+				if qf.changed(f) {
+					return a.imageSetQoS(cmd, args[0], qf)
+				}
+				return fmt.Errorf("nothing to set: give --replicas, --locations, --prefer-labels, --spread-by, --group, --locality or --allow-remote, or QoS limits (--iops-limit, --bw-limit, ...)")
+			}
+			var q *api.QoS
+			if qf.changed(f) {
+				got, err := a.setQoS(cmd, args[0], qf)
+				if err != nil {
+					return err
+				}
+				q = &got
 			}
 			if f.Changed("allow-remote") {
 				req.AllowRemote = &allowRemote
@@ -76,6 +88,12 @@ func (a *app) imageSetCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("set %s: %w", args[0], err)
 			}
+			if q != nil {
+				if asked, err := printIfAsked(cmd, a.out, map[string]any{"policy": p, "qos": q}); asked {
+					return err
+				}
+				fmt.Fprintf(a.out, "qos of %s: %s\n", args[0], qosString(*q))
+			}
 			if asked, err := printIfAsked(cmd, a.out, p); asked {
 				return err
 			}
@@ -83,6 +101,7 @@ func (a *app) imageSetCmd() *cobra.Command {
 			return nil
 		},
 	}
+	qf.register(cmd.Flags())
 	cmd.Flags().IntVar(&replicas, "replicas", 0, "number of copies")
 	cmd.Flags().StringSliceVar(&locations, "locations", nil, "exact nodes holding the copies")
 	cmd.Flags().StringSliceVar(&prefer, "prefer-labels", nil, "prefer nodes with these labels for new copies (key=value, repeatable; empty clears)")

@@ -564,6 +564,7 @@ func (n *Node) describe(ctx context.Context, img meta.Image, blocks api.BlockVie
 		Name: img.Name, ID: img.ID, Size: img.Size, BlockSize: img.BlockSize, Blocks: img.Blocks(),
 		Created: img.Created, IQN: n.iqn(img.Name), MinCopies: img.MinCopies,
 		Owner: img.Owner, Attached: img.Attached, Generation: img.Generation, SyncPaused: img.SyncPaused,
+		QoS: describeQoS(img.QoS),
 	}
 	if img.IsSnapshot() {
 		out.SnapshotOf = img.Origin.Name

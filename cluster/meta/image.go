@@ -67,6 +67,8 @@ type Image struct {
 	// Snapshots are the live snapshots of this image: its owner preserves
 	// a block into each of them before the block first changes.
 	Snapshots []SnapshotRef `json:"snapshots,omitempty"`
+	// QoS limits the image's I/O on its owner (qos.go); nil: unlimited.
+	QoS *QoS `json:"qos,omitempty"`
 
 	// Rev orders records read from the store (its modify index; a lower
 	// bound after an update): a node never applies a record older than
@@ -251,7 +253,7 @@ func (img *Image) Validate() error {
 	if img.MinCopies < 1 || img.MinCopies > len(img.Locations) {
 		return fmt.Errorf("%w: min_copies %d outside 1..%d", ErrInvalid, img.MinCopies, len(img.Locations))
 	}
-	return nil
+	return img.QoS.Validate()
 }
 
 func decodeImage(data []byte) (Image, error) {

@@ -12,6 +12,11 @@
 // it in like its own (served.Image.BeginIO), so that a release waits for
 // it.
 //
+// The owner holds its I/O, its own and forwarded, to the image's QoS
+// limits (served.Image.QoS) before counting it in: a release never waits
+// for an I/O that waits for its turn, and one that waited through a
+// release looks for the owner again. Flushes are not limited.
+//
 // Who owns an image is not decided here (package ownership, through
 // Host.Acquire). The package holds no lock.
 package route
@@ -25,6 +30,7 @@ import (
 
 	"github.com/ukai-storage/ukai/cluster/peer"
 	"github.com/ukai-storage/ukai/node/served"
+	"github.com/ukai-storage/ukai/target/qos"
 	"github.com/ukai-storage/ukai/target/scsi"
 )
 
@@ -119,12 +125,31 @@ type gate struct {
 // forwardFn runs one I/O on the owner.
 type forwardFn func(ctx context.Context, f Forwarder, ref peer.Ref) error
 
-func (g *gate) do(ctx context.Context, local func(ctx context.Context, b scsi.Backend) error, fwd forwardFn) error {
+// ioCost is what an I/O counts against the image's QoS limits.
+type ioCost struct {
+	limited bool // false: a flush, never held
+	op      qos.Op
+	bytes   int64 // data moved; 0 for an UNMAP
+}
+
+// waitTurn holds an I/O on the owner until the image's limits let it
+// run; it fails only when ctx ends.
+func waitTurn(ctx context.Context, s *served.Image, c ioCost) error {
+	if !c.limited {
+		return nil
+	}
+	return s.QoS.Wait(ctx, c.op, c.bytes)
+}
+
+func (g *gate) do(ctx context.Context, c ioCost, local func(ctx context.Context, b scsi.Backend) error, fwd forwardFn) error {
 	r, s := g.r, g.s
 	deadline := r.cfg.Now().Add(r.cfg.Wait)
 	for {
 		err := r.cfg.Host.Acquire(ctx, s)
 		if err == nil {
+			if err := waitTurn(ctx, s, c); err != nil {
+				return err
+			}
 			if !s.BeginIO() {
 				continue // released meanwhile: acquire again or forward
 			}
@@ -191,24 +216,24 @@ func sleep(ctx context.Context, d time.Duration) {
 }
 
 func (g *gate) ReadAt(ctx context.Context, p []byte, off int64) error {
-	return g.do(ctx, func(ctx context.Context, b scsi.Backend) error { return b.ReadAt(ctx, p, off) },
+	return g.do(ctx, ioCost{true, qos.Read, int64(len(p))}, func(ctx context.Context, b scsi.Backend) error { return b.ReadAt(ctx, p, off) },
 		func(ctx context.Context, f Forwarder, ref peer.Ref) error { return f.ForwardRead(ctx, ref, p, off) })
 }
 
 func (g *gate) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
-	return g.do(ctx, func(ctx context.Context, b scsi.Backend) error { return b.WriteAt(ctx, p, off, fua) },
+	return g.do(ctx, ioCost{true, qos.Write, int64(len(p))}, func(ctx context.Context, b scsi.Backend) error { return b.WriteAt(ctx, p, off, fua) },
 		func(ctx context.Context, f Forwarder, ref peer.Ref) error {
 			return f.ForwardWrite(ctx, ref, p, off, fua)
 		})
 }
 
 func (g *gate) Flush(ctx context.Context) error {
-	return g.do(ctx, func(ctx context.Context, b scsi.Backend) error { return b.Flush(ctx) },
+	return g.do(ctx, ioCost{}, func(ctx context.Context, b scsi.Backend) error { return b.Flush(ctx) },
 		func(ctx context.Context, f Forwarder, ref peer.Ref) error { return f.ForwardFlush(ctx, ref) })
 }
 
 func (g *gate) Unmap(ctx context.Context, off, length int64) error {
-	return g.do(ctx, func(ctx context.Context, b scsi.Backend) error { return b.Unmap(ctx, off, length) },
+	return g.do(ctx, ioCost{limited: true, op: qos.Write}, func(ctx context.Context, b scsi.Backend) error { return b.Unmap(ctx, off, length) },
 		func(ctx context.Context, f Forwarder, ref peer.Ref) error {
 			return f.ForwardUnmap(ctx, ref, off, length)
 		})
@@ -244,7 +269,12 @@ type counted struct {
 	b scsi.Backend
 }
 
-func (c counted) run(fn func() error) error {
+func (c counted) run(ctx context.Context, io ioCost, fn func() error) error {
+	if c.s.LU == nil || !c.s.LU.Reserved() { // else handed over below, and counted then
+		if err := waitTurn(ctx, c.s, io); err != nil {
+			return err
+		}
+	}
 	if !c.s.BeginIO() {
 		return fmt.Errorf("image %s: %w (released)", c.s.Record().Name, peer.ErrNotOwner)
 	}
@@ -259,19 +289,19 @@ func (c counted) run(fn func() error) error {
 }
 
 func (c counted) ReadAt(ctx context.Context, p []byte, off int64) error {
-	return c.run(func() error { return c.b.ReadAt(ctx, p, off) })
+	return c.run(ctx, ioCost{true, qos.Read, int64(len(p))}, func() error { return c.b.ReadAt(ctx, p, off) })
 }
 
 func (c counted) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
-	return c.run(func() error { return c.b.WriteAt(ctx, p, off, fua) })
+	return c.run(ctx, ioCost{true, qos.Write, int64(len(p))}, func() error { return c.b.WriteAt(ctx, p, off, fua) })
 }
 
 func (c counted) Flush(ctx context.Context) error {
-	return c.run(func() error { return c.b.Flush(ctx) })
+	return c.run(ctx, ioCost{}, func() error { return c.b.Flush(ctx) })
 }
 
 func (c counted) Unmap(ctx context.Context, off, n int64) error {
-	return c.run(func() error { return c.b.Unmap(ctx, off, n) })
+	return c.run(ctx, ioCost{limited: true, op: qos.Write}, func() error { return c.b.Unmap(ctx, off, n) })
 }
 
 // Commander runs SCSI commands on an image's owner (*peer.Client).

@@ -434,3 +434,74 @@ func TestRemoteCommands(t *testing.T) {
 		})
 	}
 }
+
+// TestOwnerHoldsIOToQoS: on the owner an I/O over the image's limits
+// waits for its turn before it is counted in (a release does not wait
+// for it), a flush and a read under a write limit pass meanwhile, a
+// cancelled wait fails without running, a removed limit lets the waiting
+// write run at once; forwarded I/O waits the same way.
+func TestOwnerHoldsIOToQoS(t *testing.T) {
+	img := meta.Image{Name: "vm", ID: meta.NewImageID(), Generation: 1, QoS: &meta.QoS{WriteIOPSLimit: 1, WriteIOPSBurst: 1}}
+	s := served.New(img, nil)
+	mb := &memBackend{s: s, data: make([]byte, 1<<16)}
+	h := &host{s: s, owned: mb, acquire: []error{nil}, mayServe: true}
+	r := New(Config{Self: "n1", Host: h})
+	b := r.Backend(s)
+	ctx := context.Background()
+	if err := b.WriteAt(ctx, make([]byte, 512), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	// The next write waits a second: cancelled, it never runs.
+	cctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- b.WriteAt(cctx, make([]byte, 512), 512, false) }()
+	waitUntil(t, "the write waits", func() bool { return s.QoS.Waiting() == 1 })
+	if n := s.InFlight(); n != 0 {
+		t.Fatalf("a write waiting for its turn is counted in (%d)", n)
+	}
+	if err := b.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.ReadAt(ctx, make([]byte, 512), 0); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled wait: %v", err)
+	}
+	if got := len(mb.inFlight); got != 3 {
+		t.Fatalf("%d I/O ran on the backend, want 3 (write, flush, read; not the cancelled write)", got)
+	}
+	// Forwarded I/O waits too; the limits removed (a record applied), it
+	// runs at once.
+	v, err := r.Volume(ctx, peer.Ref{ID: img.ID, Gen: img.Generation})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { done <- v.WriteAt(ctx, make([]byte, 512), 1024, false) }()
+	waitUntil(t, "the forwarded write waits", func() bool { return s.QoS.Waiting() == 1 })
+	img.QoS = nil
+	s.SetRecord(img)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(500 * time.Millisecond): // its turn was at 1-2 s
+		t.Fatal("removing the limits did not release the waiting write")
+	}
+	if got := len(mb.inFlight); got != 4 {
+		t.Fatalf("%d I/O ran, want 4", got)
+	}
+}
+
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out: %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}

@@ -26,6 +26,7 @@ import (
 	"github.com/ukai-storage/ukai/node/cow"
 	"github.com/ukai-storage/ukai/placement"
 	"github.com/ukai-storage/ukai/target/lun"
+	"github.com/ukai-storage/ukai/target/qos"
 	"github.com/ukai-storage/ukai/target/scsi"
 )
 
@@ -65,6 +66,10 @@ type Image struct {
 	Fence Fence
 	// Cow caches the copy-on-write maps of the image's snapshots.
 	Cow *cow.Maps
+	// QoS holds the image's I/O to the limits of the record as last
+	// applied (SetRecord keeps it in line; never nil). Only the owner's
+	// I/O waits on it (package route).
+	QoS *qos.Limiter
 	// FromCache: exported from the cached record with only the local copy
 	// (guarded by the reconciler's lock).
 	FromCache bool
@@ -93,7 +98,9 @@ type Image struct {
 // New returns img as served here, before its copies and volume are set
 // up; cow is its snapshots' copy-on-write cache.
 func New(img meta.Image, cow *cow.Maps) *Image {
-	return &Image{img: img, Cow: cow}
+	s := &Image{img: img, Cow: cow, QoS: qos.New(nil)}
+	s.QoS.Set(img.QoS.Limits())
+	return s
 }
 
 // Close closes the volume and the local copy (synced).
@@ -115,12 +122,16 @@ func (s *Image) Record() meta.Image {
 	return s.img
 }
 
-// SetRecord makes img the record as applied here.
+// SetRecord makes img the record as applied here, its QoS limits
+// included (live: the LU stays as it is).
 func (s *Image) SetRecord(img meta.Image) {
 	s.mu.Lock()
 	old := s.img
 	s.img = img
 	s.mu.Unlock()
+	if s.QoS != nil {
+		s.QoS.Set(img.QoS.Limits())
+	}
 	if s.PathsChanged != nil && (old.Owner != img.Owner || old.Attached != img.Attached || !slices.Equal(old.Locations, img.Locations)) {
 		s.PathsChanged()
 	}

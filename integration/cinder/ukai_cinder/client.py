@@ -204,6 +204,14 @@ class Client(object):
                           locality=locality)
         return self.request("PUT", "/v1/images/%s/policy" % self._q(image), body=body)
 
+    def set_qos(self, image, clear=False, **limits):
+        """Sets the image's QoS limits (iops_limit, bw_burst, ...: the
+        names of PUT /v1/images/{name}/qos); clear removes the others."""
+        body = dict(limits)
+        if clear:
+            body["clear"] = True
+        return self.request("PUT", "/v1/images/%s/qos" % self._q(image), body=body)
+
     def set_sync_policy(self, image, windows=None, max_rate=None, tz=None):
         body = self._body({"scope": "image:" + image}, windows=windows, max_rate=max_rate, tz=tz)
         self.request("PUT", "/v1/policies/sync", body=body)

@@ -25,6 +25,18 @@ Volume type extra specs (all optional):
   ukai:sync_tz       time zone of the windows (IANA name)
   ukai:max_rate      bandwidth cap of background copying, e.g. "50MiB/s"
   ukai:follow_vm     "false": locality off (no copy follows the VM)
+
+QoS specs of the volume type whose consumer is "back-end" or "both" become
+the image's I/O limits, enforced by its owner (docs/qos.md), on create and
+on retype (in place when nothing but QoS changes):
+
+  total_iops_sec, read_iops_sec, write_iops_sec      operations per second
+  total_bytes_sec, read_bytes_sec, write_bytes_sec   bytes per second
+  <any of them>_max                                  its burst rate, held
+                                                     for <key>_max_length
+                                                     seconds (default 1)
+
+Other keys (per-GB limits, size_iops_sec) are refused, not ignored.
 """
 
 import secrets
@@ -107,6 +119,19 @@ SPEC_PREFIX = 'ukai:'
 CHAP_SECRET_BYTES = 16
 SPECS = ('replicas', 'locations', 'min_copies', 'block_size', 'sync_window',
          'sync_tz', 'max_rate', 'follow_vm')
+
+# Cinder's back-end QoS keys and the ukai limits they set (PUT
+# /v1/images/{name}/qos); a burst is the <key>_max rate times
+# <key>_max_length seconds.
+QOS_LIMITS = {
+    'total_iops_sec': ('iops_limit', 'iops_burst'),
+    'read_iops_sec': ('read_iops_limit', 'read_iops_burst'),
+    'write_iops_sec': ('write_iops_limit', 'write_iops_burst'),
+    'total_bytes_sec': ('bw_limit', 'bw_burst'),
+    'read_bytes_sec': ('read_bw_limit', 'read_bw_burst'),
+    'write_bytes_sec': ('write_bw_limit', 'write_bw_burst'),
+}
+QOS_CONSUMERS = ('back-end', 'both')
 
 
 def _gib(n):
@@ -240,6 +265,7 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
         name), then give it the type's placement and sync policy. An image
         whose policy cannot be set is deleted again."""
         specs = self._specs(volume)
+        qos = self._qos_limits(volume.get('volume_type_id'))
         locations = specs['locations']
         min_copies = specs['min_copies']
         if min_copies > max(1, len(locations)):
@@ -265,6 +291,7 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
                            windows=specs.get('sync_window'),
                            max_rate=specs.get('max_rate'), tz=specs.get('sync_tz'))
             self._set_locality(volume.name, specs['follow_vm'])
+            self._set_qos(volume.name, qos)
         except Exception:
             LOG.error('Could not set the ukai policy of %s: deleting it',
                       volume.name)
@@ -275,6 +302,63 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
             raise
         LOG.info('Created ukai image %(v)s (%(s)d GiB, from %(src)s)',
                  {'v': volume.name, 's': volume.size, 'src': source or 'nothing'})
+
+    # QoS.
+    @staticmethod
+    def _qos_limits(type_id):
+        """The ukai limits of a volume type's back-end QoS specs ({}
+        without any), checked: an unknown key or a value that is not a
+        whole number is refused, never dropped."""
+        if not type_id:
+            return {}
+        qos = (volume_types.get_volume_type_qos_specs(type_id) or {}).get('qos_specs')
+        if not qos or qos.get('consumer') not in QOS_CONSUMERS:
+            return {}
+        specs = dict(qos.get('specs') or {})
+        known = set(QOS_LIMITS)
+        known.update(k + '_max' for k in QOS_LIMITS)
+        known.update(k + '_max_length' for k in QOS_LIMITS)
+        values = {}
+        for key, value in specs.items():
+            if key not in known:
+                raise exception.InvalidVolumeType(
+                    reason=_('QoS spec %(k)s: ukai limits only %(all)s (with _max and _max_length)') %
+                    {'k': key, 'all': ', '.join(sorted(QOS_LIMITS))})
+            try:
+                values[key] = int(str(value).strip())
+            except ValueError:
+                raise exception.InvalidVolumeType(
+                    reason=_('QoS spec %(k)s=%(v)r is not a whole number') % {'k': key, 'v': value})
+            if values[key] < 0:
+                raise exception.InvalidVolumeType(
+                    reason=_('QoS spec %(k)s=%(v)r is negative') % {'k': key, 'v': value})
+        limits = {}
+        for key, (limit, burst) in QOS_LIMITS.items():
+            if values.get(key):
+                limits[limit] = values[key]
+            peak = values.get(key + '_max')
+            if peak:
+                if not values.get(key):
+                    raise exception.InvalidVolumeType(
+                        reason=_('QoS spec %(k)s_max without %(k)s') % {'k': key})
+                limits[burst] = max(peak, values[key]) * (values.get(key + '_max_length') or 1)
+        return limits
+
+    def _set_qos(self, name, limits, clear=False):
+        if limits or clear:
+            self._call(self.client.set_qos, name, clear=clear, **limits)
+
+    def retype(self, context, volume, new_type, diff, host):
+        """Retype in place when only the QoS specs change (the image's
+        limits follow the new type at once, on the session as it is);
+        anything else ukai:-related is left to Cinder's migration."""
+        for key, values in ((diff or {}).get('extra_specs') or {}).items():
+            if key.startswith(SPEC_PREFIX) and values[0] != values[1]:
+                return False, None
+        self._set_qos(volume.name, self._qos_limits(new_type and new_type.get('id')), clear=True)
+        LOG.info('Retyped %(v)s in place: its QoS limits follow %(t)s',
+                 {'v': volume.name, 't': new_type and new_type.get('name')})
+        return True, None
 
     # Volumes.
     def create_volume(self, volume):
@@ -504,7 +588,7 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
             'free_capacity_gb': 0, 'provisioned_capacity_gb': 0,
             'reserved_percentage': 0, 'thin_provisioning_support': True,
             'thick_provisioning_support': False, 'multiattach': False,
-            'QoS_support': False, 'online_extend_support': True,
+            'QoS_support': True, 'online_extend_support': True,
         }
 
     def _update_volume_stats(self):
@@ -531,7 +615,7 @@ class UkaiISCSIDriver(driver.ISCSIDriver):
             'thin_provisioning_support': True,
             'thick_provisioning_support': False,
             'multiattach': False,
-            'QoS_support': False,
+            'QoS_support': True,
             'online_extend_support': True,
             'location_info': 'ukai:%s' % ','.join(self.client.addresses),
         }

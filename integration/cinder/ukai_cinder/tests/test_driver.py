@@ -56,6 +56,9 @@ class UkaiDriverTestCase(test.TestCase):
         self.specs = {}
         self.mock_object(ukai_driver.volume_types, 'get_volume_type_extra_specs',
                          side_effect=lambda type_id: self.specs)
+        self.qos = {'qos_specs': None}
+        self.mock_object(ukai_driver.volume_types, 'get_volume_type_qos_specs',
+                         side_effect=lambda type_id: self.qos)
         self.volume = fake_volume.fake_volume_obj(self.ctx, size=2, volume_type_id=fake.VOLUME_TYPE_ID,
                                                   provider_auth='CHAP ukai-u1 s3cretsecret0001')
 
@@ -319,6 +322,71 @@ class UkaiDriverTestCase(test.TestCase):
         self.assertEqual('iSCSI', st['storage_protocol'])
         self.assertEqual('ukai', st['volume_backend_name'])
 
+    def test_stats_report_qos_support(self):
+        self.client.images.return_value = []
+        self.assertTrue(self.driver.get_volume_stats(refresh=True)['QoS_support'])
+
+    def _qos(self, consumer, **specs):
+        self.qos = {'qos_specs': {'id': 'q1', 'name': 'gold', 'consumer': consumer,
+                                  'specs': {k: str(v) for k, v in specs.items()}}}
+
+    def test_create_volume_takes_the_back_end_qos_specs(self):
+        self._qos('back-end', total_iops_sec=2000, read_bytes_sec=100 * units.Mi,
+                  write_iops_sec=500, write_iops_sec_max=1500, write_iops_sec_max_length=4,
+                  total_bytes_sec=200 * units.Mi, total_bytes_sec_max=400 * units.Mi)
+        self.driver.create_volume(self.volume)
+        self.client.set_qos.assert_called_once_with(
+            self.volume.name, clear=False, iops_limit=2000, read_bw_limit=100 * units.Mi,
+            write_iops_limit=500, write_iops_burst=6000,
+            bw_limit=200 * units.Mi, bw_burst=400 * units.Mi)
+
+    def test_both_is_back_end_too_front_end_is_not(self):
+        self._qos('both', read_iops_sec=300)
+        self.driver.create_volume(self.volume)
+        self.client.set_qos.assert_called_once_with(self.volume.name, clear=False, read_iops_limit=300)
+        self.client.set_qos.reset_mock()
+        self._qos('front-end', read_iops_sec=300)
+        self.driver.create_volume(self.volume)
+        self.client.set_qos.assert_not_called()
+        self.qos = {'qos_specs': None}
+        self.driver.create_volume(self.volume)
+        self.client.set_qos.assert_not_called()
+
+    def test_bad_qos_specs_create_nothing(self):
+        for specs in ({'total_iops_sec_per_gb': '10'}, {'size_iops_sec': '4096'},
+                      {'read_iops_sec': 'lots'}, {'write_bytes_sec': '-1'},
+                      {'total_iops_sec_max': '500'}):
+            self._qos('back-end', **specs)
+            self.assertRaises(exception.InvalidVolumeType, self.driver.create_volume, self.volume)
+        self.client.create_image.assert_not_called()
+        self.client.set_qos.assert_not_called()
+
+    def test_a_refused_qos_deletes_the_new_image(self):
+        self._qos('back-end', total_iops_sec=2000)
+        self.client.set_qos.side_effect = ukai_client.UkaiError(400, 'qos: no')
+        self.assertRaises(exception.InvalidInput, self.driver.create_volume, self.volume)
+        self.client.delete_image.assert_called_once_with(self.volume.name)
+
+    def test_retype_changes_only_qos_in_place(self):
+        new_type = {'id': fake.VOLUME_TYPE2_ID, 'name': 'gold'}
+        self._qos('back-end', total_iops_sec=800)
+        diff = {'extra_specs': {'other:thing': ('a', 'b'), 'ukai:replicas': ('2', '2')},
+                'qos_specs': {'total_iops_sec': (None, '800')}, 'encryption': {}}
+        self.assertEqual((True, None), self.driver.retype(self.ctx, self.volume, new_type, diff, {}))
+        self.client.set_qos.assert_called_once_with(self.volume.name, clear=True, iops_limit=800)
+        # To a type without QoS: the limits go.
+        self.client.set_qos.reset_mock()
+        self.qos = {'qos_specs': None}
+        self.assertEqual((True, None), self.driver.retype(self.ctx, self.volume, new_type, {}, {}))
+        self.client.set_qos.assert_called_once_with(self.volume.name, clear=True)
+
+    def test_retype_of_ukai_specs_is_left_to_migration(self):
+        self._qos('back-end', total_iops_sec=800)
+        diff = {'extra_specs': {'ukai:replicas': ('2', '3')}, 'qos_specs': {}}
+        self.assertEqual((False, None),
+                         self.driver.retype(self.ctx, self.volume, {'id': fake.VOLUME_TYPE2_ID}, diff, {}))
+        self.client.set_qos.assert_not_called()
+
     def test_copy_image_to_volume_streams_the_raw_image(self):
         written = {}
 
@@ -430,6 +498,14 @@ class UkaiClientTestCase(test.TestCase):
         # The default address is https.
         self.assertTrue(all(a.startswith('https://') for a in
                             make_config().ukai_api_addresses))
+
+    def test_set_qos_sends_the_limits(self):
+        _API.answers[('PUT', '/v1/images/v1/qos')] = (200, {'iops_limit': 2000})
+        c = ukai_client.Client([self.live], allow_insecure=True)
+        self.assertEqual({'iops_limit': 2000}, c.set_qos('v1', clear=True, iops_limit=2000))
+        method, path, _, body = _API.seen[-1]
+        self.assertEqual(('PUT', '/v1/images/v1/qos'), (method, path))
+        self.assertEqual({'iops_limit': 2000, 'clear': True}, json.loads(body))
 
     def test_first_address_that_answers_serves(self):
         c = ukai_client.Client([self.dead, self.live], token='tok', allow_insecure=True)
