@@ -365,7 +365,7 @@ class UkaiDriverTestCase(test.TestCase):
         self._qos('back-end', total_iops_sec=2000)
         self.client.set_qos.side_effect = ukai_client.UkaiError(400, 'qos: no')
         self.assertRaises(exception.InvalidInput, self.driver.create_volume, self.volume)
-        self.client.delete_image.assert_called_once_with(self.volume.name)
+        self.client.delete_image.assert_called_once_with(self.volume.name, now=True)
 
     def test_retype_changes_only_qos_in_place(self):
         new_type = {'id': fake.VOLUME_TYPE2_ID, 'name': 'gold'}
