@@ -106,6 +106,12 @@ func TestErrorsInOperatorsWords(t *testing.T) {
 	if _, errOut, err := n.cli("location", "add", "vm1", "nosuch"); err == nil || !strings.Contains(errOut, "no node nosuch") || !strings.Contains(errOut, "not found") {
 		t.Fatalf("location add vm1 nosuch: %v\n%s", err, errOut)
 	}
+	if _, errOut, err := n.cli("image", "clone", "vm1", "small", "--size", "2M"); err == nil || !strings.Contains(errOut, `size 2M is smaller than the source "vm1" (3M)`) {
+		t.Fatalf("clone smaller than its source: %v\n%s", err, errOut)
+	}
+	if _, errOut, err := n.cli("image", "create", "odd", "--size", "3M", "--block-size", "3M"); err == nil || !strings.Contains(errOut, "block size 3M: must be a power of two from 64K to 64M") {
+		t.Fatalf("block size 3M: %v\n%s", err, errOut)
+	}
 	if strings.Contains(meta.ErrConflict.Error(), "check-and-set") {
 		t.Fatalf("the conflict error speaks the store's language: %q", meta.ErrConflict)
 	}

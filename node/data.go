@@ -84,7 +84,7 @@ func (n *Node) WriteData(ctx context.Context, name string, r io.Reader) (int64, 
 		k, rerr := io.ReadFull(src, buf)
 		if k > 0 {
 			if done+int64(k) > size {
-				return done, fmt.Errorf("%w: the data is longer than the image (%d bytes)", meta.ErrInvalid, size)
+				return done, fmt.Errorf("%w: the data is longer than the image (%s)", meta.ErrInvalid, meta.FormatSize(size))
 			}
 			p := buf[:k]
 			if scsi.AllZero(p) && k%meta.SectorSize == 0 {

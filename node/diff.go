@@ -195,7 +195,7 @@ func (n *Node) WriteDiff(ctx context.Context, name string, r io.Reader) (api.Dif
 	}
 	if dr.Size > s.Vol.Size() {
 		if _, err := n.ResizeImage(ctx, name, dr.Size); err != nil {
-			return out, fmt.Errorf("grow %s to the diff's %d bytes: %w", name, dr.Size, err)
+			return out, fmt.Errorf("grow %s to the diff's %s: %w", name, meta.FormatSize(dr.Size), err)
 		}
 		if s, err = n.servedByName(ctx, name); err != nil {
 			return out, err

@@ -492,7 +492,7 @@ func (n *Node) createCopy(ctx context.Context, req api.CreateImageRequest, progr
 		req.Size = src.Size
 	}
 	if req.Size < src.Size {
-		return api.Image{}, fmt.Errorf("%w: size %d is smaller than the source %q (%d bytes)", meta.ErrInvalid, req.Size, src.Name, src.Size)
+		return api.Image{}, fmt.Errorf("%w: size %s is smaller than the source %q (%s)", meta.ErrInvalid, meta.FormatSize(req.Size), src.Name, meta.FormatSize(src.Size))
 	}
 	if req.BlockSize == 0 {
 		req.BlockSize = src.BlockSize

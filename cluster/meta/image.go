@@ -199,13 +199,13 @@ func ValidateID(id string) error {
 // ValidateGeometry checks size and block size.
 func ValidateGeometry(size, blockSize int64) error {
 	if blockSize < MinBlockSize || blockSize > MaxBlockSize || blockSize&(blockSize-1) != 0 {
-		return fmt.Errorf("%w: block size %d: must be a power of two from 64 KiB to 64 MiB", ErrInvalid, blockSize)
+		return fmt.Errorf("%w: block size %s: must be a power of two from 64K to 64M", ErrInvalid, FormatSize(blockSize))
 	}
 	if size <= 0 {
-		return fmt.Errorf("%w: size %d: must be greater than zero", ErrInvalid, size)
+		return fmt.Errorf("%w: size %s: must be greater than zero", ErrInvalid, FormatSize(size))
 	}
 	if size%SectorSize != 0 {
-		return fmt.Errorf("%w: size %d: must be a multiple of %d bytes", ErrInvalid, size, SectorSize)
+		return fmt.Errorf("%w: size %s: must be a multiple of %d bytes", ErrInvalid, FormatSize(size), SectorSize)
 	}
 	return nil
 }
