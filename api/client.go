@@ -424,7 +424,8 @@ func (c *Client) ListSnapshots(ctx context.Context, image string, all bool) ([]S
 // RevertSnapshot writes snapshot's data back over image, in place.
 func (c *Client) RevertSnapshot(ctx context.Context, image, snapshot string) (Image, error) {
 	var img Image
-	return img, c.do(ctx, http.MethodPost, "/v1/images/"+url.PathEscape(image)+"/snapshots/"+url.PathEscape(snapshot)+"/revert", nil, &img)
+	// Rewrites what changed since the snapshot: may take long.
+	return img, c.doOn(c.stream, ctx, http.MethodPost, "/v1/images/"+url.PathEscape(image)+"/snapshots/"+url.PathEscape(snapshot)+"/revert", nil, &img)
 }
 
 // DeleteSnapshot deletes a snapshot of image.
@@ -486,12 +487,23 @@ func (c *Client) ReadDiff(ctx context.Context, name, from string, start func(), 
 }
 
 // WriteDiff applies the diff stream r to image.
-func (c *Client) WriteDiff(ctx context.Context, image string, r io.Reader) (DiffApplied, error) {
+func (c *Client) WriteDiff(ctx context.Context, image string, r io.Reader, opts DiffOptions) (DiffApplied, error) {
 	var out DiffApplied
 	if c.err != nil {
 		return out, c.err
 	}
-	resp, err := c.openStream(ctx, http.MethodPut, "/v1/images/"+url.PathEscape(image)+"/diff", r, "application/octet-stream")
+	q := url.Values{}
+	if opts.Force {
+		q.Set("force", "true")
+	}
+	if opts.NoSnapshot {
+		q.Set("snapshot", "false")
+	}
+	path := "/v1/images/" + url.PathEscape(image) + "/diff"
+	if len(q) > 0 {
+		path += "?" + q.Encode()
+	}
+	resp, err := c.openStream(ctx, http.MethodPut, path, r, "application/octet-stream")
 	if err != nil {
 		return out, err
 	}

@@ -68,7 +68,7 @@ type Service interface {
 	// package diffstream; it calls start before the first byte.
 	ReadDiff(ctx context.Context, name, from string, start func(), w io.Writer) error
 	// WriteDiff applies such a stream to image name.
-	WriteDiff(ctx context.Context, name string, r io.Reader) (DiffApplied, error)
+	WriteDiff(ctx context.Context, name string, r io.Reader, opts DiffOptions) (DiffApplied, error)
 	// WriteData writes r from the image's start (at most its size).
 	WriteData(ctx context.Context, image string, r io.Reader) (int64, error)
 	// CordonNode cordons (or uncordons, which also stops a drain) a node.
@@ -589,7 +589,8 @@ func (h *handler) readDiff(w http.ResponseWriter, r *http.Request) {
 }
 
 func (h *handler) writeDiff(w http.ResponseWriter, r *http.Request) {
-	out, err := h.svc.WriteDiff(r.Context(), r.PathValue("name"), r.Body)
+	q := r.URL.Query()
+	out, err := h.svc.WriteDiff(r.Context(), r.PathValue("name"), r.Body, DiffOptions{Force: q.Get("force") == "true", NoSnapshot: q.Get("snapshot") == "false"})
 	h.answer(w, r, out, err)
 }
 

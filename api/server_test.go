@@ -55,7 +55,7 @@ func (m *memService) PurgeTrash(context.Context, string) error { return nil }
 func (m *memService) ReadDiff(context.Context, string, string, func(), io.Writer) error {
 	return nil
 }
-func (m *memService) WriteDiff(context.Context, string, io.Reader) (DiffApplied, error) {
+func (m *memService) WriteDiff(context.Context, string, io.Reader, DiffOptions) (DiffApplied, error) {
 	return DiffApplied{}, nil
 }
 func (m *memService) NodeInfo(context.Context) (Node, error)    { return Node{Name: "n1"}, nil }

@@ -71,13 +71,24 @@ type ResizeRequest struct {
 	Size int64 `json:"size"`
 }
 
+// DiffOptions are PUT /v1/images/{name}/diff's query: force applies a
+// diff whose starting snapshot the image does not have; noSnapshot takes
+// no snapshot of the diff's end.
+type DiffOptions struct {
+	Force      bool
+	NoSnapshot bool
+}
+
 // DiffApplied answers PUT /v1/images/{name}/diff.
 type DiffApplied struct {
-	From    string `json:"from,omitempty"` // the stream's snapshots
-	To      string `json:"to,omitempty"`
-	Size    int64  `json:"size"`    // the stream's image size
-	Written int64  `json:"written"` // bytes of data written
-	Zeroed  int64  `json:"zeroed"`  // bytes unmapped or written with zeros
+	// Snapshot is the snapshot taken of the image at the diff's end
+	// (IMAGE@TO), so that the next diff applies on it.
+	Snapshot string `json:"snapshot,omitempty"`
+	From     string `json:"from,omitempty"` // the stream's snapshots
+	To       string `json:"to,omitempty"`
+	Size     int64  `json:"size"`    // the stream's image size
+	Written  int64  `json:"written"` // bytes of data written
+	Zeroed   int64  `json:"zeroed"`  // bytes unmapped or written with zeros
 }
 
 // DataWritten is the answer of PUT /v1/images/{name}/data.

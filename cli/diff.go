@@ -8,6 +8,8 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/ukai-storage/ukai/api"
+
 	"github.com/ukai-storage/ukai/node/diffstream"
 )
 
@@ -91,7 +93,9 @@ func copyDiff(r io.Reader, w io.Writer, bar func(size int64) *progress) error {
 			return err
 		}
 		if rec.Kind == 'w' {
-			err = dw.DataFrom(rec.Off, rec.Len, rec.Data)
+			if err = dw.DataFrom(rec.Off, rec.Len, rec.Data); errors.Is(err, io.EOF) {
+				err = fmt.Errorf("%w: the stream ends inside a data record", diffstream.ErrMalformed)
+			}
 		} else {
 			err = dw.Zero(rec.Off, rec.Len)
 		}
@@ -103,12 +107,15 @@ func copyDiff(r io.Reader, w io.Writer, bar func(size int64) *progress) error {
 }
 
 func (a *app) imageImportDiffCmd() *cobra.Command {
+	var opts api.DiffOptions
 	cmd := &cobra.Command{
 		Use:   "import-diff FILE IMAGE",
 		Short: "Apply a diff written by export-diff (FILE, or - for stdin) to IMAGE",
 		Long: "Apply a diff written by 'ukai image export-diff' (or rbd export-diff) to IMAGE, through its owner, to every\n" +
-			"copy. Apply it to an image holding the diff's starting snapshot's data (a clone of it, or the image a\n" +
-			"previous import-diff brought there); an image smaller than the diff's size grows first.",
+			"copy. As rbd does, a diff from snapshot S1 applies only to an image that has a snapshot S1 (the image a\n" +
+			"previous import-diff brought there has it; --force applies it anyway), and the image gets the snapshot\n" +
+			"the diff ends at, on which the next diff applies (--no-snapshot: not). An image smaller than the\n" +
+			"diff's size grows first.",
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			var r io.Reader = os.Stdin
@@ -125,7 +132,7 @@ func (a *app) imageImportDiffCmd() *cobra.Command {
 					r = countingReader{r: r, p: pr}
 				}
 			}
-			out, err := a.client().WriteDiff(cmd.Context(), args[1], r)
+			out, err := a.client().WriteDiff(cmd.Context(), args[1], r, opts)
 			if pr != nil {
 				pr.finish()
 			}
@@ -140,9 +147,14 @@ func (a *app) imageImportDiffCmd() *cobra.Command {
 				what = "the changes from " + out.From + " to " + out.To
 			}
 			fmt.Fprintf(a.out, "applied %s to %s: %s written, %s zeroed\n", what, args[1], FormatSize(out.Written), FormatSize(out.Zeroed))
+			if out.Snapshot != "" {
+				fmt.Fprintf(a.out, "took snapshot %s\n", out.Snapshot)
+			}
 			return nil
 		},
 	}
+	cmd.Flags().BoolVar(&opts.Force, "force", false, "apply a diff whose starting snapshot the image does not have")
+	cmd.Flags().BoolVar(&opts.NoSnapshot, "no-snapshot", false, "take no snapshot of the diff's end")
 	cmd.Flags().StringP("output", "o", "table", "output format: table, json or yaml (what was applied)")
 	return cmd
 }

@@ -51,10 +51,11 @@ func TestExportDiffRoundTrip(t *testing.T) {
 	}
 	// Applied to a smaller image: it grows, and reads as s1.
 	n2.mustCLI("image", "create", "restored", "--size", "1M", "--block-size", "1M", "--locations", "n2")
-	if out := n2.mustCLI("image", "import-diff", full, "restored"); !strings.Contains(out, "8M written") {
+	if out := n2.mustCLI("image", "import-diff", full, "restored"); !strings.Contains(out, "8M written") || !strings.Contains(out, "took snapshot restored@s1") {
 		t.Fatalf("import-diff: %s", out)
 	}
 	qemuIO(t, n2.url("restored"), "read -P 0x11 0 8M", "read -P 0 8M 8M")
+	qemuIO(t, n2.url("restored"), "write -P 0x55 12M 1M", "flush") // after restored@s1
 
 	// The diff from s1 to s2: blocks 2-3, the zeroed block 5, the growth.
 	inc := filepath.Join(dir, "inc.diff")
@@ -62,9 +63,19 @@ func TestExportDiffRoundTrip(t *testing.T) {
 	if st, err := os.Stat(inc); err != nil || st.Size() > 4<<20 || st.Size() < 3<<20 {
 		t.Fatalf("diff s1..s2: %v bytes, %v (want the 2 MiB and 1 MiB changed, and headers)", st.Size(), err)
 	}
+	// As rbd: the diff applies where its starting snapshot is. A clone of
+	// s1 has no snapshot s1: refused, then applied with --force.
 	n1.mustCLI("image", "clone", "src@s1", "copy", "--locations", "n1,n2")
-	if out := n1.mustCLI("image", "import-diff", inc, "copy"); !strings.Contains(out, "the changes from s1 to s2") {
+	if _, errOut, err := n1.cli("image", "import-diff", inc, "copy"); err == nil || !strings.Contains(errOut, "copy has no snapshot s1") {
+		t.Fatalf("import-diff without its base: %v %s", err, errOut)
+	}
+	if out := n1.mustCLI("image", "import-diff", "--force", "--no-snapshot", inc, "copy"); !strings.Contains(out, "the changes from s1 to s2") || strings.Contains(out, "took snapshot") {
 		t.Fatalf("import-diff: %s", out)
+	}
+	// restored has s1 (its first import took it): the chain goes on, and
+	// restored@s2 is s2.
+	if out := n2.mustCLI("image", "import-diff", inc, "restored"); !strings.Contains(out, "took snapshot restored@s2") {
+		t.Fatalf("import-diff onto restored: %s", out)
 	}
 	got, want := filepath.Join(dir, "copy.raw"), filepath.Join(dir, "s2.raw")
 	n2.mustCLI("image", "download", "copy", got)
@@ -73,6 +84,15 @@ func TestExportDiffRoundTrip(t *testing.T) {
 	b, _ := os.ReadFile(want)
 	if len(a) != 20<<20 || !bytes.Equal(a, b) {
 		t.Fatalf("copy of s1 + diff (%d bytes) differs from s2 (%d bytes)", len(a), len(b))
+	}
+	got2 := filepath.Join(dir, "restored-s2.raw")
+	n1.mustCLI("image", "download", "restored@s2", got2)
+	// src@s2, but for the block written to restored after restored@s1:
+	// a diff leaves alone what did not change between s1 and s2.
+	want2 := bytes.Clone(b)
+	copy(want2[12<<20:13<<20], bytes.Repeat([]byte{0x55}, 1<<20))
+	if a, _ := os.ReadFile(got2); !bytes.Equal(a, want2) {
+		t.Fatal("restored@s2 is not src@s2 with restored's own later block")
 	}
 	if !bytes.Equal(b[5<<20:6<<20], make([]byte, 1<<20)) || !bytes.Equal(b[2<<20:4<<20], bytes.Repeat([]byte{0x22}, 2<<20)) {
 		t.Fatal("s2 is not what was written before it")
@@ -113,7 +133,7 @@ func TestExportDiffRoundTrip(t *testing.T) {
 	data, _ := os.ReadFile(inc)
 	cut := filepath.Join(dir, "cut.diff")
 	os.WriteFile(cut, data[:len(data)-1], 0o600)
-	if _, errOut, err := n1.cli("image", "import-diff", cut, "copy"); err == nil || !strings.Contains(errOut, "ends early") {
+	if _, errOut, err := n1.cli("image", "import-diff", "--force", cut, "copy"); err == nil || !strings.Contains(errOut, "ends early") {
 		t.Fatalf("import-diff of a cut stream: %v %s", err, errOut)
 	}
 }

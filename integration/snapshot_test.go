@@ -3,6 +3,7 @@ package integration
 import (
 	"bytes"
 	"encoding/json"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -197,4 +198,73 @@ func TestSnapshotRevert(t *testing.T) {
 	if l := snapshots(t, n1, "rv"); len(l) != 2 {
 		t.Fatalf("snapshots after two reverts: %v", l)
 	}
+}
+
+// TestSnapshotNamedBeforePerImageNames: a snapshot whose record was
+// written before snapshots were named per image (ukai/images/s1, listed
+// by its image as "s1") answers to vm1@s1 everywhere: list, info,
+// download, clone, export-diff, revert and delete.
+func TestSnapshotNamedBeforePerImageNames(t *testing.T) {
+	c := newCluster(t, "n1")
+	n1 := c.nodes[0]
+	n1.mustCLI("image", "create", "vm1", "--size", "4M", "--block-size", "1M")
+	qemuIO(t, n1.url("vm1"), "write -P 0x61 0 4M", "flush")
+	n1.mustCLI("snapshot", "create", "vm1@s1")
+	qemuIO(t, n1.url("vm1"), "write -P 0x62 0 1M", "flush")
+	n1.stop()
+	// Rename the snapshot's record the way an earlier release wrote it.
+	addr := c.consul.Addr
+	rec := map[string]any{}
+	if err := json.Unmarshal(consulGet(t, addr, "ukai/images/vm1@s1"), &rec); err != nil {
+		t.Fatal(err)
+	}
+	rec["name"] = "s1"
+	b, _ := json.Marshal(rec)
+	consulPut(t, addr, "ukai/images/s1", b)
+	req, _ := http.NewRequest(http.MethodDelete, "http://"+addr+"/v1/kv/ukai/images/vm1@s1", nil)
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("delete the new-style key: %v %v", err, resp)
+	}
+	origin := map[string]any{}
+	if err := json.Unmarshal(consulGet(t, addr, "ukai/images/vm1"), &origin); err != nil {
+		t.Fatal(err)
+	}
+	origin["snapshots"].([]any)[0].(map[string]any)["name"] = "s1"
+	b, _ = json.Marshal(origin)
+	consulPut(t, addr, "ukai/images/vm1", b)
+	cached := filepath.Join(n1.dir, "data", "images", rec["id"].(string)+".json")
+	os.WriteFile(cached, bytesReplace(t, cached, `"name":"vm1@s1"`, `"name":"s1"`), 0o600)
+	n1.start()
+
+	if l := snapshots(t, n1, "vm1"); len(l) != 1 || l[0]["full_name"] != "vm1@s1" || l[0]["name"] != "s1" {
+		t.Fatalf("snapshot list: %v", l)
+	}
+	if out := n1.mustCLI("image", "info", "vm1@s1"); !strings.Contains(out, "snapshot of:") {
+		t.Fatalf("image info vm1@s1:\n%s", out)
+	}
+	dl := filepath.Join(t.TempDir(), "s1.raw")
+	n1.mustCLI("image", "download", "vm1@s1", dl)
+	if data, err := os.ReadFile(dl); err != nil || !bytes.Equal(data, bytes.Repeat([]byte{0x61}, 4<<20)) {
+		t.Fatalf("download vm1@s1: %d bytes, %v", len(data), err)
+	}
+	n1.mustCLI("image", "clone", "vm1@s1", "c1")
+	qemuIO(t, n1.url("c1"), "read -P 0x61 0 4M")
+	n1.mustCLI("image", "export-diff", "vm1@s1", filepath.Join(t.TempDir(), "s1.diff"))
+	n1.mustCLI("snapshot", "revert", "vm1@s1")
+	qemuIO(t, n1.url("vm1"), "read -P 0x61 0 4M")
+	n1.mustCLI("snapshot", "delete", "vm1@s1")
+	if l := snapshots(t, n1, "vm1"); len(l) != 0 {
+		t.Fatalf("after delete: %v", l)
+	}
+}
+
+// bytesReplace returns file's content with old replaced by new (once at
+// least).
+func bytesReplace(t *testing.T, file, old, new string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(file)
+	if err != nil || !bytes.Contains(b, []byte(old)) {
+		t.Fatalf("%s: %v, or no %s in it", file, err, old)
+	}
+	return bytes.ReplaceAll(b, []byte(old), []byte(new))
 }

@@ -16,7 +16,10 @@ const dataChunk = 4 << 20
 // (this node takes ownership, or forwards to the owner, like iSCSI I/O);
 // a snapshot is read on its origin's owner.
 func (n *Node) ReadData(ctx context.Context, name string, start func(int64), w io.Writer) error {
-	s, err := n.servedByName(ctx, name)
+	if err := meta.ValidateRecordName(name); err != nil {
+		return err
+	}
+	s, err := n.servedByName(ctx, n.recordName(ctx, name))
 	if err != nil {
 		return err
 	}

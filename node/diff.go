@@ -176,7 +176,12 @@ func (n *Node) ReadDiff(ctx context.Context, name, from string, start func(), w 
 // The copies are flushed at the end. A stream cut short or malformed
 // stops with an error, the records before it applied: apply it again
 // once whole.
-func (n *Node) WriteDiff(ctx context.Context, name string, r io.Reader) (api.DiffApplied, error) {
+//
+// As rbd does, a diff from snapshot FROM applies only to an image that
+// has a snapshot FROM (the chain of backups stays in order; opts.Force
+// overrides), and the image gets a snapshot TO at the end, on which the
+// next diff applies (unless opts.NoSnapshot).
+func (n *Node) WriteDiff(ctx context.Context, name string, r io.Reader, opts api.DiffOptions) (api.DiffApplied, error) {
 	var out api.DiffApplied
 	if err := meta.ValidateName(name); err != nil {
 		return out, err
@@ -192,6 +197,14 @@ func (n *Node) WriteDiff(ctx context.Context, name string, r io.Reader) (api.Dif
 	}
 	if s.Record().IsSnapshot() {
 		return out, fmt.Errorf("%w: %q is a snapshot: snapshots are read-only", meta.ErrInvalid, name)
+	}
+	if dr.From != "" && !opts.Force {
+		if _, err := n.snapshotRecord(ctx, name, dr.From); errors.Is(err, meta.ErrImageNotFound) {
+			return out, fmt.Errorf("%w: %s has no snapshot %s, where this diff starts: apply it to an image holding %s's data and take that snapshot first (ukai snapshot create %s), or give --force",
+				meta.ErrConflict, name, dr.From, dr.From, meta.SnapshotName(name, dr.From))
+		} else if err != nil {
+			return out, err
+		}
 	}
 	if dr.Size > s.Vol.Size() {
 		if _, err := n.ResizeImage(ctx, name, dr.Size); err != nil {
@@ -245,6 +258,14 @@ func (n *Node) WriteDiff(ctx context.Context, name string, r io.Reader) (api.Dif
 	}
 	if err := g.Flush(ctx); err != nil {
 		return out, fmt.Errorf("flush %s: %w", name, err)
+	}
+	if dr.To != "" && !opts.NoSnapshot && meta.ValidateSnapshotName(dr.To) == nil {
+		if _, err := n.snapshotRecord(ctx, name, dr.To); errors.Is(err, meta.ErrImageNotFound) {
+			if _, err := n.CreateSnapshot(ctx, name, api.SnapshotRequest{Name: dr.To}); err != nil {
+				return out, fmt.Errorf("the diff is applied, but the snapshot %s of its end could not be taken: %w", meta.SnapshotName(name, dr.To), err)
+			}
+			out.Snapshot = meta.SnapshotName(name, dr.To)
+		}
 	}
 	return out, nil
 }

@@ -96,22 +96,22 @@ func (n *Node) exportCached(ctx context.Context) {
 // purged.
 func (n *Node) withdrawChecked(ctx context.Context, s *served.Image) error {
 	id := s.Record().ID
-	deleted, err := n.cat.Tombstoned(ctx, id)
+	// The trash first: an entry means the data is wanted, whatever else
+	// the store holds.
+	trashed, err := n.cat.Trashed(ctx, id)
 	if err != nil {
 		return err
 	}
-	if !deleted {
-		trashed, err := n.cat.Trashed(ctx, id)
-		if err != nil {
-			return err
+	if trashed {
+		err := n.withdraw(s, false, true)
+		if s.Local != nil {
+			err = errors.Join(err, n.dir.Forget(id))
 		}
-		if trashed {
-			err := n.withdraw(s, false, true)
-			if s.Local != nil {
-				err = errors.Join(err, n.dir.Forget(id))
-			}
-			return err
-		}
+		return err
+	}
+	deleted, err := n.cat.Tombstoned(ctx, id)
+	if err != nil {
+		return err
 	}
 	return n.withdraw(s, deleted, false)
 }
@@ -546,7 +546,7 @@ func (n *Node) GetImage(ctx context.Context, name string, blocks api.BlockView) 
 	if err := meta.ValidateRecordName(name); err != nil {
 		return api.Image{}, err
 	}
-	img, _, err := n.cat.GetImage(ctx, name)
+	img, _, err := n.cat.GetImage(ctx, n.recordName(ctx, name))
 	if err != nil {
 		return api.Image{}, err
 	}

@@ -138,7 +138,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger, version string) (_ *
 	})
 
 	n.exec = n.newExecutor()
-	n.sweeper = trash.New(trash.Config{Catalog: n.cat, Dir: n.dir, Self: cfg.Node.Name, Interval: cfg.Trash.Sweep,
+	n.sweeper = trash.New(trash.Config{Catalog: n.cat, Dir: sweptDir{n}, Self: cfg.Node.Name, Interval: cfg.Trash.Sweep,
 		Log: n.log.With("component", "trash")})
 	n.op = n.newOperator()
 	n.router = route.New(route.Config{Self: cfg.Node.Name, Host: routeHost{n}, Log: log.With("component", "route"), Wait: takeoverWait})

@@ -70,6 +70,9 @@ func (n *Node) RevertSnapshot(ctx context.Context, image, short string) (api.Ima
 		return api.Image{}, fmt.Errorf("revert %s: %w", image, err)
 	}
 	defer open()
+	// Once the fence is closed the revert runs to its end even if its
+	// caller goes away: stopped half way it would leave a mix.
+	ctx = context.WithoutCancel(ctx)
 	fenced := time.Now()
 	held, err := s.Cow.Held(ctx, cowImage{n, sn})
 	if err != nil {

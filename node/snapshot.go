@@ -219,6 +219,12 @@ func (n *Node) CreateSnapshot(ctx context.Context, image string, req api.Snapsho
 // snapshot takes image s's snapshot short (its own name: the record is
 // named image@short).
 func (n *Node) snapshot(ctx context.Context, s *served.Image, short string) (api.Snapshot, error) {
+	// Not while a revert rewrites the image: the snapshot would hold a
+	// mix (the revert's fence makes this wait for its end).
+	if err := s.Fence.Enter(ctx); err != nil {
+		return api.Snapshot{}, err
+	}
+	defer s.Fence.Leave()
 	img := s.Record()
 	name := meta.SnapshotName(img.Name, short)
 	if _, err := n.snapshotRecord(ctx, img.Name, short); err == nil {
@@ -305,6 +311,23 @@ func (n *Node) snapshotRecord(ctx context.Context, image, short string) (meta.Im
 		}
 	}
 	return meta.Image{}, fmt.Errorf("no snapshot %s: %w", full, meta.ErrImageNotFound)
+}
+
+// recordName is the key of the record name stands for: a snapshot's full
+// name (vm1@s1) may stand for a record from before snapshots were named
+// per image (s1).
+func (n *Node) recordName(ctx context.Context, name string) string {
+	image, short, ok := meta.SplitSnapshotName(name)
+	if !ok {
+		return name
+	}
+	if _, _, err := n.cat.GetImage(ctx, name); !errors.Is(err, meta.ErrImageNotFound) {
+		return name
+	}
+	if rec, err := n.snapshotRecord(ctx, image, short); err == nil {
+		return rec.Name
+	}
+	return name
 }
 
 // snapshotShort is a snapshot record's own name (s1 of vm1@s1).
@@ -472,7 +495,7 @@ func (n *Node) copyInto(ctx context.Context, dst *served.Image, size int64, read
 // point-in-time data) or an image (a crash-consistent clone through a
 // temporary snapshot). It runs on the source's origin's owner.
 func (n *Node) createCopy(ctx context.Context, req api.CreateImageRequest, progress func(api.CopyProgress)) (api.Image, error) {
-	src, _, err := n.cat.GetImage(ctx, req.Source)
+	src, _, err := n.cat.GetImage(ctx, n.recordName(ctx, req.Source))
 	if err != nil {
 		return api.Image{}, fmt.Errorf("source: %w", err)
 	}

@@ -9,6 +9,26 @@ import (
 	"github.com/ukai-storage/ukai/cluster/meta"
 )
 
+// sweptDir is the data directory as the trash sweep sees it: a copy is
+// removed only while no served image uses its id, with the reconciler's
+// lock held (an export creates a copy, then caches its record), and
+// through removeCopy (the data transport forgets its fence).
+type sweptDir struct{ n *Node }
+
+func (d sweptDir) Uncached() []string { return d.n.dir.Uncached() }
+
+func (d sweptDir) Remove(id string) error {
+	var err error
+	d.n.recon.Do(func() {
+		if d.n.servedByID(id) != nil {
+			err = fmt.Errorf("copy %s is in use", id)
+			return
+		}
+		err = d.n.removeCopy(id)
+	})
+	return err
+}
+
 // ListTrash implements api.Service.
 func (n *Node) ListTrash(ctx context.Context) ([]api.TrashEntry, error) {
 	l, bad, err := n.cat.ListTrash(ctx)

@@ -254,10 +254,21 @@ func (c *Catalog) DeleteImage(ctx context.Context, img Image, index uint64) erro
 	if err != nil {
 		return err
 	}
-	if err := c.kv.CAS(ctx, c.tombstoneKey(img.ID), ts, 0); err != nil && !errors.Is(err, ErrConflict) {
+	wrote := true
+	if err := c.kv.CAS(ctx, c.tombstoneKey(img.ID), ts, 0); errors.Is(err, ErrConflict) {
+		wrote = false
+	} else if err != nil {
 		return fmt.Errorf("delete image %q: write tombstone: %w", img.Name, err)
 	}
 	if err := c.kv.CASTouch(ctx, c.imageKey(img.Name), nil, index, c.bells(img)); err != nil {
+		// A tombstone on a live image would have its copies removed by
+		// the next trash sweep: take it back unless the record is gone
+		// after all (a store that timed out may have deleted it).
+		if live, _, gerr := c.GetImage(ctx, img.Name); wrote && gerr == nil && live.ID == img.ID {
+			if e, gerr := c.kv.Get(ctx, c.tombstoneKey(img.ID)); gerr == nil {
+				_ = c.kv.DeleteCAS(ctx, c.tombstoneKey(img.ID), e.ModifyIndex)
+			}
+		}
 		if errors.Is(err, ErrNotFound) {
 			return fmt.Errorf("%q: %w", img.Name, ErrImageNotFound)
 		}

@@ -2,8 +2,10 @@ package meta_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -127,5 +129,94 @@ func TestTrashMalformedEntry(t *testing.T) {
 		if _, err := c.RestoreImage(ctx, id, ""); !errors.As(err, &malformed) {
 			t.Fatalf("%s: restore: %v", v, err)
 		}
+	}
+}
+
+// A restore and a purge decide on the entry first: the one that marked it
+// wins, the other is refused; an entry whose image is live (a trash that
+// failed half way) is neither restored a second time nor purged.
+func TestTrashRestoreAndPurgeExcludeEachOther(t *testing.T) {
+	ctx := context.Background()
+	kv, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { kv.Close() })
+	c := meta.NewCatalog(kv, "ukai")
+	now := time.Now()
+	mk := func(name string) meta.Image {
+		img, err := c.CreateImage(ctx, meta.Image{Name: name, Size: 1 << 20, BlockSize: 1 << 20, Locations: []string{"n1"}}, placement.InSync)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return img
+	}
+	mark := func(id, state, restoreName string) {
+		t.Helper()
+		e, err := kv.Get(ctx, "ukai/trash/"+id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var v map[string]any
+		if err := json.Unmarshal(e.Value, &v); err != nil {
+			t.Fatal(err)
+		}
+		v["state"], v["restore_name"], v["marked"] = state, restoreName, time.Now().UTC()
+		b, _ := json.Marshal(v)
+		if err := kv.CAS(ctx, "ukai/trash/"+id, b, e.ModifyIndex); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Being purged: no restore.
+	a := mk("a")
+	if _, err := c.TrashImage(ctx, a, 0, now, now); err != nil {
+		t.Fatal(err)
+	}
+	mark(a.ID, "purging", "")
+	if _, err := c.RestoreImage(ctx, a.ID, ""); !errors.Is(err, meta.ErrConflict) {
+		t.Fatalf("restore of an entry being purged: %v", err)
+	}
+	if err := c.PurgeImage(ctx, a.ID); err != nil {
+		t.Fatalf("finishing a purge: %v", err)
+	}
+	// Being restored: no purge; the restore is finished by the next one.
+	b := mk("b")
+	if _, err := c.TrashImage(ctx, b, 0, now, now); err != nil {
+		t.Fatal(err)
+	}
+	mark(b.ID, "restoring", "b2")
+	if err := c.PurgeImage(ctx, b.ID); !errors.Is(err, meta.ErrConflict) || !strings.Contains(err.Error(), "being restored") {
+		t.Fatalf("purge of an entry being restored: %v", err)
+	}
+	if img, err := c.RestoreImage(ctx, b.ID, ""); err != nil || img.Name != "b2" {
+		t.Fatalf("finishing the restore: %+v %v", img, err)
+	}
+	// A leftover entry beside its live image: not restored under a second
+	// name, and purge only clears it away.
+	d := mk("d")
+	if _, err := c.TrashImage(ctx, d, 0, now, now); err != nil {
+		t.Fatal(err)
+	}
+	e, _ := kv.Get(ctx, "ukai/trash/"+d.ID)
+	if _, err := c.RestoreImage(ctx, d.ID, ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.CAS(ctx, "ukai/trash/"+d.ID, e.Value, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.RestoreImage(ctx, d.ID, "d-copy"); !errors.Is(err, meta.ErrConflict) || !strings.Contains(err.Error(), "live as d") {
+		t.Fatalf("a second record for one id: %v", err)
+	}
+	if err := c.PurgeImage(ctx, d.ID); !errors.Is(err, meta.ErrConflict) {
+		t.Fatalf("purge of a live image's leftover entry: %v", err)
+	}
+	if ts, _ := c.Tombstoned(ctx, d.ID); ts {
+		t.Fatal("the live image got a tombstone")
+	}
+	if live, _, err := c.GetImage(ctx, "d"); err != nil || live.ID != d.ID {
+		t.Fatalf("the live image: %+v %v", live, err)
+	}
+	if l, _, _ := c.ListTrash(ctx); len(l) != 0 {
+		t.Fatalf("leftover entries: %+v", l)
 	}
 }

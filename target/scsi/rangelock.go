@@ -25,6 +25,11 @@ type cawLock struct {
 	mu   sync.Mutex
 	cond sync.Cond
 	held []*lockedRange
+	// waiting exclusive ranges: a shared range that overlaps one waits
+	// behind it, so that a steady stream of writes cannot starve a
+	// COMPARE AND WRITE (or HoldWrites over the whole LU: 8 writers in a
+	// loop kept one waiting for more than 3 s before this).
+	waiting []*lockedRange
 }
 
 type lockedRange struct {
@@ -83,12 +88,33 @@ func (c *cawLock) cawUnlock(r *lockedRange) {
 func (c *cawLock) lock(start, end uint64, excl bool) *lockedRange {
 	r := &lockedRange{start: start, end: end, excl: excl}
 	c.mu.Lock()
-	for c.conflicts(r) {
+	if excl {
+		c.waiting = append(c.waiting, r)
+	}
+	for c.conflicts(r) || !excl && c.yields(r) {
 		c.cond.Wait()
+	}
+	if excl {
+		for i, w := range c.waiting {
+			if w == r {
+				c.waiting = append(c.waiting[:i], c.waiting[i+1:]...)
+				break
+			}
+		}
 	}
 	c.held = append(c.held, r)
 	c.mu.Unlock()
 	return r
+}
+
+// yields says whether shared range r waits behind an exclusive one.
+func (c *cawLock) yields(r *lockedRange) bool {
+	for _, w := range c.waiting {
+		if w.start < r.end && r.start < w.end {
+			return true
+		}
+	}
+	return false
 }
 
 func (c *cawLock) conflicts(r *lockedRange) bool {
