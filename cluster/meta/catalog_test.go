@@ -12,12 +12,19 @@ import (
 )
 
 func newCatalog(t *testing.T) *meta.Catalog {
+	c, _ := newCatalogKV(t)
+	return c
+}
+
+// newCatalogKV is newCatalog with its store, for tests that change keys
+// by hand.
+func newCatalogKV(t *testing.T) (*meta.Catalog, meta.KV) {
 	kv, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { kv.Close() })
-	return meta.NewCatalog(kv, "ukai")
+	return meta.NewCatalog(kv, "ukai"), kv
 }
 
 func TestCatalogLifecycle(t *testing.T) {
@@ -188,12 +195,7 @@ func TestPoliciesAndActivity(t *testing.T) {
 // and still reports a map that is really missing.
 func TestLocationMapsFollowARemovedLocation(t *testing.T) {
 	ctx := context.Background()
-	kv, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { kv.Close() })
-	c := meta.NewCatalog(kv, "ukai")
+	c, kv := newCatalogKV(t)
 	if _, err := c.CreateImage(ctx, meta.Image{Name: "vm1", Size: 3 << 20, BlockSize: 1 << 20, Locations: []string{"n1", "n2", "n3"}}, placement.InSync); err != nil {
 		t.Fatal(err)
 	}

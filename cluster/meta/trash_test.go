@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -19,12 +18,7 @@ import (
 // leaves a tombstone and nothing else.
 func TestTrashRestoreAndPurge(t *testing.T) {
 	ctx := context.Background()
-	kv, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { kv.Close() })
-	c := meta.NewCatalog(kv, "ukai")
+	c := newCatalog(t)
 	img, err := c.CreateImage(ctx, meta.Image{Name: "vm1", Size: 2 << 20, BlockSize: 1 << 20, Locations: []string{"n1", "n2"}}, placement.InSync)
 	if err != nil {
 		t.Fatal(err)
@@ -105,12 +99,7 @@ func TestTrashRestoreAndPurge(t *testing.T) {
 // initiator) is reported, not restored.
 func TestTrashMalformedEntry(t *testing.T) {
 	ctx := context.Background()
-	kv, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { kv.Close() })
-	c := meta.NewCatalog(kv, "ukai")
+	c, kv := newCatalogKV(t)
 	id := meta.NewImageID()
 	for _, v := range []string{
 		`{"image":{"version":1,"id":"` + meta.NewImageID() + `","name":"x","size":1048576,"block_size":1048576,"locations":["n1"],"min_copies":1}}`,
@@ -137,12 +126,7 @@ func TestTrashMalformedEntry(t *testing.T) {
 // failed half way) is neither restored a second time nor purged.
 func TestTrashRestoreAndPurgeExcludeEachOther(t *testing.T) {
 	ctx := context.Background()
-	kv, err := meta.OpenBolt(filepath.Join(t.TempDir(), "meta.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { kv.Close() })
-	c := meta.NewCatalog(kv, "ukai")
+	c, kv := newCatalogKV(t)
 	now := time.Now()
 	mk := func(name string) meta.Image {
 		img, err := c.CreateImage(ctx, meta.Image{Name: name, Size: 1 << 20, BlockSize: 1 << 20, Locations: []string{"n1"}}, placement.InSync)
