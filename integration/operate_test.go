@@ -114,7 +114,7 @@ func TestDrainNode(t *testing.T) {
 	if st := nodeStates(t, n3); st["n1"] != "alive,drained" {
 		t.Fatalf("node states after the drain: %v", st)
 	}
-	names := []string{"d1-snap"}
+	names := []string{"d1@d1-snap"}
 	for name := range copies {
 		names = append(names, name)
 	}

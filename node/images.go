@@ -230,7 +230,11 @@ func (n *Node) export(ctx context.Context, img meta.Image, cached bool) error {
 		s.FromCache = true
 	}
 	n.images.Add(s)
-	n.log.Info("image exported", "image", img.Name, "id", img.ID, "iqn", n.iqn(img.Name), "locations", img.Locations, "local_copy", s.Local != nil)
+	iqn := n.iqn(img.Name)
+	if img.IsSnapshot() {
+		iqn = "" // not a target
+	}
+	n.log.Info("image exported", "image", img.Name, "id", img.ID, "iqn", iqn, "locations", img.Locations, "local_copy", s.Local != nil)
 	return nil
 }
 
