@@ -92,7 +92,7 @@ chaos: deps consul build
 # 3000 images), a simulation of 10 to 100 nodes against one Consul, and
 # the CPU per GB of 4 KiB writes to a remote copy.
 bench: deps consul build
-	$(GO) test -count=1 -tags bench -timeout 90m -v -run 'TestBench$$|TestBenchMemory|TestBenchSyncImpact|TestBenchScale|TestBenchControlPlaneSim|TestBenchQoS' ./integration/ -args -bench-report=$(CURDIR)/integration/out/bench.md
+	$(GO) test -count=1 -tags bench -timeout 90m -v -run 'TestBench$$|TestBenchMemory|TestBenchSyncImpact|TestBenchScale|TestBenchControlPlaneSim|TestBenchQoS|TestBenchRevert' ./integration/ -args -bench-report=$(CURDIR)/integration/out/bench.md
 	$(GO) test -count=1 -run '^$$' -bench 'BenchmarkRemoteWrite4KCPU' -benchtime 200000x ./cluster/peer/ | tee -a integration/out/bench.md
 	@cat integration/out/bench.md
 
