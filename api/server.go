@@ -551,31 +551,33 @@ func (h *handler) resize(w http.ResponseWriter, r *http.Request) {
 // one after it cuts the body short of its Content-Length, which every
 // HTTP client reports.
 func (h *handler) readData(w http.ResponseWriter, r *http.Request) {
-	started := false
-	err := h.svc.ReadData(r.Context(), r.PathValue("name"), func(size int64) {
-		started = true
-		w.Header().Set("Content-Type", "application/octet-stream")
-		w.Header().Set("Content-Length", strconv.FormatInt(size, 10))
-		w.WriteHeader(http.StatusOK)
-	}, w)
-	if err == nil {
-		return
-	}
-	if !started {
-		h.fail(w, r, err)
-		return
-	}
-	h.log.Warn("image data stream cut short", "path", r.URL.Path, "err", err)
-	panic(http.ErrAbortHandler)
+	h.stream(w, r, "image data", func(start func(length int64)) error {
+		return h.svc.ReadData(r.Context(), r.PathValue("name"), start, w)
+	})
 }
 
 func (h *handler) readDiff(w http.ResponseWriter, r *http.Request) {
+	// A diff's length is not known: a stream cut short ends without its
+	// end record, which the reader checks.
+	h.stream(w, r, "diff", func(start func(length int64)) error {
+		return h.svc.ReadDiff(r.Context(), r.PathValue("name"), r.URL.Query().Get("from"), func() { start(-1) }, w)
+	})
+}
+
+// stream answers with an octet stream that run writes to w once it calls
+// start (with the length, or -1 when it is not known). An error before
+// start is an ordinary error answer; one after it cuts the stream, which
+// the client sees as a short body.
+func (h *handler) stream(w http.ResponseWriter, r *http.Request, what string, run func(start func(length int64)) error) {
 	started := false
-	err := h.svc.ReadDiff(r.Context(), r.PathValue("name"), r.URL.Query().Get("from"), func() {
+	err := run(func(length int64) {
 		started = true
 		w.Header().Set("Content-Type", "application/octet-stream")
+		if length >= 0 {
+			w.Header().Set("Content-Length", strconv.FormatInt(length, 10))
+		}
 		w.WriteHeader(http.StatusOK)
-	}, w)
+	})
 	if err == nil {
 		return
 	}
@@ -583,8 +585,7 @@ func (h *handler) readDiff(w http.ResponseWriter, r *http.Request) {
 		h.fail(w, r, err)
 		return
 	}
-	// The stream ends without its end record: the reader knows it was cut.
-	h.log.Warn("diff stream cut short", "path", r.URL.Path, "err", err)
+	h.log.Warn(what+" stream cut short", "path", r.URL.Path, "err", err)
 	panic(http.ErrAbortHandler)
 }
 

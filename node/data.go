@@ -19,7 +19,10 @@ func (n *Node) ReadData(ctx context.Context, name string, start func(int64), w i
 	if err := meta.ValidateRecordName(name); err != nil {
 		return err
 	}
-	s, err := n.servedByName(ctx, n.recordName(ctx, name))
+	if rec, err := n.lookupRecord(ctx, name); err == nil {
+		name = rec.Name // a snapshot named before per-image names
+	}
+	s, err := n.servedByName(ctx, name)
 	if err != nil {
 		return err
 	}

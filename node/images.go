@@ -550,7 +550,7 @@ func (n *Node) GetImage(ctx context.Context, name string, blocks api.BlockView) 
 	if err := meta.ValidateRecordName(name); err != nil {
 		return api.Image{}, err
 	}
-	img, _, err := n.cat.GetImage(ctx, n.recordName(ctx, name))
+	img, err := n.lookupRecord(ctx, name)
 	if err != nil {
 		return api.Image{}, err
 	}

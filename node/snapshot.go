@@ -313,21 +313,19 @@ func (n *Node) snapshotRecord(ctx context.Context, image, short string) (meta.Im
 	return meta.Image{}, fmt.Errorf("no snapshot %s: %w", full, meta.ErrImageNotFound)
 }
 
-// recordName is the key of the record name stands for: a snapshot's full
-// name (vm1@s1) may stand for a record from before snapshots were named
-// per image (s1).
-func (n *Node) recordName(ctx context.Context, name string) string {
+// lookupRecord reads the record name stands for: a snapshot's full name
+// (vm1@s1) may stand for a record from before snapshots were named per
+// image (s1).
+func (n *Node) lookupRecord(ctx context.Context, name string) (meta.Image, error) {
+	img, _, err := n.cat.GetImage(ctx, name)
 	image, short, ok := meta.SplitSnapshotName(name)
-	if !ok {
-		return name
+	if !ok || !errors.Is(err, meta.ErrImageNotFound) {
+		return img, err
 	}
-	if _, _, err := n.cat.GetImage(ctx, name); !errors.Is(err, meta.ErrImageNotFound) {
-		return name
+	if old, lerr := n.snapshotRecord(ctx, image, short); lerr == nil {
+		return old, nil
 	}
-	if rec, err := n.snapshotRecord(ctx, image, short); err == nil {
-		return rec.Name
-	}
-	return name
+	return img, err
 }
 
 // snapshotShort is a snapshot record's own name (s1 of vm1@s1).
@@ -495,7 +493,7 @@ func (n *Node) copyInto(ctx context.Context, dst *served.Image, size int64, read
 // point-in-time data) or an image (a crash-consistent clone through a
 // temporary snapshot). It runs on the source's origin's owner.
 func (n *Node) createCopy(ctx context.Context, req api.CreateImageRequest, progress func(api.CopyProgress)) (api.Image, error) {
-	src, _, err := n.cat.GetImage(ctx, n.recordName(ctx, req.Source))
+	src, err := n.lookupRecord(ctx, req.Source)
 	if err != nil {
 		return api.Image{}, fmt.Errorf("source: %w", err)
 	}
